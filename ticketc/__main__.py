@@ -1,0 +1,3 @@
+from ticketc.cli import entry
+
+entry()

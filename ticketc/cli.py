@@ -1,0 +1,58 @@
+"""`ticketc` command line: thin wrappers, one module per subcommand in ticketc.commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from ticketc import __version__
+from ticketc.commands import COMMANDS
+from ticketc.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ticketc", description="Turn lottery tickets into deployable sparse models."
+    )
+    parser.add_argument("--version", action="version", version=f"ticketc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"ticketc.commands.{name}")
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 internal error, 2 user error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed its one-line usage error
+        return int(e.code or 0)
+    try:
+        return int(args._run(args))
+    except UserError as e:
+        print(f"ticketc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ticketc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence for users
+        if os.environ.get("TICKETC_DEBUG"):
+            traceback.print_exc()
+        print(
+            f"ticketc: internal error: {type(e).__name__}: {e} "
+            "(set TICKETC_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
