@@ -1,0 +1,551 @@
+"""Sparse linear ops: packers, pure-torch references and `torch.ops.ticketc.*` custom ops.
+
+Interface (stable; ticketc.compile stores these buffers and calls these ops)::
+
+    pack_csr(weight, *, mask=None, index_dtype=None) -> dict[str, Tensor]
+        W [M, K] (conv weights may be passed as [out, in, kh, kw]: flattened to [out, in*kh*kw])
+        {"crow_indices": int32 [M+1],
+         "col_indices":  int16 [nnz] if K <= 32768 else int32 (or `index_dtype`),
+         "values":       [nnz] in weight.dtype,
+         "row_order":    int32 [M], rows sorted by nnz, longest first (stable)}
+    pack_bsr(weight, blocksize, *, mask=None) -> dict[str, Tensor]
+        {"crow_indices": int32 [ceil(M/b)+1], "col_indices": int32 [nblocks],
+         "values": [nblocks, b, b]}; edge blocks are zero-padded, the ops crop them.
+    pack_tiled(weight, *, mask=None, tile_m=32) -> dict[str, Tensor]
+        Bitmap tiles of tile_m x 32 (the Flash-LLM / SpInfer idea: only nonzeros and one bit
+        per weight are stored, tiles are decoded in registers and fed to tensor cores):
+        {"tile_crow":    int32 [ceil(M/tile_m)+1]  nonempty tiles of each tile row,
+         "tile_col":     int32 [ntiles]            tile column (units of 32 input features),
+         "tile_offsets": int32 [ntiles]            start of the tile's values in `values`,
+         "row_offsets":  int16 [ntiles, tile_m]    start of each tile row's values in its tile,
+         "bitmaps":      int32 [ntiles, tile_m]    bit j of row i set <=> W[i, 32*col + j] kept,
+         "values":       [nnz] tile by tile, row-major inside a tile}
+
+    torch.ops.ticketc.csr_linear(x, crow_indices, col_indices, values, row_order, bias) -> y
+    torch.ops.ticketc.bsr_linear(x, crow_indices, col_indices, values, bias, out_features) -> y
+    torch.ops.ticketc.tiled_linear(x, tile_crow, tile_col, tile_offsets, row_offsets, bitmaps,
+                                   values, bias, out_features) -> y
+        y = x @ W.T (+ bias); x [N, K] 2-D (callers flatten leading dims), y [N, M] in x.dtype,
+        bias [M] or None. Accumulation is fp32 (fp64 for fp64 inputs on the reference path).
+        CPU: torch's sparse kernels (MKL) or the reference; CUDA: the Triton kernels in
+        ticketc.kernels. Each op has a pure-torch twin `<op>_reference(...)` with the same
+        arguments: the test oracle and the fallback.
+
+Masks: by default an entry is kept when it is nonzero; pass `mask` (bool, same shape) to keep
+exactly the masked-in entries, explicit zeros included.
+
+Triton is imported only inside the CUDA implementations, so this module imports on a machine
+without a GPU or without Triton.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "TILE_K",
+    "bsr_linear_reference",
+    "csr_linear_reference",
+    "pack_bsr",
+    "pack_csr",
+    "pack_tiled",
+    "tiled_linear_reference",
+    "unpack_bsr",
+    "unpack_csr",
+    "unpack_tiled",
+]
+
+TILE_K = 32  # input features per tile of the tiled format: one int32 bitmap word per tile row
+_TILE_MS = (16, 32, 64)
+_INDEX_DTYPES = (torch.int16, torch.int32)
+_INT16_MAX_K = 32768  # column indices 0..32767 fit int16
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+# ----------------------------------------------------------------------------------- packing
+
+
+def _as_matrix(weight: Tensor) -> Tensor:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got dtype {weight.dtype}")
+    if weight.dim() < 2:
+        raise ValueError(
+            f"weight must be 2-D [out, in] (or a conv weight), got {tuple(weight.shape)}"
+        )
+    return weight.detach().reshape(weight.shape[0], -1)
+
+
+def _keep(w2: Tensor, mask: Tensor | None, shape: torch.Size) -> Tensor:
+    if mask is None:
+        return w2 != 0
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(shape)}")
+    return mask.detach().reshape(w2.shape).to(device=w2.device, dtype=torch.bool)
+
+
+def pack_csr(
+    weight: Tensor, *, mask: Tensor | None = None, index_dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
+    """Pack a (masked) weight [M, K] into CSR buffers with a load-balancing row order.
+
+    `index_dtype` defaults to int16 when K <= 32768 (half the index traffic on GPU); pass
+    torch.int32 for layers run on CPU, where torch's CSR kernels take int32 indices directly.
+    """
+    w2 = _as_matrix(weight)
+    keep = _keep(w2, mask, weight.shape)
+    m, k = w2.shape
+    if index_dtype is None:
+        index_dtype = torch.int16 if k <= _INT16_MAX_K else torch.int32
+    if index_dtype not in _INDEX_DTYPES:
+        raise ValueError(f"index_dtype must be torch.int16 or torch.int32, got {index_dtype}")
+    if index_dtype == torch.int16 and k > _INT16_MAX_K:
+        raise ValueError(f"index_dtype torch.int16 holds columns < 32768, but K = {k}")
+    counts = keep.sum(dim=1)
+    nnz = int(counts.sum())
+    if nnz >= 2**31:
+        raise ValueError(f"{nnz} nonzeros do not fit int32 row pointers")
+    crow = torch.zeros(m + 1, dtype=torch.int32, device=w2.device)
+    crow[1:] = torch.cumsum(counts, 0)
+    rows, cols = keep.nonzero(as_tuple=True)  # row-major, so each row's entries are contiguous
+    return {
+        "crow_indices": crow,
+        "col_indices": cols.to(index_dtype),
+        "values": w2[rows, cols].contiguous(),
+        # Longest rows first: a program takes neighbouring rows of similar length (Sputnik).
+        "row_order": torch.argsort(counts, descending=True, stable=True).to(torch.int32),
+    }
+
+
+def unpack_csr(buffers: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
+    """Dense [M, K] weight from `pack_csr` buffers (zeros where nothing is stored)."""
+    crow, col, values = buffers["crow_indices"], buffers["col_indices"], buffers["values"]
+    rows = _csr_rows(crow)
+    dense = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    dense[rows, col.long()] = values
+    return dense
+
+
+def _csr_rows(crow: Tensor) -> Tensor:
+    m = crow.numel() - 1
+    counts = (crow[1:] - crow[:-1]).long()
+    return torch.repeat_interleave(torch.arange(m, device=crow.device), counts)
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+
+
+def _pad_to(t: Tensor, rows: int, cols: int) -> Tensor:
+    return torch.nn.functional.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]))
+
+
+def pack_bsr(weight: Tensor, blocksize: int, *, mask: Tensor | None = None) -> dict[str, Tensor]:
+    """Pack a (masked) weight [M, K] into b x b blocks; a block is kept if any entry is kept.
+
+    Edge blocks are zero-padded to b x b; the ops know M (out_features) and K (from x) and
+    crop. Entries masked out inside a kept block are stored as zeros.
+    """
+    _check_blocksize(blocksize)
+    w2 = _as_matrix(weight)
+    keep = _keep(w2, mask, weight.shape)
+    b = blocksize
+    m, k = w2.shape
+    mb, kb = -(-m // b), -(-k // b)
+    wpad = _pad_to(w2 * keep, mb * b, kb * b)
+    kpad = _pad_to(keep, mb * b, kb * b)
+    # [Mb, b, Kb, b] -> [Mb, Kb, b, b]: block (r, c) is blocks[r, c]
+    blocks = wpad.reshape(mb, b, kb, b).permute(0, 2, 1, 3)
+    nonempty = kpad.reshape(mb, b, kb, b).any(dim=3).any(dim=1)
+    brow, bcol = nonempty.nonzero(as_tuple=True)
+    crow = torch.zeros(mb + 1, dtype=torch.int32, device=w2.device)
+    crow[1:] = torch.cumsum(nonempty.sum(dim=1), 0)
+    return {
+        "crow_indices": crow,
+        "col_indices": bcol.to(torch.int32),
+        "values": blocks[brow, bcol].contiguous(),
+    }
+
+
+def unpack_bsr(buffers: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
+    """Dense [M, K] weight from `pack_bsr` buffers."""
+    crow, col, values = buffers["crow_indices"], buffers["col_indices"], buffers["values"]
+    b = values.shape[-1]
+    m, k = shape
+    mb, kb = crow.numel() - 1, -(-k // b)
+    blocks = torch.zeros(mb, kb, b, b, dtype=values.dtype, device=values.device)
+    blocks[_csr_rows(crow), col.long()] = values
+    return blocks.permute(0, 2, 1, 3).reshape(mb * b, kb * b)[:m, :k]
+
+
+def pack_tiled(
+    weight: Tensor, *, mask: Tensor | None = None, tile_m: int = 32
+) -> dict[str, Tensor]:
+    """Pack a (masked) weight [M, K] into bitmap tiles of tile_m x 32 (see the module docstring).
+
+    Storage per weight: 1 bit of bitmap + 1/16 B of row offsets + the kept values, so at 10 %
+    density with fp16 values a tile costs ~0.39 B per weight against 2 B dense.
+    """
+    if tile_m not in _TILE_MS:
+        raise ValueError(f"tile_m must be one of {_TILE_MS}, got {tile_m!r}")
+    w2 = _as_matrix(weight)
+    keep = _keep(w2, mask, weight.shape)
+    m, k = w2.shape
+    mt, kt = -(-m // tile_m), -(-k // TILE_K)
+    # [Mt, tile_m, Kt, 32] -> [Mt, Kt, tile_m, 32]
+    tiles_w = _pad_to(w2, mt * tile_m, kt * TILE_K).reshape(mt, tile_m, kt, TILE_K)
+    tiles_w = tiles_w.permute(0, 2, 1, 3)
+    tiles_k = _pad_to(keep, mt * tile_m, kt * TILE_K).reshape(mt, tile_m, kt, TILE_K)
+    tiles_k = tiles_k.permute(0, 2, 1, 3)
+    nonempty = tiles_k.any(dim=3).any(dim=2)  # [Mt, Kt]
+    trow, tcol = nonempty.nonzero(as_tuple=True)
+    kept = tiles_k[trow, tcol]  # [ntiles, tile_m, 32]
+    values = tiles_w[trow, tcol][kept]  # tile by tile, row-major inside a tile
+    row_counts = kept.sum(dim=2)  # [ntiles, tile_m]
+    row_offsets = torch.cumsum(row_counts, dim=1) - row_counts
+    tile_counts = row_counts.sum(dim=1)
+    tile_offsets = torch.cumsum(tile_counts, dim=0) - tile_counts
+    if values.numel() >= 2**31:
+        raise ValueError(f"{values.numel()} nonzeros do not fit int32 tile offsets")
+    bit = torch.bitwise_left_shift(
+        torch.ones((), dtype=torch.int64, device=w2.device),
+        torch.arange(TILE_K, device=w2.device),
+    )
+    words = (kept.to(torch.int64) * bit).sum(dim=2)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as int32
+    tile_crow = torch.zeros(mt + 1, dtype=torch.int32, device=w2.device)
+    tile_crow[1:] = torch.cumsum(nonempty.sum(dim=1), 0)
+    return {
+        "tile_crow": tile_crow,
+        "tile_col": tcol.to(torch.int32),
+        "tile_offsets": tile_offsets.to(torch.int32),
+        "row_offsets": row_offsets.to(torch.int16),
+        "bitmaps": words.to(torch.int32),
+        "values": values.contiguous(),
+    }
+
+
+def _bitmap_bits(bitmaps: Tensor) -> Tensor:
+    """[ntiles, tile_m] int32 words -> [ntiles, tile_m, 32] bool."""
+    shifts = torch.arange(TILE_K, device=bitmaps.device, dtype=torch.int32)
+    return (torch.bitwise_right_shift(bitmaps[..., None], shifts) & 1).bool()
+
+
+def unpack_tiled(buffers: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
+    """Dense [M, K] weight from `pack_tiled` buffers (uses bitmaps and values only)."""
+    tile_crow, tile_col = buffers["tile_crow"], buffers["tile_col"]
+    bitmaps, values = buffers["bitmaps"], buffers["values"]
+    tile_m = bitmaps.shape[1]
+    m, k = shape
+    mt, kt = tile_crow.numel() - 1, -(-k // TILE_K)
+    bits = _bitmap_bits(bitmaps)
+    tiles = torch.zeros(bits.shape, dtype=values.dtype, device=values.device)
+    tiles[bits] = values
+    dense = torch.zeros(mt, kt, tile_m, TILE_K, dtype=values.dtype, device=values.device)
+    dense[_csr_rows(tile_crow), tile_col.long()] = tiles
+    return dense.permute(0, 2, 1, 3).reshape(mt * tile_m, kt * TILE_K)[:m, :k]
+
+
+# ------------------------------------------------------------------------------- references
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_x(x: Tensor, op: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [N, K] (flatten leading dims), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be floating point, got dtype {x.dtype}")
+
+
+def _check_bias(bias: Tensor | None, m: int, op: str) -> None:
+    if bias is not None and tuple(bias.shape) != (m,):
+        raise ValueError(f"{op}: bias must have shape ({m},), got {tuple(bias.shape)}")
+
+
+def csr_linear_reference(
+    x: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    values: Tensor,
+    row_order: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """y = x @ W.T (+ bias) for W in `pack_csr` form; pure torch, fp32 (fp64) accumulation.
+
+    `row_order` is accepted for symmetry with the op and ignored: order does not change y.
+    """
+    _check_x(x, "csr_linear")
+    m = crow_indices.numel() - 1
+    _check_bias(bias, m, "csr_linear")
+    acc = _acc_dtype(x)
+    rows = _csr_rows(crow_indices)
+    # [N, nnz] products scattered into [N, M]: memory N * nnz, fine for an oracle.
+    prod = x.to(acc)[:, col_indices.long()] * values.to(acc)
+    y = torch.zeros(x.shape[0], m, dtype=acc, device=x.device).index_add_(1, rows, prod)
+    if bias is not None:
+        y += bias.to(acc)
+    return y.to(x.dtype)
+
+
+def bsr_linear_reference(
+    x: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+) -> Tensor:
+    """y = x @ W.T (+ bias) for W in `pack_bsr` form; pure torch, fp32 (fp64) accumulation."""
+    _check_x(x, "bsr_linear")
+    _check_bias(bias, out_features, "bsr_linear")
+    acc = _acc_dtype(x)
+    n, k = x.shape
+    b = values.shape[-1]
+    mb, kb = crow_indices.numel() - 1, -(-k // b)
+    xb = _pad_to(x.to(acc), n, kb * b).reshape(n, kb, b)
+    # block p contributes W_p @ x[:, cols of p] to the rows of its block row
+    part = torch.einsum("npj,pij->npi", xb[:, col_indices.long()], values.to(acc))
+    y = torch.zeros(n, mb, b, dtype=acc, device=x.device)
+    y.index_add_(1, _csr_rows(crow_indices), part)
+    y = y.reshape(n, mb * b)[:, :out_features]
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+def tiled_linear_reference(
+    x: Tensor,
+    tile_crow: Tensor,
+    tile_col: Tensor,
+    tile_offsets: Tensor,
+    row_offsets: Tensor,
+    bitmaps: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+) -> Tensor:
+    """y = x @ W.T (+ bias) for W in `pack_tiled` form: decode to dense, then matmul.
+
+    Decodes from bitmaps and values only; the offsets are what the Triton kernel uses to find
+    a row's values without a scan over the whole tile, and the kernel tests check them.
+    """
+    _check_x(x, "tiled_linear")
+    _check_bias(bias, out_features, "tiled_linear")
+    acc = _acc_dtype(x)
+    buffers = {"tile_crow": tile_crow, "tile_col": tile_col, "bitmaps": bitmaps, "values": values}
+    w = unpack_tiled(buffers, (out_features, x.shape[1])).to(acc)
+    y = x.to(acc) @ w.T
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+# -------------------------------------------------------------------------------- custom ops
+#
+# Each op: a default implementation (the reference: runs on any device), a CPU kernel (torch's
+# sparse matmul where it measures faster), a CUDA kernel (Triton) and a fake for torch.compile /
+# torch.export. Schemas are written out so `Tensor?` does not depend on annotation parsing.
+
+
+def _check_index(t: Tensor, name: str, allowed: tuple[torch.dtype, ...], op: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in allowed:
+        raise TypeError(f"{op}: {name} must have dtype in {allowed}, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{op}: {name} must be 1-D, got shape {tuple(t.shape)}")
+
+
+def _check_csr_args(x, crow, col, values, row_order, bias) -> None:
+    op = "csr_linear"
+    _check_x(x, op)
+    _check_index(crow, "crow_indices", (torch.int32, torch.int64), op)
+    _check_index(col, "col_indices", (torch.int16, torch.int32, torch.int64), op)
+    _check_index(row_order, "row_order", (torch.int32, torch.int64), op)
+    if not values.is_floating_point() or values.dim() != 1:
+        raise TypeError(
+            f"{op}: values must be 1-D floating point, got {values.dtype} {tuple(values.shape)}"
+        )
+    if col.numel() != values.numel():
+        raise ValueError(f"{op}: col_indices has {col.numel()} entries, values {values.numel()}")
+    if row_order.numel() != crow.numel() - 1:
+        raise ValueError(
+            f"{op}: row_order has {row_order.numel()} entries for {crow.numel() - 1} rows"
+        )
+    _check_bias(bias, crow.numel() - 1, op)
+
+
+def _check_bsr_args(x, crow, col, values, bias, out_features) -> None:
+    op = "bsr_linear"
+    _check_x(x, op)
+    _check_index(crow, "crow_indices", (torch.int32, torch.int64), op)
+    _check_index(col, "col_indices", (torch.int16, torch.int32, torch.int64), op)
+    if values.dim() != 3 or values.shape[1] != values.shape[2] or not values.is_floating_point():
+        raise ValueError(
+            f"{op}: values must be floating point [nblocks, b, b], got "
+            f"{values.dtype} {tuple(values.shape)}"
+        )
+    if col.numel() != values.shape[0]:
+        raise ValueError(f"{op}: col_indices has {col.numel()} blocks, values {values.shape[0]}")
+    b = values.shape[1]
+    if not (crow.numel() - 2) * b < out_features <= (crow.numel() - 1) * b:
+        raise ValueError(
+            f"{op}: out_features={out_features} does not match {crow.numel() - 1} block rows of {b}"
+        )
+    _check_bias(bias, out_features, op)
+
+
+def _check_tiled_args(
+    x, tile_crow, tile_col, tile_offsets, row_offsets, bitmaps, values, bias, out_features
+) -> None:
+    op = "tiled_linear"
+    _check_x(x, op)
+    _check_index(tile_crow, "tile_crow", (torch.int32,), op)
+    _check_index(tile_col, "tile_col", (torch.int32,), op)
+    _check_index(tile_offsets, "tile_offsets", (torch.int32,), op)
+    if bitmaps.dtype != torch.int32 or bitmaps.dim() != 2 or bitmaps.shape[1] not in _TILE_MS:
+        raise ValueError(
+            f"{op}: bitmaps must be int32 [ntiles, tile_m] with tile_m in "
+            f"{_TILE_MS}, got {bitmaps.dtype} {tuple(bitmaps.shape)}"
+        )
+    if row_offsets.dtype != torch.int16 or row_offsets.shape != bitmaps.shape:
+        raise ValueError(
+            f"{op}: row_offsets must be int16 {tuple(bitmaps.shape)}, got "
+            f"{row_offsets.dtype} {tuple(row_offsets.shape)}"
+        )
+    ntiles = bitmaps.shape[0]
+    if tile_col.numel() != ntiles or tile_offsets.numel() != ntiles:
+        raise ValueError(
+            f"{op}: tile_col/tile_offsets must have {ntiles} entries, got "
+            f"{tile_col.numel()}/{tile_offsets.numel()}"
+        )
+    if not values.is_floating_point() or values.dim() != 1:
+        raise TypeError(f"{op}: values must be 1-D floating point, got {values.dtype}")
+    tile_m = bitmaps.shape[1]
+    if not (tile_crow.numel() - 2) * tile_m < out_features <= (tile_crow.numel() - 1) * tile_m:
+        raise ValueError(
+            f"{op}: out_features={out_features} does not match "
+            f"{tile_crow.numel() - 1} tile rows of {tile_m}"
+        )
+    _check_bias(bias, out_features, op)
+
+
+def _triton_or_none():
+    """The ticketc.kernels package, or None when Triton is missing (then the reference runs)."""
+    try:
+        import ticketc.kernels as kernels  # imports triton
+    except ImportError:
+        return None
+    return kernels
+
+
+@torch.library.custom_op(
+    "ticketc::csr_linear",
+    mutates_args=(),
+    schema="(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
+    "Tensor row_order, Tensor? bias) -> Tensor",
+)
+def _csr_linear_op(x, crow_indices, col_indices, values, row_order, bias):
+    _check_csr_args(x, crow_indices, col_indices, values, row_order, bias)
+    return csr_linear_reference(x, crow_indices, col_indices, values, row_order, bias)
+
+
+@_csr_linear_op.register_kernel("cpu")
+def _csr_linear_cpu(x, crow_indices, col_indices, values, row_order, bias):
+    _check_csr_args(x, crow_indices, col_indices, values, row_order, bias)
+    acc = _acc_dtype(x)
+    index = crow_indices.dtype
+    # torch's CSR wants crow and col of one dtype; int32 buffers are wrapped without a copy.
+    col = col_indices if col_indices.dtype == index else col_indices.to(index)
+    m = crow_indices.numel() - 1
+    # Invariants were established by pack_csr; checking them costs a pass over the indices.
+    w = torch.sparse_csr_tensor(
+        crow_indices, col, values.to(acc), (m, x.shape[1]), check_invariants=False
+    )
+    y = torch.mm(w, x.to(acc).t()).t()  # MKL sparse x dense: [M, K] @ [K, N]
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype).contiguous()
+
+
+@_csr_linear_op.register_kernel("cuda")
+def _csr_linear_cuda(x, crow_indices, col_indices, values, row_order, bias):
+    _check_csr_args(x, crow_indices, col_indices, values, row_order, bias)
+    kernels = _triton_or_none()
+    if kernels is None:
+        return csr_linear_reference(x, crow_indices, col_indices, values, row_order, bias)
+    return kernels.csr_linear(x, crow_indices, col_indices, values, row_order, bias)
+
+
+@_csr_linear_op.register_fake
+def _csr_linear_fake(x, crow_indices, col_indices, values, row_order, bias):
+    return x.new_empty((x.shape[0], crow_indices.shape[0] - 1))
+
+
+@torch.library.custom_op(
+    "ticketc::bsr_linear",
+    mutates_args=(),
+    schema="(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
+    "int out_features) -> Tensor",
+)
+def _bsr_linear_op(x, crow_indices, col_indices, values, bias, out_features):
+    _check_bsr_args(x, crow_indices, col_indices, values, bias, out_features)
+    return bsr_linear_reference(x, crow_indices, col_indices, values, bias, out_features)
+
+
+@_bsr_linear_op.register_kernel("cuda")
+def _bsr_linear_cuda(x, crow_indices, col_indices, values, bias, out_features):
+    _check_bsr_args(x, crow_indices, col_indices, values, bias, out_features)
+    kernels = _triton_or_none()
+    if kernels is None or values.shape[-1] not in kernels.BSR_BLOCKSIZES:
+        return bsr_linear_reference(x, crow_indices, col_indices, values, bias, out_features)
+    return kernels.bsr_linear(x, crow_indices, col_indices, values, bias, out_features)
+
+
+@_bsr_linear_op.register_fake
+def _bsr_linear_fake(x, crow_indices, col_indices, values, bias, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op(
+    "ticketc::tiled_linear",
+    mutates_args=(),
+    schema="(Tensor x, Tensor tile_crow, Tensor tile_col, Tensor tile_offsets, "
+    "Tensor row_offsets, Tensor bitmaps, Tensor values, Tensor? bias, int out_features) -> Tensor",
+)
+def _tiled_linear_op(
+    x, tile_crow, tile_col, tile_offsets, row_offsets, bitmaps, values, bias, out_features
+):
+    args = (x, tile_crow, tile_col, tile_offsets, row_offsets, bitmaps, values, bias, out_features)
+    _check_tiled_args(*args)
+    return tiled_linear_reference(*args)
+
+
+@_tiled_linear_op.register_kernel("cuda")
+def _tiled_linear_cuda(
+    x, tile_crow, tile_col, tile_offsets, row_offsets, bitmaps, values, bias, out_features
+):
+    args = (x, tile_crow, tile_col, tile_offsets, row_offsets, bitmaps, values, bias, out_features)
+    _check_tiled_args(*args)
+    kernels = _triton_or_none()
+    if kernels is None:
+        return tiled_linear_reference(*args)
+    return kernels.tiled_linear(*args)
+
+
+@_tiled_linear_op.register_fake
+def _tiled_linear_fake(
+    x, tile_crow, tile_col, tile_offsets, row_offsets, bitmaps, values, bias, out_features
+):
+    return x.new_empty((x.shape[0], out_features))
