@@ -1,0 +1,163 @@
+"""Every load path and every mask source ends as a dense module with the mask multiplied in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from tests.models_for_tests import prune_random_, tiny_convnet, tiny_mlp
+from ticketc.checkpoint import Ticket, load_ticket, save_ticket
+from ticketc.errors import UserError
+from ticketc.load import load_model
+from ticketc.masks import strip_pruning_
+
+ARCH = "tests.models_for_tests:tiny_mlp"
+
+
+def _pruned_mlp(density: float = 0.3) -> nn.Sequential:
+    model = tiny_mlp()
+    prune_random_(model, density)
+    return model
+
+
+def test_state_dict_needs_arch(tmp_path):
+    torch.save(_pruned_mlp().state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(UserError, match="--arch"):
+        load_model(tmp_path / "sd.pt")
+    loaded = load_model(tmp_path / "sd.pt", arch=ARCH)
+    assert loaded.source == "state_dict"
+    assert set(loaded.masks) == {"1.weight", "3.weight"}
+
+
+def test_exact_zeros_become_masks(tmp_path):
+    model = _pruned_mlp(0.25)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    loaded = load_model(tmp_path / "sd.pt", arch=ARCH)
+    for name, mask in loaded.masks.items():
+        assert torch.equal(mask, dict(model.named_parameters())[name] != 0)
+
+
+def test_pickled_module_refused_without_opt_in(tmp_path):
+    torch.save(_pruned_mlp(), tmp_path / "full.pt")
+    with pytest.raises(UserError, match="--trust-pickle"):
+        load_model(tmp_path / "full.pt")
+    assert load_model(tmp_path / "full.pt", trust_pickle=True).source == "pickle"
+
+
+def test_prune_hooks_are_folded_and_removed(tmp_path):
+    model = tiny_mlp()
+    prune.l1_unstructured(model[1], "weight", amount=0.8)
+    mask = model[1].weight_mask.bool().clone()
+    x = torch.randn(3, 20)
+    expected = model(x).detach()
+    torch.save(model, tmp_path / "hooked.pt")
+    torch.save(model.state_dict(), tmp_path / "hooked_sd.pt")
+
+    for loaded in (load_model(tmp_path / "hooked.pt", trust_pickle=True),
+                   load_model(tmp_path / "hooked_sd.pt", arch=ARCH)):
+        layer = loaded.model[1]
+        assert not layer._forward_pre_hooks
+        assert torch.equal(loaded.masks["1.weight"], mask)
+        assert torch.equal(layer.weight != 0, mask & (layer.weight != 0))
+        assert int((layer.weight != 0).sum()) <= int(mask.sum())
+        torch.testing.assert_close(loaded.model(x), expected)
+
+
+def _ao_sparsified_mlp() -> tuple[nn.Sequential, torch.Tensor]:
+    from torch.ao.pruning import WeightNormSparsifier
+
+    model = tiny_mlp()
+    sparsifier = WeightNormSparsifier(sparsity_level=0.75, sparse_block_shape=(1, 1), zeros_per_block=1)
+    sparsifier.prepare(model, [{"tensor_fqn": "1.weight"}])
+    sparsifier.step()
+    return model, model[1].parametrizations.weight[0].mask.bool().clone()
+
+
+def test_ao_pruning_parametrization_in_memory():
+    model, mask = _ao_sparsified_mlp()
+    found = strip_pruning_(model)
+    assert torch.equal(found["1.weight"], mask)
+    assert not hasattr(model[1], "parametrizations")
+    assert bool((model[1].weight[~mask] == 0).all())
+
+
+def test_ao_pruning_state_dict_takes_the_mask_file(tmp_path):
+    # Parametrized modules only save through state_dict(), and that omits the mask.
+    model, mask = _ao_sparsified_mlp()
+    torch.save(model.state_dict(), tmp_path / "ao.pt")
+    torch.save({"1.weight": mask}, tmp_path / "mask.pt")
+    without = load_model(tmp_path / "ao.pt", arch=ARCH)
+    assert any("--mask" in note for note in without.notes)
+    loaded = load_model(tmp_path / "ao.pt", arch=ARCH, mask_path=tmp_path / "mask.pt")
+    assert torch.equal(loaded.masks["1.weight"], mask)
+    assert bool((loaded.model[1].weight[~mask] == 0).all())
+
+
+def test_mask_file_is_multiplied_in_not_trusted_from_zeros(tmp_path):
+    model = tiny_mlp()  # dense weights: the mask file alone says what is pruned (as open_lth)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    mask = torch.rand(16, 20) < 0.2
+    torch.save({"1.weight": mask}, tmp_path / "mask.pt")
+    loaded = load_model(tmp_path / "sd.pt", arch=ARCH, mask_path=tmp_path / "mask.pt")
+    assert torch.equal(loaded.model[1].weight != 0, mask)
+    assert loaded.masks["3.weight"].all()
+
+
+@pytest.mark.parametrize(
+    ("masks", "message"),
+    [({"9.weight": torch.ones(16, 20, dtype=torch.bool)}, "not a parameter"),
+     ({"1.weight": torch.ones(20, 16, dtype=torch.bool)}, "shape")],
+)
+def test_mask_file_mismatch_is_a_user_error(tmp_path, masks, message):
+    torch.save(tiny_mlp().state_dict(), tmp_path / "sd.pt")
+    torch.save(masks, tmp_path / "mask.pt")
+    with pytest.raises(UserError, match=message):
+        load_model(tmp_path / "sd.pt", arch=ARCH, mask_path=tmp_path / "mask.pt")
+
+
+def test_ticket_checkpoint_loads_without_flags(tmp_path):
+    model = tiny_mlp()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = {"1.weight": torch.rand(16, 20) < 0.3, "3.weight": torch.rand(4, 16) < 0.5}
+    ticket = Ticket(arch=ARCH, state_dict=model.state_dict(), masks=masks, rewind_state_dict=init,
+                    metrics={"test_accuracy": 0.5})
+    save_ticket(ticket, tmp_path / "ticket.pt")
+    assert load_ticket(tmp_path / "ticket.pt").metrics == {"test_accuracy": 0.5}
+    loaded = load_model(tmp_path / "ticket.pt")
+    assert loaded.source == "ticket"
+    for name, mask in masks.items():
+        assert torch.equal(dict(loaded.model.named_parameters())[name] != 0, mask)
+
+
+def test_exported_program(tmp_path):
+    model = tiny_convnet().eval()
+    prune_random_(model, 0.2)
+    x = torch.randn(2, 4, 8, 8)
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "m.pt2")
+    loaded = load_model(tmp_path / "m.pt2")
+    assert loaded.source == "export"
+    assert loaded.example_input is not None
+    torch.testing.assert_close(loaded.model(x), model(x))
+
+
+def test_nan_weights_are_refused(tmp_path):
+    model = tiny_mlp()
+    with torch.no_grad():
+        model[3].bias[1] = float("nan")
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(UserError, match="NaN"):
+        load_model(tmp_path / "sd.pt", arch=ARCH)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file at all", None])
+def test_unreadable_files(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    if content is None:  # a real checkpoint cut in half
+        torch.save(tiny_mlp().state_dict(), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserError):
+        load_model(path, arch=ARCH)

@@ -1,0 +1,66 @@
+"""Arguments and steps shared by the subcommands that read a model file."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ticketc.errors import UserError
+from ticketc.load import LoadedModel, load_model, load_sample, parse_shape
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") -> None:
+    parser.add_argument(
+        name,
+        help="model file: ticket checkpoint, state dict (+ --arch), pickled "
+        "module (+ --trust-pickle) or torch.export program (.pt2)",
+    )
+    parser.add_argument(
+        "--arch",
+        metavar="MODULE:FACTORY",
+        help="builds the architecture for a state dict, e.g. ticketc.models:lenet300",
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow loading a whole pickled module (this runs code from the file)",
+    )
+    parser.add_argument(
+        "--mask",
+        metavar="MASKS.pt",
+        help="explicit masks: a torch file of parameter name -> bool tensor",
+    )
+    parser.add_argument(
+        "--input-shape", metavar="N,C,H,W", help="input shape, when the model file does not tell it"
+    )
+    parser.add_argument(
+        "--sample",
+        metavar="X.pt",
+        help="a tensor to verify on (real data) instead of a random input",
+    )
+
+
+def load_from_args(args: argparse.Namespace, path: str | None = None) -> LoadedModel:
+    return load_model(
+        path or args.model, arch=args.arch, trust_pickle=args.trust_pickle, mask_path=args.mask
+    )
+
+
+def example_and_sample(
+    args: argparse.Namespace, loaded: LoadedModel
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tracing example and (optional) verification sample, from the flags or the model file."""
+    sample = load_sample(args.sample) if args.sample else None
+    if args.input_shape:
+        example = torch.zeros(parse_shape(args.input_shape))
+    elif sample is not None:
+        example = sample
+    elif loaded.example_input is not None:
+        example = loaded.example_input
+    else:
+        raise UserError(
+            f"cannot tell the input shape of {args.model}: pass --input-shape "
+            "(e.g. 1,3,32,32) or --sample x.pt"
+        )
+    return example, sample

@@ -1,0 +1,96 @@
+"""`ticketc export MODEL -o OUT.onnx`: the main command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ticketc.commands._common import add_model_arguments, example_and_sample, load_from_args
+from ticketc.export import FORMATS, VALUES, ExportConfig, ExportResult, export_model
+from ticketc.errors import UserError
+
+NAME = "export"
+HELP = "export a pruned model to a small, verified ONNX file"
+_DEFAULTS = ExportConfig()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT.onnx",
+        help="output file (default: MODEL with the suffix .onnx)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=_DEFAULTS.format,
+        help=f"how pruned weights are stored (default: {_DEFAULTS.format})",
+    )
+    parser.add_argument(
+        "--values",
+        choices=VALUES,
+        default=_DEFAULTS.values,
+        help=f"value type of pruned weights; fp32 is lossless (default: {_DEFAULTS.values})",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=_DEFAULTS.tolerance,
+        help="fail when the relative error exceeds this (default: 1e-5 for fp32, "
+        "lossy values are only reported)",
+    )
+    parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    parser.add_argument("--opset", type=int, default=_DEFAULTS.opset, help="ONNX opset (>= 18)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = ExportConfig(
+            format=args.format,
+            values=args.values,
+            verify=not args.no_verify,
+            tolerance=args.tolerance,
+            opset=args.opset,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    loaded = load_from_args(args)
+    example, sample = example_and_sample(args, loaded)
+    out = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
+    result = export_model(loaded.model, example, out, config, masks=loaded.masks, sample=sample)
+    result.notes[:0] = loaded.notes
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print_summary(result)
+    return 0
+
+
+def print_summary(result: ExportResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result.path}", title_justify="left")
+    for column in ("layer", "shape", "density", "stored as", "bytes"):
+        table.add_column(column, justify="right" if column in ("density", "bytes") else "left")
+    for layer in result.layers:
+        table.add_row(
+            layer.name,
+            "x".join(map(str, layer.shape)),
+            f"{layer.density:.2%}",
+            layer.codec,
+            f"{layer.nbytes:,}",
+        )
+    console = Console()
+    console.print(table)
+    files = " + ".join(f"{f.name} ({f.stat().st_size:,} B)" for f in result.files)
+    console.print(f"wrote {files}: {result.total_bytes:,} bytes in {result.seconds:.2f} s")
+    if result.verification is not None:
+        v = result.verification
+        console.print(f"verified in onnxruntime on batch {v.batch}: {v.summary()}")
+    for note in result.notes:
+        console.print(f"note: {note}")

@@ -1,0 +1,73 @@
+"""`ticketc inspect FILE`: per-layer density, nnz and bytes in every storage form."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ticketc.inspect import BLOCK_SIZES, Inspection, inspect_file
+
+NAME = "inspect"
+HELP = "per-layer density, nnz and bytes (dense / CSR / codec) of a model or ONNX file"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="a model file (as for export) or an .onnx file")
+    parser.add_argument("--arch", metavar="MODULE:FACTORY", help="architecture for a state dict")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow loading a whole pickled module (this runs code from the file)",
+    )
+    parser.add_argument("--mask", metavar="MASKS.pt", help="explicit masks (name -> bool tensor)")
+    parser.add_argument("--json", action="store_true", help="print the same as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = inspect_file(
+        args.file, arch=args.arch, trust_pickle=args.trust_pickle, mask_path=args.mask
+    )
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print_table(result)
+    return 0
+
+
+def print_table(result: Inspection) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result.path} ({result.kind})", title_justify="left")
+    columns = ["layer", "shape", "density", "nnz", "dense B", "CSR B", "codec B", "codec"]
+    columns += [f"blocks {b}" for b in BLOCK_SIZES]
+    for column in columns:
+        table.add_column(
+            column, justify="left" if column in ("layer", "shape", "codec") else "right"
+        )
+    for x in result.layers:
+        table.add_row(
+            x.name,
+            "x".join(map(str, x.shape)),
+            f"{x.density:.2%}",
+            f"{x.nnz:,}",
+            f"{x.dense_bytes:,}",
+            f"{x.csr_bytes:,}",
+            f"{x.codec_bytes:,}",
+            x.codec,
+            *(f"{x.block_occupancy[b]:.0%}" for b in BLOCK_SIZES),
+        )
+    t = result.totals
+    table.add_row(
+        "total",
+        "",
+        f"{t['density']:.2%}",
+        f"{int(t['nnz']):,}",
+        f"{int(t['dense_bytes']):,}",
+        f"{int(t['csr_bytes']):,}",
+        f"{int(t['codec_bytes']):,}",
+        "",
+        *[""] * len(BLOCK_SIZES),
+        style="bold",
+    )
+    Console().print(table)

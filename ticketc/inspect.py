@@ -1,0 +1,154 @@
+"""Per-layer sparsity and storage figures for a model or an ONNX file (`ticketc inspect`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ticketc.errors import UserError
+
+BLOCK_SIZES = (8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    name: str
+    shape: tuple[int, ...]
+    nnz: int
+    density: float
+    dense_bytes: int  # fp32
+    csr_bytes: int
+    codec_bytes: int  # compact codec, fp32 values (lossless)
+    codec: str
+    block_occupancy: dict[int, float]  # block size -> fraction of b x b blocks holding a nonzero
+
+
+@dataclass(frozen=True)
+class Inspection:
+    path: str
+    kind: str  # "model" | "onnx"
+    layers: list[LayerStats]
+
+    @property
+    def totals(self) -> dict[str, float]:
+        numel = sum(int(np.prod(layer.shape)) for layer in self.layers)
+        nnz = sum(layer.nnz for layer in self.layers)
+        return {
+            "numel": numel,
+            "nnz": nnz,
+            "density": nnz / numel if numel else 1.0,
+            "dense_bytes": sum(layer.dense_bytes for layer in self.layers),
+            "csr_bytes": sum(layer.csr_bytes for layer in self.layers),
+            "codec_bytes": sum(layer.codec_bytes for layer in self.layers),
+        }
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "layers": [asdict(x) for x in self.layers],
+            "totals": self.totals,
+        }
+
+
+def layer_stats(name: str, weight: torch.Tensor) -> LayerStats:
+    from ticketc.formats.bsr import block_occupancy
+    from ticketc.formats.compact import Compact
+    from ticketc.formats.csr import CSR
+
+    weight = weight.detach().float().cpu()
+    matrix = weight.reshape(weight.shape[0], -1)
+    nnz = int(weight.count_nonzero())
+    compact = Compact.from_dense(weight, values="fp32")
+    return LayerStats(
+        name=name,
+        shape=tuple(weight.shape),
+        nnz=nnz,
+        density=nnz / max(weight.numel(), 1),
+        dense_bytes=4 * weight.numel(),
+        csr_bytes=CSR.from_dense(matrix).nbytes,
+        codec_bytes=compact.nbytes,
+        codec=f"{compact.positions}+{compact.values}",
+        block_occupancy={b: block_occupancy(matrix, b) for b in BLOCK_SIZES},
+    )
+
+
+def inspect_file(
+    path: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    mask_path: str | os.PathLike[str] | None = None,
+) -> Inspection:
+    from ticketc.load import check_file
+
+    p = check_file(path)
+    if p.suffix == ".onnx":
+        return Inspection(str(p), "onnx", [layer_stats(n, w) for n, w in onnx_weights(p).items()])
+    from ticketc.load import load_model
+
+    loaded = load_model(p, arch=arch, trust_pickle=trust_pickle, mask_path=mask_path)
+    params = dict(loaded.model.named_parameters())
+    return Inspection(str(p), "model", [layer_stats(n, params[n]) for n in loaded.masks])
+
+
+def onnx_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The weight matrices of an ONNX file as dense tensors, whatever form they are stored in."""
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # noqa: BLE001 - protobuf errors on corrupt files
+        raise UserError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:200]})") from e
+    graph = model.graph
+    weights: dict[str, np.ndarray] = {}
+    consumers = {"Gemm", "MatMul", "Conv"}
+    used_as_weight = {
+        name for node in graph.node if node.op_type in consumers for name in node.input[1:2]
+    }
+    for init in graph.initializer:
+        if init.name in used_as_weight and len(init.dims) >= 2:
+            weights[init.name] = numpy_helper.to_array(init)
+    for sparse in graph.sparse_initializer:
+        dense = np.zeros(int(np.prod(sparse.dims)), dtype=np.float32)
+        dense[numpy_helper.to_array(sparse.indices).reshape(-1)] = numpy_helper.to_array(
+            sparse.values
+        )
+        weights[sparse.values.name] = dense.reshape(tuple(sparse.dims))
+    weights.update(_decode_portable(model))
+    return {name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in weights.items()}
+
+
+def _decode_portable(model) -> dict[str, np.ndarray]:  # model: onnx.ModelProto
+    """Run only the ticketc decode nodes of a portable file, in onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+
+    nodes = [n for n in model.graph.node if n.domain == "ticketc"]
+    if not nodes:
+        return {}
+    needed = {i for n in nodes for i in n.input}
+    graph = onnx.helper.make_graph(
+        nodes,
+        "decode",
+        [],
+        [
+            onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)
+            for n in nodes
+        ],
+        [init for init in model.graph.initializer if init.name in needed],
+    )
+    decode = onnx.helper.make_model(
+        graph,
+        opset_import=model.opset_import,
+        functions=model.functions,
+        ir_version=model.ir_version,
+    )
+    session = ort.InferenceSession(decode.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {})
+    return {n.output[0]: out for n, out in zip(nodes, outputs, strict=True)}

@@ -1,0 +1,117 @@
+"""Where masks come from, and how they are applied.
+
+Sources, in the order a user expects them to win:
+1. an explicit mask file (`--mask masks.pt`: parameter name -> bool tensor, as open_lth's mask.pth);
+2. `torch.nn.utils.prune` hooks (`X_orig` x `X_mask`) and `torch.ao.pruning` parametrizations;
+3. exact zeros in the weights.
+
+Masks are always multiplied into the weights: open_lth applies its mask only in forward, so zeros
+in a file cannot be trusted.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ticketc.errors import UserError
+
+#: The layer types whose weight ticketc compresses; everything else passes through dense.
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+Masks = dict[str, torch.Tensor]
+
+
+def prunable_weights(model: nn.Module) -> dict[str, nn.Module]:
+    """Parameter name ("1.weight") -> owning module, for every prunable layer."""
+    return {
+        f"{name}.weight" if name else "weight": m
+        for name, m in model.named_modules()
+        if isinstance(m, PRUNABLE)
+    }
+
+
+def strip_pruning_(model: nn.Module) -> Masks:
+    """Remove torch.nn.utils.prune hooks and torch.ao.pruning parametrizations, in place.
+
+    Returns the masks they held (parameter name -> bool). The weights left behind are the
+    masked products, so the model computes exactly what it did before.
+    """
+    masks: Masks = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        # torch.nn.utils.prune: a forward pre-hook recomputes X = X_orig * X_mask.
+        for hook in list(module._forward_pre_hooks.values()):
+            tensor_name = getattr(hook, "_tensor_name", None)
+            if tensor_name is None or not hasattr(module, f"{tensor_name}_mask"):
+                continue
+            masks[prefix + tensor_name] = getattr(module, f"{tensor_name}_mask").detach().bool()
+            torch.nn.utils.prune.remove(module, tensor_name)
+        # torch.ao.pruning: FakeSparsity parametrizations hold the mask; the file does not.
+        if parametrize.is_parametrized(module):
+            for tensor_name in list(module.parametrizations.keys()):
+                for p in module.parametrizations[tensor_name]:
+                    mask = getattr(p, "mask", None)
+                    if isinstance(mask, torch.Tensor):
+                        masks[prefix + tensor_name] = mask.detach().bool()
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    return masks
+
+
+def load_mask_file(path: str | os.PathLike[str]) -> Masks:
+    """Read `name -> mask` from a torch file (weights_only); masks may be bool or 0/1 numbers."""
+    from ticketc.load import torch_load_safe
+
+    obj = torch_load_safe(path, trust_pickle=False)
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"mask file {path} must hold a dict of parameter name -> tensor")
+    masks: Masks = {}
+    for name, value in obj.items():
+        if value.dtype != torch.bool:
+            if not bool(((value == 0) | (value == 1)).all()):
+                raise UserError(f"mask {name!r} in {path} holds values other than 0 and 1")
+            value = value != 0
+        masks[str(name)] = value
+    return masks
+
+
+def masks_from_zeros(model: nn.Module) -> Masks:
+    return {name: m.weight.detach() != 0 for name, m in prunable_weights(model).items()}
+
+
+def resolve_masks(model: nn.Module, found: Masks, explicit: Masks | None = None) -> Masks:
+    """One bool mask per prunable weight: explicit file, else pruning state, else exact zeros."""
+    params = dict(model.named_parameters())
+    for source, masks in (("mask file", explicit or {}), ("model", found)):
+        for name, mask in masks.items():
+            if name not in params:
+                known = ", ".join(prunable_weights(model)) or "none"
+                raise UserError(
+                    f"{source} has a mask for {name!r}, which is not a parameter of the model "
+                    f"(prunable weights: {known})"
+                )
+            if mask.shape != params[name].shape:
+                raise UserError(
+                    f"{source} mask {name!r} has shape {tuple(mask.shape)}, "
+                    f"but the weight has shape {tuple(params[name].shape)}"
+                )
+    resolved = masks_from_zeros(model)
+    resolved.update(found)
+    resolved.update(explicit or {})
+    return resolved
+
+
+@torch.no_grad()
+def apply_masks_(model: nn.Module, masks: Masks) -> None:
+    """Multiply each masked parameter by its mask, in place."""
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask.to(params[name].dtype))
+
+
+def density(masks: Masks) -> float:
+    total = sum(m.numel() for m in masks.values())
+    return sum(int(m.sum()) for m in masks.values()) / total if total else 1.0
