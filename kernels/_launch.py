@@ -1,0 +1,69 @@
+"""Input checks and launch heuristics shared by the kernel wrappers.
+
+Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter
+(`TRITON_INTERPRET=1`, how CI tests them without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(op: str, **tensors: Tensor | None) -> torch.device:
+    """One device for all tensors: CUDA, or CPU when interpreting. Returns it."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) != 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {where}")
+    (device,) = devices
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise ValueError(
+            f"{op}: Triton kernels need CUDA tensors (CPU tensors only with TRITON_INTERPRET=1),"
+            f" got {device}; use torch.ops.ticketc.{op} for the CPU path"
+        )
+    return device
+
+
+def check_float(op: str, name: str, t: Tensor) -> None:
+    if t.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors to fill (a nominal 8 under the interpreter keeps grids small)."""
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def dot_in_fp32(x: Tensor, values: Tensor) -> bool:
+    """Feed tl.dot fp32 operands: for fp32 inputs (exact, no TF32), for mixed dtypes, and under
+    the interpreter, whose tl.dot gives wrong results on bf16."""
+    return x.dtype == torch.float32 or x.dtype != values.dtype or interpreting()
+
+
+def split_k_for(tiles_per_row: float, programs: int, device: torch.device) -> int:
+    """Split the reduction over K when the output grid alone cannot fill the GPU.
+
+    Each split adds an fp32 atomic pass over the output, so only split rows long enough to
+    amortise it (>= 4 tiles per split) and only up to ~2 programs per SM.
+    """
+    if device.type != "cuda":
+        return 1
+    want = -(-2 * sm_count(device) // max(programs, 1))
+    return max(1, min(want, int(tiles_per_row // 4), 16))

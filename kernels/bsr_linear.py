@@ -1,0 +1,153 @@
+"""y = x @ W.T (+ bias) with W block-sparse (BSR, b x b blocks), on tensor cores.
+
+Each stored block is a dense b x b tile, so the inner product is a tl.dot of an x tile
+[BLOCK_N, b] with the transposed block [b, b]: block-pruned layers run at the speed of a dense
+matmul over the kept blocks. Unlike torch's Triton BSR (one program per block row x column
+tile), the reduction over a block row may be split (SPLIT_K programs, fp32 atomics) so that
+few block rows at small batch still fill the GPU.
+
+Blocked pseudo-code, one program per (block row, BLOCK_N batch rows, split)::
+
+    acc[BLOCK_N, b] = 0                                              # fp32
+    for p in crow[row] + split, ..., crow[row + 1], step SPLIT_K:    # kept blocks of the row
+        xt = x[n_block, col[p] * b : col[p] * b + b]                 # [BLOCK_N, b], 0 past K
+        acc += tl.dot(xt, values[p].T)
+    y[n_block, row * b : row * b + b] (+)= acc (+ bias)              # cropped to M
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._launch import check_device, check_float, dot_in_fp32, next_pow2, split_k_for
+
+BSR_BLOCKSIZES = (16, 32, 64, 128)  # tl.dot needs every dim >= 16 and a power of two
+
+
+@triton.jit
+def _bsr_linear_kernel(
+    # pointers
+    x_ptr, y_ptr, crow_ptr, col_ptr, val_ptr, bias_ptr,
+    # sizes
+    M, N, K, SPLIT_K,
+    # strides
+    stride_xn, stride_xk, stride_yn, stride_ym,
+    # meta
+    HAS_BIAS: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    ATOMIC: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    start = tl.load(crow_ptr + pid_m)
+    end = tl.load(crow_ptr + pid_m + 1)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < N
+    i = tl.arange(0, B)  # output row inside the block
+    j = tl.arange(0, B)  # input column inside the block
+
+    acc = tl.zeros([BLOCK_N, B], dtype=tl.float32)
+    first = start + pid_k
+    col_p = col_ptr + first
+    # block `first` is row-major [i, j]; read it transposed as [j, i]
+    w_p = val_ptr + first.to(tl.int64) * (B * B) + i[None, :] * B + j[:, None]
+    for _ in range(first, end, SPLIT_K):
+        ks = tl.load(col_p).to(tl.int64) * B + j
+        x_off = ns[:, None] * stride_xn + ks[None, :] * stride_xk
+        xt = tl.load(x_ptr + x_off, mask=n_ok[:, None] & (ks < K)[None, :], other=0.0)
+        wt = tl.load(w_p)
+        if DOT_FP32:
+            acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, wt.to(xt.dtype))
+        col_p += SPLIT_K
+        w_p += SPLIT_K * (B * B)
+
+    rows = pid_m * B + i
+    row_ok = rows < M
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        acc += bias[None, :] * (pid_k == 0).to(tl.float32)
+    y_off = ns[:, None] * stride_yn + rows[None, :] * stride_ym
+    y_mask = n_ok[:, None] & row_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptr + y_off, acc, mask=y_mask)
+    else:
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def bsr_config(mb: int, n: int, nblocks: int, b: int, device: torch.device) -> dict[str, int]:
+    """Launch parameters: BLOCK_N from the batch, SPLIT_K when the grid is too small."""
+    block_n = max(16, min(next_pow2(n), 64 if b >= 64 else 128))
+    programs = mb * -(-n // block_n)
+    split = split_k_for(nblocks / max(mb, 1), programs, device)
+    warps = 8 if block_n * b >= 128 * 64 else 4
+    return {"BLOCK_N": block_n, "SPLIT_K": split, "num_warps": warps}
+
+
+def bsr_linear(
+    x: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+    *,
+    config: dict[str, int] | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """y = x @ W.T (+ bias) for W in `ticketc.ops.pack_bsr` form; y [N, out_features] in x.dtype.
+
+    Block sizes 16/32/64/128. `config` overrides the launch table (keys of `bsr_config`);
+    `out` is written in place.
+    """
+    op = "bsr_linear"
+    device = check_device(
+        op, x=x, crow_indices=crow_indices, col_indices=col_indices, values=values, bias=bias
+    )
+    check_float(op, "x", x)
+    check_float(op, "values", values)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [N, K], got {tuple(x.shape)}")
+    if values.dim() != 3 or values.shape[1] != values.shape[2]:
+        raise ValueError(f"{op}: values must be [nblocks, b, b], got {tuple(values.shape)}")
+    b = values.shape[1]
+    if b not in BSR_BLOCKSIZES:
+        raise ValueError(f"{op}: blocksize must be one of {BSR_BLOCKSIZES}, got {b}")
+    if crow_indices.dtype != torch.int32 or col_indices.dtype not in (torch.int16, torch.int32):
+        raise TypeError(f"{op}: crow_indices must be int32 and col_indices int16/int32, got "
+                        f"{crow_indices.dtype} and {col_indices.dtype}")  # fmt: skip
+    n, k = x.shape
+    m, mb = out_features, crow_indices.numel() - 1
+    if not (mb - 1) * b < m <= mb * b:
+        raise ValueError(f"{op}: out_features={m} does not match {mb} block rows of {b}")
+    if bias is not None and tuple(bias.shape) != (m,):
+        raise ValueError(f"{op}: bias must have shape ({m},), got {tuple(bias.shape)}")
+    if out is None:
+        out = torch.empty((n, m), dtype=x.dtype, device=device)
+    elif tuple(out.shape) != (n, m) or out.dtype != x.dtype:
+        raise ValueError(f"{op}: out must be {x.dtype} {(n, m)}, got {out.dtype} "
+                         f"{tuple(out.shape)}")  # fmt: skip
+    if n == 0 or m == 0:
+        return out
+    cfg = {**bsr_config(mb, n, values.shape[0], b, device), **(config or {})}
+    split = cfg["SPLIT_K"]
+    # Split-K partial sums meet in an fp32 buffer through atomics (no bf16 atomics anywhere).
+    target = out.zero_() if split > 1 and x.dtype == torch.float32 else out
+    if split > 1 and x.dtype != torch.float32:
+        target = torch.zeros((n, m), dtype=torch.float32, device=device)
+    grid = (mb, triton.cdiv(n, cfg["BLOCK_N"]), split)
+    _bsr_linear_kernel[grid](
+        x, target, crow_indices, col_indices, values,
+        bias if bias is not None else values,  # never read without HAS_BIAS
+        m, n, k, split,
+        x.stride(0), x.stride(1), target.stride(0), target.stride(1),
+        HAS_BIAS=bias is not None, B=b, BLOCK_N=cfg["BLOCK_N"],
+        DOT_FP32=dot_in_fp32(x, values), ATOMIC=split > 1, num_warps=cfg.get("num_warps", 4),
+    )  # fmt: skip
+    if target is not out:
+        out.copy_(target)
+    return out
