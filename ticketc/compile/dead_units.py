@@ -25,14 +25,37 @@ LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 # Elementwise ops: a unit's value depends only on that unit, and a constant stays a constant.
 POINTWISE = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.AlphaDropout,
 )
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)  # per channel: sliced along with the units
 POOLS = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
 )
 
 
@@ -92,8 +115,9 @@ def eliminate_dead_units(model: nn.Module) -> tuple[nn.Module, DeadUnitReport]:
     params_before = sum(p.numel() for p in model.parameters())
     if not isinstance(model, nn.Sequential):
         reason = f"{type(model).__name__} is not an nn.Sequential chain; dead units need a chain"
-        return model, DeadUnitReport(False, reason, params_before=params_before,
-                                     params_after=params_before)
+        return model, DeadUnitReport(
+            False, reason, params_before=params_before, params_after=params_before
+        )
     new = copy.deepcopy(model).eval()
     leaves = list(_leaves(new))
     links, skipped = _links(leaves)
@@ -102,8 +126,13 @@ def eliminate_dead_units(model: nn.Module) -> tuple[nn.Module, DeadUnitReport]:
         while any([_shrink_link(link) for link in links]):  # list: run every link each round
             pass
     layers = tuple(
-        LayerUnits(link.a_name, before[id(link.a)], _units(link.a),
-                   link.counts["constant"], link.counts["unused"])
+        LayerUnits(
+            link.a_name,
+            before[id(link.a)],
+            _units(link.a),
+            link.counts["constant"],
+            link.counts["unused"],
+        )
         for link in links
     )
     return new, DeadUnitReport(
@@ -134,7 +163,7 @@ def _links(leaves: list[tuple[str, nn.Module]]) -> tuple[list[_Link], list[str]]
     links, skipped = [], []
     for i, j in zip(idx, idx[1:], strict=False):
         (a_name, a), (b_name, b) = leaves[i], leaves[j]
-        between = [m for _, m in leaves[i + 1:j]]
+        between = [m for _, m in leaves[i + 1 : j]]
         why = _unsupported(a, b, between)
         if why:
             skipped.append(f"{a_name} -> {b_name}: {why}")
@@ -184,15 +213,19 @@ def _constant_ok(b: nn.Module, between: list[nn.Module]) -> bool:
 def _constants(link: _Link) -> torch.Tensor:
     """The value each unit of A would output if its incoming weights were zero: act(bias)."""
     a = link.a
-    bias = a.bias if a.bias is not None else torch.zeros(
-        _units(a), dtype=a.weight.dtype, device=a.weight.device)
+    bias = (
+        a.bias
+        if a.bias is not None
+        else torch.zeros(_units(a), dtype=a.weight.dtype, device=a.weight.device)
+    )
     x = bias.detach().clone().reshape(1, -1, *([1] * (a.weight.dim() - 2)))
     for m in link.between:
         if isinstance(m, POINTWISE):
             x = m(x)
         elif isinstance(m, NORMS):
-            x = nn.functional.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias,
-                                         False, 0.0, m.eps)
+            x = nn.functional.batch_norm(
+                x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps
+            )
     return x.reshape(-1)
 
 
@@ -226,8 +259,9 @@ def _shrink_link(link: _Link) -> bool:
         contribution = (cols[:, foldable].sum(dim=2) * const[foldable]).sum(dim=1)
         if bool((contribution != 0).any()):
             if b.bias is None:
-                b.bias = nn.Parameter(torch.zeros(b.weight.shape[0], dtype=b.weight.dtype,
-                                                   device=b.weight.device))
+                b.bias = nn.Parameter(
+                    torch.zeros(b.weight.shape[0], dtype=b.weight.dtype, device=b.weight.device)
+                )
             b.bias.add_(contribution.to(b.bias.dtype))
     link.counts["constant"] += int(foldable.sum())
     link.counts["unused"] += int((drop & ~foldable).sum())

@@ -1,0 +1,81 @@
+"""The one configuration of `ticketc.compile`; its defaults are the CLI's defaults."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+DEVICES = ("cpu", "cuda")
+SPARSE_FORMATS = ("csr", "bsr", "tiled")
+BSR_BLOCKSIZES = (16, 32)  # the block sizes the planner tries; a plan file may name others
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """How to compile a masked model to sparse modules.
+
+    device / dtype / batch_size: what the plan is for (the cost model and tuning use them).
+    filter_fn(module, fqn): False keeps a layer dense whatever it costs.
+    plan_path: a plan JSON (as written beside a compiled artifact) whose formats override the
+      planner's choices, layer by layer.
+    tune: time every candidate format on the device and keep the fastest, instead of trusting
+      the cost model alone.
+    formats: the sparse formats the planner may choose from (dense is always a candidate).
+    min_speedup: a sparse format must be predicted at least this much faster than dense;
+      >= 1 so that a format predicted slower than dense is never chosen.
+    dead_units: run dead-unit elimination first (exact; shrinks real dimensions).
+    tune_reps: timed runs per candidate when tuning (median is kept).
+    """
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 1
+    filter_fn: FilterFn | None = None
+    plan_path: str | None = None
+    tune: bool = False
+    formats: tuple[str, ...] = SPARSE_FORMATS
+    min_speedup: float = 1.1
+    dead_units: bool = True
+    tune_reps: int = 25
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
+            raise ValueError(f"device {self.device!r} is not cpu, cuda or cuda:N")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError(f"filter_fn must be callable, got {type(self.filter_fn).__name__}")
+        unknown = [f for f in self.formats if f not in SPARSE_FORMATS]
+        if unknown:
+            raise ValueError(
+                f"unknown sparse format(s) {unknown}; known: {', '.join(SPARSE_FORMATS)}"
+            )
+        if not self.min_speedup >= 1.0:
+            raise ValueError(
+                f"min_speedup must be >= 1 (never slower than dense), got {self.min_speedup!r}"
+            )
+        if not isinstance(self.tune_reps, int) or self.tune_reps < 1:
+            raise ValueError(f"tune_reps must be a positive int, got {self.tune_reps!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def device_kind(self) -> str:
+        """ "cpu" or "cuda": which cost model applies."""
+        return "cuda" if self.device.startswith("cuda") else "cpu"

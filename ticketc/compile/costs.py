@@ -1,0 +1,187 @@
+"""Cost model: predicted time of one layer's GEMM in each format, per device.
+
+A layer is y[N, M] = x[N, K] @ W.T with W holding `nnz` kept weights (a conv is the same GEMM
+over unfolded patches, N = batch x output positions). Each format costs
+
+    t = overhead + N*M*per_output + max(work / flop_rate, bytes / bandwidth)
+
+where work counts the multiply-adds the format really does (all of W for dense, nonzeros for
+CSR, stored blocks / tiles for BSR / tiled) and bytes the weight storage plus activations.
+
+Figures: CPU ones were measured on the 2-core development machine (torch 2.13, MKL, fp32:
+dense ~150 GFLOP/s at batch >= 64, torch CSR ~25 GFLOP/s of useful work plus ~3 ns per output
+element); the GPU ones start from H200 data-sheet numbers (4.8 TB/s, ~990 TFLOP/s bf16) times
+efficiency factors that are guesses until measured on the GPU. `tune=True` replaces all of this
+with timings on the actual device.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ticketc.compile.config import BSR_BLOCKSIZES
+
+TILE = 32  # tiled format: 32 x 32 bitmap tiles (tile_m = 32)
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """The work of one layer at the planned batch size."""
+
+    n: int  # rows of x: batch, times output positions for a conv
+    k: int  # input features (in_channels/groups-expanded x kh x kw for a conv)
+    m: int  # output features
+    nnz: int  # kept weights
+    itemsize: int  # bytes per value in the compiled dtype
+    blocks: dict[int, int] = field(default_factory=dict)  # BSR blocksize -> nonempty blocks
+    tiles: int = 0  # nonempty 32 x 32 tiles
+    unfold: bool = False  # a conv: sparse formats must materialise the unfolded input
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.m * self.k)
+
+
+@dataclass(frozen=True)
+class FormatCost:
+    overhead_s: float  # per call: dispatch, launch, allocation
+    flop_rate: float  # FLOP/s on the work the format does
+    per_output_s: float = 0.0  # per output element (CPU CSR pays transposes and accumulators)
+
+
+@dataclass(frozen=True)
+class DeviceCosts:
+    name: str
+    bandwidth: float  # bytes/s from memory
+    cache_bandwidth: float  # bytes/s when the working set fits in cache
+    cache_bytes: int
+    index_bytes: int  # bytes per CSR column index as stored for this device
+    formats: dict[str, FormatCost]  # format kind -> cost; a missing kind is no candidate
+
+
+def _cpu(dtype: torch.dtype) -> DeviceCosts:
+    # Half types on CPU: matmuls run far below fp32 speed and the CSR op upcasts the values on
+    # every call; scale everything down and let tuning decide.
+    slow = 1.0 if dtype in (torch.float32, torch.float64) else 0.25
+    return DeviceCosts(
+        name=f"cpu-{dtype}".replace("torch.", ""),
+        bandwidth=20e9,
+        cache_bandwidth=60e9,
+        cache_bytes=4 << 20,
+        index_bytes=4,  # torch's CSR kernels take int32 indices directly
+        formats={
+            "dense": FormatCost(4e-6, 150e9 * slow),
+            "csr": FormatCost(10e-6, 25e9 * slow, per_output_s=3e-9),
+            # The CPU BSR path is the pure-torch reference (gather + einsum + index_add).
+            "bsr": FormatCost(30e-6, 20e9 * slow, per_output_s=3e-9),
+        },
+    )
+
+
+def _h200(dtype: torch.dtype) -> DeviceCosts:
+    tensor_core = dtype in (torch.float16, torch.bfloat16)
+    peak = 990e12 if tensor_core else 67e12  # fp32 without TF32 runs on CUDA cores
+    return DeviceCosts(
+        name=f"h200-{dtype}".replace("torch.", ""),
+        bandwidth=4.8e12 * 0.8,
+        cache_bandwidth=10e12,
+        cache_bytes=40 << 20,  # of the 50 MB L2
+        index_bytes=2,  # int16 column indices when K <= 32768
+        formats={
+            "dense": FormatCost(5e-6, peak * 0.6),
+            "csr": FormatCost(6e-6, 67e12 * 0.1),  # gathers on CUDA cores
+            "bsr": FormatCost(6e-6, peak * 0.35),
+            "tiled": FormatCost(6e-6, peak * 0.3),
+        },
+    )
+
+
+def device_costs(kind: str, dtype: torch.dtype) -> DeviceCosts:
+    """The cost model for device kind "cpu" or "cuda" at `dtype`."""
+    if kind == "cpu":
+        return _cpu(dtype)
+    if kind == "cuda":
+        return _h200(dtype)
+    raise ValueError(f"no cost model for device kind {kind!r}; known: cpu, cuda")
+
+
+_BSR = re.compile(r"bsr\((\d+)\)")
+
+
+def parse_format(name: str) -> tuple[str, int | None]:
+    """ "dense" | "csr" | "tiled" | "bsr(B)" -> (kind, blocksize or None)."""
+    if name in ("dense", "csr", "tiled"):
+        return name, None
+    match = _BSR.fullmatch(name)
+    if match and int(match.group(1)) > 0:
+        return "bsr", int(match.group(1))
+    raise ValueError(f"unknown format {name!r}; known: dense, csr, bsr(B) e.g. bsr(16), tiled")
+
+
+def candidates(g: Gemm, costs: DeviceCosts, sparse_kinds: tuple[str, ...]) -> list[str]:
+    """Formats worth predicting for this layer on this device: dense first."""
+    names = ["dense"]
+    for kind in sparse_kinds:
+        if kind not in costs.formats:
+            continue
+        if kind == "bsr":
+            names += [f"bsr({b})" for b in BSR_BLOCKSIZES if b in g.blocks]
+        else:
+            names.append(kind)
+    return names
+
+
+def predict(name: str, g: Gemm, costs: DeviceCosts) -> float:
+    """Predicted seconds for one call of the layer in format `name`."""
+    kind, b = parse_format(name)
+    cost = costs.formats[kind]
+    s = g.itemsize
+    io = (g.n * g.k + g.n * g.m) * s
+    if kind == "dense":
+        work, weight_bytes = 2 * g.n * g.m * g.k, g.m * g.k * s
+    elif kind == "csr":
+        work, weight_bytes = 2 * g.n * g.nnz, g.nnz * (s + costs.index_bytes) + 4 * (g.m + 1)
+    elif kind == "bsr":
+        assert b is not None
+        nb = g.blocks[b]
+        work, weight_bytes = 2 * g.n * nb * b * b, nb * (b * b * s + 4) + 4 * (g.m // b + 2)
+        if costs.name.startswith("cpu"):
+            io += 2 * g.n * nb * b * s  # the reference gathers x once per block
+    else:  # tiled: values + a bitmap word and a row offset per tile row + per-tile indices
+        work = 2 * g.n * g.tiles * TILE * TILE
+        weight_bytes = g.nnz * s + g.tiles * (TILE * 6 + 8)
+    if g.unfold and kind != "dense":
+        io += 2 * g.n * g.k * s  # unfold writes the patches and the GEMM reads them back
+    nbytes = weight_bytes + io
+    bandwidth = costs.cache_bandwidth if nbytes <= costs.cache_bytes else costs.bandwidth
+    return (
+        cost.overhead_s
+        + g.n * g.m * cost.per_output_s
+        + max(work / cost.flop_rate, nbytes / bandwidth)
+    )
+
+
+def gemm_stats(keep: torch.Tensor, n: int, itemsize: int, *, unfold: bool = False) -> Gemm:
+    """Gemm for a kept-weight mask `keep` [M, K] (bool) at N rows of input."""
+    m, k = keep.shape
+    blocks = {b: _nonempty(keep, b, b) for b in BSR_BLOCKSIZES}
+    return Gemm(
+        n=n,
+        k=k,
+        m=m,
+        nnz=int(keep.sum()),
+        itemsize=itemsize,
+        blocks=blocks,
+        tiles=_nonempty(keep, TILE, TILE),
+        unfold=unfold,
+    )
+
+
+def _nonempty(keep: torch.Tensor, bm: int, bk: int) -> int:
+    m, k = keep.shape
+    mp, kp = -(-m // bm) * bm, -(-k // bk) * bk
+    padded = torch.nn.functional.pad(keep.to(torch.uint8), (0, kp - k, 0, mp - m))
+    return int(padded.reshape(mp // bm, bm, kp // bk, bk).amax(dim=(1, 3)).sum())

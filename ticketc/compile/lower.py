@@ -1,0 +1,94 @@
+"""The compile pipeline: masks -> dead units -> plan -> swap in sparse modules."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ticketc.compile.config import CompileConfig
+from ticketc.compile.dead_units import eliminate_dead_units
+from ticketc.compile.modules import sparse_module
+from ticketc.compile.plan import Plan
+from ticketc.compile.planner import make_plan
+
+PLAN_ATTR = "ticketc_plan"  # the Plan a compiled module was lowered with
+
+
+def compile(
+    model: Any,
+    config: CompileConfig | None = None,
+    *,
+    masks: dict[str, Tensor] | None = None,
+    example_input: Tensor | None = None,
+) -> nn.Module:
+    """Compile a masked model: each Linear/Conv layer becomes dense or sparse as planned.
+
+    `model` is an nn.Module or a `ticketc.load.LoadedModel` (its masks and example input are
+    used). Masks (param name -> bool) are multiplied into the weights; without masks, exact
+    zeros are the pruned weights. `example_input` (any batch size) gives conv layers their
+    output size. The input model is not modified; the result is in eval mode on
+    `config.device` in `config.dtype`, with its plan in `plan_of(result)`.
+    """
+    config = config or CompileConfig()
+    module, masks, example_input = _unpack(model, masks, example_input)
+    module = copy.deepcopy(module).eval()
+    if masks:
+        apply_masks_(module, masks)
+    report = None
+    if config.dead_units:
+        module, dead = eliminate_dead_units(module)
+        report = dead.to_dict()
+    plan = make_plan(module, example_input, config, dead_units=report)
+    module = module.to(device=config.device, dtype=config.torch_dtype)
+    lower_(module, plan)
+    return module
+
+
+def lower_(model: nn.Module, plan: Plan) -> None:
+    """Swap every layer the plan makes sparse for its sparse module, in place."""
+    device = next((b.device for b in model.parameters()), torch.device(plan.device))
+    for lp in plan.layers:
+        if lp.format == "dense":
+            continue
+        parent, _, attr = lp.name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        layer = getattr(owner, attr)
+        setattr(owner, attr, sparse_module(layer, lp.format, device=device))
+    setattr(model, PLAN_ATTR, plan)
+
+
+def plan_of(model: nn.Module) -> Plan | None:
+    """The plan a module was compiled with, or None."""
+    plan = getattr(model, PLAN_ATTR, None)
+    return plan if isinstance(plan, Plan) else None
+
+
+def apply_masks_(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    """Multiply each named weight by its mask, in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            param = params.get(name)
+            if param is None:
+                raise ValueError(f"mask {name!r} names no parameter of the model")
+            if tuple(mask.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"mask {name!r} has shape {tuple(mask.shape)}, weight {tuple(param.shape)}"
+                )
+            param.mul_(mask.to(device=param.device, dtype=torch.bool))
+
+
+def _unpack(
+    model: Any, masks: dict[str, Tensor] | None, example_input: Tensor | None
+) -> tuple[nn.Module, dict[str, Tensor] | None, Tensor | None]:
+    if isinstance(model, nn.Module):
+        return model, masks, example_input
+    inner = getattr(model, "model", None)  # ticketc.load.LoadedModel, duck-typed
+    if not isinstance(inner, nn.Module):
+        raise TypeError(f"expected an nn.Module or a LoadedModel, got {type(model).__name__}")
+    masks = masks if masks is not None else getattr(model, "masks", None)
+    example = example_input if example_input is not None else getattr(model, "example_input", None)
+    return inner, masks, example

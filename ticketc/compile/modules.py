@@ -1,0 +1,192 @@
+"""Sparse replacements for Linear and Conv1d/Conv2d that hold only the packed sparse data.
+
+Buffers are exactly what `ticketc.ops.pack_*` returns (plus the bias), so a compiled model's
+state dict, `torch.export` program and memory hold no dense-size copy of a pruned weight. The
+forward calls the `torch.ops.ticketc.*` custom ops: CPU (MKL) and CUDA (Triton) kernels, and
+fake kernels for torch.compile / torch.export.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import ticketc.ops as ops  # registers torch.ops.ticketc.*
+from ticketc.compile.costs import parse_format
+
+# Buffer names per format, in the order the op takes them.
+BUFFERS = {
+    "csr": ("crow_indices", "col_indices", "values", "row_order"),
+    "bsr": ("crow_indices", "col_indices", "values"),
+    "tiled": ("tile_crow", "tile_col", "tile_offsets", "row_offsets", "bitmaps", "values"),
+}
+
+
+def pack(weight: Tensor, fmt: str, *, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Pack a 2-D weight (zeros = pruned) into the buffers of sparse format `fmt`."""
+    kind, blocksize = parse_format(fmt)
+    if kind == "csr":
+        # torch's CPU CSR kernels want int32 indices; the Triton kernels prefer int16.
+        index_dtype = torch.int32 if torch.device(device).type == "cpu" else None
+        return ops.pack_csr(weight, index_dtype=index_dtype)
+    if kind == "bsr":
+        assert blocksize is not None
+        return ops.pack_bsr(weight, blocksize)
+    if kind == "tiled":
+        return ops.pack_tiled(weight)
+    raise ValueError(f"format {fmt!r} is not sparse; dense layers keep their nn module")
+
+
+class SparseLinear(nn.Module):
+    """y = x @ W.T + b with W stored in one sparse format (csr, bsr(B) or tiled)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fmt: str,
+        buffers: dict[str, Tensor],
+        bias: Tensor | None,
+    ) -> None:
+        super().__init__()
+        kind, _ = parse_format(fmt)
+        if kind not in BUFFERS:
+            raise ValueError(f"format {fmt!r} is not sparse; known: csr, bsr(B), tiled")
+        missing = set(BUFFERS[kind]) - set(buffers)
+        if missing:
+            raise ValueError(f"{fmt} buffers lack {sorted(missing)}")
+        self.in_features, self.out_features, self.format, self.kind = (
+            in_features,
+            out_features,
+            fmt,
+            kind,
+        )
+        for name in BUFFERS[kind]:
+            self.register_buffer(name, buffers[name])
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_dense(
+        cls, weight: Tensor, bias: Tensor | None, fmt: str, *, device: str | torch.device = "cpu"
+    ) -> SparseLinear:
+        """Pack `weight` [out, in] (pruned entries are zeros)."""
+        weight = weight.detach()
+        return cls(weight.shape[1], weight.shape[0], fmt, pack(weight, fmt, device=device), bias)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.count_nonzero()) if self.kind == "bsr" else self.values.numel()
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        y = self._matmul(x.reshape(-1, self.in_features))
+        return y.reshape(*lead, self.out_features)
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        if self.kind == "csr":
+            return torch.ops.ticketc.csr_linear(
+                x, self.crow_indices, self.col_indices, self.values, self.row_order, self.bias
+            )
+        if self.kind == "bsr":
+            return torch.ops.ticketc.bsr_linear(
+                x, self.crow_indices, self.col_indices, self.values, self.bias, self.out_features
+            )
+        return torch.ops.ticketc.tiled_linear(
+            x,
+            self.tile_crow,
+            self.tile_col,
+            self.tile_offsets,
+            self.row_offsets,
+            self.bitmaps,
+            self.values,
+            self.bias,
+            self.out_features,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, format={self.format}"
+
+
+class SparseConv(nn.Module):
+    """Conv1d/Conv2d as unfold + a sparse GEMM over the [out, in*kh*kw] weight.
+
+    Groups become a block-diagonal GEMM weight: row o only has columns of its group's input
+    channels, so the sparse formats store no entry for the other groups. Conv1d runs as a
+    Conv2d over a height of 1.
+    """
+
+    def __init__(
+        self, conv: nn.Conv1d | nn.Conv2d, fmt: str, *, device: str | torch.device = "cpu"
+    ) -> None:
+        super().__init__()
+        self.dims = 1 if isinstance(conv, nn.Conv1d) else 2
+        two = (lambda t: (1, *t)) if self.dims == 1 else (lambda t: tuple(t))
+        self.in_channels, self.out_channels, self.groups = (
+            conv.in_channels,
+            conv.out_channels,
+            conv.groups,
+        )
+        self.kernel_size = two(conv.kernel_size)
+        self.stride = two(conv.stride)
+        self.dilation = two(conv.dilation)
+        self.padding_mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        # F.pad order: (left, right, top, bottom); 'same' may be asymmetric, as in torch.
+        pads = []
+        for i in (1, 0):
+            if conv.padding == "same":
+                total = self.dilation[i] * (self.kernel_size[i] - 1)
+                pads += [total // 2, total - total // 2]
+            elif conv.padding == "valid":
+                pads += [0, 0]
+            else:
+                p = ((0, *conv.padding) if self.dims == 1 else conv.padding)[i]
+                pads += [p, p]
+        self.pad = tuple(pads)
+        self.gemm = SparseLinear.from_dense(
+            _block_diagonal(conv.weight.detach(), conv.groups), conv.bias, fmt, device=device
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dims == 1:
+            x = x.unsqueeze(2)  # [N, C, L] -> [N, C, 1, L]
+        if any(self.pad):
+            x = F.pad(x, self.pad, mode=self.padding_mode)
+        n, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        oh = (h - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        ow = (w - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)
+        # [N, C*kh*kw, L] -> [N*L, C*kh*kw] -> GEMM -> [N, L, out] -> [N, out, oh, ow]
+        y = self.gemm(cols.transpose(1, 2))
+        y = y.transpose(1, 2).reshape(n, self.out_channels, oh, ow)
+        return y.squeeze(2) if self.dims == 1 else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, pad={self.pad}, dilation={self.dilation}, "
+            f"groups={self.groups}, format={self.gemm.format}"
+        )
+
+
+def _block_diagonal(weight: Tensor, groups: int) -> Tensor:
+    """[out, in/groups, *k] -> [out, in*prod(k)]: each group's rows see only its channels."""
+    out = weight.shape[0]
+    w2 = weight.reshape(out, -1)  # [out, in/groups * kk], channel-major like unfold
+    if groups == 1:
+        return w2
+    og, width = out // groups, w2.shape[1]
+    full = w2.new_zeros(out, width * groups)
+    for g in range(groups):
+        full[g * og : (g + 1) * og, g * width : (g + 1) * width] = w2[g * og : (g + 1) * og]
+    return full
+
+
+def sparse_module(layer: nn.Module, fmt: str, *, device: str | torch.device = "cpu") -> nn.Module:
+    """The sparse replacement of a Linear / Conv1d / Conv2d in format `fmt`."""
+    if isinstance(layer, nn.Linear):
+        return SparseLinear.from_dense(layer.weight, layer.bias, fmt, device=device)
+    if isinstance(layer, nn.Conv1d | nn.Conv2d):
+        return SparseConv(layer, fmt, device=device)
+    raise TypeError(f"cannot make {type(layer).__name__} sparse; expected Linear, Conv1d, Conv2d")

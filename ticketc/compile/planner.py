@@ -1,0 +1,184 @@
+"""Choose a format per layer: dense, csr, bsr(B) or tiled, from the cost model or by timing.
+
+The rule that matters: a sparse format is chosen only when it is predicted (or, with tuning,
+measured) faster than dense, by the configured margin. Everything else is reporting.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from ticketc.compile.config import CompileConfig
+from ticketc.compile.costs import Gemm, candidates, device_costs, gemm_stats, predict
+from ticketc.compile.modules import _block_diagonal, sparse_module
+from ticketc.compile.plan import LayerPlan, Plan, apply_overrides, read_plan
+
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def make_plan(
+    model: nn.Module,
+    example_input: Tensor | None,
+    config: CompileConfig,
+    *,
+    dead_units: dict | None = None,
+) -> Plan:
+    """Plan every Linear/Conv layer of `model` (pruned weights are exact zeros)."""
+    costs = device_costs(config.device_kind, config.torch_dtype)
+    shapes = trace_shapes(model, example_input)
+    itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
+    layers = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LAYERS):
+            continue
+        g = _gemm(layer, shapes.get(name), config.batch_size, itemsize)
+        predicted = {f: predict(f, g, costs) for f in candidates(g, costs, config.formats)}
+        lp = LayerPlan(
+            name=name,
+            kind="linear" if isinstance(layer, nn.Linear) else "conv",
+            shape=tuple(layer.weight.shape),
+            gemm=(g.n, g.k, g.m),
+            density=round(g.density, 6),
+            format="dense",
+            predicted_us={f: round(t * 1e6, 3) for f, t in predicted.items()},
+        )
+        if config.filter_fn is not None and not config.filter_fn(layer, name):
+            lp = replace(lp, reason="kept dense by filter_fn")
+        elif config.tune:
+            lp = _tune(lp, layer, shapes.get(name), config)
+        else:
+            lp = _choose(lp, config.min_speedup)
+        layers.append(lp)
+    plan = Plan(
+        device=config.device,
+        dtype=config.dtype,
+        batch_size=config.batch_size,
+        cost_model=costs.name + ("+tuned" if config.tune else ""),
+        layers=tuple(layers),
+        dead_units=dead_units,
+    )
+    if config.plan_path is not None:
+        plan = apply_overrides(plan, read_plan(config.plan_path), str(config.plan_path))
+    return plan
+
+
+def _choose(lp: LayerPlan, min_speedup: float) -> LayerPlan:
+    dense = lp.predicted_us["dense"]
+    sparse = {f: t for f, t in lp.predicted_us.items() if f != "dense"}
+    if not sparse:
+        return replace(lp, reason="no sparse format applies")
+    best = min(sparse, key=sparse.__getitem__)
+    speedup = dense / sparse[best] if sparse[best] > 0 else float("inf")
+    if speedup >= min_speedup:
+        return replace(lp, format=best, reason=f"{best} predicted {speedup:.2f}x faster than dense")
+    return replace(
+        lp,
+        reason=f"best sparse ({best}) predicted {speedup:.2f}x dense, needs {min_speedup:.2f}x",
+    )
+
+
+def _tune(
+    lp: LayerPlan, layer: nn.Module, shapes: tuple | None, config: CompileConfig
+) -> LayerPlan:
+    device, dtype = torch.device(config.device), config.torch_dtype
+    shape = _batched(shapes, layer, config.batch_size)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    dense = _on(layer, device, dtype)
+    measured = {}
+    for fmt in lp.predicted_us:
+        module = dense if fmt == "dense" else sparse_module(dense, fmt, device=device)
+        with torch.no_grad():
+            measured[fmt] = round(_median_time(lambda m=module: m(x), device, config.tune_reps), 3)
+    best = min(measured, key=measured.__getitem__)
+    speedup = measured["dense"] / measured[best]
+    reason = (
+        f"{best} measured {speedup:.2f}x faster than dense"
+        if best != "dense"
+        else "dense measured fastest"
+    )
+    return replace(lp, format=best, measured_us=measured, reason=reason)
+
+
+def _median_time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median microseconds of `fn` after warm-up, synchronising on GPU."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def _on(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    return copy.deepcopy(layer).to(device=device, dtype=dtype).eval()
+
+
+def trace_shapes(model: nn.Module, example_input: Tensor | None) -> dict[str, tuple]:
+    """Module name -> (input shape, output shape) of each layer, from one sample of the input.
+
+    Runs on a single sample (batch 1): the plan scales to the planned batch size.
+    """
+    if example_input is None:
+        return {}
+    shapes: dict[str, tuple] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, LAYERS):
+
+            def hook(mod: nn.Module, args: tuple, out: Tensor, name: str = name) -> None:
+                shapes.setdefault(name, (tuple(args[0].shape), tuple(out.shape)))
+
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            param = next(model.parameters(), None)
+            x = example_input[:1]
+            if param is not None:
+                x = x.to(device=param.device, dtype=param.dtype)
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def _gemm(layer: nn.Module, shapes: tuple | None, batch_size: int, itemsize: int) -> Gemm:
+    if isinstance(layer, nn.Linear):
+        keep = layer.weight.detach() != 0
+        # rows of x per sample: 1 for [N, K] inputs, T for [N, T, K]
+        per_sample = 1 if shapes is None else _numel(shapes[0][1:]) // layer.in_features
+        return gemm_stats(keep, batch_size * max(1, per_sample), itemsize)
+    if shapes is None:
+        raise ValueError(
+            f"conv layer {type(layer).__name__}{tuple(layer.weight.shape)} needs an example "
+            "input to know its output size"
+        )
+    keep = _block_diagonal(layer.weight.detach(), layer.groups) != 0
+    positions = _numel(shapes[1][2:])
+    return gemm_stats(keep, batch_size * positions, itemsize, unfold=True)
+
+
+def _batched(shapes: tuple | None, layer: nn.Module, batch_size: int) -> tuple[int, ...]:
+    """The layer's traced input shape at the planned batch size."""
+    if shapes is None:
+        return (batch_size, layer.weight.shape[1])
+    return (batch_size, *shapes[0][1:])
+
+
+def _numel(dims: tuple[int, ...]) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
