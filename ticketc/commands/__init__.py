@@ -6,6 +6,7 @@ registers the modules listed in `COMMANDS`, in this order.
 
 COMMANDS = [
     "export",
+    "compile",
     "verify",
     "inspect",
 ]
