@@ -8,7 +8,8 @@ decodes to exactly 0, so decoding never needs to tell fillers apart.
 
 Values. "fp32" (bit-exact), "fp16", "int8" (symmetric, zero point 0, one fp16 scale per row
 shape[0]) or "int4" (a 16-entry fp16 codebook from 1-D k-means over the nonzeros, as in Deep
-Compression; two codes per byte, entry 2k in the low nibble). When fillers exist one int4
+Compression; two codes per byte: with h = ceil(entries / 2), byte k holds entry k in its low
+nibble and entry k + h in its high nibble, so the decoder unpacks with one Concat). When fillers exist one int4
 entry is reserved for 0.0; int8 zero is exact anyway.
 
 The same arrays feed the in-graph ONNX decoder (ticketc.export.portable), so `to_dense()` here
@@ -76,7 +77,7 @@ def _bridge(gaps: np.ndarray, max_gap: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
-    codes = np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)
+    codes = np.concatenate([packed & 0x0F, packed >> 4])
     return codes[:count]
 
 
@@ -185,7 +186,8 @@ class Compact:
             if has_fillers:
                 codes[:n_entries] = int(np.flatnonzero(book == 0.0)[0])
             codes[slot] = assign_nearest(nonzeros, book)
-            value_data = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
+            half = codes.size // 2
+            value_data = (codes[:half] | (codes[half:] << 4)).astype(np.uint8)
         return cls(shape, positions, position_data, values, value_data, nnz, scale, codebook)
 
     # ----------------------------------------------------------------------------- decode
