@@ -1,0 +1,186 @@
+"""ticketc.compile: compiled models compute what the dense masked model computes, hold only
+sparse data, and survive torch.export save/load and torch.compile."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import ticketc.compile as tc
+from ticketc.compile import (
+    CompileConfig,
+    SparseConv,
+    SparseLinear,
+    export_program,
+    load_program,
+    plan_of,
+    plan_rows,
+    save_compiled,
+)
+from ticketc.models import lenet300
+
+SPARSE_FORMATS = ["csr", "bsr(16)", "tiled"]
+TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-10, 1e-10), torch.bfloat16: (3e-2, 3e-2)}
+
+
+@torch.no_grad()
+def _prune(model: nn.Module, density: float, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d):
+            m.weight.mul_(torch.rand(m.weight.shape, generator=g) < density)
+    return model.eval()
+
+
+def conv_net() -> nn.Sequential:
+    # groups, stride, padding, dilation, padding modes, a bias-free conv, then a classifier
+    return nn.Sequential(
+        nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False, padding_mode="reflect"),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, (3, 2), padding="same", groups=4),  # even kernel: asymmetric pad
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(12 * 2 * 2, 5),
+    )
+
+
+def conv1d_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv1d(3, 6, 5, padding=2, dilation=1),
+        nn.ReLU(),
+        nn.Conv1d(6, 6, 3, stride=2, dilation=2, groups=3, padding="valid"),
+        nn.ReLU(),
+        nn.Conv1d(6, 2, 1, bias=False),
+    )
+
+
+def _forced(model: nn.Module, fmt: str, tmp_path, example: torch.Tensor, **kw) -> nn.Module:
+    """Compile with every layer forced to `fmt` through a plan file (the override path)."""
+    config = CompileConfig(dead_units=False, **kw)
+    plan = plan_of(tc.compile(model, config, example_input=example)).to_json()
+    for layer in plan["layers"]:
+        layer["format"] = fmt
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    return tc.compile(
+        model, CompileConfig(dead_units=False, plan_path=str(path), **kw), example_input=example
+    )
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    rtol, atol = TOL[dtype]
+    scale = ref.abs().max().item() or 1.0
+    torch.testing.assert_close(got.double(), ref.double(), rtol=rtol, atol=atol * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("fmt", SPARSE_FORMATS)
+def test_lenet300_every_format_matches_dense(tmp_path, fmt, dtype):
+    model = _prune(lenet300(), 0.1)
+    x = torch.randn(16, 1, 28, 28)
+    compiled = _forced(model, fmt, tmp_path, x, dtype=str(dtype).removeprefix("torch."))
+    sparse = [m for m in compiled.modules() if isinstance(m, SparseLinear)]
+    assert len(sparse) == 3 and all(m.format == fmt for m in sparse)
+    with torch.no_grad():
+        _close(compiled(x.to(dtype)), model.to(dtype)(x.to(dtype)), dtype)
+
+
+@pytest.mark.parametrize("fmt", SPARSE_FORMATS)
+@pytest.mark.parametrize(("make", "shape"), [(conv_net, (3, 4, 10, 9)), (conv1d_net, (3, 3, 17))])
+def test_conv_nets_match_dense(tmp_path, make, shape, fmt):
+    model = _prune(make(), 0.3)
+    x = torch.randn(shape)
+    compiled = _forced(model, fmt, tmp_path, x)
+    assert sum(isinstance(m, SparseConv) for m in compiled.modules()) >= 3
+    with torch.no_grad():
+        _close(compiled(x), model(x), torch.float32)
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_planned_compile_matches_dense_and_leaves_input_alone(batch):
+    model = _prune(lenet300(), 0.036)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(batch, 1, 28, 28)
+    compiled = tc.compile(model, CompileConfig(batch_size=batch), example_input=x)
+    with torch.no_grad():
+        _close(compiled(x), model(x), torch.float32)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    plan = plan_of(compiled)
+    assert plan is not None and plan.batch_size == batch and len(plan.layers) == 3
+
+
+def test_masks_are_applied_even_when_weights_are_not_zero():
+    model = lenet300().eval()
+    masks = {n: torch.rand(p.shape) < 0.1 for n, p in model.named_parameters() if p.dim() == 2}
+    x = torch.randn(4, 1, 28, 28)
+    compiled = tc.compile(model, masks=masks, example_input=x)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in masks:
+                p.mul_(masks[n])
+        _close(compiled(x), model(x), torch.float32)
+
+
+def test_sparse_modules_hold_no_dense_size_buffer(tmp_path):
+    model = _prune(conv_net(), 0.1)
+    x = torch.randn(2, 4, 10, 9)
+    for fmt in ("csr", "tiled"):
+        compiled = _forced(model, fmt, tmp_path, x)
+        dense_sizes = {n: p.numel() for n, p in model.named_parameters() if "weight" in n}
+        for name, module in compiled.named_modules():
+            if f"{name}.weight" in dense_sizes:
+                assert isinstance(module, SparseLinear | SparseConv)
+                limit = dense_sizes[f"{name}.weight"]
+                sizes = [b.numel() for b in module.buffers()]
+                assert max(sizes) < limit, (fmt, name, sizes, limit)
+                assert not any(p.numel() for p in module.parameters())
+
+
+def test_pt2_round_trip_with_dynamic_batch(tmp_path):
+    model = _prune(lenet300(), 0.05)
+    x = torch.randn(8, 1, 28, 28)
+    compiled = tc.compile(model, CompileConfig(batch_size=64), example_input=x)
+    assert any(isinstance(m, SparseLinear) for m in compiled.modules())
+    out, plan_path = save_compiled(
+        export_program(compiled, x), plan_of(compiled), tmp_path / "m.pt2"
+    )
+    assert plan_path == tmp_path / "m.plan.json"
+    loaded = load_program(out).module()
+    for batch in (3, 8):
+        xb = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            _close(loaded(xb), model(xb), torch.float32)
+    rows = plan_rows(out)
+    assert [r["format"] for r in rows] == [lp.format for lp in plan_of(compiled).layers]
+    assert json.loads(plan_path.read_text())["layers"] == rows
+    assert plan_rows(plan_path) is None  # a JSON file is not a compiled artifact
+
+
+def test_under_torch_compile(tmp_path):
+    model = _prune(nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 6)), 0.2)
+    x = torch.randn(5, 40)
+    compiled = _forced(model, "csr", tmp_path, x)
+    fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        _close(fn(x), model(x), torch.float32)
+
+
+def test_package_is_callable_as_ticketc_compile():
+    import ticketc
+
+    model = _prune(nn.Sequential(nn.Linear(8, 4)), 0.5)
+    assert isinstance(ticketc.compile(model), nn.Module)
+
+
+def test_rejects_what_it_cannot_compile():
+    with pytest.raises(TypeError, match="LoadedModel"):
+        tc.compile("model.pt")
+    with pytest.raises(ValueError, match="no parameter"):
+        tc.compile(lenet300(), masks={"nope.weight": torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="example input"):
+        tc.compile(conv_net())
