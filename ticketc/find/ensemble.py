@@ -1,0 +1,222 @@
+"""M copies of one architecture trained side by side, as stacked tensors.
+
+Training several seeds and their controls together turns M small matmuls into one batched
+matmul and M optimizer steps into one fused step over stacked tensors. Adam is elementwise, so
+the stacked optimizer is exactly M independent ones. Two forward/backward paths:
+
+- `Flatten? (Linear ReLU)* Linear` Sequentials (Lenet-300-100): hand-written forward and
+  backward with `baddbmm`, no autograd graph, no per-member Python;
+- anything else: `torch.func.vmap` over `grad` of a `functional_call`.
+
+Masks are enforced after every optimizer step, so a pruned weight stays exactly zero whatever
+the optimizer state holds.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ticketc.find.pruning import Masks
+
+
+def mlp_layers(model: nn.Module) -> list[str] | None:
+    """Prefixes of the Linear layers when `model` is a plain ReLU MLP, else None."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    children = list(model.named_children())
+    if children and isinstance(children[0][1], nn.Flatten):
+        children = children[1:]
+    if not children or len(children) % 2 == 0:
+        return None
+    prefixes = []
+    for i, (name, module) in enumerate(children):
+        expected = nn.Linear if i % 2 == 0 else nn.ReLU
+        if type(module) is not expected:
+            return None
+        if i % 2 == 0:
+            if module.bias is None:
+                return None
+            prefixes.append(name)
+    return prefixes
+
+
+class Ensemble:
+    """Stacked parameters `params[name]` of shape [M, *shape], masks, and one optimizer."""
+
+    def __init__(
+        self, base: nn.Module, states: Sequence[dict[str, torch.Tensor]],
+        masks: Sequence[Masks], *, lr: float, optimizer: str = "adam",
+    ) -> None:
+        if not states or len(states) != len(masks):
+            raise ValueError(f"need one mask set per state, got {len(states)} and {len(masks)}")
+        self.base = copy.deepcopy(base)
+        self.size = len(states)
+        names = [n for n, _ in self.base.named_parameters()]
+        self.params = {
+            n: nn.Parameter(torch.stack([s[n].detach().float() for s in states]).contiguous())
+            for n in names
+        }
+        self.buffers = {
+            n: torch.stack([s[n] for s in states]) for n, _ in self.base.named_buffers()
+        }
+        self.masks = {n: torch.stack([m[n] for m in masks]).contiguous() for n in masks[0]}
+        # Float copies: multiplying by a bool tensor converts it on every step.
+        self._mask_values = {n: m.float() for n, m in self.masks.items()}
+        self.mlp = mlp_layers(self.base)
+        params = list(self.params.values())
+        if optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, fused=True)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+        self.enforce_masks_()
+
+    # -- training ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def enforce_masks_(self) -> None:
+        for name, mask in self._mask_values.items():
+            self.params[name].mul_(mask)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step of every member on its own batch: x [M, B, ...], y [M, B].
+
+        Returns each member's mean loss [M] and number of correct predictions [M].
+        """
+        if self.mlp is not None:
+            loss, correct, grads = self._mlp_grads(x, y)
+            for name, g in grads.items():
+                self.params[name].grad = g
+        else:
+            loss, correct = self._func_grads(x, y)
+        self.optimizer.step()
+        self.enforce_masks_()
+        return loss, correct
+
+    @torch.no_grad()
+    def _mlp_grads(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        assert self.mlp is not None
+        m, b = x.shape[0], x.shape[1]
+        a = x.reshape(m, b, -1)
+        acts = [a]  # inputs of each Linear, [M, B, in]
+        for i, prefix in enumerate(self.mlp):
+            w, bias = self.params[f"{prefix}.weight"], self.params[f"{prefix}.bias"]
+            a = torch.baddbmm(bias.unsqueeze(1), a, w.transpose(1, 2))
+            if i + 1 < len(self.mlp):
+                a = a.relu_()
+                acts.append(a)
+        logits = a  # [M, B, C]
+        logp = logits.log_softmax(-1)
+        loss = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(1)
+        correct = (logits.argmax(-1) == y).sum(1)
+        # d(mean CE)/d logits = (softmax - onehot) / B
+        g = logp.exp_()
+        g.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(g[..., :1], -1.0)).div_(b)
+        grads: dict[str, torch.Tensor] = {}
+        for i in range(len(self.mlp) - 1, -1, -1):
+            prefix, a_in = self.mlp[i], acts[i]
+            grads[f"{prefix}.weight"] = torch.bmm(g.transpose(1, 2), a_in)  # [M, out, in]
+            grads[f"{prefix}.bias"] = g.sum(1)
+            if i > 0:
+                g = torch.bmm(g, self.params[f"{prefix}.weight"]).mul_(a_in > 0)
+        return loss, correct, grads
+
+    def _func_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from torch.func import functional_call, grad_and_value, vmap
+
+        base = self.base
+
+        def member_loss(params, buffers, xb, yb):  # type: ignore[no-untyped-def]
+            logits = functional_call(base, (params, buffers), (xb,))
+            return F.cross_entropy(logits, yb), (logits.argmax(-1) == yb).sum()
+
+        detached = {n: p.detach() for n, p in self.params.items()}
+        grads, (loss, correct) = vmap(
+            grad_and_value(member_loss, has_aux=True), randomness="different"
+        )(detached, self.buffers, x, y)
+        for name, g in grads.items():
+            self.params[name].grad = g
+        return loss, correct
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(
+        self, x: torch.Tensor, y: torch.Tensor, chunk: int = 2500
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss [M] and accuracy [M] of every member on the same data (x [N, ...])."""
+        if len(x) == 0:
+            nan = torch.full((self.size,), float("nan"))
+            return nan, nan
+        loss_sum = torch.zeros(self.size, dtype=torch.float64)
+        correct = torch.zeros(self.size, dtype=torch.int64)
+        for start in range(0, len(x), chunk):
+            xb, yb = x[start : start + chunk], y[start : start + chunk]
+            logits = self._logits_shared(xb)  # [M, n, C]
+            loss_sum += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), yb.repeat(self.size), reduction="none"
+            ).view(self.size, -1).sum(1).double()
+            correct += (logits.argmax(-1) == yb).sum(1)
+        return (loss_sum / len(x)).float(), correct.double() / len(x)
+
+    def _logits_shared(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mlp is not None:
+            a = x.reshape(len(x), -1)
+            for i, prefix in enumerate(self.mlp):
+                w, bias = self.params[f"{prefix}.weight"], self.params[f"{prefix}.bias"]
+                a = torch.matmul(a, w.transpose(1, 2)).add_(bias.unsqueeze(1))
+                if i + 1 < len(self.mlp):
+                    a = a.relu_()
+            return a
+        from torch.func import functional_call, vmap
+
+        def member_logits(params, buffers, xb):  # type: ignore[no-untyped-def]
+            return functional_call(self.base, (params, buffers), (xb,))
+
+        detached = {n: p.detach() for n, p in self.params.items()}
+        return vmap(member_logits, in_dims=(0, 0, None))(detached, self.buffers, x)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def member_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Member i's state dict (weights already masked)."""
+        out = {n: p.detach()[i].clone() for n, p in self.params.items()}
+        out.update({n: b[i].clone() for n, b in self.buffers.items()})
+        return out
+
+    def state(self, members: Sequence[int]) -> dict[str, object]:
+        """Weights and optimizer state of some members (everything elementwise is sliceable)."""
+        idx = torch.tensor(list(members))
+        opt = []
+        for p in self.params.values():
+            st = self.optimizer.state.get(p, {})
+            opt.append(
+                {k: (v.index_select(0, idx) if v.dim() else v.clone()) for k, v in st.items()}
+            )
+        return {
+            "params": {n: p.detach().index_select(0, idx) for n, p in self.params.items()},
+            "buffers": {n: b.index_select(0, idx) for n, b in self.buffers.items()},
+            "optimizer": opt,
+        }
+
+    @torch.no_grad()
+    def load_states(self, parts: Sequence[dict[str, object]]) -> None:
+        """Inverse of `state` for parts that together cover all members, in order."""
+        for name, p in self.params.items():
+            p.copy_(torch.cat([part["params"][name] for part in parts]))  # type: ignore[index]
+        for name, b in self.buffers.items():
+            b.copy_(torch.cat([part["buffers"][name] for part in parts]))  # type: ignore[index]
+        for i, p in enumerate(self.params.values()):
+            states = [part["optimizer"][i] for part in parts]  # type: ignore[index]
+            if not states[0]:
+                continue
+            self.optimizer.state[p] = {
+                k: torch.cat([s[k] for s in states]) if states[0][k].dim() else states[0][k].clone()
+                for k in states[0]
+            }
