@@ -55,8 +55,10 @@ def test_prune_hooks_are_folded_and_removed(tmp_path):
     torch.save(model, tmp_path / "hooked.pt")
     torch.save(model.state_dict(), tmp_path / "hooked_sd.pt")
 
-    for loaded in (load_model(tmp_path / "hooked.pt", trust_pickle=True),
-                   load_model(tmp_path / "hooked_sd.pt", arch=ARCH)):
+    for loaded in (
+        load_model(tmp_path / "hooked.pt", trust_pickle=True),
+        load_model(tmp_path / "hooked_sd.pt", arch=ARCH),
+    ):
         layer = loaded.model[1]
         assert not layer._forward_pre_hooks
         assert torch.equal(loaded.masks["1.weight"], mask)
@@ -69,7 +71,9 @@ def _ao_sparsified_mlp() -> tuple[nn.Sequential, torch.Tensor]:
     from torch.ao.pruning import WeightNormSparsifier
 
     model = tiny_mlp()
-    sparsifier = WeightNormSparsifier(sparsity_level=0.75, sparse_block_shape=(1, 1), zeros_per_block=1)
+    sparsifier = WeightNormSparsifier(
+        sparsity_level=0.75, sparse_block_shape=(1, 1), zeros_per_block=1
+    )
     sparsifier.prepare(model, [{"tensor_fqn": "1.weight"}])
     sparsifier.step()
     return model, model[1].parametrizations.weight[0].mask.bool().clone()
@@ -107,8 +111,10 @@ def test_mask_file_is_multiplied_in_not_trusted_from_zeros(tmp_path):
 
 @pytest.mark.parametrize(
     ("masks", "message"),
-    [({"9.weight": torch.ones(16, 20, dtype=torch.bool)}, "not a parameter"),
-     ({"1.weight": torch.ones(20, 16, dtype=torch.bool)}, "shape")],
+    [
+        ({"9.weight": torch.ones(16, 20, dtype=torch.bool)}, "not a parameter"),
+        ({"1.weight": torch.ones(20, 16, dtype=torch.bool)}, "shape"),
+    ],
 )
 def test_mask_file_mismatch_is_a_user_error(tmp_path, masks, message):
     torch.save(tiny_mlp().state_dict(), tmp_path / "sd.pt")
@@ -121,8 +127,13 @@ def test_ticket_checkpoint_loads_without_flags(tmp_path):
     model = tiny_mlp()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     masks = {"1.weight": torch.rand(16, 20) < 0.3, "3.weight": torch.rand(4, 16) < 0.5}
-    ticket = Ticket(arch=ARCH, state_dict=model.state_dict(), masks=masks, rewind_state_dict=init,
-                    metrics={"test_accuracy": 0.5})
+    ticket = Ticket(
+        arch=ARCH,
+        state_dict=model.state_dict(),
+        masks=masks,
+        rewind_state_dict=init,
+        metrics={"test_accuracy": 0.5},
+    )
     save_ticket(ticket, tmp_path / "ticket.pt")
     assert load_ticket(tmp_path / "ticket.pt").metrics == {"test_accuracy": 0.5}
     loaded = load_model(tmp_path / "ticket.pt")

@@ -72,7 +72,7 @@ def layer_stats(name: str, weight: torch.Tensor) -> LayerStats:
         dense_bytes=4 * weight.numel(),
         csr_bytes=CSR.from_dense(matrix).nbytes,
         codec_bytes=compact.nbytes,
-        codec=f"{compact.positions}+{compact.values}",
+        codec=f"{compact.positions_kind}+{compact.values_kind}",
         block_occupancy={b: block_occupancy(matrix, b) for b in BLOCK_SIZES},
     )
 
@@ -145,7 +145,7 @@ def _decode_portable(model) -> dict[str, np.ndarray]:  # model: onnx.ModelProto
     )
     decode = onnx.helper.make_model(
         graph,
-        opset_import=model.opset_import,
+        opset_imports=model.opset_import,
         functions=model.functions,
         ir_version=model.ir_version,
     )

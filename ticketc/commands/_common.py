@@ -64,3 +64,12 @@ def example_and_sample(
             "(e.g. 1,3,32,32) or --sample x.pt"
         )
     return example, sample
+
+
+def console():  # -> rich.console.Console
+    """A console that does not squeeze tables when the output is a pipe or a file."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)

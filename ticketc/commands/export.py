@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from ticketc.commands._common import add_model_arguments, example_and_sample, load_from_args
-from ticketc.export import FORMATS, VALUES, ExportConfig, ExportResult, export_model
+from ticketc.commands._common import console as console_
 from ticketc.errors import UserError
+from ticketc.export import FORMATS, VALUES, ExportConfig, ExportResult, export_model
 
 NAME = "export"
 HELP = "export a pruned model to a small, verified ONNX file"
@@ -71,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(result: ExportResult) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{result.path}", title_justify="left")
@@ -85,7 +85,7 @@ def print_summary(result: ExportResult) -> None:
             layer.codec,
             f"{layer.nbytes:,}",
         )
-    console = Console()
+    console = console_()
     console.print(table)
     files = " + ".join(f"{f.name} ({f.stat().st_size:,} B)" for f in result.files)
     console.print(f"wrote {files}: {result.total_bytes:,} bytes in {result.seconds:.2f} s")

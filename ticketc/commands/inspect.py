@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ticketc.commands._common import console
 from ticketc.inspect import BLOCK_SIZES, Inspection, inspect_file
 
 NAME = "inspect"
@@ -35,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_table(result: Inspection) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{result.path} ({result.kind})", title_justify="left")
@@ -70,4 +70,4 @@ def print_table(result: Inspection) -> None:
         *[""] * len(BLOCK_SIZES),
         style="bold",
     )
-    Console().print(table)
+    console().print(table)

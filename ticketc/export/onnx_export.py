@@ -12,9 +12,11 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
+import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -177,17 +179,18 @@ def _static(config: ExportConfig) -> ExportConfig:
 
 
 def _blame(program: torch.export.ExportedProgram, error: Exception) -> str:
-    """Name the layer whose operator torch.onnx could not translate, when it says which."""
-    message = _first_line(error)
+    """Name the layer whose operator torch.onnx could not translate."""
+    text = "".join(traceback.format_exception(error))
     for node in program.graph.nodes:
-        target = str(node.target)
-        if node.op == "call_function" and target.split(".")[-2:][0] in message:
-            stack = node.meta.get("nn_module_stack") or {}
-            if stack:
-                path, (_, cls) = list(stack.items())[-1]
-                layer = path.split("@")[0] if "@" in path else path
-                return f"layer {layer!r} ({getattr(cls, '__name__', cls)}) uses {target}: {message}"
-    return message
+        if node.op != "call_function" or str(node.target) not in text:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        layer = "the model's forward"
+        if stack:
+            path, cls = list(stack.values())[-1]
+            layer = f"layer {path or '(top level)'!r} ({getattr(cls, '__name__', cls)})"
+        return f"{layer} uses {node.target}, which torch.onnx cannot translate"
+    return re.sub(r"\x1b\[[0-9;]*m", "", _first_line(error))
 
 
 @contextlib.contextmanager
@@ -275,7 +278,7 @@ def _rewrite(
             if init.name not in encoded and init.data_type == onnx.TensorProto.FLOAT
         ]
     )
-    stored = {n: (f"{c.positions}+{c.values}", c.nbytes) for n, c in encoded.items()}
+    stored = {n: (f"{c.positions_kind}+{c.values_kind}", c.nbytes) for n, c in encoded.items()}
     return to_portable(proto, encoded, half=half), stored
 
 

@@ -23,7 +23,9 @@ def lenet300(num_classes: int = 10, in_features: int = 784) -> nn.Sequential:
     )
 
 
-def _conv_net(channels: list[int], num_classes: int, in_channels: int, image_size: int) -> nn.Sequential:
+def _conv_net(
+    channels: list[int], num_classes: int, in_channels: int, image_size: int
+) -> nn.Sequential:
     # Conv-2/4/6: pairs of 3x3 convs (padding 1), each pair followed by 2x2 max-pooling,
     # then fully connected 256-256-num_classes.
     layers: list[nn.Module] = []
