@@ -9,8 +9,8 @@ decodes to exactly 0, so decoding never needs to tell fillers apart.
 Values. "fp32" (bit-exact), "fp16", "int8" (symmetric, zero point 0, one fp16 scale per row
 shape[0]) or "int4" (a 16-entry fp16 codebook from 1-D k-means over the nonzeros, as in Deep
 Compression; two codes per byte: with h = ceil(entries / 2), byte k holds entry k in its low
-nibble and entry k + h in its high nibble, so the decoder unpacks with one Concat). When fillers exist one int4
-entry is reserved for 0.0; int8 zero is exact anyway.
+nibble and entry k + h in its high nibble, so the decoder unpacks with one Concat). When
+fillers exist one int4 entry is reserved for 0.0; int8 zero is exact anyway.
 
 The same arrays feed the in-graph ONNX decoder (ticketc.export.portable), so `to_dense()` here
 and the ONNX decode compute the same floats.

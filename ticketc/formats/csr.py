@@ -111,6 +111,7 @@ class CSR:
             self.col_indices.long(),
             self.values,
             size=(self.rows, self.cols),
+            check_invariants=True,
         )
 
     def check(self) -> None:
