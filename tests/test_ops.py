@@ -1,0 +1,281 @@
+"""Packers, pure-torch references and the torch.ops.ticketc custom ops on CPU."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ticketc import ops
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse (CSR|BSR) tensor support is in beta")
+TILED_KEYS = ("tile_crow", "tile_col", "tile_offsets", "row_offsets", "bitmaps", "values")
+
+
+def masked_weight(m, k, density, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(m, k, generator=gen) < density
+    if m >= 3 and 0.0 < density < 1.0:
+        keep[0] = False  # an empty row
+        keep[m // 2] = True  # a full row
+    return (torch.randn(m, k, generator=gen) * keep).to(dtype)
+
+
+def rand(*shape, seed=1, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def dense_ref(x, w, bias):
+    y = x.double() @ w.double().T
+    return y if bias is None else y + bias.double()
+
+
+def assert_matches(y, ref, dtype):
+    assert torch.isfinite(y).all()
+    scale = ref.abs().max().item() + 1.0
+    assert (y.double() - ref).abs().max().item() <= TOL[dtype] * scale
+
+
+def csr_args(w, x, bias, **kw):
+    p = ops.pack_csr(w, **kw)
+    return (x, p["crow_indices"], p["col_indices"], p["values"], p["row_order"], bias)
+
+
+def bsr_args(w, x, bias, blocksize):
+    p = ops.pack_bsr(w, blocksize)
+    return (x, p["crow_indices"], p["col_indices"], p["values"], bias, w.shape[0])
+
+
+def tiled_args(w, x, bias, tile_m=32):
+    p = ops.pack_tiled(w, tile_m=tile_m)
+    return (x, *(p[key] for key in TILED_KEYS), bias, w.shape[0])
+
+
+# -------------------------------------------------------------------------------- packers
+
+
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.036, 0.5, 1.0])
+@pytest.mark.parametrize("shape", [(1, 9), (9, 1), (37, 70)])
+def test_pack_csr_round_trips_and_sorts_rows(shape, density):
+    w = masked_weight(*shape, density)
+    p = ops.pack_csr(w)
+    assert torch.equal(ops.unpack_csr(p, shape), w)
+    assert p["crow_indices"].dtype == torch.int32 and p["row_order"].dtype == torch.int32
+    assert p["col_indices"].dtype == torch.int16
+    lengths = (p["crow_indices"][1:] - p["crow_indices"][:-1])[p["row_order"].long()]
+    assert (lengths[:-1] >= lengths[1:]).all(), "row_order must list longest rows first"
+    assert sorted(p["row_order"].tolist()) == list(range(shape[0]))
+    assert p["values"].numel() == int((w != 0).sum())
+
+
+def test_pack_csr_index_dtype_follows_k():
+    assert ops.pack_csr(torch.ones(2, 32768))["col_indices"].dtype == torch.int16
+    wide = torch.zeros(1, 32769)
+    wide[0, -1] = 1.0
+    p = ops.pack_csr(wide)
+    assert p["col_indices"].dtype == torch.int32 and p["col_indices"].item() == 32768
+    assert ops.pack_csr(torch.ones(2, 3), index_dtype=torch.int32)["col_indices"].dtype == (
+        torch.int32
+    )
+
+
+def test_pack_keeps_explicit_zeros_under_a_mask_and_flattens_conv_weights():
+    w = torch.zeros(4, 2, 3, 3)
+    mask = torch.zeros(4, 2, 3, 3, dtype=torch.bool)
+    mask[1, 0, 0, 0] = mask[3, 1, 2, 2] = True
+    p = ops.pack_csr(w, mask=mask)
+    assert p["values"].numel() == 2
+    assert p["crow_indices"].tolist() == [0, 0, 1, 1, 2]
+    assert p["col_indices"].tolist() == [0, 17]
+    assert ops.pack_tiled(w, mask=mask)["values"].numel() == 2
+    assert ops.pack_bsr(w, 2, mask=mask)["col_indices"].numel() == 2
+
+
+@pytest.mark.parametrize("blocksize", [1, 3, 16])
+@pytest.mark.parametrize("density", [0.0, 0.05, 1.0])
+def test_pack_bsr_round_trips(blocksize, density):
+    w = masked_weight(37, 70, density)
+    p = ops.pack_bsr(w, blocksize)
+    assert torch.equal(ops.unpack_bsr(p, w.shape), w)
+    assert p["values"].shape[1:] == (blocksize, blocksize)
+    mb = -(-37 // blocksize)
+    assert p["crow_indices"].numel() == mb + 1
+    nonzero_blocks = {(r // blocksize, c // blocksize) for r, c in (w != 0).nonzero().tolist()}
+    assert p["values"].shape[0] == len(nonzero_blocks)
+
+
+@pytest.mark.parametrize("tile_m", [16, 32, 64])
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
+def test_pack_tiled_round_trips_and_offsets_locate_rows(tile_m, density):
+    w = masked_weight(70, 100, density)
+    p = ops.pack_tiled(w, tile_m=tile_m)
+    assert torch.equal(ops.unpack_tiled(p, w.shape), w)
+    assert p["bitmaps"].shape == p["row_offsets"].shape == (p["tile_col"].numel(), tile_m)
+    # Decode every tile row through the offsets, as the kernel does, and compare.
+    rows = torch.repeat_interleave(
+        torch.arange(p["tile_crow"].numel() - 1), (p["tile_crow"][1:] - p["tile_crow"][:-1]).long()
+    )
+    for t in range(p["tile_col"].numel()):
+        for i in range(tile_m):
+            word = int(p["bitmaps"][t, i]) & 0xFFFFFFFF
+            cols = [j for j in range(32) if word >> j & 1]
+            start = int(p["tile_offsets"][t]) + int(p["row_offsets"][t, i])
+            r = int(rows[t]) * tile_m + i
+            got = p["values"][start : start + len(cols)]
+            want = w[r, [32 * int(p["tile_col"][t]) + j for j in cols]] if cols else got
+            assert torch.equal(got, want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 40),
+    k=st.integers(1, 80),
+    density=st.sampled_from([0.0, 0.02, 0.3, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_all_formats_round_trip(m, k, density, seed):
+    w = masked_weight(m, k, density, seed)
+    assert torch.equal(ops.unpack_csr(ops.pack_csr(w), (m, k)), w)
+    assert torch.equal(ops.unpack_bsr(ops.pack_bsr(w, 16), (m, k)), w)
+    assert torch.equal(ops.unpack_tiled(ops.pack_tiled(w, tile_m=16), (m, k)), w)
+
+
+def test_packers_reject_bad_input():
+    with pytest.raises(ValueError, match="2-D"):
+        ops.pack_csr(torch.ones(5))
+    with pytest.raises(TypeError, match="floating point"):
+        ops.pack_csr(torch.ones(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="index_dtype"):
+        ops.pack_csr(torch.ones(2, 2), index_dtype=torch.int8)
+    with pytest.raises(ValueError, match="K = 40000"):
+        ops.pack_csr(torch.ones(1, 40000), index_dtype=torch.int16)
+    with pytest.raises(ValueError, match="mask shape"):
+        ops.pack_csr(torch.ones(2, 2), mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="blocksize"):
+        ops.pack_bsr(torch.ones(2, 2), 0)
+    with pytest.raises(ValueError, match="tile_m"):
+        ops.pack_tiled(torch.ones(2, 2), tile_m=8)
+
+
+# ---------------------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize("density", [0.0, 0.036, 1.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_references_match_dense_float64(density, with_bias):
+    w = masked_weight(37, 70, density).double()
+    x = rand(5, 70).double()
+    bias = rand(37, seed=2).double() if with_bias else None
+    ref = dense_ref(x, w, bias)
+    for y in (
+        ops.csr_linear_reference(*csr_args(w, x, bias)),
+        ops.bsr_linear_reference(*bsr_args(w, x, bias, 16)),
+        ops.tiled_linear_reference(*tiled_args(w, x, bias)),
+    ):
+        assert y.dtype == torch.float64
+        assert torch.allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------- ops on the CPU
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 17, 40])
+def test_ops_on_cpu_match_dense(dtype, n):
+    w = masked_weight(37, 70, 0.1, dtype=dtype)
+    x, bias = rand(n, 70, dtype=dtype), rand(37, seed=2, dtype=dtype)
+    ref = dense_ref(x, w, bias)
+    outputs = [
+        torch.ops.ticketc.csr_linear(*csr_args(w, x, bias)),
+        torch.ops.ticketc.csr_linear(*csr_args(w, x, bias, index_dtype=torch.int32)),
+        torch.ops.ticketc.bsr_linear(*bsr_args(w, x, bias, 16)),
+        torch.ops.ticketc.bsr_linear(*bsr_args(w, x, bias, 5)),
+        torch.ops.ticketc.tiled_linear(*tiled_args(w, x, bias)),
+    ]
+    for y in outputs:
+        assert y.shape == (n, 37) and y.dtype == dtype and y.is_contiguous()
+        if n:
+            assert_matches(y, ref, dtype)
+
+
+def test_ops_without_bias_and_on_an_all_zero_weight():
+    x = rand(3, 20)
+    w = torch.zeros(6, 20)
+    assert torch.equal(torch.ops.ticketc.csr_linear(*csr_args(w, x, None)), torch.zeros(3, 6))
+    assert torch.equal(torch.ops.ticketc.bsr_linear(*bsr_args(w, x, None, 16)), torch.zeros(3, 6))
+    assert torch.equal(torch.ops.ticketc.tiled_linear(*tiled_args(w, x, None)), torch.zeros(3, 6))
+
+
+@pytest.mark.parametrize("op", ["csr", "bsr", "tiled"])
+def test_opcheck(op):
+    w = masked_weight(20, 40, 0.2)
+    x, bias = rand(3, 40), rand(20, seed=2)
+    args = {"csr": csr_args(w, x, bias), "bsr": bsr_args(w, x, bias, 16),
+            "tiled": tiled_args(w, x, bias)}[op]  # fmt: skip
+    target = getattr(torch.ops.ticketc, f"{op}_linear").default
+    torch.library.opcheck(target, args, test_utils=("test_schema", "test_faketensor"))
+
+
+class _SparseLinear(torch.nn.Module):
+    def __init__(self, w, bias):
+        super().__init__()
+        for name, t in ops.pack_csr(w).items():
+            self.register_buffer(name, t)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x):
+        return torch.ops.ticketc.csr_linear(
+            x, self.crow_indices, self.col_indices, self.values, self.row_order, self.bias
+        )
+
+
+def test_csr_op_under_torch_compile():
+    w, bias = masked_weight(20, 40, 0.2), rand(20, seed=2)
+    module = _SparseLinear(w, bias)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    x = rand(4, 40)
+    assert_matches(compiled(x), dense_ref(x, w, bias), torch.float32)
+
+
+def test_csr_op_under_torch_export():
+    w, bias = masked_weight(20, 40, 0.2), rand(20, seed=2)
+    x = rand(4, 40)
+    exported = torch.export.export(_SparseLinear(w, bias), (x,))
+    targets = {node.target for node in exported.graph.nodes if node.op == "call_function"}
+    assert torch.ops.ticketc.csr_linear.default in targets
+    assert_matches(exported.module()(x), dense_ref(x, w, bias), torch.float32)
+
+
+def test_ops_reject_bad_arguments():
+    w, x = masked_weight(8, 16, 0.5), rand(2, 16)
+    args = list(csr_args(w, x, None))
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        torch.ops.ticketc.csr_linear(x[None], *args[1:])
+    with pytest.raises(ValueError, match="bias must have shape"):
+        torch.ops.ticketc.csr_linear(*args[:5], torch.ones(3))
+    with pytest.raises(TypeError, match="crow_indices"):
+        torch.ops.ticketc.csr_linear(x, args[1].float(), *args[2:])
+    with pytest.raises(ValueError, match="out_features=30"):
+        torch.ops.ticketc.bsr_linear(*bsr_args(w, x, None, 4)[:5], 30)
+    with pytest.raises(ValueError, match="out_features=40"):
+        torch.ops.ticketc.tiled_linear(*tiled_args(w, x, None)[:8], 40)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 16, 64])
+def test_ops_on_cuda_match_dense(dtype, n):
+    w = masked_weight(300, 784, 0.05, dtype=dtype).cuda()
+    x, bias = rand(n, 784, dtype=dtype).cuda(), rand(300, seed=2, dtype=dtype).cuda()
+    ref = dense_ref(x, w, bias)
+    outputs = [
+        torch.ops.ticketc.csr_linear(*csr_args(w, x, bias)),
+        torch.ops.ticketc.bsr_linear(*bsr_args(w, x, bias, 16)),
+        torch.ops.ticketc.bsr_linear(*bsr_args(w, x, bias, 32)),
+        torch.ops.ticketc.tiled_linear(*tiled_args(w, x, bias)),
+    ]
+    for y in outputs:
+        assert y.device.type == "cuda" and y.shape == (n, 300) and y.dtype == dtype
+        assert_matches(y, ref, dtype)
