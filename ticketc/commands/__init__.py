@@ -9,4 +9,6 @@ COMMANDS = [
     "compile",
     "verify",
     "inspect",
+    "find",
+    "report",
 ]

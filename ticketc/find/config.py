@@ -52,7 +52,8 @@ class FindConfig:
     strategy: "layerwise" (fc_rate / conv_rate / output_rate per round) or "global" (global_rate).
     rewind: "init" (Frankle & Carbin 2019), "iteration:K" or "epoch:E" (Frankle et al. 2020).
     controls: trained beside each pruned level: "reinit" (same mask, fresh random weights) and
-    "random-mask" (same per-layer densities, random positions, same starting weights).
+    "random-mask" (same per-layer densities, random positions, same starting weights);
+    at every pruned level, or only at `control_levels`.
     accuracy_target: the ticket is the sparsest level whose accuracy (validation, else test) is at
     least this; None: the dense level's accuracy minus `max_accuracy_drop`.
     """
@@ -77,6 +78,7 @@ class FindConfig:
     prune_norms: bool = False
     rewind: str = "init"
     controls: tuple[str, ...] = ()
+    control_levels: tuple[int, ...] | None = None
     seed: int = 0
     val_size: int = 5000
     eval_every: int = 1000
@@ -124,6 +126,8 @@ class FindConfig:
                 raise ValueError(f"control {c!r} is not one of {', '.join(CONTROLS)}")
         if len(set(self.controls)) != len(self.controls):
             raise ValueError(f"controls {self.controls} repeat a name")
+        if self.control_levels is not None and any(lv < 1 for lv in self.control_levels):
+            raise ValueError(f"control_levels {self.control_levels} must all be >= 1")
         if self.val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
         if self.accuracy_target is not None and not 0.0 <= self.accuracy_target <= 1.0:
@@ -164,6 +168,8 @@ class FindConfig:
     def to_json(self) -> dict[str, object]:
         out = dataclasses.asdict(self)
         out["controls"] = list(self.controls)
+        if self.control_levels is not None:
+            out["control_levels"] = list(self.control_levels)
         return out
 
     @classmethod
@@ -171,4 +177,6 @@ class FindConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in obj.items() if k in known}
         kwargs["controls"] = tuple(kwargs.get("controls", ()))  # type: ignore[arg-type]
+        if kwargs.get("control_levels") is not None:
+            kwargs["control_levels"] = tuple(kwargs["control_levels"])  # type: ignore[arg-type]
         return cls(**kwargs)  # type: ignore[arg-type]

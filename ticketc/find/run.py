@@ -3,6 +3,7 @@
 Run directory of one seed:
 
     RUN_DIR/config.json             the FindConfig (a resumed run must match it)
+    RUN_DIR/arch.json               architecture, its factory arguments, the input shape
     RUN_DIR/init.pt                 the dense network's initial weights
     RUN_DIR/rewind_point.pt         weights at iteration K (only with rewind=iteration:K/epoch:E)
     RUN_DIR/level_LL/mask.pt        {param: bool mask} of the ticket at level LL
@@ -185,6 +186,8 @@ def find_tickets(
             f"rewind point {cfg.rewind} is not before the last iteration {cfg.iterations}"
         )
     for run in runs:
+        arch = {"arch": cfg.arch, "arch_kwargs": kwargs, "input_shape": list(data.input_shape)}
+        _write_json(arch, run.path / "arch.json")
         if not (run.path / "init.pt").exists():
             _save(build(cfg, kwargs, run.config.seed).state_dict(), run.path / "init.pt")
 
@@ -258,6 +261,8 @@ def _train_one_level(
         member_masks.append(masks)
         if previous is None:
             continue  # a control of the dense network is the dense network
+        if cfg.control_levels is not None and level not in cfg.control_levels:
+            continue
         for control in cfg.controls:
             seed_tag = run.config.seed * 1_000 + level
             if control == "reinit":

@@ -1,0 +1,249 @@
+"""Reproduce Frankle & Carbin (2019) on Lenet-300-100 / MNIST and time the search.
+
+Protocol: Adam 1.2e-3, batch 60, 50K iterations per round, layer-wise pruning 20% (hidden) /
+10% (output) per round, reset to init, `--rounds` rounds (default 18), `--seeds` seeds, with the
+random re-initialisation control. All seeds and controls train together in one `Ensemble`.
+
+Two parts, both written under benchmarks/results/find_lenet_mnist/:
+
+1. speed: the plain loop (one model at a time: nn.Module, torch.optim.Adam, mask after each
+   step) against the batched ensemble, side by side on the same machine, at several densities;
+   the protocol time of each is extrapolated from the measured per-step times.
+2. protocol: the full search, resumable (`--resume` is implied: rerun the same command),
+   with results (JSON, markdown, PNG) rewritten after every level, so a partial run still
+   reports every finished level.
+
+    python benchmarks/find_lenet_mnist.py --data-dir ../shared/data/mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ticketc.data import load_dataset
+from ticketc.find import FindConfig, find_tickets, pruning
+from ticketc.find.ensemble import Ensemble
+from ticketc.find.report import collect, plot, table_markdown, to_json
+from ticketc.models import lenet300
+
+OUT = Path(__file__).parent / "results" / "find_lenet_mnist"
+PAPER_LEVELS = (3, 7, 9, 12, 15, 18)  # 51.3 / 21.1 / 13.5 / 7.0 / 3.6 / 1.9 % remaining
+
+
+def environment() -> dict[str, object]:
+    return {
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "batch": 60,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "note": "2-core CPU shared with other jobs while measuring: times are noisy",
+    }
+
+
+def _random_level_masks(model: torch.nn.Module, level: int, seed: int) -> pruning.Masks:
+    """Masks with the per-layer densities of `level` layer-wise rounds (speed does not depend
+    on which weights survive)."""
+    kinds = pruning.prunable_parameters(model)
+    params = dict(model.named_parameters())
+    full = pruning.full_masks(model, kinds)
+    alive = {n: params[n].numel() for n in kinds}
+    for _ in range(level):
+        alive = {n: alive[n] - int(round((0.1 if kinds[n] == "output" else 0.2) * alive[n]))
+                 for n in alive}
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, m in full.items():
+        flat = torch.zeros(m.numel(), dtype=torch.bool)
+        flat[torch.randperm(m.numel(), generator=g)[: alive[n]]] = True
+        out[n] = flat.view_as(m)
+    return out
+
+
+def plain_loop_ms(x: torch.Tensor, y: torch.Tensor, level: int, steps: int) -> float:
+    """ms per step of one model trained the plain way (the baseline)."""
+    model = lenet300()
+    masks = _random_level_masks(model, level, 0)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, m in masks.items():
+            params[n].mul_(m)
+    opt = torch.optim.Adam(model.parameters(), lr=1.2e-3)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=g)
+
+    def step(i: int) -> None:
+        idx = perm[(i * 60) % (len(x) - 60):][:60]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for n, m in masks.items():
+                params[n].mul_(m)
+
+    for i in range(20):
+        step(i)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def ensemble_ms(x: torch.Tensor, y: torch.Tensor, level: int, members: int, steps: int) -> float:
+    """ms per optimizer step of ALL members of the batched ensemble."""
+    model = lenet300()
+    states = [lenet300().state_dict() for _ in range(members)]
+    masks = [_random_level_masks(model, level, s) for s in range(members)]
+    ens = Ensemble(model, states, masks, lr=1.2e-3)
+    g = torch.Generator().manual_seed(0)
+    idx_all = torch.stack([torch.randperm(len(x), generator=g) for _ in range(members)])
+
+    def step(i: int) -> None:
+        off = (i * 60) % (len(x) - 60)
+        idx = idx_all[:, off : off + 60]
+        ens.step(x[idx], y[idx])
+
+    for i in range(20):
+        step(i)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def measure_speed(x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> dict:
+    """Plain loop vs ensemble, interleaved so both see the same machine load."""
+    members = args.seeds * 2  # ticket + reinit control per seed
+    levels = (0, 7, 15)
+    rows = []
+    for level in levels:
+        plain, batched = [], []
+        for _ in range(args.speed_repeats):
+            plain.append(plain_loop_ms(x, y, level, args.speed_steps))
+            batched.append(ensemble_ms(x, y, level, members, args.speed_steps))
+        p, b = statistics.median(plain), statistics.median(batched)
+        rows.append({"level": level, "plain_ms_per_model_step": p,
+                     "ensemble_ms_per_step": b, "ensemble_members": members,
+                     "ensemble_ms_per_model_step": b / members,
+                     "speedup": p / (b / members), "plain_samples": plain,
+                     "ensemble_samples": batched})
+        print(f"speed level {level}: plain {p:.2f} ms/model-step, ensemble {b / members:.2f} "
+              f"ms/model-step ({members} members), {p / (b / members):.2f}x", flush=True)
+    model_levels = args.seeds * (args.rounds + 1) + args.seeds * args.rounds  # controls
+    mean_plain = statistics.fmean(r["plain_ms_per_model_step"] for r in rows)
+    mean_ens = statistics.fmean(r["ensemble_ms_per_model_step"] for r in rows)
+    return {
+        "rows": rows,
+        "steps_per_measure": args.speed_steps,
+        "protocol_model_steps": model_levels * args.iterations,
+        "plain_protocol_hours_extrapolated": model_levels * args.iterations * mean_plain / 3.6e6,
+        "ensemble_protocol_hours_extrapolated": model_levels * args.iterations * mean_ens / 3.6e6,
+    }
+
+
+def write_results(run_dirs: list[Path], extra: dict) -> None:
+    rows = collect(run_dirs)
+    OUT.mkdir(parents=True, exist_ok=True)
+    plot(rows, OUT, title="Lenet-300-100 / MNIST, IMP reset to init")
+    result = {"environment": environment(), **extra, "levels": to_json(rows)}
+    (OUT / "results.json").write_text(json.dumps(result, indent=1))
+    md = ["# Lenet-300-100 on MNIST: lottery-ticket reproduction", ""]
+    md.append(f"Command: `{extra['command']}`  ")
+    env = result["environment"]
+    md.append(f"Device: {env['device']} ({env['cpu_count']} cores, torch threads "
+              f"{env['torch_threads']}), dtype {env['dtype']}, batch {env['batch']}, "
+              f"torch {env['torch']}, Python {env['python']}.  ")
+    md.append(f"Seeds: {extra['seeds']}; mean ± std over seeds. Finished levels: "
+              f"{len(rows)}; wall clock so far: {extra['protocol_wall_s'] / 60:.1f} min.")
+    md.append("")
+    md.append(table_markdown(rows))
+    if "speed" in extra:
+        md.append("## Speed: plain loop vs batched ensemble (ms per model-step, median)")
+        md.append("")
+        md.append("| level | plain loop | ensemble | speed-up |")
+        md.append("|---|---|---|---|")
+        for r in extra["speed"]["rows"]:
+            md.append(f"| {r['level']} | {r['plain_ms_per_model_step']:.2f} | "
+                      f"{r['ensemble_ms_per_model_step']:.2f} ({r['ensemble_members']} members) "
+                      f"| {r['speedup']:.2f}x |")
+        s = extra["speed"]
+        md.append("")
+        md.append(f"Extrapolated to the protocol ({s['protocol_model_steps']:,} model-steps): "
+                  f"plain loop {s['plain_protocol_hours_extrapolated']:.2f} h, ensemble "
+                  f"{s['ensemble_protocol_hours_extrapolated']:.2f} h.")
+    md.append("")
+    md.append("![accuracy](accuracy.png) ![early stop](early_stop.png)")
+    (OUT / "results.md").write_text("\n".join(md) + "\n")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default="../shared/data/mnist")
+    p.add_argument("--runs", type=Path, default=OUT / "runs")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=18)
+    p.add_argument("--iterations", type=int, default=50_000)
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--control-levels", default="all",
+                   help="'all' or comma-separated levels with the reinit control")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--speed-steps", type=int, default=300)
+    p.add_argument("--speed-repeats", type=int, default=3)
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-protocol", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_dataset("mnist", args.data_dir)
+    extra: dict = {"command": " ".join(["python", *sys.argv]), "seeds": args.seeds,
+                   "rounds": args.rounds, "iterations": args.iterations, "protocol_wall_s": 0.0}
+    speed_path = OUT / "speed.json"
+    if not args.skip_speed:
+        extra["speed"] = measure_speed(data.train.x, data.train.y, args)
+        OUT.mkdir(parents=True, exist_ok=True)
+        speed_path.write_text(json.dumps({"environment": environment(), **extra["speed"]},
+                                         indent=1))
+    elif speed_path.exists():
+        extra["speed"] = json.loads(speed_path.read_text())
+    if args.skip_protocol:
+        return 0
+    control_levels = None if args.control_levels == "all" else tuple(
+        int(v) for v in args.control_levels.split(","))
+    extra["control_levels"] = control_levels or "all"
+    configs = [FindConfig(model="lenet300", dataset="mnist", data_dir=args.data_dir,
+                          rounds=args.rounds, iterations=args.iterations, seed=seed,
+                          controls=("reinit",), control_levels=control_levels,
+                          eval_every=args.eval_every, checkpoint_every=5000)
+               for seed in range(args.seeds)]
+    run_dirs = [args.runs / f"seed_{c.seed}" for c in configs]
+    wall_path = OUT / "wall.json"
+    wall = json.loads(wall_path.read_text()) if wall_path.exists() else {"protocol_wall_s": 0.0}
+    for level in range(args.rounds + 1):
+        start = time.perf_counter()
+        find_tickets(configs, run_dirs, resume=True, data=data, progress=False,
+                     stop_after_level=level, log=lambda s: print(s, flush=True))
+        wall["protocol_wall_s"] += time.perf_counter() - start
+        wall_path.write_text(json.dumps(wall))
+        extra["protocol_wall_s"] = wall["protocol_wall_s"]
+        write_results(run_dirs, extra)
+    find_tickets(configs, run_dirs, resume=True, data=data, progress=False,
+                 log=lambda s: print(s, flush=True))
+    write_results(run_dirs, extra)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
