@@ -208,7 +208,7 @@ def test_compact_round_trip(dense, values, positions):
     assert compact.nnz == int(dense.count_nonzero())
     assert compact.density == pytest.approx(compact.nnz / dense.numel())
     assert compact.nbytes == _bytes(
-        compact.positions, compact.values, compact.scale, compact.codebook
+        compact.positions, compact.values, compact.scale, compact.codebook, compact.remainders
     )
     if positions != "auto":
         assert compact.positions_kind == positions
@@ -220,6 +220,27 @@ def test_compact_auto_picks_the_smallest_positions(dense, values):
     auto = Compact.from_dense(dense, values=values)
     sizes = [Compact.from_dense(dense, values=values, positions=p).nbytes for p in POSITIONS_KINDS]
     assert auto.nbytes == min(sizes)
+
+
+def test_rice_parameter_grows_as_density_falls():
+    gen = torch.Generator().manual_seed(0)
+    ks = []
+    for density in (0.5, 0.1, 0.01, 0.001):
+        w = torch.rand(200, 500, generator=gen) < density
+        c = Compact.from_dense(w.float(), positions="rice")
+        assert c.remainders is not None
+        ks.append(c.remainders.shape[0])
+    assert ks == sorted(ks) and ks[0] < ks[-1]
+
+
+@pytest.mark.parametrize("values", VALUES_KINDS)
+def test_rice_codes_huge_gaps_without_fillers(values):
+    dense = torch.zeros(1, 300_000)
+    dense[0, [0, 5, 299_999]] = torch.tensor([1.0, -2.0, 0.5])
+    compact = Compact.from_dense(dense, values=values, positions="rice")
+    compact.check()
+    assert compact.entries == compact.nnz == 3
+    _assert_decoded(dense, compact)
 
 
 @pytest.mark.parametrize("values", VALUES_KINDS)
@@ -275,16 +296,20 @@ def test_compact_int8_rows_of_zeros_and_tiny_values():
     assert decoded[2, 4] == -127.0
 
 
-def test_compact_entropy_bound_and_ratio_on_a_random_ticket():
+@pytest.mark.parametrize("density", [0.01, 0.036, 0.2])
+def test_compact_entropy_bound_and_ratio_on_a_random_ticket(density):
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(300, 784, generator=gen) * (torch.rand(300, 784, generator=gen) < 0.036)
+    w = torch.randn(300, 784, generator=gen) * (torch.rand(300, 784, generator=gen) < density)
     nnz = int(w.count_nonzero())
     for values, bits in [("fp32", 32), ("fp16", 16), ("int8", 8), ("int4", 4)]:
         c = Compact.from_dense(w, values=values)
         expected = mask_entropy_bits(w.numel(), nnz) / 8 + nnz * bits / 8 + c.side_nbytes
         assert c.entropy_bound_bytes == pytest.approx(expected)
-        assert c.positions_kind == "gap8"  # ~1 B per nonzero beats 2 B and numel / 8 here
-        assert 1.0 < c.nbytes / c.entropy_bound_bytes < 1.25
+        # Rice-coded gaps sit within a few percent of the entropy of a random mask.
+        assert c.positions_kind == "rice"
+        assert 1.0 < c.nbytes / c.entropy_bound_bytes < 1.03
+        gap8 = Compact.from_dense(w, values=values, positions="gap8")
+        assert gap8.nbytes > c.nbytes
 
 
 def test_mask_entropy_bits():
@@ -318,6 +343,7 @@ def test_compact_rejects_bad_arguments():
         ({"values": np.zeros(3, np.float32)}, "fp32 values must be float32 of 2"),
         ({"nnz": 3}, "nnz = 3"),
         ({"scale": np.ones(2, np.float16)}, "scale must be present exactly"),
+        ({"remainders": np.zeros((1, 1), np.uint8)}, "only stored for rice"),
     ],
 )
 def test_compact_check_names_the_broken_invariant(change, message):
@@ -325,6 +351,24 @@ def test_compact_check_names_the_broken_invariant(change, message):
     broken = Compact(**{**compact.__dict__, **change})
     with pytest.raises(ValueError, match=message):
         broken.check()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"remainders": None}, "need uint8 remainder planes"),
+        ({"remainders": np.zeros((2, 3), np.uint8)}, r"must be \[k <= 24, 1\]"),
+        ({"remainders": np.full((2, 1), 0xF0, np.uint8)}, "past the last entry"),
+        ({"positions": np.array([1, 0, 0, 0, 0, 0, 0, 0xC0], np.uint8)}, "run past the end"),
+    ],
+)
+def test_compact_check_rice_invariants(change, message):
+    dense = torch.zeros(1, 40)
+    dense[0, [3, 9, 30]] = 1.0
+    compact = Compact.from_dense(dense, positions="rice")
+    compact.check()
+    with pytest.raises(ValueError, match=message):
+        Compact(**{**compact.__dict__, **change}).check()
 
 
 def test_compact_check_rejects_a_nonzero_filler():

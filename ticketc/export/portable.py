@@ -28,7 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ticketc.formats.compact import Compact
+from ticketc.formats.compact import POSITIONS_KINDS, VALUES_KINDS, Compact
+from ticketc.formats.rice import MAX_K as _MAX_RICE_K
 
 __all__ = ["DOMAIN", "decode_function", "function_name", "to_portable"]
 
@@ -42,20 +43,23 @@ def function_name(positions_kind: str, values_kind: str) -> str:
     return "Decode" + positions_kind.capitalize() + values_kind.capitalize()
 
 
-# One-letter names for function-body tensors (the inputs and output use p, v, s, c, y).
-_NAMES = [c for c in "abdefghijklmnoqrtuwxzABCDEFGHIJKLMNOPQRSTUVWXYZ"]
+# Short names for function-body tensors (the inputs and output use p, r, v, s, c, y).
+_LETTERS = "abdefghijklmnoqtuwxzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class _Body:
-    """Accumulates function-body nodes with one-letter tensor names."""
+    """Accumulates function-body nodes with one- or two-letter tensor names."""
 
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self._count = 0
+        self._consts: dict[tuple[int, ...] | int, str] = {}
 
     def fresh(self) -> str:
-        self._count += 1
-        return _NAMES[self._count - 1]
+        n, self._count = self._count, self._count + 1
+        if n < len(_LETTERS):
+            return _LETTERS[n]
+        return _LETTERS[n // len(_LETTERS) - 1] + _LETTERS[n % len(_LETTERS)]
 
     def op(self, op_type: str, *inputs: str, **attrs: object) -> str:
         out = self.fresh()
@@ -63,17 +67,61 @@ class _Body:
         return out
 
     def const(self, value: int | list[int]) -> str:
-        """An int64 constant: a scalar or a 1-D tensor (the smallest Constant encodings)."""
-        if isinstance(value, list):
-            return self.op("Constant", value_ints=value)
-        return self.op("Constant", value_int=value)
+        """An int64 constant, a scalar or 1-D (the shortest Constant encodings), made once."""
+        key = tuple(value) if isinstance(value, list) else value
+        if key not in self._consts:
+            if isinstance(value, list):
+                self._consts[key] = self.op("Constant", value_ints=value)
+            else:
+                self._consts[key] = self.op("Constant", value_int=value)
+        return self._consts[key]
+
+    def bits(self, packed: str) -> str:
+        """Unpack uint8 `packed` [..., n] little-endian into int64 bits [..., n, 8]."""
+        wide = self.op("Cast", packed, to=TensorProto.INT64)
+        column = self.op("Unsqueeze", wide, self.const([-1]))
+        weights = self.const([1 << j for j in range(8)])
+        return self.op("Mod", self.op("Div", column, weights), self.const(2))
+
+
+def _gap_index(b: _Body) -> str:
+    # One constant serves three uses: p - (-1) = gap, CumSum over axis -1 (the only axis),
+    # cumulative sum + (-1) = 0-based linear index.
+    minus_one = b.const(-1)
+    gaps = b.op("Sub", b.op("Cast", "p", to=TensorProto.INT64), minus_one)
+    return b.op("Add", b.op("CumSum", gaps, minus_one), minus_one)
+
+
+def _rice_index(b: _Body) -> tuple[str, str]:
+    """(linear index [m], entry count m as [1]) of Rice-coded gaps; see ticketc.formats.rice."""
+    unary = b.op("Reshape", b.bits("p"), b.const([-1]))  # entry i ends at its terminator z_i
+    count = b.op("ReduceSum", unary)  # [1]: one terminator per entry
+    # TopK breaks ties by lower index (ONNX spec), so the m ones come out in bit order; unlike
+    # NonZero its output shape is known once count is, so onnxruntime still constant-folds it.
+    z = b.fresh()
+    b.nodes.append(helper.make_node("TopK", [unary, count], [b.fresh(), z], largest=1, sorted=1))
+    planes = b.bits("r")  # [k, bytes, 8]: bit j of every remainder
+    k = b.op("Slice", b.op("Shape", "r"), b.const([0]), b.const([1]))
+    powers = b.op("Slice", b.const([1 << j for j in range(_MAX_RICE_K)]), b.const([0]), k)
+    column = b.op("Unsqueeze", powers, b.const([1, 2]))  # [k, 1, 1]
+    # Reduce over the planes before flattening: no Reshape of a possibly empty [0, ...] (k = 0).
+    summed = b.op("ReduceSum", b.op("Mul", planes, column), b.const([0]), keepdims=0)
+    flat = b.op("Reshape", summed, b.const([-1]))
+    remainder = b.op("Slice", flat, b.const([0]), count)
+    minus_one = b.const(-1)
+    m_minus_1 = b.op("ReduceSum", powers, keepdims=0)  # 2^k - 1
+    scale = b.op("Sub", m_minus_1, minus_one)  # 2^k
+    offsets = b.op("CumSum", b.op("Sub", remainder, m_minus_1), minus_one)
+    index = b.op("Add", b.op("Add", b.op("Mul", scale, z), offsets), m_minus_1)
+    return index, count
 
 
 def decode_function(positions_kind: str, values_kind: str, opset: int) -> onnx.FunctionProto:
     """The FunctionProto that decodes one `Compact` layout to a dense float32 tensor.
 
-    Inputs: p (positions), v (values), then s (fp16 scale, int8) or c (fp16 codebook, int4).
-    Attribute t: the dense shape (ints). Output: y, float32 of shape t.
+    Inputs: p (positions; for rice the unary stream), r (rice only: remainder bit planes),
+    v (values), then s (fp16 scale, int8) or c (fp16 codebook, int4). Attribute t: the dense
+    shape (ints). Output: y, float32 of shape t.
 
     Index arithmetic is int64 throughout: correct past numel = 2**31, one function per kind
     (no int32 twin), and constants fit the short `value_int(s)` form; the cost is only
@@ -81,12 +129,11 @@ def decode_function(positions_kind: str, values_kind: str, opset: int) -> onnx.F
     """
     if opset < MIN_OPSET:
         raise ValueError(f"the portable decoder needs ONNX opset >= {MIN_OPSET}, model has {opset}")
-    if positions_kind not in ("gap8", "gap16", "bitmask"):
+    if positions_kind not in POSITIONS_KINDS:
         raise ValueError(f"unknown positions kind {positions_kind!r}")
-    if values_kind not in ("fp32", "fp16", "int8", "int4"):
+    if values_kind not in VALUES_KINDS:
         raise ValueError(f"unknown values kind {values_kind!r}")
     b = _Body()
-    index_type = TensorProto.INT64
     shape = b.fresh()
     shape_node = helper.make_node("Constant", [], [shape])
     shape_node.attribute.append(
@@ -102,7 +149,7 @@ def decode_function(positions_kind: str, values_kind: str, opset: int) -> onnx.F
         values = b.op("Cast", "v", to=TensorProto.FLOAT)
     else:
         # int4: byte k holds entry k (low nibble) and entry k + h (high nibble).
-        codes = b.op("Cast", "v", to=index_type)  # Gather wants int32/int64 indices
+        codes = b.op("Cast", "v", to=TensorProto.INT64)  # Gather wants int32/int64 indices
         sixteen = b.const(16)
         nibbles = b.op("Concat", b.op("Mod", codes, sixteen), b.op("Div", codes, sixteen), axis=0)
         values = b.op("Gather", b.op("Cast", "c", to=TensorProto.FLOAT), nibbles)
@@ -111,25 +158,20 @@ def decode_function(positions_kind: str, values_kind: str, opset: int) -> onnx.F
         # NonZero would keep onnxruntime from constant-folding the decode (data-dependent
         # shape), so gather instead: element j takes entry rank(j) - 1 where its bit is set,
         # the prepended 0 where not; rank = inclusive CumSum of the bits.
-        byte = b.op("Unsqueeze", b.op("Cast", "p", to=index_type), b.const([1]))
-        weight = b.const([1 << j for j in range(8)])  # little-endian bit order
-        two = b.const(2)
-        bits = b.op("Mod", b.op("Div", byte, weight), two)  # [bytes, 8]
-        flat = b.op("Reshape", bits, b.const([-1]))
         zero = b.const([0])
-        bits = b.op("Slice", flat, zero, numel)  # drop the padding bits of the last byte
-        axis = b.const(0)
-        rank = b.op("Mul", b.op("CumSum", bits, axis), bits)
+        flat = b.op("Reshape", b.bits("p"), b.const([-1]))
+        bits = b.op("Slice", flat, zero, numel)  # drop the last byte's padding
+        rank = b.op("Mul", b.op("CumSum", bits, b.const(-1)), bits)
         table = b.op("Concat", b.op("ConstantOfShape", b.op("Shape", zero)), values, axis=0)
         dense = b.op("Gather", table, rank)
     else:
-        # One constant serves three uses: p - (-1) = gap, CumSum over axis -1 (the only axis),
-        # cumulative sum + (-1) = 0-based linear index.
-        minus_one = b.const(-1)
-        gaps = b.op("Sub", b.op("Cast", "p", to=index_type), minus_one)
-        index = b.op("Add", b.op("CumSum", gaps, minus_one), minus_one)
+        if positions_kind == "rice":
+            index, count = _rice_index(b)
+        else:
+            index = _gap_index(b)
+            count = b.op("Shape", index) if values_kind == "int4" else ""
         if values_kind == "int4":  # drop the padding nibble when the entry count is odd
-            values = b.op("Slice", values, b.const([0]), b.op("Shape", index))
+            values = b.op("Slice", values, b.const([0]), count)
         zeros = b.op("ConstantOfShape", numel)  # float32 zeros by default
         dense = b.op("ScatterElements", zeros, index, values)
 
@@ -143,7 +185,8 @@ def decode_function(positions_kind: str, values_kind: str, opset: int) -> onnx.F
     else:
         b.nodes.append(helper.make_node("Reshape", [dense, shape], ["y"]))
 
-    inputs = ["p", "v"] + {"int8": ["s"], "int4": ["c"]}.get(values_kind, [])
+    inputs = ["p"] + (["r"] if positions_kind == "rice" else []) + ["v"]
+    inputs += {"int8": ["s"], "int4": ["c"]}.get(values_kind, [])
     return helper.make_function(
         DOMAIN,
         function_name(positions_kind, values_kind),
@@ -163,7 +206,10 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def _arrays(name: str, weight: Compact) -> list[tuple[str, np.ndarray]]:
-    arrays = [(name + ".p", weight.positions), (name + ".v", weight.values)]
+    arrays = [(name + ".p", weight.positions)]
+    if weight.remainders is not None:
+        arrays.append((name + ".r", weight.remainders))
+    arrays.append((name + ".v", weight.values))
     if weight.scale is not None:
         # Shaped [rows, 1, ...] so the decoder's Mul broadcasts it over each row.
         rank = len(weight.shape)

@@ -4,7 +4,10 @@ Positions. The nonzeros' linear (row-major) indices p_0 < p_1 < ... are stored e
 g_i = p_i - p_{i-1} (p_{-1} = -1, so g_i >= 1) written as g_i - 1 in uint8 ("gap8", gaps up to
 256) or uint16 ("gap16", up to 65536), or as a bitmask of numel bits packed little-endian into
 bytes. A gap too large for its type is bridged by *filler* entries: a maximal gap whose value
-decodes to exactly 0, so decoding never needs to tell fillers apart.
+decodes to exactly 0, so decoding never needs to tell fillers apart. Or Golomb-Rice coded
+gaps ("rice", see ticketc.formats.rice: a unary stream in `positions` plus k remainder bit
+planes in `remainders`), which comes within a few percent of the mask's entropy and needs no
+fillers.
 
 Values. "fp32" (bit-exact), "fp16", "int8" (symmetric, zero point 0, one fp16 scale per row
 shape[0]) or "int4" (a 16-entry fp16 codebook from 1-D k-means over the nonzeros, as in Deep
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ticketc.formats import rice
 from ticketc.formats.quantize import assign_nearest, int8_rows, kmeans_1d
 
 __all__ = [
@@ -33,7 +37,7 @@ __all__ = [
     "mask_entropy_bits",
 ]
 
-POSITIONS_KINDS = ("gap8", "gap16", "bitmask")
+POSITIONS_KINDS = ("gap8", "gap16", "bitmask", "rice")
 VALUES_KINDS = ("fp32", "fp16", "int8", "int4")
 
 _MAX_GAP = {"gap8": 2**8, "gap16": 2**16}
@@ -85,7 +89,8 @@ def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
 class Compact:
     """A pruned weight in compact form; see the module docstring for the encoding.
 
-    `positions`: uint8/uint16 gaps minus one (gap kinds) or packed mask bits (bitmask).
+    `positions`: uint8/uint16 gaps minus one (gap kinds), packed mask bits (bitmask) or the
+    unary stream (rice, whose `remainders` holds uint8 bit planes [k, ceil(entries / 8)]).
     `values`: one entry per stored position (fillers included) as float32 / float16 / int8, or
     for int4 the uint8 bytes of two packed codes. `scale` (int8 only): fp16 [shape[0]].
     `codebook` (int4 only): fp16 [16], sorted. `nnz`: real nonzeros of the source, fillers not
@@ -100,6 +105,7 @@ class Compact:
     nnz: int
     scale: np.ndarray | None = None
     codebook: np.ndarray | None = None
+    remainders: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -117,8 +123,8 @@ class Compact:
     ) -> Compact:
         """Encode the nonzeros of `dense` (rank >= 1).
 
-        values: "fp32" | "fp16" | "int8" | "int4". positions: "gap8" | "gap16" | "bitmask", or
-        "auto" for whichever of them stores this tensor in the fewest total bytes.
+        values: "fp32" | "fp16" | "int8" | "int4". positions: "gap8" | "gap16" | "bitmask" |
+        "rice", or "auto" for whichever of them stores this tensor in the fewest total bytes.
         """
         if values not in VALUES_KINDS:
             raise ValueError(f"values={values!r} is not one of {VALUES_KINDS}")
@@ -146,13 +152,18 @@ class Compact:
                 "gap8": entries["gap8"] + _value_bytes(values, entries["gap8"]),
                 "gap16": 2 * entries["gap16"] + _value_bytes(values, entries["gap16"]),
                 "bitmask": (flat.size + 7) // 8 + _value_bytes(values, nnz),
+                "rice": rice.nbytes(gaps, rice.best_k(gaps)) + _value_bytes(values, nnz),
             }
             positions = min(sizes, key=sizes.__getitem__)  # ties: the first kind listed
 
+        remainders = None
         if positions == "bitmask":
             mask = np.zeros(flat.size, dtype=bool)
             mask[index] = True
             position_data = np.packbits(mask, bitorder="little")
+            slot, n_entries = np.arange(nnz), nnz
+        elif positions == "rice":
+            position_data, remainders = rice.encode(gaps, rice.best_k(gaps))
             slot, n_entries = np.arange(nnz), nnz
         else:
             stored, slot = _bridge(gaps, _MAX_GAP[positions])
@@ -188,7 +199,9 @@ class Compact:
             codes[slot] = assign_nearest(nonzeros, book)
             half = codes.size // 2
             value_data = (codes[:half] | (codes[half:] << 4)).astype(np.uint8)
-        return cls(shape, positions, position_data, values, value_data, nnz, scale, codebook)
+        return cls(
+            shape, positions, position_data, values, value_data, nnz, scale, codebook, remainders
+        )
 
     # ----------------------------------------------------------------------------- decode
     @property
@@ -198,7 +211,7 @@ class Compact:
     @property
     def entries(self) -> int:
         """Stored entries: nonzeros plus gap fillers."""
-        if self.positions_kind == "bitmask":
+        if self.positions_kind in ("bitmask", "rice"):  # one set bit per entry
             return int(np.unpackbits(self.positions, bitorder="little").sum())
         return int(self.positions.size)
 
@@ -207,6 +220,9 @@ class Compact:
         if self.positions_kind == "bitmask":
             bits = np.unpackbits(self.positions, bitorder="little")[: self.numel]
             return np.flatnonzero(bits).astype(np.int64)
+        if self.positions_kind == "rice":
+            assert self.remainders is not None
+            return rice.decode(self.positions, self.remainders)
         return np.cumsum(self.positions.astype(np.int64) + 1) - 1
 
     def entry_values(self) -> np.ndarray:
@@ -240,8 +256,11 @@ class Compact:
 
     @property
     def nbytes(self) -> int:
-        """Exact bytes of all stored arrays: positions + values + scale + codebook."""
-        return int(self.positions.nbytes + self.values.nbytes + self.side_nbytes)
+        """Exact bytes of all stored arrays: positions (+ remainders) + values + side info."""
+        positions = self.positions.nbytes
+        if self.remainders is not None:
+            positions += self.remainders.nbytes
+        return int(positions + self.values.nbytes + self.side_nbytes)
 
     @property
     def entropy_bound_bytes(self) -> float:
@@ -268,6 +287,8 @@ class Compact:
             bits = np.unpackbits(self.positions, bitorder="little")
             if bits[numel:].any():
                 raise ValueError("bitmask has bits set past numel")
+        elif kind == "rice":
+            self._check_rice()
         else:
             if self.positions.dtype != _GAP_DTYPE[kind]:
                 raise ValueError(
@@ -279,10 +300,12 @@ class Compact:
                 and int(self.positions.astype(np.int64).sum()) + self.positions.size > numel
             ):
                 raise ValueError(f"{kind} gaps run past the end of a tensor of {numel} elements")
+        if kind != "rice" and self.remainders is not None:
+            raise ValueError(f"remainders are only stored for rice positions, not {kind}")
         count = self.entries
         if not 0 <= self.nnz <= count:
             raise ValueError(f"nnz = {self.nnz} but only {count} entries are stored")
-        if kind == "bitmask" and self.nnz != count:
+        if kind in ("bitmask", "rice") and self.nnz != count:
             raise ValueError(
                 f"bitmask stores {count} entries but nnz = {self.nnz} (no fillers allowed)"
             )
@@ -318,3 +341,20 @@ class Compact:
                 raise ValueError("int4 padding nibble of the last byte must be zero")
         if count > self.nnz and not bool((self.entry_values() == 0).sum() >= count - self.nnz):
             raise ValueError("gap fillers must decode to exactly 0")
+
+    def _check_rice(self) -> None:
+        unary, planes = self.positions, self.remainders
+        if unary.dtype != np.uint8:
+            raise ValueError(f"rice unary stream must be uint8, got {unary.dtype}")
+        if planes is None or planes.dtype != np.uint8 or planes.ndim != 2:
+            raise ValueError("rice positions need uint8 remainder planes [k, ceil(entries / 8)]")
+        count = self.entries
+        if not 0 <= planes.shape[0] <= rice.MAX_K or planes.shape[1] != (count + 7) // 8:
+            raise ValueError(
+                f"rice remainder planes must be [k <= {rice.MAX_K}, {(count + 7) // 8}], "
+                f"got {list(planes.shape)}"
+            )
+        if np.unpackbits(planes, axis=1, bitorder="little")[:, count:].any():
+            raise ValueError("rice remainder planes have bits set past the last entry")
+        if count and int(rice.decode(unary, planes)[-1]) >= self.numel:
+            raise ValueError(f"rice gaps run past the end of a tensor of {self.numel} elements")
