@@ -10,8 +10,8 @@ tests/test_portable_sparse_initializer.py):
   onnxruntime, which densifies it at load (no memory or speed gain at run time).
 - It cannot pass `check_model(model, full_check=True)` whatever consumes it: shape inference
   types a sparse initializer as `sparse_tensor(float)`, which no standard op accepts (Gemm:
-  "unsupported type"; MatMul: "wrong rank (0)"), and a `value_info` declaring it dense fails
-  with "type case mismatch".
+  "unsupported type"; MatMul: "wrong rank (0)"; Conv: "spatial dimensions (0)"), and a
+  `value_info` declaring it dense fails with "type case mismatch".
 - What does pass `full_check`: a `Constant` node whose `sparse_value` attribute holds the same
   SparseTensorProto (its output is a dense tensor). `as_constant=True` writes that form.
 - `onnx.reference.ReferenceEvaluator` runs neither form (onnx 1.23).
