@@ -112,8 +112,11 @@ def export_model(
     start = time.perf_counter()
     set_eval_(model)
     masks = masks if masks is not None else masks_from_zeros(model)
-    proto = torch_to_onnx(model, example_input, config)
-    found, notes = _pruned_initializers(proto, model, masks)
+    proto, notes = torch_to_onnx(model, example_input, config)
+    if config.format != "dense":  # dense stays exactly as torch writes it: the size baseline
+        slim_(proto)
+    found, missing = _pruned_initializers(proto, model, masks)
+    notes += missing
     proto, stored = _rewrite(proto, {f.initializer: f.weight for f in found}, config)
     layers = [
         LayerRecord(
@@ -150,32 +153,54 @@ def export_model(
 
 def torch_to_onnx(
     model: nn.Module, example_input: torch.Tensor, config: ExportConfig
-) -> onnx.ModelProto:
-    """torch.onnx (dynamo) with a dynamic batch dimension; names the layer that cannot export."""
-    try:
-        program = torch.export.export(model, (example_input,), dynamic_shapes=_dynamic(config))
-    except Exception as e:  # noqa: BLE001 - torch.export raises many types
-        if not config.dynamic_batch:
+) -> tuple[onnx.ModelProto, list[str]]:
+    """torch.onnx (dynamo) with a dynamic batch dimension; names the layer that cannot export.
+
+    Returns the dense model and notes for the user (e.g. why the batch size had to be fixed).
+    """
+    notes: list[str] = []
+    program = None
+    if config.dynamic_batch and example_input.dim() > 0:
+        # torch.export specialises dimensions of size 1, so trace the batch at size 2.
+        traced = example_input
+        if example_input.shape[0] == 1:
+            traced = example_input.expand(2, *example_input.shape[1:]).contiguous()
+        batch = torch.export.Dim("batch")
+        try:
+            program = torch.export.export(model, (traced,), dynamic_shapes=({0: batch},))
+        except Exception as e:  # noqa: BLE001 - torch.export raises many types
+            notes.append(f"batch size fixed at {example_input.shape[0]}: {_first_line(e)[:150]}")
+    if program is None:
+        try:
+            program = torch.export.export(model, (example_input,))
+        except Exception as e:  # noqa: BLE001
             raise UserError(f"cannot trace the model with torch.export: {_first_line(e)}") from e
-        # Some models fix their batch size (e.g. a view with a literal size): export it static.
-        return torch_to_onnx(model, example_input, _static(config))
     try:
         with _quiet():
             onnx_program = torch.onnx.export(
-                program, (example_input,), dynamo=True, opset_version=config.opset, verbose=False
+                program, dynamo=True, opset_version=config.opset, verbose=False
             )
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot export to ONNX: {_blame(program, e)}") from e
     assert onnx_program is not None
-    return onnx_program.model_proto
+    return onnx_program.model_proto, notes
 
 
-def _dynamic(config: ExportConfig) -> tuple[dict[int, object]] | None:
-    return ({0: torch.export.Dim("batch")},) if config.dynamic_batch else None
+def slim_(proto: onnx.ModelProto) -> None:
+    """Drop what torch.onnx adds for debugging (stack traces, module paths, inferred shapes).
 
-
-def _static(config: ExportConfig) -> ExportConfig:
-    return ExportConfig(**{**asdict(config), "dynamic_batch": False})
+    About 5 KB on Lenet-300-100: a third of a 3.6 %-dense int4 file. ONNX needs none of it.
+    """
+    graph = proto.graph
+    del graph.value_info[:]
+    graph.doc_string = ""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        node.name = ""
+    for value in [*graph.input, *graph.output]:
+        del value.metadata_props[:]
+        value.doc_string = ""
 
 
 def _blame(program: torch.export.ExportedProgram, error: Exception) -> str:
