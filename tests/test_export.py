@@ -44,7 +44,8 @@ def _outputs(path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _densify_sparse_initializers_(proto: onnx.ModelProto) -> None:
     for sparse in proto.graph.sparse_initializer:
         dense = np.zeros(int(np.prod(sparse.dims)), dtype=np.float32)
-        dense[numpy_helper.to_array(sparse.indices).reshape(-1)] = numpy_helper.to_array(sparse.values)
+        indices = numpy_helper.to_array(sparse.indices).reshape(-1)
+        dense[indices] = numpy_helper.to_array(sparse.values)
         proto.graph.initializer.append(
             numpy_helper.from_array(dense.reshape(tuple(sparse.dims)), sparse.values.name)
         )
@@ -124,5 +125,6 @@ def test_sparse_portable_is_much_smaller_than_dense(tmp_path):
     x = torch.randn(1, 1, 28, 28)
     dense = export_model(model, x, tmp_path / "d.onnx", ExportConfig(format="dense", verify=False))
     for values, ratio in (("fp32", 15), ("int4", 45)):
-        portable = export_model(model, x, tmp_path / "p.onnx", ExportConfig(values=values, verify=False))
+        config = ExportConfig(values=values, verify=False)
+        portable = export_model(model, x, tmp_path / "p.onnx", config)
         assert dense.total_bytes / portable.total_bytes > ratio
