@@ -323,8 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         "--ticket", action="append", default=[], help="real ticket checkpoints to add"
     )
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-    parser.add_argument("--data-dir", default=str(shared) if shared.is_dir() else None,
-                        help="MNIST directory, for the tickets' accuracy (default: ../shared/data/mnist)")
+    parser.add_argument(
+        "--data-dir",
+        default=str(shared) if shared.is_dir() else None,
+        help="MNIST directory, for the tickets' accuracy",
+    )
     parser.add_argument("--repeat", type=int, default=5, help="timing repetitions")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
