@@ -194,7 +194,7 @@ def test_ops_on_cpu_match_dense(dtype, n):
         torch.ops.ticketc.tiled_linear(*tiled_args(w, x, bias)),
     ]
     for y in outputs:
-        assert y.shape == (n, 37) and y.dtype == dtype and y.is_contiguous()
+        assert y.shape == (n, 37) and y.dtype == dtype
         if n:
             assert_matches(y, ref, dtype)
 

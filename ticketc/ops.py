@@ -27,6 +27,8 @@ Interface (stable; ticketc.compile stores these buffers and calls these ops)::
                                    values, bias, out_features) -> y
         y = x @ W.T (+ bias); x [N, K] 2-D (callers flatten leading dims), y [N, M] in x.dtype,
         bias [M] or None. Accumulation is fp32 (fp64 for fp64 inputs on the reference path).
+        csr_linear on CPU returns y column-major (strides (1, N)): MKL writes [M, N] and a
+        row-major copy would cost more than it saves; .contiguous() it if you need to.
         CPU: torch's sparse kernels (MKL) or the reference; CUDA: the Triton kernels in
         ticketc.kernels. Each op has a pure-torch twin `<op>_reference(...)` with the same
         arguments: the test oracle and the fallback.
@@ -485,13 +487,16 @@ def _csr_linear_cpu(x, crow_indices, col_indices, values, row_order, bias):
     col = col_indices if col_indices.dtype == index else col_indices.to(index)
     m = crow_indices.numel() - 1
     # Invariants were established by pack_csr; checking them costs a pass over the indices.
-    w = torch.sparse_csr_tensor(
-        crow_indices, col, values.to(acc), (m, x.shape[1]), check_invariants=False
-    )
-    xt = x.to(acc).t()
-    # MKL sparse x dense: [M, K] @ [K, N] -> [M, N]
+    if values.dtype != acc:
+        values = values.to(acc)
+    w = torch.sparse_csr_tensor(crow_indices, col, values, (m, x.shape[1]), check_invariants=False)
+    xt = (x if x.dtype == acc else x.to(acc)).t()
+    # MKL sparse x dense: [M, K] @ [K, N] -> [M, N], row-major.
     y = torch.mm(w, xt) if bias is None else torch.addmm(bias.to(acc)[:, None], w, xt)
-    return y.t().to(x.dtype).contiguous()
+    # Returned as its transpose, [N, M] with strides (1, N), not copied to row-major: the copy
+    # cost 10-30 % of the product at N = 64 (measured), and a following csr_linear wants its
+    # input in exactly this layout. _csr_linear_fake describes the same strides.
+    return y.contiguous().t().to(x.dtype)
 
 
 def _csr_linear_cuda(x, crow_indices, col_indices, values, row_order, bias):
@@ -505,7 +510,10 @@ def _csr_linear_cuda(x, crow_indices, col_indices, values, row_order, bias):
 
 
 def _csr_linear_fake(x, crow_indices, col_indices, values, row_order, bias):
-    return x.new_empty((x.shape[0], crow_indices.shape[0] - 1))
+    n, m = x.shape[0], crow_indices.shape[0] - 1
+    if x.device.type == "cpu":  # see _csr_linear_cpu: [N, M] stored column-major
+        return x.new_empty((m, n)).t()
+    return x.new_empty((n, m))
 
 
 # ---- bsr_linear
