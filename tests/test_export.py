@@ -128,3 +128,21 @@ def test_sparse_portable_is_much_smaller_than_dense(tmp_path):
         config = ExportConfig(values=values, verify=False)
         portable = export_model(model, x, tmp_path / "p.onnx", config)
         assert dense.total_bytes / portable.total_bytes > ratio
+
+
+def test_dead_units_shrink_the_file_and_keep_outputs(tmp_path):
+    from ticketc.models import lenet300
+
+    model = lenet300().eval()
+    prune_random_(model, 0.3)
+    with torch.no_grad():
+        model[1].weight[:100] = 0  # 100 hidden units with no input: constant act(bias)
+        model[3].weight[:, 200:] = 0  # 100 units nobody reads
+    x = torch.randn(1, 1, 28, 28)
+    plain = export_model(model, x, tmp_path / "plain.onnx")
+    smaller = export_model(model, x, tmp_path / "dead.onnx", ExportConfig(dead_units=True))
+    assert any("removed" in note for note in smaller.notes)
+    assert smaller.verification is not None and smaller.verification.passed  # vs the original
+    weights = onnx_weights(tmp_path / "dead.onnx")
+    assert weights["1.weight"].shape[0] < 300 - 150
+    assert smaller.total_bytes < plain.total_bytes

@@ -48,6 +48,7 @@ class ExportConfig:
     tolerance: float | None = None  # None: fp32 must match to FP32_RTOL, lossy values are reported
     opset: int | None = None  # None: torch.onnx's default
     dynamic_batch: bool = True
+    dead_units: bool = False  # drop units a ticket cut off: real dims shrink, in every runtime
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -112,7 +113,12 @@ def export_model(
     start = time.perf_counter()
     set_eval_(model)
     masks = masks if masks is not None else masks_from_zeros(model)
-    proto, notes = torch_to_onnx(model, example_input, config)
+    original, notes = model, []
+    if config.dead_units:
+        model, masks, note = _without_dead_units(model, masks)
+        notes.append(note)
+    proto, trace_notes = torch_to_onnx(model, example_input, config)
+    notes += trace_notes
     if config.format != "dense":  # dense stays exactly as torch writes it: the size baseline
         slim_(proto)
     found, missing = _pruned_initializers(proto, model, masks)
@@ -137,7 +143,8 @@ def export_model(
         verification = None
         if config.verify:
             sample = sample if sample is not None else random_sample(example_input)
-            verification = verify(stage / out.name, model, sample, config.effective_tolerance)
+            # against the model as given: dead-unit removal must not change its outputs
+            verification = verify(stage / out.name, original, sample, config.effective_tolerance)
             if not verification.passed:
                 raise UserError(
                     f"verification failed: onnxruntime differs from PyTorch beyond relative "
@@ -149,6 +156,19 @@ def export_model(
     if not any(layer.density < 1 for layer in layers):
         notes.append("no pruned layer found: every weight is dense, so the file is not smaller")
     return ExportResult(out, final, total, layers, verification, seconds, notes)
+
+
+def _without_dead_units(model: nn.Module, masks: Masks) -> tuple[nn.Module, Masks, str]:
+    from ticketc.compile.dead_units import eliminate_dead_units
+
+    smaller, report = eliminate_dead_units(model)
+    if not report.applied:
+        return model, masks, f"dead units kept: {report.reason}"
+    note = (
+        f"dead units: removed {report.removed_units} units, parameters "
+        f"{report.params_before:,} -> {report.params_after:,}"
+    )
+    return smaller, masks_from_zeros(smaller), note
 
 
 def torch_to_onnx(
