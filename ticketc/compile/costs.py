@@ -8,15 +8,15 @@ over unfolded patches, N = batch x output positions). Each format costs
 where work counts the multiply-adds the format really does (all of W for dense, nonzeros for
 CSR, stored blocks / tiles for BSR / tiled) and bytes the weight storage plus activations.
 
-Figures: CPU ones were measured on the 2-core development machine (torch 2.13, MKL, fp32:
-dense ~150 GFLOP/s at batch >= 64, torch CSR ~25 GFLOP/s of useful work plus ~3 ns per output
-element); the GPU ones start from H200 data-sheet numbers (4.8 TB/s, ~990 TFLOP/s bf16) times
-efficiency factors that are guesses until measured on the GPU. `tune=True` replaces all of this
-with timings on the actual device.
+Figures: CPU ones were measured on the 2-core development machine (see `_cpu`); the GPU ones
+start from H200 data-sheet numbers (4.8 TB/s, ~990 TFLOP/s bf16) times efficiency factors that
+are guesses until measured on the GPU. `tune=True` replaces all of this with timings on the
+actual device.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -63,20 +63,25 @@ class DeviceCosts:
 
 
 def _cpu(dtype: torch.dtype) -> DeviceCosts:
+    # Measured per thread on the development machine (torch 2.13, MKL, fp32, 300x784 /
+    # 1024x1024 / 4096x4096 layers, batch 1-256): dense ~90 GFLOP/s at batch >= 64, scaling
+    # sub-linearly with threads (~150 at 2); the CSR op ~12 GFLOP/s of useful work per thread
+    # plus ~18 us per call (custom-op dispatch and checks) and ~1.5 ns per output element.
+    threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
     # Half types on CPU: matmuls run far below fp32 speed and the CSR op upcasts the values on
     # every call; scale everything down and let tuning decide.
     slow = 1.0 if dtype in (torch.float32, torch.float64) else 0.25
     return DeviceCosts(
-        name=f"cpu-{dtype}".replace("torch.", ""),
-        bandwidth=20e9,
-        cache_bandwidth=60e9,
+        name=f"cpu{threads}-{dtype}".replace("torch.", ""),
+        bandwidth=10e9 * threads,
+        cache_bandwidth=55e9,
         cache_bytes=4 << 20,
         index_bytes=4,  # torch's CSR kernels take int32 indices directly
         formats={
-            "dense": FormatCost(4e-6, 150e9 * slow),
-            "csr": FormatCost(10e-6, 25e9 * slow, per_output_s=3e-9),
+            "dense": FormatCost(4e-6, 90e9 * threads**0.75 * slow),
+            "csr": FormatCost(18e-6, 12e9 * threads * slow, per_output_s=1.5e-9),
             # The CPU BSR path is the pure-torch reference (gather + einsum + index_add).
-            "bsr": FormatCost(30e-6, 20e9 * slow, per_output_s=3e-9),
+            "bsr": FormatCost(40e-6, 10e9 * threads * slow, per_output_s=3e-9),
         },
     )
 
