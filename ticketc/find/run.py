@@ -168,6 +168,7 @@ def find_tickets(
     configs = [c.resolved() for c in configs]
     _check_group(configs)
     cfg = configs[0]
+    resolve(cfg.arch, "model")  # a bad --model fails before any data is read
     runs = [_Run(c, Path(p), resume) for c, p in zip(configs, run_dirs, strict=True)]
     data = data if data is not None else load_data(cfg)
     kwargs = arch_kwargs(cfg, data)
