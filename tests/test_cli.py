@@ -241,3 +241,14 @@ def test_bad_flags(state_dict_file, capsys, argv, message):
 
 def test_state_dict_without_arch(state_dict_file, capsys):
     _fails_cleanly(capsys, ["export", str(state_dict_file)], "--arch")
+
+
+def test_inspect_shows_the_plan_of_a_compiled_model(tmp_path, state_dict_file, capsys):
+    out = tmp_path / "m.pt2"
+    assert main(["compile", str(state_dict_file), "--arch", ARCH, "--input-shape", "4,20",
+                 "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "compiled"
+    assert {row["name"] for row in report["plan"]} <= {"1", "3"} and report["plan"]

@@ -30,8 +30,9 @@ class LayerStats:
 @dataclass(frozen=True)
 class Inspection:
     path: str
-    kind: str  # "model" | "onnx"
+    kind: str  # "model" | "onnx" | "compiled"
     layers: list[LayerStats]
+    plan: list[dict[str, object]] | None = None  # a compiled artifact's per-layer plan
 
     @property
     def totals(self) -> dict[str, float]:
@@ -47,12 +48,15 @@ class Inspection:
         }
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "path": self.path,
             "kind": self.kind,
             "layers": [asdict(x) for x in self.layers],
             "totals": self.totals,
         }
+        if self.plan is not None:
+            out["plan"] = self.plan
+        return out
 
 
 def layer_stats(name: str, weight: torch.Tensor) -> LayerStats:
@@ -87,6 +91,12 @@ def inspect_file(
     from ticketc.load import check_file
 
     p = check_file(path)
+    if p.suffix == ".pt2":
+        from ticketc.compile.plan import plan_rows
+
+        plan = plan_rows(p)
+        if plan is not None:  # compiled by ticketc: the sparse modules hold no dense weight
+            return Inspection(str(p), "compiled", [], plan)
     if p.suffix == ".onnx":
         return Inspection(str(p), "onnx", [layer_stats(n, w) for n, w in onnx_weights(p).items()])
     from ticketc.load import load_model

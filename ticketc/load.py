@@ -150,6 +150,8 @@ def _load_torch_file(p: Path, *, arch: str | None, trust_pickle: bool) -> Loaded
 
 
 def _load_exported_program(p: Path) -> LoadedModel:
+    import ticketc.ops  # noqa: F401 - a program compiled by ticketc calls torch.ops.ticketc.*
+
     try:
         program = torch.export.load(p)
     except Exception as e:  # noqa: BLE001 - torch.export.load fails in many ways on bad files

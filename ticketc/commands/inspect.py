@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_table(result: Inspection) -> None:
+    if result.plan is not None:
+        print_plan(result)
+        return
     from rich.table import Table
 
     table = Table(title=f"{result.path} ({result.kind})", title_justify="left")
@@ -70,4 +73,26 @@ def print_table(result: Inspection) -> None:
         *[""] * len(BLOCK_SIZES),
         style="bold",
     )
+    console().print(table)
+
+
+def print_plan(result: Inspection) -> None:
+    from rich.table import Table
+
+    assert result.plan is not None
+    table = Table(title=f"{result.path} (compiled: plan per layer)", title_justify="left")
+    for column in ("layer", "shape", "density", "format", "predicted us (per format)", "reason"):
+        table.add_column(column, justify="right" if column == "density" else "left")
+    for row in result.plan:
+        predicted = ", ".join(
+            f"{k} {v:.1f}" for k, v in dict(row.get("predicted_us") or {}).items()
+        )
+        table.add_row(
+            str(row["name"]),
+            "x".join(map(str, row.get("shape", []))),
+            f"{float(row.get('density', 1.0)):.2%}",
+            str(row["format"]),
+            predicted,
+            str(row.get("reason", "")),
+        )
     console().print(table)
