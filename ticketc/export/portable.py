@@ -23,6 +23,7 @@ doc string, and intermediate names are one or two letters.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -61,7 +62,7 @@ class _Body:
             return _LETTERS[n]
         return _LETTERS[n // len(_LETTERS) - 1] + _LETTERS[n % len(_LETTERS)]
 
-    def op(self, op_type: str, *inputs: str, **attrs: object) -> str:
+    def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
         out = self.fresh()
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
         return out

@@ -19,7 +19,7 @@ import numpy as np
 
 __all__ = ["MAX_K", "best_k", "decode", "encode", "nbytes"]
 
-MAX_K = 24  # remainders of up to 24 bits: gaps of 16M elements cost one unary bit
+MAX_K = 16  # remainders of up to 16 bits; sparser tensors are better off with gap16 anyway
 
 
 def nbytes(gaps: np.ndarray, k: int) -> int:
