@@ -357,7 +357,8 @@ def test_compact_check_names_the_broken_invariant(change, message):
     ("change", "message"),
     [
         ({"remainders": None}, "need uint8 remainder planes"),
-        ({"remainders": np.zeros((2, 3), np.uint8)}, r"must be \[k <= 16, 1\]"),
+        ({"remainders": np.zeros((2, 3), np.uint8)}, r"must be \[1 <= k <= 16, 1\]"),
+        ({"remainders": np.zeros((0, 1), np.uint8)}, r"must be \[1 <= k <= 16, 1\]"),
         ({"remainders": np.full((2, 1), 0xF0, np.uint8)}, "past the last entry"),
         ({"positions": np.array([1, 0, 0, 0, 0, 0, 0, 0xC0], np.uint8)}, "run past the end"),
     ],

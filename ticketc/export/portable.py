@@ -101,14 +101,12 @@ def _rice_index(b: _Body) -> tuple[str, str]:
     # NonZero its output shape is known once count is, so onnxruntime still constant-folds it.
     z = b.fresh()
     b.nodes.append(helper.make_node("TopK", [unary, count], [b.fresh(), z], largest=1, sorted=1))
-    planes = b.bits("r")  # [k, bytes, 8]: bit j of every remainder
+    # [k, 8 * bytes]: bit j of every remainder (k >= 1, so the 0 in [0, -1] copies a nonzero
+    # dim, which shape inference requires).
+    planes = b.op("Reshape", b.bits("r"), b.const([0, -1]))
     k = b.op("Slice", b.op("Shape", "r"), b.const([0]), b.const([1]))
     powers = b.op("Slice", b.const([1 << j for j in range(_MAX_RICE_K)]), b.const([0]), k)
-    column = b.op("Unsqueeze", powers, b.const([1, 2]))  # [k, 1, 1]
-    # Reduce over the planes before flattening: no Reshape of a possibly empty [0, ...] (k = 0).
-    summed = b.op("ReduceSum", b.op("Mul", planes, column), b.const([0]), keepdims=0)
-    flat = b.op("Reshape", summed, b.const([-1]))
-    remainder = b.op("Slice", flat, b.const([0]), count)
+    remainder = b.op("Slice", b.op("MatMul", powers, planes), b.const([0]), count)
     minus_one = b.const(-1)
     m_minus_1 = b.op("ReduceSum", powers, keepdims=0)  # 2^k - 1
     scale = b.op("Sub", m_minus_1, minus_one)  # 2^k

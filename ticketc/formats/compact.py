@@ -349,9 +349,9 @@ class Compact:
         if planes is None or planes.dtype != np.uint8 or planes.ndim != 2:
             raise ValueError("rice positions need uint8 remainder planes [k, ceil(entries / 8)]")
         count = self.entries
-        if not 0 <= planes.shape[0] <= rice.MAX_K or planes.shape[1] != (count + 7) // 8:
+        if not 1 <= planes.shape[0] <= rice.MAX_K or planes.shape[1] != (count + 7) // 8:
             raise ValueError(
-                f"rice remainder planes must be [k <= {rice.MAX_K}, {(count + 7) // 8}], "
+                f"rice remainder planes must be [1 <= k <= {rice.MAX_K}, {(count + 7) // 8}], "
                 f"got {list(planes.shape)}"
             )
         if np.unpackbits(planes, axis=1, bitorder="little")[:, count:].any():

@@ -30,15 +30,19 @@ def nbytes(gaps: np.ndarray, k: int) -> int:
 
 
 def best_k(gaps: np.ndarray) -> int:
-    """The k in [0, MAX_K] that stores `gaps` in the fewest bytes (smallest k on ties)."""
-    sizes = [nbytes(gaps, k) for k in range(MAX_K + 1)]
-    return int(np.argmin(sizes))
+    """The k in [1, MAX_K] that stores `gaps` in the fewest bytes (smallest k on ties).
+
+    k = 0 (pure unary) only wins above ~50 % density, where a bitmask is as small; excluding
+    it keeps the decoder's plane matrix [k, ...] non-empty, which ONNX shape inference needs.
+    """
+    sizes = [nbytes(gaps, k) for k in range(1, MAX_K + 1)]
+    return 1 + int(np.argmin(sizes))
 
 
 def encode(gaps: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(unary uint8 [ceil(T / 8)], remainder planes uint8 [k, ceil(m / 8)]) for gaps >= 1."""
-    if not 0 <= k <= MAX_K:
-        raise ValueError(f"Rice parameter k must be in [0, {MAX_K}], got {k}")
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"Rice parameter k must be in [1, {MAX_K}], got {k}")
     x = gaps.astype(np.int64) - 1
     q, r = x >> k, x & ((1 << k) - 1)
     terminators = np.cumsum(q + 1) - 1
