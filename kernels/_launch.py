@@ -6,6 +6,7 @@ Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -44,6 +45,7 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=16)
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors to fill (a nominal 8 under the interpreter keeps grids small)."""
     if device.type != "cuda":

@@ -207,10 +207,11 @@ def test_ops_without_bias_and_on_an_all_zero_weight():
     assert torch.equal(torch.ops.ticketc.tiled_linear(*tiled_args(w, x, None)), torch.zeros(3, 6))
 
 
+@pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("op", ["csr", "bsr", "tiled"])
-def test_opcheck(op):
+def test_opcheck(op, n):
     w = masked_weight(20, 40, 0.2)
-    x, bias = rand(3, 40), rand(20, seed=2)
+    x, bias = rand(n, 40), rand(20, seed=2)
     args = {"csr": csr_args(w, x, bias), "bsr": bsr_args(w, x, bias, 16),
             "tiled": tiled_args(w, x, bias)}[op]  # fmt: skip
     target = getattr(torch.ops.ticketc, f"{op}_linear").default
