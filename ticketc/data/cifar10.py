@@ -29,6 +29,8 @@ _ALLOWED = {
     ("numpy", "dtype"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    # Python 3 writes bytes as _codecs.encode(str, "latin1") in protocol 2 pickles.
+    ("_codecs", "encode"),
     ("builtins", "list"),
     ("builtins", "dict"),
 }
