@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from ticketc.export.portable import DOMAIN, decode_function, function_name, to_portable
+from ticketc.export.portable import (
+    DOMAIN,
+    decode_function,
+    function_name,
+    read_portable,
+    to_portable,
+)
 from ticketc.formats import POSITIONS_KINDS, VALUES_KINDS, Compact
 
 KINDS = list(itertools.product(POSITIONS_KINDS, VALUES_KINDS))
@@ -182,6 +188,28 @@ def test_gap16_fillers_decode_in_both_runtimes():
         expected = compact.to_dense().numpy()
         np.testing.assert_array_equal(_session(portable).run(None, {})[0], expected)
         np.testing.assert_array_equal(ReferenceEvaluator(portable).run(None, {})[0], expected)
+
+
+@pytest.mark.parametrize(("positions", "values"), KINDS)
+def test_read_portable_gives_back_the_compact_weights(positions, values):
+    model, weights = conv_mlp()
+    compact = {
+        n: Compact.from_dense(w, values=values, positions=positions) for n, w in weights.items()
+    }
+    back = read_portable(to_portable(model, compact))
+    assert set(back) == set(compact)
+    for name, original in compact.items():
+        got = back[name]
+        got.check()
+        assert (got.shape, got.positions_kind, got.values_kind) == (
+            original.shape,
+            original.positions_kind,
+            original.values_kind,
+        )
+        assert got.nbytes == original.nbytes
+        assert torch.equal(got.to_dense(), original.to_dense())
+        if values in ("fp32", "fp16"):  # no real nonzero can decode to 0: nnz is exact
+            assert got.nnz == original.nnz
 
 
 # --------------------------------------------------------------------------- graph structure

@@ -23,6 +23,7 @@ doc string, and intermediate names are one or two letters.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ticketc.formats.compact import POSITIONS_KINDS, VALUES_KINDS, Compact
 from ticketc.formats.rice import MAX_K as _MAX_RICE_K
 
-__all__ = ["DOMAIN", "decode_function", "function_name", "to_portable"]
+__all__ = ["DOMAIN", "decode_function", "function_name", "read_portable", "to_portable"]
 
 DOMAIN = "ticketc"
 MIN_OPSET = 13  # DequantizeLinear axis, ReduceProd/Unsqueeze forms used below
@@ -281,4 +282,47 @@ def to_portable(
     )
     if not any(entry.domain == DOMAIN for entry in out.opset_import):
         out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    out.ir_version = max(out.ir_version, 8)  # model-local functions need IR 8
     return out
+
+
+def read_portable(model: onnx.ModelProto) -> dict[str, Compact]:
+    """The `Compact` weights of a portable model, keyed by the decoded tensor's name.
+
+    The inverse of `to_portable` for the weights, in numpy (no runtime needed): use it to
+    inspect a file or decode it with `Compact.to_dense()`. `nnz` is recovered as the entries
+    that are not gap fillers (a maximal gap whose value decodes to 0).
+    """
+    kinds = {function_name(p, v): (p, v) for p in POSITIONS_KINDS for v in VALUES_KINDS}
+    arrays = {init.name: init for init in model.graph.initializer}
+    found: dict[str, Compact] = {}
+    for node in model.graph.node:
+        if node.domain != DOMAIN or node.op_type not in kinds:
+            continue
+        positions_kind, values_kind = kinds[node.op_type]
+        names = list(node.input)
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise ValueError(f"decode node for {node.output[0]!r} reads missing arrays {missing}")
+        data = [numpy_helper.to_array(arrays[n]) for n in names]
+        remainders = data.pop(1) if positions_kind == "rice" else None
+        positions, values = data[0], data[1]
+        side = data[2] if len(data) > 2 else None
+        shape = next(tuple(a.ints) for a in node.attribute if a.name == _SHAPE_ATTR)
+        weight = Compact(
+            shape=shape,
+            positions_kind=positions_kind,
+            positions=positions,
+            values_kind=values_kind,
+            values=values,
+            nnz=0,
+            scale=side.reshape(-1) if values_kind == "int8" and side is not None else None,
+            codebook=side if values_kind == "int4" else None,
+            remainders=remainders,
+        )
+        fillers = 0
+        if positions_kind in ("gap8", "gap16"):
+            maximal = positions == np.iinfo(positions.dtype).max
+            fillers = int((maximal & (weight.entry_values() == 0)).sum())
+        found[node.output[0]] = replace(weight, nnz=weight.entries - fillers)
+    return found
