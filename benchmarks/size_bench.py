@@ -24,14 +24,15 @@ import time
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import torch
 from torch import nn
 
 import ticketc
 from ticketc.export import ExportConfig, export_model
-from ticketc.export.onnx_export import _quiet, torch_to_onnx
 from ticketc.export.portable import to_portable
+from ticketc.export.trace import quiet, slim_, torch_to_onnx
 from ticketc.formats.compact import Compact
 from ticketc.masks import PRUNABLE
 from ticketc.models import conv2, example_input, lenet300
@@ -78,7 +79,9 @@ def files_bytes(result) -> int:
 
 def dense_fp16_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """The dense export with every float initializer stored as fp16 (and cast back in-graph)."""
-    proto, _ = torch_to_onnx(model, x, ExportConfig(format="dense"))
+    program, _ = torch_to_onnx(model, x, dynamic_batch=True, opset=None)
+    proto = ir.to_proto(program.model)
+    slim_(proto)
     half = [i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
     return to_portable(proto, {}, half=half).ByteSize()
 
@@ -142,7 +145,7 @@ def timings(model: nn.Module, x: torch.Tensor, work: Path, repeat: int) -> dict[
     """Export time vs torch's own dense export; session creation portable vs dense."""
 
     def torch_export() -> None:
-        with _quiet():
+        with quiet():
             torch.onnx.export(
                 model,
                 (x,),

@@ -8,27 +8,29 @@ initializer for its compact encoding (portable), for an ONNX sparse initializer,
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import logging
 import os
-import re
 import shutil
 import tempfile
 import time
-import traceback
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 from ticketc import __version__
 from ticketc.errors import UserError
+from ticketc.export.trace import (
+    Found,
+    drop_data_,
+    find_pruned,
+    quiet,
+    slim_,
+    torch_to_onnx,
+)
 from ticketc.load import set_eval_
 from ticketc.masks import Masks, masks_from_zeros
 from ticketc.verify import FP32_RTOL, Verification, random_sample, verify
@@ -117,29 +119,33 @@ def export_model(
     if config.dead_units:
         model, masks, note = _without_dead_units(model, masks)
         notes.append(note)
-    proto, trace_notes = torch_to_onnx(model, example_input, config)
+    program, trace_notes = torch_to_onnx(
+        model, example_input, dynamic_batch=config.dynamic_batch, opset=config.opset
+    )
     notes += trace_notes
-    if config.format != "dense":  # dense stays exactly as torch writes it: the size baseline
-        slim_(proto)
-    found, missing = _pruned_initializers(proto, model, masks)
+    found, missing = find_pruned(program.model.graph, model, masks)
     notes += missing
-    proto, stored = _rewrite(proto, {f.initializer: f.weight for f in found}, config)
-    layers = [
-        LayerRecord(
-            f.name,
-            f.initializer,
-            tuple(f.weight.shape),
-            f.nnz,
-            f.nnz / max(f.weight.numel(), 1),
-            *stored.get(f.initializer, ("dense", 4 * f.weight.numel())),
-        )
-        for f in found
-    ]
-    _add_metadata(proto, config, layers)
+    if config.format == "dense":
+        layers = [_record(f, ("dense", 4 * f.weight.numel())) for f in found]
+        program.model.metadata_props["ticketc"] = _metadata(config, layers)
+
+        def write(path: Path) -> None:
+            with quiet():  # exactly torch's own export: the baseline of every size figure
+                program.save(path, external_data=True)
+    else:
+        proto, stored = _sparse_proto(program, found, config)
+        layers = [_record(f, stored[f.initializer]) for f in found]
+        proto.metadata_props.add(key="ticketc", value=_metadata(config, layers))
+        proto.producer_name, proto.producer_version = "ticketc", __version__
+
+        def write(path: Path) -> None:
+            _save(proto, path)
+
     seconds = time.perf_counter() - start
     out = Path(out)
     with _staging(out) as stage:
-        files = _save(proto, stage / out.name)
+        write(stage / out.name)
+        files = sorted(stage.iterdir())
         verification = None
         if config.verify:
             sample = sample if sample is not None else random_sample(example_input)
@@ -171,178 +177,62 @@ def _without_dead_units(model: nn.Module, masks: Masks) -> tuple[nn.Module, Mask
     return smaller, masks_from_zeros(smaller), note
 
 
-def torch_to_onnx(
-    model: nn.Module, example_input: torch.Tensor, config: ExportConfig
-) -> tuple[onnx.ModelProto, list[str]]:
-    """torch.onnx (dynamo) with a dynamic batch dimension; names the layer that cannot export.
-
-    Returns the dense model and notes for the user (e.g. why the batch size had to be fixed).
-    """
-    notes: list[str] = []
-    program = None
-    if config.dynamic_batch and example_input.dim() > 0:
-        # torch.export specialises dimensions of size 1, so trace the batch at size 2.
-        traced = example_input
-        if example_input.shape[0] == 1:
-            traced = example_input.expand(2, *example_input.shape[1:]).contiguous()
-        batch = torch.export.Dim("batch")
-        try:
-            program = torch.export.export(model, (traced,), dynamic_shapes=({0: batch},))
-        except Exception as e:  # noqa: BLE001 - torch.export raises many types
-            notes.append(f"batch size fixed at {example_input.shape[0]}: {_first_line(e)[:150]}")
-    if program is None:
-        try:
-            program = torch.export.export(model, (example_input,))
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"cannot trace the model with torch.export: {_first_line(e)}") from e
-    try:
-        with _quiet():
-            onnx_program = torch.onnx.export(
-                program, dynamo=True, opset_version=config.opset, verbose=False
-            )
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot export to ONNX: {_blame(program, e)}") from e
-    assert onnx_program is not None
-    return onnx_program.model_proto, notes
+def _record(found: Found, stored: tuple[str, int]) -> LayerRecord:
+    nnz, numel = found.nnz, found.weight.numel()
+    shape = tuple(found.weight.shape)
+    return LayerRecord(found.name, found.initializer, shape, nnz, nnz / max(numel, 1), *stored)
 
 
-def slim_(proto: onnx.ModelProto) -> None:
-    """Drop what torch.onnx adds for debugging (stack traces, module paths, inferred shapes).
-
-    About 5 KB on Lenet-300-100: a third of a 3.6 %-dense int4 file. ONNX needs none of it.
-    """
-    graph = proto.graph
-    del graph.value_info[:]
-    graph.doc_string = ""
-    for node in graph.node:
-        del node.metadata_props[:]
-        node.doc_string = ""
-        node.name = ""
-    for value in [*graph.input, *graph.output]:
-        del value.metadata_props[:]
-        value.doc_string = ""
-
-
-def _blame(program: torch.export.ExportedProgram, error: Exception) -> str:
-    """Name the layer whose operator torch.onnx could not translate."""
-    text = "".join(traceback.format_exception(error))
-    for node in program.graph.nodes:
-        if node.op != "call_function" or str(node.target) not in text:
-            continue
-        stack = node.meta.get("nn_module_stack") or {}
-        layer = "the model's forward"
-        if stack:
-            path, cls = list(stack.values())[-1]
-            layer = f"layer {path or '(top level)'!r} ({getattr(cls, '__name__', cls)})"
-        return f"{layer} uses {node.target}, which torch.onnx cannot translate"
-    return re.sub(r"\x1b\[[0-9;]*m", "", _first_line(error))
-
-
-@contextlib.contextmanager
-def _quiet():
-    """torch.onnx logs and warns a lot (missing torchvision, progress lines): hide it."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-@dataclass(frozen=True)
-class _Found:
-    name: str  # parameter name
-    initializer: str  # graph initializer holding it
-    weight: torch.Tensor  # as stored in the graph (possibly transposed)
-    nnz: int
-
-
-def _pruned_initializers(
-    proto: onnx.ModelProto, model: nn.Module, masks: Masks
-) -> tuple[list[_Found], list[str]]:
-    """The graph initializer of every masked weight (by name, or as the optimizer transposed it)."""
-    params = dict(model.named_parameters())
-    by_name = {init.name: init for init in proto.graph.initializer}
-    found: list[_Found] = []
-    notes: list[str] = []
-    for name, mask in masks.items():
-        weight = params[name].detach().float()
-        init_name, stored = _find_initializer(by_name, name, weight)
-        if init_name is None:
-            notes.append(f"{name}: not found among the ONNX initializers, left as torch wrote it")
-            continue
-        found.append(_Found(name, init_name, stored, int(mask.sum())))
-    return found, notes
-
-
-def _find_initializer(
-    by_name: dict[str, onnx.TensorProto], name: str, weight: torch.Tensor
-) -> tuple[str | None, torch.Tensor]:
-    if name in by_name and tuple(by_name[name].dims) == tuple(weight.shape):
-        return name, weight
-    # torch.onnx's optimizer folds Transpose(weight) into a new initializer for MatMul.
-    if weight.dim() == 2:
-        transposed = weight.t().contiguous()
-        for init in by_name.values():
-            if (
-                tuple(init.dims) == tuple(transposed.shape)
-                and init.data_type == onnx.TensorProto.FLOAT
-            ):
-                value = numpy_helper.to_array(init)
-                if np.array_equal(value, transposed.numpy()):
-                    return init.name, transposed
-    return None, weight
-
-
-def _rewrite(
-    proto: onnx.ModelProto, weights: dict[str, torch.Tensor], config: ExportConfig
+def _sparse_proto(
+    program: torch.onnx.ONNXProgram, found: list[Found], config: ExportConfig
 ) -> tuple[onnx.ModelProto, dict[str, tuple[str, int]]]:
-    """Swap the pruned initializers for their sparse form; returns initializer -> (codec, bytes)."""
-    if config.format == "dense" or not weights:
-        return proto, {}
+    """The graph with each pruned weight stored sparse; returns initializer -> (codec, bytes).
+
+    Weights are encoded one at a time from the torch tensors, and their dense data is dropped
+    from the graph before it is serialised, so no second dense copy of the model is ever made.
+    """
+    graph = program.model.graph
+    stored: dict[str, tuple[str, int]] = {}
     if config.format == "sparse-initializer":
         from ticketc.export.sparse_initializer import to_sparse_initializer
 
-        # int64 linear indices + fp32 values per nonzero
-        stored = {n: ("coo-int64", 12 * int(w.count_nonzero())) for n, w in weights.items()}
+        weights = {f.initializer: f.weight for f in found}
+        for name, w in weights.items():
+            stored[name] = ("coo-int64", 12 * int(w.count_nonzero()))  # int64 index + fp32 value
+            drop_data_(graph, name)
+        proto = ir.to_proto(program.model)
+        slim_(proto)
         return to_sparse_initializer(proto, weights), stored
+
     from ticketc.export.portable import to_portable
     from ticketc.formats.compact import Compact
 
-    encoded = {name: Compact.from_dense(w, values=config.values) for name, w in weights.items()}
+    encoded = {}
+    for f in found:
+        c = encoded[f.initializer] = Compact.from_dense(f.weight, values=config.values)
+        stored[f.initializer] = (f"{c.positions_kind}+{c.values_kind}", c.nbytes)
+        drop_data_(graph, f.initializer)
+    proto = ir.to_proto(program.model)
+    slim_(proto)
     # In lossy modes the other float initializers (biases) go to fp16 too: they count at this scale.
-    half = (
-        []
-        if config.values == "fp32"
-        else [
-            init.name
-            for init in proto.graph.initializer
-            if init.name not in encoded and init.data_type == onnx.TensorProto.FLOAT
-        ]
-    )
-    stored = {n: (f"{c.positions_kind}+{c.values_kind}", c.nbytes) for n, c in encoded.items()}
+    half = [
+        init.name
+        for init in proto.graph.initializer
+        if config.values != "fp32"
+        and init.name not in encoded
+        and init.data_type == onnx.TensorProto.FLOAT
+    ]
     return to_portable(proto, encoded, half=half), stored
 
 
-def _add_metadata(proto: onnx.ModelProto, config: ExportConfig, layers: list[LayerRecord]) -> None:
+def _metadata(config: ExportConfig, layers: list[LayerRecord]) -> str:
     """Version and per-layer density / codec, as one compact JSON entry (it counts in the size)."""
     records = [
         {"name": layer.name, "density": round(layer.density, 6), "codec": layer.codec}
         for layer in layers
     ]
-    meta = {
-        "version": __version__,
-        "format": config.format,
-        "values": config.values,
-        "layers": records,
-    }
-    del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "ticketc", json.dumps(meta, separators=(",", ":"))
-    proto.producer_name, proto.producer_version = "ticketc", __version__
+    meta = {"version": __version__, "format": config.format, "values": config.values}
+    return json.dumps({**meta, "layers": records}, separators=(",", ":"))
 
 
 def read_metadata(proto: onnx.ModelProto) -> dict[str, object] | None:
@@ -369,10 +259,10 @@ def _staging(out: Path):
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _save(proto: onnx.ModelProto, path: Path) -> list[Path]:
+def _save(proto: onnx.ModelProto, path: Path) -> None:
     if proto.ByteSize() < EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(proto, path)
-        return [path]
+        return
     data = path.with_name(path.name + ".data")
     onnx.save_model(
         proto,
@@ -382,7 +272,6 @@ def _save(proto: onnx.ModelProto, path: Path) -> list[Path]:
         location=data.name,
         size_threshold=1024,
     )
-    return [path, data]
 
 
 def _commit(stage: Path, out: Path, files: list[Path]) -> list[Path]:
@@ -396,8 +285,3 @@ def _commit(stage: Path, out: Path, files: list[Path]) -> list[Path]:
     if stale not in final and stale.exists():
         stale.unlink()  # belonged to the file just replaced
     return final
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else type(e).__name__

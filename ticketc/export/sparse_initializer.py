@@ -57,11 +57,13 @@ def to_sparse_initializer(
             kind = type(weight).__name__
             raise TypeError(f"weights[{name!r}] must be a torch.Tensor, got {kind}")
         dense = weight.detach().cpu().numpy()
-        target = numpy_helper.to_array(by_name[name])
-        if dense.shape != target.shape or dense.dtype != target.dtype:
+        # dims and type only: the exporter may have dropped the dense data already
+        target = by_name[name]
+        target_dtype = helper.tensor_dtype_to_np_dtype(target.data_type)
+        if dense.shape != tuple(target.dims) or dense.dtype != target_dtype:
             raise ValueError(
                 f"weights[{name!r}] is {dense.dtype}{list(dense.shape)}, "
-                f"initializer is {target.dtype}{list(target.shape)}"
+                f"initializer is {target_dtype}{list(target.dims)}"
             )
         tensors.append(_sparse_tensor(name, dense))
 
