@@ -146,9 +146,11 @@ def test_pt2_round_trip_with_dynamic_batch(tmp_path):
     x = torch.randn(8, 1, 28, 28)
     compiled = tc.compile(model, CompileConfig(batch_size=64), example_input=x)
     assert any(isinstance(m, SparseLinear) for m in compiled.modules())
-    out, plan_path = save_compiled(
-        export_program(compiled, x), plan_of(compiled), tmp_path / "m.pt2"
-    )
+    program = export_program(compiled, x)
+    # the graph calls ticketc's ops (not the eager CPU fast path) and holds no sparse tensor
+    assert "ticketc.csr_linear" in str(program.graph)
+    assert all(t.layout == torch.strided for t in program.state_dict.values())
+    out, plan_path = save_compiled(program, plan_of(compiled), tmp_path / "m.pt2")
     assert plan_path == tmp_path / "m.plan.json"
     loaded = load_program(out).module()
     for batch in (3, 8):
@@ -184,3 +186,15 @@ def test_rejects_what_it_cannot_compile():
         tc.compile(lenet300(), masks={"nope.weight": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="example input"):
         tc.compile(conv_net())
+
+
+def test_eager_cpu_fast_path_matches_the_op():
+    layer = _prune(nn.Sequential(nn.Linear(30, 20)), 0.2)[0]
+    sparse = SparseLinear.from_dense(layer.weight, layer.bias, "csr")
+    x = torch.randn(7, 30)
+    via_op = torch.ops.ticketc.csr_linear(
+        x, sparse.crow_indices, sparse.col_indices, sparse.values, sparse.row_order, sparse.bias
+    )
+    torch.testing.assert_close(sparse(x), via_op)
+    sparse.values.mul_(2)  # in-place updates are seen (the cached CSR tensor shares storage)
+    torch.testing.assert_close(sparse(x), 2 * via_op - sparse.bias)

@@ -12,6 +12,7 @@ import torch
 
 from ticketc.commands._common import add_model_arguments, example_and_sample, load_from_args
 from ticketc.compile.config import DTYPES, CompileConfig
+from ticketc.compile.planner import LAYERS
 from ticketc.errors import UserError
 
 NAME = "compile"
@@ -73,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
     out = _output_path(args)
     loaded = load_from_args(args)
     example, sample = example_and_sample(args, loaded)
+    if not any(isinstance(m, LAYERS) for m in loaded.model.modules()):
+        raise UserError(
+            f"{args.model} has no Linear/Conv modules to compile (a torch.export program is "
+            "already lowered: compile the model it was exported from)"
+        )
     compiled = compile(loaded.model, config, masks=loaded.masks, example_input=example)
     plan = plan_of(compiled)
     assert plan is not None
@@ -115,7 +121,7 @@ def _max_error(
 ) -> float:
     """Largest |compiled - dense masked| on the sample, as a check the user can read."""
     with torch.no_grad():
-        ref = dense.eval()(x.float())
+        ref = dense(x.float())  # load_model already put it in eval mode
         got = compiled(x.to(device=config.device, dtype=config.torch_dtype))
     return float((got.float().cpu() - ref.float()).abs().max())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -34,7 +35,9 @@ def compile(
     """
     config = config or CompileConfig()
     module, masks, example_input = _unpack(model, masks, example_input)
-    module = copy.deepcopy(module).eval()
+    module = copy.deepcopy(module)
+    with contextlib.suppress(NotImplementedError):  # torch.export modules refuse eval()
+        module.eval()
     if masks:
         apply_masks_(module, masks)
     report = None

@@ -128,7 +128,8 @@ def _on(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module
 def trace_shapes(model: nn.Module, example_input: Tensor | None) -> dict[str, tuple]:
     """Module name -> (input shape, output shape) of each layer, from one sample of the input.
 
-    Runs on a single sample (batch 1): the plan scales to the planned batch size.
+    Runs on a single sample where the model allows (the plan scales to the planned batch size
+    and only per-sample dims are used).
     """
     if example_input is None:
         return {}
@@ -141,13 +142,17 @@ def trace_shapes(model: nn.Module, example_input: Tensor | None) -> dict[str, tu
                 shapes.setdefault(name, (tuple(args[0].shape), tuple(out.shape)))
 
             hooks.append(m.register_forward_hook(hook))
+    param = next(model.parameters(), None)
+    x = example_input
+    if param is not None:
+        x = x.to(device=param.device, dtype=param.dtype)
     try:
         with torch.no_grad():
-            param = next(model.parameters(), None)
-            x = example_input[:1]
-            if param is not None:
-                x = x.to(device=param.device, dtype=param.dtype)
-            model(x)
+            try:
+                model(x[:1])
+            except Exception:  # noqa: BLE001 - e.g. a program exported with a fixed batch
+                shapes.clear()
+                model(x)
     finally:
         for h in hooks:
             h.remove()
