@@ -32,11 +32,13 @@ import torch.nn.functional as F
 from ticketc.data import load_dataset
 from ticketc.find import FindConfig, find_tickets, pruning
 from ticketc.find.ensemble import Ensemble
-from ticketc.find.report import collect, plot, table_markdown, to_json
+from ticketc.find.report import collect, export_size, plot, table_markdown, to_json
 from ticketc.models import lenet300
 
 OUT = Path(__file__).parent / "results" / "find_lenet_mnist"
 PAPER_LEVELS = (3, 7, 9, 12, 15, 18)  # 51.3 / 21.1 / 13.5 / 7.0 / 3.6 / 1.9 % remaining
+# 3 seeds x (19 ticket levels + 18 reinit-control levels) x 50K iterations
+PAPER_PROTOCOL_MODEL_STEPS = 3 * (19 + 18) * 50_000
 
 
 def environment() -> dict[str, object]:
@@ -142,20 +144,28 @@ def measure_speed(x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) ->
                      "ensemble_samples": batched})
         print(f"speed level {level}: plain {p:.2f} ms/model-step, ensemble {b / members:.2f} "
               f"ms/model-step ({members} members), {p / (b / members):.2f}x", flush=True)
-    model_levels = args.seeds * (args.rounds + 1) + args.seeds * args.rounds  # controls
+    return {"rows": rows, "steps_per_measure": args.speed_steps,
+            "repeats": args.speed_repeats, **extrapolate(rows)}
+
+
+def extrapolate(rows: list[dict]) -> dict[str, float]:
+    """Hours of the paper's protocol (3 seeds, 18 rounds, 50K iterations, reinit control at
+    every pruned level) at the measured per-model-step times (mean over measured levels)."""
+    model_steps = PAPER_PROTOCOL_MODEL_STEPS
     mean_plain = statistics.fmean(r["plain_ms_per_model_step"] for r in rows)
     mean_ens = statistics.fmean(r["ensemble_ms_per_model_step"] for r in rows)
     return {
-        "rows": rows,
-        "steps_per_measure": args.speed_steps,
-        "protocol_model_steps": model_levels * args.iterations,
-        "plain_protocol_hours_extrapolated": model_levels * args.iterations * mean_plain / 3.6e6,
-        "ensemble_protocol_hours_extrapolated": model_levels * args.iterations * mean_ens / 3.6e6,
+        "protocol_model_steps": model_steps,
+        "plain_protocol_hours_extrapolated": model_steps * mean_plain / 3.6e6,
+        "ensemble_protocol_hours_extrapolated": model_steps * mean_ens / 3.6e6,
     }
 
 
-def write_results(run_dirs: list[Path], extra: dict) -> None:
+def write_results(run_dirs: list[Path], extra: dict, export: bool = False) -> None:
     rows = collect(run_dirs)
+    if export:
+        for r in rows:
+            r.export_bytes = export_size(run_dirs[0] / f"level_{r.level:02d}")
     OUT.mkdir(parents=True, exist_ok=True)
     plot(rows, OUT, title="Lenet-300-100 / MNIST, IMP reset to init")
     result = {"environment": environment(), **extra, "levels": to_json(rows)}
@@ -171,6 +181,7 @@ def write_results(run_dirs: list[Path], extra: dict) -> None:
     md.append("")
     md.append(table_markdown(rows))
     if "speed" in extra:
+        extra["speed"].update(extrapolate(extra["speed"]["rows"]))
         md.append("## Speed: plain loop vs batched ensemble (ms per model-step, median)")
         md.append("")
         md.append("| level | plain loop | ensemble | speed-up |")
@@ -181,12 +192,41 @@ def write_results(run_dirs: list[Path], extra: dict) -> None:
                       f"| {r['speedup']:.2f}x |")
         s = extra["speed"]
         md.append("")
-        md.append(f"Extrapolated to the protocol ({s['protocol_model_steps']:,} model-steps): "
+        md.append(f"Extrapolated to the paper's protocol (3 seeds x (19 ticket + 18 reinit "
+                  f"levels) x 50K = {s['protocol_model_steps']:,} model-steps): "
                   f"plain loop {s['plain_protocol_hours_extrapolated']:.2f} h, ensemble "
                   f"{s['ensemble_protocol_hours_extrapolated']:.2f} h.")
+    md += verdict(rows)
     md.append("")
     md.append("![accuracy](accuracy.png) ![early stop](early_stop.png)")
+    if any(r.export_bytes is not None for r in rows):
+        md.append("![export size](export_size.png)")
     (OUT / "results.md").write_text("\n".join(md) + "\n")
+
+
+def verdict(rows: list) -> list[str]:
+    """The reproduction's claims checked against the finished levels."""
+    out = ["", "## Checks", ""]
+    dense = rows[0]
+    d_mean, d_std, _ = dense.stat("ticket", "early_stop_test_acc")
+    target = next((r for r in rows if abs(100 * r.density - 3.6) < 0.05), None)
+    if target is None:
+        out.append("- The 3.6% level has not finished yet.")
+        return out
+    t_mean, t_std, n = target.stat("ticket", "early_stop_test_acc")
+    out.append(f"- Ticket at {100 * target.density:.1f}%: {100 * t_mean:.2f} ± {100 * t_std:.2f}% "
+               f"test accuracy at early stopping vs dense {100 * d_mean:.2f} ± {100 * d_std:.2f}% "
+               f"({n} seeds): {'reaches' if t_mean >= d_mean - 0.001 else 'does NOT reach'} the "
+               "dense accuracy (tolerance 0.1 point).")
+    c_mean, c_std, cn = target.stat("reinit", "early_stop_test_acc")
+    if cn:
+        gap = 100 * (t_mean - c_mean)
+        # "clearly": the gap exceeds three times the larger seed-to-seed spread
+        clear = gap > 3 * max(100 * c_std, 100 * t_std, 0.1)
+        out.append(f"- Random re-initialisation at {100 * target.density:.1f}%: "
+                   f"{100 * c_mean:.2f} ± {100 * c_std:.2f}%, {gap:.2f} points below the ticket "
+                   f"({'clearly worse' if clear else 'NOT clearly worse'}).")
+    return out
 
 
 def main() -> int:
@@ -204,6 +244,10 @@ def main() -> int:
     p.add_argument("--speed-repeats", type=int, default=3)
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-protocol", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the results from the run directories (no training)")
+    p.add_argument("--export-sizes", action="store_true",
+                   help="with --report-only: export every level of seed 0 and plot the size")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,6 +275,12 @@ def main() -> int:
     run_dirs = [args.runs / f"seed_{c.seed}" for c in configs]
     wall_path = OUT / "wall.json"
     wall = json.loads(wall_path.read_text()) if wall_path.exists() else {"protocol_wall_s": 0.0}
+    if args.report_only:
+        extra["protocol_wall_s"] = wall["protocol_wall_s"]
+        extra["command"] = wall.get("command", extra["command"])
+        write_results(run_dirs, extra, export=args.export_sizes)
+        return 0
+    wall["command"] = extra["command"]
     for level in range(args.rounds + 1):
         start = time.perf_counter()
         find_tickets(configs, run_dirs, resume=True, data=data, progress=False,

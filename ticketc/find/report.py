@@ -159,11 +159,11 @@ def plot(rows: Sequence[LevelSummary], out_dir: Path, title: str = "") -> list[P
         fig.savefig(out_dir / name, dpi=120)
         plt.close(fig)
         paths.append(out_dir / name)
-    sized = [r for r in rows if r.export_bytes is not None]
+    sized = [(100 * r.density, r.export_bytes / 1024) for r in rows if r.export_bytes is not None]
     if sized:
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([100 * r.density for r in sized], [r.export_bytes / 1024 for r in sized],
-                marker="o", label="portable ONNX, fp32 values")
+        ax.plot([s[0] for s in sized], [s[1] for s in sized], marker="o",
+                label="portable ONNX, fp32 values")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.invert_xaxis()
