@@ -172,3 +172,15 @@ def test_unreadable_files(tmp_path, content):
         path.write_bytes(content)
     with pytest.raises(UserError):
         load_model(path, arch=ARCH)
+
+
+def test_atomic_writes_have_ordinary_permissions(tmp_path):
+    import os
+
+    from ticketc.atomic import atomic_path
+
+    with atomic_path(tmp_path / "f.bin") as tmp:
+        tmp.write_bytes(b"x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o666 & ~umask
