@@ -199,6 +199,21 @@ def test_ops_on_cpu_match_dense(dtype, n):
             assert_matches(y, ref, dtype)
 
 
+@pytest.mark.parametrize("n", [1, 5])
+def test_eager_entry_points_match_the_registered_ops(n):
+    w, x, bias = masked_weight(37, 70, 0.1), rand(n, 70), rand(37, seed=2)
+    pairs = [
+        (ops.csr_linear, torch.ops.ticketc.csr_linear, csr_args(w, x, bias)),
+        (ops.bsr_linear, torch.ops.ticketc.bsr_linear, bsr_args(w, x, bias, 16)),
+        (ops.tiled_linear, torch.ops.ticketc.tiled_linear, tiled_args(w, x, bias)),
+    ]
+    for fast, registered, args in pairs:
+        y, z = fast(*args), registered(*args)
+        assert torch.equal(y, z) and y.stride() == z.stride()
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.csr_linear(*csr_args(w, x, torch.ones(3)))
+
+
 def test_ops_without_bias_and_on_an_all_zero_weight():
     x = rand(3, 20)
     w = torch.zeros(6, 20)
@@ -226,7 +241,8 @@ class _SparseLinear(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x):
-        return torch.ops.ticketc.csr_linear(
+        # the eager entry point: must hand tracing over to torch.ops.ticketc.csr_linear
+        return ops.csr_linear(
             x, self.crow_indices, self.col_indices, self.values, self.row_order, self.bias
         )
 

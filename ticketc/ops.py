@@ -33,6 +33,11 @@ Interface (stable; ticketc.compile stores these buffers and calls these ops)::
         ticketc.kernels. Each op has a pure-torch twin `<op>_reference(...)` with the same
         arguments: the test oracle and the fallback.
 
+    csr_linear(...), bsr_linear(...), tiled_linear(...)   (same arguments, in this module)
+        The ops without the dispatcher's ~10 us per call: in eager mode on plain CPU / CUDA
+        tensors they call the kernels directly, otherwise (torch.compile, torch.export, fake
+        tensors) torch.ops.ticketc.*. Prefer them in modules' forward.
+
 Masks: by default an entry is kept when it is nonzero; pass `mask` (bool, same shape) to keep
 exactly the masked-in entries, explicit zeros included.
 
@@ -49,11 +54,14 @@ from torch import Tensor
 
 __all__ = [
     "TILE_K",
+    "bsr_linear",
     "bsr_linear_reference",
+    "csr_linear",
     "csr_linear_reference",
     "pack_bsr",
     "pack_csr",
     "pack_tiled",
+    "tiled_linear",
     "tiled_linear_reference",
     "unpack_bsr",
     "unpack_csr",
@@ -605,3 +613,73 @@ for _name, _impls in {
         _LIB.impl(_name, _cpu, "CPU")
     _LIB.impl(_name, _cuda, "CUDA")
     torch.library.register_fake(f"ticketc::{_name}", _fake, lib=_LIB)
+
+
+# --------------------------------------------------------------------- eager fast entry points
+#
+# torch.ops.ticketc.* reaches the Python kernels above through the C++ dispatcher, which costs
+# ~10 us per call (measured): as much as MKL's whole product for a Lenet layer, or twice a
+# batch-1 GPU kernel. On plain tensors outside torch.compile / torch.export tracing, these
+# functions call the same kernels directly; anything else (fake tensors, tracing, tensor
+# subclasses, devices other than CPU / CUDA) goes through the registered op, so graphs still
+# hold torch.ops.ticketc.* nodes.
+
+_EAGER_IMPLS = {
+    "csr_linear": {"cpu": _csr_linear_cpu, "cuda": _csr_linear_cuda},
+    "bsr_linear": {"cpu": _bsr_linear_cpu, "cuda": _bsr_linear_cuda},
+    "tiled_linear": {"cpu": _tiled_linear_default, "cuda": _tiled_linear_cuda},
+}
+
+
+def _eager_impl(op: str, x: Tensor):
+    if type(x) is not Tensor or torch.compiler.is_compiling():
+        return None
+    if torch._C._is_torch_function_mode_enabled():
+        return None
+    return _EAGER_IMPLS[op].get(x.device.type)
+
+
+def csr_linear(
+    x: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    values: Tensor,
+    row_order: Tensor,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """torch.ops.ticketc.csr_linear without the dispatcher's per-call cost in eager mode."""
+    impl = _eager_impl("csr_linear", x)
+    op = impl or torch.ops.ticketc.csr_linear
+    return op(x, crow_indices, col_indices, values, row_order, bias)
+
+
+def bsr_linear(
+    x: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+) -> Tensor:
+    """torch.ops.ticketc.bsr_linear without the dispatcher's per-call cost in eager mode."""
+    impl = _eager_impl("bsr_linear", x)
+    op = impl or torch.ops.ticketc.bsr_linear
+    return op(x, crow_indices, col_indices, values, bias, out_features)
+
+
+def tiled_linear(
+    x: Tensor,
+    tile_crow: Tensor,
+    tile_col: Tensor,
+    tile_offsets: Tensor,
+    row_offsets: Tensor,
+    bitmaps: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+) -> Tensor:
+    """torch.ops.ticketc.tiled_linear without the dispatcher's per-call cost in eager mode."""
+    impl = _eager_impl("tiled_linear", x)
+    op = impl or torch.ops.ticketc.tiled_linear
+    args = (x, tile_crow, tile_col, tile_offsets, row_offsets, bitmaps, values, bias)
+    return op(*args, out_features)
