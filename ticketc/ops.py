@@ -501,17 +501,18 @@ def _csr_linear_cpu(x, crow_indices, col_indices, values, row_order, bias):
     x = x if x.dtype == acc else x.to(acc)
     if x.shape[0] == 1:
         # Batch 1: MKL's sparse matrix-vector product is 2.5-3x faster than its matmul with
-        # one column (measured, 300x784 and 4096x4096). [M] -> [1, M] with the strides below.
+        # one column (measured, 300x784 and 4096x4096).
         xv = x[0]
-        y = torch.mv(w, xv) if bias is None else torch.addmv(bias.to(acc), w, xv)
-        return y.view(m, 1).t().to(out_dtype)
+        y = (torch.mv(w, xv) if bias is None else torch.addmv(bias.to(acc), w, xv))[None]
+        return y if out_dtype == acc else y.to(out_dtype)
     xt = x.t()
     # MKL sparse x dense: [M, K] @ [K, N] -> [M, N], row-major.
     y = torch.mm(w, xt) if bias is None else torch.addmm(bias.to(acc)[:, None], w, xt)
     # Returned as its transpose, [N, M] with strides (1, N), not copied to row-major: the copy
     # cost 10-30 % of the product at N = 64 (measured), and a following csr_linear wants its
     # input in exactly this layout. _csr_linear_fake describes the same strides.
-    return y.contiguous().t().to(out_dtype)
+    y = y.contiguous().t()
+    return y if out_dtype == acc else y.to(out_dtype)
 
 
 def _csr_linear_cuda(x, crow_indices, col_indices, values, row_order, bias):
@@ -632,9 +633,11 @@ _EAGER_IMPLS = {
 
 
 def _eager_impl(op: str, x: Tensor):
-    if type(x) is not Tensor or torch.compiler.is_compiling():
-        return None
-    if torch._C._is_torch_function_mode_enabled():
+    if (
+        type(x) is not Tensor
+        or torch._C._is_torch_function_mode_enabled()
+        or torch.compiler.is_compiling()
+    ):
         return None
     return _EAGER_IMPLS[op].get(x.device.type)
 
