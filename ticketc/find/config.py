@@ -56,6 +56,8 @@ class FindConfig:
     at every pruned level, or only at `control_levels`.
     accuracy_target: the ticket is the sparsest level whose accuracy (validation, else test) is at
     least this; None: the dense level's accuracy minus `max_accuracy_drop`.
+    csr_below: train the first layer of a ReLU MLP in CSR form (work proportional to its
+    survivors) once every member's density there is below this; 0 keeps it dense.
     """
 
     model: str = "lenet300"
@@ -85,6 +87,7 @@ class FindConfig:
     checkpoint_every: int = 5000
     accuracy_target: float | None = None
     max_accuracy_drop: float = 0.005
+    csr_below: float = 0.25
     arch_kwargs: dict[str, object] = field(default_factory=dict, compare=True)
 
     def __post_init__(self) -> None:
@@ -132,6 +135,8 @@ class FindConfig:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
         if self.accuracy_target is not None and not 0.0 <= self.accuracy_target <= 1.0:
             raise ValueError(f"accuracy_target must be in [0, 1], got {self.accuracy_target}")
+        if not 0.0 <= self.csr_below <= 1.0:
+            raise ValueError(f"csr_below must be in [0, 1], got {self.csr_below}")
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
             raise ValueError(f"max_accuracy_drop must be in [0, 1], got {self.max_accuracy_drop}")
 

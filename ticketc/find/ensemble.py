@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ticketc.find.pruning import Masks
+from ticketc.find.sparse_layer import SparseFirstLayer
 
 
 def mlp_layers(model: nn.Module) -> list[str] | None:
@@ -50,7 +51,7 @@ class Ensemble:
 
     def __init__(
         self, base: nn.Module, states: Sequence[dict[str, torch.Tensor]],
-        masks: Sequence[Masks], *, lr: float, optimizer: str = "adam",
+        masks: Sequence[Masks], *, lr: float, optimizer: str = "adam", sparse_below: float = 0.0,
     ) -> None:
         if not states or len(states) != len(masks):
             raise ValueError(f"need one mask set per state, got {len(states)} and {len(masks)}")
@@ -68,7 +69,25 @@ class Ensemble:
         # Float copies: multiplying by a bool tensor converts it on every step.
         self._mask_values = {n: m.float() for n, m in self.masks.items()}
         self.mlp = mlp_layers(self.base)
-        params = list(self.params.values())
+        self.sparse: SparseFirstLayer | None = None
+        self.sparse_name = ""
+        self._dense_stale = False  # the dense copy of the sparse layer lags its values
+        if self.mlp is not None and sparse_below > 0:
+            name = f"{self.mlp[0]}.weight"
+            kept = self.masks[name].float().mean((1, 2)) if name in self.masks else [1.0]
+            densest = float(max(kept))
+            if densest < sparse_below:
+                self.sparse_name = name
+                with torch.no_grad():
+                    self.params[name].mul_(self._mask_values[name])
+                self.sparse = SparseFirstLayer(self.params[name].detach(), self.masks[name])
+                self._mask_values.pop(name)  # written only at survivors: no mask to apply
+        # The optimizer's parameters, in the order of self.params (sparse layer: its values).
+        self._opt_params = [
+            self.sparse.values if self.sparse is not None and n == self.sparse_name else p
+            for n, p in self.params.items()
+        ]
+        params = self._opt_params
         if optimizer == "adam":
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, fused=True)
         else:
@@ -76,6 +95,12 @@ class Ensemble:
         self.enforce_masks_()
 
     # -- training ---------------------------------------------------------------------------
+
+    def _sync_dense(self) -> None:
+        # The dense copy of a CSR-trained layer is only read by evaluation and state export.
+        if self.sparse is not None and self._dense_stale:
+            self.sparse.write_dense_(self.params[self.sparse_name])
+            self._dense_stale = False
 
     @torch.no_grad()
     def enforce_masks_(self) -> None:
@@ -90,11 +115,15 @@ class Ensemble:
         if self.mlp is not None:
             loss, correct, grads = self._mlp_grads(x, y)
             for name, g in grads.items():
-                self.params[name].grad = g
+                if self.sparse is not None and name == self.sparse_name:
+                    self.sparse.values.grad = g
+                else:
+                    self.params[name].grad = g
         else:
             loss, correct = self._func_grads(x, y)
         self.optimizer.step()
         self.enforce_masks_()
+        self._dense_stale = self.sparse is not None
         return loss, correct
 
     @torch.no_grad()
@@ -107,7 +136,10 @@ class Ensemble:
         acts = [a]  # inputs of each Linear, [M, B, in]
         for i, prefix in enumerate(self.mlp):
             w, bias = self.params[f"{prefix}.weight"], self.params[f"{prefix}.bias"]
-            a = torch.baddbmm(bias.unsqueeze(1), a, w.transpose(1, 2))
+            if i == 0 and self.sparse is not None:
+                a = self.sparse.forward(a, bias)
+            else:
+                a = torch.baddbmm(bias.unsqueeze(1), a, w.transpose(1, 2))
             if i + 1 < len(self.mlp):
                 a = a.relu_()
                 acts.append(a)
@@ -121,7 +153,10 @@ class Ensemble:
         grads: dict[str, torch.Tensor] = {}
         for i in range(len(self.mlp) - 1, -1, -1):
             prefix, a_in = self.mlp[i], acts[i]
-            grads[f"{prefix}.weight"] = torch.bmm(g.transpose(1, 2), a_in)  # [M, out, in]
+            if i == 0 and self.sparse is not None:
+                grads[f"{prefix}.weight"] = self.sparse.value_grads(g, a_in)  # survivors only
+            else:
+                grads[f"{prefix}.weight"] = torch.bmm(g.transpose(1, 2), a_in)  # [M, out, in]
             grads[f"{prefix}.bias"] = g.sum(1)
             if i > 0:
                 g = torch.bmm(g, self.params[f"{prefix}.weight"]).mul_(a_in > 0)
@@ -151,6 +186,7 @@ class Ensemble:
         self, x: torch.Tensor, y: torch.Tensor, chunk: int = 2500
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss [M] and accuracy [M] of every member on the same data (x [N, ...])."""
+        self._sync_dense()
         if len(x) == 0:
             nan = torch.full((self.size,), float("nan"))
             return nan, nan
@@ -186,16 +222,20 @@ class Ensemble:
 
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         """Member i's state dict (weights already masked)."""
+        self._sync_dense()
         out = {n: p.detach()[i].clone() for n, p in self.params.items()}
         out.update({n: b[i].clone() for n, b in self.buffers.items()})
         return out
 
     def state(self, members: Sequence[int]) -> dict[str, object]:
         """Weights and optimizer state of some members (everything elementwise is sliceable)."""
+        self._sync_dense()
         idx = torch.tensor(list(members))
         opt = []
-        for p in self.params.values():
-            st = self.optimizer.state.get(p, {})
+        for p in self._opt_params:
+            st = dict(self.optimizer.state.get(p, {}))
+            if self.sparse is not None and p is self.sparse.values:
+                st = {k: self.sparse.to_dense(v) if v.dim() else v for k, v in st.items()}
             opt.append(
                 {k: (v.index_select(0, idx) if v.dim() else v.clone()) for k, v in st.items()}
             )
@@ -212,11 +252,16 @@ class Ensemble:
             p.copy_(torch.cat([part["params"][name] for part in parts]))  # type: ignore[index]
         for name, b in self.buffers.items():
             b.copy_(torch.cat([part["buffers"][name] for part in parts]))  # type: ignore[index]
-        for i, p in enumerate(self.params.values()):
+        if self.sparse is not None:
+            self.sparse.values.copy_(self.sparse.to_compact(self.params[self.sparse_name]))
+        for i, p in enumerate(self._opt_params):
             states = [part["optimizer"][i] for part in parts]  # type: ignore[index]
             if not states[0]:
                 continue
-            self.optimizer.state[p] = {
+            merged = {
                 k: torch.cat([s[k] for s in states]) if states[0][k].dim() else states[0][k].clone()
                 for k in states[0]
             }
+            if self.sparse is not None and p is self.sparse.values:
+                merged = {k: self.sparse.to_compact(v) if v.dim() else v for k, v in merged.items()}
+            self.optimizer.state[p] = merged

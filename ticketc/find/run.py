@@ -121,7 +121,11 @@ class _Run:
                 raise UserError(f"{path} already holds a run: pass --resume or another --out")
             old = json.loads(saved.read_text())
             new = config.to_json()
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            # A setting the saved config predates counts as its default.
+            defaults = {f.name: f.default for f in dataclasses.fields(FindConfig)}
+            diff = sorted(
+                k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k)
+            )
             if diff:
                 raise UserError(f"{path} was started with other settings ({', '.join(diff)})")
         else:
@@ -277,7 +281,8 @@ def _train_one_level(
                 member_masks.append(random)
             members.append(_Member(i, control))
     assert cfg.lr is not None and cfg.iterations is not None
-    ensemble = Ensemble(base, states, member_masks, lr=cfg.lr, optimizer=cfg.optimizer)
+    ensemble = Ensemble(base, states, member_masks, lr=cfg.lr, optimizer=cfg.optimizer,
+                        sparse_below=cfg.csr_below)
     order = BatchOrder([runs[m.run].config.seed for m in members], level, len(data.train),
                        cfg.batch_size)
     start = 0 if previous is None else rewind_it
