@@ -99,18 +99,22 @@ def _gap_index(b: _Body) -> str:
     return b.op("Add", b.op("CumSum", gaps, minus_one), minus_one)
 
 
-def _rice_index(b: _Body) -> tuple[str, str]:
+def _rice_index(b: _Body, opset: int) -> tuple[str, str]:
     """(linear index [m], entry count m as [1]) of Rice-coded gaps; see ticketc.formats.rice."""
     unary = b.op("Reshape", b.bits("p"), b.const([-1]))  # entry i ends at its terminator z_i
     count = b.op("ReduceSum", unary)  # [1]: one terminator per entry
     # TopK breaks ties by lower index (ONNX spec), so the m ones come out in bit order; unlike
     # NonZero its output shape is known once count is, so onnxruntime still constant-folds it.
     z = b.fresh()
-    b.nodes.append(helper.make_node("TopK", [unary, count], [b.fresh(), z], largest=1, sorted=1))
+    # (largest=1 and sorted=1 are TopK's defaults: not written.)
+    b.nodes.append(helper.make_node("TopK", [unary, count], [b.fresh(), z]))
     # [k, 8 * bytes]: bit j of every remainder (k >= 1, so the 0 in [0, -1] copies a nonzero
     # dim, which shape inference requires).
     planes = b.op("Reshape", b.bits("r"), b.const([0, -1]))
-    k = b.op("Slice", b.op("Shape", "r"), b.const([0]), b.const([1]))
+    if opset >= 15:  # Shape's end attribute saves a Slice and a constant
+        k = b.op("Shape", "r", end=1)
+    else:
+        k = b.op("Slice", b.op("Shape", "r"), b.const([0]), b.const([1]))
     powers = b.op("Slice", b.const([1 << j for j in range(_MAX_RICE_K)]), b.const([0]), k)
     remainder = b.op("Slice", b.op("MatMul", powers, planes), b.const([0]), count)
     minus_one = b.const(-1)
@@ -171,7 +175,7 @@ def decode_function(positions_kind: str, values_kind: str, opset: int) -> onnx.F
         dense = b.op("Gather", table, rank)
     else:
         if positions_kind == "rice":
-            index, count = _rice_index(b)
+            index, count = _rice_index(b, opset)
         else:
             index = _gap_index(b)
             count = b.op("Shape", index) if values_kind == "int4" else ""
