@@ -278,24 +278,11 @@ def build_tunables(
 
 
 def candidate_configs(method: str, batch: int) -> list[dict[str, int]]:
-    """The launch configurations `--tune` tries (the wrappers' tables pick one of these)."""
-    if method == "ticketc_csr":
-        block_n = min(1 << max(batch - 1, 0).bit_length(), 16)
-        return [
-            {"ROWS": r, "BLOCK_NNZ": b, "BLOCK_N": block_n, "num_warps": nw}
-            for r in (1, 2, 4, 8)
-            for b in (16, 32, 64, 128)
-            for nw in (2, 4)
-            if r * b * block_n <= 8192
-        ]
-    top = max(16, min(1 << max(batch - 1, 0).bit_length(), 128))
-    return [
-        {"BLOCK_N": bn, "SPLIT_K": sk, "num_warps": nw}
-        for bn in (16, 32, 64, 128)
-        if bn <= top
-        for sk in (1, 2, 4, 8)
-        for nw in (4, 8)
-    ]
+    """The launch configurations `--tune` tries: the same lists TICKETC_AUTOTUNE=1 uses."""
+    from ticketc.kernels._launch import dot_candidates
+    from ticketc.kernels.csr_linear import csr_candidates
+
+    return csr_candidates(batch) if method == "ticketc_csr" else dot_candidates(batch)
 
 
 def tune_case(tunables, x: torch.Tensor, ref: torch.Tensor, batch: int):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -69,3 +70,55 @@ def split_k_for(tiles_per_row: float, programs: int, device: torch.device) -> in
         return 1
     want = -(-2 * sm_count(device) // max(programs, 1))
     return max(1, min(want, int(tiles_per_row // 4), 16))
+
+
+def autotuning(device: torch.device) -> bool:
+    """TICKETC_AUTOTUNE=1 on a CUDA device: time candidate launch configs once per shape.
+
+    Off by default (results then depend only on the heuristic tables), and never under the
+    interpreter, where @triton.autotune-style timing is meaningless. Tune before capturing a
+    CUDA graph: the first call of each shape runs every candidate.
+    """
+    return device.type == "cuda" and os.environ.get("TICKETC_AUTOTUNE", "0") not in ("", "0")
+
+
+_TUNED: dict[tuple, dict[str, int]] = {}
+
+
+def pick_config(
+    key: tuple,
+    default: dict[str, int],
+    candidates: list[dict[str, int]],
+    launch: Callable[[dict[str, int]], object],
+) -> dict[str, int]:
+    """The fastest of `default` and `candidates` for `key`, timed once and cached.
+
+    `launch(cfg)` must run the kernel into a scratch output. A candidate that fails to compile
+    or launch on this GPU is skipped; with none left the default stands.
+    """
+    if key in _TUNED:
+        return _TUNED[key]
+    import triton.testing
+
+    timed = []
+    for cfg in [default, *candidates]:
+        try:
+            ms = triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20)
+        except Exception:  # noqa: BLE001 - e.g. out of shared memory for this config
+            continue
+        timed.append((ms, cfg))
+    best = min(timed, key=lambda t: t[0])[1] if timed else default
+    _TUNED[key] = best
+    return best
+
+
+def dot_candidates(n: int) -> list[dict[str, int]]:
+    """Launch configs for the tensor-core kernels (bsr, tiled) at batch n."""
+    top = max(16, min(next_pow2(n), 128))
+    return [
+        {"BLOCK_N": bn, "SPLIT_K": sk, "num_warps": nw}
+        for bn in (16, 32, 64, 128)
+        if bn <= top
+        for sk in (1, 2, 4, 8)
+        for nw in (4, 8)
+    ]

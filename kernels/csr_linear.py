@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import check_device, check_float, next_pow2, sm_count
+from ._launch import autotuning, check_device, check_float, next_pow2, pick_config, sm_count
 
 
 @triton.jit
@@ -85,6 +85,18 @@ def csr_config(m: int, n: int, nnz: int, device: torch.device) -> dict[str, int]
     return {"ROWS": rows, "BLOCK_NNZ": block_nnz, "BLOCK_N": block_n, "num_warps": warps}
 
 
+def csr_candidates(n: int) -> list[dict[str, int]]:
+    """Launch configs that TICKETC_AUTOTUNE=1 (and the benchmark's --tune) try at batch n."""
+    block_n = min(next_pow2(n), 16)
+    return [
+        {"ROWS": rows, "BLOCK_NNZ": block_nnz, "BLOCK_N": block_n, "num_warps": warps}
+        for rows in (1, 2, 4, 8)
+        for block_nnz in (16, 32, 64, 128)
+        for warps in (2, 4)
+        if rows * block_nnz * block_n <= 8192
+    ]
+
+
 def csr_linear(
     x: Tensor,
     crow_indices: Tensor,
@@ -128,16 +140,25 @@ def csr_linear(
                          f"{tuple(out.shape)}")  # fmt: skip
     if n == 0 or m == 0:
         return out
-    cfg = config or csr_config(m, n, values.numel(), device)
     # Gathering x[:, col] reads BLOCK_N scattered elements unless x is [K, N] in memory.
     xs = x if n == 1 else x.t().contiguous().t()
-    grid = (triton.cdiv(m, cfg["ROWS"]), triton.cdiv(n, cfg["BLOCK_N"]))
-    _csr_linear_kernel[grid](
-        xs, out, crow_indices, col_indices, values, row_order,
-        bias if bias is not None else values,  # never read without HAS_BIAS
-        m, n,
-        xs.stride(0), xs.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, ROWS=cfg["ROWS"], BLOCK_NNZ=cfg["BLOCK_NNZ"],
-        BLOCK_N=cfg["BLOCK_N"], num_warps=cfg.get("num_warps", 4),
-    )  # fmt: skip
+    bias_arg = bias if bias is not None else values  # never read without HAS_BIAS
+
+    def launch(cfg: dict[str, int], target: Tensor) -> None:
+        grid = (triton.cdiv(m, cfg["ROWS"]), triton.cdiv(n, cfg["BLOCK_N"]))
+        _csr_linear_kernel[grid](
+            xs, target, crow_indices, col_indices, values, row_order, bias_arg,
+            m, n,
+            xs.stride(0), xs.stride(1), target.stride(0), target.stride(1),
+            HAS_BIAS=bias is not None, ROWS=cfg["ROWS"], BLOCK_NNZ=cfg["BLOCK_NNZ"],
+            BLOCK_N=cfg["BLOCK_N"], num_warps=cfg.get("num_warps", 4),
+        )  # fmt: skip
+
+    cfg = config or csr_config(m, n, values.numel(), device)
+    if config is None and autotuning(device):
+        key = ("csr", device, x.dtype, values.dtype, col_indices.dtype, m, x.shape[1],
+               next_pow2(n), values.numel(), bias is not None)  # fmt: skip
+        scratch = torch.empty_like(out)
+        cfg = pick_config(key, cfg, csr_candidates(n), lambda c: launch(c, scratch))
+    launch(cfg, out)
     return out

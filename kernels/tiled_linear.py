@@ -24,7 +24,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import check_device, check_float, dot_in_fp32, next_pow2, split_k_for
+from ._launch import (
+    autotuning,
+    check_device,
+    check_float,
+    dot_candidates,
+    dot_in_fp32,
+    next_pow2,
+    pick_config,
+    split_k_for,
+)
 
 TILE_K = 32  # one int32 bitmap word per tile row
 TILE_MS = (16, 32, 64)
@@ -149,21 +158,31 @@ def tiled_linear(
                          f"{tuple(out.shape)}")  # fmt: skip
     if n == 0 or m == 0:
         return out
+    bias_arg = bias if bias is not None else values  # never read without HAS_BIAS
+
+    def launch(cfg: dict[str, int], out: Tensor) -> None:
+        split = cfg["SPLIT_K"]
+        # Split-K partial sums meet in an fp32 buffer through atomics (no bf16 atomics).
+        target = out.zero_() if split > 1 and x.dtype == torch.float32 else out
+        if split > 1 and x.dtype != torch.float32:
+            target = torch.zeros((n, m), dtype=torch.float32, device=device)
+        grid = (mt, triton.cdiv(n, cfg["BLOCK_N"]), split)
+        _tiled_linear_kernel[grid](
+            x, target, tile_crow, tile_col, tile_offsets, row_offsets, bitmaps, values, bias_arg,
+            m, n, k, split,
+            x.stride(0), x.stride(1), target.stride(0), target.stride(1),
+            HAS_BIAS=bias is not None, TILE_M=tile_m, TILE_K=TILE_K, BLOCK_N=cfg["BLOCK_N"],
+            DOT_FP32=dot_in_fp32(x, values), ATOMIC=split > 1,
+            num_warps=cfg.get("num_warps", 4),
+        )  # fmt: skip
+        if target is not out:
+            out.copy_(target)
+
     cfg = {**tiled_config(mt, n, bitmaps.shape[0], device), **(config or {})}
-    split = cfg["SPLIT_K"]
-    # Split-K partial sums meet in an fp32 buffer through atomics (no bf16 atomics anywhere).
-    target = out.zero_() if split > 1 and x.dtype == torch.float32 else out
-    if split > 1 and x.dtype != torch.float32:
-        target = torch.zeros((n, m), dtype=torch.float32, device=device)
-    grid = (mt, triton.cdiv(n, cfg["BLOCK_N"]), split)
-    _tiled_linear_kernel[grid](
-        x, target, tile_crow, tile_col, tile_offsets, row_offsets, bitmaps, values,
-        bias if bias is not None else values,  # never read without HAS_BIAS
-        m, n, k, split,
-        x.stride(0), x.stride(1), target.stride(0), target.stride(1),
-        HAS_BIAS=bias is not None, TILE_M=tile_m, TILE_K=TILE_K, BLOCK_N=cfg["BLOCK_N"],
-        DOT_FP32=dot_in_fp32(x, values), ATOMIC=split > 1, num_warps=cfg.get("num_warps", 4),
-    )  # fmt: skip
-    if target is not out:
-        out.copy_(target)
+    if config is None and autotuning(device):
+        key = ("tiled", device, x.dtype, values.dtype, m, k, tile_m, next_pow2(n),
+               values.numel(), bias is not None)  # fmt: skip
+        scratch = torch.empty_like(out)
+        cfg = pick_config(key, cfg, dot_candidates(n), lambda c: launch(c, scratch))
+    launch(cfg, out)
     return out

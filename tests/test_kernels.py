@@ -241,3 +241,42 @@ def test_wrappers_reject_bad_inputs(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="need CUDA tensors"):
             csr_linear(make_x(2, 16, torch.float32), *args)
+
+
+# ------------------------------------------------------------------------------- autotune
+
+
+def test_pick_config_times_candidates_once_per_key(monkeypatch):
+    import triton.testing
+    from ticketc.kernels import _launch
+
+    monkeypatch.setattr(_launch, "_TUNED", {})
+    calls = []
+
+    def fake_bench(fn, **kwargs):
+        fn()
+        return calls[-1]["cost"]
+
+    def launch(cfg):
+        if cfg.get("broken"):
+            raise RuntimeError("out of resources")
+        calls.append(cfg)
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    default = {"cost": 3.0}
+    candidates = [{"cost": 2.0}, {"broken": True}, {"cost": 1.0}, {"cost": 5.0}]
+    assert _launch.pick_config(("k", 1), default, candidates, launch) == {"cost": 1.0}
+    assert len(calls) == 4  # the broken candidate is skipped
+    assert _launch.pick_config(("k", 1), default, candidates, launch) == {"cost": 1.0}
+    assert len(calls) == 4, "a tuned key is served from the cache"
+    assert _launch.pick_config(("k", 2), default, [{"broken": True}], launch) == default
+
+
+def test_autotuning_is_opt_in_and_cuda_only(monkeypatch):
+    from ticketc.kernels._launch import autotuning
+
+    monkeypatch.setenv("TICKETC_AUTOTUNE", "1")
+    assert not autotuning(torch.device("cpu"))
+    assert autotuning(torch.device("cuda", 0))
+    monkeypatch.setenv("TICKETC_AUTOTUNE", "0")
+    assert not autotuning(torch.device("cuda", 0))
