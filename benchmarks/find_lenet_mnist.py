@@ -109,7 +109,7 @@ def ensemble_ms(x: torch.Tensor, y: torch.Tensor, level: int, members: int, step
     model = lenet300()
     states = [lenet300().state_dict() for _ in range(members)]
     masks = [_random_level_masks(model, level, s) for s in range(members)]
-    ens = Ensemble(model, states, masks, lr=1.2e-3)
+    ens = Ensemble(model, states, masks, lr=1.2e-3, sparse_below=FindConfig().csr_below)
     g = torch.Generator().manual_seed(0)
     idx_all = torch.stack([torch.randperm(len(x), generator=g) for _ in range(members)])
 
@@ -178,6 +178,19 @@ def write_results(run_dirs: list[Path], extra: dict, export: bool = False) -> No
               f"torch {env['torch']}, Python {env['python']}.  ")
     md.append(f"Seeds: {extra['seeds']}; mean ± std over seeds. Finished levels: "
               f"{len(rows)}; wall clock so far: {extra['protocol_wall_s'] / 60:.1f} min.")
+    model_steps = sum(len(r.values.get("ticket", {}).get("final_test_acc", []))
+                      + len(r.values.get("reinit", {}).get("final_test_acc", [])) for r in rows)
+    model_steps *= extra["iterations"]
+    extra["protocol_model_steps_run"] = model_steps
+    md.append(f"Model-steps trained (members x iterations over finished levels): "
+              f"{model_steps:,}, i.e. {1e3 * extra['protocol_wall_s'] / max(model_steps, 1):.2f} "
+              "ms per model-step including evaluation and file writing.")
+    if "speed" in extra:
+        plain = statistics.fmean(r["plain_ms_per_model_step"] for r in extra["speed"]["rows"])
+        md.append(f"The plain loop, at its measured {plain:.2f} ms per model-step, would need "
+                  f"{model_steps * plain / 6e4:.1f} min for the same model-steps (training only).")
+    if extra.get("notes"):
+        md += ["", "Notes on this run:", ""] + [f"- {n}" for n in extra["notes"]]
     md.append("")
     md.append(table_markdown(rows))
     if "speed" in extra:
@@ -246,6 +259,8 @@ def main() -> int:
     p.add_argument("--skip-protocol", action="store_true")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the results from the run directories (no training)")
+    p.add_argument("--note", action="append", default=[],
+                   help="a note on the run for results.md (repeatable)")
     p.add_argument("--export-sizes", action="store_true",
                    help="with --report-only: export every level of seed 0 and plot the size")
     args = p.parse_args()
@@ -278,6 +293,7 @@ def main() -> int:
     if args.report_only:
         extra["protocol_wall_s"] = wall["protocol_wall_s"]
         extra["command"] = wall.get("command", extra["command"])
+        extra["notes"] = args.note
         write_results(run_dirs, extra, export=args.export_sizes)
         return 0
     wall["command"] = extra["command"]

@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 from ticketc.errors import UserError
-from ticketc.find.config import CONTROLS, OPTIMIZERS, STRATEGIES, FindConfig
+from ticketc.find.config import CONTROLS, OPTIMIZERS, PAPER, STRATEGIES, FindConfig
 
 NAME = "find"
 HELP = "find a lottery ticket by iterative magnitude pruning (Frankle & Carbin 2019)"
@@ -15,8 +15,9 @@ HELP = "find a lottery ticket by iterative magnitude pruning (Frankle & Carbin 2
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(FindConfig)}
 
 
-def _paper(what: str) -> str:
-    return f"default: the paper's {what} for the model (Lenet: see FindConfig.PAPER)"
+def _paper(field: str) -> str:
+    per_model = ", ".join(f"{name} {getattr(p, field):g}" for name, p in PAPER.items())
+    return f"default as in the paper: {per_model}; user models as lenet300"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,9 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-density", type=float,
                    help="prune until at most this fraction of the weights remains")
     p.add_argument("--one-shot", action="store_true", help="prune once, straight to the target")
-    p.add_argument("--iterations", type=int, help=f"iterations per level ({_paper('count')})")
+    p.add_argument("--iterations", type=int, help=f"iterations per level ({_paper('iterations')})")
     p.add_argument("--batch-size", type=int, help=f"default {_DEFAULTS['batch_size']}")
-    p.add_argument("--lr", type=float, help=f"learning rate ({_paper('rate')})")
+    p.add_argument("--lr", type=float, help=f"learning rate ({_paper('lr')})")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {_DEFAULTS['optimizer']}")
     p.add_argument("--strategy", choices=STRATEGIES, help=f"default {_DEFAULTS['strategy']}")
     p.add_argument("--fc-rate", type=float, help="fraction of fully connected weights pruned per "

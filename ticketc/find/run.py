@@ -311,7 +311,7 @@ def _train_one_level(
         runs[i].level_dir(level).mkdir(exist_ok=True)
     density = pruning.density(member_masks[0])
     label = f"level {level} ({100 * density:.1f}% of weights)"
-    with _progress_bar(progress, label, cfg.iterations - start) as advance:
+    with _ProgressBar(progress, label, cfg.iterations - start) as advance:
         train_level(
             ensemble, data, order, start=start, end=cfg.iterations, eval_every=cfg.eval_every,
             checkpoint_every=cfg.checkpoint_every, history=history,
@@ -376,7 +376,7 @@ def _resume_partial(
     return int(parts[0]["iteration"]), resumed
 
 
-class _progress_bar:
+class _ProgressBar:
     """A rich progress bar with ETA; a no-op when disabled."""
 
     def __init__(self, enabled: bool, label: str, total: int) -> None:
