@@ -28,6 +28,7 @@ Writes benchmarks/results/kernels_<device>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -36,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,8 @@ import torch.nn.functional as F
 from ticketc import ops
 
 RESULTS = Path(__file__).parent / "results"
+T = TypeVar("T")
+Timing = tuple[tuple[float, float, float], float | None]  # (p25, median, p75) s, host s
 
 SHAPES = {  # name -> (M, K): Lenet-300-100's layers, then LLM-size layers
     "lenet.fc1": (300, 784),
@@ -130,8 +134,8 @@ def make_mask(kind: str, m: int, k: int, density: float, gen: torch.Generator) -
 def time_cpu_interleaved(
     fns: dict[str, Callable[[], object]],
     budget_s: float = 1.0,
-    stat: Callable[[list[float]], float] = statistics.median,
-) -> dict[str, float]:
+    stat: Callable[[list[float]], T] = statistics.median,  # type: ignore[assignment]
+) -> dict[str, T]:
     """Median seconds of each fn, timed round-robin after 2 warm-ups each.
 
     Round-robin so that load from other processes on a shared CPU hits every method alike;
@@ -156,7 +160,7 @@ def quartiles(ts: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(ts), q[2]
 
 
-def time_cuda(fn: Callable[[], object]) -> tuple[tuple[float, float, float], float]:
+def time_cuda(fn: Callable[[], object]) -> Timing:
     """((p25, median, p75) GPU seconds via do_bench with L2 flushes, host seconds per call)."""
     import triton.testing
 
@@ -234,7 +238,7 @@ def build_methods(
         keys = ("tile_crow", "tile_col", "tile_offsets", "row_offsets", "bitmaps", "values")
         tiled_args = tuple(tiled[key] for key in keys)
         methods["ticketc_tiled"] = (
-            lambda x: ops.tiled_linear(x, *tiled_args, None, m),
+            lambda x: ops.tiled_linear(x, *tiled_args, None, m),  # type: ignore[call-arg,arg-type]
             nbytes(*tiled_args),
             "",
         )
@@ -342,7 +346,7 @@ def peaks(device: str, dtype: torch.dtype) -> tuple[float, float, str]:
     )
 
 
-def environment(args: argparse.Namespace, bw: float, flops: float, source: str) -> dict:
+def environment(args: argparse.Namespace, bw: float, flops: float, source: str) -> dict[str, Any]:
     cuda = args.device == "cuda"
     return {
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
@@ -411,18 +415,18 @@ def run_case(
                 note = f"failed: {e}".splitlines()[0][:100]
             else:
                 errors[name] = ((y.double() - ref).abs().max() / (ref.abs().max() + 1e-12)).item()
-                runnable[name] = lambda fn=fn: fn(x)
+                runnable[name] = functools.partial(fn, x)
                 continue
         skipped.append(Row(**base, method=name, median_us=None, p25_us=None, p75_us=None,
                            host_us=None,
                            speedup_vs_dense=None, gbps=None, roofline=None, max_rel_err=None,
                            note=note or "out of regime"))  # fmt: skip
+    timed: dict[str, Timing]
     if device == "cuda":
         timed = {name: time_cuda(fn) for name, fn in runnable.items()}
     else:
-        timed = {
-            name: (q, None) for name, q in time_cpu_interleaved(runnable, stat=quartiles).items()
-        }
+        quarts = time_cpu_interleaved(runnable, stat=quartiles)
+        timed = {name: (q, None) for name, q in quarts.items()}
     dense_s = timed["dense"][0][1]
     configs: dict[str, str] = {}
     if tunables:
@@ -476,7 +480,7 @@ def _triton_version() -> str | None:
 # -------------------------------------------------------------------------------- reports
 
 
-def write_reports(rows: list[Row], env: dict[str, object], stem: Path) -> None:
+def write_reports(rows: list[Row], env: dict[str, Any], stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     payload = {"env": env, "rows": [asdict(r) for r in rows]}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
@@ -484,7 +488,7 @@ def write_reports(rows: list[Row], env: dict[str, object], stem: Path) -> None:
     plot(rows, env, stem.with_suffix(".png"))
 
 
-def markdown(rows: list[Row], env: dict[str, object]) -> str:
+def markdown(rows: list[Row], env: dict[str, Any]) -> str:
     methods = list(dict.fromkeys(r.method for r in rows))
     lines = [
         "# ticketc kernel sweep",
@@ -537,7 +541,7 @@ def markdown(rows: list[Row], env: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], env: dict[str, object], path: Path) -> None:
+def plot(rows: list[Row], env: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

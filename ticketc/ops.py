@@ -48,6 +48,7 @@ without a GPU or without Triton.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -603,12 +604,13 @@ def _tiled_linear_fake(x, tile_crow, tile_col, tile_offsets, row_offsets, bitmap
     return x.new_empty((x.shape[0], out_features))
 
 
-for _name, _impls in {
+_Impl = Callable[..., Tensor]
+_REGISTRATIONS: dict[str, tuple[_Impl, _Impl | None, _Impl, _Impl]] = {
     "csr_linear": (_csr_linear_default, _csr_linear_cpu, _csr_linear_cuda, _csr_linear_fake),
     "bsr_linear": (_bsr_linear_default, _bsr_linear_cpu, _bsr_linear_cuda, _bsr_linear_fake),
     "tiled_linear": (_tiled_linear_default, None, _tiled_linear_cuda, _tiled_linear_fake),
-}.items():
-    _default, _cpu, _cuda, _fake = _impls
+}
+for _name, (_default, _cpu, _cuda, _fake) in _REGISTRATIONS.items():
     _LIB.impl(_name, _default, "CompositeExplicitAutograd")
     if _cpu is not None:
         _LIB.impl(_name, _cpu, "CPU")
@@ -625,7 +627,7 @@ for _name, _impls in {
 # subclasses, devices other than CPU / CUDA) goes through the registered op, so graphs still
 # hold torch.ops.ticketc.* nodes.
 
-_EAGER_IMPLS = {
+_EAGER_IMPLS: dict[str, dict[str, _Impl]] = {
     "csr_linear": {"cpu": _csr_linear_cpu, "cuda": _csr_linear_cuda},
     "bsr_linear": {"cpu": _bsr_linear_cpu, "cuda": _bsr_linear_cuda},
     "tiled_linear": {"cpu": _tiled_linear_default, "cuda": _tiled_linear_cuda},
