@@ -47,25 +47,44 @@ def _csr_linear_kernel(
     rows = tl.load(order_ptr + slots, mask=slot_ok, other=0)
     start = tl.load(crow_ptr + rows, mask=slot_ok, other=0)
     length = tl.load(crow_ptr + rows + 1, mask=slot_ok, other=0) - start
-    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = ns < N
-
-    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     longest = tl.max(length, axis=0)
-    for off in range(0, longest, BLOCK_NNZ):
-        j = off + tl.arange(0, BLOCK_NNZ)
-        live = j[None, :] < length[:, None]  # [ROWS, BLOCK_NNZ]
-        idx = start[:, None] + j[None, :]
-        cols = tl.load(col_ptr + idx, mask=live, other=0).to(tl.int64)
-        vals = tl.load(val_ptr + idx, mask=live, other=0.0).to(tl.float32)
-        x_off = cols[:, :, None] * stride_xk + ns[None, None, :] * stride_xn
-        xg = tl.load(x_ptr + x_off, mask=live[:, :, None] & n_ok[None, None, :], other=0.0)
-        acc += tl.sum(xg.to(tl.float32) * vals[:, :, None], axis=1)
-
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=slot_ok, other=0.0).to(tl.float32)[:, None]
-    y_off = rows[:, None] * stride_ym + ns[None, :] * stride_yn
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=slot_ok[:, None] & n_ok[None, :])
+        bias = tl.load(bias_ptr + rows, mask=slot_ok, other=0.0).to(tl.float32)
+
+    if BLOCK_N == 1:
+        # One batch row per program (batch 1 above all): 2-D tiles, no size-1 third axis.
+        x_row = x_ptr + pid_n * stride_xn
+        acc1 = tl.zeros([ROWS], dtype=tl.float32)
+        for off in range(0, longest, BLOCK_NNZ):
+            j = off + tl.arange(0, BLOCK_NNZ)
+            live = j[None, :] < length[:, None]  # [ROWS, BLOCK_NNZ]
+            idx = start[:, None] + j[None, :]
+            cols = tl.load(col_ptr + idx, mask=live, other=0).to(tl.int64)
+            vals = tl.load(val_ptr + idx, mask=live, other=0.0).to(tl.float32)
+            xg = tl.load(x_row + cols * stride_xk, mask=live, other=0.0)
+            acc1 += tl.sum(xg.to(tl.float32) * vals, axis=1)
+        if HAS_BIAS:
+            acc1 += bias
+        y_row = y_ptr + pid_n * stride_yn
+        tl.store(y_row + rows * stride_ym, acc1.to(y_ptr.dtype.element_ty), mask=slot_ok)
+    else:
+        ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = ns < N
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        for off in range(0, longest, BLOCK_NNZ):
+            j = off + tl.arange(0, BLOCK_NNZ)
+            live = j[None, :] < length[:, None]  # [ROWS, BLOCK_NNZ]
+            idx = start[:, None] + j[None, :]
+            cols = tl.load(col_ptr + idx, mask=live, other=0).to(tl.int64)
+            vals = tl.load(val_ptr + idx, mask=live, other=0.0).to(tl.float32)
+            x_off = cols[:, :, None] * stride_xk + ns[None, None, :] * stride_xn
+            xg = tl.load(x_ptr + x_off, mask=live[:, :, None] & n_ok[None, None, :], other=0.0)
+            acc += tl.sum(xg.to(tl.float32) * vals[:, :, None], axis=1)
+        if HAS_BIAS:
+            acc += bias[:, None]
+        y_off = rows[:, None] * stride_ym + ns[None, :] * stride_yn
+        y_mask = slot_ok[:, None] & n_ok[None, :]
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 def csr_config(m: int, n: int, nnz: int, device: torch.device) -> dict[str, int]:

@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.slow
 
 STRIDES = {"stride_xn": "i32", "stride_xk": "i32", "stride_yn": "i32", "stride_ym": "i32"}
-CASES = {  # module -> (kernel, signature, constexprs, num_warps), one per dtype path
+CASES = {  # case -> (kernel, signature, constexprs, num_warps): each dtype path and branch
     "csr_linear": (
         "_csr_linear_kernel",
         {"x_ptr": "*fp16", "y_ptr": "*fp16", "crow_ptr": "*i32", "col_ptr": "*i16",
@@ -26,6 +26,14 @@ CASES = {  # module -> (kernel, signature, constexprs, num_warps), one per dtype
          **STRIDES},
         {"HAS_BIAS": True, "ROWS": 4, "BLOCK_NNZ": 64, "BLOCK_N": 1},
         2,
+    ),
+    "csr_linear/batched": (
+        "_csr_linear_kernel",
+        {"x_ptr": "*bf16", "y_ptr": "*bf16", "crow_ptr": "*i32", "col_ptr": "*i32",
+         "val_ptr": "*bf16", "order_ptr": "*i32", "bias_ptr": "*bf16", "M": "i32", "N": "i32",
+         **STRIDES},
+        {"HAS_BIAS": True, "ROWS": 2, "BLOCK_NNZ": 16, "BLOCK_N": 16},
+        4,
     ),
     "bsr_linear": (
         "_bsr_linear_kernel",
@@ -55,7 +63,8 @@ def compile_all(arch: int = 90) -> list[str]:
     from triton.compiler import ASTSource
 
     done = []
-    for module_name, (kernel_name, signature, constexprs, num_warps) in CASES.items():
+    for case, (kernel_name, signature, constexprs, num_warps) in CASES.items():
+        module_name = case.split("/")[0]
         kernel = getattr(importlib.import_module(f"ticketc.kernels.{module_name}"), kernel_name)
         sig = {**signature, **{name: "constexpr" for name in constexprs}}
         compiled = triton.compile(
