@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+Layer = nn.Linear | nn.Conv1d | nn.Conv2d
+Norm = nn.BatchNorm1d | nn.BatchNorm2d
 
 # Elementwise ops: a unit's value depends only on that unit, and a constant stays a constant.
 POINTWISE = (
@@ -96,8 +98,8 @@ class _Link:
     """Layer A feeding layer B through the modules in `between`."""
 
     a_name: str
-    a: nn.Module
-    b: nn.Module
+    a: Layer
+    b: Layer
     between: list[nn.Module]
     constant_ok: bool  # may a nonzero constant unit be folded into B's bias exactly?
     counts: dict[str, int] = field(default_factory=lambda: {"constant": 0, "unused": 0})
@@ -154,15 +156,17 @@ def _leaves(seq: nn.Sequential, prefix: str = "") -> list[tuple[str, nn.Module]]
     return out
 
 
-def _units(layer: nn.Module) -> int:
+def _units(layer: Layer) -> int:
     return int(layer.weight.shape[0])
 
 
 def _links(leaves: list[tuple[str, nn.Module]]) -> tuple[list[_Link], list[str]]:
     idx = [i for i, (_, m) in enumerate(leaves) if isinstance(m, LAYERS)]
-    links, skipped = [], []
+    links: list[_Link] = []
+    skipped: list[str] = []
     for i, j in zip(idx, idx[1:], strict=False):
         (a_name, a), (b_name, b) = leaves[i], leaves[j]
+        assert isinstance(a, LAYERS) and isinstance(b, LAYERS)
         between = [m for _, m in leaves[i + 1 : j]]
         why = _unsupported(a, b, between)
         if why:
@@ -172,7 +176,7 @@ def _links(leaves: list[tuple[str, nn.Module]]) -> tuple[list[_Link], list[str]]
     return links, skipped
 
 
-def _unsupported(a: nn.Module, b: nn.Module, between: list[nn.Module]) -> str:
+def _unsupported(a: Layer, b: Layer, between: list[nn.Module]) -> str:
     for m in between:
         if isinstance(m, nn.Flatten):
             if m.start_dim != 1 or m.end_dim != -1:
@@ -196,17 +200,17 @@ def _unsupported(a: nn.Module, b: nn.Module, between: list[nn.Module]) -> str:
     return ""
 
 
-def _constant_ok(b: nn.Module, between: list[nn.Module]) -> bool:
+def _constant_ok(b: Layer, between: list[nn.Module]) -> bool:
     # A constant channel stays constant through max/adaptive pooling, but average pooling that
     # counts zero padding, or a conv B with zero padding, sees zeros at the border.
     for m in between:
         if isinstance(m, nn.AvgPool1d | nn.AvgPool2d):
-            pad = m.padding if isinstance(m.padding, tuple) else (m.padding,)
-            if (any(pad) and m.count_include_pad) or getattr(m, "divisor_override", None):
+            pool_pad = m.padding if isinstance(m.padding, tuple) else (m.padding,)
+            if (any(pool_pad) and m.count_include_pad) or getattr(m, "divisor_override", None):
                 return False
     if isinstance(b, nn.Conv1d | nn.Conv2d) and b.padding_mode == "zeros":
-        pad = b.padding
-        return pad == "valid" or (not isinstance(pad, str) and not any(pad))
+        conv_pad = b.padding
+        return conv_pad == "valid" or (not isinstance(conv_pad, str) and not any(conv_pad))
     return True
 
 
@@ -274,7 +278,7 @@ def _shrink_link(link: _Link) -> bool:
     return True
 
 
-def _keep_outputs(layer: nn.Module, keep: torch.Tensor) -> None:
+def _keep_outputs(layer: Layer, keep: torch.Tensor) -> None:
     layer.weight = nn.Parameter(layer.weight[keep].clone())
     if layer.bias is not None:
         layer.bias = nn.Parameter(layer.bias[keep].clone())
@@ -284,7 +288,7 @@ def _keep_outputs(layer: nn.Module, keep: torch.Tensor) -> None:
         layer.out_channels = len(keep)
 
 
-def _keep_norm(norm: nn.Module, keep: torch.Tensor) -> None:
+def _keep_norm(norm: Norm, keep: torch.Tensor) -> None:
     norm.num_features = len(keep)
     for name in ("weight", "bias"):
         if getattr(norm, name) is not None:
@@ -294,7 +298,7 @@ def _keep_norm(norm: nn.Module, keep: torch.Tensor) -> None:
             setattr(norm, name, getattr(norm, name)[keep].clone())
 
 
-def _keep_inputs(layer: nn.Module, keep: torch.Tensor, cols: torch.Tensor) -> None:
+def _keep_inputs(layer: Layer, keep: torch.Tensor, cols: torch.Tensor) -> None:
     w = layer.weight
     kept = cols[:, keep]  # [out, kept units, columns per unit]
     if isinstance(layer, nn.Linear):

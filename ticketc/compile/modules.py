@@ -41,6 +41,18 @@ def pack(weight: Tensor, fmt: str, *, device: str | torch.device = "cpu") -> dic
 class SparseLinear(nn.Module):
     """y = x @ W.T + b with W stored in one sparse format (csr, bsr(B) or tiled)."""
 
+    # Buffers (those of the chosen format are registered; see BUFFERS).
+    crow_indices: Tensor
+    col_indices: Tensor
+    values: Tensor
+    row_order: Tensor
+    tile_crow: Tensor
+    tile_col: Tensor
+    tile_offsets: Tensor
+    row_offsets: Tensor
+    bitmaps: Tensor
+    bias: Tensor | None
+
     def __init__(
         self,
         in_features: int,

@@ -11,6 +11,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,7 @@ from ticketc.compile.modules import _block_diagonal, sparse_module
 from ticketc.compile.plan import LayerPlan, Plan, apply_overrides, read_plan
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+Layer = nn.Linear | nn.Conv1d | nn.Conv2d
 
 
 def make_plan(
@@ -84,9 +86,7 @@ def _choose(lp: LayerPlan, min_speedup: float) -> LayerPlan:
     )
 
 
-def _tune(
-    lp: LayerPlan, layer: nn.Module, shapes: tuple | None, config: CompileConfig
-) -> LayerPlan:
+def _tune(lp: LayerPlan, layer: Layer, shapes: tuple | None, config: CompileConfig) -> LayerPlan:
     device, dtype = torch.device(config.device), config.torch_dtype
     shape = _batched(shapes, layer, config.batch_size)
     x = torch.randn(shape, device=device, dtype=dtype)
@@ -95,7 +95,7 @@ def _tune(
     for fmt in lp.predicted_us:
         module = dense if fmt == "dense" else sparse_module(dense, fmt, device=device)
         with torch.no_grad():
-            measured[fmt] = round(_median_time(lambda m=module: m(x), device, config.tune_reps), 3)
+            measured[fmt] = round(_median_time(partial(module, x), device, config.tune_reps), 3)
     best = min(measured, key=measured.__getitem__)
     speedup = measured["dense"] / measured[best]
     reason = (
@@ -159,7 +159,7 @@ def trace_shapes(model: nn.Module, example_input: Tensor | None) -> dict[str, tu
     return shapes
 
 
-def _gemm(layer: nn.Module, shapes: tuple | None, batch_size: int, itemsize: int) -> Gemm:
+def _gemm(layer: Layer, shapes: tuple | None, batch_size: int, itemsize: int) -> Gemm:
     if isinstance(layer, nn.Linear):
         keep = layer.weight.detach() != 0
         # rows of x per sample: 1 for [N, K] inputs, T for [N, T, K]
@@ -175,7 +175,7 @@ def _gemm(layer: nn.Module, shapes: tuple | None, batch_size: int, itemsize: int
     return gemm_stats(keep, batch_size * positions, itemsize, unfold=True)
 
 
-def _batched(shapes: tuple | None, layer: nn.Module, batch_size: int) -> tuple[int, ...]:
+def _batched(shapes: tuple | None, layer: Layer, batch_size: int) -> tuple[int, ...]:
     """The layer's traced input shape at the planned batch size."""
     if shapes is None:
         return (batch_size, layer.weight.shape[1])
