@@ -15,6 +15,7 @@ Blocked pseudo-code, one program per (group of ROWS sorted rows, block of BLOCK_
         acc += sum(xg * vals[..., None], axis=1)
     y[n_block, rows] = acc (+ bias[rows])
 
+With BLOCK_N = 1 (batch 1, or one program per batch row) the tiles are 2-D [ROWS, BLOCK_NNZ].
 For N > 1 the wrapper hands the kernel x transposed ([K, N] contiguous) so the BLOCK_N values
 gathered for one column are adjacent in memory.
 """
@@ -106,9 +107,11 @@ def csr_config(m: int, n: int, nnz: int, device: torch.device) -> dict[str, int]
 
 def csr_candidates(n: int) -> list[dict[str, int]]:
     """Launch configs that TICKETC_AUTOTUNE=1 (and the benchmark's --tune) try at batch n."""
-    block_n = min(next_pow2(n), 16)
+    # BLOCK_N = 1 (a program per batch row) is also tried for n > 1: at n = 2..4 it may beat
+    # the 3-D gather tile.
     return [
         {"ROWS": rows, "BLOCK_NNZ": block_nnz, "BLOCK_N": block_n, "num_warps": warps}
+        for block_n in sorted({1, min(next_pow2(n), 16)})
         for rows in (1, 2, 4, 8)
         for block_nnz in (16, 32, 64, 128)
         for warps in (2, 4)

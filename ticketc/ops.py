@@ -38,6 +38,13 @@ Interface (stable; ticketc.compile stores these buffers and calls these ops)::
         tensors they call the kernels directly, otherwise (torch.compile, torch.export, fake
         tensors) torch.ops.ticketc.*. Prefer them in modules' forward.
 
+Which op where (CUDA; measure with benchmarks/kernels_bench.py, the planner decides):
+csr_linear for batch 1..~32 (CUDA-core gather kernel, reads each nonzero once: the batch-1
+path); tiled_linear for larger batches on unstructured masks at moderate density (tensor
+cores, loads ~density x dense bytes + 1 bit per weight); bsr_linear for block-pruned masks
+(tensor cores, blocks 16/32/64/128). On CPU csr_linear runs MKL (mv at batch 1); tiled_linear
+has only the reference (it decodes the tiles on every call): do not plan it for CPU.
+
 Masks: by default an entry is kept when it is nonzero; pass `mask` (bool, same shape) to keep
 exactly the masked-in entries, explicit zeros included.
 
