@@ -61,13 +61,14 @@ BATCHES = (1, 16, 64, 256, 4096)
 MASKS = ("random", "ticket", "block32")
 BLOCK = 32
 
-# (bandwidth B/s, fp16 dense tensor-core flop/s) by device name fragment, from the data sheets
+# (bandwidth B/s, fp16/bf16 dense tensor-core flop/s, fp32 non-tensor flop/s) by device name
+# fragment, from the data sheets (SXM parts). fp32 kernels here use IEEE dots, not TF32.
 GPU_PEAKS = {
-    "H200": (4.8e12, 989e12),
-    "H100": (3.35e12, 989e12),
-    "A100": (2.0e12, 312e12),
-    "L40S": (0.864e12, 362e12),
-    "RTX 4090": (1.0e12, 330e12),
+    "H200": (4.8e12, 989e12, 67e12),
+    "H100": (3.35e12, 989e12, 67e12),
+    "A100": (2.0e12, 312e12, 19.5e12),
+    "L40S": (0.864e12, 362e12, 91.6e12),
+    "RTX 4090": (1.0e12, 330e12, 82.6e12),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -198,8 +199,10 @@ def build_methods(
     )
 
     def torch_csr(x: torch.Tensor) -> torch.Tensor:
-        # mv at batch 1: MKL's fastest call there (2.5-3x its one-column mm)
-        return torch.mv(sw, x[0])[None] if x.shape[0] == 1 else torch.mm(sw, x.t()).t()
+        # mv at batch 1 on CPU: MKL's fastest call there (2.5-3x its one-column mm)
+        if x.shape[0] == 1 and x.device.type == "cpu":
+            return torch.mv(sw, x[0])[None]
+        return torch.mm(sw, x.t()).t()
 
     methods["torch_csr"] = (
         torch_csr,
@@ -329,9 +332,10 @@ def peaks(device: str, dtype: torch.dtype) -> tuple[float, float, str]:
     """(bytes/s, flop/s, where the numbers come from)."""
     if device == "cuda":
         name = torch.cuda.get_device_name()
-        for key, (bw, flops) in GPU_PEAKS.items():
+        for key, (bw, flops_half, flops_fp32) in GPU_PEAKS.items():
             if key in name:
-                return bw, flops / (4 if dtype == torch.float32 else 1), f"data sheet ({key})"
+                flops = flops_fp32 if dtype == torch.float32 else flops_half
+                return bw, flops, f"data sheet ({key})"
         return math.nan, math.nan, "unknown GPU"
     # CPU: the best this (shared) machine reached here: a 64 MiB copy (DRAM, not cache) and a
     # 1024^3 matmul. Layers whose working set fits in cache can exceed a roofline of 1.
