@@ -187,23 +187,45 @@ def accuracy(path: Path, data: tuple[torch.Tensor, torch.Tensor]) -> float:
     return correct / len(y)
 
 
-def ticket_rows(paths: list[str], data_dir: str | None, work: Path) -> list[dict[str, object]]:
-    from ticketc.data.mnist import load_mnist
+def real_tickets(paths: list[str], runs: list[str]) -> list[tuple[str, nn.Module]]:
+    """(label, masked model) for ticket checkpoints and for every level of `ticketc find` runs."""
+    from ticketc.factory import resolve
     from ticketc.load import load_model
+    from ticketc.masks import apply_masks_
+
+    models = [(f"ticket {path}", load_model(path).model) for path in paths]
+    for run in map(Path, runs):
+        arch = json.loads((run / "arch.json").read_text())
+        for level in sorted(run.glob("level_*")):
+            model = resolve(arch["arch"])(**arch["arch_kwargs"]).eval()
+            model.load_state_dict(torch.load(level / "final.pt", weights_only=True))
+            apply_masks_(model, torch.load(level / "mask.pt", weights_only=True))
+            models.append((f"{run.name}/{level.name}", model))
+    return models
+
+
+def ticket_rows(
+    tickets: list[tuple[str, nn.Module]], data_dir: str | None, work: Path
+) -> list[dict[str, object]]:
+    """measure() plus MNIST test accuracy in torch and, for every value type, in onnxruntime."""
+    from ticketc.data.mnist import load_mnist
 
     _, test = load_mnist(data_dir, download=False)
     rows = []
-    for path in paths:
-        loaded = load_model(path)
-        assert loaded.example_input is not None
-        row = measure(
-            loaded.model, loaded.example_input, work, f"ticket {Path(path).parent.name or path}"
-        )
+    for label, model in tickets:
+        row = measure(model, example_input("lenet300"), work, label)
         with torch.no_grad():
-            row["torch_accuracy"] = float((loaded.model(test.x).argmax(1) == test.y).float().mean())
+            row["torch_accuracy"] = float((model(test.x).argmax(1) == test.y).float().mean())
         row["onnx_accuracy"] = {
             f"portable {v}": accuracy(work / f"p-{v}.onnx", (test.x, test.y)) for v in VALUES
         }
+        print(
+            f"{label}: {row['density']:.2%}, torch acc {row['torch_accuracy']:.2%}, "
+            + ", ".join(
+                f"{k} {a:.2%} ({row['ratio'][k]:.0f}x)" for k, a in row["onnx_accuracy"].items()
+            ),
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -322,9 +344,9 @@ def plot(report: dict[str, object], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--ticket", action="append", default=[], help="real ticket checkpoints to add"
-    )
+    parser.add_argument("--ticket", action="append", default=[], help="Lenet ticket checkpoints")
+    parser.add_argument("--run", action="append", default=[], help="ticketc find run dirs (Lenet)")
+    parser.add_argument("--only-tickets", action="store_true", help="skip the synthetic sweep")
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
     parser.add_argument(
         "--data-dir",
@@ -338,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for label, factory in (("lenet300", lenet300), ("conv2", conv2)):
+        sweep = [] if args.only_tickets else [("lenet300", lenet300), ("conv2", conv2)]
+        for label, factory in sweep:
             for density in DENSITIES:
                 model = factory().eval()
                 prune_to_(model, density)
@@ -350,8 +373,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
         model = lenet300().eval()
         prune_to_(model, 0.036)
-        timing = timings(model, example_input("lenet300"), work, args.repeat)
-        rows += ticket_rows(args.ticket, args.data_dir, work)
+        timing = (
+            {}
+            if args.only_tickets
+            else timings(model, example_input("lenet300"), work, args.repeat)
+        )
+        rows += ticket_rows(real_tickets(args.ticket, args.run), args.data_dir, work)
     report = {
         "ticketc": ticketc.__version__,
         "torch": torch.__version__,

@@ -97,13 +97,40 @@ def slim_(proto: onnx.ModelProto) -> None:
     graph = proto.graph
     del graph.value_info[:]
     graph.doc_string = ""
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     for node in graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
         node.name = ""
+        if opset is not None and node.domain in ("", "ai.onnx"):
+            _drop_default_attributes_(node, opset)
     for value in [*graph.input, *graph.output]:
         del value.metadata_props[:]
         value.doc_string = ""
+
+
+def _drop_default_attributes_(node: onnx.NodeProto, opset: int) -> None:
+    """Remove attributes that only restate the operator's default (Gemm's alpha=1, beta=1, ...)."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+    except onnx.defs.SchemaError:
+        return
+    kept = []
+    for attribute in node.attribute:
+        spec = schema.attributes.get(attribute.name)
+        default = spec.default_value if spec is not None else None
+        if default is None or not default.HasField("type"):
+            kept.append(attribute)
+            continue
+        value = onnx.AttributeProto()
+        value.CopyFrom(attribute)
+        value.name = default.name  # compare values, not names
+        if value.SerializeToString(deterministic=True) != default.SerializeToString(
+            deterministic=True
+        ):
+            kept.append(attribute)
+    del node.attribute[:]
+    node.attribute.extend(kept)
 
 
 @dataclass(frozen=True)
