@@ -230,11 +230,14 @@ def build_methods(
             from torch.sparse._triton_ops import bsr_dense_mm
 
             tw = torch.sparse_bsr_tensor(*bsr_args, (m, k), check_invariants=False)
-            methods["torch_triton_bsr"] = (
-                lambda x: bsr_dense_mm(tw, x.t()).t(),
-                nbytes(*bsr_args),
-                "",
-            )
+            if bsr_dense_mm is None:  # torch sets it to None when it finds no usable Triton
+                methods["torch_triton_bsr"] = (None, 0, "unavailable in this torch build")  # type: ignore[assignment]
+            else:
+                methods["torch_triton_bsr"] = (
+                    lambda x: bsr_dense_mm(tw, x.t()).t(),
+                    nbytes(*bsr_args),
+                    "",
+                )
 
     if device == "cuda":
         tiled = ops.pack_tiled(w)
