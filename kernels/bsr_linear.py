@@ -17,6 +17,8 @@ Blocked pseudo-code, one program per (block row, BLOCK_N batch rows, split)::
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -88,6 +90,7 @@ def _bsr_linear_kernel(
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+@functools.lru_cache(maxsize=1024)  # pure, and called on every launch
 def bsr_config(mb: int, n: int, nblocks: int, b: int, device: torch.device) -> dict[str, int]:
     """Launch parameters: BLOCK_N from the batch, SPLIT_K when the grid is too small."""
     block_n = max(16, min(next_pow2(n), 64 if b >= 64 else 128))

@@ -22,6 +22,8 @@ gathered for one column are adjacent in memory.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -88,6 +90,7 @@ def _csr_linear_kernel(
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+@functools.lru_cache(maxsize=1024)  # pure, and called on every launch
 def csr_config(m: int, n: int, nnz: int, device: torch.device) -> dict[str, int]:
     """Launch parameters from a small table (the interpreter cannot autotune).
 
@@ -176,7 +179,7 @@ def csr_linear(
             BLOCK_N=cfg["BLOCK_N"], num_warps=cfg.get("num_warps", 4),
         )  # fmt: skip
 
-    cfg = config or csr_config(m, n, values.numel(), device)
+    cfg = config or dict(csr_config(m, n, values.numel(), device))  # the table is cached
     if config is None and autotuning(device):
         key = ("csr", device, x.dtype, values.dtype, col_indices.dtype, m, x.shape[1],
                next_pow2(n), values.numel(), bias is not None)  # fmt: skip

@@ -19,6 +19,8 @@ Blocked pseudo-code, one program per (tile row, BLOCK_N batch rows, split)::
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -99,6 +101,7 @@ def _tiled_linear_kernel(
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+@functools.lru_cache(maxsize=1024)  # pure, and called on every launch
 def tiled_config(mt: int, n: int, ntiles: int, device: torch.device) -> dict[str, int]:
     """Launch parameters: BLOCK_N from the batch, SPLIT_K when the grid is too small."""
     block_n = max(16, min(next_pow2(n), 128))
