@@ -117,6 +117,18 @@ def to_json(rows: Sequence[LevelSummary]) -> list[dict[str, Any]]:
     return out
 
 
+def _percent_axis(ax: Any, xs: Sequence[float]) -> None:
+    """Log x axis of % remaining, decreasing to the right, with plain-number ticks."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ticks = [t for t in (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1)
+             if min(xs) * 0.8 <= t <= max(xs) * 1.25]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.invert_xaxis()
+
+
 def plot(rows: Sequence[LevelSummary], out_dir: Path, title: str = "") -> list[Path]:
     """PNG plots like the paper's: x = % of weights remaining on a log axis, decreasing."""
     import matplotlib
@@ -147,8 +159,7 @@ def plot(rows: Sequence[LevelSummary], out_dir: Path, title: str = "") -> list[P
             ys = [scale * p[1] for p in pts]
             es = [scale * p[2] for p in pts]
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=kind)
-        ax.set_xscale("log")
-        ax.invert_xaxis()
+        _percent_axis(ax, [100 * r.density for r in rows])
         ax.set_xlabel("% of weights remaining")
         ax.set_ylabel(ylabel)
         if title:
@@ -164,9 +175,8 @@ def plot(rows: Sequence[LevelSummary], out_dir: Path, title: str = "") -> list[P
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([s[0] for s in sized], [s[1] for s in sized], marker="o",
                 label="portable ONNX, fp32 values")
-        ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.invert_xaxis()
+        _percent_axis(ax, [p[0] for p in sized])
         ax.set_xlabel("% of weights remaining")
         ax.set_ylabel("exported size (KiB, all files)")
         ax.grid(True, alpha=0.3)
