@@ -305,3 +305,21 @@ def test_csr_first_layer_matches_dense_and_round_trips() -> None:
     b, _ = copy.step(x, y)
     assert torch.equal(a, b)
     assert all(torch.equal(sparse.member_state(1)[n], copy.member_state(1)[n]) for n in PRUNED)
+
+
+def tiny_pairs() -> tuple:
+    """A user dataset factory: (train, test) pairs of tensors."""
+    data = tiny_data()
+    return (data.train.x, data.train.y), (data.test.x, data.test.y)
+
+
+def test_cli_user_model_and_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code = main(["find", "--out", str(out), "--model", TINY, "--data",
+                 "tests.test_find_run:tiny_pairs", "--rounds", "1", "--iterations", "10",
+                 "--batch-size", "30", "--eval-every", "5", "--val-size", "60", "--json"])
+    assert code == 0, capsys.readouterr().err
+    ticket = load_ticket(out / "ticket.pt")
+    assert ticket.arch == TINY and ticket.metrics["dataset"] == "tests.test_find_run:tiny_pairs"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["dataset"] is None and saved["val_size"] == 60
