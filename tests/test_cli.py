@@ -252,3 +252,11 @@ def test_inspect_shows_the_plan_of_a_compiled_model(tmp_path, state_dict_file, c
     report = json.loads(capsys.readouterr().out)
     assert report["kind"] == "compiled"
     assert {row["name"] for row in report["plan"]} <= {"1", "3"} and report["plan"]
+
+
+def test_positions_choice_is_honoured(tmp_path, state_dict_file, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(state_dict_file), "--arch", ARCH, "--input-shape", "1,20",
+                 "--positions", "gap8", "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert all(layer["codec"].startswith("gap8+") for layer in report["layers"])

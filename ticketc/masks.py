@@ -114,4 +114,4 @@ def apply_masks_(model: nn.Module, masks: Masks) -> None:
 
 def density(masks: Masks) -> float:
     total = sum(m.numel() for m in masks.values())
-    return sum(int(m.sum()) for m in masks.values()) / total if total else 1.0
+    return sum(int(m.count_nonzero()) for m in masks.values()) / total if total else 1.0

@@ -10,6 +10,7 @@ from ticketc.commands._common import add_model_arguments, example_and_sample, lo
 from ticketc.commands._common import console as console_
 from ticketc.errors import UserError
 from ticketc.export import FORMATS, VALUES, ExportConfig, ExportResult, export_model
+from ticketc.export.onnx_export import POSITIONS
 
 NAME = "export"
 HELP = "export a pruned model to a small, verified ONNX file"
@@ -35,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=VALUES,
         default=_DEFAULTS.values,
         help=f"value type of pruned weights; fp32 is lossless (default: {_DEFAULTS.values})",
+    )
+    parser.add_argument(
+        "--positions",
+        choices=POSITIONS,
+        default=_DEFAULTS.positions,
+        help="how positions are coded: auto = smallest per tensor; gap8 is a little larger "
+        f"but faster for onnxruntime to load (default: {_DEFAULTS.positions})",
     )
     parser.add_argument(
         "--tolerance",
@@ -63,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             tolerance=args.tolerance,
             opset=args.opset,
             dead_units=args.dead_units,
+            positions=args.positions,
         )
     except ValueError as e:
         raise UserError(str(e)) from e

@@ -37,6 +37,7 @@ from ticketc.verify import FP32_RTOL, Verification, random_sample, verify
 
 FORMATS = ("portable", "sparse-initializer", "dense")
 VALUES = ("fp32", "fp16", "int8", "int4")
+POSITIONS = ("auto", "rice", "gap8", "gap16", "bitmask")
 MIN_OPSET = 18
 # One protobuf may not exceed 2 GiB; past this the weights go to external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -51,12 +52,17 @@ class ExportConfig:
     opset: int | None = None  # None: torch.onnx's default
     dynamic_batch: bool = True
     dead_units: bool = False  # drop units a ticket cut off: real dims shrink, in every runtime
+    # How positions are coded. "auto": the fewest bytes per tensor (usually Rice-coded gaps);
+    # "gap8" is ~5-10 % larger but folds ~3x faster when onnxruntime creates the session.
+    positions: str = "auto"
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
         if self.values not in VALUES:
             raise ValueError(f"values {self.values!r} is not one of {', '.join(VALUES)}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions {self.positions!r} is not one of {', '.join(POSITIONS)}")
         if self.values != "fp32" and self.format != "portable":
             raise ValueError(f"values {self.values!r} need format 'portable' (got {self.format!r})")
         if self.tolerance is not None and not self.tolerance >= 0:
@@ -209,7 +215,8 @@ def _sparse_proto(
 
     encoded = {}
     for f in found:
-        c = encoded[f.initializer] = Compact.from_dense(f.weight, values=config.values)
+        c = Compact.from_dense(f.weight, values=config.values, positions=config.positions)
+        encoded[f.initializer] = c
         stored[f.initializer] = (f"{c.positions_kind}+{c.values_kind}", c.nbytes)
         drop_data_(graph, f.initializer)
     proto = ir.to_proto(program.model)

@@ -152,7 +152,7 @@ def find_pruned(graph: ir.Graph, model: nn.Module, masks: Masks) -> tuple[list[F
         if match is None:
             notes.append(f"{name}: not found among the ONNX initializers, left as torch wrote it")
             continue
-        found.append(Found(name, match[0], match[1], int(mask.sum())))
+        found.append(Found(name, match[0], match[1], int(mask.count_nonzero())))
     return found, notes
 
 
