@@ -198,3 +198,16 @@ def test_eager_cpu_fast_path_matches_the_op():
     torch.testing.assert_close(sparse(x), via_op)
     sparse.values.mul_(2)  # in-place updates are seen (the cached CSR tensor shares storage)
     torch.testing.assert_close(sparse(x), 2 * via_op - sparse.bias)
+
+
+@pytest.mark.parametrize(("make", "shape"), [(conv_net, (3, 4, 10, 9)), (conv1d_net, (3, 3, 17))])
+def test_sparse_conv_pt2_round_trip(tmp_path, make, shape):
+    model = _prune(make(), 0.3)
+    x = torch.randn(shape)
+    compiled = _forced(model, "csr", tmp_path, x)
+    out, _ = save_compiled(export_program(compiled, x), plan_of(compiled), tmp_path / "c.pt2")
+    loaded = load_program(out).module()
+    for batch in (1, 5):
+        xb = torch.randn(batch, *shape[1:])
+        with torch.no_grad():
+            _close(loaded(xb), model(xb), torch.float32)
