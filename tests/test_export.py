@@ -146,3 +146,11 @@ def test_dead_units_shrink_the_file_and_keep_outputs(tmp_path):
     weights = onnx_weights(tmp_path / "dead.onnx")
     assert weights["1.weight"].shape[0] < 300 - 150
     assert smaller.total_bytes < plain.total_bytes
+
+
+def test_a_dense_layer_is_never_stored_bigger(tmp_path):
+    model, x = _model("mlp", density=1.0)
+    dense = export_model(model, x, tmp_path / "d.onnx", ExportConfig(format="dense"))
+    portable = export_model(model, x, tmp_path / "p.onnx")
+    assert all(layer.codec == "dense" for layer in portable.layers)
+    assert portable.total_bytes <= dense.total_bytes

@@ -228,7 +228,7 @@ def test_one_shared_function_per_kind_and_the_rest_of_the_graph_unchanged():
     # The original nodes are untouched and no dense copy of a weight is left behind.
     assert list(portable.graph.node)[len(decoders) :] == list(model.graph.node)
     assert not set(weights) & {i.name for i in portable.graph.initializer}
-    assert {i.name for i in portable.graph.initializer} >= {"fc1.weight.p", "fc1.weight.v"}
+    assert {i.name for i in portable.graph.initializer} >= {"0.p", "0.v", "1.p", "1.v"}
     opsets = {o.domain: o.version for o in portable.opset_import}
     assert opsets == {"": OPSET, DOMAIN: 1}
     assert model.graph.initializer[0].name == "conv.weight"  # the input model is not modified
@@ -238,7 +238,7 @@ def test_half_stores_fp16_and_casts_back():
     model, weights = conv_mlp()
     portable = to_portable(model, {}, half=["fc1.bias"])
     stored = {i.name: i for i in portable.graph.initializer}
-    assert stored["fc1.bias.h"].data_type == TensorProto.FLOAT16
+    assert stored["0.h"].data_type == TensorProto.FLOAT16
     assert "fc1.bias" not in stored
     onnx.checker.check_model(portable, full_check=True)
     x = np.ones((1, 2, 4, 4), np.float32)
@@ -379,3 +379,13 @@ def test_torch_export_round_trip(tmp_path):
         got, _session(model).run(None, {model.graph.input[0].name: x.numpy()})[0]
     )
     np.testing.assert_allclose(got, net(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_array_names_never_collide_with_graph_names():
+    model, weights = conv_mlp()
+    first = next(iter(weights))
+    clash = helper.make_tensor("0.p", TensorProto.FLOAT, [1], [0.0])
+    model.graph.initializer.append(clash)
+    portable = to_portable(model, {first: Compact.from_dense(weights[first])})
+    names = [i.name for i in portable.graph.initializer]
+    assert len(names) == len(set(names)) and f"{first}.p" in names

@@ -216,6 +216,14 @@ def _sparse_proto(
     encoded = {}
     for f in found:
         c = Compact.from_dense(f.weight, values=config.values, positions=config.positions)
+        dense_bytes = 4 * f.weight.numel()
+        if c.nbytes >= dense_bytes:  # a (nearly) dense layer: never store it bigger
+            # (in lossy modes it then goes to fp16 with the other float initializers)
+            lossy = config.values != "fp32"
+            stored[f.initializer] = (
+                ("dense+fp16", dense_bytes // 2) if lossy else ("dense", dense_bytes)
+            )
+            continue
         encoded[f.initializer] = c
         stored[f.initializer] = (f"{c.positions_kind}+{c.values_kind}", c.nbytes)
         drop_data_(graph, f.initializer)

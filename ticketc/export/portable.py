@@ -1,7 +1,8 @@
 """Portable compact ONNX: pruned weights stored as `Compact` arrays, decoded inside the graph.
 
-Every replaced initializer W becomes its small arrays (`W.p` positions, `W.r` Rice remainder
-planes, `W.v` values, `W.s` int8 scale or `W.c` int4 codebook) and one node
+Every replaced initializer W (the i-th) becomes its small arrays (`i.p` positions, `i.r` Rice
+remainder planes, `i.v` values, `i.s` int8 scale or `i.c` int4 codebook; fp16 copies of other
+initializers are `i.h`) and one node
 `ticketc.Decode<Positions><Values>(...) -> W` carrying the shape as an ints attribute `t`. The
 op is a model-local function (FunctionProto) built from standard ops only, defined once per
 (positions, values) pair and shared by all layers, so any ONNX runtime can run the file;
@@ -214,18 +215,28 @@ def _default_opset(model: onnx.ModelProto) -> int:
     raise ValueError("model imports no default ONNX opset")
 
 
-def _arrays(name: str, weight: Compact) -> list[tuple[str, np.ndarray]]:
-    arrays = [(name + ".p", weight.positions)]
+def _arrays(prefix: str, weight: Compact) -> list[tuple[str, np.ndarray]]:
+    arrays = [(prefix + "p", weight.positions)]
     if weight.remainders is not None:
-        arrays.append((name + ".r", weight.remainders))
-    arrays.append((name + ".v", weight.values))
+        arrays.append((prefix + "r", weight.remainders))
+    arrays.append((prefix + "v", weight.values))
     if weight.scale is not None:
         # Shaped [rows, 1, ...] so the decoder's Mul broadcasts it over each row.
         rank = len(weight.shape)
-        arrays.append((name + ".s", weight.scale.reshape((-1,) + (1,) * (rank - 1))))
+        arrays.append((prefix + "s", weight.scale.reshape((-1,) + (1,) * (rank - 1))))
     if weight.codebook is not None:
-        arrays.append((name + ".c", weight.codebook))
+        arrays.append((prefix + "c", weight.codebook))
     return arrays
+
+
+def _prefixes(names: list[str], taken: set[str]) -> list[str]:
+    """Short prefixes for the stored arrays: "0." -> "0.p", "0.v", ... (each name is written
+    twice, and long ones like "features.3.weight.p" add up at a 10-15 KB file size). Falls
+    back to the full tensor name if a short one would collide with the graph's own names."""
+    short = [f"{i}." for i in range(len(names))]
+    if any(p + suffix in taken for p in short for suffix in "prvsch"):
+        return [name + "." for name in names]
+    return short
 
 
 def to_portable(
@@ -256,7 +267,9 @@ def to_portable(
     new_inits: list[onnx.TensorProto] = []
     new_nodes: list[onnx.NodeProto] = []
     functions: dict[str, onnx.FunctionProto] = {}
-    for name, weight in weights.items():
+    taken = {n for node in graph.node for n in [*node.input, *node.output]} | set(by_name)
+    prefixes = _prefixes([*weights, *half], taken)
+    for prefix, (name, weight) in zip(prefixes, weights.items(), strict=False):
         if not isinstance(weight, Compact):
             raise TypeError(f"weights[{name!r}] must be a Compact, got {type(weight).__name__}")
         dims = tuple(by_name[name].dims)
@@ -265,15 +278,15 @@ def to_portable(
         fn = function_name(weight.positions_kind, weight.values_kind)
         if fn not in functions:
             functions[fn] = decode_function(weight.positions_kind, weight.values_kind, opset)
-        arrays = _arrays(name, weight)
+        arrays = _arrays(prefix, weight)
         new_inits += [numpy_helper.from_array(a, n) for n, a in arrays]
         node = helper.make_node(fn, [n for n, _ in arrays], [name], domain=DOMAIN)
         node.attribute.append(helper.make_attribute(_SHAPE_ATTR, list(weight.shape)))
         new_nodes.append(node)
-    for name in half:
+    for prefix, name in zip(prefixes[len(weights) :], half, strict=True):
         source = numpy_helper.to_array(by_name[name])
-        new_inits.append(numpy_helper.from_array(source.astype(np.float16), name + ".h"))
-        new_nodes.append(helper.make_node("Cast", [name + ".h"], [name], to=TensorProto.FLOAT))
+        new_inits.append(numpy_helper.from_array(source.astype(np.float16), prefix + "h"))
+        new_nodes.append(helper.make_node("Cast", [prefix + "h"], [name], to=TensorProto.FLOAT))
 
     replaced = set(weights) | set(half)
     kept = [init for init in graph.initializer if init.name not in replaced]
