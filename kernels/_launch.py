@@ -42,6 +42,20 @@ def check_float(op: str, name: str, t: Tensor) -> None:
         raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
+def checked_output(op: str, x: Tensor, m: int, bias: Tensor | None, out: Tensor | None) -> Tensor:
+    """The [N, M] output buffer (allocated, or the caller's `out` checked), after checking bias."""
+    n = x.shape[0]
+    if bias is not None and tuple(bias.shape) != (m,):
+        raise ValueError(f"{op}: bias must have shape ({m},), got {tuple(bias.shape)}")
+    if out is None:
+        return torch.empty((n, m), dtype=x.dtype, device=x.device)
+    if tuple(out.shape) != (n, m) or out.dtype != x.dtype:
+        raise ValueError(
+            f"{op}: out must be {x.dtype} {(n, m)}, got {out.dtype} {tuple(out.shape)}"
+        )
+    return out
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 

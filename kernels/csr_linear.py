@@ -29,7 +29,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import autotuning, check_device, check_float, next_pow2, pick_config, sm_count
+from ._launch import (
+    autotuning,
+    check_device,
+    check_float,
+    checked_output,
+    next_pow2,
+    pick_config,
+    sm_count,
+)
 
 
 @triton.jit
@@ -156,13 +164,7 @@ def csr_linear(
     m = crow_indices.numel() - 1
     if row_order.numel() != m:
         raise ValueError(f"{op}: row_order has {row_order.numel()} entries for {m} rows")
-    if bias is not None and tuple(bias.shape) != (m,):
-        raise ValueError(f"{op}: bias must have shape ({m},), got {tuple(bias.shape)}")
-    if out is None:
-        out = torch.empty((n, m), dtype=x.dtype, device=device)
-    elif tuple(out.shape) != (n, m) or out.dtype != x.dtype:
-        raise ValueError(f"{op}: out must be {x.dtype} {(n, m)}, got {out.dtype} "
-                         f"{tuple(out.shape)}")  # fmt: skip
+    out = checked_output(op, x, m, bias, out)
     if n == 0 or m == 0:
         return out
     # Gathering x[:, col] reads BLOCK_N scattered elements unless x is [K, N] in memory.

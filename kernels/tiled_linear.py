@@ -30,6 +30,7 @@ from ._launch import (
     autotuning,
     check_device,
     check_float,
+    checked_output,
     dot_candidates,
     dot_in_fp32,
     next_pow2,
@@ -152,13 +153,7 @@ def tiled_linear(
     m, mt = out_features, tile_crow.numel() - 1
     if not (mt - 1) * tile_m < m <= mt * tile_m:
         raise ValueError(f"{op}: out_features={m} does not match {mt} tile rows of {tile_m}")
-    if bias is not None and tuple(bias.shape) != (m,):
-        raise ValueError(f"{op}: bias must have shape ({m},), got {tuple(bias.shape)}")
-    if out is None:
-        out = torch.empty((n, m), dtype=x.dtype, device=device)
-    elif tuple(out.shape) != (n, m) or out.dtype != x.dtype:
-        raise ValueError(f"{op}: out must be {x.dtype} {(n, m)}, got {out.dtype} "
-                         f"{tuple(out.shape)}")  # fmt: skip
+    out = checked_output(op, x, m, bias, out)
     if n == 0 or m == 0:
         return out
     bias_arg = bias if bias is not None else values  # never read without HAS_BIAS
