@@ -105,6 +105,12 @@ def print_summary(result: ExportResult) -> None:
     console.print(table)
     files = " + ".join(f"{f.name} ({f.stat().st_size:,} B)" for f in result.files)
     console.print(f"wrote {files}: {result.total_bytes:,} bytes in {result.seconds:.2f} s")
+    if result.weight_bytes:
+        ratio = result.weight_bytes / result.total_bytes
+        console.print(
+            f"{ratio:.1f}x smaller than the model's weights as dense fp32 "
+            f"({result.weight_bytes:,} B)"
+        )
     if result.verification is not None:
         v = result.verification
         console.print(f"verified in onnxruntime on batch {v.batch}: {v.summary()}")

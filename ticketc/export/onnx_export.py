@@ -97,6 +97,7 @@ class ExportResult:
     verification: Verification | None
     seconds: float
     notes: list[str] = field(default_factory=list)
+    weight_bytes: int = 0  # the model's parameters and buffers as dense fp32: what it shrinks from
 
     def to_json(self) -> dict[str, object]:
         out = asdict(self)
@@ -167,7 +168,8 @@ def export_model(
     total = sum(f.stat().st_size for f in final)
     if not any(layer.density < 1 for layer in layers):
         notes.append("no pruned layer found: every weight is dense, so the file is not smaller")
-    return ExportResult(out, final, total, layers, verification, seconds, notes)
+    weight_bytes = sum(4 * t.numel() for t in [*original.parameters(), *original.buffers()])
+    return ExportResult(out, final, total, layers, verification, seconds, notes, weight_bytes)
 
 
 def _without_dead_units(model: nn.Module, masks: Masks) -> tuple[nn.Module, Masks, str]:
