@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ class Inspection:
     path: str
     kind: str  # "model" | "onnx" | "compiled"
     layers: list[LayerStats]
-    plan: list[dict[str, object]] | None = None  # a compiled artifact's per-layer plan
+    plan: list[dict[str, Any]] | None = None  # a compiled artifact's per-layer plan
 
     @property
     def totals(self) -> dict[str, float]:

@@ -15,7 +15,7 @@ import os
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from ticketc.errors import UserError
 
@@ -25,7 +25,7 @@ PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 Masks = dict[str, torch.Tensor]
 
 
-def prunable_weights(model: nn.Module) -> dict[str, nn.Module]:
+def prunable_weights(model: nn.Module) -> dict[str, nn.Linear | nn.Conv1d | nn.Conv2d]:
     """Parameter name ("1.weight") -> owning module, for every prunable layer."""
     return {
         f"{name}.weight" if name else "weight": m
@@ -49,7 +49,7 @@ def strip_pruning_(model: nn.Module) -> Masks:
             if tensor_name is None or not hasattr(module, f"{tensor_name}_mask"):
                 continue
             masks[prefix + tensor_name] = getattr(module, f"{tensor_name}_mask").detach().bool()
-            torch.nn.utils.prune.remove(module, tensor_name)
+            prune.remove(module, tensor_name)
         # torch.ao.pruning: FakeSparsity parametrizations hold the mask; the file does not.
         if parametrize.is_parametrized(module):
             for tensor_name in list(module.parametrizations.keys()):

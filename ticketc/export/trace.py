@@ -192,7 +192,7 @@ def drop_data_(graph: ir.Graph, name: str) -> None:
         offset=0,
         length=tensor.nbytes,
         dtype=tensor.dtype,
-        shape=tensor.shape,
+        shape=ir.Shape(tensor.shape.numpy()),
         name=name,
     )
 
