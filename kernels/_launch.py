@@ -56,6 +56,16 @@ def checked_output(op: str, x: Tensor, m: int, bias: Tensor | None, out: Tensor 
     return out
 
 
+def accumulation_buffer(out: Tensor, split: int) -> Tensor:
+    """Where a launch writes: `out` itself, or with split-K a zeroed fp32 buffer, since the
+    partial sums meet through atomics and there are no bf16 atomics (copy it back after)."""
+    if split == 1:
+        return out
+    if out.dtype == torch.float32:
+        return out.zero_()
+    return torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 

@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import (
+    accumulation_buffer,
     autotuning,
     check_device,
     check_float,
@@ -144,10 +145,7 @@ def bsr_linear(
 
     def launch(cfg: dict[str, int], out: Tensor) -> None:
         split = cfg["SPLIT_K"]
-        # Split-K partial sums meet in an fp32 buffer through atomics (no bf16 atomics).
-        target = out.zero_() if split > 1 and x.dtype == torch.float32 else out
-        if split > 1 and x.dtype != torch.float32:
-            target = torch.zeros((n, m), dtype=torch.float32, device=device)
+        target = accumulation_buffer(out, split)
         grid = (mb, triton.cdiv(n, cfg["BLOCK_N"]), split)
         _bsr_linear_kernel[grid](
             x, target, crow_indices, col_indices, values, bias_arg,

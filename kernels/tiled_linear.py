@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import (
+    accumulation_buffer,
     autotuning,
     check_device,
     check_float,
@@ -160,10 +161,7 @@ def tiled_linear(
 
     def launch(cfg: dict[str, int], out: Tensor) -> None:
         split = cfg["SPLIT_K"]
-        # Split-K partial sums meet in an fp32 buffer through atomics (no bf16 atomics).
-        target = out.zero_() if split > 1 and x.dtype == torch.float32 else out
-        if split > 1 and x.dtype != torch.float32:
-            target = torch.zeros((n, m), dtype=torch.float32, device=device)
+        target = accumulation_buffer(out, split)
         grid = (mt, triton.cdiv(n, cfg["BLOCK_N"]), split)
         _tiled_linear_kernel[grid](
             x, target, tile_crow, tile_col, tile_offsets, row_offsets, bitmaps, values, bias_arg,
