@@ -23,6 +23,7 @@ from torch import nn
 
 from ticketc.find.pruning import Masks
 from ticketc.find.sparse_layer import SparseFirstLayer
+from ticketc.kernels import csr_cpu
 
 
 def mlp_layers(model: nn.Module) -> list[str] | None:
@@ -66,8 +67,9 @@ class Ensemble:
             n: torch.stack([s[n] for s in states]) for n, _ in self.base.named_buffers()
         }
         self.masks = {n: torch.stack([m[n] for m in masks]).contiguous() for n in masks[0]}
-        # Float copies: multiplying by a bool tensor converts it on every step.
-        self._mask_values = {n: m.float() for n, m in self.masks.items()}
+        # Float copies (multiplying by a bool tensor converts it on every step) of the masks
+        # that prune something: a full mask needs no enforcing.
+        self._mask_values = {n: m.float() for n, m in self.masks.items() if not bool(m.all())}
         self.mlp = mlp_layers(self.base)
         self.sparse: SparseFirstLayer | None = None
         self.sparse_name = ""
@@ -79,9 +81,9 @@ class Ensemble:
             if densest < sparse_below:
                 self.sparse_name = name
                 with torch.no_grad():
-                    self.params[name].mul_(self._mask_values[name])
+                    self.params[name].mul_(self.masks[name])
                 self.sparse = SparseFirstLayer(self.params[name].detach(), self.masks[name])
-                self._mask_values.pop(name)  # written only at survivors: no mask to apply
+                self._mask_values.pop(name, None)  # written only at survivors: no mask to apply
         # The optimizer's parameters, in the order of self.params (sparse layer: its values).
         self._opt_params = [
             self.sparse.values if self.sparse is not None and n == self.sparse_name else p
@@ -112,8 +114,24 @@ class Ensemble:
 
         Returns each member's mean loss [M] and number of correct predictions [M].
         """
+        return self._step(x, y)
+
+    def step_on(
+        self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` on the batches x_all[idx], y_all[idx] (idx [M, B]), picked without copying
+        them twice: a CSR first layer reads its input feature-major, gathered straight into
+        that layout."""
+        if self.sparse is None:
+            return self.step(x_all[idx], y_all[idx])
+        xt = csr_cpu.gather_t(x_all.reshape(len(x_all), -1), idx)  # [M, in, B]
+        return self._step(xt, y_all[idx], feature_major=True)
+
+    def _step(
+        self, x: torch.Tensor, y: torch.Tensor, feature_major: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mlp is not None:
-            loss, correct, grads = self._mlp_grads(x, y)
+            loss, correct, grads = self._mlp_grads(x, y, feature_major)
             for name, g in grads.items():
                 if self.sparse is not None and name == self.sparse_name:
                     self.sparse.values.grad = g
@@ -128,16 +146,22 @@ class Ensemble:
 
     @torch.no_grad()
     def _mlp_grads(
-        self, x: torch.Tensor, y: torch.Tensor
+        self, x: torch.Tensor, y: torch.Tensor, feature_major: bool
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """x: [M, B, in], or [M, in, B'] when feature_major (only with a CSR first layer;
+        B' >= B, zero padded)."""
         assert self.mlp is not None
-        m, b = x.shape[0], x.shape[1]
-        a = x.reshape(m, b, -1)
-        acts = [a]  # inputs of each Linear, [M, B, in]
+        b = y.shape[1]
+        if not feature_major:
+            x = x.reshape(x.shape[0], b, -1)
+            if self.sparse is not None:
+                x = csr_cpu.transpose_padded(x)
+        a = x
+        acts = [a]  # inputs of each Linear: [M, B, in] (the CSR layer's: [M, in, B])
         for i, prefix in enumerate(self.mlp):
             w, bias = self.params[f"{prefix}.weight"], self.params[f"{prefix}.bias"]
             if i == 0 and self.sparse is not None:
-                a = self.sparse.forward(a, bias)
+                a = self.sparse.forward(a, bias, b)
             else:
                 a = torch.baddbmm(bias.unsqueeze(1), a, w.transpose(1, 2))
             if i + 1 < len(self.mlp):
@@ -206,7 +230,10 @@ class Ensemble:
             a = x.reshape(len(x), -1)
             for i, prefix in enumerate(self.mlp):
                 w, bias = self.params[f"{prefix}.weight"], self.params[f"{prefix}.bias"]
-                a = torch.matmul(a, w.transpose(1, 2)).add_(bias.unsqueeze(1))
+                if i == 0 and self.sparse is not None:  # one feature-major input for all
+                    a = self.sparse.forward(csr_cpu.transpose_padded(a).unsqueeze(0), bias, len(a))
+                else:
+                    a = torch.matmul(a, w.transpose(1, 2)).add_(bias.unsqueeze(1))
                 if i + 1 < len(self.mlp):
                     a = a.relu_()
             return a

@@ -94,7 +94,7 @@ def train_level(
         on_snapshot()
     for t in range(start, end):
         idx = order.indices(t)  # [M, B]
-        loss, correct = ensemble.step(x_train[idx], y_train[idx])
+        loss, correct = ensemble.step_on(x_train, y_train, idx)
         loss_sum += loss.detach().double()
         correct_sum += correct
         seen += idx.shape[1]

@@ -1,0 +1,132 @@
+"""CPU CSR kernels (Numba): y = x·Wᵀ (+ bias) and the gradient of W at its stored entries.
+
+Activations are feature-major here: `xt` is x transposed, [K, N] (or [G, K, N] for G stacked
+models), so that each stored weight W[m, k] scales one contiguous row xt[k, :] into out[m, :],
+a loop over the batch that compiles to vector FMAs. Pseudo-code of `csr_matmul_t`:
+
+    for m in rows (in parallel):                  # out [M, N] = W [M, K] @ xt [K, N]
+        out[m, :] = bias[m]
+        for j in crow[m] .. crow[m + 1]:
+            out[m, :] += values[j] * xt[col[j], :]
+
+The weight gradient at the stored entries (`csr_sampled_grad`) is one dot product over the
+batch per entry: grad[j] = g_t[m, :] · xt[col[j], :]. Rows of a stacked model (G members, each
+with M / G rows) read their own member's xt; a shared xt ([1, K, N]) serves every member.
+
+Each output row is summed in a fixed order whatever the thread count, so results are
+reproducible run to run. Accumulation is fp32 (inputs are fp32).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+_FLAGS = {"contract", "reassoc"}  # FMA and vectorised reductions; NaN/inf keep their meaning
+
+
+@numba.njit(parallel=True, nogil=True, fastmath=_FLAGS, cache=False)
+def _matmul_t(crow, col, values, xt, bias, out, rows_per_group):  # type: ignore[no-untyped-def]
+    rows, n = out.shape
+    shared = xt.shape[0] == 1
+    for m in numba.prange(rows):
+        x = xt[0] if shared else xt[m // rows_per_group]
+        b = bias[m] if bias.shape[0] else np.float32(0.0)
+        for i in range(n):
+            out[m, i] = b
+        for j in range(crow[m], crow[m + 1]):
+            v = values[j]
+            row = x[col[j]]
+            for i in range(n):
+                out[m, i] += v * row[i]
+
+
+@numba.njit(parallel=True, nogil=True, fastmath=_FLAGS, cache=False)
+def _sampled_grad(crow, col, g_t, xt, out, rows_per_group):  # type: ignore[no-untyped-def]
+    rows, n = g_t.shape
+    for m in numba.prange(rows):
+        x = xt[m // rows_per_group]
+        g = g_t[m]
+        for j in range(crow[m], crow[m + 1]):
+            row = x[col[j]]
+            acc = np.float32(0.0)
+            for i in range(n):
+                acc += g[i] * row[i]
+            out[j] = acc
+
+
+@numba.njit(parallel=True, nogil=True, cache=False)
+def _gather_t(source, index, out):  # type: ignore[no-untyped-def]
+    groups, n = index.shape
+    k = source.shape[1]
+    for g in numba.prange(groups):
+        for i in range(n):
+            src = source[index[g, i]]
+            for f in range(k):
+                out[g, f, i] = src[f]
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def csr_matmul_t(
+    crow_indices: Tensor, col_indices: Tensor, values: Tensor, xt: Tensor,
+    bias: Tensor | None = None, *, groups: int = 1,
+) -> Tensor:
+    """out [M, N] = W @ xt[g] (+ bias) for the rows of group g; W is CSR [M, K].
+
+    xt: [K, N] or [G, K, N] (fp32, contiguous), G == groups or 1 (shared by every group);
+    rows m of W belong to group m // (M / groups).
+    """
+    rows = crow_indices.numel() - 1
+    x3 = xt if xt.dim() == 3 else xt.unsqueeze(0)
+    if rows % groups or x3.shape[0] not in (1, groups):
+        raise ValueError(f"csr_matmul_t: {rows} rows, {groups} groups, xt {tuple(xt.shape)}")
+    out = torch.empty(rows, x3.shape[2], dtype=torch.float32)
+    b = bias.reshape(-1) if bias is not None else torch.empty(0)
+    _matmul_t(_np(crow_indices), _np(col_indices), _np(values), _np(x3.contiguous()), _np(b),
+              out.numpy(), max(rows // groups, 1))
+    return out
+
+
+def csr_sampled_grad(
+    crow_indices: Tensor, col_indices: Tensor, g_t: Tensor, xt: Tensor, *, groups: int = 1
+) -> Tensor:
+    """grad[j] = g_t[m, :] · xt[g, col[j], :] for each stored entry j of row m (group g).
+
+    g_t: [M, N] (d loss / d out, transposed), xt: [G, K, N]; returns [nnz] fp32.
+    """
+    rows = crow_indices.numel() - 1
+    x3 = xt if xt.dim() == 3 else xt.unsqueeze(0)
+    out = torch.empty(col_indices.numel(), dtype=torch.float32)
+    _sampled_grad(_np(crow_indices), _np(col_indices), _np(g_t.contiguous()),
+                  _np(x3.contiguous()), out.numpy(), max(rows // groups, 1))
+    return out
+
+
+def padded(n: int) -> int:
+    """The batch width the kernels run fastest at: a whole number of 8-float vectors."""
+    return -(-n // 8) * 8
+
+
+def gather_t(source: Tensor, index: Tensor) -> Tensor:
+    """out[g, :, i] = source[index[g, i], :]: rows picked and transposed in one pass.
+
+    source [S, K] fp32 contiguous, index [G, N] int64 -> [G, K, padded(N)], zero beyond N
+    (a padded batch is exact: zero inputs add nothing to a product or a gradient).
+    """
+    groups, n = index.shape
+    out = torch.zeros(groups, source.shape[1], padded(n), dtype=source.dtype)
+    _gather_t(_np(source.contiguous()), _np(index.contiguous()), out.numpy())
+    return out
+
+
+def transpose_padded(x: Tensor) -> Tensor:
+    """x [..., N, K] -> [..., K, padded(N)], zero beyond N."""
+    n = x.shape[-2]
+    out = x.new_zeros(*x.shape[:-2], x.shape[-1], padded(n))
+    out[..., :n] = x.transpose(-1, -2)
+    return out
