@@ -14,7 +14,8 @@ batch per entry: grad[j] = g_t[m, :] · xt[col[j], :]. Rows of a stacked model (
 with M / G rows) read their own member's xt; a shared xt ([1, K, N]) serves every member.
 
 Each output row is summed in a fixed order whatever the thread count, so results are
-reproducible run to run. Accumulation is fp32 (inputs are fp32).
+reproducible run to run. Accumulation is fp32 (inputs are fp32). Each kernel compiles on first
+use (about a second per argument signature) and Numba caches the machine code on disk.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor
 _FLAGS = {"contract", "reassoc"}  # FMA and vectorised reductions; NaN/inf keep their meaning
 
 
-@numba.njit(parallel=True, nogil=True, fastmath=_FLAGS, cache=False)
+@numba.njit(parallel=True, nogil=True, fastmath=_FLAGS, cache=True)
 def _matmul_t(crow, col, values, xt, bias, out, rows_per_group):  # type: ignore[no-untyped-def]
     rows, n = out.shape
     shared = xt.shape[0] == 1
@@ -43,7 +44,7 @@ def _matmul_t(crow, col, values, xt, bias, out, rows_per_group):  # type: ignore
                 out[m, i] += v * row[i]
 
 
-@numba.njit(parallel=True, nogil=True, fastmath=_FLAGS, cache=False)
+@numba.njit(parallel=True, nogil=True, fastmath=_FLAGS, cache=True)
 def _sampled_grad(crow, col, g_t, xt, out, rows_per_group):  # type: ignore[no-untyped-def]
     rows, n = g_t.shape
     for m in numba.prange(rows):
@@ -57,7 +58,7 @@ def _sampled_grad(crow, col, g_t, xt, out, rows_per_group):  # type: ignore[no-u
             out[j] = acc
 
 
-@numba.njit(parallel=True, nogil=True, cache=False)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def _gather_t(source, index, out):  # type: ignore[no-untyped-def]
     groups, n = index.shape
     k = source.shape[1]
@@ -70,6 +71,12 @@ def _gather_t(source, index, out):  # type: ignore[no-untyped-def]
 
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
+
+
+def use_torch_threads() -> None:
+    """Run the kernels on as many threads as torch uses (never more than Numba started)."""
+    started = getattr(numba.config, "NUMBA_NUM_THREADS")  # noqa: B009 (untyped module)
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), started)))
 
 
 def csr_matmul_t(
