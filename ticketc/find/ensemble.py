@@ -280,7 +280,7 @@ class Ensemble:
         """Weights and optimizer state of some members (everything elementwise is sliceable)."""
         self._sync_dense()
         idx = torch.tensor(list(members))
-        opt: list[dict[str, torch.Tensor]] = []
+        opt = []
         for p in self._opt_params:
             st = dict(self.optimizer.state.get(p, {}))
             if self.sparse is not None and p is self.sparse.values:
