@@ -37,15 +37,9 @@ def _one_thread():  # type: ignore[no-untyped-def]
     torch.set_num_threads(before)
 
 
-def tiny_data(features: int = 12, n: int = 360, background: bool = False) -> Splits:
-    """Random features; with `background`, ~70 % of them (and the first) equal -0.5, as the
-    background pixels of normalised MNIST share one value."""
+def tiny_data(features: int = 12, n: int = 360) -> Splits:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n + 120, features, generator=g)
-    if background:
-        off = torch.rand(x.shape, generator=g) < 0.7
-        off[0, 0] = True
-        x[off] = -0.5
     y = (x[:, :3].argmax(1)).long()  # learnable: the largest of the first three features
     return Splits("tiny", TensorSplit(x[:n], y[:n]), TensorSplit(x[n : n + 60], y[n : n + 60]),
                   TensorSplit(x[n + 60 :], y[n + 60 :]), num_classes=10)
@@ -139,12 +133,11 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize(("kill_at_step", "background"),
-                         [(25, False), (57, False), (95, False), (20, True)])
+@pytest.mark.parametrize("kill_at_step", [25, 57, 95])
 def test_resume_gives_the_same_ticket(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill_at_step: int, background: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill_at_step: int
 ) -> None:
-    data = tiny_data(background=background)
+    data = tiny_data()
     cfg = tiny_config(controls=("reinit",), checkpoint_every=15)
     (ref,) = find_tickets([cfg], [tmp_path / "ref"], data=data, log=None, progress=False)
 
@@ -319,36 +312,6 @@ def test_csr_first_layer_matches_dense_and_round_trips() -> None:
     b, _ = copy.step(x, y)
     assert torch.equal(a, b)
     assert all(torch.equal(sparse.member_state(1)[n], copy.member_state(1)[n]) for n in PRUNED)
-
-
-def test_background_first_layer_matches_dense_and_round_trips() -> None:
-    g = torch.Generator().manual_seed(6)
-    states = [tiny_mlp().state_dict() for _ in range(3)]
-    masks = [{n: torch.rand(s[n].shape, generator=g) > 0.3 for n in PRUNED} for s in states]
-    x = tiny_data(background=True).train.x[:90].reshape(3, 30, 12)
-    y = torch.randint(0, 10, (3, 30), generator=g)
-    dense = Ensemble(tiny_mlp(), states, masks, lr=1e-2, optimizer="sgd")
-    fast = Ensemble(tiny_mlp(), states, masks, lr=1e-2, optimizer="sgd", input_background=-0.5)
-    assert fast.background == -0.5 and fast.transposed == {"1.weight"}
-    for _ in range(4):
-        torch.testing.assert_close(dense.step(x, y)[0], fast.step(x, y)[0])
-    for i in range(3):
-        sd, sf = dense.member_state(i), fast.member_state(i)
-        for n in sd:
-            assert sf[n].shape == sd[n].shape
-            torch.testing.assert_close(sd[n], sf[n], rtol=1e-4, atol=1e-6)
-        assert bool((sf["1.weight"][~masks[i]["1.weight"]] == 0).all())
-    torch.testing.assert_close(dense.evaluate(x[0], y[0]), fast.evaluate(x[0], y[0]))
-    # Adam state saved in the usual layout, reloaded into a transposed ensemble: same next step
-    adam = Ensemble(tiny_mlp(), states, masks, lr=1e-3, input_background=-0.5)
-    adam.step(x, y)
-    saved = adam.state([0, 1, 2])
-    assert saved["params"]["1.weight"].shape == (3, 32, 12)
-    assert saved["optimizer"][0]["exp_avg"].shape == (3, 32, 12)
-    copy = Ensemble(tiny_mlp(), states, masks, lr=1e-3, input_background=-0.5)
-    copy.load_states([adam.state([0]), adam.state([1, 2])])
-    assert torch.equal(adam.step(x, y)[0], copy.step(x, y)[0])
-    assert all(torch.equal(adam.member_state(1)[n], copy.member_state(1)[n]) for n in PRUNED)
 
 
 def tiny_pairs() -> tuple:

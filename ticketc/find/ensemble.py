@@ -23,7 +23,7 @@ from torch import nn
 
 from ticketc.find.pruning import Masks
 from ticketc.find.sparse_layer import SparseFirstLayer
-from ticketc.kernels import background_cpu, csr_cpu
+from ticketc.kernels import csr_cpu
 
 
 def mlp_layers(model: nn.Module) -> list[str] | None:
@@ -53,7 +53,6 @@ class Ensemble:
     def __init__(
         self, base: nn.Module, states: Sequence[dict[str, torch.Tensor]],
         masks: Sequence[Masks], *, lr: float, optimizer: str = "adam", sparse_below: float = 0.0,
-        input_background: float | None = None,
     ) -> None:
         if not states or len(states) != len(masks):
             raise ValueError(f"need one mask set per state, got {len(states)} and {len(masks)}")
@@ -85,25 +84,11 @@ class Ensemble:
                     self.params[name].mul_(self.masks[name])
                 self.sparse = SparseFirstLayer(self.params[name].detach(), self.masks[name])
                 self._mask_values.pop(name, None)  # written only at survivors: no mask to apply
-        # Inputs mostly equal to one background value (normalised MNIST): a dense first layer
-        # works on the foreground only (ticketc.kernels.background_cpu), with its weight kept
-        # transposed, [M, in, out]; states in and out keep the usual [M, out, in] layout.
-        self.background: float | None = None
-        self.transposed: set[str] = set()
-        if self.mlp is not None and self.sparse is None and input_background is not None:
-            self.background = float(input_background)
-            name = f"{self.mlp[0]}.weight"
-            self.transposed.add(name)
-            self.params[name] = nn.Parameter(self.params[name].detach().transpose(1, 2)
-                                             .contiguous())
-            if name in self._mask_values:
-                self._mask_values[name] = self._mask_values[name].transpose(1, 2).contiguous()
         # The optimizer's parameters, in the order of self.params (sparse layer: its values).
         self._opt_params = [
             self.sparse.values if self.sparse is not None and n == self.sparse_name else p
             for n, p in self.params.items()
         ]
-        self._opt_names = list(self.params)
         params = self._opt_params
         if optimizer == "adam":
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, fused=True)
@@ -177,8 +162,6 @@ class Ensemble:
             w, bias = self.params[f"{prefix}.weight"], self.params[f"{prefix}.bias"]
             if i == 0 and self.sparse is not None:
                 a = self.sparse.forward(a, bias, b)
-            elif i == 0 and self.background is not None:
-                a = background_cpu.background_linear(a, self.background, w, bias)
             else:
                 a = torch.baddbmm(bias.unsqueeze(1), a, w.transpose(1, 2))
             if i + 1 < len(self.mlp):
@@ -196,9 +179,6 @@ class Ensemble:
             prefix, a_in = self.mlp[i], acts[i]
             if i == 0 and self.sparse is not None:
                 grads[f"{prefix}.weight"] = self.sparse.value_grads(g, a_in)  # survivors only
-            elif i == 0 and self.background is not None:  # [M, in, out]
-                grads[f"{prefix}.weight"] = background_cpu.background_weight_grad(
-                    a_in, self.background, g)
             else:
                 grads[f"{prefix}.weight"] = torch.bmm(g.transpose(1, 2), a_in)  # [M, out, in]
             grads[f"{prefix}.bias"] = g.sum(1)
@@ -253,8 +233,7 @@ class Ensemble:
                 if i == 0 and self.sparse is not None:  # one feature-major input for all
                     a = self.sparse.forward(csr_cpu.transpose_padded(a).unsqueeze(0), bias, len(a))
                 else:
-                    wt = w if f"{prefix}.weight" in self.transposed else w.transpose(1, 2)
-                    a = torch.matmul(a, wt).add_(bias.unsqueeze(1))
+                    a = torch.matmul(a, w.transpose(1, 2)).add_(bias.unsqueeze(1))
                 if i + 1 < len(self.mlp):
                     a = a.relu_()
             return a
@@ -263,7 +242,7 @@ class Ensemble:
         def member_logits(params, buffers, xb):  # type: ignore[no-untyped-def]
             return functional_call(self.base, (params, buffers), (xb,))
 
-        detached = {n: p.detach() for n, p in self.params.items()}  # (no transposed ones here)
+        detached = {n: p.detach() for n, p in self.params.items()}
         return vmap(member_logits, in_dims=(0, 0, None))(detached, self.buffers, x)
 
     # -- state ------------------------------------------------------------------------------
@@ -271,8 +250,7 @@ class Ensemble:
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         """Member i's state dict (weights already masked)."""
         self._sync_dense()
-        out = {n: self._stored_to_state(n, p.detach()[i : i + 1])[0].clone()
-               for n, p in self.params.items()}
+        out = {n: p.detach()[i].clone() for n, p in self.params.items()}
         out.update({n: b[i].clone() for n, b in self.buffers.items()})
         return out
 
@@ -285,14 +263,11 @@ class Ensemble:
             st = dict(self.optimizer.state.get(p, {}))
             if self.sparse is not None and p is self.sparse.values:
                 st = {k: self.sparse.to_dense(v) if v.dim() else v for k, v in st.items()}
-            name = self._opt_names[len(opt)]
-            opt.append({
-                k: (self._stored_to_state(name, v.index_select(0, idx)) if v.dim() else v.clone())
-                for k, v in st.items()
-            })
+            opt.append(
+                {k: (v.index_select(0, idx) if v.dim() else v.clone()) for k, v in st.items()}
+            )
         return {
-            "params": {n: self._stored_to_state(n, p.detach().index_select(0, idx))
-                       for n, p in self.params.items()},
+            "params": {n: p.detach().index_select(0, idx) for n, p in self.params.items()},
             "buffers": {n: b.index_select(0, idx) for n, b in self.buffers.items()},
             "optimizer": opt,
         }
@@ -301,8 +276,7 @@ class Ensemble:
     def load_states(self, parts: Sequence[dict[str, object]]) -> None:
         """Inverse of `state` for parts that together cover all members, in order."""
         for name, p in self.params.items():
-            stacked = torch.cat([part["params"][name] for part in parts])  # type: ignore[index]
-            p.copy_(self._state_to_stored(name, stacked))
+            p.copy_(torch.cat([part["params"][name] for part in parts]))  # type: ignore[index]
         for name, b in self.buffers.items():
             b.copy_(torch.cat([part["buffers"][name] for part in parts]))  # type: ignore[index]
         if self.sparse is not None:
@@ -312,17 +286,9 @@ class Ensemble:
             if not states[0]:
                 continue
             merged = {
-                k: (self._state_to_stored(self._opt_names[i], torch.cat([s[k] for s in states]))
-                    if states[0][k].dim() else states[0][k].clone())
+                k: torch.cat([s[k] for s in states]) if states[0][k].dim() else states[0][k].clone()
                 for k in states[0]
             }
             if self.sparse is not None and p is self.sparse.values:
                 merged = {k: self.sparse.to_compact(v) if v.dim() else v for k, v in merged.items()}
             self.optimizer.state[p] = merged
-
-    def _stored_to_state(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """A stacked tensor of parameter `name` as stored -> in the state-dict layout."""
-        return t.transpose(1, 2).contiguous() if name in self.transposed else t
-
-    def _state_to_stored(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).contiguous() if name in self.transposed else t

@@ -41,7 +41,6 @@ from ticketc.find import pruning
 from ticketc.find.config import FindConfig
 from ticketc.find.ensemble import Ensemble
 from ticketc.find.train import BatchOrder, Checkpoint, History, summarize, train_level
-from ticketc.kernels import background_cpu
 
 Log = Callable[[str], None]
 
@@ -283,8 +282,7 @@ def _train_one_level(
             members.append(_Member(i, control))
     assert cfg.lr is not None and cfg.iterations is not None
     ensemble = Ensemble(base, states, member_masks, lr=cfg.lr, optimizer=cfg.optimizer,
-                        sparse_below=cfg.csr_below,
-                        input_background=background_cpu.background_of(data.train.x))
+                        sparse_below=cfg.csr_below)
     order = BatchOrder([runs[m.run].config.seed for m in members], level, len(data.train),
                        cfg.batch_size)
     start = 0 if previous is None else rewind_it
