@@ -9,9 +9,9 @@ exists, its real masks are measured too.
 Timing: every variant is run once per round, rounds interleaved in random order (the machine is
 shared, so drift hits all variants alike), after warm-up; the median over rounds is reported.
 
-    python benchmarks/e2e_bench.py [--quick] [--threads 1] [--device cpu|cuda] [--out DIR]
+    python benchmarks/e2e_bench.py [--quick] [--threads 1] [--device cpu|cuda] [--models ...]
 
-Writes e2e_<device>.json, e2e_<device>.md and e2e_<device>.png.
+Writes e2e_<device>[_<N>threads].json, .md and .png.
 """
 
 from __future__ import annotations
@@ -343,6 +343,8 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="fewer cases and rounds")
+    parser.add_argument("--models", default="lenet300,lenet300-ticket,mlp4096x3",
+                        help="comma-separated subset of the models to measure")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument(
         "--threads",
@@ -362,7 +364,10 @@ def main() -> None:
     random.seed(0)
     started = time.time()
     results = {"environment": environment(args.device), "cases": []}
+    wanted = set(args.models.split(","))
     for name, make, density, shape in cases(args.quick):
+        if name not in wanted:
+            continue
         model = make()
         for batch in BATCHES:
             r = bench_case(name, model, density, batch, shape, args.device, args.quick)
@@ -379,7 +384,8 @@ def main() -> None:
     results["environment"]["load_average_at_end"] = list(os.getloadavg())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"e2e_{args.device}"
+    threads = f"_{args.threads}threads" if args.device == "cpu" and args.threads != 1 else ""
+    stem = out / f"e2e_{args.device}{threads}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, stem.with_suffix(".md"))
     plot(results, stem.with_suffix(".png"))

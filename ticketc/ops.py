@@ -60,8 +60,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ticketc.kernels import csr_cpu
-
 __all__ = [
     "TILE_K",
     "bsr_linear",
@@ -518,19 +516,13 @@ def _csr_linear_cpu(x, crow_indices, col_indices, values, row_order, bias):
         y = (torch.mv(w, xv) if bias is None else torch.addmv(bias.to(acc), w, xv))[None]
         return y if out_dtype == acc else y.to(out_dtype)
     xt = x.t()
-    if acc == torch.float32 and values.dtype == acc:
-        # Numba's kernel (ticketc.kernels.csr_cpu) over feature-major x: 2x MKL's product on
-        # Lenet's 300x784 layer at 3.6 % and batch 64 (measured, benchmarks/e2e_bench.py).
-        csr_cpu.use_torch_threads()
-        b = None if bias is None else bias.to(acc)
-        y = csr_cpu.csr_matmul_t(crow_indices, col_indices, values, xt.contiguous(), b)
-    else:
-        # MKL sparse x dense: [M, K] @ [K, N] -> [M, N], row-major.
-        y = torch.mm(w, xt) if bias is None else torch.addmm(bias.to(acc)[:, None], w, xt)
+    # MKL sparse x dense: [M, K] @ [K, N] -> [M, N], row-major. (Numba's csr_cpu kernel was
+    # tried here: 45-95 us for Lenet's 300x784 layer at 3.6 %, batch 64, depending on the
+    # process, against MKL's steady ~90 us, and slower than MKL end to end; not used.)
+    y = torch.mm(w, xt) if bias is None else torch.addmm(bias.to(acc)[:, None], w, xt)
     # Returned as its transpose, [N, M] with strides (1, N), not copied to row-major: the copy
     # cost 10-30 % of the product at N = 64 (measured), and a following csr_linear wants its
-    # input in exactly this layout (x.t() above is then free). _csr_linear_fake describes the
-    # same strides.
+    # input in exactly this layout. _csr_linear_fake describes the same strides.
     y = y.contiguous().t()
     return y if out_dtype == acc else y.to(out_dtype)
 
