@@ -83,6 +83,7 @@ class Ensemble:
                 with torch.no_grad():
                     self.params[name].mul_(self.masks[name])
                 self.sparse = SparseFirstLayer(self.params[name].detach(), self.masks[name])
+                csr_cpu.use_torch_threads()  # --threads governs the Numba kernels too
                 self._mask_values.pop(name, None)  # written only at survivors: no mask to apply
         # The optimizer's parameters, in the order of self.params (sparse layer: its values).
         self._opt_params = [
@@ -99,7 +100,8 @@ class Ensemble:
     # -- training ---------------------------------------------------------------------------
 
     def _sync_dense(self) -> None:
-        # The dense copy of a CSR-trained layer is only read by evaluation and state export.
+        # The dense copy of a CSR-trained layer is only read by state export (evaluation runs
+        # the CSR layer itself).
         if self.sparse is not None and self._dense_stale:
             self.sparse.write_dense_(self.params[self.sparse_name])
             self._dense_stale = False
@@ -210,7 +212,6 @@ class Ensemble:
         self, x: torch.Tensor, y: torch.Tensor, chunk: int = 2500
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss [M] and accuracy [M] of every member on the same data (x [N, ...])."""
-        self._sync_dense()
         if len(x) == 0:
             nan = torch.full((self.size,), float("nan"))
             return nan, nan
