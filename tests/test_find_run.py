@@ -46,7 +46,8 @@ def tiny_data(features: int = 12, n: int = 360) -> Splits:
 
 
 def tiny_config(**kw: object) -> FindConfig:
-    # csr_below=0.9: levels >= 1 train the first layer in CSR form, so every test covers it
+    # csr_below=0.9: levels >= 1 train the hidden layers in CSR form (the output layer from
+    # level 2), so every test covers the CSR path and a mixed dense/CSR MLP
     base = dict(model=TINY, rounds=3, iterations=40, batch_size=30, lr=1e-3,
                 eval_every=10, checkpoint_every=10, val_size=0, csr_below=0.9)
     base.update(kw)
@@ -280,15 +281,22 @@ def test_cli_find_and_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 
-def test_csr_first_layer_matches_dense_and_round_trips() -> None:
+@pytest.mark.parametrize("kept", [(0.4, 0.4, 0.4), (0.7, 0.4, 0.7), (0.4, 0.7, 0.4)])
+def test_csr_layers_match_dense_and_round_trip(kept: tuple[float, ...]) -> None:
     g = torch.Generator().manual_seed(5)
     states = [tiny_mlp().state_dict() for _ in range(3)]
-    masks = [{n: torch.rand(s[n].shape, generator=g) > 0.6 for n in PRUNED} for s in states]
+    def exactly(shape: torch.Size, k: float) -> torch.Tensor:  # round(k * numel) survivors
+        rank = torch.rand(shape, generator=g).flatten().argsort().argsort()
+        return (rank < round(k * rank.numel())).view(shape)
+
+    masks = [{n: exactly(s[n].shape, k) for n, k in zip(PRUNED, kept, strict=True)}
+             for s in states]
     # SGD: the trajectories stay as close as the gradients (Adam turns a 1e-9 difference in a
     # near-zero gradient into a step of ~lr/10, so its trajectories drift apart legitimately)
     dense = Ensemble(tiny_mlp(), states, masks, lr=1e-2, optimizer="sgd")
     sparse = Ensemble(tiny_mlp(), states, masks, lr=1e-2, optimizer="sgd", sparse_below=0.5)
-    assert dense.sparse is None and sparse.sparse is not None
+    in_csr = {n for n, k in zip(PRUNED, kept, strict=True) if k < 0.5}
+    assert not dense.sparse and set(sparse.sparse) == in_csr
     for _ in range(4):
         x, y = torch.randn(3, 30, 12, generator=g), torch.randint(0, 10, (3, 30), generator=g)
         ld, _ = dense.step(x, y)
@@ -298,13 +306,13 @@ def test_csr_first_layer_matches_dense_and_round_trips() -> None:
         sd, ss = dense.member_state(i), sparse.member_state(i)
         for n in sd:
             torch.testing.assert_close(sd[n], ss[n], rtol=1e-4, atol=1e-6)
-        assert bool((ss["1.weight"][~masks[i]["1.weight"]] == 0).all())
+        assert all(bool((ss[n][~masks[i][n]] == 0).all()) for n in PRUNED)
     torch.testing.assert_close(dense.evaluate(x[0], y[0])[0], sparse.evaluate(x[0], y[0])[0])
     sparse = Ensemble(tiny_mlp(), states, masks, lr=1e-3, sparse_below=0.5)
     for _ in range(3):
         sparse.step(x, y)
-    assert all(bool((sparse.member_state(i)["1.weight"][~masks[i]["1.weight"]] == 0).all())
-               for i in range(3))
+    assert all(bool((sparse.member_state(i)[n][~masks[i][n]] == 0).all())
+               for i in range(3) for n in PRUNED)
     # checkpoint of members 0 and 1..2 separately, reloaded: the next step is identical
     copy = Ensemble(tiny_mlp(), states, masks, lr=1e-3, sparse_below=0.5)
     copy.load_states([sparse.state([0]), sparse.state([1, 2])])

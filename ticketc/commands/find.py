@@ -59,8 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "at least this accuracy (default: dense accuracy - --max-accuracy-drop)")
     p.add_argument("--max-accuracy-drop", type=float,
                    help=f"default {_DEFAULTS['max_accuracy_drop']}")
-    p.add_argument("--csr-below", type=float, help="train an MLP's first layer in CSR form once "
-                   f"its density is below this (default {_DEFAULTS['csr_below']}; 0: never)")
+    p.add_argument("--csr-below", type=float, help="train an MLP's layers in CSR form once "
+                   f"their density is below this (default {_DEFAULTS['csr_below']}; 0: never)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -56,8 +56,8 @@ class FindConfig:
     at every pruned level, or only at `control_levels`.
     accuracy_target: the ticket is the sparsest level whose accuracy (validation, else test) is at
     least this; None: the dense level's accuracy minus `max_accuracy_drop`.
-    csr_below: train the first layer of a ReLU MLP in CSR form (work proportional to its
-    survivors) once every member's density there is below this; 0 keeps it dense.
+    csr_below: train each Linear layer of a ReLU MLP in CSR form (work proportional to its
+    survivors) once every member's density there is below this; 0 keeps them dense.
     """
 
     model: str = "lenet300"

@@ -5,7 +5,9 @@ matmul and M optimizer steps into one fused step over stacked tensors. Adam is e
 the stacked optimizer is exactly M independent ones. Two forward/backward paths:
 
 - `Flatten? (Linear ReLU)* Linear` Sequentials (Lenet-300-100): hand-written forward and
-  backward with `baddbmm`, no autograd graph, no per-member Python;
+  backward with `baddbmm`, no autograd graph, no per-member Python; layers whose masks are
+  sparse enough train in CSR form (`SparseLinear`), and then the whole MLP runs on
+  feature-major activations [M, features, B'];
 - anything else: `torch.func.vmap` over `grad` of a `functional_call`.
 
 Masks are enforced after every optimizer step, so a pruned weight stays exactly zero whatever
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ticketc.find.pruning import Masks
-from ticketc.find.sparse_layer import SparseFirstLayer
+from ticketc.find.sparse_layer import SparseLinear
 from ticketc.kernels import csr_cpu
 
 
@@ -45,6 +47,12 @@ def mlp_layers(model: nn.Module) -> list[str] | None:
                 return None
             prefixes.append(name)
     return prefixes
+
+
+def _relu_backward(g: torch.Tensor, relu_out: torch.Tensor) -> torch.Tensor:
+    """g where the ReLU was active, else 0: one fused kernel (`g * (a > 0)` would also build
+    and convert a bool tensor)."""
+    return torch.ops.aten.threshold_backward(g, relu_out, 0)
 
 
 class Ensemble:
@@ -71,24 +79,23 @@ class Ensemble:
         # that prune something: a full mask needs no enforcing.
         self._mask_values = {n: m.float() for n, m in self.masks.items() if not bool(m.all())}
         self.mlp = mlp_layers(self.base)
-        self.sparse: SparseFirstLayer | None = None
-        self.sparse_name = ""
-        self._dense_stale = False  # the dense copy of the sparse layer lags its values
-        if self.mlp is not None and sparse_below > 0:
-            name = f"{self.mlp[0]}.weight"
-            kept = self.masks[name].float().mean((1, 2)) if name in self.masks else [1.0]
-            densest = float(max(kept))
-            if densest < sparse_below:
-                self.sparse_name = name
+        # CSR-trained layers, by weight name: those whose every member is below sparse_below
+        self.sparse: dict[str, SparseLinear] = {}
+        self._dense_stale = False  # the dense copies of the sparse layers lag their values
+        for prefix in self.mlp or []:
+            name = f"{prefix}.weight"
+            if name not in self.masks or not sparse_below > 0:
+                continue
+            if float(self.masks[name].float().mean((1, 2)).max()) < sparse_below:
                 with torch.no_grad():
                     self.params[name].mul_(self.masks[name])
-                self.sparse = SparseFirstLayer(self.params[name].detach(), self.masks[name])
-                csr_cpu.use_torch_threads()  # --threads governs the Numba kernels too
+                self.sparse[name] = SparseLinear(self.params[name].detach(), self.masks[name])
                 self._mask_values.pop(name, None)  # written only at survivors: no mask to apply
-        # The optimizer's parameters, in the order of self.params (sparse layer: its values).
+        if self.sparse:
+            csr_cpu.use_torch_threads()  # --threads governs the Numba kernels too
+        # The optimizer's parameters, in the order of self.params (sparse layers: their values).
         self._opt_params = [
-            self.sparse.values if self.sparse is not None and n == self.sparse_name else p
-            for n, p in self.params.items()
+            self.sparse[n].values if n in self.sparse else p for n, p in self.params.items()
         ]
         params = self._opt_params
         if optimizer == "adam":
@@ -102,8 +109,9 @@ class Ensemble:
     def _sync_dense(self) -> None:
         # The dense copy of a CSR-trained layer is only read by state export (evaluation runs
         # the CSR layer itself).
-        if self.sparse is not None and self._dense_stale:
-            self.sparse.write_dense_(self.params[self.sparse_name])
+        if self._dense_stale:
+            for name, layer in self.sparse.items():
+                layer.write_dense_(self.params[name])
             self._dense_stale = False
 
     @torch.no_grad()
@@ -122,70 +130,112 @@ class Ensemble:
         self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`step` on the batches x_all[idx], y_all[idx] (idx [M, B]), picked without copying
-        them twice: a CSR first layer reads its input feature-major, gathered straight into
-        that layout."""
-        if self.sparse is None:
+        them twice: CSR layers read their input feature-major, gathered straight into that
+        layout."""
+        if not self.sparse:
             return self.step(x_all[idx], y_all[idx])
-        xt = csr_cpu.gather_t(x_all.reshape(len(x_all), -1), idx)  # [M, in, B]
+        xt = csr_cpu.gather_t(x_all.reshape(len(x_all), -1), idx)  # [M, in, B']
         return self._step(xt, y_all[idx], feature_major=True)
 
     def _step(
         self, x: torch.Tensor, y: torch.Tensor, feature_major: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mlp is not None:
-            loss, correct, grads = self._mlp_grads(x, y, feature_major)
+            if self.sparse:
+                if not feature_major:
+                    x = csr_cpu.transpose_padded(x.reshape(x.shape[0], x.shape[1], -1))
+                loss, correct, grads = self._mlp_grads_t(x, y)
+            else:
+                loss, correct, grads = self._mlp_grads(x, y)
             for name, g in grads.items():
-                if self.sparse is not None and name == self.sparse_name:
-                    self.sparse.values.grad = g
+                if name in self.sparse:
+                    self.sparse[name].values.grad = g
                 else:
                     self.params[name].grad = g
         else:
             loss, correct = self._func_grads(x, y)
         self.optimizer.step()
         self.enforce_masks_()
-        self._dense_stale = self.sparse is not None
+        self._dense_stale = bool(self.sparse)
         return loss, correct
 
-    @torch.no_grad()
-    def _mlp_grads(
-        self, x: torch.Tensor, y: torch.Tensor, feature_major: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """x: [M, B, in], or [M, in, B'] when feature_major (only with a CSR first layer;
-        B' >= B, zero padded)."""
-        assert self.mlp is not None
-        b = y.shape[1]
-        if not feature_major:
-            x = x.reshape(x.shape[0], b, -1)
-            if self.sparse is not None:
-                x = csr_cpu.transpose_padded(x)
-        a = x
-        acts = [a]  # inputs of each Linear: [M, B, in] (the CSR layer's: [M, in, B])
-        for i, prefix in enumerate(self.mlp):
-            w, bias = self.params[f"{prefix}.weight"], self.params[f"{prefix}.bias"]
-            if i == 0 and self.sparse is not None:
-                a = self.sparse.forward(a, bias, b)
-            else:
-                a = torch.baddbmm(bias.unsqueeze(1), a, w.transpose(1, 2))
-            if i + 1 < len(self.mlp):
-                a = a.relu_()
-                acts.append(a)
-        logits = a  # [M, B, C]
+    @staticmethod
+    def _cross_entropy(
+        logits: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean loss [M], correct predictions [M] and d loss / d logits [M, B, C]."""
         logp = logits.log_softmax(-1)
         loss = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(1)
         correct = (logits.argmax(-1) == y).sum(1)
         # d(mean CE)/d logits = (softmax - onehot) / B
         g = logp.exp_()
-        g.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(g[..., :1], -1.0)).div_(b)
+        g.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(g[..., :1], -1.0))
+        return loss, correct, g.div_(y.shape[1])
+
+    @torch.no_grad()
+    def _mlp_grads(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Every layer dense; x: [M, B, ...]."""
+        assert self.mlp is not None
+        a = x.reshape(x.shape[0], y.shape[1], -1)
+        acts = [a]  # inputs of each Linear: [M, B, in]
+        for i, prefix in enumerate(self.mlp):
+            w, bias = self.params[f"{prefix}.weight"], self.params[f"{prefix}.bias"]
+            a = torch.baddbmm(bias.unsqueeze(1), a, w.transpose(1, 2))
+            if i + 1 < len(self.mlp):
+                a = a.relu_()
+                acts.append(a)
+        loss, correct, g = self._cross_entropy(a, y)  # g: [M, B, out]
         grads: dict[str, torch.Tensor] = {}
         for i in range(len(self.mlp) - 1, -1, -1):
             prefix, a_in = self.mlp[i], acts[i]
-            if i == 0 and self.sparse is not None:
-                grads[f"{prefix}.weight"] = self.sparse.value_grads(g, a_in)  # survivors only
-            else:
-                grads[f"{prefix}.weight"] = torch.bmm(g.transpose(1, 2), a_in)  # [M, out, in]
+            grads[f"{prefix}.weight"] = torch.bmm(g.transpose(1, 2), a_in)  # [M, out, in]
             grads[f"{prefix}.bias"] = g.sum(1)
             if i > 0:
-                g = torch.bmm(g, self.params[f"{prefix}.weight"]).mul_(a_in > 0)
+                g = _relu_backward(torch.bmm(g, self.params[f"{prefix}.weight"]), a_in)
+        return loss, correct, grads
+
+    def _linear_t(self, prefix: str, a: torch.Tensor) -> torch.Tensor:
+        """One Linear on feature-major activations: a [M or 1, in, B'] -> [M, out, B']."""
+        name = f"{prefix}.weight"
+        bias = self.params[f"{prefix}.bias"]
+        if name in self.sparse:
+            return self.sparse[name].forward(a, bias)
+        return torch.matmul(self.params[name], a).add_(bias.unsqueeze(2))
+
+    @torch.no_grad()
+    def _mlp_grads_t(
+        self, xt: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Some layers in CSR form; everything feature-major: xt [M, in, B'] (B' >= B, zero
+        padded). The padded columns carry bias-only activations but a zero gradient, so they
+        add nothing to any weight or bias gradient."""
+        assert self.mlp is not None
+        b = y.shape[1]
+        a = xt
+        acts = [a]  # inputs of each Linear: [M, in, B']
+        for i, prefix in enumerate(self.mlp):
+            a = self._linear_t(prefix, a)
+            if i + 1 < len(self.mlp):
+                a = a.relu_()
+                acts.append(a)
+        loss, correct, g = self._cross_entropy(a[:, :, :b].transpose(1, 2).contiguous(), y)
+        g_t = a.new_zeros(a.shape)  # [M, out, B']
+        g_t[:, :, :b] = g.transpose(1, 2)
+        grads: dict[str, torch.Tensor] = {}
+        for i in range(len(self.mlp) - 1, -1, -1):
+            prefix, a_in = self.mlp[i], acts[i]
+            name = f"{prefix}.weight"
+            layer = self.sparse.get(name)
+            if layer is not None:
+                grads[name] = layer.value_grads(g_t, a_in)  # survivors only
+            else:
+                grads[name] = torch.bmm(g_t, a_in.transpose(1, 2))  # [M, out, in]
+            grads[f"{prefix}.bias"] = g_t.sum(2)
+            if i > 0:
+                g_t = _relu_backward(layer.input_grads(g_t) if layer is not None
+                                     else torch.bmm(self.params[name].transpose(1, 2), g_t), a_in)
         return loss, correct, grads
 
     def _func_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,14 +277,18 @@ class Ensemble:
         return (loss_sum / len(x)).float(), correct.double() / len(x)
 
     def _logits_shared(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mlp is not None and self.sparse:  # one feature-major input for every member
+            a = csr_cpu.transpose_padded(x.reshape(len(x), -1)).unsqueeze(0)
+            for i, prefix in enumerate(self.mlp):
+                a = self._linear_t(prefix, a)
+                if i + 1 < len(self.mlp):
+                    a = a.relu_()
+            return a[:, :, : len(x)].transpose(1, 2)
         if self.mlp is not None:
             a = x.reshape(len(x), -1)
             for i, prefix in enumerate(self.mlp):
                 w, bias = self.params[f"{prefix}.weight"], self.params[f"{prefix}.bias"]
-                if i == 0 and self.sparse is not None:  # one feature-major input for all
-                    a = self.sparse.forward(csr_cpu.transpose_padded(a).unsqueeze(0), bias, len(a))
-                else:
-                    a = torch.matmul(a, w.transpose(1, 2)).add_(bias.unsqueeze(1))
+                a = torch.matmul(a, w.transpose(1, 2)).add_(bias.unsqueeze(1))
                 if i + 1 < len(self.mlp):
                     a = a.relu_()
             return a
@@ -247,6 +301,10 @@ class Ensemble:
         return vmap(member_logits, in_dims=(0, 0, None))(detached, self.buffers, x)
 
     # -- state ------------------------------------------------------------------------------
+
+    def _sparse_of(self, p: torch.Tensor) -> SparseLinear | None:
+        """The CSR layer whose values `p` is, if any."""
+        return next((layer for layer in self.sparse.values() if layer.values is p), None)
 
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         """Member i's state dict (weights already masked)."""
@@ -262,8 +320,9 @@ class Ensemble:
         opt = []
         for p in self._opt_params:
             st = dict(self.optimizer.state.get(p, {}))
-            if self.sparse is not None and p is self.sparse.values:
-                st = {k: self.sparse.to_dense(v) if v.dim() else v for k, v in st.items()}
+            layer = self._sparse_of(p)
+            if layer is not None:
+                st = {k: layer.to_dense(v) if v.dim() else v for k, v in st.items()}
             opt.append(
                 {k: (v.index_select(0, idx) if v.dim() else v.clone()) for k, v in st.items()}
             )
@@ -280,8 +339,8 @@ class Ensemble:
             p.copy_(torch.cat([part["params"][name] for part in parts]))  # type: ignore[index]
         for name, b in self.buffers.items():
             b.copy_(torch.cat([part["buffers"][name] for part in parts]))  # type: ignore[index]
-        if self.sparse is not None:
-            self.sparse.values.copy_(self.sparse.to_compact(self.params[self.sparse_name]))
+        for name, layer in self.sparse.items():
+            layer.values.copy_(layer.to_compact(self.params[name]))
         for i, p in enumerate(self._opt_params):
             states = [part["optimizer"][i] for part in parts]  # type: ignore[index]
             if not states[0]:
@@ -290,6 +349,7 @@ class Ensemble:
                 k: torch.cat([s[k] for s in states]) if states[0][k].dim() else states[0][k].clone()
                 for k in states[0]
             }
-            if self.sparse is not None and p is self.sparse.values:
-                merged = {k: self.sparse.to_compact(v) if v.dim() else v for k, v in merged.items()}
+            layer = self._sparse_of(p)
+            if layer is not None:
+                merged = {k: layer.to_compact(v) if v.dim() else v for k, v in merged.items()}
             self.optimizer.state[p] = merged

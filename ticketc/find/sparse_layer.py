@@ -1,11 +1,11 @@
-"""The first Linear layer of an MLP ensemble trained in CSR form once its masks are sparse.
+"""A Linear layer of an MLP ensemble trained in CSR form once its masks are sparse.
 
-At batch 60 on a CPU the dense product does the same work whatever the density; in CSR form
-the forward and the weight gradient at the survivors only (a sampled dense-dense product)
-scale with the number of survivors, and Adam updates only the survivors. The input layer needs
-no gradient with respect to its input, so those two products are all it takes. Both run as
-one call over every member (`ticketc.kernels.csr_cpu`), on inputs held feature-major
-(xt [M, in, B], the batch zero-padded to whole vectors).
+At batch 60 on a CPU the dense products do the same work whatever the density; in CSR form
+the forward, the gradient with respect to the input (a product with the transposed CSR) and
+the weight gradient at the survivors only (a sampled dense-dense product) scale with the
+number of survivors, and Adam updates only the survivors. Each runs as one call over every
+member (`ticketc.kernels.csr_cpu`), on activations held feature-major ([M, features, B'], the
+batch zero-padded to whole vectors).
 
 Survivors are stored compactly: `values` holds every member's surviving weights one member
 after the other, in row-major (CSR) order: one CSR matrix of M * out rows. The dense stacked
@@ -20,34 +20,49 @@ from torch import nn
 from ticketc.kernels import csr_cpu
 
 
-class SparseFirstLayer:
+def _csr(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """crow_indices, int32 col_indices and row indices of the survivors of masks [M, out, in],
+    as one CSR matrix of M * out rows, in row-major order."""
+    flat = masks.reshape(-1, masks.shape[-1])
+    rows, cols = flat.nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=flat.shape[0])
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    return crow, cols.to(torch.int32), rows
+
+
+class SparseLinear:
     def __init__(self, weight: torch.Tensor, masks: torch.Tensor) -> None:
         # weight, masks: [M, out, in]
         self.m, self.out_features, self.in_features = weight.shape
-        flat = masks.reshape(self.m * self.out_features, self.in_features)
-        rows, cols = flat.nonzero(as_tuple=True)  # row-major order = CSR order
-        counts = torch.bincount(rows, minlength=flat.shape[0])
-        self.crow = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-        self.col = cols.to(torch.int32)
-        self.positions = rows * self.in_features + cols  # into weight.view(-1)
+        self.crow, self.col, rows = _csr(masks)
+        self.positions = rows * self.in_features + self.col.long()  # into weight.view(-1)
         self.values = nn.Parameter(weight.detach().reshape(-1)[self.positions].clone())
+        # Wᵀ of every member ([M * in, out] CSR) and where each of its entries sits in `values`
+        order = torch.full(masks.shape, -1, dtype=torch.int64)
+        order[masks] = torch.arange(len(self.values))
+        self.crow_t, self.col_t, _ = _csr(masks.transpose(1, 2))
+        self.to_transposed = order.transpose(1, 2)[masks.transpose(1, 2)]
 
     @torch.no_grad()
-    def forward(self, xt: torch.Tensor, bias: torch.Tensor, batch: int) -> torch.Tensor:
-        """xt [M or 1, in, B'] (1: shared by every member; B' >= batch, zero padded),
-        bias [M, out] -> [M, batch, out]."""
+    def forward(self, xt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """xt [M or 1, in, B'] (1: shared by every member), bias [M, out] -> [M, out, B']."""
         out = csr_cpu.csr_matmul_t(self.crow, self.col, self.values.detach(), xt, bias,
                                    groups=self.m)
-        return out.view(self.m, self.out_features, -1)[:, :, :batch].transpose(1, 2)
+        return out.view(self.m, self.out_features, -1)
 
     @torch.no_grad()
-    def value_grads(self, g: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
-        """d loss / d values from g = d loss / d output [M, B, out] and xt [M, in, B'] (the
-        forward's input)."""
-        g_t = g.new_zeros(self.m, self.out_features, xt.shape[-1])
-        g_t[:, :, : g.shape[1]] = g.transpose(1, 2)
-        return csr_cpu.csr_sampled_grad(self.crow, self.col, g_t.view(-1, xt.shape[-1]), xt,
-                                        groups=self.m)
+    def input_grads(self, g_t: torch.Tensor) -> torch.Tensor:
+        """d loss / d input [M, in, B'] from g_t = d loss / d output [M, out, B']."""
+        values_t = self.values.detach()[self.to_transposed]
+        out = csr_cpu.csr_matmul_t(self.crow_t, self.col_t, values_t, g_t, groups=self.m)
+        return out.view(self.m, self.in_features, -1)
+
+    @torch.no_grad()
+    def value_grads(self, g_t: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+        """d loss / d values from g_t = d loss / d output [M, out, B'] and the forward's input
+        xt [M, in, B']."""
+        return csr_cpu.csr_sampled_grad(self.crow, self.col, g_t.reshape(-1, g_t.shape[-1]),
+                                        xt, groups=self.m)
 
     @torch.no_grad()
     def write_dense_(self, weight: torch.Tensor) -> None:
