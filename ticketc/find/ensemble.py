@@ -349,7 +349,7 @@ class Ensemble:
                 k: torch.cat([s[k] for s in states]) if states[0][k].dim() else states[0][k].clone()
                 for k in states[0]
             }
-            layer = self._sparse_of(p)
-            if layer is not None:
-                merged = {k: layer.to_compact(v) if v.dim() else v for k, v in merged.items()}
+            compact = self._sparse_of(p)
+            if compact is not None:
+                merged = {k: compact.to_compact(v) if v.dim() else v for k, v in merged.items()}
             self.optimizer.state[p] = merged
