@@ -66,13 +66,15 @@ def test_sampled_grad_is_the_dense_gradient_at_stored_entries() -> None:
     torch.testing.assert_close(got.double(), dense[rows, col], rtol=1e-5, atol=1e-5)
 
 
-def test_gather_t_picks_transposes_and_zero_pads() -> None:
+@pytest.mark.parametrize("n", [1, 3, 8, 13, 60])  # below, at and past whole 8-row blocks
+def test_gather_t_picks_transposes_and_zero_pads(n: int) -> None:
     source = torch.randn(50, 7)
-    index = torch.tensor([[3, 3, 49], [0, 1, 2]])
+    index = torch.randint(0, 50, (2, n), generator=torch.Generator().manual_seed(n))
+    index[0, 0] = index[0, -1] = 49  # repeated rows, the last row
     out = csr_cpu.gather_t(source, index)
-    assert out.shape == (2, 7, csr_cpu.padded(3)) and csr_cpu.padded(3) == 8
-    assert torch.equal(out[:, :, :3], source[index].transpose(1, 2))
-    assert not out[:, :, 3:].any()
+    assert out.shape == (2, 7, csr_cpu.padded(n)) and csr_cpu.padded(n) % 8 == 0
+    assert torch.equal(out[:, :, :n], source[index].transpose(1, 2))
+    assert not out[:, :, n:].any()
     x = torch.randn(2, 9, 5)
     padded = csr_cpu.transpose_padded(x)
     assert padded.shape == (2, 5, 16) and torch.equal(padded[..., :9], x.transpose(1, 2))

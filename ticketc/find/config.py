@@ -87,7 +87,7 @@ class FindConfig:
     checkpoint_every: int = 5000
     accuracy_target: float | None = None
     max_accuracy_drop: float = 0.005
-    csr_below: float = 0.25
+    csr_below: float = 0.45
     arch_kwargs: dict[str, object] = field(default_factory=dict, compare=True)
 
     def __post_init__(self) -> None:
