@@ -292,8 +292,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--speed-steps", type=int, default=300)
     p.add_argument("--speed-repeats", type=int, default=3)
-    p.add_argument("--speed-levels", default="0,3,5,7,10,12,15,18",
-                   help="pruning levels (densities) at which to time both loops")
+    p.add_argument("--speed-levels", default=",".join(str(v) for v in range(19)),
+                   help="pruning levels (densities) at which to time both loops (default: all)")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-protocol", action="store_true")
     p.add_argument("--report-only", action="store_true",
