@@ -84,7 +84,7 @@ class Ensemble:
         self._dense_stale = False  # the dense copies of the sparse layers lag their values
         for prefix in self.mlp or []:
             name = f"{prefix}.weight"
-            if name not in self.masks or not sparse_below > 0:
+            if name not in self.masks or sparse_below <= 0:
                 continue
             if float(self.masks[name].float().mean((1, 2)).max()) < sparse_below:
                 with torch.no_grad():
