@@ -85,3 +85,36 @@ def test_rejects_mismatched_groups() -> None:
     crow, col, values = _csr(torch.eye(5))
     with pytest.raises(ValueError, match="groups"):
         csr_cpu.csr_matmul_t(crow, col, values, torch.randn(2, 5, 3), groups=2)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 33, 64])
+@pytest.mark.parametrize("k", [1, 5, 70])
+@pytest.mark.parametrize("serial_below", [0, 1 << 40])  # the parallel and the serial kernel
+def test_csr_linear_reads_either_layout(monkeypatch, n, k, serial_below) -> None:
+    monkeypatch.setattr(csr_cpu, "_SERIAL_BELOW", serial_below)
+    g = torch.Generator().manual_seed(n * 100 + k)
+    m = 19
+    w, bias = _weight(m, k, 0.3, g), torch.randn(m, generator=g)
+    crow, col, values = _csr(w, torch.int32)
+    x = torch.randn(n, k, generator=g)
+    ref = x.double() @ w.double().t() + bias.double()
+    for with_bias, relu in [(True, False), (False, False), (True, True)]:
+        weight = csr_cpu.CsrArrays.of(crow, col, values, bias if with_bias else None)
+        want = ref if with_bias else ref - bias.double()
+        want = want.clamp_min(0) if relu else want
+        for inp in (x, x.t().contiguous().t(), x[:, :k]):  # batch-major, feature-major, a view
+            y = csr_cpu.csr_linear(inp, weight, relu=relu)
+            assert y.shape == (n, m) and y.stride() == (1, n)  # [M, N] storage, as documented
+            torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_csr_linear_leaves_its_input_alone_and_reuses_no_output() -> None:
+    g = torch.Generator().manual_seed(9)
+    w = _weight(12, 40, 0.5, g)
+    weight = csr_cpu.CsrArrays.of(*_csr(w, torch.int32))
+    x = torch.randn(64, 40, generator=g)
+    before = x.clone()
+    first = csr_cpu.csr_linear(x, weight)
+    second = csr_cpu.csr_linear(2 * x, weight)
+    assert torch.equal(x, before) and first.data_ptr() != second.data_ptr()
+    torch.testing.assert_close(second, 2 * first)
