@@ -199,6 +199,24 @@ def test_ops_on_cpu_match_dense(dtype, n):
             assert_matches(y, ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
+def test_cpu_csr_gives_the_same_answer_either_side_of_the_numba_batch(dtype):
+    w = masked_weight(37, 70, 0.1, dtype=dtype)
+    bias = rand(37, seed=2, dtype=dtype)
+    args = csr_args(w, rand(1, 70), bias)[1:]
+    for n in (ops.NUMBA_MIN_BATCH - 1, ops.NUMBA_MIN_BATCH):
+        x = rand(n, 70, seed=n, dtype=dtype)
+        y = torch.ops.ticketc.csr_linear(x, *args)
+        relu = ops.CpuCsr(*args[:3], bias, 70)(x, relu=True)
+        assert y.dtype == relu.dtype == dtype and y.shape == (n, 37) and y.stride() == (1, n)
+        ref = dense_ref(x, w, bias)
+        if dtype == torch.float64:  # fp64 stays on MKL: fp64 accumulation
+            torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        else:
+            assert_matches(y, ref, dtype)
+            assert_matches(relu, ref.clamp_min(0), dtype)
+
+
 @pytest.mark.parametrize("n", [1, 5])
 def test_eager_entry_points_match_the_registered_ops(n):
     w, x, bias = masked_weight(37, 70, 0.1), rand(n, 70), rand(37, seed=2)

@@ -27,11 +27,12 @@ Interface (stable; ticketc.compile stores these buffers and calls these ops)::
                                    values, bias, out_features) -> y
         y = x @ W.T (+ bias); x [N, K] 2-D (callers flatten leading dims), y [N, M] in x.dtype,
         bias [M] or None. Accumulation is fp32 (fp64 for fp64 inputs on the reference path).
-        csr_linear on CPU returns y column-major (strides (1, N)): MKL writes [M, N] and a
-        row-major copy would cost more than it saves; .contiguous() it if you need to.
-        CPU: torch's sparse kernels (MKL) or the reference; CUDA: the Triton kernels in
-        ticketc.kernels. Each op has a pure-torch twin `<op>_reference(...)` with the same
-        arguments: the test oracle and the fallback.
+        csr_linear on CPU returns y column-major (strides (1, N)): its kernels write [M, N]
+        and a row-major copy would cost more than it saves; .contiguous() it if you need to.
+        CPU: csr_linear runs Numba's feature-major kernel (ticketc.kernels.csr_cpu) from
+        batch 32 and torch's CSR (MKL) below; bsr_linear MKL or the reference. CUDA: the
+        Triton kernels in ticketc.kernels. Each op has a pure-torch twin
+        `<op>_reference(...)` with the same arguments: the test oracle and the fallback.
 
     csr_linear(...), bsr_linear(...), tiled_linear(...)   (same arguments, in this module)
         The ops without the dispatcher's ~10 us per call: in eager mode on plain CPU / CUDA
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -498,33 +500,102 @@ def _csr_linear_default(x, crow_indices, col_indices, values, row_order, bias):
 
 def _csr_linear_cpu(x, crow_indices, col_indices, values, row_order, bias):
     _check_csr_args(x, crow_indices, col_indices, values, row_order, bias)
-    acc, out_dtype = _acc_dtype(x), x.dtype
-    index = crow_indices.dtype
-    # torch's CSR wants crow and col of one dtype: int32 buffers are wrapped without a copy
-    # (pack with index_dtype=torch.int32 for CPU layers), int16 ones are widened per call.
-    col = col_indices if col_indices.dtype == index else col_indices.to(index)
-    m = crow_indices.numel() - 1
-    # Invariants were established by pack_csr; checking them costs a pass over the indices.
-    if values.dtype != acc:
-        values = values.to(acc)
-    w = torch.sparse_csr_tensor(crow_indices, col, values, (m, x.shape[1]), check_invariants=False)
-    x = x if x.dtype == acc else x.to(acc)
-    if x.shape[0] == 1:
-        # Batch 1: MKL's sparse matrix-vector product is 2.5-3x faster than its matmul with
-        # one column (measured, 300x784 and 4096x4096).
-        xv = x[0]
-        y = (torch.mv(w, xv) if bias is None else torch.addmv(bias.to(acc), w, xv))[None]
-        return y if out_dtype == acc else y.to(out_dtype)
-    xt = x.t()
-    # MKL sparse x dense: [M, K] @ [K, N] -> [M, N], row-major. (Numba's csr_cpu kernel was
-    # tried here: 45-95 us for Lenet's 300x784 layer at 3.6 %, batch 64, depending on the
-    # process, against MKL's steady ~90 us, and slower than MKL end to end; not used.)
-    y = torch.mm(w, xt) if bias is None else torch.addmm(bias.to(acc)[:, None], w, xt)
-    # Returned as its transpose, [N, M] with strides (1, N), not copied to row-major: the copy
-    # cost 10-30 % of the product at N = 64 (measured), and a following csr_linear wants its
-    # input in exactly this layout. _csr_linear_fake describes the same strides.
-    y = y.contiguous().t()
-    return y if out_dtype == acc else y.to(out_dtype)
+    return CpuCsr(crow_indices, col_indices, values, bias, x.shape[1])(x)
+
+
+# Batches of at least this many rows run Numba's feature-major kernel (ticketc.kernels.csr_cpu),
+# smaller ones MKL: measured on 300x784 to 4096x4096 at 1-40 % density, 1 and 2 threads, the
+# Numba kernel is 1.3-2x faster than MKL's sparse matmul from batch 64 and slower below ~16,
+# where MKL's mv (batch 1) and its small matmuls win.
+NUMBA_MIN_BATCH = 32
+
+
+def _csr_cpu() -> Any:
+    """ticketc.kernels.csr_cpu, imported on first use: importing Numba takes ~0.5 s."""
+    global _CSR_CPU
+    if _CSR_CPU is None:
+        from ticketc.kernels import csr_cpu
+
+        _CSR_CPU = csr_cpu
+    return _CSR_CPU
+
+
+_CSR_CPU: Any = None
+
+
+class CpuCsr:
+    """One CSR weight [M, K] (+ bias) made ready for the CPU kernels once, then called on x.
+
+    y = x @ W.T (+ bias) with x [N, K]; y [N, M] in x.dtype, stored feature-major (a transposed
+    view of [M, N]), which a following layer reads without a copy. fp32 accumulation (fp64 for
+    fp64 inputs). Batches >= NUMBA_MIN_BATCH in fp32 accumulation run the Numba kernel, others
+    torch's CSR (MKL: mv at batch 1, mm above). Preparing (NumPy views, the sparse tensor,
+    values in the accumulation dtype) costs several us, so modules keep one per layer.
+    """
+
+    def __init__(
+        self,
+        crow_indices: Tensor,
+        col_indices: Tensor,
+        values: Tensor,
+        bias: Tensor | None,
+        in_features: int,
+    ) -> None:
+        self.crow_indices, self.col_indices = crow_indices, col_indices
+        self.values, self.bias = values, bias
+        self.shape = (crow_indices.numel() - 1, in_features)
+        self._numba_arrays: Any = None  # csr_cpu.CsrArrays, made on first use
+        self._prepared: dict[torch.dtype, tuple[Tensor, Tensor | None]] = {}  # MKL's, per dtype
+
+    def __call__(self, x: Tensor, *, relu: bool = False) -> Tensor:
+        """y = x @ W.T (+ bias), then max(y, 0) if `relu` (fused on the Numba path)."""
+        if x.dtype == torch.float32 and x.shape[0] >= NUMBA_MIN_BATCH:
+            return self._numba(x, relu)  # the common case first: ~1 us of Python to the kernel
+        acc = _acc_dtype(x)
+        xa = x if x.dtype == acc else x.to(acc)
+        if acc == torch.float32 and x.shape[0] >= NUMBA_MIN_BATCH:
+            y = self._numba(xa, relu)
+        else:
+            y = self._mkl(xa, acc)
+            y = torch.relu_(y) if relu else y
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _numba(self, x: Tensor, relu: bool) -> Tensor:
+        csr_cpu = _csr_cpu()
+        arrays = self._numba_arrays
+        if arrays is None:
+            bias = None if self.bias is None else self.bias.to(torch.float32)
+            values = self.values.to(torch.float32)
+            arrays = csr_cpu.CsrArrays.of(self.crow_indices, self.col_indices, values, bias)
+            self._numba_arrays = arrays
+        csr_cpu.use_torch_threads()
+        return csr_cpu.csr_linear(x, arrays, relu=relu)
+
+    def _mkl(self, x: Tensor, acc: torch.dtype) -> Tensor:
+        prepared = self._prepared.get(acc)
+        if prepared is None:
+            index = self.crow_indices.dtype
+            # torch's CSR wants crow and col of one dtype: int32 buffers are wrapped without a
+            # copy (pack with index_dtype=torch.int32 for CPU layers), int16 ones are widened.
+            col = self.col_indices
+            col = col if col.dtype == index else col.to(index)
+            # Invariants were established by pack_csr; checking them costs a pass over the
+            # indices.
+            w = torch.sparse_csr_tensor(
+                self.crow_indices, col, self.values.to(acc), self.shape, check_invariants=False
+            )
+            bias = None if self.bias is None else self.bias.to(acc)
+            self._prepared[acc] = prepared = (w, bias)
+        w, bias = prepared
+        if x.shape[0] == 1:
+            # Batch 1: MKL's sparse matrix-vector product is 2.5-3x faster than its matmul with
+            # one column (measured, 300x784 and 4096x4096).
+            return (torch.mv(w, x[0]) if bias is None else torch.addmv(bias, w, x[0]))[None]
+        # MKL sparse x dense: [M, K] @ [K, N] -> [M, N], row-major, returned as its transpose
+        # (not copied to row-major: the copy cost 10-30 % of the product at N = 64, measured).
+        xt = x.t()
+        y = torch.mm(w, xt) if bias is None else torch.addmm(bias[:, None], w, xt)
+        return y.contiguous().t()
 
 
 def _csr_linear_cuda(x, crow_indices, col_indices, values, row_order, bias):
@@ -539,7 +610,7 @@ def _csr_linear_cuda(x, crow_indices, col_indices, values, row_order, bias):
 
 def _csr_linear_fake(x, crow_indices, col_indices, values, row_order, bias):
     n, m = x.shape[0], crow_indices.shape[0] - 1
-    if x.device.type == "cpu":  # see _csr_linear_cpu: [N, M] stored column-major
+    if x.device.type == "cpu":  # see CpuCsr: [N, M] stored column-major
         return x.new_empty((m, n)).t()
     return x.new_empty((n, m))
 
