@@ -12,6 +12,7 @@ from torch import nn
 import ticketc.compile as tc
 from ticketc.compile import (
     CompileConfig,
+    DenseLinear,
     SparseConv,
     SparseLinear,
     export_program,
@@ -211,3 +212,64 @@ def test_sparse_conv_pt2_round_trip(tmp_path, make, shape):
         xb = torch.randn(batch, *shape[1:])
         with torch.no_grad():
             _close(loaded(xb), model(xb), torch.float32)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 40, 64])
+def test_relu_after_a_sparse_linear_is_fused_and_names_are_kept(tmp_path, batch):
+    model = _prune(
+        nn.Sequential(
+            nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(inplace=True),
+            nn.Linear(16, 6), nn.ReLU(), nn.Flatten(),
+        ),
+        0.3,
+    )
+    x = torch.randn(batch, 40)
+    compiled = _forced(model, "csr", tmp_path, x)
+    assert list(compiled._modules) == ["0", "2", "4", "6"]  # the ReLUs "1", "3", "5" left
+    assert [compiled.get_submodule(n).relu for n in ("0", "2", "4")] == [True, True, True]
+    assert set(compiled.state_dict()) >= {"0.values", "2.values", "4.values", "4.bias"}
+    with torch.no_grad():
+        _close(compiled(x), model(x), torch.float32)
+        # the exported graph (custom ops, no eager fast path) applies the fused ReLU too
+        program = export_program(compiled, torch.randn(8, 40))
+        assert "relu" in str(program.graph)
+        _close(program.module()(x), model(x), torch.float32)
+
+
+def test_relu_is_not_fused_into_dense_layers_or_across_other_modules(tmp_path):
+    model = _prune(nn.Sequential(nn.Linear(30, 20), nn.Tanh(), nn.ReLU(), nn.Linear(20, 4)), 0.3)
+    x = torch.randn(64, 30)
+    compiled = _forced(model, "csr", tmp_path, x)
+    assert list(compiled._modules) == ["0", "1", "2", "3"] and not compiled[0].relu
+    dense = tc.compile(model, CompileConfig(formats=()), example_input=x)
+    assert isinstance(dense.get_submodule("2"), nn.ReLU)
+    with torch.no_grad():
+        _close(compiled(x), model(x), torch.float32)
+
+
+def test_dense_linear_takes_feature_major_input():
+    layer = nn.Linear(99, 10)
+    dense = DenseLinear.from_linear(layer)
+    assert dense.weight is layer.weight and dense.bias is layer.bias
+    assert set(dense.state_dict()) == {"weight", "bias"}
+    x = torch.randn(64, 99)
+    feature_major = x.t().contiguous().t()  # same values, strides (1, 64)
+    with torch.no_grad():
+        ref = layer(x)
+        for inp in (x, feature_major, x[:1], feature_major[:, :]):
+            torch.testing.assert_close(dense(inp), ref[: len(inp)])
+        no_bias = DenseLinear.from_linear(nn.Linear(99, 10, bias=False))
+        torch.testing.assert_close(no_bias(feature_major), x @ no_bias.weight.t())
+
+
+@pytest.mark.parametrize("batch", [7, 40])  # below and above ops.NUMBA_MIN_BATCH
+def test_cpu_fast_path_follows_buffer_updates(batch):
+    layer = _prune(nn.Sequential(nn.Linear(30, 20)), 0.2)[0]
+    sparse = SparseLinear.from_dense(layer.weight, layer.bias, "csr")
+    x = torch.randn(batch, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), layer(x))
+        sparse.values.mul_(2)  # in place: seen through the cached views
+        torch.testing.assert_close(sparse(x), 2 * layer(x) - layer.bias)
+        sparse.bias = torch.zeros(20)  # a replaced buffer: the cache is rebuilt
+        torch.testing.assert_close(sparse(x), 2 * (layer(x) - layer.bias))

@@ -14,8 +14,8 @@ from typing import Any
 
 from ticketc.compile.config import CompileConfig
 from ticketc.compile.dead_units import DeadUnitReport, LayerUnits, eliminate_dead_units
-from ticketc.compile.lower import apply_masks_, compile, lower_, plan_of
-from ticketc.compile.modules import SparseConv, SparseLinear, sparse_module
+from ticketc.compile.lower import apply_masks_, compile, fuse_relu_, lower_, plan_of
+from ticketc.compile.modules import DenseLinear, SparseConv, SparseLinear, sparse_module
 from ticketc.compile.plan import LayerPlan, Plan, plan_rows, read_plan
 from ticketc.compile.planner import make_plan
 from ticketc.compile.program import export_program, load_program, plan_file_for, save_compiled
@@ -23,6 +23,7 @@ from ticketc.compile.program import export_program, load_program, plan_file_for,
 __all__ = [
     "CompileConfig",
     "DeadUnitReport",
+    "DenseLinear",
     "LayerPlan",
     "LayerUnits",
     "Plan",
@@ -32,6 +33,7 @@ __all__ = [
     "compile",
     "eliminate_dead_units",
     "export_program",
+    "fuse_relu_",
     "load_program",
     "lower_",
     "make_plan",
