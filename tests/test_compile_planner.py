@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ticketc.compile as tc
+from ticketc import ops
 from ticketc.compile import CompileConfig, SparseLinear, make_plan, plan_of
 from ticketc.compile.costs import device_costs, gemm_stats, parse_format, predict
 from ticketc.errors import UserError
@@ -63,6 +65,37 @@ def test_costs_grow_with_work():
     assert predict("dense", small_batch, costs) < predict("dense", large_batch, costs)
 
 
+def test_cpu_csr_cost_switches_kernel_at_the_numba_batch():
+    costs = device_costs("cpu", torch.float32)
+    keep = torch.rand(300, 784) < 0.036
+    below = gemm_stats(keep, ops.NUMBA_MIN_BATCH - 1, 4)
+    at = gemm_stats(keep, ops.NUMBA_MIN_BATCH, 4)
+    assert costs.cost("csr", below.n) is costs.formats["csr"]
+    assert costs.cost("csr", at.n) is not costs.formats["csr"]
+    # from the Numba batch on, an input already feature-major skips the transpose
+    fm = replace(at, feature_major=True)
+    assert predict("csr", fm, costs) < predict("csr", at, costs)
+    assert predict("dense", fm, costs) == predict("dense", at, costs)
+
+
+def test_planner_prices_a_csr_chain_as_feature_major():
+    model = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.Linear(99, 10))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model[0], model[2]:
+            layer.weight.mul_(torch.rand(layer.weight.shape, generator=g) < 0.03)
+    costs = device_costs("cpu", torch.float32)
+    plan = make_plan(model, None, CompileConfig(batch_size=64, dead_units=False))
+    first, second, third = plan.layers
+    assert first.format == second.format == "csr"
+    for lp, layer, fm in ((first, model[0], False), (second, model[2], True)):
+        g_ = replace(gemm_stats(layer.weight != 0, 64, 4), feature_major=fm)
+        assert lp.predicted_us["csr"] == round(predict("csr", g_, costs) * 1e6, 3)
+    # 100 outputs do not feed 99 inputs: not a chain, so priced with the transpose
+    g3 = gemm_stats(model[3].weight != 0, 64, 4)
+    assert third.predicted_us["csr"] == round(predict("csr", g3, costs) * 1e6, 3)
+
+
 def test_parse_format_names_the_known_ones():
     assert parse_format("bsr(32)") == ("bsr", 32)
     with pytest.raises(ValueError, match="known: dense, csr"):
@@ -78,8 +111,9 @@ def test_plan_override_is_honoured(tmp_path):
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     compiled = tc.compile(model, CompileConfig(dead_units=False, plan_path=str(path)))
-    assert isinstance(compiled[0], SparseLinear) and compiled[0].format == "bsr(16)"
-    assert isinstance(compiled[2], nn.Linear)
+    first, last = compiled.get_submodule("0"), compiled.get_submodule("2")
+    assert isinstance(first, SparseLinear) and first.format == "bsr(16)"
+    assert isinstance(last, nn.Linear)
     assert plan_of(compiled).layers[0].reason == f"set by {path}"
     x = torch.randn(3, 64)
     with torch.no_grad():

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ticketc.compile.config import BSR_BLOCKSIZES
+from ticketc.ops import NUMBA_MIN_BATCH
 
 TILE = 32  # tiled format: 32 x 32 bitmap tiles (tile_m = 32)
 
@@ -39,6 +40,7 @@ class Gemm:
     blocks: dict[int, int] = field(default_factory=dict)  # BSR blocksize -> nonempty blocks
     tiles: int = 0  # nonempty 32 x 32 tiles
     unfold: bool = False  # a conv: sparse formats must materialise the unfolded input
+    feature_major: bool = False  # x arrives as [K, N] (from a CPU CSR layer): no transpose
 
     @property
     def density(self) -> float:
@@ -50,6 +52,7 @@ class FormatCost:
     overhead_s: float  # per call: dispatch, launch, allocation
     flop_rate: float  # FLOP/s on the work the format does
     per_output_s: float = 0.0  # per output element (CPU CSR pays transposes and accumulators)
+    per_input_s: float = 0.0  # per input element (CPU CSR from Numba transposes its input)
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,23 @@ class DeviceCosts:
     cache_bytes: int
     index_bytes: int  # bytes per CSR column index as stored for this device
     formats: dict[str, FormatCost]  # format kind -> cost; a missing kind is no candidate
+    # kind -> (batch, cost): from that batch size on the kind runs another kernel at this cost
+    from_batch: dict[str, tuple[int, FormatCost]] = field(default_factory=dict)
+
+    def cost(self, kind: str, n: int) -> FormatCost:
+        switch = self.from_batch.get(kind)
+        return switch[1] if switch is not None and n >= switch[0] else self.formats[kind]
 
 
 def _cpu(dtype: torch.dtype) -> DeviceCosts:
     # Measured per thread on the development machine (torch 2.13, MKL, fp32, 300x784 /
     # 1024x1024 / 4096x4096 layers, batch 1-256): dense ~90 GFLOP/s at batch >= 64, scaling
-    # sub-linearly with threads (~150 at 2); the CSR op ~12 GFLOP/s of useful work per thread
-    # plus ~18 us per call (custom-op dispatch and checks) and ~1.5 ns per output element.
+    # sub-linearly with threads (~150 at 2), ~7 us per call (64 x 99 -> 10: 8.4 us); the CSR
+    # op on MKL (batch < NUMBA_MIN_BATCH)
+    # ~12 GFLOP/s of useful work per thread plus ~18 us per call (custom-op dispatch and
+    # checks) and ~1.5 ns per output element; on Numba (larger batches) 30-40 GFLOP/s per
+    # thread plus ~6 us per call, ~0.3 ns per output and ~0.4 ns per input element (the
+    # transpose into feature-major order; none when the input already is, as after a CSR layer).
     threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
     # Half types on CPU: matmuls run far below fp32 speed and the CSR op upcasts the values on
     # every call; scale everything down and let tuning decide.
@@ -78,10 +91,16 @@ def _cpu(dtype: torch.dtype) -> DeviceCosts:
         cache_bytes=4 << 20,
         index_bytes=4,  # torch's CSR kernels take int32 indices directly
         formats={
-            "dense": FormatCost(4e-6, 90e9 * threads**0.75 * slow),
+            "dense": FormatCost(7e-6, 90e9 * threads**0.75 * slow),
             "csr": FormatCost(18e-6, 12e9 * threads * slow, per_output_s=1.5e-9),
             # The CPU BSR path is the pure-torch reference (gather + einsum + index_add).
             "bsr": FormatCost(40e-6, 10e9 * threads * slow, per_output_s=3e-9),
+        },
+        from_batch={
+            "csr": (
+                NUMBA_MIN_BATCH,
+                FormatCost(6e-6, 30e9 * threads * slow, per_output_s=0.3e-9, per_input_s=0.4e-9),
+            )
         },
     )
 
@@ -142,7 +161,7 @@ def candidates(g: Gemm, costs: DeviceCosts, sparse_kinds: tuple[str, ...]) -> li
 def predict(name: str, g: Gemm, costs: DeviceCosts) -> float:
     """Predicted seconds for one call of the layer in format `name`."""
     kind, b = parse_format(name)
-    cost = costs.formats[kind]
+    cost = costs.cost(kind, g.n)
     s = g.itemsize
     io = (g.n * g.k + g.n * g.m) * s
     if kind == "dense":
@@ -165,6 +184,7 @@ def predict(name: str, g: Gemm, costs: DeviceCosts) -> float:
     return (
         cost.overhead_s
         + g.n * g.m * cost.per_output_s
+        + (0.0 if g.feature_major else g.n * g.k * cost.per_input_s)
         + max(work / cost.flop_rate, nbytes / bandwidth)
     )
 

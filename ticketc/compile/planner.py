@@ -17,7 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from ticketc.compile.config import CompileConfig
-from ticketc.compile.costs import Gemm, candidates, device_costs, gemm_stats, predict
+from ticketc.compile.costs import (
+    DeviceCosts,
+    Gemm,
+    candidates,
+    device_costs,
+    gemm_stats,
+    predict,
+)
 from ticketc.compile.modules import _block_diagonal, sparse_module
 from ticketc.compile.plan import LayerPlan, Plan, apply_overrides, read_plan
 
@@ -36,11 +43,13 @@ def make_plan(
     costs = device_costs(config.device_kind, config.torch_dtype)
     shapes = trace_shapes(model, example_input)
     itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
-    layers = []
+    layers: list[LayerPlan] = []
     for name, layer in model.named_modules():
         if not isinstance(layer, LAYERS):
             continue
         g = _gemm(layer, shapes.get(name), config.batch_size, itemsize)
+        if layers and _feature_major_after(layers[-1], layer, costs):
+            g = replace(g, feature_major=True)
         predicted = {f: predict(f, g, costs) for f in candidates(g, costs, config.formats)}
         lp = LayerPlan(
             name=name,
@@ -69,6 +78,21 @@ def make_plan(
     if config.plan_path is not None:
         plan = apply_overrides(plan, read_plan(config.plan_path), str(config.plan_path))
     return plan
+
+
+def _feature_major_after(previous: LayerPlan, layer: Layer, costs: DeviceCosts) -> bool:
+    """Whether `layer` likely gets its input feature-major: a CPU CSR layer on the Numba path
+    outputs it so, and in a chain of Linear layers (module order is assumed to be data order,
+    as in nn.Sequential) the next one reads it without a transpose. A wrong guess only
+    misprices that transpose: DenseLinear and the CSR kernels take either layout."""
+    n, _, m = previous.gemm
+    return (
+        isinstance(layer, nn.Linear)
+        and previous.kind == "linear"
+        and previous.format == "csr"
+        and m == layer.in_features
+        and costs.cost("csr", n) is not costs.formats["csr"]
+    )
 
 
 def _choose(lp: LayerPlan, min_speedup: float) -> LayerPlan:
