@@ -22,8 +22,10 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -202,6 +204,7 @@ def environment(device: str) -> dict:
         "dtype": "float32",
         "torch": torch.__version__,
         "ticketc": ticketc.__version__,
+        "commit": _commit(),
         "python": platform.python_version(),
         "mkl": torch.backends.mkl.is_available(),
         "load_average_at_start": list(os.getloadavg()),
@@ -213,6 +216,18 @@ def environment(device: str) -> dict:
     except ImportError:
         env["triton"] = None
     return env
+
+
+def _commit() -> str | None:
+    """The git commit measured (with "+dirty" if the tree has changes), or None."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        run = partial(subprocess.run, cwd=root, capture_output=True, text=True, check=True)
+        head = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def cases(quick: bool) -> list[tuple[str, Callable[[], nn.Sequential], float, tuple[int, ...]]]:
@@ -346,6 +361,7 @@ def main() -> None:
     parser.add_argument("--models", default="lenet300,lenet300-ticket,mlp4096x3",
                         help="comma-separated subset of the models to measure")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--suffix", default="", help="appended to the output files' stem")
     parser.add_argument(
         "--threads",
         type=int,
@@ -385,7 +401,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = f"_{args.threads}threads" if args.device == "cpu" and args.threads != 1 else ""
-    stem = out / f"e2e_{args.device}{threads}"
+    stem = out / f"e2e_{args.device}{threads}{args.suffix}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, stem.with_suffix(".md"))
     plot(results, stem.with_suffix(".png"))
