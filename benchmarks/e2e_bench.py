@@ -141,7 +141,7 @@ def time_interleaved(
 
 def _rounds(dense_s: float, quick: bool) -> int:
     budget = 0.5 if quick else 2.0  # seconds of dense time per case
-    return int(min(200, max(7, budget / max(dense_s, 1e-6))))
+    return int(min(2000, max(7, budget / max(dense_s, 1e-6))))
 
 
 # ------------------------------------------------------------------------------------ main
