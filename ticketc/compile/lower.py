@@ -31,7 +31,9 @@ def compile(
     used). Masks (param name -> bool) are multiplied into the weights; without masks, exact
     zeros are the pruned weights. `example_input` (any batch size) gives conv layers their
     output size. The input model is not modified; the result is in eval mode on
-    `config.device` in `config.dtype`, with its plan in `plan_of(result)`.
+    `config.device` in `config.dtype`, with its plan in `plan_of(result)`. A ReLU right after
+    a sparse Linear in an nn.Sequential is fused into it and leaves the Sequential; the other
+    children keep their names (reach them by name, e.g. `get_submodule("3")`, not position).
     """
     config = config or CompileConfig()
     module, masks, example_input = _unpack(model, masks, example_input)

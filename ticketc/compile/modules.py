@@ -2,7 +2,7 @@
 
 Buffers are exactly what `ticketc.ops.pack_*` returns (plus the bias), so a compiled model's
 state dict, `torch.export` program and memory hold no dense-size copy of a pruned weight. The
-forward calls the `torch.ops.ticketc.*` custom ops: CPU (MKL) and CUDA (Triton) kernels, and
+forward calls the `torch.ops.ticketc.*` custom ops: CPU (Numba, MKL) and CUDA (Triton) kernels, and
 fake kernels for torch.compile / torch.export.
 """
 
