@@ -549,14 +549,11 @@ class CpuCsr:
 
     def __call__(self, x: Tensor, *, relu: bool = False) -> Tensor:
         """y = x @ W.T (+ bias), then max(y, 0) if `relu` (fused on the Numba path)."""
-        if x.dtype == torch.float32 and x.shape[0] >= NUMBA_MIN_BATCH:
-            return self._numba(x, relu)  # the common case first: ~1 us of Python to the kernel
-        acc = _acc_dtype(x)
-        xa = x if x.dtype == acc else x.to(acc)
-        if acc == torch.float32 and x.shape[0] >= NUMBA_MIN_BATCH:
-            y = self._numba(xa, relu)
+        if x.shape[0] >= NUMBA_MIN_BATCH and x.dtype != torch.float64:  # fp32 accumulation
+            y = self._numba(x if x.dtype == torch.float32 else x.float(), relu)
         else:
-            y = self._mkl(xa, acc)
+            acc = _acc_dtype(x)
+            y = self._mkl(x if x.dtype == acc else x.to(acc), acc)
             y = torch.relu_(y) if relu else y
         return y if y.dtype == x.dtype else y.to(x.dtype)
 

@@ -74,12 +74,12 @@ class DeviceCosts:
 def _cpu(dtype: torch.dtype) -> DeviceCosts:
     # Measured per thread on the development machine (torch 2.13, MKL, fp32, 300x784 /
     # 1024x1024 / 4096x4096 layers, batch 1-256): dense ~90 GFLOP/s at batch >= 64, scaling
-    # sub-linearly with threads (~150 at 2), ~7 us per call (64 x 99 -> 10: 8.4 us); the CSR
-    # op on MKL (batch < NUMBA_MIN_BATCH)
-    # ~12 GFLOP/s of useful work per thread plus ~18 us per call (custom-op dispatch and
-    # checks) and ~1.5 ns per output element; on Numba (larger batches) 30-40 GFLOP/s per
-    # thread plus ~6 us per call, ~0.3 ns per output and ~0.4 ns per input element (the
-    # transpose into feature-major order; none when the input already is, as after a CSR layer).
+    # sub-linearly with threads (~150 at 2), ~7 us per call (64 x 99 -> 10: 8.4 us). The CSR
+    # op on MKL (batch < NUMBA_MIN_BATCH): ~12 GFLOP/s of useful work per thread plus ~18 us
+    # per call (custom-op dispatch and checks) and ~1.5 ns per output element; on Numba
+    # (larger batches): 30-40 GFLOP/s per thread plus ~6 us per call, ~0.3 ns per output and
+    # ~0.4 ns per input element (the transpose into feature-major order; none when the input
+    # already is, as after a CSR layer).
     threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
     # Half types on CPU: matmuls run far below fp32 speed and the CSR op upcasts the values on
     # every call; scale everything down and let tuning decide.

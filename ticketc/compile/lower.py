@@ -76,14 +76,14 @@ def fuse_relu_(model: nn.Module) -> None:
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
             continue
-        children = list(seq._modules.items())
+        children = list(seq.named_children())
         fused = []
         for (_, layer), (name, act) in zip(children, children[1:], strict=False):
             if isinstance(layer, SparseLinear) and not layer.relu and type(act) is nn.ReLU:
                 layer.relu = True
                 fused.append(name)
         for name in fused:
-            del seq._modules[name]
+            delattr(seq, name)
 
 
 def plan_of(model: nn.Module) -> Plan | None:

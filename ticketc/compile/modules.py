@@ -2,8 +2,8 @@
 
 Buffers are exactly what `ticketc.ops.pack_*` returns (plus the bias), so a compiled model's
 state dict, `torch.export` program and memory hold no dense-size copy of a pruned weight. The
-forward calls the `torch.ops.ticketc.*` custom ops: CPU (Numba, MKL) and CUDA (Triton) kernels, and
-fake kernels for torch.compile / torch.export.
+forward calls the `torch.ops.ticketc.*` custom ops: CPU (Numba, MKL) and CUDA (Triton)
+kernels, and fake kernels for torch.compile / torch.export.
 """
 
 from __future__ import annotations
@@ -94,17 +94,13 @@ class SparseLinear(nn.Module):
         return int(self.values.count_nonzero()) if self.kind == "bsr" else self.values.numel()
 
     def forward(self, x: Tensor) -> Tensor:
-        values = self._buffers["values"]
-        if self.kind == "csr" and x.dim() == 2 and _eager_cpu(x, values):
-            return self._csr_cpu_eager(x)  # the common CPU case, with the least Python per call
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self.kind == "csr" and _eager_cpu(x2, self.values):
-            y = self._csr_cpu_eager(x2)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # 2-D: no reshape per call
+        if self.kind == "csr" and _eager_cpu(x2, self._buffers["values"]):
+            y = self._csr_cpu_eager(x2)  # the common CPU case, with the least Python per call
         else:
             y = self._matmul(x2)
             y = torch.relu(y) if self.relu else y
-        return y.reshape(*lead, self.out_features)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def _matmul(self, x: Tensor) -> Tensor:
         if self.kind == "csr":

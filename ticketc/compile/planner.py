@@ -91,7 +91,7 @@ def _feature_major_after(previous: LayerPlan, layer: Layer, costs: DeviceCosts) 
         and previous.kind == "linear"
         and previous.format == "csr"
         and m == layer.in_features
-        and costs.cost("csr", n) is not costs.formats["csr"]
+        and costs.cost("csr", n).per_input_s > 0  # that kernel transposes its input
     )
 
 
