@@ -273,3 +273,11 @@ def test_cpu_fast_path_follows_buffer_updates(batch):
         torch.testing.assert_close(sparse(x), 2 * layer(x) - layer.bias)
         sparse.bias = torch.zeros(20)  # a replaced buffer: the cache is rebuilt
         torch.testing.assert_close(sparse(x), 2 * (layer(x) - layer.bias))
+
+
+@pytest.mark.parametrize("batch", [7, 40])
+def test_sparse_linear_refuses_the_wrong_input_width(batch):
+    layer = _prune(nn.Sequential(nn.Linear(30, 20)), 0.5)[0]
+    sparse = SparseLinear.from_dense(layer.weight, layer.bias, "csr")
+    with pytest.raises(ValueError, match="x has 10 features, the weight takes 30"):
+        sparse(torch.randn(batch, 10))

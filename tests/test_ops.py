@@ -217,6 +217,16 @@ def test_cpu_csr_gives_the_same_answer_either_side_of_the_numba_batch(dtype):
             assert_matches(relu, ref.clamp_min(0), dtype)
 
 
+@pytest.mark.parametrize("n", [7, 40])  # the MKL and the Numba kernel
+def test_cpu_csr_refuses_an_input_narrower_than_the_weight(n):
+    w = masked_weight(20, 30, 0.5)
+    args = csr_args(w, rand(1, 30), None)[1:]
+    with pytest.raises(ValueError, match="out of range for 10 input features"):
+        torch.ops.ticketc.csr_linear(rand(n, 10), *args)
+    with pytest.raises(ValueError, match="x has 10 features, the weight takes 30"):
+        ops.CpuCsr(*args[:3], None, 30)(rand(n, 10))
+
+
 @pytest.mark.parametrize("n", [1, 5])
 def test_eager_entry_points_match_the_registered_ops(n):
     w, x, bias = masked_weight(37, 70, 0.1), rand(n, 70), rand(37, seed=2)

@@ -541,6 +541,12 @@ class CpuCsr:
         bias: Tensor | None,
         in_features: int,
     ) -> None:
+        # The kernels read x[:, col] unchecked: a column past x's width is refused here, once.
+        if col_indices.numel() and int(col_indices.max()) >= in_features:
+            raise ValueError(
+                f"csr_linear: column index {int(col_indices.max())} is out of range for "
+                f"{in_features} input features"
+            )
         self.crow_indices, self.col_indices = crow_indices, col_indices
         self.values, self.bias = values, bias
         self.shape = (crow_indices.numel() - 1, in_features)
@@ -549,6 +555,10 @@ class CpuCsr:
 
     def __call__(self, x: Tensor, *, relu: bool = False) -> Tensor:
         """y = x @ W.T (+ bias), then max(y, 0) if `relu` (fused on the Numba path)."""
+        if x.shape[1] != self.shape[1]:
+            raise ValueError(
+                f"csr_linear: x has {x.shape[1]} features, the weight takes {self.shape[1]}"
+            )
         if x.shape[0] >= NUMBA_MIN_BATCH and x.dtype != torch.float64:  # fp32 accumulation
             y = self._numba(x if x.dtype == torch.float32 else x.float(), relu)
         else:
