@@ -508,6 +508,10 @@ def _csr_linear_cpu(x, crow_indices, col_indices, values, row_order, bias):
 # Numba kernel is 1.3-2x faster than MKL's sparse matmul from batch 64 and slower below ~16,
 # where MKL's mv (batch 1) and its small matmuls win.
 NUMBA_MIN_BATCH = 32
+# A chain of CSR layers (ticketc.compile.modules.CsrSequential) with fewer multiply-adds than
+# this runs as one Numba call at any batch: per-layer overhead outweighs the products there
+# (Lenet-300-100 at 3.6 %, 2 threads: batch 1 ~32 us as a chain vs ~49 layer by layer).
+NUMBA_SMALL_WORK = 1 << 18
 
 
 def _csr_cpu() -> Any:
@@ -550,7 +554,8 @@ class CpuCsr:
         self.crow_indices, self.col_indices = crow_indices, col_indices
         self.values, self.bias = values, bias
         self.shape = (crow_indices.numel() - 1, in_features)
-        self._numba_arrays: Any = None  # csr_cpu.CsrArrays, made on first use
+        self._arrays: Any = None  # csr_cpu.CsrArrays, made on first use
+        self._chains: dict[bool, Any] = {}  # relu -> csr_cpu.CsrChain of this layer alone
         self._prepared: dict[torch.dtype, tuple[Tensor, Tensor | None]] = {}  # MKL's, per dtype
 
     def __call__(self, x: Tensor, *, relu: bool = False) -> Tensor:
@@ -560,23 +565,31 @@ class CpuCsr:
                 f"csr_linear: x has {x.shape[1]} features, the weight takes {self.shape[1]}"
             )
         if x.shape[0] >= NUMBA_MIN_BATCH and x.dtype != torch.float64:  # fp32 accumulation
-            y = self._numba(x if x.dtype == torch.float32 else x.float(), relu)
+            chain = self._chains.get(relu)
+            if chain is None:
+                chain = self._chains[relu] = _csr_cpu().CsrChain([self.arrays()], [relu])
+            y = chain(x if x.dtype == torch.float32 else x.float())
         else:
             acc = _acc_dtype(x)
             y = self._mkl(x if x.dtype == acc else x.to(acc), acc)
             y = torch.relu_(y) if relu else y
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
-    def _numba(self, x: Tensor, relu: bool) -> Tensor:
-        csr_cpu = _csr_cpu()
-        arrays = self._numba_arrays
-        if arrays is None:
-            bias = None if self.bias is None else self.bias.to(torch.float32)
-            values = self.values.to(torch.float32)
-            arrays = csr_cpu.CsrArrays.of(self.crow_indices, self.col_indices, values, bias)
-            self._numba_arrays = arrays
-        csr_cpu.use_torch_threads()
-        return csr_cpu.csr_linear(x, arrays, relu=relu)
+    @property
+    def nnz(self) -> int:
+        return self.col_indices.numel()
+
+    def arrays(self) -> Any:
+        """The weight as csr_cpu.CsrArrays (fp32), made once: what a CsrChain is built from."""
+        if self._arrays is None:
+            self._arrays = _csr_cpu().CsrArrays.of(
+                self.crow_indices,
+                self.col_indices,
+                self.values,
+                self.bias,
+                in_features=self.shape[1],
+            )
+        return self._arrays
 
     def _mkl(self, x: Tensor, acc: torch.dtype) -> Tensor:
         prepared = self._prepared.get(acc)
@@ -603,6 +616,12 @@ class CpuCsr:
         xt = x.t()
         y = torch.mm(w, xt) if bias is None else torch.addmm(bias[:, None], w, xt)
         return y.contiguous().t()
+
+
+def cpu_csr_chain(layers: list[CpuCsr], relus: list[bool]) -> Any:
+    """Consecutive CSR layers (ReLU after those flagged) as one Numba kernel call: a
+    ticketc.kernels.csr_cpu.CsrChain, called on fp32 x [N, K] and returning [N, M]."""
+    return _csr_cpu().CsrChain([c.arrays() for c in layers], relus)
 
 
 def _csr_linear_cuda(x, crow_indices, col_indices, values, row_order, bias):
