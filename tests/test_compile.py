@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import ticketc.compile as tc
+from ticketc import ops
 from ticketc.compile import (
     CompileConfig,
     DenseLinear,
@@ -281,3 +282,56 @@ def test_sparse_linear_refuses_the_wrong_input_width(batch):
     sparse = SparseLinear.from_dense(layer.weight, layer.bias, "csr")
     with pytest.raises(ValueError, match="x has 10 features, the weight takes 30"):
         sparse(torch.randn(batch, 10))
+
+
+def _sparse_mlp() -> nn.Sequential:
+    return _prune(
+        nn.Sequential(
+            nn.Flatten(), nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(),
+            nn.Linear(16, 6), nn.Tanh(), nn.Linear(6, 5), nn.Linear(5, 3),
+        ),
+        0.3,
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16, 40, 64])
+def test_runs_of_csr_layers_run_as_one_chain(tmp_path, monkeypatch, batch):
+    model = _sparse_mlp()
+    x = torch.randn(batch, 40)
+    compiled = _forced(model, "csr", tmp_path, x)
+    assert type(compiled) is tc.CsrSequential  # swapped in place: names and state dict kept
+    assert set(compiled.state_dict()) == set(_forced(model, "csr", tmp_path, x).state_dict())
+    built, build = [], ops.cpu_csr_chain
+    monkeypatch.setattr(
+        tc.modules.ops, "cpu_csr_chain",
+        lambda layers, relus: built.append(len(layers)) or build(layers, relus),
+    )
+    with torch.no_grad():
+        _close(compiled(x), model(x), torch.float32)
+        _close(compiled(x), model(x), torch.float32)  # the cached chains
+        assert sorted(built) == [2, 3]  # "1"-"3"-"5", then "7"-"8" past the Tanh; built once
+        program = export_program(compiled, torch.randn(8, 40))  # per-layer custom ops
+        _close(program.module()(x), model(x), torch.float32)
+        compiled.get_submodule("3").values.mul_(0)  # in place: seen through the chain
+        model[3].weight.mul_(0)
+        _close(compiled(x), model(x), torch.float32)
+
+
+def test_chain_of_large_layers_at_small_batch_runs_layer_by_layer(tmp_path, monkeypatch):
+    model = _sparse_mlp()
+    x = torch.randn(4, 40)
+    compiled = _forced(model, "csr", tmp_path, x)
+    monkeypatch.setattr(tc.modules.ops, "NUMBA_SMALL_WORK", 0)  # every chain is "large" now
+    monkeypatch.setattr(tc.modules.ops, "cpu_csr_chain", None)  # and may not be built
+    with torch.no_grad():
+        _close(compiled(x), model(x), torch.float32)
+
+
+def test_chain_falls_back_to_the_layers_off_its_fast_path(tmp_path):
+    model = _sparse_mlp()
+    x = torch.randn(40, 40)
+    compiled = _forced(model, "csr", tmp_path, x)
+    with torch.no_grad():
+        _close(compiled(x.double()), model.double()(x.double()), torch.float32)
+    with pytest.raises(ValueError, match="x has 400 features, the weight takes 40"):
+        compiled(x.reshape(4, 10, 40))  # the layer's own error, not the chain's

@@ -14,14 +14,21 @@ from typing import Any
 
 from ticketc.compile.config import CompileConfig
 from ticketc.compile.dead_units import DeadUnitReport, LayerUnits, eliminate_dead_units
-from ticketc.compile.lower import apply_masks_, compile, fuse_relu_, lower_, plan_of
-from ticketc.compile.modules import DenseLinear, SparseConv, SparseLinear, sparse_module
+from ticketc.compile.lower import apply_masks_, chain_csr_, compile, fuse_relu_, lower_, plan_of
+from ticketc.compile.modules import (
+    CsrSequential,
+    DenseLinear,
+    SparseConv,
+    SparseLinear,
+    sparse_module,
+)
 from ticketc.compile.plan import LayerPlan, Plan, plan_rows, read_plan
 from ticketc.compile.planner import make_plan
 from ticketc.compile.program import export_program, load_program, plan_file_for, save_compiled
 
 __all__ = [
     "CompileConfig",
+    "CsrSequential",
     "DeadUnitReport",
     "DenseLinear",
     "LayerPlan",
@@ -30,6 +37,7 @@ __all__ = [
     "SparseConv",
     "SparseLinear",
     "apply_masks_",
+    "chain_csr_",
     "compile",
     "eliminate_dead_units",
     "export_program",

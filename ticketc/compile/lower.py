@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ticketc.compile.config import CompileConfig
 from ticketc.compile.dead_units import eliminate_dead_units
-from ticketc.compile.modules import DenseLinear, SparseLinear, sparse_module
+from ticketc.compile.modules import CsrSequential, DenseLinear, SparseLinear, sparse_module
 from ticketc.compile.plan import Plan
 from ticketc.compile.planner import make_plan
 
@@ -65,6 +65,7 @@ def lower_(model: nn.Module, plan: Plan) -> None:
         elif type(layer) is nn.Linear:
             setattr(owner, attr, DenseLinear.from_linear(layer))
     fuse_relu_(model)
+    chain_csr_(model)
     setattr(model, PLAN_ATTR, plan)
 
 
@@ -84,6 +85,23 @@ def fuse_relu_(model: nn.Module) -> None:
                 fused.append(name)
         for name in fused:
             delattr(seq, name)
+
+
+def chain_csr_(model: nn.Module) -> None:
+    """Every nn.Sequential holding two csr SparseLinear layers in a row becomes a
+    CsrSequential, which runs such runs as one CPU kernel call. The class is swapped in place
+    (CsrSequential only adds a forward), so the module object, its names, hooks and state
+    dict stay as they are, the root included."""
+    for seq in model.modules():
+        if type(seq) is not nn.Sequential:
+            continue
+        children = list(seq.children())
+        if any(_is_csr(a) and _is_csr(b) for a, b in zip(children, children[1:], strict=False)):
+            seq.__class__ = CsrSequential
+
+
+def _is_csr(module: nn.Module) -> bool:
+    return isinstance(module, SparseLinear) and module.kind == "csr"
 
 
 def plan_of(model: nn.Module) -> Plan | None:
