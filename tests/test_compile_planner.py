@@ -14,7 +14,13 @@ from torch import nn
 import ticketc.compile as tc
 from ticketc import ops
 from ticketc.compile import CompileConfig, SparseLinear, make_plan, plan_of
-from ticketc.compile.costs import device_costs, gemm_stats, parse_format, predict
+from ticketc.compile.costs import (
+    device_costs,
+    gemm_stats,
+    parse_format,
+    predict,
+    predict_chain,
+)
 from ticketc.errors import UserError
 
 
@@ -167,3 +173,46 @@ def test_filter_fn_keeps_layers_dense():
 def test_config_names_the_bad_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CompileConfig(**kwargs)
+
+
+def _lenet(density: float) -> nn.Sequential:
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+        nn.Linear(100, 10),
+    )
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model[1], model[3], model[5]:
+            layer.weight.mul_(torch.rand(layer.weight.shape, generator=g) < density)
+    return model
+
+
+def test_linear_runs_follow_the_sequential():
+    model = nn.Sequential(
+        nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.ReLU(), nn.Linear(5, 4),
+        nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2), nn.Linear(9, 2),
+        nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)),
+    )
+    assert tc.planner.linear_runs(model) == [["0", "2"], ["5", "6"], ["10.0", "10.1"]]
+
+
+@pytest.mark.parametrize("batch", [1, 16, 64])
+def test_a_sparse_chain_is_planned_csr_at_any_batch(batch):
+    plan = make_plan(_lenet(0.036), None, CompileConfig(batch_size=batch, dead_units=False))
+    assert [lp.format for lp in plan.layers] == ["csr", "csr", "csr"]
+    assert all("csr chain of 3 layers" in lp.reason for lp in plan.layers) or batch >= 64
+
+
+def test_chain_is_not_planned_where_dense_is_predicted_faster():
+    plan = make_plan(_lenet(1.0), None, CompileConfig(batch_size=1, dead_units=False))
+    assert [lp.format for lp in plan.layers] == ["dense", "dense", "dense"]
+
+
+def test_chain_prediction_mirrors_the_runtime_rule():
+    costs = device_costs("cpu", torch.float32)
+    small = [gemm_stats(torch.rand(300, 784) < 0.036, n, 4) for n in (1,)]
+    assert predict_chain(small * 2, costs) is not None  # little work: a chain at batch 1
+    big = [gemm_stats(torch.rand(2000, 2000) < 0.1, 16, 4)] * 2
+    assert predict_chain(big, costs) is None  # much work below NUMBA_MIN_BATCH: layer by layer
+    assert predict_chain(big[:1], costs) is None  # one layer is no chain
+    assert predict_chain(big, device_costs("cuda", torch.float16)) is None

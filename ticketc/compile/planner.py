@@ -24,6 +24,7 @@ from ticketc.compile.costs import (
     device_costs,
     gemm_stats,
     predict,
+    predict_chain,
 )
 from ticketc.compile.modules import _block_diagonal, sparse_module
 from ticketc.compile.plan import LayerPlan, Plan, apply_overrides, read_plan
@@ -44,6 +45,7 @@ def make_plan(
     shapes = trace_shapes(model, example_input)
     itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
     layers: list[LayerPlan] = []
+    gemms: dict[str, Gemm] = {}
     for name, layer in model.named_modules():
         if not isinstance(layer, LAYERS):
             continue
@@ -67,6 +69,9 @@ def make_plan(
         else:
             lp = _choose(lp, config.min_speedup)
         layers.append(lp)
+        gemms[name] = g
+    if not config.tune and config.filter_fn is None:
+        layers = _plan_chains(model, layers, gemms, costs, config.min_speedup)
     plan = Plan(
         device=config.device,
         dtype=config.dtype,
@@ -93,6 +98,64 @@ def _feature_major_after(previous: LayerPlan, layer: Layer, costs: DeviceCosts) 
         and m == layer.in_features
         and costs.cost("csr", n).per_input_s > 0  # that kernel transposes its input
     )
+
+
+def _plan_chains(
+    model: nn.Module,
+    layers: list[LayerPlan],
+    gemms: dict[str, Gemm],
+    costs: DeviceCosts,
+    min_speedup: float,
+) -> list[LayerPlan]:
+    """Make each run of Linear layers csr where running them as one chain is predicted faster
+    than the layer-by-layer plan and than dense by `min_speedup` (a chain saves the per-layer
+    overhead that prices a small layer out of csr on its own)."""
+    by_name = {lp.name: i for i, lp in enumerate(layers)}
+    for run in linear_runs(model):
+        idx = [by_name[name] for name in run]
+        chain = predict_chain([gemms[name] for name in run], costs)
+        if chain is None:
+            continue
+        planned = sum(layers[i].predicted_us[layers[i].format] for i in idx) * 1e-6
+        dense = sum(layers[i].predicted_us["dense"] for i in idx) * 1e-6
+        if chain >= planned or chain * min_speedup > dense:
+            continue
+        reason = (
+            f"csr chain of {len(run)} layers predicted {chain * 1e6:.1f} us, layer by layer "
+            f"{planned * 1e6:.1f} us, dense {dense * 1e6:.1f} us"
+        )
+        for i in idx:
+            layers[i] = replace(layers[i], format="csr", reason=reason)
+    return layers
+
+
+def linear_runs(model: nn.Module) -> list[list[str]]:
+    """Names of the Linear layers that follow one another in an nn.Sequential, with at most a
+    ReLU between and matching widths: the runs CsrSequential executes as one chain when all
+    are csr. Only runs of two or more."""
+    runs: list[list[str]] = []
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        run: list[str] = []
+        last: nn.Linear | None = None
+        relu = False
+        for child_name, child in seq.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            if type(child) is nn.ReLU and last is not None and not relu:
+                relu = True
+                continue
+            if isinstance(child, nn.Linear) and (
+                last is None or last.out_features == child.in_features
+            ):
+                run, last, relu = run + [name], child, False
+                continue
+            runs.append(run)
+            run, last, relu = (
+                ([name], child, False) if isinstance(child, nn.Linear) else ([], None, False)
+            )
+        runs.append(run)
+    return [r for r in runs if len(r) >= 2]
 
 
 def _choose(lp: LayerPlan, min_speedup: float) -> LayerPlan:
