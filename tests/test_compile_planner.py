@@ -216,3 +216,11 @@ def test_chain_prediction_mirrors_the_runtime_rule():
     assert predict_chain(big, costs) is None  # much work below NUMBA_MIN_BATCH: layer by layer
     assert predict_chain(big[:1], costs) is None  # one layer is no chain
     assert predict_chain(big, device_costs("cuda", torch.float16)) is None
+
+
+def test_chain_leaves_filtered_layers_dense():
+    config = CompileConfig(
+        batch_size=1, dead_units=False, filter_fn=lambda module, name: name != "3"
+    )
+    plan = make_plan(_lenet(0.036), None, config)
+    assert plan.layers[1].format == "dense" and plan.layers[1].reason == "kept dense by filter_fn"

@@ -30,6 +30,7 @@ from ticketc.compile.modules import _block_diagonal, sparse_module
 from ticketc.compile.plan import LayerPlan, Plan, apply_overrides, read_plan
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+FILTERED = "kept dense by filter_fn"
 Layer = nn.Linear | nn.Conv1d | nn.Conv2d
 
 
@@ -63,15 +64,14 @@ def make_plan(
             predicted_us={f: round(t * 1e6, 3) for f, t in predicted.items()},
         )
         if config.filter_fn is not None and not config.filter_fn(layer, name):
-            lp = replace(lp, reason="kept dense by filter_fn")
+            lp = replace(lp, reason=FILTERED)
         elif config.tune:
             lp = _tune(lp, layer, shapes.get(name), config)
         else:
             lp = _choose(lp, config.min_speedup)
         layers.append(lp)
         gemms[name] = g
-    if not config.tune and config.filter_fn is None:
-        layers = _plan_chains(model, layers, gemms, costs, config.min_speedup)
+    layers = _plan_chains(model, layers, gemms, costs, config.min_speedup)
     plan = Plan(
         device=config.device,
         dtype=config.dtype,
@@ -114,10 +114,12 @@ def _plan_chains(
     for run in linear_runs(model):
         idx = [by_name[name] for name in run]
         chain = predict_chain([gemms[name] for name in run], costs)
-        if chain is None:
+        if chain is None or any(layers[i].reason == FILTERED for i in idx):
             continue
-        planned = sum(layers[i].predicted_us[layers[i].format] for i in idx) * 1e-6
-        dense = sum(layers[i].predicted_us["dense"] for i in idx) * 1e-6
+        # per layer: measured times where tuned, else predicted
+        times = [layers[i].measured_us or layers[i].predicted_us for i in idx]
+        planned = sum(t[layers[i].format] for t, i in zip(times, idx, strict=True)) * 1e-6
+        dense = sum(t["dense"] for t in times) * 1e-6
         if chain >= planned or chain * min_speedup > dense:
             continue
         reason = (
