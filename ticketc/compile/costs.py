@@ -53,6 +53,7 @@ class FormatCost:
     flop_rate: float  # FLOP/s on the work the format does
     per_output_s: float = 0.0  # per output element (CPU CSR pays transposes and accumulators)
     per_input_s: float = 0.0  # per input element (CPU CSR from Numba transposes its input)
+    per_entry_s: float = 0.0  # per stored weight, on every thread (CPU chain: index, loop)
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,10 @@ def _cpu(dtype: torch.dtype) -> DeviceCosts:
     # (larger batches): 30-40 GFLOP/s per thread plus ~6 us per call, ~0.3 ns per output and
     # ~0.4 ns per input element (the transpose into feature-major order; none when the input
     # already is, as after a CSR layer). A chain of CSR layers run as one call
-    # (ticketc.kernels.csr_cpu.CsrChain): ~15 us per chain (Python, dispatch, allocation;
-    # Lenet-300-100 at 3.6 %: ~50 us for the chain at batch 64, ~32 us at batch 1).
+    # (ticketc.kernels.csr_cpu.CsrChain): ~15 us per chain (Python, dispatch, allocation)
+    # and ~1.8 ns per stored weight whatever the batch, which every thread pays for its own
+    # columns (Lenet-300-100 at batch 1: ~32 us at 3.6 %, ~113 us at 20 % against ~55 us
+    # dense; at 3.6 %, batch 64: ~50 us at 2 threads).
     threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
     # Half types on CPU: matmuls run far below fp32 speed and the CSR op upcasts the values on
     # every call; scale everything down and let tuning decide.
@@ -107,7 +110,10 @@ def _cpu(dtype: torch.dtype) -> DeviceCosts:
                 FormatCost(6e-6, 30e9 * threads * slow, per_output_s=0.3e-9, per_input_s=0.4e-9),
             )
         },
-        chain=FormatCost(15e-6, 30e9 * threads * slow, per_output_s=0.3e-9, per_input_s=0.4e-9),
+        chain=FormatCost(
+            15e-6, 30e9 * threads * slow, per_output_s=0.3e-9, per_input_s=0.4e-9,
+            per_entry_s=1.8e-9,
+        ),
     )
 
 
@@ -206,7 +212,10 @@ def predict_chain(gemms: list[Gemm], costs: DeviceCosts) -> float | None:
     return (
         cost.overhead_s
         + n * gemms[0].k * cost.per_input_s
-        + sum(2 * g.n * g.nnz / cost.flop_rate + g.n * g.m * cost.per_output_s for g in gemms)
+        + sum(
+            g.nnz * (cost.per_entry_s + 2 * g.n / cost.flop_rate) + g.n * g.m * cost.per_output_s
+            for g in gemms
+        )
     )
 
 
