@@ -175,21 +175,15 @@ def _chain_columns(x, feature_major, crows, cols, values, biases, relus, out, lo
     side = 1
     last = len(crows) - 1
     for layer in range(last + 1):
-        crow, col, vals, bias, relu = (
-            crows[layer],
-            cols[layer],
-            values[layer],
-            biases[layer],
-            relus[layer],
-        )
+        crow, col, vals = crows[layer], cols[layer], values[layer]
         rows = crow.shape[0] - 1
         if layer == last:
             for m in range(rows):
-                _csr_row(out[m, lo:hi], a, crow, col, vals, bias, m, relu)
+                _csr_row(out[m, lo:hi], a, crow, col, vals, biases[layer], m, relus[layer])
         else:
             dst = scratch[side, : rows * w].reshape(rows, w)
             for m in range(rows):
-                _csr_row(dst[m], a, crow, col, vals, bias, m, relu)
+                _csr_row(dst[m], a, crow, col, vals, biases[layer], m, relus[layer])
             a, side = dst, 1 - side
 
 
@@ -200,19 +194,9 @@ def _chain_by_columns(x, feature_major, crows, cols, values, biases, relus, out,
     n = out.shape[1]
     for c in numba.prange(-(-n // chunk)):
         lo = c * chunk
-        _chain_columns(
-            x,
-            feature_major,
-            crows,
-            cols,
-            values,
-            biases,
-            relus,
-            out,
-            lo,
-            min(n, lo + chunk),
-            scratch[c],
-        )
+        hi = min(n, lo + chunk)
+        _chain_columns(x, feature_major, crows, cols, values, biases, relus, out, lo, hi,
+                       scratch[c])
 
 
 @numba.njit(nogil=True, fastmath=_FLAGS, cache=True)
@@ -237,17 +221,11 @@ def _chain_by_rows(x, feature_major, crows, cols, values, biases, relus, out, sc
     side = 1
     last = len(crows) - 1
     for layer in range(last + 1):
-        crow, col, vals, bias, relu = (
-            crows[layer],
-            cols[layer],
-            values[layer],
-            biases[layer],
-            relus[layer],
-        )
+        crow, col, vals = crows[layer], cols[layer], values[layer]
         rows = crow.shape[0] - 1
         dst = out if layer == last else scratch[side, : rows * n].reshape(rows, n)
         for m in numba.prange(rows):
-            _csr_row(dst[m], a, crow, col, vals, bias, m, relu)
+            _csr_row(dst[m], a, crow, col, vals, biases[layer], m, relus[layer])
         a, side = dst, 1 - side
 
 
