@@ -335,3 +335,17 @@ def test_chain_falls_back_to_the_layers_off_its_fast_path(tmp_path):
         _close(compiled(x.double()), model.double()(x.double()), torch.float32)
     with pytest.raises(ValueError, match="x has 400 features, the weight takes 40"):
         compiled(x.reshape(4, 10, 40))  # the layer's own error, not the chain's
+
+
+def test_only_dense_linears_fed_by_csr_become_dense_linear(tmp_path):
+    model = _prune(nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 10), nn.Linear(10, 4)), 0.3)
+    x = torch.randn(64, 30)
+    dense = tc.compile(model, CompileConfig(formats=()), example_input=x)
+    assert [type(m) for m in dense] == [nn.Linear] * 3  # exactly the dense model's modules
+    plan = plan_of(dense).to_json()
+    plan["layers"][0]["format"] = "csr"
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    mixed = tc.compile(model, CompileConfig(plan_path=str(tmp_path / "plan.json")), example_input=x)
+    assert [type(m) for m in mixed] == [SparseLinear, DenseLinear, nn.Linear]
+    with torch.no_grad():
+        _close(mixed(x), model(x), torch.float32)

@@ -53,17 +53,21 @@ def compile(
 
 
 def lower_(model: nn.Module, plan: Plan) -> None:
-    """Swap every layer the plan makes sparse for its sparse module, in place; dense Linear
-    layers become DenseLinear (same parameters), which also reads feature-major inputs fast."""
+    """Swap every layer the plan makes sparse for its sparse module, in place; a dense Linear
+    after a csr layer becomes DenseLinear (same parameters), which also reads the feature-major
+    output of the CPU csr kernels fast. Other dense layers stay as they are: DenseLinear's
+    layout check costs ~1 us a call, a few % of a small dense model."""
     device = next((b.device for b in model.parameters()), torch.device(plan.device))
+    previous = "dense"
     for lp in plan.layers:
         parent, _, attr = lp.name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         layer = getattr(owner, attr)
         if lp.format != "dense":
             setattr(owner, attr, sparse_module(layer, lp.format, device=device))
-        elif type(layer) is nn.Linear:
+        elif type(layer) is nn.Linear and previous == "csr":
             setattr(owner, attr, DenseLinear.from_linear(layer))
+        previous = lp.format
     fuse_relu_(model)
     chain_csr_(model)
     setattr(model, PLAN_ATTR, plan)

@@ -71,7 +71,8 @@ def make_plan(
             lp = _choose(lp, config.min_speedup)
         layers.append(lp)
         gemms[name] = g
-    layers = _plan_chains(model, layers, gemms, costs, config.min_speedup)
+    if "csr" in config.formats:
+        layers = _plan_chains(model, layers, gemms, costs, config.min_speedup)
     plan = Plan(
         device=config.device,
         dtype=config.dtype,
