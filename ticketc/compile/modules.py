@@ -250,7 +250,8 @@ class CsrSequential(nn.Sequential):
     batch 64, 2 threads, ~100 us per layer-by-layer pass against ~50 us as one chain. Chains
     of at least NUMBA_MIN_BATCH rows, or of little work (where overhead dominates), run so;
     others layer by layer (MKL's small-batch products win on large layers). Under
-    torch.compile, torch.export or on other devices and dtypes: plain nn.Sequential.
+    torch.compile, torch.export or on other devices and dtypes: plain nn.Sequential. Layers
+    run in a chain are not called as modules: their forward hooks do not fire there.
     """
 
     def forward(self, x: Tensor) -> Tensor:
