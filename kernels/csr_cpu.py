@@ -9,6 +9,9 @@ a loop over the batch that compiles to vector FMAs. Pseudo-code of `csr_matmul_t
         for j in crow[m] .. crow[m + 1]:             # (eight entries per pass)
             out[m, :] += values[j] * xt[col[j], :]
 
+`CsrChain` runs consecutive layers this way in one call (inference: bias, ReLU fused), the
+activations staying feature-major in a scratch buffer from layer to layer.
+
 The weight gradient at the stored entries (`csr_sampled_grad`) is one dot product over the
 batch per entry: grad[j] = g_t[m, :] · xt[col[j], :]. Rows of a stacked model (G members, each
 with M / G rows) read their own member's xt; a shared xt ([1, K, N]) serves every member.
@@ -352,8 +355,8 @@ class CsrChain:
             tuple(bool(r) for r in relus),
         )
         self._nnz = sum(w.col.shape[0] for w in layers)
-        self._width = max(w.in_features for w in layers)  # widest activation a layer reads
-        self._width = max(self._width, *(w.out_features for w in layers))
+        # the widest activation a chunk holds: an input or output of some layer
+        self._width = max(max(w.in_features, w.out_features) for w in layers)
 
     def __call__(self, x: Tensor) -> Tensor:
         """x [N, K] fp32, batch-major or feature-major (x.t() contiguous, read in place);

@@ -43,7 +43,7 @@ Which op where (CUDA; measure with benchmarks/kernels_bench.py, the planner deci
 csr_linear for batch 1..~32 (CUDA-core gather kernel, reads each nonzero once: the batch-1
 path); tiled_linear for larger batches on unstructured masks at moderate density (tensor
 cores, loads ~density x dense bytes + 1 bit per weight); bsr_linear for block-pruned masks
-(tensor cores, blocks 16/32/64/128). On CPU csr_linear runs MKL (mv at batch 1); tiled_linear
+(tensor cores, blocks 16/32/64/128). On CPU csr_linear runs Numba or MKL (see above); tiled_linear
 has only the reference (it decodes the tiles on every call): do not plan it for CPU.
 
 Masks: by default an entry is kept when it is nonzero; pass `mask` (bool, same shape) to keep
@@ -512,6 +512,12 @@ NUMBA_MIN_BATCH = 32
 # this runs as one Numba call at any batch: per-layer overhead outweighs the products there
 # (Lenet-300-100 at 3.6 %, 2 threads: batch 1 ~32 us as a chain vs ~49 layer by layer).
 NUMBA_SMALL_WORK = 1 << 18
+
+
+def runs_as_chain(n: int, nnz: int) -> bool:
+    """Whether CSR layers with `nnz` stored weights in all run as one Numba chain at batch n
+    (else layer by layer): the one rule the runtime follows and the planner prices."""
+    return n >= NUMBA_MIN_BATCH or n * nnz < NUMBA_SMALL_WORK
 
 
 def _csr_cpu() -> Any:

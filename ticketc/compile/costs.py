@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ticketc.compile.config import BSR_BLOCKSIZES
-from ticketc.ops import NUMBA_MIN_BATCH, NUMBA_SMALL_WORK
+from ticketc.ops import NUMBA_MIN_BATCH, runs_as_chain
 
 TILE = 32  # tiled format: 32 x 32 bitmap tiles (tile_m = 32)
 
@@ -206,8 +206,7 @@ def predict_chain(gemms: list[Gemm], costs: DeviceCosts) -> float | None:
     device has no such kernel or the runtime would run them layer by layer (see
     ticketc.compile.modules.CsrSequential)."""
     cost, n = costs.chain, gemms[0].n
-    work = n * sum(g.nnz for g in gemms)
-    if cost is None or len(gemms) < 2 or (n < NUMBA_MIN_BATCH and work >= NUMBA_SMALL_WORK):
+    if cost is None or len(gemms) < 2 or not runs_as_chain(n, sum(g.nnz for g in gemms)):
         return None
     return (
         cost.overhead_s

@@ -275,7 +275,7 @@ class CsrSequential(nn.Sequential):
             or len(run) == 1
             or x.shape[1] != run[0].in_features
             or layers[0].values.dtype != torch.float32
-            or (n < ops.NUMBA_MIN_BATCH and n * sum(c.nnz for c in layers) >= ops.NUMBA_SMALL_WORK)
+            or not ops.runs_as_chain(n, sum(c.nnz for c in layers))
         ):
             for m in run:
                 x = m(x)
