@@ -1,4 +1,6 @@
-"""Small architectures the tests reference as `tests.models_for_tests:NAME` (via --arch)."""
+"""Small architectures the tests reference as `tests.models_for_tests:NAME` (via --arch), and
+pruning helpers. They cover what torch.onnx rewrites on the way: BatchNorm folded into convs
+(with a zero gamma), tied weights, LSTM / GRU gates, ConvTranspose, dict outputs."""
 
 from __future__ import annotations
 
@@ -27,6 +29,126 @@ def tiny_conv1d() -> nn.Sequential:
     return nn.Sequential(nn.Conv1d(3, 6, 5, padding=2), nn.ReLU(), nn.Conv1d(6, 2, 1, bias=False))
 
 
+class BasicBlock(nn.Module):
+    """A ResNet basic block (conv-BN-ReLU-conv-BN + identity), as torchvision writes it."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(x + y)
+
+
+class ResNetTiny(nn.Module):
+    """Stem conv-BN, two basic blocks (the second's last BN with gamma = 0, as timm's
+    zero_init_last), a depthwise conv, pooling and a classifier; BatchNorm statistics are
+    non-trivial (running_var up to 4, nonzero means), so folding them changes every weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.blocks = nn.Sequential(BasicBlock(8), BasicBlock(8))
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 5)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.copy_(0.5 * torch.randn(m.num_features, generator=generator))
+                    var = 0.25 + 3.75 * torch.rand(m.num_features, generator=generator)
+                    m.running_var.copy_(var)
+                    m.weight.copy_(1 + 0.5 * torch.randn(m.num_features, generator=generator))
+                    m.bias.copy_(0.2 * torch.randn(m.num_features, generator=generator))
+            self.blocks[1].bn2.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(torch.relu(self.bn(self.stem(x))))
+        return self.fc(self.depthwise(x).mean((2, 3)))
+
+
+class TiedLM(nn.Module):
+    """Embedding -> Linear -> a head sharing the embedding's weight (as GPT-2 ties lm_head)."""
+
+    def __init__(self, vocab: int = 50, width: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+
+class Recurrent(nn.Module):
+    """LSTM then GRU over a sequence (batch first), and a linear read-out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 12, batch_first=True)
+        self.gru = nn.GRU(12, 8, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.gru(self.lstm(x)[0])
+        return self.out(y)
+
+
+class Upsampler(nn.Module):
+    """Conv -> ConvTranspose (stride 2) -> Conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.up(torch.relu(self.down(x)))))
+
+
+class DictOutput(nn.Module):
+    """Returns a dict with a nested tuple: {"logits": ..., "extra": (hidden, scores)}, and
+    uses a plain nn.Parameter matrix besides its layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(10, 12)
+        self.proj = nn.Parameter(torch.randn(12, 7))
+        self.head = nn.Linear(7, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, object]:
+        hidden = torch.relu(self.fc(x))
+        scores = hidden @ self.proj
+        return {"logits": self.head(scores), "extra": (hidden, scores)}
+
+
+def resnet_tiny() -> nn.Module:
+    return ResNetTiny()
+
+
+def tied_lm() -> nn.Module:
+    return TiedLM()
+
+
+def recurrent() -> nn.Module:
+    return Recurrent()
+
+
+def upsampler() -> nn.Module:
+    return Upsampler()
+
+
+def dict_output() -> nn.Module:
+    return DictOutput()
+
+
 @torch.no_grad()
 def prune_random_(model: nn.Module, density: float, seed: int = 0) -> None:
     """Zero all but ~`density` of each Linear/Conv weight (random positions)."""
@@ -35,3 +157,22 @@ def prune_random_(model: nn.Module, density: float, seed: int = 0) -> None:
         if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d):
             keep = torch.rand(m.weight.shape, generator=generator) < density
             m.weight.mul_(keep)
+
+
+def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, name) of every weight of rank >= 2 a module owns directly: what a user hands to
+    torch.nn.utils.prune.global_unstructured (Linear, Conv*, Embedding, LSTM/GRU weights,
+    plain Parameters). A tied weight appears under each module that holds it."""
+    return [
+        (module, name)
+        for module in model.modules()
+        for name, p in module.named_parameters(recurse=False)
+        if p.dim() >= 2
+    ]
+
+
+def prune_global_(model: nn.Module, amount: float) -> None:
+    """Global L1 unstructured pruning, hooks left on (prune.remove them to fold)."""
+    from torch.nn.utils import prune
+
+    prune.global_unstructured(prunable(model), prune.L1Unstructured, amount=amount)

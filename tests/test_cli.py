@@ -121,7 +121,7 @@ def test_no_pruned_layer_exports_and_says_so(tmp_path, capsys):
     assert (
         main(["export", str(tmp_path / "dense.pt"), "--arch", ARCH, "--input-shape", "1,20"]) == 0
     )
-    assert "no pruned layer" in capsys.readouterr().out
+    assert "no zeros in any weight" in capsys.readouterr().out
     assert (tmp_path / "dense.onnx").exists()
 
 
@@ -257,6 +257,7 @@ def test_inspect_shows_the_plan_of_a_compiled_model(tmp_path, state_dict_file, c
 def test_positions_choice_is_honoured(tmp_path, state_dict_file, capsys):
     out = tmp_path / "m.onnx"
     assert main(["export", str(state_dict_file), "--arch", ARCH, "--input-shape", "1,20",
-                 "--positions", "gap8", "-o", str(out), "--json"]) == 0
+                 "--positions", "bitmask", "-o", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert all(layer["codec"].startswith("gap8+") for layer in report["layers"])
+    stored = [layer for layer in report["layers"] if layer["codec"] != layer["dtype"]]
+    assert stored and all(layer["codec"].startswith("bitmask+") for layer in stored)

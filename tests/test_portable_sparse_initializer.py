@@ -70,8 +70,10 @@ def test_bad_arguments_name_the_offending_value():
         to_sparse_initializer(model, {"nope": torch.zeros(1)})
     with pytest.raises(ValueError, match="fc1.weight"):
         to_sparse_initializer(model, {"fc1.weight": torch.zeros(3, 3)})
-    with pytest.raises(TypeError, match="ndarray"):
-        to_sparse_initializer(model, {"fc1.weight": np.zeros((20, 64), np.float32)})
+    with pytest.raises(TypeError, match="list"):
+        to_sparse_initializer(model, {"fc1.weight": [0.0] * 20})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="fc1.weight"):
+        to_sparse_initializer(model, {"fc1.weight": np.zeros((20, 64), np.float64)})
 
 
 def test_the_input_model_is_left_untouched():

@@ -99,7 +99,7 @@ def inspect_file(
         if plan is not None:  # compiled by ticketc: the sparse modules hold no dense weight
             return Inspection(str(p), "compiled", [], plan)
     if p.suffix == ".onnx":
-        return Inspection(str(p), "onnx", [layer_stats(n, w) for n, w in onnx_weights(p).items()])
+        return Inspection(str(p), "onnx", onnx_layers(p))
     from ticketc.load import load_model
 
     loaded = load_model(p, arch=arch, trust_pickle=trust_pickle, mask_path=mask_path)
@@ -107,59 +107,98 @@ def inspect_file(
     return Inspection(str(p), "model", [layer_stats(n, params[n]) for n in loaded.masks])
 
 
-def onnx_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The weight matrices of an ONNX file as dense tensors, whatever form they are stored in."""
+def _stats(
+    name: str, mask: torch.Tensor, nnz: int, itemsize: int, codec: str, nbytes: int
+) -> LayerStats:
+    """Stats of a stored tensor from its positions (`mask`), its stored form and bytes."""
+    stats = layer_stats(name, mask.float())
+    numel = mask.numel()
+    return LayerStats(
+        name=name,
+        shape=tuple(mask.shape),
+        nnz=nnz,
+        density=nnz / max(numel, 1),
+        dense_bytes=itemsize * numel,
+        csr_bytes=stats.csr_bytes,
+        codec_bytes=nbytes,
+        codec=codec,
+        block_occupancy=stats.block_occupancy,
+    )
+
+
+def onnx_layers(path: Path) -> list[LayerStats]:
+    """Every weight of an ONNX file as it is stored: ticketc's compact groups (codec, bytes and
+    nnz read from their streams: positions, and the codes of dense-stored values), ONNX sparse
+    initializers, all-zero constants and plain float initializers of rank >= 2."""
     import onnx
     from onnx import numpy_helper
 
+    from ticketc.export.onnx_export import read_metadata
+    from ticketc.export.onnx_in import load_onnx
+    from ticketc.export.portable import read_portable
+
+    model = load_onnx(path)
+    meta = read_metadata(model) or {}
+    layers: list[LayerStats] = []
+    stored: set[str] = set()
     try:
-        model = onnx.load(str(path))
-    except Exception as e:  # noqa: BLE001 - protobuf errors on corrupt files
-        raise UserError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:200]})") from e
-    graph = model.graph
-    weights: dict[str, np.ndarray] = {}
-    consumers = {"Gemm", "MatMul", "Conv"}
-    used_as_weight = {
-        name for node in graph.node if node.op_type in consumers for name in node.input[1:2]
-    }
-    for init in graph.initializer:
-        if init.name in used_as_weight and len(init.dims) >= 2:
-            weights[init.name] = numpy_helper.to_array(init)
-    for sparse in graph.sparse_initializer:
-        dense = np.zeros(int(np.prod(sparse.dims)), dtype=np.float32)
-        dense[numpy_helper.to_array(sparse.indices).reshape(-1)] = numpy_helper.to_array(
-            sparse.values
-        )
-        weights[sparse.values.name] = dense.reshape(tuple(sparse.dims))
-    weights.update(_decode_portable(model))
-    return {name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in weights.items()}
+        groups = read_portable(model, dict(meta.get("groups") or {}))
+    except ValueError as e:
+        raise UserError(f"{path}: its ticketc streams are malformed ({e})") from e
+    for group in groups:
+        c = group.compact
+        index = c.linear_indices()
+        nnz, shares = c.nnz(), c.nbytes_per_tensor()
+        itemsize = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}[group.out_kind]
+        codec = f"{c.positions_kind}+{c.values_kind}"
+        for t, (name, shape) in enumerate(zip(group.names, c.shapes, strict=True)):
+            start, numel = int(c.offsets[t]), int(np.prod(shape))
+            mask = np.zeros(numel, dtype=bool)
+            mine = index[(index >= start) & (index < start + numel)] - start
+            mask[mine] = True
+            tensor = torch.from_numpy(mask.reshape(shape))
+            layers.append(_stats(name, tensor, int(nnz[t]), itemsize, codec, round(shares[t])))
+            stored.update(group.names)
+    for sparse in model.graph.sparse_initializer:
+        indices = numpy_helper.to_array(sparse.indices).reshape(-1)
+        mask = np.zeros(int(np.prod(sparse.dims)), dtype=bool)
+        mask[indices] = True
+        values = numpy_helper.to_array(sparse.values)
+        nbytes = indices.nbytes + values.nbytes
+        tensor = torch.from_numpy(mask.reshape(tuple(sparse.dims)))
+        name = sparse.values.name
+        layers.append(_stats(name, tensor, indices.size, values.itemsize, "coo-int64", nbytes))
+        stored.add(name)
+    for node in model.graph.node:
+        if node.op_type == "ConstantOfShape" and node.output[0] in (meta.get("layers") or {}):
+            dims = [i for i in model.graph.initializer if i.name == node.input[0]]
+            if dims:
+                shape = tuple(int(d) for d in numpy_helper.to_array(dims[0]))
+                zeros = torch.zeros(shape, dtype=torch.bool)
+                layers.append(_stats(node.output[0], zeros, 0, 4, "zeros", 0))
+                stored.add(node.output[0])
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    floats.add(onnx.TensorProto.BFLOAT16)
+    for init in model.graph.initializer:
+        if init.name in stored or init.data_type not in floats or len(init.dims) < 2:
+            continue
+        array = numpy_helper.to_array(init)
+        nonzero = torch.from_numpy(np.asarray(array != 0))
+        kind, nbytes = str(array.dtype), array.nbytes
+        count = int(nonzero.sum())
+        layers.append(_stats(init.name, nonzero, count, array.itemsize, f"dense {kind}", nbytes))
+    return layers
 
 
-def _decode_portable(model) -> dict[str, np.ndarray]:  # model: onnx.ModelProto
-    """Run only the ticketc decode nodes of a portable file, in onnxruntime."""
-    import onnx
-    import onnxruntime as ort
+def decoded_weights(path: Path) -> dict[str, np.ndarray]:
+    """The compactly stored weights of a ticketc ONNX file, decoded by onnxruntime (bf16 as
+    float32), keyed by initializer name."""
+    from ticketc.export.decode import decode_in_onnxruntime
+    from ticketc.export.onnx_export import read_metadata
+    from ticketc.export.onnx_in import load_onnx
+    from ticketc.export.portable import read_portable
 
-    nodes = [n for n in model.graph.node if n.domain == "ticketc"]
-    if not nodes:
-        return {}
-    needed = {i for n in nodes for i in n.input}
-    graph = onnx.helper.make_graph(
-        nodes,
-        "decode",
-        [],
-        [
-            onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)
-            for n in nodes
-        ],
-        [init for init in model.graph.initializer if init.name in needed],
-    )
-    decode = onnx.helper.make_model(
-        graph,
-        opset_imports=model.opset_import,
-        functions=model.functions,
-        ir_version=model.ir_version,
-    )
-    session = ort.InferenceSession(decode.SerializeToString(), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {})
-    return {n.output[0]: out for n, out in zip(nodes, outputs, strict=True)}
+    model = load_onnx(path)
+    groups = read_portable(model, dict((read_metadata(model) or {}).get("groups") or {}))
+    names = [name for group in groups for name in group.names]
+    return decode_in_onnxruntime(model, names) if names else {}

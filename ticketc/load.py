@@ -10,7 +10,6 @@ Accepted inputs:
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import pickle
 import zipfile
@@ -24,13 +23,20 @@ from torch import nn
 from ticketc.checkpoint import Ticket, is_ticket
 from ticketc.errors import UserError
 from ticketc.factory import resolve
-from ticketc.masks import Masks, apply_masks_, load_mask_file, resolve_masks, strip_pruning_
+from ticketc.masks import (
+    Masks,
+    apply_masks_,
+    load_mask_file,
+    resolve_masks,
+    strip_pruning_,
+    without_wrapper_prefix,
+)
 
 
 @dataclass
 class LoadedModel:
     model: nn.Module  # eval mode, hooks and parametrizations removed, weights multiplied by masks
-    masks: Masks  # parameter name -> bool mask, one per prunable (Linear / Conv) weight
+    masks: Masks  # parameter name -> bool mask, one per weight (parameters of rank >= 2)
     source: str  # "ticket" | "state_dict" | "pickle" | "export"
     example_input: torch.Tensor | None = None  # when the file or the architecture tells the shape
     arch: str | None = None
@@ -201,6 +207,10 @@ def _normalise_state_dict(
 
 
 def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], p: Path) -> None:
+    own = set(model.state_dict(keep_vars=True))
+    renamed = without_wrapper_prefix(list(state), own)
+    state = {renamed[k]: v for k, v in state.items()}
+    untie_differing_(model, state)
     result = model.load_state_dict(state, strict=False)
     problems = []
     if result.missing_keys:
@@ -209,6 +219,34 @@ def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], p: Path) 
         problems.append(f"unexpected {', '.join(result.unexpected_keys[:5])}")
     if problems:
         raise UserError(f"{p}: weights do not match the architecture ({'; '.join(problems)})")
+
+
+def untie_differing_(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Give each name of a shared parameter its own tensor where `state` holds different values
+    for them, in place; returns the names untied.
+
+    The architecture may tie two weights (GPT-2's lm_head and wte) that the file no longer
+    holds equal: pruning one of them with torch.nn.utils.prune and then `prune.remove` leaves
+    two tensors. Loading both into one shared tensor would silently keep only the last.
+    """
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    untied = []
+    for names in groups.values():
+        present = [n for n in names if n in state]
+        if len(present) < 2:
+            continue
+        first = state[present[0]]
+        for name in present[1:]:
+            if state[name].shape == first.shape and torch.equal(state[name], first):
+                continue
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            shared = getattr(module, attr)
+            setattr(module, attr, nn.Parameter(shared.detach().clone(), shared.requires_grad))
+            untied.append(name)
+    return untied
 
 
 def _example_input(arch: str, kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -228,17 +266,6 @@ def check_finite(model: nn.Module) -> None:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise UserError(f"parameter {name!r} holds {bad} NaN or Inf value(s)")
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """ "1,3,32,32" -> (1, 3, 32, 32)."""
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
-    except ValueError:
-        raise UserError(f"input shape {text!r} is not a comma-separated list of integers") from None
-    if not shape or any(d <= 0 for d in shape) or math.prod(shape) > 2**31:
-        raise UserError(f"input shape {text!r} must be positive sizes")
-    return shape
 
 
 def load_sample(path: str | os.PathLike[str]) -> torch.Tensor:

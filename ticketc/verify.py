@@ -1,18 +1,28 @@
-"""Stage 4: run an exported ONNX file in onnxruntime and compare it with the PyTorch model."""
+"""Stage 4: run an exported ONNX file in onnxruntime and compare it with the PyTorch model (or,
+for an ONNX file rewritten by ticketc, with the original file)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ticketc.errors import UserError
+from ticketc.inputs import ExampleInputs, float_dtype, random_like
 
-#: Lossless exports must match PyTorch to this relative error (max |onnx - torch| / max |torch|).
+#: Lossless fp32 exports must match PyTorch to this relative error, max|onnx - torch| / max|torch|.
 FP32_RTOL = 1e-5
+#: The same for graphs that compute in another type: onnxruntime and torch round differently.
+OUTPUT_RTOL = {"float64": 1e-5, "float32": FP32_RTOL, "float16": 1e-2, "bfloat16": 5e-2}
+#: Batch size of the verification sample where the file's batch is dynamic (the example's is
+#: traced at 2), so a batch fixed by mistake shows.
+VERIFY_BATCH = 3
 
 
 @dataclass(frozen=True)
@@ -41,55 +51,169 @@ class Verification:
         return "; ".join(parts)
 
 
-def ort_session(path: str | os.PathLike[str]):  # -> onnxruntime.InferenceSession
+class RuntimeUnsupported(UserError):
+    """onnxruntime's CPU provider has no kernel for an operator at this type (e.g. bf16 Conv)."""
+
+
+def ort_session(path: str | os.PathLike[str] | bytes):  # -> onnxruntime.InferenceSession
+    """An onnxruntime CPU session; UserError (RuntimeUnsupported for a missing kernel) if the
+    file does not load."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
+    source = path if isinstance(path, bytes) else str(path)
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise UserError(f"{path}: onnxruntime cannot load it ({_first_line(e)})") from e
+        where = "the file" if isinstance(path, bytes) else path
+        message = f"{where}: onnxruntime cannot load it ({_first_line(e)})"
+        if (
+            "NOT_IMPLEMENTED" in str(e)
+            or "Could not find an implementation" in str(e)
+            or ("Type Error" in str(e) and "is invalid" in str(e))
+        ):
+            raise RuntimeUnsupported(message) from e
+        raise UserError(message) from e
 
 
-def run_onnx(path: str | os.PathLike[str], inputs: list[torch.Tensor]) -> list[np.ndarray]:
+def feed(session: Any, inputs: ExampleInputs) -> dict[str, np.ndarray]:
+    """onnxruntime's input dict: by name where the file's input names are the keyword inputs'
+    names, else in order (positional inputs, then keyword inputs)."""
+    ports = session.get_inputs()
+    names = [i.name for i in ports]
+    tensors = inputs.tensors()
+    if len(names) != len(tensors):
+        raise UserError(f"the ONNX file takes {len(names)} input(s), the sample has {len(tensors)}")
+    if not inputs.args and set(names) == set(inputs.kwargs):
+        tensors = [inputs.kwargs[n] for n in names]
+    # a float sample takes the file's float type (an fp16 file fed from an fp32 model's sample)
+    wanted = {
+        "tensor(float)": torch.float32,
+        "tensor(float16)": torch.float16,
+        "tensor(double)": torch.float64,
+        "tensor(bfloat16)": torch.bfloat16,
+    }
+    return {
+        port.name: _numpy(
+            t.to(wanted[port.type]) if t.is_floating_point() and port.type in wanted else t
+        )
+        for port, t in zip(ports, tensors, strict=True)
+    }
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def run_onnx(path: str | os.PathLike[str], inputs: ExampleInputs) -> list[np.ndarray]:
     session = ort_session(path)
-    names = [i.name for i in session.get_inputs()]
-    if len(names) != len(inputs):
-        raise UserError(f"{path} takes {len(names)} input(s), the sample has {len(inputs)}")
-    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
     try:
-        return list(session.run(None, feed))
+        return list(session.run(None, feed(session, inputs)))
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: onnxruntime failed on the sample ({_first_line(e)})") from e
+
+
+def flat_outputs(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output, flattened the way the export flattens them."""
+    return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
+def compare(
+    got: Sequence[np.ndarray], expected: Sequence[np.ndarray], names: Sequence[str]
+) -> list[OutputError]:
+    """Max absolute and relative error of every output; UserError if counts or shapes differ."""
+    if len(got) != len(expected):
+        raise UserError(f"the ONNX file has {len(got)} output(s), the reference {len(expected)}")
+    errors = []
+    for name, g, e in zip(names, got, expected, strict=True):
+        ref = np.asarray(e).astype(np.float64)
+        if g.shape != ref.shape:
+            raise UserError(
+                f"output {name}: onnxruntime gives {g.shape}, the reference {ref.shape}"
+            )
+        diff = np.abs(np.asarray(g).astype(np.float64) - ref)
+        diff[np.isnan(diff) & np.isnan(ref)] = 0.0
+        max_abs = float(diff.max()) if diff.size else 0.0
+        scale = float(np.abs(ref[np.isfinite(ref)]).max()) if np.isfinite(ref).any() else 0.0
+        errors.append(OutputError(name, max_abs, max_abs / scale if scale > 0 else max_abs))
+    return errors
+
+
+def sample_for(
+    session: Any, example: ExampleInputs, model: nn.Module | None = None, seed: int = 1
+) -> ExampleInputs:
+    """A random sample shaped like `example`, with batch VERIFY_BATCH where the file's batch is
+    dynamic."""
+    ports = session.get_inputs()
+    dynamic = [bool(p.shape) and not isinstance(p.shape[0], int) for p in ports]
+    by_name = dict(zip([p.name for p in ports], dynamic, strict=True))
+    keys: list[str | int] = [*range(len(example.args)), *example.kwargs]
+
+    def batch_of(key: str | int) -> bool:
+        if isinstance(key, str) and key in by_name:
+            return by_name[key]
+        position = keys.index(key)
+        return dynamic[position] if position < len(dynamic) else False
+
+    def size(key: str | int, axis: int, s: int) -> int:
+        return VERIFY_BATCH if axis == 0 and batch_of(key) else s
+
+    return random_like(example, model, seed=seed, sizes=size)
 
 
 @torch.no_grad()
 def verify(
     path: str | os.PathLike[str],
     model: nn.Module,
-    sample: torch.Tensor,
+    sample: ExampleInputs | torch.Tensor,
     tolerance: float | None,
 ) -> Verification:
     """Compare onnxruntime's outputs on `sample` with the PyTorch model's."""
-    expected = model(sample)
-    flat = list(expected) if isinstance(expected, tuple | list) else [expected]
-    got = run_onnx(path, [sample])
-    if len(got) != len(flat):
-        raise UserError(f"{path} has {len(got)} output(s), the model has {len(flat)}")
-    errors = []
-    for i, (g, e) in enumerate(zip(got, flat, strict=True)):
-        ref = e.detach().double().cpu().numpy()
-        if g.shape != ref.shape:
-            raise UserError(f"{path}: output {i} has shape {g.shape}, PyTorch gives {ref.shape}")
-        diff = np.abs(g.astype(np.float64) - ref)
-        max_abs = float(diff.max()) if diff.size else 0.0
-        scale = float(np.abs(ref).max()) if ref.size else 0.0
-        errors.append(OutputError(f"output{i}", max_abs, max_abs / scale if scale > 0 else max_abs))
-    return Verification(errors, tolerance, int(sample.shape[0]))
+    inputs = ExampleInputs.of(sample)
+    session = ort_session(path)
+    own = float_dtype(model)
+    expected = flat_outputs(inputs.map(lambda t: t.to(own) if t.is_floating_point() else t)(model))
+    try:
+        got = list(session.run(None, feed(session, inputs)))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: onnxruntime failed on the sample ({_first_line(e)})") from e
+    names = [o.name for o in session.get_outputs()]
+    errors = compare(
+        got, [_numpy(e.float() if e.dtype == torch.bfloat16 else e) for e in expected], names
+    )
+    return Verification(errors, tolerance, _batch(inputs))
+
+
+def verify_against_onnx(
+    path: str | os.PathLike[str],
+    reference: str | os.PathLike[str],
+    sample: ExampleInputs,
+    tolerance: float | None,
+) -> Verification:
+    """Compare onnxruntime's outputs on `sample` for two ONNX files (rewritten vs original)."""
+    session, original = ort_session(path), ort_session(reference)
+    try:
+        got = list(session.run(None, feed(session, sample)))
+        expected = list(original.run(None, feed(original, sample)))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: onnxruntime failed on the sample ({_first_line(e)})") from e
+    names = [o.name for o in session.get_outputs()]
+    return Verification(compare(got, expected, names), tolerance, _batch(sample))
+
+
+def _batch(inputs: ExampleInputs) -> int:
+    tensors = inputs.tensors()
+    return int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 1
 
 
 def random_sample(example: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A standard-normal tensor shaped like `example` (kept for callers of the single-input API)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(example.shape, generator=generator, dtype=example.dtype)
 

@@ -7,7 +7,15 @@ import argparse
 import torch
 
 from ticketc.errors import UserError
-from ticketc.load import LoadedModel, load_model, load_sample, parse_shape
+from ticketc.inputs import (
+    ExampleInputs,
+    example_inputs,
+    from_graph_module,
+    infer_example,
+    parse_input_spec,
+    parse_shape,
+)
+from ticketc.load import LoadedModel, load_model, load_sample
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") -> None:
@@ -29,10 +37,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") ->
     parser.add_argument(
         "--mask",
         metavar="MASKS.pt",
-        help="explicit masks: a torch file of parameter name -> bool tensor",
+        help="explicit masks: a torch file of parameter name -> bool tensor, or of layer -> "
+        "{tensor name -> mask} (as NNI writes)",
     )
     parser.add_argument(
-        "--input-shape", metavar="N,C,H,W", help="input shape, when the model file does not tell it"
+        "--input",
+        metavar="NAME:DTYPE:SHAPE",
+        action="append",
+        help="a model input, e.g. input_ids:int64:1,128 (repeat for several; NAME and DTYPE "
+        "may be left out: float32, positional). Batch and sequence axes are exported dynamic",
+    )
+    parser.add_argument(
+        "--input-shape", metavar="N,C,H,W", help="the shape of a single float input (as --input)"
     )
     parser.add_argument(
         "--sample",
@@ -47,23 +63,41 @@ def load_from_args(args: argparse.Namespace, path: str | None = None) -> LoadedM
     )
 
 
+def inputs_from_args(
+    args: argparse.Namespace, loaded: LoadedModel
+) -> tuple[ExampleInputs, ExampleInputs | None]:
+    """The tracing example and (optional) verification sample: from --input / --input-shape /
+    --sample, else what the model file tells, else the model's first layer (Linear,
+    Embedding). UserError when none of these gives it."""
+    sample = ExampleInputs.of(load_sample(args.sample)) if args.sample else None
+    specs = [parse_input_spec(text) for text in (getattr(args, "input", None) or [])]
+    if specs and args.input_shape:
+        raise UserError("pass either --input or --input-shape, not both")
+    if specs:
+        return example_inputs(specs, loaded.model), sample
+    if args.input_shape:
+        return ExampleInputs((torch.zeros(parse_shape(args.input_shape)),)), sample
+    if sample is not None:
+        return sample, sample
+    found = from_graph_module(loaded.model) if loaded.source == "export" else None
+    if found is None and loaded.example_input is not None:
+        found = ExampleInputs.of(loaded.example_input)
+    found = found or infer_example(loaded.model)
+    if found is None:
+        raise UserError(
+            f"cannot tell the input of {args.model}: pass --input NAME:DTYPE:SHAPE (e.g. "
+            "--input x:float32:1,3,32,32, or input_ids:int64:1,128), --input-shape or --sample"
+        )
+    return found, sample
+
+
 def example_and_sample(
     args: argparse.Namespace, loaded: LoadedModel
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The tracing example and (optional) verification sample, from the flags or the model file."""
-    sample = load_sample(args.sample) if args.sample else None
-    if args.input_shape:
-        example = torch.zeros(parse_shape(args.input_shape))
-    elif sample is not None:
-        example = sample
-    elif loaded.example_input is not None:
-        example = loaded.example_input
-    else:
-        raise UserError(
-            f"cannot tell the input shape of {args.model}: pass --input-shape "
-            "(e.g. 1,3,32,32) or --sample x.pt"
-        )
-    return example, sample
+    """The first input of `inputs_from_args` and of the sample, as single tensors."""
+    example, sample = inputs_from_args(args, loaded)
+    first = example.tensors()[0]
+    return first, sample.tensors()[0] if sample is not None else None
 
 
 def console():  # -> rich.console.Console

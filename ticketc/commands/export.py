@@ -6,14 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from ticketc.commands._common import add_model_arguments, example_and_sample, load_from_args
+from ticketc.commands._common import add_model_arguments, inputs_from_args, load_from_args
 from ticketc.commands._common import console as console_
 from ticketc.errors import UserError
-from ticketc.export import FORMATS, VALUES, ExportConfig, ExportResult, export_model
+from ticketc.export import DTYPES, FORMATS, VALUES, ExportConfig, ExportResult, export_model
 from ticketc.export.onnx_export import POSITIONS
 
 NAME = "export"
-HELP = "export a pruned model to a small, verified ONNX file"
+HELP = "export a pruned model (or an ONNX file) to a small, verified ONNX file"
 _DEFAULTS = ExportConfig()
 
 
@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-o",
         "--output",
         metavar="OUT.onnx",
-        help="output file (default: MODEL with the suffix .onnx)",
+        help="output file (default: MODEL with the suffix .onnx; for an .onnx MODEL, "
+        "MODEL.ticketc.onnx)",
     )
     parser.add_argument(
         "--format",
@@ -35,21 +36,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--values",
         choices=VALUES,
         default=_DEFAULTS.values,
-        help=f"value type of pruned weights; fp32 is lossless (default: {_DEFAULTS.values})",
+        help="value type of the weights: fp32 is lossless (each weight in the narrowest float "
+        "type that holds it exactly, e.g. fp16 in an fp16 model); fp16 / int8 / int4 are lossy, "
+        f"every weight checked against the quantiser's bound (default: {_DEFAULTS.values})",
     )
     parser.add_argument(
         "--positions",
         choices=POSITIONS,
         default=_DEFAULTS.positions,
-        help="how positions are coded: auto = smallest per tensor; gap8 is a little larger "
-        f"but faster for onnxruntime to load (default: {_DEFAULTS.positions})",
+        help="how positions are coded: auto = the smallest per tensor "
+        f"(default: {_DEFAULTS.positions})",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=_DEFAULTS.dtype,
+        help="export the model in this float type (default: its own; fp32 where onnxruntime's "
+        "CPU provider cannot run it, e.g. bf16 convolutions)",
+    )
+    parser.add_argument(
+        "--input-names",
+        metavar="A,B",
+        help="names of the ONNX inputs, in order (default: the forward's argument names)",
+    )
+    parser.add_argument(
+        "--output-names",
+        metavar="A,B",
+        help="names of the ONNX outputs, in order (default: the output's keys, e.g. logits)",
     )
     parser.add_argument(
         "--tolerance",
         type=float,
         default=_DEFAULTS.tolerance,
-        help="fail when the relative error exceeds this (default: 1e-5 for fp32, "
-        "lossy values are only reported)",
+        help="fail when the outputs' relative error exceeds this (default: 1e-5 for fp32 "
+        "models in fp32; lossy output errors are reported, their weights always checked)",
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     parser.add_argument(
@@ -58,8 +78,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="remove units whose weights in or out are all pruned (Sequential "
         "chains): smaller dims, so faster and leaner in onnxruntime too",
     )
-    parser.add_argument("--opset", type=int, default=_DEFAULTS.opset, help="ONNX opset (>= 18)")
+    parser.add_argument(
+        "--opset", type=int, default=_DEFAULTS.opset, help="ONNX opset (>= 18; default: torch's)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names):
+        raise UserError(f"names {text!r} must be a comma-separated list without empty entries")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,14 +103,20 @@ def run(args: argparse.Namespace) -> int:
             opset=args.opset,
             dead_units=args.dead_units,
             positions=args.positions,
+            dtype=args.dtype,
+            input_names=_names(args.input_names),
+            output_names=_names(args.output_names),
         )
     except ValueError as e:
         raise UserError(str(e)) from e
-    loaded = load_from_args(args)
-    example, sample = example_and_sample(args, loaded)
-    out = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
-    result = export_model(loaded.model, example, out, config, masks=loaded.masks, sample=sample)
-    result.notes[:0] = loaded.notes
+    if Path(args.model).suffix == ".onnx":
+        result = _export_onnx(args, config)
+    else:
+        loaded = load_from_args(args)
+        example, sample = inputs_from_args(args, loaded)
+        out = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
+        result = export_model(loaded.model, example, out, config, sample=sample)
+        result.notes[:0] = loaded.notes
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -87,32 +124,79 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace, config: ExportConfig) -> ExportResult:
+    from ticketc.export.onnx_in import export_onnx_file
+    from ticketc.inputs import ExampleInputs
+    from ticketc.load import load_sample
+
+    ignored = [
+        flag for flag in ("arch", "mask", "input", "input_shape", "dtype") if getattr(args, flag)
+    ]
+    ignored += ["dead_units"] if args.dead_units else []
+    ignored += ["input_names", "output_names"] if args.input_names or args.output_names else []
+    if ignored:
+        flags = ", ".join("--" + f.replace("_", "-") for f in ignored)
+        raise UserError(f"{flags} do not apply to an ONNX file: its graph is used as it is")
+    source = Path(args.model)
+    out = Path(args.output) if args.output else source.with_suffix(".ticketc.onnx")
+    if out.resolve() == source.resolve():
+        raise UserError(f"-o {out} would overwrite the input file: choose another output")
+    sample = ExampleInputs.of(load_sample(args.sample)) if args.sample else None
+    return export_onnx_file(source, out, config, sample)
+
+
 def print_summary(result: ExportResult) -> None:
     from rich.table import Table
 
     table = Table(title=f"{result.path}", title_justify="left")
-    for column in ("layer", "shape", "density", "stored as", "bytes"):
+    for column in ("initializer", "from (PyTorch)", "shape", "density", "stored as", "bytes"):
         table.add_column(column, justify="right" if column in ("density", "bytes") else "left")
-    for layer in result.layers:
+    shown = [layer for layer in result.layers if layer.codec != layer.dtype]
+    for layer in shown:
         table.add_row(
-            layer.name,
+            layer.initializer,
+            ", ".join(layer.sources),
             "x".join(map(str, layer.shape)),
             f"{layer.density:.2%}",
             layer.codec,
             f"{layer.nbytes:,}",
         )
+    kept = [layer for layer in result.layers if layer.codec == layer.dtype]
+    if kept:
+        table.add_row(
+            f"({len(kept)} kept as they are)",
+            "",
+            "",
+            "",
+            ", ".join(sorted({layer.dtype for layer in kept})),
+            f"{sum(layer.nbytes for layer in kept):,}",
+        )
     console = console_()
     console.print(table)
     files = " + ".join(f"{f.name} ({f.stat().st_size:,} B)" for f in result.files)
-    console.print(f"wrote {files}: {result.total_bytes:,} bytes in {result.seconds:.2f} s")
+    console.print(f"wrote {files} in {result.seconds:.2f} s")
+    console.print(
+        f"graph type {_short(result.dtype)}, values {result.values}"
+        + (" (lossless)" if result.values == "fp32" else "")
+    )
     if result.weight_bytes:
         ratio = result.weight_bytes / result.total_bytes
+        bound = result.bound_bytes
         console.print(
-            f"{ratio:.1f}x smaller than the model's weights as dense fp32 "
-            f"({result.weight_bytes:,} B)"
+            f"{result.total_bytes:,} B: {ratio:.1f}x smaller than the graph's weights as "
+            f"exported ({result.weight_bytes:,} B); {result.total_bytes / bound:.2f}x the entropy "
+            f"bound of its zeros and value type ({bound:,.0f} B)"
+            if bound
+            else f"{result.total_bytes:,} B"
         )
     if result.verification is not None:
         v = result.verification
         console.print(f"verified in onnxruntime on batch {v.batch}: {v.summary()}")
     for note in result.notes:
         console.print(f"note: {note}")
+
+
+def _short(dtype: str) -> str:
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}.get(
+        dtype, dtype
+    )

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from ticketc.commands._common import add_model_arguments, example_and_sample, load_from_args
+import onnx
+
+from ticketc.commands._common import add_model_arguments, inputs_from_args, load_from_args
 from ticketc.errors import UserError
+from ticketc.export import read_metadata
 from ticketc.load import check_file
-from ticketc.verify import FP32_RTOL, random_sample, verify
+from ticketc.verify import OUTPUT_RTOL, ort_session, sample_for, verify
 
 NAME = "verify"
 HELP = "run an ONNX file in onnxruntime and compare it with the PyTorch model"
@@ -20,33 +23,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tolerance",
         type=float,
-        default=FP32_RTOL,
-        help=f"maximum relative error (default: {FP32_RTOL:g})",
+        default=None,
+        help="maximum relative output error (default: from the file's metadata: "
+        f"{OUTPUT_RTOL['float32']:g} for lossless fp32, looser for fp16 / bf16 graphs; "
+        "lossy files (fp16 / int8 / int4 values) are reported, not failed)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def default_tolerance(path: str) -> tuple[float | None, str]:
+    """The tolerance a file's own metadata calls for, and what it is stored as."""
+    try:
+        meta = read_metadata(onnx.load(path, load_external_data=False)) or {}
+    except Exception as e:  # noqa: BLE001 - protobuf errors on corrupt files
+        raise UserError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:200]})") from e
+    values = str(meta.get("values", "fp32"))
+    dtype = str(meta.get("dtype", "float32"))
+    if values != "fp32":
+        return None, f"{values} values (lossy: reported)"
+    return OUTPUT_RTOL.get(dtype, OUTPUT_RTOL["float32"]), f"lossless, {dtype}"
 
 
 def run(args: argparse.Namespace) -> int:
     if args.against is None:
         raise UserError("pass --against MODEL: the PyTorch model to compare with")
-    if args.tolerance < 0:
+    if args.tolerance is not None and args.tolerance < 0:
         raise UserError(f"tolerance {args.tolerance} must be >= 0")
     check_file(args.onnx)
+    tolerance, stored = default_tolerance(args.onnx)
+    if args.tolerance is not None:
+        tolerance = args.tolerance
     args.model = args.against
     loaded = load_from_args(args)
-    example, sample = example_and_sample(args, loaded)
-    result = verify(
-        args.onnx,
-        loaded.model,
-        sample if sample is not None else random_sample(example),
-        args.tolerance,
-    )
+    example, sample = inputs_from_args(args, loaded)
+    if sample is None:
+        sample = sample_for(ort_session(args.onnx), example, loaded.model)
+    result = verify(args.onnx, loaded.model, sample, tolerance)
     if args.json:
         print(
             json.dumps(
                 {
                     "passed": result.passed,
                     "tolerance": result.tolerance,
+                    "stored": stored,
                     "outputs": [o.__dict__ for o in result.outputs],
                 },
                 indent=2,
@@ -54,5 +73,6 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         status = "ok" if result.passed else "FAILED"
-        print(f"{status}: {result.summary()} (relative tolerance {result.tolerance:g})")
+        limit = f"relative tolerance {tolerance:g}" if tolerance is not None else "no tolerance"
+        print(f"{status}: {result.summary()} ({stored}; {limit})")
     return 0 if result.passed else 2

@@ -1,6 +1,7 @@
 """ONNX export: dense, ONNX sparse initializers, or ticketc's portable compact codec."""
 
 from ticketc.export.onnx_export import (
+    DTYPES,
     FORMATS,
     VALUES,
     ExportConfig,
@@ -9,13 +10,16 @@ from ticketc.export.onnx_export import (
     export_model,
     read_metadata,
 )
+from ticketc.export.onnx_in import export_onnx_file
 
 __all__ = [
+    "DTYPES",
     "FORMATS",
     "VALUES",
     "ExportConfig",
     "ExportResult",
     "LayerRecord",
     "export_model",
+    "export_onnx_file",
     "read_metadata",
 ]

@@ -1,8 +1,13 @@
-"""Stage 3: a masked PyTorch module -> a small ONNX file that gives the same outputs.
+"""Stage 3: a pruned model -> a small ONNX file that gives the same outputs.
 
-torch.onnx (dynamo) writes the dense graph; ticketc then swaps each pruned weight's
-initializer for its compact encoding (portable), for an ONNX sparse initializer, or keeps it
-(dense, the baseline). The file is verified in onnxruntime before it is moved into place.
+    masks applied -> torch.onnx (dynamo) -> every initializer of the graph, as the graph holds
+    it (BatchNorm folded, transposed, LSTM gates re-packed, shared weights once) -> stored
+    compactly where its zeros pay -> decoded weights checked against what their value type
+    promises -> outputs checked in onnxruntime against the model -> file moved into place.
+
+The same rewrite runs on an existing ONNX file (`export_onnx_file`): the graph's initializers
+are all there is to read. What decides the storage of a tensor is its values in the graph,
+never a layer type or a name.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
@@ -23,38 +31,71 @@ from torch import nn
 
 from ticketc import __version__
 from ticketc.errors import UserError
-from ticketc.export.trace import (
-    Found,
-    drop_data_,
-    find_pruned,
-    quiet,
-    slim_,
-    torch_to_onnx,
+from ticketc.export.storage import POSITIONS as _PLAN_POSITIONS
+from ticketc.export.storage import (
+    VALUES,
+    StoragePlan,
+    TensorStorage,
+    is_float,
+    plan_storage,
+    tensor_record,
 )
+from ticketc.export.trace import drop_data_, quiet, slim_, torch_to_onnx
+from ticketc.formats.compact import value_kind_of
+from ticketc.inputs import ExampleInputs, float_dtype
 from ticketc.load import set_eval_
-from ticketc.masks import Masks, masks_from_zeros
-from ticketc.verify import FP32_RTOL, Verification, random_sample, verify
+from ticketc.masks import Masks, masked_model
+from ticketc.verify import (
+    OUTPUT_RTOL,
+    RuntimeUnsupported,
+    Verification,
+    ort_session,
+    sample_for,
+    verify,
+)
 
 FORMATS = ("portable", "sparse-initializer", "dense")
-VALUES = ("fp32", "fp16", "int8", "int4")
-POSITIONS = ("auto", "rice", "gap8", "gap16", "bitmask")
+POSITIONS = tuple(p for p in _PLAN_POSITIONS if p != "dense")
+DTYPES = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp64": torch.float64,
+}
 MIN_OPSET = 18
 # One protobuf may not exceed 2 GiB; past this the weights go to external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+__all__ = [
+    "DTYPES",
+    "FORMATS",
+    "POSITIONS",
+    "VALUES",
+    "ExportConfig",
+    "ExportResult",
+    "LayerRecord",
+    "export_model",
+    "read_metadata",
+]
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     format: str = "portable"
+    # "fp32": lossless (each weight in the narrowest float type that holds it exactly);
+    # "fp16", "int8", "int4": lossy, every decoded weight within the quantiser's own bound
     values: str = "fp32"
     verify: bool = True
-    tolerance: float | None = None  # None: fp32 must match to FP32_RTOL, lossy values are reported
+    tolerance: float | None = None  # None: lossless must match to the dtype's OUTPUT_RTOL,
+    # lossy output errors are reported (their weights are checked against the bound)
     opset: int | None = None  # None: torch.onnx's default
-    dynamic_batch: bool = True
+    dynamic_batch: bool = True  # dynamic batch (and sequence, for integer inputs) axes
     dead_units: bool = False  # drop units a ticket cut off: real dims shrink, in every runtime
-    # How positions are coded. "auto": the fewest bytes per tensor (usually Rice-coded gaps);
-    # "gap8" is ~5-10 % larger but folds ~3x faster when onnxruntime creates the session.
+    # how positions are coded: "auto" = the fewest bytes per tensor
     positions: str = "auto"
+    dtype: str | None = None  # None: the model's own float type (fp32 where onnxruntime lacks it)
+    input_names: tuple[str, ...] | None = None
+    output_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -69,23 +110,34 @@ class ExportConfig:
             raise ValueError(f"tolerance {self.tolerance!r} must be >= 0")
         if self.opset is not None and self.opset < MIN_OPSET:
             raise ValueError(f"opset {self.opset} is below the minimum {MIN_OPSET}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 
-    @property
-    def effective_tolerance(self) -> float | None:
+    def output_tolerance(self, graph_dtype: str) -> float | None:
+        """The relative output error that fails the export (None: reported only)."""
         if self.tolerance is not None:
             return self.tolerance
-        return FP32_RTOL if self.values == "fp32" else None
+        return (
+            OUTPUT_RTOL.get(graph_dtype, OUTPUT_RTOL["float32"]) if self.values == "fp32" else None
+        )
 
 
 @dataclass(frozen=True)
 class LayerRecord:
-    name: str  # parameter name, e.g. "1.weight"
     initializer: str  # its name in the ONNX graph
+    sources: list[str]  # PyTorch parameters / buffers it was made from ("*": values rewritten)
     shape: tuple[int, ...]
+    dtype: str  # as the graph holds it: "fp32", "fp16", ...
     nnz: int
     density: float
-    codec: str  # "gap8+fp16", "coo-int64", "dense", ...
-    nbytes: int  # bytes of the stored form
+    codec: str  # "rice+int4", "dense+fp16", "coo-int64", "zeros", "fp32" (kept), ...
+    nbytes: int  # bytes of its stored form (its share of a group's streams)
+    bound_bytes: float  # numel * H(density) + nnz * value bits, in bytes
+
+    @property
+    def name(self) -> str:
+        """The PyTorch name where known, else the initializer's."""
+        return ", ".join(self.sources) if self.sources else self.initializer
 
 
 @dataclass
@@ -93,166 +145,376 @@ class ExportResult:
     path: Path
     files: list[Path]
     total_bytes: int  # all files of the artifact (.onnx and any external data)
-    layers: list[LayerRecord]
+    layers: list[LayerRecord]  # every float initializer of the graph, compressed or not
     verification: Verification | None
     seconds: float
     notes: list[str] = field(default_factory=list)
-    weight_bytes: int = 0  # the model's parameters and buffers as dense fp32: what it shrinks from
+    weight_bytes: int = 0  # the graph's initializers as the graph held them: what it shrinks from
+    dtype: str = "fp32"  # the graph's float type
+    values: str = "fp32"
+
+    @property
+    def bound_bytes(self) -> float:
+        """The entropy bound of every float initializer for this value type, in bytes."""
+        return sum(layer.bound_bytes for layer in self.layers)
 
     def to_json(self) -> dict[str, object]:
         out = asdict(self)
         out["path"] = str(self.path)
         out["files"] = [str(f) for f in self.files]
+        out["bound_bytes"] = self.bound_bytes
         if self.verification is not None:
             out["verification"]["passed"] = self.verification.passed
         return out
 
 
 def export_model(
-    model: nn.Module,
-    example_input: torch.Tensor,
+    model: nn.Module | torch.export.ExportedProgram,
+    example_inputs: Any,
     out: str | os.PathLike[str],
     config: ExportConfig | None = None,
     *,
     masks: Masks | None = None,
-    sample: torch.Tensor | None = None,
+    sample: Any = None,
 ) -> ExportResult:
-    """Export `model` (masks already applied) to `out`; verify it; write nothing on failure."""
+    """Export a pruned model to `out`, verified; write nothing on failure.
+
+    `model`: an nn.Module, with prune hooks, parametrizations or `masks` (parameter name ->
+    bool) applied on a copy (the module passed in is not modified), or a torch.export program.
+    `example_inputs`: a tensor, a tuple of tensors or a dict of name -> tensor (a batch of 1 is
+    fine: the batch axis is exported dynamic). `sample`: the same, real data to verify on
+    (default: random, batch 3). Raises UserError with one line naming what went wrong.
+    """
     config = config or ExportConfig()
     start = time.perf_counter()
-    set_eval_(model)
-    masks = masks if masks is not None else masks_from_zeros(model)
-    original, notes = model, []
-    if config.dead_units:
-        model, masks, note = _without_dead_units(model, masks)
-        notes.append(note)
-    program, trace_notes = torch_to_onnx(
-        model, example_input, dynamic_batch=config.dynamic_batch, opset=config.opset
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    prepared, _ = masked_model(model, masks)
+    own = float_dtype(prepared)
+    target = DTYPES[config.dtype] if config.dtype else own
+    try:
+        return _export(prepared, example_inputs, out, config, sample, target, start, [])
+    except RuntimeUnsupported as e:
+        if config.dtype is not None or target == torch.float32:
+            raise UserError(
+                f"{e} (pass --dtype fp32, or --no-verify to keep {_kind(target)})"
+            ) from e
+        note = (
+            f"exported in fp32: onnxruntime's CPU provider cannot run this {_kind(target)} graph "
+            f"(pass --dtype {_kind(target)} --no-verify to keep {_kind(target)})"
+        )
+        return _export(prepared, example_inputs, out, config, sample, torch.float32, start, [note])
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def _export(
+    prepared: nn.Module,
+    example_inputs: Any,
+    out: str | os.PathLike[str],
+    config: ExportConfig,
+    sample: Any,
+    dtype: torch.dtype,
+    start: float,
+    notes: list[str],
+) -> ExportResult:
+    if dtype != float_dtype(prepared):
+        import copy
+
+        prepared = copy.deepcopy(prepared).to(dtype)
+        notes = [*notes, f"model cast to {_kind(dtype)}"]
+    set_eval_(prepared)
+    example = ExampleInputs.of(example_inputs).map(
+        lambda t: t.to(dtype) if t.is_floating_point() else t
     )
-    notes += trace_notes
-    found, missing = find_pruned(program.model.graph, model, masks)
-    notes += missing
-    if config.format == "dense":
-        layers = [_record(f, ("dense", 4 * f.weight.numel())) for f in found]
-        program.model.metadata_props["ticketc"] = _metadata(config, layers)
+    reference = prepared
+    if config.dead_units:
+        prepared, note = _without_dead_units(prepared)
+        notes.append(note)
+    traced = torch_to_onnx(
+        prepared,
+        example,
+        dynamic=config.dynamic_batch,
+        opset=config.opset,
+        input_names=list(config.input_names) if config.input_names else None,
+        output_names=list(config.output_names) if config.output_names else None,
+    )
+    notes += traced.notes
+    sources = _marked_sources(traced.sources, traced.model, reference)
 
-        def write(path: Path) -> None:
-            with quiet():  # exactly torch's own export: the baseline of every size figure
-                program.save(path, external_data=True)
-    else:
-        proto, stored = _sparse_proto(program, found, config)
-        layers = [_record(f, stored[f.initializer]) for f in found]
-        proto.metadata_props.add(key="ticketc", value=_metadata(config, layers))
-        proto.producer_name, proto.producer_version = "ticketc", __version__
+    def check_outputs(path: Path) -> Verification:
+        session = ort_session(path)
+        if sample is not None:
+            chosen = ExampleInputs.of(sample).map(
+                lambda t: t.to(dtype) if t.is_floating_point() else t
+            )
+        else:
+            chosen = sample_for(session, example, reference)
+        del session
+        # against the model as given: dead-unit removal must not change its outputs
+        return verify(path, reference, chosen, config.output_tolerance(str(dtype).split(".")[-1]))
 
-        def write(path: Path) -> None:
-            _save(proto, path)
+    return write_onnx(traced.model, out, config, sources, notes, check_outputs, start)
 
-    out = Path(out)
-    with _staging(out) as stage:
-        write(stage / out.name)
-        files = sorted(stage.iterdir())
-        seconds = time.perf_counter() - start  # export and write; verification not counted
-        verification = None
-        if config.verify:
-            sample = sample if sample is not None else random_sample(example_input)
-            # against the model as given: dead-unit removal must not change its outputs
-            verification = verify(stage / out.name, original, sample, config.effective_tolerance)
-            if not verification.passed:
-                raise UserError(
-                    f"verification failed: onnxruntime differs from PyTorch beyond relative "
-                    f"tolerance {verification.tolerance:g} ({verification.summary()}); "
-                    f"no file written"
+
+def _marked_sources(
+    sources: dict[str, list[str]], model: ir.Model, reference: nn.Module
+) -> dict[str, list[str]]:
+    """Sources with a "*" on a parameter whose values the exporter changed under its own name
+    (BatchNorm folded into a conv weight): the data tells, not the name."""
+    tensors: dict[str, torch.Tensor] = dict(reference.named_parameters(remove_duplicate=False))
+    tensors.update(reference.named_buffers(remove_duplicate=False))
+    marked: dict[str, list[str]] = {}
+    for init, names in sources.items():
+        value = model.graph.initializers[init].const_value
+        out = []
+        for name in names:
+            same = True
+            if name == init and name in tensors and value is not None:
+                held = torch.from_numpy(np.ascontiguousarray(_numpy(value)))
+                own = tensors[name].detach()
+                same = held.shape == own.shape and bool(
+                    torch.equal(held.to(own.dtype) if held.dtype != own.dtype else held, own)
                 )
-        final = _commit(stage, out, files)
-    total = sum(f.stat().st_size for f in final)
-    if not any(layer.density < 1 for layer in layers):
-        notes.append("no pruned layer found: every weight is dense, so the file is not smaller")
-    weight_bytes = sum(4 * t.numel() for t in [*original.parameters(), *original.buffers()])
-    return ExportResult(out, final, total, layers, verification, seconds, notes, weight_bytes)
+            out.append(name if same else name + "*")
+        marked[init] = out
+    return marked
 
 
-def _without_dead_units(model: nn.Module, masks: Masks) -> tuple[nn.Module, Masks, str]:
+def _without_dead_units(model: nn.Module) -> tuple[nn.Module, str]:
     from ticketc.compile.dead_units import eliminate_dead_units
 
     smaller, report = eliminate_dead_units(model)
     if not report.applied:
-        return model, masks, f"dead units kept: {report.reason}"
+        return model, f"dead units kept: {report.reason}"
     note = (
         f"dead units: removed {report.removed_units} units, parameters "
         f"{report.params_before:,} -> {report.params_after:,}"
     )
-    return smaller, masks_from_zeros(smaller), note
+    return smaller, note
 
 
-def _record(found: Found, stored: tuple[str, int]) -> LayerRecord:
-    nnz, numel = found.nnz, found.weight.numel()
-    shape = tuple(found.weight.shape)
-    return LayerRecord(found.name, found.initializer, shape, nnz, nnz / max(numel, 1), *stored)
+def _numpy(tensor: Any) -> np.ndarray:
+    """An IR tensor's values as numpy (bfloat16 as ml_dtypes.bfloat16), without a copy where
+    the data is already in memory."""
+    return np.asarray(tensor.numpy())
+
+
+def graph_arrays(model: ir.Model) -> dict[str, np.ndarray]:
+    """Every initializer of the main graph with data, as numpy."""
+    arrays = {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is not None:
+            arrays[name] = _numpy(tensor)
+    return arrays
+
+
+def write_onnx(
+    model: ir.Model,
+    out: str | os.PathLike[str],
+    config: ExportConfig,
+    sources: dict[str, list[str]],
+    notes: list[str],
+    check_outputs: Callable[[Path], Verification] | None,
+    start: float,
+    skip: Collection[str] = (),
+) -> ExportResult:
+    """Store `model`'s initializers as `config` says, check the file and move it to `out`.
+
+    `check_outputs(staged_path)` compares the file's outputs with the reference; it runs
+    unless `config.verify` is off. Lossy and lossless weights are always checked against
+    what their value type promises. Initializers in `skip` are left as they are. Raises
+    UserError (no file written) when a check fails.
+    """
+    arrays = {n: a for n, a in graph_arrays(model).items() if n not in skip}
+    weight_bytes = sum(a.nbytes for a in arrays.values())
+    codecs: dict[str, str] = {}
+    if config.format == "dense":
+        plan = StoragePlan()
+        tensors = _kept(arrays, config.values)
+        proto = None
+    elif config.format == "sparse-initializer":
+        proto, tensors = _sparse_proto(model, arrays)
+        plan = StoragePlan()
+    else:
+        plan = plan_storage(arrays, config.values, config.positions)
+        notes = notes + plan.notes
+        tensors = plan.tensors
+        proto, codecs = _portable_proto(model, plan)
+    graph_dtype = _graph_dtype(arrays)
+    layers = [_layer(t, sources.get(t.name, [])) for t in tensors]
+    metadata = _metadata(config, graph_dtype, layers, codecs)
+    out = Path(out)
+    with _staging(out) as stage:
+        staged = stage / out.name
+        if proto is None:
+            model.metadata_props["ticketc"] = metadata
+            with quiet():
+                ir.save(model, staged, external_data=staged.name + ".data")
+        else:
+            proto.metadata_props.add(key="ticketc", value=metadata)
+            proto.producer_name, proto.producer_version = "ticketc", __version__
+            _save(proto, staged)
+            _check_weights(proto, plan, arrays)
+        files = sorted(stage.iterdir())
+        seconds = time.perf_counter() - start  # export and write; output verification not counted
+        verification = None
+        if config.verify and check_outputs is not None:
+            verification = check_outputs(staged)
+            if not verification.passed:
+                raise UserError(
+                    f"verification failed: onnxruntime differs from the reference beyond "
+                    f"relative tolerance {verification.tolerance:g} ({verification.summary()}); "
+                    f"no file written"
+                )
+        final = _commit(stage, out, files)
+    total = sum(f.stat().st_size for f in final)
+    if not any(layer.nnz < int(np.prod(layer.shape)) for layer in layers):
+        notes.append("no zeros in any weight: the file is not smaller than the dense export")
+    return ExportResult(
+        out,
+        final,
+        total,
+        layers,
+        verification,
+        seconds,
+        notes,
+        weight_bytes,
+        graph_dtype,
+        config.values,
+    )
+
+
+def _graph_dtype(arrays: dict[str, np.ndarray]) -> str:
+    counts: dict[str, int] = {}
+    for a in arrays.values():
+        if is_float(a):
+            counts[str(a.dtype)] = counts.get(str(a.dtype), 0) + a.size
+    return max(counts, key=counts.__getitem__) if counts else "float32"
+
+
+def _kept(arrays: dict[str, np.ndarray], values: str) -> list[TensorStorage]:
+    """Records of the float initializers as they are (the dense format)."""
+    return [
+        tensor_record(
+            name, a, int(np.count_nonzero(a)), "kept", value_kind_of(a.dtype), a.nbytes, values
+        )
+        for name, a in arrays.items()
+        if is_float(a) and a.ndim >= 1
+    ]
+
+
+def _layer(t: TensorStorage, sources: list[str]) -> LayerRecord:
+    return LayerRecord(
+        t.name,
+        sources,
+        t.shape,
+        t.dtype,
+        t.nnz,
+        t.density,
+        t.codec,
+        round(t.nbytes),
+        t.bound_bits / 8,
+    )
+
+
+def _portable_proto(model: ir.Model, plan: StoragePlan) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The graph with the plan's tensors stored compactly. Their dense data is dropped from the
+    IR before it is serialised, so no second dense copy of the model is made."""
+    from ticketc.export.portable import write_portable_
+
+    for group in plan.groups:
+        for name in group.names:
+            drop_data_(model.graph, name)
+    for name, _ in plan.zeros:
+        drop_data_(model.graph, name)
+    proto = ir.to_proto(model)
+    slim_(proto)
+    codecs = write_portable_(proto, plan.groups, plan.zeros)
+    return proto, codecs
 
 
 def _sparse_proto(
-    program: torch.onnx.ONNXProgram, found: list[Found], config: ExportConfig
-) -> tuple[onnx.ModelProto, dict[str, tuple[str, int]]]:
-    """The graph with each pruned weight stored sparse; returns initializer -> (codec, bytes).
+    model: ir.Model, arrays: dict[str, np.ndarray]
+) -> tuple[onnx.ModelProto, list[TensorStorage]]:
+    """The graph with each float initializer whose COO form is smaller stored as a sparse
+    initializer (int64 indices, as the ONNX checker requires)."""
+    from ticketc.export.sparse_initializer import to_sparse_initializer
 
-    Weights are encoded one at a time from the torch tensors, and their dense data is dropped
-    from the graph before it is serialised, so no second dense copy of the model is ever made.
-    """
-    graph = program.model.graph
-    stored: dict[str, tuple[str, int]] = {}
-    if config.format == "sparse-initializer":
-        from ticketc.export.sparse_initializer import to_sparse_initializer
-
-        weights = {f.initializer: f.weight for f in found}
-        for name, w in weights.items():
-            stored[name] = ("coo-int64", 12 * int(w.count_nonzero()))  # int64 index + fp32 value
-            drop_data_(graph, name)
-        proto = ir.to_proto(program.model)
-        slim_(proto)
-        return to_sparse_initializer(proto, weights), stored
-
-    from ticketc.export.portable import to_portable
-    from ticketc.formats.compact import Compact
-
-    encoded = {}
-    for f in found:
-        c = Compact.from_dense(f.weight, values=config.values, positions=config.positions)
-        dense_bytes = 4 * f.weight.numel()
-        if c.nbytes >= dense_bytes:  # a (nearly) dense layer: never store it bigger
-            # (in lossy modes it then goes to fp16 with the other float initializers)
-            lossy = config.values != "fp32"
-            stored[f.initializer] = (
-                ("dense+fp16", dense_bytes // 2) if lossy else ("dense", dense_bytes)
-            )
+    chosen: dict[str, np.ndarray] = {}
+    tensors = []
+    for name, a in arrays.items():
+        if not is_float(a) or a.ndim < 1:
             continue
-        encoded[f.initializer] = c
-        stored[f.initializer] = (f"{c.positions_kind}+{c.values_kind}", c.nbytes)
-        drop_data_(graph, f.initializer)
-    proto = ir.to_proto(program.model)
+        nnz = int(np.count_nonzero(a))
+        coo = nnz * (8 + a.itemsize)
+        if coo < a.nbytes:
+            chosen[name] = a
+            tensors.append(tensor_record(name, a, nnz, "compact", "coo-int64", coo, "fp32"))
+        else:
+            tensors.append(
+                tensor_record(name, a, nnz, "kept", value_kind_of(a.dtype), a.nbytes, "fp32")
+            )
+    for name in chosen:
+        drop_data_(model.graph, name)
+    proto = ir.to_proto(model)
     slim_(proto)
-    # In lossy modes the other float initializers (biases) go to fp16 too: they count at this scale.
-    half = [
-        init.name
-        for init in proto.graph.initializer
-        if config.values != "fp32"
-        and init.name not in encoded
-        and init.data_type == onnx.TensorProto.FLOAT
-    ]
-    return to_portable(proto, encoded, half=half), stored
+    return to_sparse_initializer(proto, chosen), tensors
 
 
-def _metadata(config: ExportConfig, layers: list[LayerRecord]) -> str:
-    """Version and per-layer density / codec, as one compact JSON entry (it counts in the size)."""
-    records = [
-        {"name": layer.name, "density": round(layer.density, 6), "codec": layer.codec}
+def _check_weights(
+    proto: onnx.ModelProto, plan: StoragePlan, arrays: dict[str, np.ndarray]
+) -> None:
+    """Decode every group of the file in onnxruntime and compare with the graph's own tensors:
+    each within what its value type promises (exact for lossless), else UserError."""
+    from ticketc.export.decode import decode_in_onnxruntime
+    from ticketc.formats.compact import check_decoded
+
+    for group in plan.groups:
+        decoded = decode_in_onnxruntime(proto, group.names)
+        originals = [arrays[n] for n in group.names]
+        got = [decoded[n].astype(originals[t].dtype) for t, n in enumerate(group.names)]
+        for name, result in zip(
+            group.names, check_decoded(group.compact, originals, got), strict=True
+        ):
+            if not result.within_bound:
+                raise UserError(
+                    f"{name}: the stored {group.compact.values_kind} weights decode "
+                    f"{result.max_abs_error:.3g} away from the graph's, beyond what "
+                    f"{group.compact.values_kind} promises; no file written"
+                )
+    for name, _ in plan.zeros:
+        if np.count_nonzero(arrays[name]):
+            raise UserError(f"{name}: stored as zeros but holds nonzeros; no file written")
+
+
+def _metadata(
+    config: ExportConfig, dtype: str, layers: Sequence[LayerRecord], codecs: dict[str, str]
+) -> str:
+    """Version, format, value type, the decode groups (prefix -> codec) and, per compressed
+    initializer, the PyTorch names behind it ("" when it is the parameter of the same name,
+    unchanged), as one compact JSON entry: it counts in the size."""
+    compressed = {
+        layer.initializer: "" if layer.sources == [layer.initializer] else ",".join(layer.sources)
         for layer in layers
-    ]
-    meta = {"version": __version__, "format": config.format, "values": config.values}
-    return json.dumps({**meta, "layers": records}, separators=(",", ":"))
+        if layer.codec != layer.dtype
+    }
+    meta: dict[str, object] = {
+        "version": __version__,
+        "format": config.format,
+        "values": config.values,
+        "dtype": dtype,
+        "layers": compressed,
+    }
+    if codecs:
+        meta["groups"] = codecs
+    return json.dumps(meta, separators=(",", ":"))
 
 
-def read_metadata(proto: onnx.ModelProto) -> dict[str, object] | None:
+def read_metadata(proto: onnx.ModelProto) -> dict[str, Any] | None:
     for entry in proto.metadata_props:
         if entry.key == "ticketc":
             return json.loads(entry.value)  # type: ignore[no-any-return]

@@ -1,350 +1,553 @@
-"""Portable compact ONNX: pruned weights stored as `Compact` arrays, decoded inside the graph.
+"""Portable compact ONNX: weights stored as `Compact` streams and decoded inside the graph.
 
-Every replaced initializer W (the i-th) becomes its small arrays (`i.p` positions, `i.r` Rice
-remainder planes, `i.v` values, `i.s` int8 scale or `i.c` int4 codebook; fp16 copies of other
-initializers are `i.h`) and one node
-`ticketc.Decode<Positions><Values>(...) -> W` carrying the shape as an ints attribute `t`. The
-op is a model-local function (FunctionProto) built from standard ops only, defined once per
-(positions, values) pair and shared by all layers, so any ONNX runtime can run the file;
-onnxruntime inlines it and constant-folds the decode when the session is created, so inference
-then runs on the dense weight.
+Each group of initializers that share a codec (one `Compact` holding K tensors) becomes its
+arrays (for the g-th group: `g.p` positions, `g.r` Rice remainder planes, `g.w` the Rice
+powers 1, 2, .., 2^(k-1), `g.v` values, `g.s` int8 scales or `g.c` int4 codebooks, and the
+per-tensor tables `g.n` numel and, where the values need them, `g.e` first entry, `g.f` first
+element, `g.l` row length, `g.q` first scale or `g.b` first codebook entry of each tensor) and
+a few standard-op nodes that compute
 
-Decode recipe (all index arithmetic int64):
-  gap8/16: idx = CumSum(Cast(p) + 1) - 1                      (linear index of every entry)
-  rice:    z = TopK(bits(p), #ones) positions of the unary terminators, r = 2^j @ planes,
-           idx = 2^k * z + CumSum(r - (2^k - 1)) + (2^k - 1)   (see ticketc.formats.rice)
-  values:  fp32 as is | fp16, int8 Cast | int4 Gather(codebook, nibbles)
-  dense:   Reshape(ScatterElements(zeros[numel], idx, values), shape)
-  bitmask: dense = Gather([0, values...], CumSum(bits) * bits)   (bits little-endian in a byte)
-  int8:    y = dense * scale[rows, 1, ...]
-NonZero and Compress are avoided on purpose: onnxruntime does not constant-fold ops whose
-output shape depends on data, and the decode would then run on every inference.
+    g.y = all K tensors, flat;  Split(g.y, g.n) -> g.0, g.1, ...;  Reshape(g.t, shape) -> W_t
 
-Size choices (they matter: a 3.6 %-dense Lenet-300-100 is ~15 KB in int4): the shape is an
-attribute referenced from the function body (14 B per layer for [300, 784], against 48 B for
-an int64 shape initializer plus its input name), constants are shared and use the short
-`value_int(s)` forms, nothing has a doc string, and intermediate names are one or two letters.
+so every initializer keeps its own name and the rest of the graph is unchanged. Any ONNX
+runtime runs the file; onnxruntime constant-folds the decode when it creates the session, and
+inference then runs on dense weights. One decoder per group, not per tensor, and nodes
+inlined in the graph (no FunctionProto, constants as initializers) keep session creation
+close to the dense file's: folding costs ~15 us per node on top of the work itself, and the
+work is mostly the bytes of the intermediate tensors, so the decoder keeps them few and int32.
+
+Decode recipe (index arithmetic in int32: a group never reaches 2^31 elements):
+  bits(x):  Gather(LUT[256, 8], x): the little-endian bits of every byte
+  ones(b):  the indices of the set bits of b in order: each set bit is scattered to its rank
+            among them (opset >= 18: clear bits all to the last slot, reduction="max";
+            before: to their own slots after the set ones, a permutation)
+  rice:     z = ones(bits(p)) (the unary terminators), r = w @ bits(planes),
+            idx = 2^k * z + CumSum(r - (2^k - 1)) + (2^k - 1)   (see ticketc.formats.rice)
+  bitmask:  every element gathers [0, values...][CumSum(bits) * bits] (int8: idx = ones(bits))
+  dense:    every element is an entry
+  values:   fp kinds Cast | int8 codes * scale[row of entry] | int4 codebook[tensor][code],
+            the tensor of an entry being CumSum of a mark at each tensor's first entry
+  output:   ScatterElements(zeros[N], idx, values) (or the gather), Cast to the graph's type
+NonZero, Compress and TopK are avoided on purpose: onnxruntime does not constant-fold the
+first two (data-dependent shapes), and TopK is 10x slower than the scatter on large streams.
+
+The file's "ticketc" metadata names each group's prefix and codec ("0." -> "rice+int4"); its
+arrays and the Split / Reshape nodes after it are all a reader needs (`read_portable`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ticketc.formats.compact import POSITIONS_KINDS, VALUES_KINDS, Compact
-from ticketc.formats.rice import MAX_K as _MAX_RICE_K
+from ticketc.formats.compact import FLOAT_KINDS, POSITIONS_KINDS, VALUES_KINDS, Compact
 
-__all__ = ["DOMAIN", "decode_function", "function_name", "read_portable", "to_portable"]
+__all__ = [
+    "MIN_OPSET",
+    "Group",
+    "StoredGroup",
+    "codec_name",
+    "decoder_nbytes",
+    "default_opset",
+    "group_arrays",
+    "parse_codec",
+    "read_portable",
+    "write_portable_",
+]
 
-DOMAIN = "ticketc"
-MIN_OPSET = 13  # Unsqueeze/ReduceSum/Slice with tensor inputs, as used below
-_SHAPE_ATTR = "t"
+MIN_OPSET = 13  # Split / ReduceSum / Unsqueeze take their sizes and axes as inputs
+
+# ONNX element type of each float value kind, and back
+ONNX_TYPE = {
+    "fp64": TensorProto.DOUBLE,
+    "fp32": TensorProto.FLOAT,
+    "bf16": TensorProto.BFLOAT16,
+    "fp16": TensorProto.FLOAT16,
+}
+KIND_OF_ONNX_TYPE = {v: k for k, v in ONNX_TYPE.items()}
+_INDEX = TensorProto.INT32
 
 
-def function_name(positions_kind: str, values_kind: str) -> str:
-    """`Decode<Positions><Values>`, e.g. DecodeGap8Int4."""
-    return "Decode" + positions_kind.capitalize() + values_kind.capitalize()
+@dataclass(frozen=True)
+class Group:
+    """Initializers stored in one `Compact` stream: `names[t]` is tensor t of `compact`;
+    `out_kind` is the float kind the graph holds them in ("fp32", "fp16", ...)."""
+
+    names: tuple[str, ...]
+    compact: Compact
+    out_kind: str
 
 
-# Short names for function-body tensors (the inputs and output use p, r, v, s, c, y).
-_LETTERS = "abdefghijklmnoqtuwxzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+@dataclass(frozen=True)
+class StoredGroup:
+    """A group as read back from a file, with the names of its stored arrays."""
+
+    names: tuple[str, ...]
+    compact: Compact
+    out_kind: str
+    arrays: tuple[str, ...]  # initializer names of the streams and tables
 
 
-class _Body:
-    """Accumulates function-body nodes with one- or two-letter tensor names."""
+def _work_kind(values_kind: str) -> str:
+    return "fp64" if values_kind == "fp64" else "fp32"
 
-    def __init__(self) -> None:
+
+def codec_name(positions_kind: str, values_kind: str, out_kind: str) -> str:
+    """ "rice+int4", or "rice+int4>fp16" when the graph holds the tensors in another type."""
+    name = f"{positions_kind}+{values_kind}"
+    return name if out_kind == _work_kind(values_kind) else f"{name}>{out_kind}"
+
+
+def parse_codec(name: str) -> tuple[str, str, str]:
+    """(positions kind, values kind, out kind) of a `codec_name`; ValueError if malformed."""
+    codec, _, out = name.partition(">")
+    positions_kind, _, values_kind = codec.partition("+")
+    if positions_kind not in POSITIONS_KINDS or values_kind not in VALUES_KINDS:
+        raise ValueError(f"unknown codec {name!r}")
+    out = out or _work_kind(values_kind)
+    if out not in ONNX_TYPE:
+        raise ValueError(f"unknown output type in codec {name!r}")
+    return positions_kind, values_kind, out
+
+
+def _gathers(positions_kind: str, values_kind: str) -> bool:
+    """Whether a group decodes by gathering every element from [0, values...] at its rank
+    among the set bits: a bitmask's cheapest decode (no compaction, no scatter), for values
+    that need no entry positions (all but int8's rows). Its flat output is as long as the
+    bitmask's bits: `n` then lists the padding as a last piece, which the Split drops."""
+    return positions_kind == "bitmask" and values_kind != "int8"
+
+
+def _array_names(positions_kind: str, values_kind: str, tensors: int) -> list[str]:
+    """Suffixes of a group's arrays, in order, for its codec and number of tensors."""
+    names = [] if positions_kind == "dense" else ["p"]
+    names += ["r", "w"] if positions_kind == "rice" else []
+    names += ["v"]
+    names += {"int8": ["s"], "int4": ["c"]}.get(values_kind, [])
+    names += ["n"]
+    if values_kind == "int8":
+        names += ["l"] + (["e", "f", "q"] if tensors > 1 else [])
+    if values_kind == "int4" and tensors > 1:
+        names += ["e", "b"]
+    return names
+
+
+def group_arrays(prefix: str, codec: str, tensors: int) -> list[str]:
+    """The initializer names of a stored group's arrays."""
+    return [prefix + k for k in _array_names(*parse_codec(codec)[:2], tensors)]
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    """Exclusive prefix sums as int32: where each tensor's part of a stream begins."""
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
+
+
+def _arrays(c: Compact) -> dict[str, np.ndarray]:
+    rows = c.scale_rows if c.scale_rows is not None else np.ones(len(c.shapes), np.int64)
+    gathers = _gathers(c.positions_kind, c.values_kind)
+    data: dict[str, np.ndarray | None] = {
+        "p": c.positions,
+        "r": c.remainders,
+        "w": None
+        if c.remainders is None
+        else (1 << np.arange(c.remainders.shape[0])).astype(np.int32),
+        "v": c.values,
+        "s": c.scale,
+        "c": c.codebook,
+        "n": np.append(c.numel, 8 * c.positions.size - c.total) if gathers else c.numel,
+        "l": (c.numel // np.maximum(rows, 1)).astype(np.int32),
+        "e": _starts(c.entries),
+        "f": _starts(c.numel),
+        "q": _starts(rows),
+        "b": None if c.codebook_sizes is None else _starts(c.codebook_sizes),
+    }
+    names = _array_names(c.positions_kind, c.values_kind, len(c.shapes))
+    return {k: v for k in names if (v := data[k]) is not None}
+
+
+# temporaries: letters that are no array suffix (p r w v s c n l e f q b y x)
+_LETTERS = "adghijkmotuzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class _Graph:
+    """Accumulates decoder nodes and shared constants (as initializers) for one file."""
+
+    def __init__(self, base: str, opset: int = 18) -> None:
+        self.base = base
+        self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._consts: dict[tuple[Any, ...], str] = {}
+        self._lut = ""
+        self._prefix = ""
         self._count = 0
-        self._consts: dict[tuple[int, ...] | int, str] = {}
+
+    def start(self, prefix: str) -> None:
+        self._prefix, self._count = prefix, 0
 
     def fresh(self) -> str:
         n, self._count = self._count, self._count + 1
-        if n < len(_LETTERS):
-            return _LETTERS[n]
-        return _LETTERS[n // len(_LETTERS) - 1] + _LETTERS[n % len(_LETTERS)]
+        width = len(_LETTERS)
+        letters = _LETTERS[n] if n < width else _LETTERS[n // width - 1] + _LETTERS[n % width]
+        return self._prefix + letters
 
-    def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
-        out = self.fresh()
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
-        return out
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs: Any) -> str:
+        name = out or self.fresh()
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], **attrs))
+        return name
 
-    def const(self, value: int | list[int]) -> str:
-        """An int64 constant, a scalar or 1-D (the shortest Constant encodings), made once."""
-        key = tuple(value) if isinstance(value, list) else value
+    def const(self, value: int | list[int], dtype: Any = np.int32) -> str:
+        """A shared constant initializer, a scalar or 1-D, made once per file."""
+        key = (tuple(value) if isinstance(value, list) else value, np.dtype(dtype).str)
         if key not in self._consts:
-            if isinstance(value, list):
-                self._consts[key] = self.op("Constant", value_ints=value)
-            else:
-                self._consts[key] = self.op("Constant", value_int=value)
+            name = f"{self.base}k{len(self._consts)}"
+            self._consts[key] = name
+            self.inits.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))
         return self._consts[key]
 
-    def bits(self, packed: str) -> str:
-        """Unpack uint8 `packed` [..., n] little-endian into int64 bits [..., n, 8]."""
-        wide = self.op("Cast", packed, to=TensorProto.INT64)
-        column = self.op("Unsqueeze", wide, self.const([-1]))
-        weights = self.const([1 << j for j in range(8)])
-        return self.op("Mod", self.op("Div", column, weights), self.const(2))
+    def bits(self, packed: str, keep_leading: bool = False) -> str:
+        """int32 bits of uint8 `packed`, little-endian: [8 n] for 1-D, [rows, 8 n] for 2-D."""
+        if not self._lut:
+            prefix, count = self._prefix, self._count
+            self.start(self.base + "L")
+            byte = self.op("Range", self.const(0), self.const(256), self.const(1))
+            column = self.op("Unsqueeze", byte, self.const([-1], np.int64))
+            weights = self.const([1 << j for j in range(8)])
+            self._lut = self.op("Mod", self.op("Div", column, weights), self.const(2))
+            self._prefix, self._count = prefix, count
+        bits = self.op("Gather", self._lut, self.op("Cast", packed, to=TensorProto.INT32))
+        return self.op("Reshape", bits, self.const([0, -1] if keep_leading else [-1], np.int64))
 
+    def cumsum(self, x: str) -> str:
+        return self.op("CumSum", x, self.const(0))
 
-def _gap_index(b: _Body) -> str:
-    # One constant serves three uses: p - (-1) = gap, CumSum over axis -1 (the only axis),
-    # cumulative sum + (-1) = 0-based linear index.
-    minus_one = b.const(-1)
-    gaps = b.op("Sub", b.op("Cast", "p", to=TensorProto.INT64), minus_one)
-    return b.op("Add", b.op("CumSum", gaps, minus_one), minus_one)
+    def ones(self, bits: str) -> tuple[str, str]:
+        """(indices of the set bits of 1-D int32 `bits` in order, their count as int32 [1]).
 
-
-def _rice_index(b: _Body, opset: int) -> tuple[str, str]:
-    """(linear index [m], entry count m as [1]) of Rice-coded gaps; see ticketc.formats.rice."""
-    unary = b.op("Reshape", b.bits("p"), b.const([-1]))  # entry i ends at its terminator z_i
-    count = b.op("ReduceSum", unary)  # [1]: one terminator per entry
-    # TopK breaks ties by lower index (ONNX spec), so the m ones come out in bit order; unlike
-    # NonZero its output shape is known once count is, so onnxruntime still constant-folds it.
-    z = b.fresh()
-    # (largest=1 and sorted=1 are TopK's defaults: not written.)
-    b.nodes.append(helper.make_node("TopK", [unary, count], [b.fresh(), z]))
-    # [k, 8 * bytes]: bit j of every remainder (k >= 1, so the 0 in [0, -1] copies a nonzero
-    # dim, which shape inference requires).
-    planes = b.op("Reshape", b.bits("r"), b.const([0, -1]))
-    if opset >= 15:  # Shape's end attribute saves a Slice and a constant
-        k = b.op("Shape", "r", end=1)
-    else:
-        k = b.op("Slice", b.op("Shape", "r"), b.const([0]), b.const([1]))
-    powers = b.op("Slice", b.const([1 << j for j in range(_MAX_RICE_K)]), b.const([0]), k)
-    remainder = b.op("Slice", b.op("MatMul", powers, planes), b.const([0]), count)
-    minus_one = b.const(-1)
-    m_minus_1 = b.op("ReduceSum", powers, keepdims=0)  # 2^k - 1
-    scale = b.op("Sub", m_minus_1, minus_one)  # 2^k
-    offsets = b.op("CumSum", b.op("Sub", remainder, m_minus_1), minus_one)
-    index = b.op("Add", b.op("Add", b.op("Mul", scale, z), offsets), m_minus_1)
-    return index, count
-
-
-def decode_function(positions_kind: str, values_kind: str, opset: int) -> onnx.FunctionProto:
-    """The FunctionProto that decodes one `Compact` layout to a dense float32 tensor.
-
-    Inputs: p (positions; for rice the unary stream), r (rice only: remainder bit planes),
-    v (values), then s (fp16 scale, int8) or c (fp16 codebook, int4). Attribute t: the dense
-    shape (ints). Output: y, float32 of shape t.
-
-    Index arithmetic is int64 throughout: correct past numel = 2**31, one function per kind
-    (no int32 twin), and constants fit the short `value_int(s)` form; the cost is only
-    temporary memory while onnxruntime folds the decode (8 B per stored entry).
-    """
-    if opset < MIN_OPSET:
-        raise ValueError(f"the portable decoder needs ONNX opset >= {MIN_OPSET}, model has {opset}")
-    if positions_kind not in POSITIONS_KINDS:
-        raise ValueError(f"unknown positions kind {positions_kind!r}")
-    if values_kind not in VALUES_KINDS:
-        raise ValueError(f"unknown values kind {values_kind!r}")
-    b = _Body()
-    shape = b.fresh()
-    shape_node = helper.make_node("Constant", [], [shape])
-    shape_node.attribute.append(
-        helper.make_attribute_ref("value_ints", onnx.AttributeProto.INTS, ref_attr_name=_SHAPE_ATTR)
-    )
-    b.nodes.append(shape_node)
-    numel = b.op("ReduceProd", shape)  # [1]
-
-    # Values of the stored entries as float32, in storage order (fillers decode to 0).
-    if values_kind == "fp32":
-        values = "v"
-    elif values_kind in ("fp16", "int8"):
-        values = b.op("Cast", "v", to=TensorProto.FLOAT)
-    else:
-        # int4: byte k holds entry k (low nibble) and entry k + h (high nibble).
-        codes = b.op("Cast", "v", to=TensorProto.INT64)  # Gather wants int32/int64 indices
-        sixteen = b.const(16)
-        nibbles = b.op("Concat", b.op("Mod", codes, sixteen), b.op("Div", codes, sixteen), axis=0)
-        values = b.op("Gather", b.op("Cast", "c", to=TensorProto.FLOAT), nibbles)
-
-    if positions_kind == "bitmask":
-        # NonZero would keep onnxruntime from constant-folding the decode (data-dependent
-        # shape), so gather instead: element j takes entry rank(j) - 1 where its bit is set,
-        # the prepended 0 where not; rank = inclusive CumSum of the bits.
-        zero = b.const([0])
-        flat = b.op("Reshape", b.bits("p"), b.const([-1]))
-        bits = b.op("Slice", flat, zero, numel)  # drop the last byte's padding
-        rank = b.op("Mul", b.op("CumSum", bits, b.const(-1)), bits)
-        table = b.op("Concat", b.op("ConstantOfShape", b.op("Shape", zero)), values, axis=0)
-        dense = b.op("Gather", table, rank)
-    else:
-        if positions_kind == "rice":
-            index, count = _rice_index(b, opset)
+        Needs a clear bit after the last set one (Compact pads its streams so)."""
+        count = self.op("ReduceSum", bits)
+        rank = self.cumsum(bits)  # set bits up to and including each position
+        size = self.op("Cast", self.op("Size", bits), to=_INDEX)
+        positions = self.op("Range", self.const(0), size, self.const(1))
+        if self.opset >= 18:
+            # set bit -> slot rank - 1; clear bits -> the last slot (-1), keeping their largest
+            # position: defined for duplicates with reduction="max", and never read back
+            target = self.op("Sub", self.op("Mul", bits, rank), self.const(1))
+            scattered = self.op("ScatterElements", positions, target, positions, reduction="max")
         else:
-            index = _gap_index(b)
-            count = b.op("Shape", index) if values_kind == "int4" else ""
-        if values_kind == "int4":  # drop the padding nibble when the entry count is odd
-            values = b.op("Slice", values, b.const([0]), count)
-        zeros = b.op("ConstantOfShape", numel)  # float32 zeros by default
-        dense = b.op("ScatterElements", zeros, index, values)
+            # set bit -> rank - 1; clear bit -> count + (clear bits before it): a permutation
+            target = self.op(
+                "Where",
+                self.op("Cast", bits, to=TensorProto.BOOL),
+                self.op("Sub", rank, self.const(1)),
+                self.op("Add", count, self.op("Sub", positions, rank)),
+            )
+            scattered = self.op("ScatterElements", positions, target, positions)
+        return self.op("Slice", scattered, self.const([0]), count), count
 
-    if values_kind == "int8":
-        # s arrives shaped [rows, 1, ...] (the weight's rank): one broadcast Mul dequantises per
-        # row, the same single fp32 product as Compact.to_dense. (DequantizeLinear would do too,
-        # but onnx.reference lacks it before opset 19.)
-        dense = b.op("Reshape", dense, shape)
-        scale = b.op("Cast", "s", to=TensorProto.FLOAT)
-        b.nodes.append(helper.make_node("Mul", [dense, scale], ["y"]))
+
+def _decode(g: _Graph, prefix: str, c: Compact, out_kind: str, flat: str) -> None:
+    """Nodes that compute all of `c`'s tensors, flat and in `out_kind`, into `flat`."""
+    a = {k: prefix + k for k in _arrays(c)}
+    g.start(prefix)
+    work = ONNX_TYPE[_work_kind(c.values_kind)]
+    gathered = _gathers(c.positions_kind, c.values_kind)
+    total = "" if gathered else g.op("ReduceSum", a["n"])  # int64 [1]
+    index = count = rank = ""
+    if c.positions_kind == "rice":
+        z, count = g.ones(g.bits(a["p"]))
+        planes = g.bits(a["r"], keep_leading=True)  # [k, 8 * bytes]: bit j of each remainder
+        remainder = g.op("Slice", g.op("MatMul", a["w"], planes), g.const([0]), count)
+        m_minus_1 = g.op("ReduceSum", a["w"], keepdims=0)  # 2^k - 1
+        offsets = g.cumsum(g.op("Sub", remainder, m_minus_1))
+        scaled = g.op("Mul", g.op("Add", m_minus_1, g.const(1)), z)
+        index = g.op("Add", g.op("Add", scaled, offsets), m_minus_1)
+    elif gathered:
+        bits = g.bits(a["p"])
+        count = g.op("ReduceSum", bits)
+        rank = g.op("Mul", g.cumsum(bits), bits)  # element -> its entry + 1, or 0
+    elif c.positions_kind == "bitmask":
+        index, count = g.ones(g.bits(a["p"]))
     else:
-        b.nodes.append(helper.make_node("Reshape", [dense, shape], ["y"]))
+        count = g.op("Cast", total, to=_INDEX)
+        if c.values_kind == "int8":
+            size = g.op("Cast", g.op("ReduceSum", a["n"], keepdims=0), to=_INDEX)
+            index = g.op("Range", g.const(0), size, g.const(1))
 
-    inputs = ["p"] + (["r"] if positions_kind == "rice" else []) + ["v"]
-    inputs += {"int8": ["s"], "int4": ["c"]}.get(values_kind, [])
-    return helper.make_function(
-        DOMAIN,
-        function_name(positions_kind, values_kind),
-        inputs,
-        ["y"],
-        b.nodes,
-        [helper.make_opsetid("", opset)],
-        attributes=[_SHAPE_ATTR],
-    )
+    segment = ""
+    if "e" in a:
+        # the tensor of every entry: a mark at the first entry of tensors 1.., summed up
+        # (the first tensor starts at 0, where the scatter writes the 0 it already holds)
+        length = g.op("Cast", count, to=TensorProto.INT64)
+        zeros = g.op("ConstantOfShape", length, value=_zero(_INDEX))
+        marks = g.op("ScatterElements", zeros, a["e"], a["e"])
+        segment = g.cumsum(g.op("Min", marks, g.const(1)))
+
+    def per_entry(table: str) -> str:
+        return g.op("Gather", table, segment) if segment else table
+
+    if c.values_kind in FLOAT_KINDS:
+        same = c.values_kind == _work_kind(c.values_kind)
+        values = a["v"] if same else g.op("Cast", a["v"], to=work)
+    elif c.values_kind == "int8":
+        local = g.op("Sub", index, per_entry(a["f"])) if segment else index
+        row = g.op("Div", local, per_entry(a["l"]))
+        if segment:
+            row = g.op("Add", row, per_entry(a["q"]))
+        scale = g.op("Gather", g.op("Cast", a["s"], to=TensorProto.FLOAT), row)
+        values = g.op("Mul", g.op("Cast", a["v"], to=TensorProto.FLOAT), scale)
+    else:
+        # byte j holds entry j (low nibble) and entry j + h (high nibble)
+        codes = g.op("Cast", a["v"], to=_INDEX)
+        sixteen = g.const(16)
+        nibbles = g.op("Concat", g.op("Mod", codes, sixteen), g.op("Div", codes, sixteen), axis=0)
+        code = g.op("Slice", nibbles, g.const([0]), count)  # drop an odd count's padding nibble
+        if segment:
+            code = g.op("Add", code, per_entry(a["b"]))
+        values = g.op("Gather", g.op("Cast", a["c"], to=TensorProto.FLOAT), code)
+
+    out = ONNX_TYPE[out_kind]
+    if gathered:
+        zero = g.const([0], helper.tensor_dtype_to_np_dtype(work))
+        table = g.op("Concat", zero, values, axis=0)
+        values = g.op("Gather", table, rank, out=flat if out == work else None)
+    elif c.positions_kind != "dense":
+        zeros = g.op("ConstantOfShape", total, value=_zero(work))
+        values = g.op("ScatterElements", zeros, index, values, out=flat if out == work else None)
+    if out != work:
+        g.op("Cast", values, out=flat, to=out)
+    elif values != flat:
+        g.op("Identity", values, out=flat)
 
 
-def _default_opset(model: onnx.ModelProto) -> int:
+def decoder_nbytes(positions_kind: str, values_kind: str, out_kind: str = "fp32") -> int:
+    """Bytes a group of this codec adds to a file beyond its streams: its decoder's nodes and
+    constants (the bit table and the constants it shares with other groups counted in full)."""
+    dense = np.zeros((2, 8), dtype=np.float32)
+    dense[0, 1] = dense[1, 3] = 1.0
+    c = Compact.from_dense([dense, dense], values_kind, positions_kind)
+    g = _Graph("~")
+    _decode(g, "~0.", c, out_kind, "~0.y")
+    names = _array_names(positions_kind, values_kind, 2)
+    headers = sum(len(n) + 8 for n in names)  # each array's name, type and dims
+    return sum(n.ByteSize() for n in g.nodes) + sum(i.ByteSize() for i in g.inits) + headers
+
+
+def _zero(dtype: int) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.zeros(1, helper.tensor_dtype_to_np_dtype(dtype)))
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset; ValueError when it imports none."""
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
             return int(entry.version)
     raise ValueError("model imports no default ONNX opset")
 
 
-def _arrays(prefix: str, weight: Compact) -> list[tuple[str, np.ndarray]]:
-    arrays = [(prefix + "p", weight.positions)]
-    if weight.remainders is not None:
-        arrays.append((prefix + "r", weight.remainders))
-    arrays.append((prefix + "v", weight.values))
-    if weight.scale is not None:
-        # Shaped [rows, 1, ...] so the decoder's Mul broadcasts it over each row.
-        rank = len(weight.shape)
-        arrays.append((prefix + "s", weight.scale.reshape((-1,) + (1,) * (rank - 1))))
-    if weight.codebook is not None:
-        arrays.append((prefix + "c", weight.codebook))
-    return arrays
+_OURS = set("0123456789kLs")
 
 
-def _prefixes(names: list[str], taken: set[str]) -> list[str]:
-    """Short prefixes for the stored arrays: "0." -> "0.p", "0.v", ... (each name is written
-    twice, and long ones like "features.3.weight.p" add up at a 10-15 KB file size). Falls
-    back to the full tensor name if a short one would collide with the graph's own names."""
-    short = [f"{i}." for i in range(len(names))]
-    if any(p + suffix in taken for p in short for suffix in "prvsch"):
-        return [name + "." for name in names]
-    return short
+def _prefix(taken: set[str]) -> str:
+    """A prefix for the decoders' names (groups "0.", constants "k", shapes "s", the bit table
+    "L") under which no name is already taken in the graph."""
+    for candidate in ("", "~", "ticketc."):
+        if not any(n.startswith(candidate) and n[len(candidate) :][:1] in _OURS for n in taken):
+            return candidate
+    return "ticketc~"
 
 
-def to_portable(
-    model: onnx.ModelProto, weights: dict[str, Compact], half: Iterable[str] = ()
-) -> onnx.ModelProto:
-    """A copy of `model` whose initializers named in `weights` are stored compactly.
+def write_portable_(
+    model: onnx.ModelProto, groups: Sequence[Group], zeros: Sequence[tuple[str, int]] = ()
+) -> dict[str, str]:
+    """Store the initializers named in `groups` compactly and `zeros` as ConstantOfShape, in place.
 
-    Each such float32 initializer is replaced by the `Compact` arrays and one decode node whose
-    output keeps the original name, so the rest of the graph is unchanged. Initializers named
-    in `half` (e.g. biases in lossy modes) are stored as fp16 and Cast back to float32.
-    The decoded fp32 weights are bit-identical to `Compact.to_dense()`.
+    Each group's initializers are removed and computed by its decoder under their own names,
+    so the rest of the graph is unchanged (the initializer may already hold no data: only its
+    name, type and shape are read). `zeros` lists (name, ONNX type) of all-zero initializers.
+    The decoded tensors equal `Compact.to_dense()` cast to the graph's type. Returns each
+    group's prefix -> codec name, for the file's metadata (`read_portable` needs it).
+    Raises ValueError when a name is not an initializer, or its shape or type disagrees, or
+    the model's opset is below MIN_OPSET.
     """
-    half = list(half)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    opset = _default_opset(out)
+    graph = model.graph
+    opset = default_opset(model)
+    if groups and opset < MIN_OPSET:
+        raise ValueError(f"the portable decoder needs ONNX opset >= {MIN_OPSET}, model has {opset}")
     by_name = {init.name: init for init in graph.initializer}
-    for name in [*weights, *half]:
-        if name not in by_name:
-            raise ValueError(f"initializer {name!r} is not in the model")
-        if by_name[name].data_type != TensorProto.FLOAT:
-            raise ValueError(f"initializer {name!r} is not float32")
-    overlap = set(weights) & set(half)
-    if overlap:
-        raise ValueError(f"initializers {sorted(overlap)} are both compact and half")
+    replaced: list[str] = []
+    for group in groups:
+        c = group.compact
+        if c.total >= 2**31:
+            raise ValueError(f"a group of {c.total} elements exceeds int32 indices")
+        if len(c.shapes) > 1 and c.values_kind in ("int8", "int4") and (c.entries == 0).any():
+            raise ValueError("every tensor of an int8 / int4 group needs an entry")
+        for name, shape in zip(group.names, c.shapes, strict=True):
+            _check_target(by_name, name, shape, ONNX_TYPE[group.out_kind])
+            replaced.append(name)
+    for name, dtype in zeros:
+        _check_target(by_name, name, tuple(by_name[name].dims) if name in by_name else (), dtype)
+        replaced.append(name)
+    if len(set(replaced)) != len(replaced):
+        raise ValueError("an initializer is listed twice")
 
-    new_inits: list[onnx.TensorProto] = []
-    new_nodes: list[onnx.NodeProto] = []
-    functions: dict[str, onnx.FunctionProto] = {}
     taken = {n for node in graph.node for n in [*node.input, *node.output]} | set(by_name)
-    prefixes = _prefixes([*weights, *half], taken)
-    for prefix, (name, weight) in zip(prefixes, weights.items(), strict=False):
-        if not isinstance(weight, Compact):
-            raise TypeError(f"weights[{name!r}] must be a Compact, got {type(weight).__name__}")
-        dims = tuple(by_name[name].dims)
-        if dims != weight.shape:
-            raise ValueError(f"weights[{name!r}] has shape {weight.shape}, initializer has {dims}")
-        fn = function_name(weight.positions_kind, weight.values_kind)
-        if fn not in functions:
-            functions[fn] = decode_function(weight.positions_kind, weight.values_kind, opset)
-        arrays = _arrays(prefix, weight)
-        new_inits += [numpy_helper.from_array(a, n) for n, a in arrays]
-        node = helper.make_node(fn, [n for n, _ in arrays], [name], domain=DOMAIN)
-        node.attribute.append(helper.make_attribute(_SHAPE_ATTR, list(weight.shape)))
-        new_nodes.append(node)
-    for prefix, name in zip(prefixes[len(weights) :], half, strict=True):
-        source = numpy_helper.to_array(by_name[name])
-        new_inits.append(numpy_helper.from_array(source.astype(np.float16), prefix + "h"))
-        new_nodes.append(helper.make_node("Cast", [prefix + "h"], [name], to=TensorProto.FLOAT))
+    g = _Graph(_prefix(taken), opset)
+    shapes: dict[tuple[int, ...], str] = {}
 
-    replaced = set(weights) | set(half)
-    kept = [init for init in graph.initializer if init.name not in replaced]
+    def shape_constant(shape: tuple[int, ...]) -> str:
+        if shape not in shapes:
+            shapes[shape] = f"{g.base}s{len(shapes)}"
+            g.inits.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), shapes[shape]))
+        return shapes[shape]
+
+    codecs: dict[str, str] = {}
+    for index, group in enumerate(groups):
+        c, prefix = group.compact, f"{g.base}{index}."
+        codecs[prefix] = codec_name(c.positions_kind, c.values_kind, group.out_kind)
+        g.inits += [numpy_helper.from_array(array, prefix + k) for k, array in _arrays(c).items()]
+        flat = prefix + "y"
+        _decode(g, prefix, c, group.out_kind, flat)
+        pieces = [flat]
+        gathers = _gathers(c.positions_kind, c.values_kind)
+        if len(c.shapes) > 1 or gathers:
+            # a vector needs no Reshape: the Split gives it its own name
+            pieces = [
+                name if len(shape) == 1 else f"{prefix}{t}"
+                for t, (name, shape) in enumerate(zip(group.names, c.shapes, strict=True))
+            ]
+            padding = [prefix + "x"] if gathers else []
+            g.nodes.append(helper.make_node("Split", [flat, prefix + "n"], pieces + padding))
+        for piece, name, shape in zip(pieces, group.names, c.shapes, strict=True):
+            if piece != name:
+                g.nodes.append(helper.make_node("Reshape", [piece, shape_constant(shape)], [name]))
+    for name, dtype in zeros:
+        shape = tuple(by_name[name].dims)
+        g.nodes.append(
+            helper.make_node("ConstantOfShape", [shape_constant(shape)], [name], value=_zero(dtype))
+        )
+
+    gone = set(replaced)
+    kept = [init for init in graph.initializer if init.name not in gone]
     graph.ClearField("initializer")
-    graph.initializer.extend(kept + new_inits)
+    graph.initializer.extend(kept + g.inits)
     # Old IRs list initializers as graph inputs too; a computed tensor must not be an input.
-    inputs = [i for i in graph.input if i.name not in replaced]
+    inputs = [i for i in graph.input if i.name not in gone]
     graph.ClearField("input")
     graph.input.extend(inputs)
     nodes = list(graph.node)
     graph.ClearField("node")
-    graph.node.extend(new_nodes + nodes)  # decoders first keeps the graph topologically sorted
-    out.functions.extend(
-        f for f in functions.values() if f.name not in {g.name for g in out.functions}
-    )
-    if not any(entry.domain == DOMAIN for entry in out.opset_import):
-        out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    out.ir_version = max(out.ir_version, 8)  # model-local functions need IR 8
-    return out
+    graph.node.extend(g.nodes + nodes)  # decoders first keeps the graph topologically sorted
+    return codecs
 
 
-def read_portable(model: onnx.ModelProto) -> dict[str, Compact]:
-    """The `Compact` weights of a portable model, keyed by the decoded tensor's name.
+def _check_target(
+    by_name: dict[str, onnx.TensorProto], name: str, shape: tuple[int, ...], dtype: int
+) -> None:
+    if name not in by_name:
+        raise ValueError(f"initializer {name!r} is not in the model")
+    init = by_name[name]
+    if tuple(init.dims) != tuple(shape):
+        raise ValueError(f"{name!r} has shape {tuple(init.dims)}, its encoding {tuple(shape)}")
+    if init.data_type != dtype:
+        raise ValueError(
+            f"{name!r} is {TensorProto.DataType.Name(init.data_type)}, "
+            f"its encoding decodes to {TensorProto.DataType.Name(dtype)}"
+        )
 
-    The inverse of `to_portable` for the weights, in numpy (no runtime needed): use it to
-    inspect a file or decode it with `Compact.to_dense()`. `nnz` is recovered as the entries
-    that are not gap fillers (a maximal gap whose value decodes to 0).
+
+def read_portable(model: onnx.ModelProto, codecs: dict[str, str]) -> list[StoredGroup]:
+    """The groups of a portable model, read from its stored arrays (numpy, no runtime).
+
+    `codecs`: group prefix -> codec name, as `write_portable_` returned them (the file's
+    metadata keeps them). Each group's streams and tables become a `Compact`; its tensors'
+    names and shapes come from the Split / Reshape nodes after it. Decode a group with
+    `compact.to_dense()`. Raises ValueError on a missing array or a malformed group.
     """
-    kinds = {function_name(p, v): (p, v) for p in POSITIONS_KINDS for v in VALUES_KINDS}
     arrays = {init.name: init for init in model.graph.initializer}
-    found: dict[str, Compact] = {}
+    consumers: dict[str, onnx.NodeProto] = {}
     for node in model.graph.node:
-        if node.domain != DOMAIN or node.op_type not in kinds:
-            continue
-        positions_kind, values_kind = kinds[node.op_type]
-        names = list(node.input)
-        missing = [n for n in names if n not in arrays]
+        for name in node.input:
+            consumers.setdefault(name, node)
+    found = []
+    for prefix, codec in codecs.items():
+        positions_kind, values_kind, out_kind = parse_codec(codec)
+        if prefix + "n" not in arrays:
+            raise ValueError(f"group {prefix!r} ({codec}) lacks its table {prefix}n")
+        numel = numpy_helper.to_array(arrays[prefix + "n"]).astype(np.int64)
+        if _gathers(positions_kind, values_kind):
+            numel = numel[:-1]  # the last piece is the bitmask's padding
+        wanted = _array_names(positions_kind, values_kind, numel.size)
+        missing = [prefix + k for k in wanted if prefix + k not in arrays]
         if missing:
-            raise ValueError(f"decode node for {node.output[0]!r} reads missing arrays {missing}")
-        data = [numpy_helper.to_array(arrays[n]) for n in names]
-        remainders = data.pop(1) if positions_kind == "rice" else None
-        positions, values = data[0], data[1]
-        side = data[2] if len(data) > 2 else None
-        shape = next(tuple(a.ints) for a in node.attribute if a.name == _SHAPE_ATTR)
-        weight = Compact(
-            shape=shape,
+            raise ValueError(f"group {prefix!r} ({codec}) lacks arrays {missing}")
+        data = {k: numpy_helper.to_array(arrays[prefix + k]) for k in wanted}
+        names, shapes = _outputs(prefix, numel, consumers, arrays)
+        positions = data.get("p", np.zeros(0, dtype=np.uint8))
+        if positions_kind == "dense":
+            count = int(numel.sum())
+        else:
+            count = int(np.unpackbits(positions, bitorder="little").sum())
+        entries = _counts(data.get("e"), count)
+        if "e" not in data and numel.size > 1:  # no entry table: count each tensor's positions
+            index = Compact(
+                shapes, positions_kind, positions, "fp32", np.zeros(0), entries, data.get("r")
+            ).linear_indices()
+            tensor = np.searchsorted(np.cumsum(numel), index, side="right")
+            entries = np.bincount(tensor, minlength=numel.size).astype(np.int64)
+        compact = Compact(
+            shapes=shapes,
             positions_kind=positions_kind,
             positions=positions,
             values_kind=values_kind,
-            values=values,
-            nnz=0,
-            scale=side.reshape(-1) if values_kind == "int8" and side is not None else None,
-            codebook=side if values_kind == "int4" else None,
-            remainders=remainders,
+            values=data["v"],
+            entries=entries,
+            remainders=data.get("r"),
+            scale=data.get("s"),
+            scale_rows=None if "s" not in data else _counts(data.get("q"), data["s"].size),
+            codebook=data.get("c"),
+            codebook_sizes=None if "c" not in data else _counts(data.get("b"), data["c"].size),
         )
-        fillers = 0
-        if positions_kind in ("gap8", "gap16"):
-            maximal = positions == np.iinfo(positions.dtype).max
-            fillers = int((maximal & (weight.entry_values() == 0)).sum())
-        found[node.output[0]] = replace(weight, nnz=weight.entries - fillers)
+        found.append(StoredGroup(names, compact, out_kind, tuple(prefix + k for k in wanted)))
     return found
+
+
+def _counts(starts: np.ndarray | None, total: int) -> np.ndarray:
+    """Per-tensor counts from where each tensor's part begins (one tensor: the total)."""
+    if starts is None:
+        return np.array([total], dtype=np.int64)
+    return np.diff(np.append(starts.astype(np.int64), total))
+
+
+def _outputs(
+    prefix: str,
+    numel: np.ndarray,
+    consumers: dict[str, onnx.NodeProto],
+    arrays: dict[str, onnx.TensorProto],
+) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    """Names and shapes of a group's tensors, from the Split and Reshape nodes after it: a
+    piece named under the group's prefix is reshaped, any other is a vector's own name."""
+    flat = prefix + "y"
+    user = consumers.get(flat)
+    pieces = list(user.output) if user is not None and user.op_type == "Split" else [flat]
+    pieces = [p for p in pieces if p != prefix + "x"]  # a bitmask's padding
+    if len(pieces) != numel.size:
+        raise ValueError(f"group {flat!r} holds {numel.size} tensors, {len(pieces)} are used")
+    names: list[str] = []
+    shapes: list[tuple[int, ...]] = []
+    for piece, n in zip(pieces, numel, strict=True):
+        if not piece.startswith(prefix):
+            names.append(piece)
+            shapes.append((int(n),))
+            continue
+        reshape = consumers.get(piece)
+        if reshape is None or reshape.op_type != "Reshape" or reshape.input[1] not in arrays:
+            raise ValueError(f"decoded tensor {piece!r} is not reshaped to a stored shape")
+        names.append(reshape.output[0])
+        shapes.append(tuple(int(s) for s in numpy_helper.to_array(arrays[reshape.input[1]])))
+    return tuple(names), tuple(shapes)

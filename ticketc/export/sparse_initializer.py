@@ -19,6 +19,8 @@ tests/test_portable_sparse_initializer.py):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 import torch
@@ -36,12 +38,14 @@ def _sparse_tensor(name: str, dense: np.ndarray) -> onnx.SparseTensorProto:
 
 
 def to_sparse_initializer(
-    model: onnx.ModelProto, weights: dict[str, torch.Tensor], as_constant: bool = False
+    model: onnx.ModelProto,
+    weights: Mapping[str, torch.Tensor | np.ndarray],
+    as_constant: bool = False,
 ) -> onnx.ModelProto:
     """A copy of `model` with the initializers named in `weights` stored as COO sparse tensors.
 
-    `weights` maps initializer name -> the masked dense tensor (same shape; its zeros are
-    dropped). By default the tensors go to `graph.sparse_initializer` (passes
+    `weights` maps initializer name -> the dense tensor as the graph holds it (same shape and
+    type; its zeros are dropped). By default the tensors go to `graph.sparse_initializer` (passes
     `check_model`, not `full_check`; see the module docstring); with `as_constant=True` each is
     a `Constant(sparse_value=...)` node instead, which also passes `full_check`.
     """
@@ -53,10 +57,13 @@ def to_sparse_initializer(
     for name, weight in weights.items():
         if name not in by_name:
             raise ValueError(f"initializer {name!r} is not in the model")
-        if not isinstance(weight, torch.Tensor):
+        if isinstance(weight, torch.Tensor):
+            dense = weight.detach().cpu().numpy()
+        elif isinstance(weight, np.ndarray):
+            dense = weight
+        else:
             kind = type(weight).__name__
-            raise TypeError(f"weights[{name!r}] must be a torch.Tensor, got {kind}")
-        dense = weight.detach().cpu().numpy()
+            raise TypeError(f"weights[{name!r}] must be a torch.Tensor or numpy array, got {kind}")
         # dims and type only: the exporter may have dropped the dense data already
         target = by_name[name]
         target_dtype = helper.tensor_dtype_to_np_dtype(target.data_type)

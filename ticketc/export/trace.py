@@ -1,7 +1,10 @@
-"""torch -> ONNX (dynamo), and finding each pruned weight among the graph's initializers.
+"""torch -> ONNX (dynamo): typed inputs with dynamic batch and sequence axes, outputs named
+after their keys, and where each initializer came from.
 
 Works on the exporter's in-memory IR (onnx_ir), whose initializers still point at the torch
-tensors: nothing is copied until ticketc decides how each weight is stored.
+tensors: nothing is copied until ticketc decides how each weight is stored. Hugging Face
+models go through transformers' own ONNX exporter (its patches and cache handling); every
+other module through torch.export and torch.onnx.
 """
 
 from __future__ import annotations
@@ -12,41 +15,149 @@ import logging
 import re
 import traceback
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ticketc.errors import UserError
-from ticketc.masks import Masks
+from ticketc.inputs import TRACE_MIN_SIZE, ExampleInputs
+
+_FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+
+
+@dataclass
+class Traced:
+    """An exported graph and what the user should know about it."""
+
+    model: ir.Model
+    notes: list[str] = field(default_factory=list)
+    # initializer -> the PyTorch parameters and buffers it was made from, as torch.onnx
+    # recorded them (its own names, and the values its optimizer folded in)
+    sources: dict[str, list[str]] = field(default_factory=dict)
+
+
+def dynamic_axes(example: ExampleInputs) -> dict[str | int, list[int]]:
+    """The axes to export as dynamic: the batch (axis 0) of every input, and the sequence
+    (axis 1) of integer inputs of rank >= 2 (token ids, attention masks)."""
+    axes: dict[str | int, list[int]] = {}
+    keyed: list[tuple[str | int, torch.Tensor]] = [*enumerate(example.args)]
+    keyed += list(example.kwargs.items())
+    for key, t in keyed:
+        chosen = [0] if t.dim() >= 1 else []
+        if t.dim() >= 2 and not t.is_floating_point() and t.dtype != torch.bool:
+            chosen.append(1)
+        axes[key] = chosen
+    return axes
 
 
 def torch_to_onnx(
-    model: nn.Module, example_input: torch.Tensor, *, dynamic_batch: bool, opset: int | None
-) -> tuple[torch.onnx.ONNXProgram, list[str]]:
-    """torch.onnx (dynamo) with a dynamic batch dimension; names the layer that cannot export.
+    model: nn.Module,
+    example: ExampleInputs,
+    *,
+    dynamic: bool = True,
+    opset: int | None = None,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+) -> Traced:
+    """Export `model` on `example` to an ONNX IR model; one clear UserError when it cannot.
 
-    Returns the program and notes for the user (e.g. why the batch size had to be fixed).
+    Batch and sequence axes (see `dynamic_axes`) are exported dynamic when torch.export can
+    keep them so (a note says where it could not). Outputs are flattened (dicts, ModelOutput,
+    nested tuples) and named after their keys; `input_names` / `output_names` rename them.
     """
+    if _is_transformers_model(model):
+        traced = _transformers_to_onnx(model, example, dynamic=dynamic, opset=opset)
+    else:
+        traced = _plain_to_onnx(model, example, dynamic=dynamic, opset=opset)
+    _rename(traced.model.graph.inputs, input_names, "input")
+    _rename(traced.model.graph.outputs, output_names, "output")
+    static = [v.name for v in traced.model.graph.inputs if dynamic and _all_static(v)]
+    if static and not any(note.startswith("input shapes fixed") for note in traced.notes):
+        traced.notes.append(f"input shapes fixed by the model: {', '.join(map(str, static))}")
+    return traced
+
+
+def _all_static(value: ir.Value) -> bool:
+    shape = value.shape
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def _rename(values: Sequence[ir.Value], names: list[str] | None, what: str) -> None:
+    if names is None:
+        return
+    if len(names) != len(values):
+        raise UserError(
+            f"--{what}-names gives {len(names)} names, the model has {len(values)} {what}s"
+        )
+    if len(set(names)) != len(names):
+        raise UserError(f"--{what}-names repeats a name: {', '.join(names)}")
+    for value, name in zip(values, names, strict=True):
+        value.name = name
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
+
+
+def _dynamic_shapes(model: nn.Module, example: ExampleInputs) -> Any:
+    """`dynamic_shapes` for torch.export: Dim.AUTO on the axes of `dynamic_axes` (torch.export
+    keeps an axis static where the model needs it so). A tuple for positional inputs only, else
+    a dict by forward parameter name."""
+    auto = torch.export.Dim.AUTO
+    axes = dynamic_axes(example)
+    args = tuple({a: auto for a in axes[i]} or None for i in range(len(example.args)))
+    if not example.kwargs:
+        return args
+    import inspect
+
+    parameters = list(inspect.signature(model.forward).parameters)
+    spec: dict[str, Any] = dict(zip(parameters, args, strict=False))
+    spec.update({k: {a: auto for a in axes[k]} or None for k in example.kwargs})
+    return spec
+
+
+def _widened(example: ExampleInputs, dynamic: bool) -> ExampleInputs:
+    """The example with every dynamic axis of size 1 repeated to TRACE_MIN_SIZE."""
+    if not dynamic:
+        return example
+    axes = dynamic_axes(example)
+
+    def widen(key: str | int, t: torch.Tensor) -> torch.Tensor:
+        for axis in axes.get(key, []):
+            if t.shape[axis] < TRACE_MIN_SIZE:
+                t = torch.cat([t] * TRACE_MIN_SIZE, dim=axis)
+        return t
+
+    return ExampleInputs(
+        tuple(widen(i, t) for i, t in enumerate(example.args)),
+        {k: widen(k, v) for k, v in example.kwargs.items()},
+    )
+
+
+def _plain_to_onnx(
+    model: nn.Module, example: ExampleInputs, *, dynamic: bool, opset: int | None
+) -> Traced:
     notes: list[str] = []
     program = None
-    if dynamic_batch and example_input.dim() > 0:
-        # torch.export specialises dimensions of size 1, so trace the batch at size 2.
-        traced = example_input
-        if example_input.shape[0] == 1:
-            traced = example_input.expand(2, *example_input.shape[1:]).contiguous()
-        batch = torch.export.Dim("batch")
+    if dynamic and example.tensors():
+        traced = _widened(example, dynamic)
         try:
-            program = torch.export.export(model, (traced,), dynamic_shapes=({0: batch},))
+            with quiet():
+                program = torch.export.export(
+                    model, traced.args, traced.kwargs, dynamic_shapes=_dynamic_shapes(model, traced)
+                )
         except Exception as e:  # noqa: BLE001 - torch.export raises many types
-            notes.append(f"batch size fixed at {example_input.shape[0]}: {first_line(e)[:150]}")
+            notes.append(f"input shapes fixed at {example.describe()}: {first_line(e)[:150]}")
     if program is None:
         try:
-            program = torch.export.export(model, (example_input,))
+            with quiet():
+                program = torch.export.export(model, example.args, example.kwargs)
         except Exception as e:  # noqa: BLE001
             raise UserError(f"cannot trace the model with torch.export: {first_line(e)}") from e
     try:
@@ -57,7 +168,114 @@ def torch_to_onnx(
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot export to ONNX: {_blame(program, e)}") from e
     assert onnx_program is not None
-    return onnx_program, notes
+    onnx_model = onnx_program.model
+    names = _output_names(model, example)
+    if names is not None and len(names) == len(onnx_model.graph.outputs):
+        _name_outputs(onnx_model.graph, names)
+    return Traced(onnx_model, notes, _sources(onnx_model, model))
+
+
+def _output_names(model: nn.Module, example: ExampleInputs) -> list[str] | None:
+    """Names of the flattened outputs: their keys joined by "." ("logits", "hidden.0"); a
+    single tensor is "output", a top-level tuple's items "output0", "output1", ..."""
+    with torch.no_grad():
+        try:
+            out = example(model)
+        except Exception:  # noqa: BLE001 - the export already ran it; names are a nicety
+            return None
+    leaves, _ = pytree.tree_flatten_with_path(out)
+    names = []
+    for path, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        keys = [_key(k) for k in path]
+        if not keys:
+            names.append("output")
+        elif isinstance(path[0], pytree.SequenceKey):
+            names.append(".".join([f"output{keys[0]}", *keys[1:]]))
+        else:
+            names.append(".".join(keys))
+    return names
+
+
+def _key(key: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return re.sub(r"\W", "", str(key))
+
+
+def _name_outputs(graph: ir.Graph, names: list[str]) -> None:
+    """Name the graph's outputs; one that returns an input or an initializer as it is goes
+    through an Identity so that tensor keeps its own name."""
+    taken = {v.name for v in graph.inputs} | set(graph.initializers)
+    for index, (value, name) in enumerate(zip(list(graph.outputs), names, strict=True)):
+        if value.name == name:
+            continue
+        if value.is_graph_input() or value.name in taken or value.is_initializer():
+            identity = ir.node("Identity", [value])
+            output = identity.outputs[0]
+            output.shape, output.type = value.shape, value.type
+            graph.append(identity)
+            graph.outputs[index] = value = output
+        value.name = name
+
+
+def _transformers_to_onnx(
+    model: nn.Module, example: ExampleInputs, *, dynamic: bool, opset: int | None
+) -> Traced:
+    """transformers' own exporter: it patches what torch.export cannot trace in its models and
+    flattens caches; ModelOutput keys become the output names."""
+    try:
+        from transformers.exporters.exporter_onnx import OnnxConfig, OnnxExporter
+    except ImportError:  # an older transformers: the plain path
+        return _plain_to_onnx(model, example, dynamic=dynamic, opset=opset)
+    import inspect
+
+    inputs = dict(example.kwargs)
+    parameters = list(inspect.signature(model.forward).parameters)
+    inputs.update(zip(parameters, example.args, strict=False))
+    as_kwargs = ExampleInputs((), inputs)
+    notes: list[str] = []
+    onnx_model = None
+    if dynamic:
+        widened = _widened(as_kwargs, dynamic)
+        shapes = _dynamic_shapes(model, widened)
+        try:
+            with quiet():
+                onnx_model, _ = OnnxExporter().export_program(
+                    model,  # type: ignore[arg-type]
+                    dict(widened.kwargs),
+                    OnnxConfig(dynamic_shapes=shapes, opset_version=opset),
+                )
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"input shapes fixed at {example.describe()}: {first_line(e)[:150]}")
+    if onnx_model is None:
+        try:
+            with quiet():
+                onnx_model, _ = OnnxExporter().export_program(
+                    model,  # type: ignore[arg-type]
+                    dict(inputs),
+                    OnnxConfig(opset_version=opset),
+                )
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot export to ONNX: {first_line(e)}") from e
+    return Traced(onnx_model, notes, _sources(onnx_model, model))
+
+
+def _sources(onnx_model: ir.Model, model: nn.Module) -> dict[str, list[str]]:
+    """initializer -> PyTorch parameter / buffer names, from what torch.onnx recorded: the
+    initializer's own name when it is one, and the values its optimizer folded into it."""
+    known = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    known |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    out: dict[str, list[str]] = {}
+    for name, value in onnx_model.graph.initializers.items():
+        names = [name] if name in known else []
+        folded = value.meta.get(_FOLDED_FROM) or ()
+        names += sorted(n for n in folded if n in known and n not in names)
+        if names:
+            out[name] = names
+    return out
 
 
 def _blame(program: torch.export.ExportedProgram, error: Exception) -> str:
@@ -75,18 +293,24 @@ def _blame(program: torch.export.ExportedProgram, error: Exception) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", first_line(error))
 
 
+_NOISY_LOGGERS = ("torch", "transformers", "onnxscript", "onnx_ir")
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """torch.onnx logs and warns a lot (missing torchvision, progress lines): hide it."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """torch.export, torch.onnx and transformers log and warn a lot (fake-tensor traces,
+    progress lines, missing torchvision): hide it; errors still raise."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def slim_(proto: onnx.ModelProto) -> None:
@@ -97,6 +321,8 @@ def slim_(proto: onnx.ModelProto) -> None:
     graph = proto.graph
     del graph.value_info[:]
     graph.doc_string = ""
+    del graph.metadata_props[:]
+    del proto.metadata_props[:]
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     for node in graph.node:
         del node.metadata_props[:]
@@ -107,6 +333,9 @@ def slim_(proto: onnx.ModelProto) -> None:
     for value in [*graph.input, *graph.output]:
         del value.metadata_props[:]
         value.doc_string = ""
+    for init in graph.initializer:
+        del init.metadata_props[:]
+        init.doc_string = ""
 
 
 def _drop_default_attributes_(node: onnx.NodeProto, opset: int) -> None:
@@ -131,50 +360,6 @@ def _drop_default_attributes_(node: onnx.NodeProto, opset: int) -> None:
             kept.append(attribute)
     del node.attribute[:]
     node.attribute.extend(kept)
-
-
-@dataclass(frozen=True)
-class Found:
-    name: str  # parameter name
-    initializer: str  # graph initializer holding it
-    weight: torch.Tensor  # as stored in the graph (possibly transposed)
-    nnz: int
-
-
-def find_pruned(graph: ir.Graph, model: nn.Module, masks: Masks) -> tuple[list[Found], list[str]]:
-    """The initializer of each masked weight: by name, or transposed by torch.onnx's optimizer."""
-    params = dict(model.named_parameters())
-    found: list[Found] = []
-    notes: list[str] = []
-    for name, mask in masks.items():
-        weight = params[name].detach().float()
-        match = _find(graph, name, weight)
-        if match is None:
-            notes.append(f"{name}: not found among the ONNX initializers, left as torch wrote it")
-            continue
-        found.append(Found(name, match[0], match[1], int(mask.count_nonzero())))
-    return found, notes
-
-
-def _find(graph: ir.Graph, name: str, weight: torch.Tensor) -> tuple[str, torch.Tensor] | None:
-    value = graph.initializers.get(name)
-    tensor = value.const_value if value is not None else None
-    if tensor is not None and tuple(tensor.shape) == tuple(weight.shape):
-        return name, weight
-    if weight.dim() != 2:
-        return None
-    # For MatMul (inputs of rank > 2) torch.onnx folds Transpose(weight) into a new initializer.
-    transposed = weight.t().contiguous()
-    for init_name, value in graph.initializers.items():
-        tensor = value.const_value
-        if (
-            tensor is not None
-            and tuple(tensor.shape) == tuple(transposed.shape)
-            and tensor.dtype == ir.DataType.FLOAT
-            and np.array_equal(tensor.numpy(), transposed.numpy())
-        ):
-            return init_name, transposed
-    return None
 
 
 def drop_data_(graph: ir.Graph, name: str) -> None:

@@ -1,50 +1,86 @@
-"""Compact: the file codec for pruned weights (positions as index gaps or a bitmask, small values).
+"""Compact: the file codec for pruned weights (the nonzeros of one or several tensors, one stream).
 
-Positions. The nonzeros' linear (row-major) indices p_0 < p_1 < ... are stored either as gaps
-g_i = p_i - p_{i-1} (p_{-1} = -1, so g_i >= 1) written as g_i - 1 in uint8 ("gap8", gaps up to
-256) or uint16 ("gap16", up to 65536), or as a bitmask of numel bits packed little-endian into
-bytes. A gap too large for its type is bridged by *filler* entries: a maximal gap whose value
-decodes to exactly 0, so decoding never needs to tell fillers apart. Or Golomb-Rice coded
-gaps ("rice", see ticketc.formats.rice: a unary stream in `positions` plus k remainder bit
-planes in `remainders`), which comes within a few percent of the mask's entropy and needs no
-fillers.
+Layout. K tensors (shapes S_t, n_t elements) are laid end to end in one flat space of
+N = sum n_t elements; tensor t starts at O_t = sum_{u<t} n_u. The stored *entries* are the
+tensors' nonzeros in order of their linear (row-major) index p in that space, so one stream,
+and one decoder in the ONNX graph, serves all K tensors (ticketc.export.portable).
 
-Values. "fp32" (bit-exact), "fp16", "int8" (symmetric, zero point 0, one fp16 scale per row
-shape[0]) or "int4" (a 16-entry fp16 codebook from 1-D k-means over the nonzeros, as in Deep
-Compression; two codes per byte: with h = ceil(entries / 2), byte k holds entry k in its low
-nibble and entry k + h in its high nibble, so the decoder unpacks with one Concat). When
-fillers exist one int4 entry is reserved for 0.0; int8 zero is exact anyway.
+Positions of the entries:
+- "rice": the gaps g_i = p_i - p_{i-1} (p_{-1} = -1) Golomb-Rice coded with one parameter k
+  (ticketc.formats.rice): a unary stream in `positions`, k remainder bit planes in
+  `remainders`. Within a few percent of the mask's entropy at the densities pruning gives.
+- "bitmask": N bits packed little-endian into bytes (the choice from ~30 % density up).
+Both bit streams end in at least one clear bit (a zero byte is appended when every stored
+bit is set): the in-graph decoder sends clear bits past the last entry.
+- "dense": no positions: every element is an entry, zeros included (they decode to exactly 0).
 
-The same arrays feed the in-graph ONNX decoder (ticketc.export.portable), so `to_dense()` here
-and the ONNX decode compute the same floats.
+Values, one per entry:
+- "fp64", "fp32", "bf16", "fp16": the numbers themselves in that type (exact when the type
+  holds them; fp16 rounds to nearest otherwise);
+- "int8": symmetric codes (zero point 0, so 0 is exact) times an fp16 scale, one per row
+  (S_t[0] rows) or one per tensor (`scale_rows[t]`), rounded *up* so no code clips: every
+  decoded value is within scale / 2 of the original;
+- "int4": 4-bit codes into a per-tensor fp16 codebook of at most 16 entries (1-D k-means over
+  the tensor's nonzeros, as in Deep Compression, Han et al. 2016; a tensor with at most 16
+  distinct values keeps them). Two codes per byte: with h = ceil(m / 2), byte j holds entry j
+  in its low nibble and entry j + h in its high nibble. With "dense" positions a tensor that
+  has zeros gets an exact 0.0 entry that only its zeros take.
+
+Per tensor: `numel` and `entries` (int64 [K]), and `scale_rows` (int8) or `codebook_sizes`
+(int4) (int64 [K]), so a decoder finds each entry's tensor, scale and codebook.
+
+`to_dense()` here and the ONNX decoder compute the same floats: values widen to float32
+(float64 for fp64) and int8 multiplies code by scale once, in float32.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import torch
 
 from ticketc.formats import rice
-from ticketc.formats.quantize import assign_nearest, int8_rows, kmeans_1d
+from ticketc.formats.quantize import FP16_MAX, assign_nearest, int8_scales, kmeans_1d
 
 __all__ = [
+    "CODEBOOK_SIZE",
     "POSITIONS_KINDS",
+    "VALUE_BITS",
     "VALUES_KINDS",
     "Compact",
     "mask_entropy_bits",
+    "value_kind_of",
 ]
 
-POSITIONS_KINDS = ("gap8", "gap16", "bitmask", "rice")
-VALUES_KINDS = ("fp32", "fp16", "int8", "int4")
+POSITIONS_KINDS = ("rice", "bitmask", "dense")
+VALUES_KINDS = ("fp64", "fp32", "bf16", "fp16", "int8", "int4")
+FLOAT_KINDS = ("fp64", "fp32", "bf16", "fp16")
+VALUE_BITS = {"fp64": 64, "fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4}
+VALUE_DTYPE: dict[str, np.dtype] = {
+    "fp64": np.dtype(np.float64),
+    "fp32": np.dtype(np.float32),
+    "bf16": np.dtype(ml_dtypes.bfloat16),
+    "fp16": np.dtype(np.float16),
+    "int8": np.dtype(np.int8),
+    "int4": np.dtype(np.uint8),
+}
+CODEBOOK_SIZE = 16
+# int8 keeps one scale per row only where rows hold this many entries on average: below it the
+# scales (2 B each) would cost more than an eighth of the values they serve.
+INT8_ENTRIES_PER_ROW_SCALE = 16
 
-_MAX_GAP = {"gap8": 2**8, "gap16": 2**16}
-_GAP_DTYPE = {"gap8": np.uint8, "gap16": np.uint16}
-_VALUE_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
-_VALUE_DTYPE = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8, "int4": np.uint8}
-_CODEBOOK_SIZE = 16
+
+def value_kind_of(dtype: np.dtype | torch.dtype) -> str:
+    """The float value kind of a dtype ("fp32" for float32, ...); ValueError for others."""
+    name = str(dtype).replace("torch.", "")
+    kinds = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    if name not in kinds:
+        raise ValueError(f"dtype {name} is not a float type the codec stores")
+    return kinds[name]
 
 
 def mask_entropy_bits(numel: int, nnz: int) -> float:
@@ -58,57 +94,51 @@ def mask_entropy_bits(numel: int, nnz: int) -> float:
 
 
 def _value_bytes(kind: str, entries: int) -> int:
-    return (entries * _VALUE_BITS[kind] + 7) // 8
+    return (entries * VALUE_BITS[kind] + 7) // 8
 
 
-def _gaps(index: np.ndarray) -> np.ndarray:
-    """Gaps g_i = p_i - p_{i-1} with p_{-1} = -1 (all >= 1 for strictly increasing p)."""
-    return np.diff(index, prepend=-1)
+def _as_array(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(tensor, torch.Tensor):
+        tensor = tensor.detach().cpu()
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: go through its bits
+            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.numpy()
+    if isinstance(tensor, np.ndarray):
+        return tensor
+    raise TypeError(f"expected a torch.Tensor or numpy array, got {type(tensor).__name__}")
 
 
-def _entries(gaps: np.ndarray, max_gap: int) -> int:
-    """Stored entries (nonzeros plus fillers) when gaps above max_gap are bridged."""
-    return int(gaps.size + ((gaps - 1) // max_gap).sum())
-
-
-def _bridge(gaps: np.ndarray, max_gap: int) -> tuple[np.ndarray, np.ndarray]:
-    """(stored gaps, slot of each real nonzero), with max_gap fillers bridging long gaps."""
-    fillers = (gaps - 1) // max_gap
-    slot = np.cumsum(fillers + 1) - 1  # the last entry of each group is the real nonzero
-    stored = np.full(int(slot[-1]) + 1 if slot.size else 0, max_gap, dtype=np.int64)
-    stored[slot] = gaps - fillers * max_gap
-    return stored, slot
-
-
-def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
-    codes = np.concatenate([packed & 0x0F, packed >> 4])
-    return codes[:count]
+def _rows(shape: tuple[int, ...]) -> int:
+    """Rows of a tensor for per-row int8 scales: dim 0 of a matrix or kernel, 1 for a vector."""
+    return shape[0] if len(shape) >= 2 else 1
 
 
 @dataclass(frozen=True, eq=False)
 class Compact:
-    """A pruned weight in compact form; see the module docstring for the encoding.
+    """The entries of K tensors in one stream; see the module docstring for the encoding.
 
-    `positions`: uint8/uint16 gaps minus one (gap kinds), packed mask bits (bitmask) or the
-    unary stream (rice, whose `remainders` holds uint8 bit planes [k, ceil(entries / 8)]).
-    `values`: one entry per stored position (fillers included) as float32 / float16 / int8, or
-    for int4 the uint8 bytes of two packed codes. `scale` (int8 only): fp16 [shape[0]].
-    `codebook` (int4 only): fp16 [16], sorted. `nnz`: real nonzeros of the source, fillers not
-    counted.
+    `positions`: uint8, the rice unary stream or the bitmask (empty for "dense").
+    `remainders`: rice only, uint8 bit planes [k, ceil(m / 8)] for m entries.
+    `values`: one per entry in the kind's dtype; int4: uint8 bytes of two packed codes.
+    `numel`, `entries`: int64 [K]. `scale` (int8): fp16, `scale_rows[t]` per tensor, in tensor
+    order. `codebook` (int4): fp16, `codebook_sizes[t]` entries per tensor, each part sorted.
     """
 
-    shape: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
     positions_kind: str
     positions: np.ndarray
     values_kind: str
     values: np.ndarray
-    nnz: int
-    scale: np.ndarray | None = None
-    codebook: np.ndarray | None = None
+    entries: np.ndarray
     remainders: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    scale_rows: np.ndarray | None = None
+    codebook: np.ndarray | None = None
+    codebook_sizes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        shapes = tuple(tuple(int(s) for s in shape) for shape in self.shapes)
+        object.__setattr__(self, "shapes", shapes)
         if self.positions_kind not in POSITIONS_KINDS:
             raise ValueError(
                 f"positions kind {self.positions_kind!r} is not one of {POSITIONS_KINDS}"
@@ -119,242 +149,487 @@ class Compact:
     # ----------------------------------------------------------------------------- encode
     @classmethod
     def from_dense(
-        cls, dense: torch.Tensor | np.ndarray, values: str = "fp32", positions: str = "auto"
+        cls,
+        tensors: Sequence[torch.Tensor | np.ndarray] | torch.Tensor | np.ndarray,
+        values: str = "fp32",
+        positions: str = "auto",
+        rice_k: int | None = None,
     ) -> Compact:
-        """Encode the nonzeros of `dense` (rank >= 1).
+        """Encode the nonzeros of one tensor or a sequence of tensors (each of rank >= 1).
 
-        values: "fp32" | "fp16" | "int8" | "int4". positions: "gap8" | "gap16" | "bitmask" |
-        "rice", or "auto" for whichever of them stores this tensor in the fewest total bytes.
+        values: one of VALUES_KINDS. positions: one of POSITIONS_KINDS, or "auto" for the
+        fewest bytes. rice_k: the Rice parameter (default: the best for these gaps).
+        Raises ValueError when a value does not fit the kind (|x| above fp16's 65504 for fp16,
+        int8 scales or int4 codebooks), when a tensor has rank 0, or on an unknown kind.
         """
         if values not in VALUES_KINDS:
             raise ValueError(f"values={values!r} is not one of {VALUES_KINDS}")
         if positions != "auto" and positions not in POSITIONS_KINDS:
             raise ValueError(f"positions={positions!r} is not one of {POSITIONS_KINDS} or 'auto'")
-        if isinstance(dense, torch.Tensor):
-            array = dense.detach().to("cpu", torch.float32).numpy()
-        elif isinstance(dense, np.ndarray):
-            array = dense.astype(np.float32, copy=False)
-        else:
-            raise TypeError(
-                f"dense must be a torch.Tensor or numpy array, got {type(dense).__name__}"
-            )
-        if array.ndim == 0:
-            raise ValueError("Compact needs a tensor of rank >= 1, got a 0-d tensor")
-        shape = tuple(array.shape)
-        flat = array.reshape(-1)
-        index = np.flatnonzero(flat)
-        nnz = int(index.size)
-        gaps = _gaps(index)
+        if isinstance(tensors, torch.Tensor | np.ndarray):
+            tensors = [tensors]
+        arrays = [_as_array(t) for t in tensors]
+        if not arrays:
+            raise ValueError("Compact needs at least one tensor")
+        if any(a.ndim == 0 for a in arrays):
+            raise ValueError("Compact needs tensors of rank >= 1, got a 0-d tensor")
+        shapes = tuple(tuple(a.shape) for a in arrays)
+        numel = np.array([a.size for a in arrays], dtype=np.int64)
+        flats = [a.reshape(-1) for a in arrays]
+        local = [np.flatnonzero(f != 0) for f in flats]
+        offsets = np.concatenate([[0], np.cumsum(numel)[:-1]]).astype(np.int64)
+        index = np.concatenate([i + o for i, o in zip(local, offsets, strict=True)])
+        total = int(numel.sum())
 
-        entries = {kind: _entries(gaps, _MAX_GAP[kind]) for kind in ("gap8", "gap16")}
         if positions == "auto":
-            sizes = {
-                "gap8": entries["gap8"] + _value_bytes(values, entries["gap8"]),
-                "gap16": 2 * entries["gap16"] + _value_bytes(values, entries["gap16"]),
-                "bitmask": (flat.size + 7) // 8 + _value_bytes(values, nnz),
-                "rice": rice.nbytes(gaps, rice.best_k(gaps)) + _value_bytes(values, nnz),
-            }
-            positions = min(sizes, key=sizes.__getitem__)  # ties: the first kind listed
+            positions = min(
+                POSITIONS_KINDS,
+                key=lambda kind: (
+                    _positions_bytes(kind, index, total, rice_k)
+                    + _value_bytes(values, total if kind == "dense" else index.size)
+                ),
+            )
+        if positions == "dense":
+            local = [np.arange(f.size) for f in flats]
+            index = np.arange(total, dtype=np.int64)
+        entries = np.array([i.size for i in local], dtype=np.int64)
 
         remainders = None
-        if positions == "bitmask":
-            mask = np.zeros(flat.size, dtype=bool)
-            mask[index] = True
-            position_data = np.packbits(mask, bitorder="little")
-            slot, n_entries = np.arange(nnz), nnz
-        elif positions == "rice":
-            position_data, remainders = rice.encode(gaps, rice.best_k(gaps))
-            slot, n_entries = np.arange(nnz), nnz
+        if positions == "rice":
+            gaps = np.diff(index, prepend=-1)
+            position_data, remainders = rice.encode(gaps, rice_k or rice.best_k(gaps))
+        elif positions == "bitmask":
+            bits = np.zeros(total, dtype=bool)
+            bits[index] = True
+            position_data = np.packbits(bits, bitorder="little")
         else:
-            stored, slot = _bridge(gaps, _MAX_GAP[positions])
-            position_data = (stored - 1).astype(_GAP_DTYPE[positions])
-            n_entries = int(stored.size)
-        has_fillers = n_entries > nnz
+            position_data = np.zeros(0, dtype=np.uint8)
+        if positions != "dense" and 8 * position_data.size == index.size:
+            # every stored bit is set: one clear byte after them, which the in-graph decoder
+            # needs (ticketc.export.portable)
+            position_data = np.append(position_data, np.uint8(0))
 
-        nonzeros = flat[index]
-        scale = codebook = None
-        if values in ("fp32", "fp16"):
-            value_data = np.zeros(n_entries, dtype=_VALUE_DTYPE[values])
-            value_data[slot] = nonzeros
+        picked = [f[i] for f, i in zip(flats, local, strict=True)]
+        scale = scale_rows = codebook = codebook_sizes = None
+        if values in FLOAT_KINDS:
+            value_data = _float_values(picked, values)
         elif values == "int8":
-            rows = shape[0]
-            absmax = np.abs(flat.reshape(rows, -1)).max(axis=1) if flat.size else np.zeros(rows)
-            row_of = index // max(1, math.prod(shape[1:]))
-            codes, scale = int8_rows(nonzeros, row_of, absmax)
-            value_data = np.zeros(n_entries, dtype=np.int8)
-            value_data[slot] = codes
+            value_data, scale, scale_rows = _int8_values(picked, local, shapes)
         else:
-            centroids = kmeans_1d(nonzeros, _CODEBOOK_SIZE - 1 if has_fillers else _CODEBOOK_SIZE)
-            if has_fillers:
-                centroids = np.append(centroids, 0.0)
-            codebook = np.sort(centroids.astype(np.float16))
-            if codebook.size == 0:
-                codebook = np.zeros(_CODEBOOK_SIZE, dtype=np.float16)
-            elif codebook.size < _CODEBOOK_SIZE:  # few distinct values: pad with unused copies
-                codebook = np.pad(codebook, (0, _CODEBOOK_SIZE - codebook.size), mode="edge")
-            book = codebook.astype(np.float64)
-            codes = np.full(n_entries + (n_entries & 1), 0, dtype=np.uint8)
-            if has_fillers:
-                codes[:n_entries] = int(np.flatnonzero(book == 0.0)[0])
-            codes[slot] = assign_nearest(nonzeros, book)
-            half = codes.size // 2
-            value_data = (codes[:half] | (codes[half:] << 4)).astype(np.uint8)
+            with_zero = positions == "dense"
+            value_data, codebook, codebook_sizes = _int4_values(picked, with_zero)
         return cls(
-            shape, positions, position_data, values, value_data, nnz, scale, codebook, remainders
+            shapes,
+            positions,
+            position_data,
+            values,
+            value_data,
+            entries,
+            remainders,
+            scale,
+            scale_rows,
+            codebook,
+            codebook_sizes,
         )
 
     # ----------------------------------------------------------------------------- decode
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+    def numel(self) -> np.ndarray:
+        """Elements per tensor, int64 [K]."""
+        return np.array([math.prod(s) for s in self.shapes], dtype=np.int64)
 
     @property
-    def entries(self) -> int:
-        """Stored entries: nonzeros plus gap fillers."""
-        if self.positions_kind in ("bitmask", "rice"):  # one set bit per entry
-            return int(np.unpackbits(self.positions, bitorder="little").sum())
-        return int(self.positions.size)
+    def total(self) -> int:
+        """Elements of all tensors: N."""
+        return int(self.numel.sum())
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Start of each tensor in the flat space, int64 [K]."""
+        return np.concatenate([[0], np.cumsum(self.numel)[:-1]]).astype(np.int64)
+
+    @property
+    def work_dtype(self) -> np.dtype:
+        """The float type entries decode to: float64 for fp64 values, float32 otherwise."""
+        return np.dtype(np.float64 if self.values_kind == "fp64" else np.float32)
+
+    @property
+    def rice_k(self) -> int | None:
+        return None if self.remainders is None else int(self.remainders.shape[0])
 
     def linear_indices(self) -> np.ndarray:
-        """Row-major linear index of every stored entry (fillers included), int64."""
+        """Index of every entry in the flat space of all tensors, int64 [m]."""
+        if self.positions_kind == "dense":
+            return np.arange(self.total, dtype=np.int64)
         if self.positions_kind == "bitmask":
-            bits = np.unpackbits(self.positions, bitorder="little")[: self.numel]
+            bits = np.unpackbits(self.positions, bitorder="little")[: self.total]
             return np.flatnonzero(bits).astype(np.int64)
-        if self.positions_kind == "rice":
-            assert self.remainders is not None
-            return rice.decode(self.positions, self.remainders)
-        return np.cumsum(self.positions.astype(np.int64) + 1) - 1
+        assert self.remainders is not None
+        return rice.decode(self.positions, self.remainders)
+
+    def tensor_of_entries(self) -> np.ndarray:
+        """The tensor (0..K-1) each entry belongs to, int64 [m]."""
+        return np.repeat(np.arange(len(self.shapes), dtype=np.int64), self.entries)
 
     def entry_values(self) -> np.ndarray:
-        """float32 value of every stored entry, dequantised the way the ONNX decoder does it."""
-        count = self.entries
-        if self.values_kind in ("fp32", "fp16"):
-            return self.values.astype(np.float32)
+        """Every entry's value in `work_dtype`, dequantised the way the ONNX decoder does it."""
+        if self.values_kind in FLOAT_KINDS:
+            return self.values.astype(self.work_dtype)
+        tensor = self.tensor_of_entries()
         if self.values_kind == "int8":
-            assert self.scale is not None
-            row_len = max(1, math.prod(self.shape[1:]))
-            rows = self.linear_indices() // row_len
-            return self.values.astype(np.float32) * self.scale.astype(np.float32)[rows]
-        assert self.codebook is not None
-        return self.codebook.astype(np.float32)[_unpack_nibbles(self.values, count)]
+            assert self.scale is not None and self.scale_rows is not None
+            local = self.linear_indices() - self.offsets[tensor]
+            row_length = self.numel // np.maximum(self.scale_rows, 1)
+            first_scale = np.concatenate([[0], np.cumsum(self.scale_rows)[:-1]])
+            row = first_scale[tensor] + local // np.maximum(row_length[tensor], 1)
+            return self.values.astype(np.float32) * self.scale.astype(np.float32)[row]
+        assert self.codebook is not None and self.codebook_sizes is not None
+        first_code = np.concatenate([[0], np.cumsum(self.codebook_sizes)[:-1]])
+        codes = self.codes()
+        return self.codebook.astype(np.float32)[first_code[tensor] + codes]
 
-    def to_dense(self) -> torch.Tensor:
-        """The float32 dense tensor of the original shape (dequantised for int8/int4)."""
-        flat = np.zeros(self.numel, dtype=np.float32)
+    def codes(self) -> np.ndarray:
+        """int4 only: the code of every entry, int64 [m]."""
+        count = int(self.entries.sum())
+        packed = self.values.astype(np.int64)
+        return np.concatenate([packed & 0x0F, packed >> 4])[:count]
+
+    def to_dense(self) -> list[np.ndarray]:
+        """Every tensor, dense and in its shape, in `work_dtype` (dequantised for int8/int4)."""
+        flat = np.zeros(self.total, dtype=self.work_dtype)
         flat[self.linear_indices()] = self.entry_values()
-        return torch.from_numpy(flat.reshape(self.shape))
+        bounds = np.cumsum(self.numel)[:-1]
+        return [
+            part.reshape(s) for part, s in zip(np.split(flat, bounds), self.shapes, strict=True)
+        ]
+
+    def nnz(self) -> np.ndarray:
+        """Nonzeros per tensor, int64 [K], read from the stored positions and codes.
+
+        For "rice" and "bitmask" every entry is a nonzero of the source. For "dense" an entry
+        counts unless its stored value is zero: a 0 value, int8 code 0 or int4 code of a 0.0
+        codebook entry (a source value that quantises to 0 is not counted).
+        """
+        if self.positions_kind != "dense":
+            return self.entries.copy()
+        tensor = self.tensor_of_entries()
+        if self.values_kind == "int4":
+            assert self.codebook is not None and self.codebook_sizes is not None
+            first_code = np.concatenate([[0], np.cumsum(self.codebook_sizes)[:-1]])
+            zero = self.codebook[first_code[tensor] + self.codes()] == 0
+        else:
+            zero = self.values == 0
+        return np.bincount(tensor[~zero], minlength=len(self.shapes)).astype(np.int64)
 
     # ----------------------------------------------------------------------------- sizes
     @property
-    def density(self) -> float:
-        return self.nnz / self.numel if self.numel else 0.0
-
-    @property
     def side_nbytes(self) -> int:
-        """Bytes of side information: the int8 scales or the int4 codebook."""
+        """Bytes of the int8 scales or the int4 codebooks."""
         return sum(a.nbytes for a in (self.scale, self.codebook) if a is not None)
 
     @property
+    def table_nbytes(self) -> int:
+        """Bytes of the per-tensor tables a decoder reads (numel, entries, scale rows, ...)."""
+        tables = 2 + (self.scale_rows is not None) + (self.codebook_sizes is not None)
+        return 8 * len(self.shapes) * tables
+
+    @property
     def nbytes(self) -> int:
-        """Exact bytes of all stored arrays: positions (+ remainders) + values + side info."""
+        """Exact bytes of every stored array: positions (+ remainders), values, side info and
+        the per-tensor tables."""
         positions = self.positions.nbytes
         if self.remainders is not None:
             positions += self.remainders.nbytes
-        return int(positions + self.values.nbytes + self.side_nbytes)
+        return int(positions + self.values.nbytes + self.side_nbytes + self.table_nbytes)
 
-    @property
-    def entropy_bound_bytes(self) -> float:
-        """The size floor for this value kind: mask entropy + nnz * value bits + side info."""
-        value_bits = self.nnz * _VALUE_BITS[self.values_kind]
-        return (mask_entropy_bits(self.numel, self.nnz) + value_bits) / 8 + self.side_nbytes
+    def nbytes_per_tensor(self) -> np.ndarray:
+        """Each tensor's share of `nbytes` (float64 [K]): its positions, values, side info and
+        table rows. Rice bits are attributed exactly; byte padding is spread by size."""
+        k = len(self.shapes)
+        share = np.zeros(k, dtype=np.float64)
+        tensor = self.tensor_of_entries()
+        if self.positions_kind == "bitmask":
+            share += self.numel / 8
+        elif self.positions_kind == "rice":
+            assert self.remainders is not None
+            index = self.linear_indices()
+            gaps = np.diff(index, prepend=-1)
+            bits = 1 + ((gaps - 1) >> self.remainders.shape[0]) + self.remainders.shape[0]
+            share += np.bincount(tensor, weights=bits, minlength=k) / 8
+        share += self.entries * VALUE_BITS[self.values_kind] / 8
+        if self.scale_rows is not None:
+            share += 2 * self.scale_rows
+        if self.codebook_sizes is not None:
+            share += 2 * self.codebook_sizes
+        share += self.table_nbytes / k
+        return share * (self.nbytes / share.sum()) if share.sum() else share
+
+    def entropy_bound_bits(self) -> float:
+        """The size floor for this value kind, in bits: per tensor numel * H(density) for the
+        positions plus value bits per nonzero (side info not counted)."""
+        bits = 0.0
+        for n, z in zip(self.numel, self.nnz(), strict=True):
+            bits += mask_entropy_bits(int(n), int(z)) + int(z) * VALUE_BITS[self.values_kind]
+        return bits
 
     # ----------------------------------------------------------------------------- check
     def check(self) -> None:
         """Raise ValueError naming the first broken invariant."""
-        kind, numel = self.positions_kind, self.numel
-        if len(self.shape) == 0 or any(s < 0 for s in self.shape):
+        k = len(self.shapes)
+        if k == 0 or any(len(s) == 0 or min(s) < 0 for s in self.shapes):
+            raise ValueError(f"Compact shapes must be non-empty, of rank >= 1, got {self.shapes}")
+        if self.entries.shape != (k,) or self.entries.dtype != np.int64:
+            raise ValueError(f"entries must be int64 [{k}], got {self.entries.dtype}")
+        if (self.entries < 0).any() or (self.entries > self.numel).any():
+            raise ValueError("entries per tensor must lie in [0, numel]")
+        count = int(self.entries.sum())
+        self._check_positions(count)
+        index = self.linear_indices()
+        if index.size != count:
+            raise ValueError(f"positions hold {index.size} entries, the tables say {count}")
+        if count and (np.diff(index) <= 0).any():
+            raise ValueError("positions must be strictly increasing")
+        if count and int(index[-1]) >= self.total:
+            raise ValueError(f"positions run past the end of {self.total} elements")
+        ends = np.cumsum(self.numel)
+        per_tensor = np.searchsorted(ends, index, side="right")
+        if not np.array_equal(np.bincount(per_tensor, minlength=k), self.entries):
+            raise ValueError("entries per tensor disagree with the positions")
+        expected = np.dtype(VALUE_DTYPE[self.values_kind])
+        size = (count + 1) // 2 if self.values_kind == "int4" else count
+        if self.values.dtype != expected or self.values.shape != (size,):
             raise ValueError(
-                f"Compact shape must have rank >= 1 and no negative dims, got {self.shape}"
-            )
-        if self.positions.ndim != 1 or self.values.ndim != 1:
-            raise ValueError("Compact positions and values must be 1-D arrays")
-        if kind == "bitmask":
-            if self.positions.dtype != np.uint8 or self.positions.size != (numel + 7) // 8:
-                raise ValueError(
-                    f"bitmask positions must be uint8 of {(numel + 7) // 8} bytes, "
-                    f"got {self.positions.dtype} of {self.positions.size}"
-                )
-            bits = np.unpackbits(self.positions, bitorder="little")
-            if bits[numel:].any():
-                raise ValueError("bitmask has bits set past numel")
-        elif kind == "rice":
-            self._check_rice()
-        else:
-            if self.positions.dtype != _GAP_DTYPE[kind]:
-                raise ValueError(
-                    f"{kind} positions must be {np.dtype(_GAP_DTYPE[kind])}, "
-                    f"got {self.positions.dtype}"
-                )
-            if (
-                self.positions.size
-                and int(self.positions.astype(np.int64).sum()) + self.positions.size > numel
-            ):
-                raise ValueError(f"{kind} gaps run past the end of a tensor of {numel} elements")
-        if kind != "rice" and self.remainders is not None:
-            raise ValueError(f"remainders are only stored for rice positions, not {kind}")
-        count = self.entries
-        if not 0 <= self.nnz <= count:
-            raise ValueError(f"nnz = {self.nnz} but only {count} entries are stored")
-        if kind in ("bitmask", "rice") and self.nnz != count:
-            raise ValueError(
-                f"bitmask stores {count} entries but nnz = {self.nnz} (no fillers allowed)"
-            )
-        expected_dtype = np.dtype(_VALUE_DTYPE[self.values_kind])
-        expected_size = (count + 1) // 2 if self.values_kind == "int4" else count
-        if self.values.dtype != expected_dtype or self.values.size != expected_size:
-            raise ValueError(
-                f"{self.values_kind} values must be {expected_dtype} of {expected_size} entries, "
+                f"{self.values_kind} values must be {expected} of {size} entries, "
                 f"got {self.values.dtype} of {self.values.size}"
             )
+        self._check_side(count)
+
+    def _check_positions(self, count: int) -> None:
+        kind = self.positions_kind
+        if self.positions.dtype != np.uint8 or self.positions.ndim != 1:
+            raise ValueError(f"{kind} positions must be a 1-D uint8 array")
+        if kind != "rice" and self.remainders is not None:
+            raise ValueError(f"remainders are only stored for rice positions, not {kind}")
+        if kind == "dense" and self.positions.size:
+            raise ValueError("dense positions store no bytes")
+        if kind == "bitmask":
+            size = (self.total + 7) // 8
+            if self.positions.size != size + (8 * size == count):
+                raise ValueError(f"bitmask must be {size} bytes (+1 when every bit is set)")
+            if np.unpackbits(self.positions, bitorder="little")[self.total :].any():
+                raise ValueError("bitmask has bits set past the last element")
+        if kind == "rice":
+            planes = self.remainders
+            if planes is None or planes.dtype != np.uint8 or planes.ndim != 2:
+                raise ValueError("rice positions need uint8 remainder planes [k, ceil(m / 8)]")
+            if not 1 <= planes.shape[0] <= rice.MAX_K or planes.shape[1] != (count + 7) // 8:
+                raise ValueError(
+                    f"rice remainder planes must be [1 <= k <= {rice.MAX_K}, {(count + 7) // 8}],"
+                    f" got {list(planes.shape)}"
+                )
+            if np.unpackbits(planes, axis=1, bitorder="little")[:, count:].any():
+                raise ValueError("rice remainder planes have bits set past the last entry")
+            if int(np.unpackbits(self.positions, bitorder="little").sum()) != count:
+                raise ValueError("rice unary stream must hold one terminator per entry")
+
+    def _check_side(self, count: int) -> None:
+        k = len(self.shapes)
         want_scale = self.values_kind == "int8"
-        if want_scale != (self.scale is not None):
-            raise ValueError(f"scale must be present exactly for int8 values ({self.values_kind})")
-        if self.scale is not None and (
-            self.scale.dtype != np.float16 or self.scale.shape != (self.shape[0],)
+        if want_scale != (self.scale is not None) or want_scale != (self.scale_rows is not None):
+            raise ValueError(f"scales must be present exactly for int8 values ({self.values_kind})")
+        if self.scale is not None and self.scale_rows is not None:
+            allowed = [{1, _rows(s)} for s in self.shapes]
+            if self.scale_rows.shape != (k,) or any(
+                int(r) not in a for r, a in zip(self.scale_rows, allowed, strict=True)
+            ):
+                raise ValueError("scale_rows must give 1 or dim 0 scales per tensor")
+            if self.scale.dtype != np.float16 or self.scale.shape != (int(self.scale_rows.sum()),):
+                raise ValueError(f"int8 scales must be float16 [{int(self.scale_rows.sum())}]")
+        want_codebook = self.values_kind == "int4"
+        if want_codebook != (self.codebook is not None) or want_codebook != (
+            self.codebook_sizes is not None
         ):
             raise ValueError(
-                f"int8 scale must be float16 [{self.shape[0]}], "
-                f"got {self.scale.dtype} {self.scale.shape}"
+                f"codebooks must be present exactly for int4 values ({self.values_kind})"
             )
-        want_codebook = self.values_kind == "int4"
-        if want_codebook != (self.codebook is not None):
-            raise ValueError(
-                f"codebook must be present exactly for int4 values ({self.values_kind})"
-            )
-        if self.codebook is not None:
-            if self.codebook.dtype != np.float16 or self.codebook.shape != (_CODEBOOK_SIZE,):
-                raise ValueError(
-                    f"int4 codebook must be float16 [16], "
-                    f"got {self.codebook.dtype} {self.codebook.shape}"
-                )
+        if self.codebook is not None and self.codebook_sizes is not None:
+            sizes = self.codebook_sizes
+            if sizes.shape != (k,) or (sizes < 1).any() or (sizes > CODEBOOK_SIZE).any():
+                raise ValueError(f"codebook sizes must lie in [1, {CODEBOOK_SIZE}]")
+            if self.codebook.dtype != np.float16 or self.codebook.shape != (int(sizes.sum()),):
+                raise ValueError(f"int4 codebooks must be float16 [{int(sizes.sum())}]")
+            codes = self.codes()
+            limit = np.repeat(sizes, self.entries)
+            if (codes >= limit).any():
+                raise ValueError("an int4 code points past its tensor's codebook")
             if count & 1 and self.values[-1] >> 4:
                 raise ValueError("int4 padding nibble of the last byte must be zero")
-        if count > self.nnz and not bool((self.entry_values() == 0).sum() >= count - self.nnz):
-            raise ValueError("gap fillers must decode to exactly 0")
 
-    def _check_rice(self) -> None:
-        unary, planes = self.positions, self.remainders
-        if unary.dtype != np.uint8:
-            raise ValueError(f"rice unary stream must be uint8, got {unary.dtype}")
-        if planes is None or planes.dtype != np.uint8 or planes.ndim != 2:
-            raise ValueError("rice positions need uint8 remainder planes [k, ceil(entries / 8)]")
-        count = self.entries
-        if not 1 <= planes.shape[0] <= rice.MAX_K or planes.shape[1] != (count + 7) // 8:
-            raise ValueError(
-                f"rice remainder planes must be [1 <= k <= {rice.MAX_K}, {(count + 7) // 8}], "
-                f"got {list(planes.shape)}"
+
+def _positions_bytes(kind: str, index: np.ndarray, total: int, rice_k: int | None) -> int:
+    if kind == "dense":
+        return 0
+    if kind == "bitmask":
+        return (total + 7) // 8
+    gaps = np.diff(index, prepend=-1)
+    return rice.nbytes(gaps, rice_k or rice.best_k(gaps))
+
+
+def _float_values(picked: list[np.ndarray], kind: str) -> np.ndarray:
+    values = np.concatenate(picked) if picked else np.zeros(0)
+    if kind == "fp16":
+        wide = values.astype(np.float64)
+        if wide.size and float(np.abs(wide).max()) > FP16_MAX:
+            raise ValueError(f"fp16 cannot hold {float(np.abs(wide).max()):.4g} (max {FP16_MAX:g})")
+    return values.astype(VALUE_DTYPE[kind])
+
+
+def _int8_values(
+    picked: list[np.ndarray], local: list[np.ndarray], shapes: tuple[tuple[int, ...], ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    codes, scales, rows_per_tensor = [], [], []
+    for values, index, shape in zip(picked, local, shapes, strict=True):
+        wide = values.astype(np.float64)
+        rows = _rows(shape)
+        per_row = rows > 1 and index.size >= INT8_ENTRIES_PER_ROW_SCALE * rows
+        rows = rows if per_row else 1
+        row = index // max(1, math.prod(shape) // rows)
+        absmax = np.zeros(rows)
+        np.maximum.at(absmax, row, np.abs(wide))
+        scale = int8_scales(absmax)
+        s = scale.astype(np.float64)[row]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(s > 0, np.rint(wide / np.where(s > 0, s, 1.0)), 0.0)
+        codes.append(np.clip(q, -127, 127).astype(np.int8))
+        scales.append(scale)
+        rows_per_tensor.append(rows)
+    return (
+        np.concatenate(codes),
+        np.concatenate(scales).astype(np.float16),
+        np.array(rows_per_tensor, dtype=np.int64),
+    )
+
+
+def _int4_values(
+    picked: list[np.ndarray], with_zero: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    codes, books, sizes = [], [], []
+    for values in picked:
+        wide = values.astype(np.float64)
+        nonzero = wide != 0
+        has_zero = with_zero and not bool(nonzero.all())
+        levels = CODEBOOK_SIZE - 1 if has_zero else CODEBOOK_SIZE
+        if nonzero.any() and float(np.abs(wide).max()) > FP16_MAX:
+            raise ValueError(f"an int4 codebook (fp16) cannot hold {float(np.abs(wide).max()):.4g}")
+        centroids = kmeans_1d(wide[nonzero], levels) if nonzero.any() else np.zeros(0)
+        book = np.unique(centroids.astype(np.float16))
+        code = np.zeros(wide.size, dtype=np.int64)
+        # nonzeros take the nearest entry made from nonzeros; only zeros take the appended 0.0
+        if book.size:
+            code[nonzero] = assign_nearest(wide[nonzero], book.astype(np.float64))
+        if has_zero or book.size == 0:
+            code[~nonzero] = book.size
+            book = np.append(book, np.float16(0.0))
+        codes.append(code)
+        books.append(book)
+        sizes.append(book.size)
+    flat = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int64)
+    padded = np.zeros(flat.size + (flat.size & 1), dtype=np.uint8)
+    padded[: flat.size] = flat
+    half = padded.size // 2
+    packed = (padded[:half] | (padded[half:] << 4)).astype(np.uint8)
+    return packed, np.concatenate(books).astype(np.float16), np.array(sizes, dtype=np.int64)
+
+
+# Relative rounding of a float type: half a unit in the last place.
+_UNIT_ROUNDOFF = {
+    np.dtype(np.float64): 2.0**-53,
+    np.dtype(np.float32): 2.0**-24,
+    np.dtype(ml_dtypes.bfloat16): 2.0**-8,
+    np.dtype(np.float16): 2.0**-11,
+}
+
+
+@dataclass(frozen=True)
+class DecodeCheck:
+    """How one decoded tensor compares with the tensor it encodes."""
+
+    max_abs_error: float  # max |decoded - original|
+    within_bound: bool  # every element within the quantiser's own bound
+    worst: int  # flat index of the element furthest past (or closest to) its bound
+
+
+def check_decoded(
+    compact: Compact, originals: Sequence[np.ndarray], decoded: Sequence[np.ndarray]
+) -> list[DecodeCheck]:
+    """Check decoded tensors against the originals, within what the value kind promises.
+
+    `originals[t]` and `decoded[t]` are tensor t in the graph's own dtype (decoded after the
+    decoder's final cast to it). Zeros must decode to exactly 0. fp kinds must give exactly the
+    original rounded to the kind (fp16: to nearest; the exact kinds: the original itself). int8
+    must be within half the entry's scale, int4 no further than the nearest codebook entry,
+    each plus the rounding of the final cast to the graph's dtype.
+    """
+    results = []
+    tensor_of = compact.tensor_of_entries()
+    index = compact.linear_indices() - compact.offsets[tensor_of]
+    entry_bound = _entry_bounds(compact, originals, tensor_of, index)
+    for t, (original, got) in enumerate(zip(originals, decoded, strict=True)):
+        w = np.asarray(original).reshape(-1)
+        y = np.asarray(got).reshape(-1)
+        if w.shape != y.shape:
+            raise ValueError(f"tensor {t}: decoded {y.shape} elements, expected {w.shape}")
+        w64, y64 = w.astype(np.float64), y.astype(np.float64)
+        error = np.abs(y64 - w64)
+        error[np.isnan(w64) & np.isnan(y64)] = 0.0
+        if compact.values_kind in FLOAT_KINDS:
+            expected = w.astype(VALUE_DTYPE[compact.values_kind]).astype(w.dtype).astype(np.float64)
+            excess = np.where(
+                (y64 == expected) | (np.isnan(y64) & np.isnan(expected)), -1.0, np.inf
             )
-        if np.unpackbits(planes, axis=1, bitorder="little")[:, count:].any():
-            raise ValueError("rice remainder planes have bits set past the last entry")
-        if count and int(rice.decode(unary, planes)[-1]) >= self.numel:
-            raise ValueError(f"rice gaps run past the end of a tensor of {self.numel} elements")
+        else:
+            bound = np.zeros(w.size)  # elements that are not entries must decode to 0
+            mine = tensor_of == t
+            bound[index[mine]] = entry_bound[mine]
+            bound += np.abs(y64) * _UNIT_ROUNDOFF.get(np.dtype(w.dtype), 0.0)
+            excess = error - bound
+            excess[np.isnan(error)] = np.inf
+        worst = int(np.argmax(excess)) if excess.size else 0
+        within = not excess.size or bool(excess[worst] <= 0)
+        results.append(DecodeCheck(float(np.nanmax(error)) if error.size else 0.0, within, worst))
+    return results
+
+
+def _entry_bounds(
+    compact: Compact, originals: Sequence[np.ndarray], tensor_of: np.ndarray, index: np.ndarray
+) -> np.ndarray:
+    """The quantiser's own error bound of every entry (float64 [m]); 0 for float kinds."""
+    m = index.size
+    if compact.values_kind in FLOAT_KINDS:
+        return np.zeros(m)
+    flat = [np.asarray(o).reshape(-1).astype(np.float64) for o in originals]
+    source = np.empty(m)
+    for t, w in enumerate(flat):
+        mine = tensor_of == t
+        source[mine] = w[index[mine]]
+    # the decoder's product code * scale (or the codebook entry) is rounded to float32 once
+    product_roundoff = 2.0**-24 * np.abs(source) * 2
+    if compact.values_kind == "int8":
+        assert compact.scale is not None and compact.scale_rows is not None
+        row_length = compact.numel // np.maximum(compact.scale_rows, 1)
+        first_scale = np.concatenate([[0], np.cumsum(compact.scale_rows)[:-1]])
+        row = first_scale[tensor_of] + index // np.maximum(row_length[tensor_of], 1)
+        return compact.scale.astype(np.float64)[row] / 2 + product_roundoff
+    assert compact.codebook is not None and compact.codebook_sizes is not None
+    bound = np.empty(m)
+    first = np.concatenate([[0], np.cumsum(compact.codebook_sizes)[:-1]])
+    for t in range(len(compact.shapes)):
+        mine = tensor_of == t
+        book = compact.codebook[first[t] : first[t] + compact.codebook_sizes[t]].astype(np.float64)
+        x = source[mine]
+        nonzero_book = book[book != 0] if (x == 0).any() and (book == 0).any() else book
+        if nonzero_book.size == 0:
+            nonzero_book = book
+        nearest = nonzero_book[assign_nearest(x, nonzero_book)]
+        bound[mine] = np.where(x == 0, 0.0, np.abs(nearest - x))
+    return bound + product_roundoff

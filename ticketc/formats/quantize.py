@@ -1,29 +1,36 @@
-"""Value quantisers used by the compact codec: per-row symmetric int8 and a 16-entry codebook."""
+"""Value quantisers used by the compact codec: symmetric int8 scales and a 1-D k-means codebook.
+
+Each quantiser has an error bound that the exporter checks every decoded weight against
+(`error_bound`): fp16 rounds to nearest (half a unit in the last place), int8 is within half its
+scale, int4 is the nearest codebook entry.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["FP16_MAX", "assign_nearest", "int8_rows", "kmeans_1d"]
+__all__ = ["FP16_MAX", "assign_nearest", "int8_scales", "kmeans_1d"]
 
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
-def int8_rows(
-    values: np.ndarray, rows: np.ndarray, absmax: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 codes (zero point 0) with one fp16 scale per row.
+def int8_scales(absmax: np.ndarray) -> np.ndarray:
+    """fp16 scales for symmetric int8 codes (zero point 0), one per entry of `absmax`.
 
-    `values[i]` lives in row `rows[i]`; `absmax[r]` is the largest |value| of row r. The scale is
-    rounded to fp16 *before* quantising, so dequantising with the stored scale reproduces exactly
-    what the codes were computed against. Rows whose scale underflows fp16 decode to zero.
-    Returns (codes int8 [len(values)], scale fp16 [len(absmax)]).
+    Each scale is absmax / 127 rounded *up* to the next fp16 value, so no value's code exceeds
+    127: quantising x to rint(x / s) with the stored scale is then within s / 2 of x. A zero
+    absmax gives scale 0 (all codes 0). Raises ValueError when absmax / 127 exceeds fp16.
+    Returns float16, the shape of `absmax`.
     """
-    scale = np.minimum(absmax.astype(np.float64) / 127.0, FP16_MAX).astype(np.float16)
-    s = scale.astype(np.float32)[rows]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s > 0, np.rint(values / np.where(s > 0, s, 1.0)), 0.0)
-    return np.clip(q, -127, 127).astype(np.int8), scale
+    exact = np.asarray(absmax, dtype=np.float64) / 127.0
+    if exact.size and float(exact.max()) > FP16_MAX:
+        raise ValueError(
+            f"int8 scale {float(exact.max()):.4g} does not fit fp16 (max {FP16_MAX:g})"
+        )
+    scale = exact.astype(np.float16)
+    low = scale.astype(np.float64) < exact
+    scale[low] = np.nextafter(scale[low], np.float16(np.inf))
+    return scale
 
 
 def assign_nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
