@@ -245,8 +245,21 @@ def test_state_dict_without_arch(state_dict_file, capsys):
 
 def test_inspect_shows_the_plan_of_a_compiled_model(tmp_path, state_dict_file, capsys):
     out = tmp_path / "m.pt2"
-    assert main(["compile", str(state_dict_file), "--arch", ARCH, "--input-shape", "4,20",
-                 "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(state_dict_file),
+                "--arch",
+                ARCH,
+                "--input-shape",
+                "4,20",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -256,8 +269,24 @@ def test_inspect_shows_the_plan_of_a_compiled_model(tmp_path, state_dict_file, c
 
 def test_positions_choice_is_honoured(tmp_path, state_dict_file, capsys):
     out = tmp_path / "m.onnx"
-    assert main(["export", str(state_dict_file), "--arch", ARCH, "--input-shape", "1,20",
-                 "--positions", "bitmask", "-o", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(state_dict_file),
+                "--arch",
+                ARCH,
+                "--input-shape",
+                "1,20",
+                "--positions",
+                "bitmask",
+                "-o",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     stored = [layer for layer in report["layers"] if layer["codec"] != layer["dtype"]]
     assert stored and all(layer["codec"].startswith("bitmask+") for layer in stored)

@@ -337,16 +337,19 @@ def test_lenet300_at_3_6_percent_meets_the_size_goals():
         assert size <= 1.25 * bound + 3000, (values, size / bound)
 
 
-def _min_session_seconds(model: onnx.ModelProto, repeats: int = 5) -> float:
-    blob = model.SerializeToString()
+def session_cpu_seconds(models: dict[str, onnx.ModelProto], repeats: int = 30) -> dict[str, float]:
+    """Median CPU time of creating an onnxruntime session (1 thread) for each model, runs
+    interleaved: CPU time, not wall time, so other processes on a shared machine count less."""
+    blobs = {k: m.SerializeToString() for k, m in models.items()}
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    times = []
+    times: dict[str, list[float]] = {k: [] for k in blobs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for k, blob in blobs.items():
+            start = time.process_time()
+            ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+            times[k].append(time.process_time() - start)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 @pytest.mark.parametrize("positions", POSITIONS_KINDS)
@@ -364,15 +367,15 @@ def test_onnxruntime_folds_every_decode_at_session_creation(positions, values, t
     assert ops == {n.op_type for n in model.graph.node}
 
 
-def test_session_creation_stays_within_3x_of_dense():
+@pytest.mark.parametrize("values", ["fp32", "int4"])
+def test_session_creation_stays_within_3x_of_dense(values):
     model, weights = lenet300(0.035)
     arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    plan = plan_storage(arrays, "int4")
+    plan = plan_storage(arrays, values)
     portable = onnx.ModelProto()
     portable.CopyFrom(model)
     write_portable_(portable, plan.groups, plan.zeros)
     assert len(plan.groups) == 1  # one decode for all layers
-    dense_s = min(_min_session_seconds(model) for _ in range(2))
-    portable_s = min(_min_session_seconds(portable) for _ in range(2))
-    # 2 shared cores: a small absolute allowance for scheduling noise
-    assert portable_s <= 3 * dense_s + 0.003, (portable_s, dense_s)
+    seconds = session_cpu_seconds({"dense": model, "portable": portable})
+    # measured on 2 shared cores: fp32 ~2.2x, int4 ~2.6x (dense ~1.4 ms)
+    assert seconds["portable"] <= 3 * seconds["dense"], seconds

@@ -82,19 +82,15 @@ def export_onnx_file(
 def _decoder_streams(proto: onnx.ModelProto) -> set[str]:
     """Arrays of the ticketc decode groups a file already holds (already compact): written
     back unchanged."""
-    from onnx import numpy_helper
-
     from ticketc.export.onnx_export import read_metadata
-    from ticketc.export.portable import group_arrays
+    from ticketc.export.portable import read_portable
 
-    groups = (read_metadata(proto) or {}).get("groups") or {}
-    tables = {init.name: init for init in proto.graph.initializer}
-    streams = set()
-    for prefix, codec in groups.items():
-        if prefix + "n" in tables:
-            tensors = int(numpy_helper.to_array(tables[prefix + "n"]).size)
-            streams.update(group_arrays(prefix, codec, tensors))
-    return streams
+    groups = dict((read_metadata(proto) or {}).get("groups") or {})
+    try:
+        stored = read_portable(proto, groups)
+    except ValueError as e:
+        raise UserError(f"its ticketc streams are malformed ({e})") from e
+    return {name for group in stored for name in group.arrays}
 
 
 def _graph_float(model: ir.Model) -> str:

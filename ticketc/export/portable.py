@@ -37,6 +37,7 @@ arrays and the Split / Reshape nodes after it are all a reader needs (`read_port
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,6 @@ __all__ = [
     "codec_name",
     "decoder_nbytes",
     "default_opset",
-    "group_arrays",
     "parse_codec",
     "read_portable",
     "write_portable_",
@@ -123,23 +123,21 @@ def _gathers(positions_kind: str, values_kind: str) -> bool:
     return positions_kind == "bitmask" and values_kind != "int8"
 
 
-def _array_names(positions_kind: str, values_kind: str, tensors: int) -> list[str]:
-    """Suffixes of a group's arrays, in order, for its codec and number of tensors."""
+def _array_names(
+    positions_kind: str, values_kind: str, tensors: int, numel: bool = True
+) -> list[str]:
+    """Suffixes of a group's arrays, in order, for its codec and number of tensors; `numel`:
+    whether it keeps the table `n` (only a group decoded flat and then split needs it)."""
     names = [] if positions_kind == "dense" else ["p"]
     names += ["r", "w"] if positions_kind == "rice" else []
     names += ["v"]
     names += {"int8": ["s"], "int4": ["c"]}.get(values_kind, [])
-    names += ["n"]
+    names += ["n"] if numel else []
     if values_kind == "int8":
         names += ["l"] + (["e", "f", "q"] if tensors > 1 else [])
     if values_kind == "int4" and tensors > 1:
         names += ["e", "b"]
     return names
-
-
-def group_arrays(prefix: str, codec: str, tensors: int) -> list[str]:
-    """The initializer names of a stored group's arrays."""
-    return [prefix + k for k in _array_names(*parse_codec(codec)[:2], tensors)]
 
 
 def _starts(counts: np.ndarray) -> np.ndarray:
@@ -166,7 +164,7 @@ def _arrays(c: Compact) -> dict[str, np.ndarray]:
         "q": _starts(rows),
         "b": None if c.codebook_sizes is None else _starts(c.codebook_sizes),
     }
-    names = _array_names(c.positions_kind, c.values_kind, len(c.shapes))
+    names = _array_names(c.positions_kind, c.values_kind, len(c.shapes), _splits(c))
     return {k: v for k in names if (v := data[k]) is not None}
 
 
@@ -226,14 +224,15 @@ class _Graph:
     def cumsum(self, x: str) -> str:
         return self.op("CumSum", x, self.const(0))
 
-    def ones(self, bits: str) -> tuple[str, str]:
+    def ones(self, bits: str, count: int, size: int) -> tuple[str, str]:
         """(indices of the set bits of 1-D int32 `bits` in order, their count as int32 [1]).
 
-        Needs a clear bit after the last set one (Compact pads its streams so)."""
-        count = self.op("ReduceSum", bits)
+        `count` set bits among `size`, both known when the file is written: stored as
+        constants, not computed at session creation. Needs a clear bit after the last set one
+        (Compact pads its streams so)."""
+        count_name = self.const([count])
         rank = self.cumsum(bits)  # set bits up to and including each position
-        size = self.op("Cast", self.op("Size", bits), to=_INDEX)
-        positions = self.op("Range", self.const(0), size, self.const(1))
+        positions = self.op("Range", self.const(0), self.const(size), self.const(1))
         if self.opset >= 18:
             # set bit -> slot rank - 1; clear bits -> the last slot (-1), keeping their largest
             # position: defined for duplicates with reduction="max", and never read back
@@ -245,10 +244,16 @@ class _Graph:
                 "Where",
                 self.op("Cast", bits, to=TensorProto.BOOL),
                 self.op("Sub", rank, self.const(1)),
-                self.op("Add", count, self.op("Sub", positions, rank)),
+                self.op("Add", count_name, self.op("Sub", positions, rank)),
             )
             scattered = self.op("ScatterElements", positions, target, positions)
-        return self.op("Slice", scattered, self.const([0]), count), count
+        return self.op("Slice", scattered, self.const([0]), count_name), count_name
+
+
+def _splits(c: Compact) -> bool:
+    """Whether a group is decoded flat and then split into its tensors (its table `n` gives
+    the pieces' sizes)."""
+    return len(c.shapes) > 1 or _gathers(c.positions_kind, c.values_kind)
 
 
 def _decode(g: _Graph, prefix: str, c: Compact, out_kind: str, flat: str) -> None:
@@ -257,33 +262,35 @@ def _decode(g: _Graph, prefix: str, c: Compact, out_kind: str, flat: str) -> Non
     g.start(prefix)
     work = ONNX_TYPE[_work_kind(c.values_kind)]
     gathered = _gathers(c.positions_kind, c.values_kind)
-    total = "" if gathered else g.op("ReduceSum", a["n"])  # int64 [1]
+    # sizes known when the file is written are constants, not nodes folded at session creation
+    entries = int(c.entries.sum())
+    bit_count = 8 * c.positions.size
     index = count = rank = ""
     if c.positions_kind == "rice":
-        z, count = g.ones(g.bits(a["p"]))
+        z, count = g.ones(g.bits(a["p"]), entries, bit_count)
         planes = g.bits(a["r"], keep_leading=True)  # [k, 8 * bytes]: bit j of each remainder
         remainder = g.op("Slice", g.op("MatMul", a["w"], planes), g.const([0]), count)
-        m_minus_1 = g.op("ReduceSum", a["w"], keepdims=0)  # 2^k - 1
+        k = int(c.remainders.shape[0]) if c.remainders is not None else 0
+        m_minus_1 = g.const((1 << k) - 1)
         offsets = g.cumsum(g.op("Sub", remainder, m_minus_1))
-        scaled = g.op("Mul", g.op("Add", m_minus_1, g.const(1)), z)
+        scaled = g.op("Mul", g.const(1 << k), z)
         index = g.op("Add", g.op("Add", scaled, offsets), m_minus_1)
     elif gathered:
         bits = g.bits(a["p"])
-        count = g.op("ReduceSum", bits)
+        count = g.const([entries])
         rank = g.op("Mul", g.cumsum(bits), bits)  # element -> its entry + 1, or 0
     elif c.positions_kind == "bitmask":
-        index, count = g.ones(g.bits(a["p"]))
+        index, count = g.ones(g.bits(a["p"]), entries, bit_count)
     else:
-        count = g.op("Cast", total, to=_INDEX)
+        count = g.const([c.total])
         if c.values_kind == "int8":
-            size = g.op("Cast", g.op("ReduceSum", a["n"], keepdims=0), to=_INDEX)
-            index = g.op("Range", g.const(0), size, g.const(1))
+            index = g.op("Range", g.const(0), g.const(c.total), g.const(1))
 
     segment = ""
     if "e" in a:
         # the tensor of every entry: a mark at the first entry of tensors 1.., summed up
         # (the first tensor starts at 0, where the scatter writes the 0 it already holds)
-        length = g.op("Cast", count, to=TensorProto.INT64)
+        length = g.const([entries], np.int64)
         zeros = g.op("ConstantOfShape", length, value=_zero(_INDEX))
         marks = g.op("ScatterElements", zeros, a["e"], a["e"])
         segment = g.cumsum(g.op("Min", marks, g.const(1)))
@@ -317,7 +324,7 @@ def _decode(g: _Graph, prefix: str, c: Compact, out_kind: str, flat: str) -> Non
         table = g.op("Concat", zero, values, axis=0)
         values = g.op("Gather", table, rank, out=flat if out == work else None)
     elif c.positions_kind != "dense":
-        zeros = g.op("ConstantOfShape", total, value=_zero(work))
+        zeros = g.op("ConstantOfShape", g.const([c.total], np.int64), value=_zero(work))
         values = g.op("ScatterElements", zeros, index, values, out=flat if out == work else None)
     if out != work:
         g.op("Cast", values, out=flat, to=out)
@@ -333,7 +340,7 @@ def decoder_nbytes(positions_kind: str, values_kind: str, out_kind: str = "fp32"
     c = Compact.from_dense([dense, dense], values_kind, positions_kind)
     g = _Graph("~")
     _decode(g, "~0.", c, out_kind, "~0.y")
-    names = _array_names(positions_kind, values_kind, 2)
+    names = list(_arrays(c))
     headers = sum(len(n) + 8 for n in names)  # each array's name, type and dims
     return sum(n.ByteSize() for n in g.nodes) + sum(i.ByteSize() for i in g.inits) + headers
 
@@ -477,17 +484,19 @@ def read_portable(model: onnx.ModelProto, codecs: dict[str, str]) -> list[Stored
     found = []
     for prefix, codec in codecs.items():
         positions_kind, values_kind, out_kind = parse_codec(codec)
-        if prefix + "n" not in arrays:
-            raise ValueError(f"group {prefix!r} ({codec}) lacks its table {prefix}n")
-        numel = numpy_helper.to_array(arrays[prefix + "n"]).astype(np.int64)
-        if _gathers(positions_kind, values_kind):
-            numel = numel[:-1]  # the last piece is the bitmask's padding
-        wanted = _array_names(positions_kind, values_kind, numel.size)
+        if prefix + "n" in arrays:
+            numel = numpy_helper.to_array(arrays[prefix + "n"]).astype(np.int64)
+            if _gathers(positions_kind, values_kind):
+                numel = numel[:-1]  # the last piece is the bitmask's padding
+            names, shapes = _outputs(prefix, numel, consumers, arrays)
+        else:
+            names, shapes = _unsplit_outputs(prefix, consumers, arrays)
+            numel = np.array([math.prod(s) for s in shapes], dtype=np.int64)
+        wanted = _array_names(positions_kind, values_kind, numel.size, prefix + "n" in arrays)
         missing = [prefix + k for k in wanted if prefix + k not in arrays]
         if missing:
             raise ValueError(f"group {prefix!r} ({codec}) lacks arrays {missing}")
         data = {k: numpy_helper.to_array(arrays[prefix + k]) for k in wanted}
-        names, shapes = _outputs(prefix, numel, consumers, arrays)
         positions = data.get("p", np.zeros(0, dtype=np.uint8))
         if positions_kind == "dense":
             count = int(numel.sum())
@@ -515,6 +524,18 @@ def read_portable(model: onnx.ModelProto, codecs: dict[str, str]) -> list[Stored
         )
         found.append(StoredGroup(names, compact, out_kind, tuple(prefix + k for k in wanted)))
     return found
+
+
+def _unsplit_outputs(
+    prefix: str, consumers: dict[str, onnx.NodeProto], arrays: dict[str, onnx.TensorProto]
+) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    """Name and shape of a group's one tensor (no table `n`): decoded flat into `prefix` y,
+    then reshaped to a stored shape."""
+    user = consumers.get(prefix + "y")
+    if user is None or user.op_type != "Reshape" or user.input[1] not in arrays:
+        raise ValueError(f"decoded tensor {prefix + 'y'!r} is not reshaped to a stored shape")
+    shape = tuple(int(d) for d in numpy_helper.to_array(arrays[user.input[1]]))
+    return (user.output[0],), (shape,)
 
 
 def _counts(starts: np.ndarray | None, total: int) -> np.ndarray:
