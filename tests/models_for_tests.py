@@ -176,3 +176,103 @@ def prune_global_(model: nn.Module, amount: float) -> None:
     from torch.nn.utils import prune
 
     prune.global_unstructured(prunable(model), prune.L1Unstructured, amount=amount)
+
+
+# transformers models from tiny configs (random weights; nothing is downloaded)
+def _installed_kernels_first() -> None:
+    """Import the installed Hugging Face `kernels` (which transformers imports) before the
+    repository's own kernels/ folder can shadow it: pytest and `python -m` put the repository
+    root first on sys.path, and that folder is installed as ticketc.kernels, not `kernels`."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    if "kernels" in sys.modules:
+        return
+    root = Path(__file__).resolve().parents[1]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:
+        pass  # not installed: transformers then does without it
+    finally:
+        sys.path[:] = saved
+
+
+def bert_tiny() -> nn.Module:
+    _installed_kernels_first()
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return BertModel(config)
+
+
+def gpt2_tiny() -> nn.Module:
+    _installed_kernels_first()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    return GPT2LMHeadModel(config)
+
+
+def llama_tiny() -> nn.Module:
+    _installed_kernels_first()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
+def vit_tiny() -> nn.Module:
+    _installed_kernels_first()
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=5,
+    )
+    return ViTForImageClassification(config)
+
+
+def whisper_tiny() -> nn.Module:
+    _installed_kernels_first()
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig(
+        vocab_size=99,
+        num_mel_bins=8,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=16,
+        max_target_positions=16,
+        decoder_start_token_id=1,
+        pad_token_id=0,
+    )
+    return WhisperForConditionalGeneration(config)

@@ -317,3 +317,30 @@ def test_onnx_in_compresses_an_existing_file_and_keeps_outputs(tmp_path):
     name = onnx.load(str(dense)).graph.input[0].name
     x3 = torch.randn(3, 4, 8, 8)
     assert_matches_model(tmp_path / "small.onnx", model, {name: x3}, "fp32")
+
+
+@pytest.mark.parametrize(
+    ("values", "positions"),
+    [("int4", "bitmask"), ("int4", "rice"), ("int8", "auto"), ("fp32", "auto")],
+)
+def test_inspect_reads_codec_bytes_and_nnz_from_the_stored_streams(tmp_path, values, positions):
+    from ticketc.inspect import inspect_file
+
+    model, x = _model("mlp", density=0.3)
+    config = ExportConfig(values=values, positions=positions)
+    result = export_model(model, x, tmp_path / "m.onnx", config)
+    seen = {layer.name: layer for layer in inspect_file(tmp_path / "m.onnx").layers}
+    stored = [layer for layer in result.layers if "+" in layer.codec]
+    assert stored
+    for layer in stored:
+        got = seen[layer.initializer]
+        assert got.codec == layer.codec  # as stored, never re-encoded from decoded values
+        if positions != "auto":
+            assert got.codec.startswith(positions + "+")
+        assert got.codec_bytes == layer.nbytes
+        assert got.nnz == layer.nnz  # from the positions, not from decoded values
+    params = dict(model.named_parameters())
+    weights = [n for n in seen if n in params and params[n].dim() == 2]
+    assert weights
+    for name in weights:
+        assert seen[name].nnz == int(params[name].count_nonzero())

@@ -134,6 +134,9 @@ def test_every_kind_passes_checker_and_decodes_exactly_in_both_runtimes(position
     portable, codecs = to_portable(model, groups)
     onnx.checker.check_model(portable, full_check=True)
     assert len(codecs) == len(groups)
+    # every stored array and constant is read (onnxruntime warns about unused initializers)
+    used = {name for node in portable.graph.node for name in node.input}
+    assert {i.name for i in portable.graph.initializer} <= used
     expected = {n: d for ns, c in groups for n, d in zip(ns, c.to_dense(), strict=True)}
 
     x = np.random.default_rng(1).standard_normal((3, 2, 4, 4)).astype(np.float32)

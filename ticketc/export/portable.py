@@ -277,14 +277,11 @@ def _decode(g: _Graph, prefix: str, c: Compact, out_kind: str, flat: str) -> Non
         index = g.op("Add", g.op("Add", scaled, offsets), m_minus_1)
     elif gathered:
         bits = g.bits(a["p"])
-        count = g.const([entries])
         rank = g.op("Mul", g.cumsum(bits), bits)  # element -> its entry + 1, or 0
     elif c.positions_kind == "bitmask":
         index, count = g.ones(g.bits(a["p"]), entries, bit_count)
-    else:
-        count = g.const([c.total])
-        if c.values_kind == "int8":
-            index = g.op("Range", g.const(0), g.const(c.total), g.const(1))
+    elif c.values_kind == "int8":
+        index = g.op("Range", g.const(0), g.const(c.total), g.const(1))
 
     segment = ""
     if "e" in a:
@@ -313,7 +310,8 @@ def _decode(g: _Graph, prefix: str, c: Compact, out_kind: str, flat: str) -> Non
         codes = g.op("Cast", a["v"], to=_INDEX)
         sixteen = g.const(16)
         nibbles = g.op("Concat", g.op("Mod", codes, sixteen), g.op("Div", codes, sixteen), axis=0)
-        code = g.op("Slice", nibbles, g.const([0]), count)  # drop an odd count's padding nibble
+        # drop an odd count's padding nibble
+        code = g.op("Slice", nibbles, g.const([0]), count or g.const([entries]))
         if segment:
             code = g.op("Add", code, per_entry(a["b"]))
         values = g.op("Gather", g.op("Cast", a["c"], to=TensorProto.FLOAT), code)

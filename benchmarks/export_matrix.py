@@ -1,0 +1,304 @@
+"""Export matrix: architectures x pruning rates x save forms x value types, checked against the
+user's own masked model.
+
+Each architecture (CNN blocks with real BatchNorm statistics and a zero gamma, a tied-head LM,
+LSTM/GRU, ConvTranspose, a dict-output model, an fp16 model, and transformers BERT / GPT-2 /
+Llama / ViT / Whisper from tiny configs) is pruned with torch.nn.utils.prune.global_unstructured
+at each rate, saved the ways users save it (state dict with the prune hooks' tensors + --arch,
+state dict after prune.remove + --arch, pickled module + --trust-pickle, torch.export .pt2) and
+exported through the CLI (`ticketc export`) with every value type. For each cell it records:
+the exit code; onnxruntime on the file against the masked model in memory (relative error,
+max |diff| over max |expected|, on a fresh batch of 3); the file's size against the dense
+export and against what its zeros allow (dense file over the same file with every float
+initializer at its entropy bound; goal >= 0.9); and, per architecture and rate, onnxruntime
+session-creation CPU time of the portable file against the dense file (median of interleaved
+runs, 1 thread). Writes JSON and markdown under benchmarks/results/.
+
+    python -m benchmarks.export_matrix [--archs resnet,tied_lm] [--rates 0.9] \
+        [--forms state_dict,pt2] [--values fp32,int4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from tests import models_for_tests as zoo
+from ticketc.cli import main as ticketc_main
+
+RESULTS = Path(__file__).parent / "results"
+RATES = (0.5, 0.9, 0.98)
+FORMS = ("state_dict", "removed", "pickle", "pt2")
+VALUES = ("fp32", "fp16", "int8", "int4")
+RTOL = {"fp32": 1e-5}  # lossy value types are checked weight by weight by the exporter
+
+
+def _ids(shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
+    return lambda: torch.randint(1, 50, shape)
+
+
+# name -> (factory in tests.models_for_tests, {input name: (dtype, shape, maker)})
+ARCHS: dict[str, tuple[str, dict[str, tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]]]
+ARCHS = {
+    "resnet": ("resnet_tiny", {"x": ("float32", (1, 3, 8, 8), lambda: torch.randn(3, 3, 8, 8))}),
+    "tied_lm": ("tied_lm", {"ids": ("int64", (1, 7), _ids((3, 7)))}),
+    "recurrent": ("recurrent", {"x": ("float32", (1, 5, 6), lambda: torch.randn(3, 5, 6))}),
+    "upsampler": ("upsampler", {"x": ("float32", (1, 3, 6, 6), lambda: torch.randn(3, 3, 6, 6))}),
+    "dict_output": ("dict_output", {"x": ("float32", (1, 10), lambda: torch.randn(3, 10))}),
+    "bert": (
+        "bert_tiny",
+        {
+            "input_ids": ("int64", (1, 8), _ids((3, 8))),
+            "attention_mask": ("int64", (1, 8), lambda: torch.ones(3, 8, dtype=torch.int64)),
+        },
+    ),
+    "gpt2": ("gpt2_tiny", {"input_ids": ("int64", (1, 8), _ids((3, 8)))}),
+    "llama": ("llama_tiny", {"input_ids": ("int64", (1, 8), _ids((3, 8)))}),
+    "vit": (
+        "vit_tiny",
+        {"pixel_values": ("float32", (1, 3, 16, 16), lambda: torch.randn(3, 3, 16, 16))},
+    ),
+    "whisper": (
+        "whisper_tiny",
+        {
+            "input_features": ("float32", (1, 8, 32), lambda: torch.randn(3, 8, 32)),
+            "decoder_input_ids": ("int64", (1, 3), _ids((3, 3))),
+        },
+    ),
+}
+
+
+def _flat(output: object) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [t for v in output.values() for t in _flat(v)]
+    if isinstance(output, list | tuple):
+        return [t for v in output for t in _flat(v)]
+    if hasattr(output, "to_tuple"):
+        return [t for v in output.to_tuple() for t in _flat(v)]
+    if hasattr(output, "layers"):  # a transformers cache: keys and values per layer
+        return [t for layer in output.layers for t in (layer.keys, layer.values)]
+    return []
+
+
+def relative_error(path: Path, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> float:
+    """max |onnxruntime - model| / max |model| over all outputs (model in its own dtype)."""
+    with torch.no_grad():
+        expected = _flat(model(**inputs))
+    names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {n: v.numpy() for n, v in zip(names, inputs.values(), strict=True)}
+    got = session.run(None, feeds)
+    worst = 0.0
+    for g, e in zip(got, expected, strict=True):
+        e64 = e.double().numpy()
+        scale = max(float(np.abs(e64).max()), 1e-12)
+        worst = max(worst, float(np.abs(g.astype(np.float64) - e64).max()) / scale)
+    return worst
+
+
+def session_cpu_ms(paths: dict[str, Path], repeats: int = 20) -> dict[str, float]:
+    """Median CPU milliseconds to create an onnxruntime session (1 thread), runs interleaved."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(repeats):
+        for k, path in paths.items():  # from the path: the dense file has external data
+            start = time.process_time()
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            times[k].append(time.process_time() - start)
+    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+
+
+def _save(
+    model: torch.nn.Module, factory: str, form: str, work: Path, example: dict
+) -> tuple[Path, list[str]]:
+    """The model saved as a user would, and the CLI flags that load it."""
+    path = work / f"{form}.{'pt2' if form == 'pt2' else 'pt'}"
+    if form == "state_dict":  # weight_orig + weight_mask, as prune leaves them
+        torch.save(model.state_dict(), path)
+        return path, []
+    removed = _removed(model, factory)
+    if form == "removed":
+        torch.save(removed.state_dict(), path)
+        return path, []
+    if form == "pickle":
+        torch.save(removed, path)
+        return path, ["--trust-pickle"]
+    program = torch.export.export(removed, (), kwargs=example)
+    torch.export.save(program, path)
+    return path, []
+
+
+def _removed(model: torch.nn.Module, factory: str) -> torch.nn.Module:
+    """A fresh copy of the architecture holding the pruned weights (weight_orig x weight_mask),
+    as prune.remove leaves them; the model passed in keeps its hooks."""
+    state = model.state_dict()
+    merged = {}
+    for key, value in state.items():
+        if key.endswith("_orig"):
+            merged[key[: -len("_orig")]] = value * state[key[: -len("_orig")] + "_mask"]
+        elif not key.endswith("_mask"):
+            merged[key] = value
+    fresh = getattr(zoo, factory)().eval()
+    fresh.load_state_dict(merged)
+    return fresh
+
+
+def _export(args: list[str]) -> tuple[int, dict | None, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = ticketc_main(["export", *args, "--json"])
+    try:
+        report = json.loads(out.getvalue()) if code == 0 else None
+    except json.JSONDecodeError:
+        report = None
+    lines = err.getvalue().strip().splitlines()
+    return code, report, lines[-1] if lines else ""
+
+
+def run_cell(arch: str, rate: float, forms: list[str], values: list[str], work: Path) -> list:
+    factory, specs = ARCHS[arch]
+    torch.manual_seed(0)
+    model = getattr(zoo, factory)().eval()
+    zoo.prune_global_(model, rate)
+    example = {n: maker()[:1] for n, (_, _, maker) in specs.items()}
+    fresh = {n: maker() for n, (_, _, maker) in specs.items()}
+    flags = [
+        f"--input={n}:{dtype}:{','.join(map(str, shape))}" for n, (dtype, shape, _) in specs.items()
+    ]
+    arch_flag = f"--arch=tests.models_for_tests:{factory}"
+    rows = []
+    dense_path = work / "dense.onnx"
+    sd_path, _ = _save(model, factory, "state_dict", work, example)
+    code, dense, _ = _export(
+        [str(sd_path), arch_flag, *flags, "--format=dense", f"--output={dense_path}"]
+    )
+    dense_bytes = dense["total_bytes"] if dense else None
+    timings: dict[str, float] = {}
+    masked = model  # the user's own masked model: prune hooks on
+    for form in forms:
+        saved, extra = _save(model, factory, form, work, example)
+        for value in values:
+            out = work / f"{form}-{value}.onnx"
+            args = [
+                str(saved),
+                *extra,
+                *([arch_flag] if form in ("state_dict", "removed") else []),
+                *flags,
+                f"--values={value}",
+                f"--output={out}",
+            ]
+            start = time.perf_counter()
+            code, report, error = _export(args)
+            row: dict[str, object] = {
+                "arch": arch,
+                "rate": rate,
+                "form": form,
+                "values": value,
+                "exit": code,
+                "seconds": time.perf_counter() - start,
+            }
+            if code != 0:
+                row["error"] = error
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
+            assert report is not None
+            rel = relative_error(out, masked, fresh)
+            row["rel"] = rel
+            row["rel_ok"] = rel <= RTOL.get(value, float("inf"))
+            row["bytes"] = report["total_bytes"]
+            if dense_bytes:
+                floor = dense_bytes - report["weight_bytes"] + report["bound_bytes"]
+                row["ratio"] = dense_bytes / report["total_bytes"]
+                row["allowed"] = dense_bytes / floor
+                row["of_allowed"] = row["ratio"] / row["allowed"]
+            if form == "state_dict" and value in ("fp32", "int4"):
+                timings = session_cpu_ms({"dense": dense_path, value: out})
+                row["session_ratio"] = timings[value] / timings["dense"]
+                row["session_ms"] = timings
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| arch | rate | form | values | exit | rel err | x smaller | of allowed | session |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        session = f"{r['session_ratio']:.2f}x" if "session_ratio" in r else ""
+        lines.append(
+            f"| {r['arch']} | {r['rate']} | {r['form']} | {r['values']} | {r['exit']} | "
+            f"{r.get('rel', float('nan')):.2g} | {r.get('ratio', float('nan')):.1f} | "
+            f"{r.get('of_allowed', float('nan')):.2f} | {session} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default=",".join(ARCHS))
+    parser.add_argument("--rates", default=",".join(map(str, RATES)))
+    parser.add_argument("--forms", default=",".join(FORMS))
+    parser.add_argument("--values", default=",".join(VALUES))
+    parser.add_argument("--name", default="export_matrix")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.archs.split(","):
+            for rate in (float(r) for r in args.rates.split(",")):
+                work = Path(tmp) / f"{arch}-{rate}"
+                work.mkdir()
+                rows += run_cell(arch, rate, args.forms.split(","), args.values.split(","), work)
+    report = {
+        "rows": rows,
+        "device": platform.processor() or platform.machine(),
+        "threads": 1,
+        "versions": {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "python": platform.python_version(),
+        },
+        "commit": _commit(),
+        "load_average": list(__import__("os").getloadavg()),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / f"{args.name}.md").write_text(markdown(rows))
+    failed = [r for r in rows if r["exit"] != 0 or not r.get("rel_ok", True)]
+    print(f"{len(rows)} cells, {len(failed)} failed; wrote {RESULTS / args.name}.json")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
