@@ -279,6 +279,21 @@ def from_graph_module(module: nn.Module) -> ExampleInputs | None:
     return random_like(ExampleInputs(tuple(tensors))) if tensors else None
 
 
+def fixed_batch(module: nn.Module) -> int | None:
+    """The batch size a torch.export program's module is specialised to (its guards reject any
+    other), or None when its first input's batch axis is symbolic or it is no program."""
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor) and value.dim() and isinstance(value.shape[0], int):
+                return int(value.shape[0])
+            return None
+    return None
+
+
 def _hint(size: Any) -> int:
     if isinstance(size, int):
         return size

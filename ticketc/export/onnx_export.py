@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from ticketc.export.storage import (
 )
 from ticketc.export.trace import drop_data_, quiet, slim_, torch_to_onnx
 from ticketc.formats.compact import value_kind_of
-from ticketc.inputs import ExampleInputs, float_dtype
+from ticketc.inputs import ExampleInputs, fixed_batch, float_dtype
 from ticketc.load import set_eval_
 from ticketc.masks import Masks, masked_model
 from ticketc.verify import (
@@ -189,11 +189,19 @@ def export_model(
     start = time.perf_counter()
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
+    notes: list[str] = []
+    batch = fixed_batch(model)
+    if batch is not None and config.dynamic_batch:
+        config = replace(config, dynamic_batch=False)
+        notes.append(
+            f"the program was exported with a fixed batch of {batch}, which its guards enforce: "
+            f"the file keeps it (torch.export.export(..., dynamic_shapes=...) makes it dynamic)"
+        )
     prepared, _ = masked_model(model, masks)
     own = float_dtype(prepared)
     target = DTYPES[config.dtype] if config.dtype else own
     try:
-        return _export(prepared, example_inputs, out, config, sample, target, start, [])
+        return _export(prepared, example_inputs, out, config, sample, target, start, notes)
     except RuntimeUnsupported as e:
         if config.dtype is not None or target == torch.float32:
             raise UserError(
@@ -203,7 +211,9 @@ def export_model(
             f"exported in fp32: onnxruntime's CPU provider cannot run this {_kind(target)} graph "
             f"(pass --dtype {_kind(target)} --no-verify to keep {_kind(target)})"
         )
-        return _export(prepared, example_inputs, out, config, sample, torch.float32, start, [note])
+        return _export(
+            prepared, example_inputs, out, config, sample, torch.float32, start, [*notes, note]
+        )
 
 
 def _kind(dtype: torch.dtype) -> str:

@@ -1,0 +1,132 @@
+"""`ticketc export` on what users save: .pt2 programs, layer-keyed mask files, DataParallel
+state dicts, typed inputs of a tied-head language model; each file checked in onnxruntime
+against the user's masked model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch.nn.utils import prune
+
+from tests.models_for_tests import prune_global_, tied_lm, tiny_mlp
+from ticketc.cli import main
+
+MLP = "tests.models_for_tests:tiny_mlp"
+
+
+def _run(path, *inputs: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, dict(zip(names, inputs, strict=True)))
+
+
+def _pruned_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = tiny_mlp().eval()
+    prune_global_(model, 0.9)
+    for module in (model[1], model[3]):
+        prune.remove(module, "weight")
+    return model
+
+
+def _stored(capsys) -> list[dict]:
+    report = json.loads(capsys.readouterr().out)
+    return [layer for layer in report["layers"] if "+" in layer["codec"]]
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_pt2_program_exports_its_zeros_and_its_batch(tmp_path, capsys, dynamic):
+    model = _pruned_mlp()
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
+    program = torch.export.export(model, (torch.randn(2, 20),), dynamic_shapes=shapes)
+    torch.export.save(program, tmp_path / "m.pt2")
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "m.pt2"), "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [layer for layer in report["layers"] if "+" in layer["codec"]], "zeros not stored"
+    batch = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0]
+    if dynamic:  # any batch runs
+        assert batch.dim_param and not batch.dim_value
+        x = torch.randn(5, 20)
+    else:  # the program's guards fix it: kept, and said
+        assert batch.dim_value == 2
+        assert any("fixed batch of 2" in note for note in report["notes"])
+        x = torch.randn(2, 20)
+    (got,) = _run(out, x.numpy())
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_keyed_mask_file_as_nni_writes_it(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = tiny_mlp().eval()
+    torch.save(model.state_dict(), tmp_path / "dense.pt")
+    masks = {
+        "1": {"weight": torch.rand(16, 20) < 0.1, "bias": torch.ones(16, dtype=torch.bool)},
+        "3": {"weight": torch.rand(4, 16) < 0.3},
+    }
+    torch.save(masks, tmp_path / "masks.pt")
+    out = tmp_path / "m.onnx"
+    args = [
+        "export",
+        str(tmp_path / "dense.pt"),
+        "--arch",
+        MLP,
+        "--mask",
+        str(tmp_path / "masks.pt"),
+    ]
+    assert main([*args, "--input-shape", "1,20", "-o", str(out), "--json"]) == 0
+    assert _stored(capsys)
+    with torch.no_grad():
+        model[1].weight.mul_(masks["1"]["weight"])
+        model[3].weight.mul_(masks["3"]["weight"])
+    x = torch.randn(3, 20)
+    (got,) = _run(out, x.numpy())
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_dataparallel_prefixes_are_understood(tmp_path, capsys):
+    model = _pruned_mlp()
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "dp.pt")
+    out = tmp_path / "m.onnx"
+    args = ["export", str(tmp_path / "dp.pt"), "--arch", MLP, "--input-shape", "1,20"]
+    assert main([*args, "-o", str(out), "--json"]) == 0
+    assert _stored(capsys)
+    x = torch.randn(3, 20)
+    (got,) = _run(out, x.numpy())
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("values", ["fp32", "int8"])
+def test_tied_lm_with_typed_token_ids_and_prune_hooks_in_the_state_dict(tmp_path, capsys, values):
+    torch.manual_seed(0)
+    model = tied_lm().eval()
+    prune_global_(model, 0.9)  # hooks on: weight_orig and weight_mask in the state dict
+    torch.save(model.state_dict(), tmp_path / "lm.pt")
+    out = tmp_path / "m.onnx"
+    args = ["export", str(tmp_path / "lm.pt"), "--arch", "tests.models_for_tests:tied_lm"]
+    args += ["--input", "ids:int64:1,7", "--values", values, "-o", str(out), "--json"]
+    assert main(args) == 0
+    assert _stored(capsys)
+    proto = onnx.load(str(out))
+    assert [i.name for i in proto.graph.input] == ["ids"]
+    ids = torch.randint(0, 50, (2, 9))  # other batch and sequence lengths: dynamic axes
+    (got,) = _run(out, ids.numpy())
+    expected = model(ids).detach().numpy()
+    rel = np.abs(got - expected).max() / np.abs(expected).max()
+    assert rel <= (1e-5 if values == "fp32" else 0.06), rel
+
+
+def test_a_bad_input_spec_is_one_line_and_exit_2(tmp_path, capsys):
+    model = _pruned_mlp()
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    args = ["export", str(tmp_path / "m.pt"), "--arch", MLP, "--input", "x:int3:1,20"]
+    assert main([*args, "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "int3" in err
+    assert not (tmp_path / "m.onnx").exists()
