@@ -108,7 +108,8 @@ def remove_stale(folder: str | os.PathLike[str]) -> list[Path]:
 def write_error(e: BaseException, target: str | os.PathLike[str]) -> UserError | None:
     """The UserError for a failed write to `target`, or None when `e` is not a write failure.
 
-    torch's zip writer reports a full disk as a RuntimeError ("file write failed").
+    torch's zip writer reports a failed write (a full disk, a file size limit) as a
+    RuntimeError from its C++ code ("file write failed", "unexpected pos").
     """
     if isinstance(e, OSError):
         reason = e.strerror or str(e)
@@ -116,7 +117,7 @@ def write_error(e: BaseException, target: str | os.PathLike[str]) -> UserError |
             reason = f"{reason} (the disk is full)"
         return UserError(f"cannot write {target}: {reason}")
     if isinstance(e, RuntimeError) and any(
-        s in str(e) for s in ("file write failed", "PytorchStreamWriter failed")
+        s in str(e) for s in ("file write failed", "PytorchStreamWriter", "inline_container")
     ):
         return UserError(f"cannot write {target}: the write failed (is the disk full?)")
     return None

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -248,17 +249,22 @@ def _unsafe_globals(f: IO[bytes], error: pickle.UnpicklingError) -> str | None:
         with quiet():
             found = torch.serialization.get_unsafe_globals_in_checkpoint(f)
     except Exception:  # noqa: BLE001 - a legacy (non-zip) file cannot be scanned: ask the error
-        return "" if "Unsupported global" in str(error) else None
+        named = re.findall(r"GLOBAL ([\w.]+)", str(error))
+        if "unsupported global" not in str(error).lower():
+            return None
+        return f" ({', '.join(named[:3])})" if named else ""
     return f" ({', '.join(found[:3])})" if found else None
 
 
 def _reason(e: BaseException) -> str:
-    """What torch's weights_only unpickler says after its long preamble."""
+    """What torch's weights_only unpickler says, without its long preamble."""
     text = str(e)
     marker = "WeightsUnpickler error:"
     if marker in text:
         text = text[text.index(marker) + len(marker) :]
+    boilerplate = ("Weights only load failed", "Check the documentation", "(1)", "(2)")
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(boilerplate)] or lines
     return lines[0][:300] if lines else type(e).__name__
 
 
