@@ -181,7 +181,7 @@ def _decode_portable(model: Any, path: Path) -> dict[str, np.ndarray]:
     import onnx
     import onnxruntime as ort
 
-    from ticketc.safe_onnx import ort_quiet, run_options, session_options
+    from ticketc.safe_onnx import run_options, session_options
 
     nodes = [n for n in model.graph.node if n.domain == "ticketc"]
     if not nodes:
@@ -204,11 +204,10 @@ def _decode_portable(model: Any, path: Path) -> dict[str, np.ndarray]:
             functions=model.functions,
             ir_version=model.ir_version,
         )
-        with ort_quiet():
-            session = ort.InferenceSession(
-                decode.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
-            )
-            outputs = session.run(None, {}, run_options())
+        session = ort.InferenceSession(
+            decode.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
+        )
+        outputs = session.run(None, {}, run_options())
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise UserError(f"{path}: its compact weights do not decode ({_line(e)})") from e
     return {n.output[0]: out for n, out in zip(nodes, outputs, strict=True)}

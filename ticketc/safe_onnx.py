@@ -10,7 +10,6 @@ decode nodes declare theirs in the attribute `t`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Iterator
@@ -197,20 +196,10 @@ def check_onnx_file(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-@contextlib.contextmanager
-def ort_quiet() -> Iterator[None]:
-    """Keep onnxruntime's default logger to fatal errors inside the block (sessions and runs
-    get their own severity from `session_options` / `run_options`)."""
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(_ORT_FATAL_ONLY)
-    try:
-        yield
-    finally:
-        ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
-
-
 def session_options() -> Any:  # -> onnxruntime.SessionOptions
+    """Options whose logger prints fatal errors only: a failure reaches the user as the one line
+    ticketc prints, not as onnxruntime's coloured log lines. (Per session, so the process-wide
+    default logger the user may have set is left alone.)"""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -219,6 +208,7 @@ def session_options() -> Any:  # -> onnxruntime.SessionOptions
 
 
 def run_options() -> Any:  # -> onnxruntime.RunOptions
+    """Per-run options with the same fatal-only logger as `session_options`."""
     import onnxruntime as ort
 
     options = ort.RunOptions()

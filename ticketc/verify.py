@@ -46,20 +46,19 @@ def ort_session(path: str | os.PathLike[str]):  # -> onnxruntime.InferenceSessio
     data inside its folder, declared sizes); onnxruntime's log lines are kept off stderr."""
     import onnxruntime as ort
 
-    from ticketc.safe_onnx import check_onnx_file, ort_quiet, session_options
+    from ticketc.safe_onnx import check_onnx_file, session_options
 
     p = check_onnx_file(path)
     try:
-        with ort_quiet():
-            return ort.InferenceSession(
-                str(p), session_options(), providers=["CPUExecutionProvider"]
-            )
+        return ort.InferenceSession(
+            str(p), session_options(), providers=["CPUExecutionProvider"]
+        )
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise UserError(f"{path}: onnxruntime cannot load it ({_first_line(e)})") from e
 
 
 def run_onnx(path: str | os.PathLike[str], inputs: list[torch.Tensor]) -> list[np.ndarray]:
-    from ticketc.safe_onnx import ort_quiet, run_options
+    from ticketc.safe_onnx import run_options
 
     session = ort_session(path)
     names = [i.name for i in session.get_inputs()]
@@ -67,8 +66,7 @@ def run_onnx(path: str | os.PathLike[str], inputs: list[torch.Tensor]) -> list[n
         raise UserError(f"{path} takes {len(names)} input(s), the sample has {len(inputs)}")
     feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
     try:
-        with ort_quiet():
-            return list(session.run(None, feed, run_options()))
+        return list(session.run(None, feed, run_options()))
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: onnxruntime failed on the sample ({_first_line(e)})") from e
 
