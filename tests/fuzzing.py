@@ -68,6 +68,11 @@ def build_artifacts(folder: Path) -> dict[str, Path]:
     _prune_(mlp, 0.2)
     out["state_dict"] = folder / "sd.pt"
     torch.save(mlp.state_dict(), out["state_dict"])
+    out["mask"] = folder / "masks.pt"  # read by --mask (never unpickled)
+    torch.save({n: p != 0 for n, p in mlp.named_parameters() if n.endswith("weight")},
+               out["mask"])
+    out["sample"] = folder / "sample.pt"  # read by --sample (never unpickled)
+    torch.save(torch.randn(1, 20), out["sample"])
     x = torch.randn(2, 20)
     out["pt2"] = folder / "program.pt2"
     torch.export.save(torch.export.export(mlp.eval(), (x,)), out["pt2"])
@@ -208,6 +213,20 @@ def readers_for(kind: str, mutant: Path, good: dict[str, Path], out_dir: Path,
     onnx = kind.startswith("onnx")
     arch = ["--arch", "tests.models_for_tests:tiny_mlp"] if kind == "state_dict" else []
     runs: list[tuple[str, list[str], Path | None]] = []
+    if kind in ("mask", "sample"):  # a mutated side file next to a sound model
+        flag = "--mask" if kind == "mask" else "--sample"
+        model = [str(good["state_dict"]), "--arch", "tests.models_for_tests:tiny_mlp"]
+        shape = SHAPE if kind == "mask" else []
+        if "inspect" in readers and kind == "mask":
+            runs.append(("inspect", ["inspect", *model, flag, str(mutant), "--json"], None))
+        if "export" in readers:
+            out = out_dir / "out.onnx"
+            runs.append(("export", ["export", *model, *shape, flag, str(mutant), "-o", str(out),
+                                    "--json"], out))
+        if "verify" in readers and kind == "sample":
+            runs.append(("verify", ["verify", str(good["onnx-portable"]), "--against",
+                                    str(good["ticket"]), flag, str(mutant), "--json"], None))
+        return runs
     if "inspect" in readers:
         runs.append(("inspect", ["inspect", str(mutant), *arch, "--json"], None))
     if "export" in readers:

@@ -25,6 +25,7 @@ from tests.fuzzing import (
 
 KINDS = ("ticket", "state_dict", "pt2", "compiled", "onnx-portable", "onnx-sparse-initializer",
          "onnx-dense")
+SIDE_FILES = ("mask", "sample")  # --mask / --sample files next to a sound model
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,11 @@ def test_inspect_fuzzed(good: dict[str, Path], tmp_path: Path, kind: str) -> Non
     assert _campaign(good, tmp_path, kind, 15, ["inspect"], seed=1) == []
 
 
+@pytest.mark.parametrize("kind", SIDE_FILES)
+def test_side_files_fuzzed(good: dict[str, Path], tmp_path: Path, kind: str) -> None:
+    assert _campaign(good, tmp_path, kind, 8, ["inspect", "export", "verify"], seed=4) == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_export_and_verify_fuzzed(good: dict[str, Path], tmp_path: Path, kind: str) -> None:
@@ -79,9 +85,10 @@ def test_good_artifacts_pass(good: dict[str, Path], tmp_path: Path) -> None:
     """The unmutated files succeed, so that a reader refusing everything cannot pass."""
     from tests.fuzzing import readers_for
 
-    for kind in KINDS:
+    for kind in KINDS + SIDE_FILES:
         out = tmp_path / kind
         out.mkdir()
-        for reader, argv, _ in readers_for(kind, good[kind], good, out, ["inspect", "verify"]):
+        readers = ["inspect", "verify"] + (["export"] if kind in SIDE_FILES else [])
+        for reader, argv, _ in readers_for(kind, good[kind], good, out, readers):
             rc, err = run_in_process(argv, 120, tmp_path / "stderr.txt")
             assert rc == 0, (kind, reader, err)

@@ -10,6 +10,7 @@ cannot make a test pass.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -152,6 +153,45 @@ def test_ticket_of_a_user_architecture_builds_with_the_same_arch(tmp_path, capsy
     _ticket(path, ARCH)
     assert main(["inspect", str(path), "--arch", ARCH, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "model"
+
+
+def test_arch_module_in_the_current_folder_is_found(tmp_path, monkeypatch, capsys):
+    # `ticketc` started from its console script has no '' on sys.path; `--arch mymodels:mlp`
+    # must still find ./mymodels.py, as `python -m ticketc` would.
+    name = "ticketc_cwd_models"
+    (tmp_path / f"{name}.py").write_text(
+        "from torch import nn\n"
+        "def mlp():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))\n"
+    )
+    model = tiny_mlp()
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    monkeypatch.chdir(tmp_path)
+    cwd = os.getcwd()
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", cwd)])
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    assert main(["inspect", "sd.pt", "--arch", f"{name}:mlp", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "model"
+    sys.modules.pop(name, None)
+
+
+def test_top_level_help_names_every_flag_that_runs_code():
+    from ticketc.cli import RUNS_CODE, build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {
+        option
+        for command in subparsers.choices.values()
+        for action in command._actions
+        if "(runs code" in (action.help or "")
+        for option in action.option_strings
+        if option.startswith("--")
+    }
+    assert {"--arch", "--trust-pickle", "--model", "--data"} <= flags
+    for flag in flags:
+        assert flag in RUNS_CODE, flag
+    assert parser.epilog == RUNS_CODE
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,20 @@ from ticketc import __version__
 from ticketc.commands import COMMANDS
 from ticketc.errors import UserError
 
+RUNS_CODE = (
+    "Reading a file never runs code from it. Only these flags run code: --arch MODULE:FACTORY "
+    "(export, compile, verify, inspect, report), find --model MODULE:FACTORY and "
+    "find --data MODULE:FACTORY import and call the factory you name (the current folder is on "
+    "the import path); --trust-pickle (export, compile, verify, inspect) unpickles what the "
+    "file holds. Each is marked '(runs code)' in the command's --help."
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ticketc", description="Turn lottery tickets into deployable sparse models."
+        prog="ticketc",
+        description="Turn lottery tickets into deployable sparse models.",
+        epilog=RUNS_CODE,
     )
     parser.add_argument("--version", action="version", version=f"ticketc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -27,11 +29,14 @@ BUILTIN_MODULE = "ticketc.models"
 def resolve(ref: str, what: str = "factory") -> Callable[..., Any]:
     """Import `module.path:name` and return the callable it names (runs the module's code).
 
-    Only for references the user gave on the command line. Raises UserError.
+    Only for references the user gave on the command line. The current folder is put first on
+    the import path, as `python -m` does, so `--arch mymodels:mlp` finds ./mymodels.py whether
+    ticketc was started as `ticketc` or as `python -m ticketc`. Raises UserError.
     """
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
         raise UserError(f"{what} {ref!r} is not of the form module.path:factory")
+    _current_folder_on_path()
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -45,6 +50,15 @@ def resolve(ref: str, what: str = "factory") -> Callable[..., Any]:
     if not callable(obj):
         raise UserError(f"{what} {ref!r} is not callable")
     return obj  # type: ignore[no-any-return]
+
+
+def _current_folder_on_path() -> None:
+    """Put the current folder first on sys.path unless it is there already ('' or its path)."""
+    cwd = os.getcwd()
+    if any(entry in ("", cwd) or os.path.abspath(entry) == cwd for entry in sys.path):
+        return
+    sys.path.insert(0, cwd)
+    importlib.invalidate_caches()
 
 
 def builtin(ref: str) -> Callable[..., nn.Module] | None:
