@@ -234,6 +234,11 @@ def readers_for(kind: str, mutant: Path, good: dict[str, Path], out_dir: Path,
         shape = SHAPE if not kind.endswith("pt2") and kind != "compiled" else []
         runs.append(("export", ["export", str(mutant), *arch, *shape, "-o", str(out), "--json"],
                      out))
+    if "compile" in readers and not onnx:
+        out = out_dir / "out.pt2"
+        shape = SHAPE if not kind.endswith("pt2") and kind != "compiled" else []
+        runs.append(("compile", ["compile", str(mutant), *arch, *shape, "-o", str(out),
+                                 "--json"], out))
     if "verify" in readers:
         if onnx:
             runs.append(("verify", ["verify", str(mutant), "--against", str(good["ticket"]),
@@ -271,9 +276,10 @@ def fuzz_case(
         before = set(os.listdir(out_dir)) | set(os.listdir(case))
         rc, err = run(argv)
         new = sorted((set(os.listdir(out_dir)) | set(os.listdir(case))) - before)
-        expected = {out.name, out.name + ".data"} if out is not None and rc == 0 else set()
-        stray = [n for n in new if n not in expected]
-        wrote = rc != 0 and out is not None and out.exists()
+        outputs = set() if out is None else {  # ONNX external data, compile's plan
+            out.name, out.name + ".data", out.with_suffix(".plan.json").name}
+        stray = [n for n in new if n not in outputs or rc != 0]
+        wrote = rc != 0 and any((out_dir / n).exists() for n in outputs)
         results.append((reader, classify(rc, err, stray, wrote), err))
         for name in new:  # leave the next reader a clean folder
             path = out_dir / name

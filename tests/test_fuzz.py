@@ -73,6 +73,12 @@ def test_export_and_verify_fuzzed(good: dict[str, Path], tmp_path: Path, kind: s
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ("ticket", "state_dict", "pt2", "compiled"))
+def test_compile_fuzzed(good: dict[str, Path], tmp_path: Path, kind: str) -> None:
+    assert _campaign(good, tmp_path, kind, 5, ["compile"], seed=5) == []
+
+
+@pytest.mark.slow
 def test_fuzzed_in_real_processes(good: dict[str, Path], tmp_path: Path) -> None:
     """Exactly one stderr line and no traceback also when nothing captures Python's logging."""
     bad = []
