@@ -46,7 +46,9 @@ from tests.fuzzing import (  # noqa: E402
 
 def campaign(per_kind: int, readers: list[str], seed: int, timeout: int,
              kinds: list[str] | None, subprocess_every: int,
-             log: Callable[[str], None]) -> dict[str, object]:
+             log: Callable[[str], None],
+             partial: Callable[[dict[str, object]], None] | None = None) -> dict[str, object]:
+    """Fuzz every kind `per_kind` times; `partial` gets the results so far after each kind."""
     work = Path(tempfile.mkdtemp(prefix="ticketc-fuzz-"))
     (work / "good").mkdir()
     good = build_artifacts(work / "good")
@@ -81,7 +83,14 @@ def campaign(per_kind: int, readers: list[str], seed: int, timeout: int,
             shutil.rmtree(case, ignore_errors=True)
             if (i + 1) % 25 == 0:
                 log(f"{kind} {i + 1}/{per_kind} ({time.time() - started:.0f} s)")
+        if partial:
+            partial(_summary(results, examples, seed, per_kind, readers, count, started))
     shutil.rmtree(work, ignore_errors=True)
+    return _summary(results, examples, seed, per_kind, readers, count, started)
+
+
+def _summary(results: dict[str, Counter[str]], examples: dict[str, list[str]], seed: int,
+             per_kind: int, readers: list[str], count: int, started: float) -> dict[str, object]:
     totals: Counter[str] = Counter()
     for c in results.values():
         totals.update(c)
@@ -105,7 +114,7 @@ def campaign(per_kind: int, readers: list[str], seed: int, timeout: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-kind", type=int, default=100)
-    parser.add_argument("--readers", default="inspect,export,verify")
+    parser.add_argument("--readers", default="inspect,export,verify,compile")
     parser.add_argument("--kinds", default="", help="comma-separated subset of the kinds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=int, default=120)
@@ -114,13 +123,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
+
+    def write(result: dict[str, object]) -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+
     result = campaign(args.per_kind, args.readers.split(","), args.seed, args.timeout,
                       [k for k in args.kinds.split(",") if k], args.subprocess_every,
-                      log=lambda s: print(s, flush=True))
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+                      log=lambda s: print(s, flush=True), partial=write)
+    write(result)
     print(json.dumps({"totals": result["totals"], "runs": result["runs"],
                       "seconds": result["seconds"]}))
 

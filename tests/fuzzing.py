@@ -286,3 +286,51 @@ def fuzz_case(
             if path.is_file():
                 path.unlink()
     return results
+
+
+FIND = ["--model", "tests.test_find_run:tiny_mlp", "--data", "tests.test_find_run:tiny_pairs",
+        "--rounds", "1", "--iterations", "10", "--batch-size", "30", "--eval-every", "5",
+        "--checkpoint-every", "5", "--val-size", "60", "--no-progress", "--threads", "1"]
+
+
+def fuzz_run_dir(
+    finished: Path,
+    case: Path,
+    mutation: str,
+    rng: random.Random,
+    readers: list[str],
+    run: Callable[[list[str]], tuple[int, str]],
+) -> list[tuple[str, str, str]]:
+    """Copy the finished `find` run `finished` into `case`, mutate one of its files and run
+    `report` and `find --resume` on it (level 1 and the ticket are removed first, so resume
+    reads the earlier levels' files again). Verdicts as in `fuzz_case`."""
+    import shutil
+
+    results = []
+    for reader in readers:
+        work = case / reader
+        shutil.copytree(finished, work)
+        if reader == "resume":
+            shutil.rmtree(work / "level_01")
+            (work / "ticket.pt").unlink()
+        files = sorted(p for p in work.rglob("*") if p.is_file())
+        victim = rng.choice(files)
+        victim.write_bytes(mutate(victim.read_bytes(), mutation, rng, metadata_ranges(victim)))
+        before = {p.relative_to(work) for p in work.rglob("*")}
+        if reader == "report":
+            argv = ["report", str(work), "--no-export", "--json"]
+            outputs = {Path("report")}  # what it writes lies in report/
+        else:
+            argv = ["find", "--out", str(work), *FIND, "--resume"]
+            outputs = None  # a resumed run writes its levels; only hidden leftovers are stray
+        rc, err = run(argv)
+        new = {p.relative_to(work) for p in work.rglob("*")} - before
+        if outputs is None:
+            stray = [str(p) for p in new if any(part.startswith(".") or ".ticketc-" in part
+                                                 for part in p.parts)]
+        else:
+            stray = [str(p) for p in new if p.parts[0] not in {str(o) for o in outputs}
+                     or any(part.startswith(".") for part in p.parts) or rc != 0]
+        results.append((f"{reader}:{victim.relative_to(work)}", classify(rc, err, stray, False),
+                        err))
+    return results

@@ -78,6 +78,40 @@ def test_compile_fuzzed(good: dict[str, Path], tmp_path: Path, kind: str) -> Non
     assert _campaign(good, tmp_path, kind, 5, ["compile"], seed=5) == []
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import contextlib
+    import os
+
+    from tests.fuzzing import FIND
+    from ticketc.cli import main
+
+    run = tmp_path_factory.mktemp("find") / "run"
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        assert main(["find", "--out", str(run), *FIND]) == 0
+    return run
+
+
+@pytest.mark.slow
+def test_run_directories_fuzzed(finished_run: Path, tmp_path: Path) -> None:
+    """A corrupted file in a run directory, read by `report` and by `find --resume`."""
+    from tests.fuzzing import fuzz_run_dir
+
+    rng = random.Random(6)
+    bad = []
+    for i in range(10):
+        case = tmp_path / str(i)
+        case.mkdir()
+        mutation = MUTATIONS[i % len(MUTATIONS)]
+        for reader, verdict, err in fuzz_run_dir(
+            finished_run, case, mutation, rng, ["report", "resume"],
+            lambda argv: run_in_process(argv, 120, tmp_path / "stderr.txt"),
+        ):
+            if verdict not in CLEAN:
+                bad.append(f"{reader} {mutation} #{i}: {verdict} | {err.strip()[-400:]}")
+    assert bad == []
+
+
 @pytest.mark.slow
 def test_fuzzed_in_real_processes(good: dict[str, Path], tmp_path: Path) -> None:
     """Exactly one stderr line and no traceback also when nothing captures Python's logging."""
