@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -270,6 +271,26 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(rows: list[dict], name: str) -> None:
+    report = {
+        "rows": rows,
+        "device": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": 1,
+        "versions": {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "python": platform.python_version(),
+        },
+        "commit": _commit(),
+        "load_average": list(os.getloadavg()),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown(rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default=",".join(ARCHS))
@@ -286,22 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 work = Path(tmp) / f"{arch}-{rate}"
                 work.mkdir()
                 rows += run_cell(arch, rate, args.forms.split(","), args.values.split(","), work)
-    report = {
-        "rows": rows,
-        "device": platform.processor() or platform.machine(),
-        "threads": 1,
-        "versions": {
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-            "python": platform.python_version(),
-        },
-        "commit": _commit(),
-        "load_average": list(__import__("os").getloadavg()),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-    (RESULTS / f"{args.name}.md").write_text(markdown(rows))
+                _write(rows, args.name)  # after every cell: a long run cut short keeps its rows
     failed = [r for r in rows if r["exit"] != 0 or not r.get("rel_ok", True)]
     print(f"{len(rows)} cells, {len(failed)} failed; wrote {RESULTS / args.name}.json")
     return 1 if failed else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from ticketc.errors import UserError
+from ticketc.safe_load import is_pt2_archive
 
 BLOCK_SIZES = (8, 16, 32, 64)
 
@@ -66,7 +68,9 @@ def layer_stats(name: str, weight: torch.Tensor) -> LayerStats:
     from ticketc.formats.csr import CSR
 
     weight = weight.detach().float().cpu()
-    matrix = weight.reshape(weight.shape[0], -1)
+    rows = weight.shape[0] if weight.dim() else 1
+    # explicit column count: reshape(rows, -1) is ambiguous for an empty (0-size) layer
+    matrix = weight.reshape(rows, weight.numel() // rows if rows else 0)
     nnz = int(weight.count_nonzero())
     compact = Compact.from_dense(weight, values="fp32")
     return LayerStats(
@@ -89,19 +93,23 @@ def inspect_file(
     trust_pickle: bool = False,
     mask_path: str | os.PathLike[str] | None = None,
 ) -> Inspection:
-    from ticketc.load import check_file
+    from ticketc.load import load_model
+    from ticketc.safe_load import check_file, looks_like_onnx, open_zip
 
     p = check_file(path)
-    if p.suffix == ".pt2":
+    names = None
+    with open(p, "rb") as f:
+        if zipfile.is_zipfile(f):
+            with open_zip(f, p) as archive:  # declared sizes checked before anything is read
+                names = archive.namelist()
+    if names is not None and is_pt2_archive(names):
         from ticketc.compile.plan import plan_rows
 
-        plan = plan_rows(p)
+        plan = plan_rows(p)  # reads the zip (sizes checked above), never unpickles
         if plan is not None:  # compiled by ticketc: the sparse modules hold no dense weight
             return Inspection(str(p), "compiled", [], plan)
-    if p.suffix == ".onnx":
+    elif names is None and (p.suffix == ".onnx" or looks_like_onnx(p)):
         return Inspection(str(p), "onnx", onnx_layers(p))
-    from ticketc.load import load_model
-
     loaded = load_model(p, arch=arch, trust_pickle=trust_pickle, mask_path=mask_path)
     params = dict(loaded.model.named_parameters())
     return Inspection(str(p), "model", [layer_stats(n, params[n]) for n in loaded.masks])
@@ -130,14 +138,24 @@ def onnx_layers(path: Path) -> list[LayerStats]:
     """Every weight of an ONNX file as it is stored: ticketc's compact groups (codec, bytes and
     nnz read from their streams: positions, and the codes of dense-stored values), ONNX sparse
     initializers, all-zero constants and plain float initializers of rank >= 2."""
+    from ticketc.export.onnx_in import load_onnx
+
+    model = load_onnx(path)
+    try:
+        return _onnx_layers(model, path)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy / onnx on a corrupt tensor or stream
+        raise UserError(f"{path}: corrupt tensor data ({_line(e)})") from e
+
+
+def _onnx_layers(model: Any, path: Path) -> list[LayerStats]:
     import onnx
     from onnx import numpy_helper
 
     from ticketc.export.onnx_export import read_metadata
-    from ticketc.export.onnx_in import load_onnx
     from ticketc.export.portable import read_portable
 
-    model = load_onnx(path)
     meta = read_metadata(model) or {}
     layers: list[LayerStats] = []
     stored: set[str] = set()
@@ -160,14 +178,13 @@ def onnx_layers(path: Path) -> list[LayerStats]:
             layers.append(_stats(name, tensor, int(nnz[t]), itemsize, codec, round(shares[t])))
             stored.update(group.names)
     for sparse in model.graph.sparse_initializer:
-        indices = numpy_helper.to_array(sparse.indices).reshape(-1)
-        mask = np.zeros(int(np.prod(sparse.dims)), dtype=bool)
-        mask[indices] = True
+        dense = _densify(sparse, path)  # indices checked against the dims first
+        indices = numpy_helper.to_array(sparse.indices)
         values = numpy_helper.to_array(sparse.values)
         nbytes = indices.nbytes + values.nbytes
-        tensor = torch.from_numpy(mask.reshape(tuple(sparse.dims)))
+        tensor = torch.from_numpy(np.asarray(dense != 0))
         name = sparse.values.name
-        layers.append(_stats(name, tensor, indices.size, values.itemsize, "coo-int64", nbytes))
+        layers.append(_stats(name, tensor, values.size, values.itemsize, "coo-int64", nbytes))
         stored.add(name)
     for node in model.graph.node:
         if node.op_type == "ConstantOfShape" and node.output[0] in (meta.get("layers") or {}):
@@ -199,6 +216,39 @@ def decoded_weights(path: Path) -> dict[str, np.ndarray]:
     from ticketc.export.portable import read_portable
 
     model = load_onnx(path)
-    groups = read_portable(model, dict((read_metadata(model) or {}).get("groups") or {}))
-    names = [name for group in groups for name in group.names]
-    return decode_in_onnxruntime(model, names) if names else {}
+    try:
+        groups = read_portable(model, dict((read_metadata(model) or {}).get("groups") or {}))
+        names = [name for group in groups for name in group.names]
+        return decode_in_onnxruntime(model, names) if names else {}
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed streams, onnxruntime's own errors
+        raise UserError(f"{path}: its compact weights do not decode ({_line(e)})") from e
+
+
+def _densify(sparse: Any, path: Path) -> np.ndarray:
+    """A SparseTensorProto as a dense array: indices linear [NNZ] or coordinates [NNZ, rank]."""
+    from onnx import numpy_helper
+
+    dims = tuple(int(d) for d in sparse.dims)
+    numel = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    values = numpy_helper.to_array(sparse.values).reshape(-1)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64, copy=False)
+    where = f"{path}: sparse initializer {sparse.values.name[:80]!r}"
+    if indices.ndim == 2 and len(dims) == indices.shape[1]:
+        if ((indices < 0) | (indices >= np.array(dims, dtype=np.int64))).any():
+            raise UserError(f"{where} has indices outside its dims {list(dims)}")
+        indices = np.ravel_multi_index(tuple(indices.T), dims) if len(indices) else indices[:, 0]
+    indices = indices.reshape(-1)
+    if len(indices) != len(values):
+        raise UserError(f"{where} has {len(indices)} indices for {len(values)} values")
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+        raise UserError(f"{where} has indices outside its {numel} elements")
+    dense = np.zeros(numel, dtype=np.float32)
+    dense[indices] = values
+    return dense.reshape(dims)
+
+
+def _line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__

@@ -15,6 +15,7 @@ from torch.utils import _pytree as pytree
 
 from ticketc.errors import UserError
 from ticketc.inputs import ExampleInputs, float_dtype, random_like
+from ticketc.safe_onnx import run_options
 
 #: Lossless fp32 exports must match PyTorch to this relative error, max|onnx - torch| / max|torch|.
 FP32_RTOL = 1e-5
@@ -56,15 +57,17 @@ class RuntimeUnsupported(UserError):
 
 
 def ort_session(path: str | os.PathLike[str] | bytes):  # -> onnxruntime.InferenceSession
-    """An onnxruntime CPU session; UserError (RuntimeUnsupported for a missing kernel) if the
-    file does not load."""
+    """An onnxruntime CPU session of a file, after `ticketc.safe_onnx` checked it (external
+    data inside its folder, declared sizes), or of a model ticketc serialised itself (bytes);
+    onnxruntime's log lines are kept off stderr. UserError (RuntimeUnsupported for a missing
+    kernel) if it does not load."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
-    source = path if isinstance(path, bytes) else str(path)
+    from ticketc.safe_onnx import check_onnx_file, session_options
+
+    source = path if isinstance(path, bytes) else str(check_onnx_file(path))
     try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, session_options(), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         where = "the file" if isinstance(path, bytes) else path
         message = f"{where}: onnxruntime cannot load it ({_first_line(e)})"
@@ -114,7 +117,7 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 def run_onnx(path: str | os.PathLike[str], inputs: ExampleInputs) -> list[np.ndarray]:
     session = ort_session(path)
     try:
-        return list(session.run(None, feed(session, inputs)))
+        return list(session.run(None, feed(session, inputs), run_options()))
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: onnxruntime failed on the sample ({_first_line(e)})") from e
 
@@ -180,7 +183,7 @@ def verify(
     own = float_dtype(model)
     expected = flat_outputs(inputs.map(lambda t: t.to(own) if t.is_floating_point() else t)(model))
     try:
-        got = list(session.run(None, feed(session, inputs)))
+        got = list(session.run(None, feed(session, inputs), run_options()))
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: onnxruntime failed on the sample ({_first_line(e)})") from e
     names = [o.name for o in session.get_outputs()]
@@ -199,8 +202,8 @@ def verify_against_onnx(
     """Compare onnxruntime's outputs on `sample` for two ONNX files (rewritten vs original)."""
     session, original = ort_session(path), ort_session(reference)
     try:
-        got = list(session.run(None, feed(session, sample)))
-        expected = list(original.run(None, feed(original, sample)))
+        got = list(session.run(None, feed(session, sample), run_options()))
+        expected = list(original.run(None, feed(original, sample), run_options()))
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: onnxruntime failed on the sample ({_first_line(e)})") from e
     names = [o.name for o in session.get_outputs()]

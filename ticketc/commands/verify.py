@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-import onnx
-
 from ticketc.commands._common import add_model_arguments, inputs_from_args, load_from_args
 from ticketc.errors import UserError
 from ticketc.export import read_metadata
 from ticketc.load import check_file
+from ticketc.safe_onnx import parse_onnx
 from ticketc.verify import OUTPUT_RTOL, ort_session, sample_for, verify
 
 NAME = "verify"
@@ -33,10 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def default_tolerance(path: str) -> tuple[float | None, str]:
     """The tolerance a file's own metadata calls for, and what it is stored as."""
-    try:
-        meta = read_metadata(onnx.load(path, load_external_data=False)) or {}
-    except Exception as e:  # noqa: BLE001 - protobuf errors on corrupt files
-        raise UserError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:200]})") from e
+    meta = read_metadata(parse_onnx(check_file(path))) or {}
     values = str(meta.get("values", "fp32"))
     dtype = str(meta.get("dtype", "float32"))
     if values != "fp32":
@@ -71,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
                 indent=2,
             )
         )
-    else:
-        status = "ok" if result.passed else "FAILED"
-        limit = f"relative tolerance {tolerance:g}" if tolerance is not None else "no tolerance"
-        print(f"{status}: {result.summary()} ({stored}; {limit})")
-    return 0 if result.passed else 2
+    limit = f"relative tolerance {tolerance:g}" if tolerance is not None else "no tolerance"
+    if not args.json and result.passed:
+        print(f"ok: {result.summary()} ({stored}; {limit})")
+    if not result.passed:  # exit 2 with the one line on stderr, as for any other bad input
+        raise UserError(f"{args.onnx}: verification FAILED: {result.summary()} ({stored}; {limit})")
+    return 0

@@ -78,9 +78,10 @@ def _type_of(
 
 def decode_in_onnxruntime(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, np.ndarray]:
     """The tensors `names` of `model` as onnxruntime computes them (bf16 as float32)."""
+    from ticketc.safe_onnx import run_options
     from ticketc.verify import ort_session
 
     subgraph = weights_subgraph(model, names)
     session = ort_session(subgraph.SerializeToString())
-    values = session.run(None, {})
+    values = session.run(None, {}, run_options())
     return dict(zip(names, values, strict=True))
