@@ -219,13 +219,8 @@ def test_sparse_conv_pt2_round_trip(tmp_path, make, shape):
 def test_relu_after_a_sparse_linear_is_fused_and_names_are_kept(tmp_path, batch):
     model = _prune(
         nn.Sequential(
-            nn.Linear(40, 24),
-            nn.ReLU(),
-            nn.Linear(24, 16),
-            nn.ReLU(inplace=True),
-            nn.Linear(16, 6),
-            nn.ReLU(),
-            nn.Flatten(),
+            nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(inplace=True),
+            nn.Linear(16, 6), nn.ReLU(), nn.Flatten(),
         ),
         0.3,
     )
@@ -292,15 +287,8 @@ def test_sparse_linear_refuses_the_wrong_input_width(batch):
 def _sparse_mlp() -> nn.Sequential:
     return _prune(
         nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(40, 24),
-            nn.ReLU(),
-            nn.Linear(24, 16),
-            nn.ReLU(),
-            nn.Linear(16, 6),
-            nn.Tanh(),
-            nn.Linear(6, 5),
-            nn.Linear(5, 3),
+            nn.Flatten(), nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(),
+            nn.Linear(16, 6), nn.Tanh(), nn.Linear(6, 5), nn.Linear(5, 3),
         ),
         0.3,
     )
@@ -315,8 +303,7 @@ def test_runs_of_csr_layers_run_as_one_chain(tmp_path, monkeypatch, batch):
     assert set(compiled.state_dict()) == set(_forced(model, "csr", tmp_path, x).state_dict())
     built, build = [], ops.cpu_csr_chain
     monkeypatch.setattr(
-        tc.modules.ops,
-        "cpu_csr_chain",
+        tc.modules.ops, "cpu_csr_chain",
         lambda layers, relus: built.append(len(layers)) or build(layers, relus),
     )
     with torch.no_grad():

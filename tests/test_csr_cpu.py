@@ -38,9 +38,8 @@ def test_matmul_t_matches_float64(shape, density, index) -> None:
     ref = (x.double() @ w.double().t() + bias.double()).t()
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)  # fp32 sums of <= 784
     no_bias = csr_cpu.csr_matmul_t(crow, col, values, x.t().contiguous())
-    torch.testing.assert_close(
-        no_bias.double(), (x.double() @ w.double().t()).t(), rtol=1e-4, atol=1e-4
-    )
+    torch.testing.assert_close(no_bias.double(), (x.double() @ w.double().t()).t(),
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -62,9 +61,8 @@ def test_sampled_grad_is_the_dense_gradient_at_stored_entries() -> None:
     xt, g_t = torch.randn(groups, k, n, generator=g), torch.randn(groups * m, n, generator=g)
     crow, col, _ = _csr(torch.cat(ws))
     got = csr_cpu.csr_sampled_grad(crow, col, g_t, xt, groups=groups)
-    dense = torch.cat(
-        [g_t[i * m : (i + 1) * m].double() @ xt[i].double().t() for i in range(groups)]
-    )  # [groups * m, k]
+    dense = torch.cat([g_t[i * m:(i + 1) * m].double() @ xt[i].double().t()
+                       for i in range(groups)])  # [groups * m, k]
     rows = torch.repeat_interleave(torch.arange(groups * m), crow.diff())
     torch.testing.assert_close(got.double(), dense[rows, col], rtol=1e-5, atol=1e-5)
 
@@ -132,13 +130,8 @@ def kernel(request, monkeypatch):
 @pytest.mark.parametrize("n", [1, 2, 7, 16, 33, 64, 100])
 @pytest.mark.parametrize(
     ("widths", "relus"),
-    [
-        ([5, 19], [False]),
-        ([70, 19], [True]),
-        ([1, 33, 7], [True, False]),
-        ([64, 300, 100, 10], [True, True, False]),
-        ([9, 40, 40, 3], [False, True, True]),
-    ],
+    [([5, 19], [False]), ([70, 19], [True]), ([1, 33, 7], [True, False]),
+     ([64, 300, 100, 10], [True, True, False]), ([9, 40, 40, 3], [False, True, True])],
 )
 def test_chain_matches_float64(kernel, n, widths, relus) -> None:
     g = torch.Generator().manual_seed(n * 1000 + sum(widths))

@@ -44,9 +44,8 @@ def run(args: argparse.Namespace) -> int:
         for k in kinds:
             acc, acc_sd, n = r.stat(k, "early_stop_test_acc")
             it, it_sd, _ = r.stat(k, "early_stop_iteration")
-            cells.append(
-                "" if not n else f"{100 * acc:.2f}" + (f" ± {100 * acc_sd:.2f}" if n > 1 else "")
-            )
+            cells.append("" if not n else f"{100 * acc:.2f}" + (f" ± {100 * acc_sd:.2f}" if n > 1
+                                                                  else ""))
             cells.append("" if not n else f"{it:.0f}")
         cells.append("" if r.export_bytes is None else f"{r.export_bytes / 1024:.1f}")
         table.add_row(*cells)

@@ -111,10 +111,7 @@ def _cpu(dtype: torch.dtype) -> DeviceCosts:
             )
         },
         chain=FormatCost(
-            15e-6,
-            30e9 * threads * slow,
-            per_output_s=0.3e-9,
-            per_input_s=0.4e-9,
+            15e-6, 30e9 * threads * slow, per_output_s=0.3e-9, per_input_s=0.4e-9,
             per_entry_s=1.8e-9,
         ),
     )

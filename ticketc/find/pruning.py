@@ -49,7 +49,9 @@ def prunable_parameters(
     return kinds
 
 
-def prune_counts(alive: Mapping[str, int], rates: Mapping[str, float]) -> dict[str, int]:
+def prune_counts(
+    alive: Mapping[str, int], rates: Mapping[str, float]
+) -> dict[str, int]:
     """How many of each layer's surviving weights a layer-wise round removes."""
     return {name: int(round(rates[name] * n)) for name, n in alive.items()}
 
@@ -79,15 +81,15 @@ def _remove_smallest(scores: torch.Tensor, mask: torch.Tensor, count: int) -> to
 
 
 def prune_layerwise(
-    weights: Mapping[str, torch.Tensor],
-    masks: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
     rates: Mapping[str, float],
 ) -> Masks:
     """Remove `rates[name]` of each layer's surviving weights, smallest magnitude first."""
     alive = {name: int(masks[name].sum()) for name in masks}
     counts = prune_counts(alive, rates)
     return {
-        name: _remove_smallest(weights[name].detach(), masks[name], counts[name]) for name in masks
+        name: _remove_smallest(weights[name].detach(), masks[name], counts[name])
+        for name in masks
     }
 
 

@@ -100,12 +100,8 @@ def export_size(level_dir: Path, user_arch: str | None = None) -> int | None:
             return None  # not a shape ticketc writes: nothing is allocated from it
         example = torch.zeros(1, *shape)
         with tempfile.TemporaryDirectory() as tmp:
-            result = export_model(
-                model,
-                example,
-                Path(tmp) / "model.onnx",
-                ExportConfig(format="portable", values="fp32"),
-            )
+            result = export_model(model, example, Path(tmp) / "model.onnx",
+                                  ExportConfig(format="portable", values="fp32"))
             return int(result.total_bytes)
     except Exception:  # noqa: BLE001 - a size that cannot be measured is left out, not fatal
         return None
@@ -121,17 +117,12 @@ def table_markdown(rows: Sequence[LevelSummary]) -> str:
     for r in rows:
         cells = [str(r.level), f"{100 * r.density:.1f}"]
         for k in kinds:
-            for metric, scale, fmt in (
-                ("final_test_acc", 100, ".2f"),
-                ("early_stop_test_acc", 100, ".2f"),
-                ("early_stop_iteration", 1, ".0f"),
-            ):
+            for metric, scale, fmt in (("final_test_acc", 100, ".2f"),
+                                       ("early_stop_test_acc", 100, ".2f"),
+                                       ("early_stop_iteration", 1, ".0f")):
                 mean, std, n = r.stat(k, metric)
-                cells.append(
-                    ""
-                    if n == 0
-                    else (f"{scale * mean:{fmt}}" + (f" ± {scale * std:{fmt}}" if n > 1 else ""))
-                )
+                cells.append("" if n == 0 else (f"{scale * mean:{fmt}}" + (
+                    f" ± {scale * std:{fmt}}" if n > 1 else "")))
         cells.append("" if r.export_bytes is None else str(r.export_bytes))
         cells.append(f"{sum(r.wall_s) / max(len(r.wall_s), 1):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -141,22 +132,14 @@ def table_markdown(rows: Sequence[LevelSummary]) -> str:
 def to_json(rows: Sequence[LevelSummary]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
-        entry: dict[str, Any] = {
-            "level": r.level,
-            "density": r.density,
-            "export_bytes": r.export_bytes,
-            "wall_s": r.wall_s,
-        }
+        entry: dict[str, Any] = {"level": r.level, "density": r.density,
+                                 "export_bytes": r.export_bytes, "wall_s": r.wall_s}
         for kind in r.values:
             entry[kind] = {}
             for metric in METRICS:
                 mean, std, n = r.stat(kind, metric)
-                entry[kind][metric] = {
-                    "mean": mean,
-                    "std": std,
-                    "n": n,
-                    "values": r.values[kind][metric],
-                }
+                entry[kind][metric] = {"mean": mean, "std": std, "n": n,
+                                       "values": r.values[kind][metric]}
         out.append(entry)
     return out
 
@@ -166,9 +149,8 @@ def _percent_axis(ax: Any, xs: Sequence[float]) -> None:
     from matplotlib.ticker import NullFormatter
 
     ax.set_xscale("log")
-    ticks = [
-        t for t in (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1) if min(xs) * 0.8 <= t <= max(xs) * 1.25
-    ]
+    ticks = [t for t in (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1)
+             if min(xs) * 0.8 <= t <= max(xs) * 1.25]
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.invert_xaxis()
@@ -190,11 +172,8 @@ def plot(rows: Sequence[LevelSummary], out_dir: Path, title: str = "") -> list[P
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for kind in kinds:
-            pts = [
-                (100 * r.density, *r.stat(kind, metric)[:2])
-                for r in rows
-                if r.stat(kind, metric)[2]
-            ]
+            pts = [(100 * r.density, *r.stat(kind, metric)[:2]) for r in rows
+                   if r.stat(kind, metric)[2]]
             if kind != "ticket" and rows and rows[0].stat("ticket", metric)[2]:
                 # Controls are not trained at 100%: the dense network is their common start.
                 dense = rows[0]
@@ -221,12 +200,8 @@ def plot(rows: Sequence[LevelSummary], out_dir: Path, title: str = "") -> list[P
     sized = [(100 * r.density, r.export_bytes / 1024) for r in rows if r.export_bytes is not None]
     if sized:
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(
-            [s[0] for s in sized],
-            [s[1] for s in sized],
-            marker="o",
-            label="portable ONNX, fp32 values",
-        )
+        ax.plot([s[0] for s in sized], [s[1] for s in sized], marker="o",
+                label="portable ONNX, fp32 values")
         ax.set_yscale("log")
         _percent_axis(ax, [p[0] for p in sized])
         ax.set_xlabel("% of weights remaining")

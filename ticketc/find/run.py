@@ -210,22 +210,11 @@ def find_tickets(
         if pending:
             round_rates = (
                 {n: pruning.compound_rate(r, num_rounds) for n, r in rates.items()}
-                if cfg.one_shot
-                else rates
+                if cfg.one_shot else rates
             )
             _train_one_level(
-                cfg,
-                runs,
-                pending,
-                level,
-                levels[position - 1] if position else None,
-                round_rates,
-                kwargs,
-                base,
-                data,
-                rewind_it,
-                log,
-                progress,
+                cfg, runs, pending, level, levels[position - 1] if position else None,
+                round_rates, kwargs, base, data, rewind_it, log, progress,
             )
         if stop_after_level is not None and level >= stop_after_level:
             return []
@@ -250,13 +239,8 @@ def _num_rounds(cfg: FindConfig, sizes: dict[str, int], rates: dict[str, float])
 
 
 def _level_masks(
-    cfg: FindConfig,
-    run: _Run,
-    level: int,
-    previous: int | None,
-    rates: dict[str, float],
-    base: nn.Module,
-    kinds: dict[str, str],
+    cfg: FindConfig, run: _Run, level: int, previous: int | None, rates: dict[str, float],
+    base: nn.Module, kinds: dict[str, str],
 ) -> pruning.Masks:
     if previous is None:
         return pruning.full_masks(base, kinds)
@@ -268,18 +252,9 @@ def _level_masks(
 
 
 def _train_one_level(
-    cfg: FindConfig,
-    runs: list[_Run],
-    pending: list[int],
-    level: int,
-    previous: int | None,
-    rates: dict[str, float],
-    kwargs: dict[str, Any],
-    base: nn.Module,
-    data: Splits,
-    rewind_it: int,
-    log: Log | None,
-    progress: bool,
+    cfg: FindConfig, runs: list[_Run], pending: list[int], level: int, previous: int | None,
+    rates: dict[str, float], kwargs: dict[str, Any], base: nn.Module, data: Splits,
+    rewind_it: int, log: Log | None, progress: bool,
 ) -> None:
     started = time.perf_counter()
     kinds = pruning.prunable_parameters(base, biases=cfg.prune_biases, norms=cfg.prune_norms)
@@ -315,12 +290,10 @@ def _train_one_level(
                 member_masks.append(random)
             members.append(_Member(i, control))
     assert cfg.lr is not None and cfg.iterations is not None
-    ensemble = Ensemble(
-        base, states, member_masks, lr=cfg.lr, optimizer=cfg.optimizer, sparse_below=cfg.csr_below
-    )
-    order = BatchOrder(
-        [runs[m.run].config.seed for m in members], level, len(data.train), cfg.batch_size
-    )
+    ensemble = Ensemble(base, states, member_masks, lr=cfg.lr, optimizer=cfg.optimizer,
+                        sparse_below=cfg.csr_below)
+    order = BatchOrder([runs[m.run].config.seed for m in members], level, len(data.train),
+                       cfg.batch_size)
     start = 0 if previous is None else rewind_it
     history = History()
     start, history = _resume_partial(runs, pending, members, ensemble, level, start, history)
@@ -328,17 +301,14 @@ def _train_one_level(
 
     def on_checkpoint(ck: Checkpoint) -> None:
         for i, idx in by_run.items():
-            _save(
-                {
-                    "iteration": ck.iteration,
-                    "ensemble": ensemble.state(idx),
-                    "rows": [ck.history.rows[k] for k in idx] if ck.history.rows else [],
-                    "loss_sum": [ck.history.loss_sum[k] for k in idx],
-                    "correct_sum": [ck.history.correct_sum[k] for k in idx],
-                    "seen": ck.history.seen,
-                },
-                runs[i].level_dir(level) / "partial.pt",
-            )
+            _save({
+                "iteration": ck.iteration,
+                "ensemble": ensemble.state(idx),
+                "rows": [ck.history.rows[k] for k in idx] if ck.history.rows else [],
+                "loss_sum": [ck.history.loss_sum[k] for k in idx],
+                "correct_sum": [ck.history.correct_sum[k] for k in idx],
+                "seen": ck.history.seen,
+            }, runs[i].level_dir(level) / "partial.pt")
 
     def on_snapshot() -> None:
         for i, idx in by_run.items():
@@ -352,16 +322,9 @@ def _train_one_level(
     label = f"level {level} ({100 * density:.1f}% of weights)"
     with _ProgressBar(progress, label, cfg.iterations - start) as advance:
         train_level(
-            ensemble,
-            data,
-            order,
-            start=start,
-            end=cfg.iterations,
-            eval_every=cfg.eval_every,
-            checkpoint_every=cfg.checkpoint_every,
-            history=history,
-            on_checkpoint=on_checkpoint,
-            on_iteration=advance,
+            ensemble, data, order, start=start, end=cfg.iterations, eval_every=cfg.eval_every,
+            checkpoint_every=cfg.checkpoint_every, history=history,
+            on_checkpoint=on_checkpoint, on_iteration=advance,
             snapshot_at=rewind_it if previous is None and rewind_it else None,
             on_snapshot=on_snapshot,
         )
@@ -373,34 +336,24 @@ def _train_one_level(
         _save(rewind_states[i], out / "rewind.pt")
         _save(ensemble.member_state(ticket), out / "final.pt")
         if len(idx) > 1:
-            _save(
-                {
-                    members[k].kind: {
-                        "state_dict": ensemble.member_state(k),
-                        "masks": {n: m[k].clone() for n, m in ensemble.masks.items()},
-                    }
-                    for k in idx[1:]
-                },
-                out / "controls.pt",
-            )
-        _write_json(
-            {
-                "level": level,
-                "density": pruning.density(ticket_masks[i]),
-                "layer_density": pruning.layer_densities(ticket_masks[i]),
-                "rewind_point": runs[i].config.rewind,
-                "start_iteration": 0 if previous is None else rewind_it,
-                "iterations": cfg.iterations,
-                "seed": runs[i].config.seed,
-                "members_trained_together": len(members),
-                "wall_s": wall,
-                "members": {
-                    members[k].kind: {**summarize(history.rows[k]), "history": history.rows[k]}
-                    for k in idx
-                },
+            _save({members[k].kind: {"state_dict": ensemble.member_state(k),
+                                     "masks": {n: m[k].clone() for n, m in ensemble.masks.items()}}
+                   for k in idx[1:]}, out / "controls.pt")
+        _write_json({
+            "level": level,
+            "density": pruning.density(ticket_masks[i]),
+            "layer_density": pruning.layer_densities(ticket_masks[i]),
+            "rewind_point": runs[i].config.rewind,
+            "start_iteration": 0 if previous is None else rewind_it,
+            "iterations": cfg.iterations,
+            "seed": runs[i].config.seed,
+            "members_trained_together": len(members),
+            "wall_s": wall,
+            "members": {
+                members[k].kind: {**summarize(history.rows[k]), "history": history.rows[k]}
+                for k in idx
             },
-            out / "metrics.json",
-        )
+        }, out / "metrics.json")
         (out / "partial.pt").unlink(missing_ok=True)
         if log is not None:
             s = summarize(history.rows[ticket])
@@ -408,21 +361,14 @@ def _train_one_level(
                 f", {members[k].kind} {100 * summarize(history.rows[k])['final_test_acc']:.2f}%"
                 for k in idx[1:]
             )
-            log(
-                f"seed {runs[i].config.seed} level {level}: {100 * density:.1f}% weights, "
+            log(f"seed {runs[i].config.seed} level {level}: {100 * density:.1f}% weights, "
                 f"test acc {100 * s['final_test_acc']:.2f}%{controls} "
-                f"(early stop {s['early_stop_iteration']}), {wall:.0f} s"
-            )
+                f"(early stop {s['early_stop_iteration']}), {wall:.0f} s")
 
 
 def _resume_partial(
-    runs: list[_Run],
-    pending: list[int],
-    members: list[_Member],
-    ensemble: Ensemble,
-    level: int,
-    start: int,
-    history: History,
+    runs: list[_Run], pending: list[int], members: list[_Member], ensemble: Ensemble,
+    level: int, start: int, history: History,
 ) -> tuple[int, History]:
     paths = [runs[i].level_dir(level) / "partial.pt" for i in pending]
     if not all(p.exists() for p in paths):
@@ -461,15 +407,9 @@ class _ProgressBar:
             TimeRemainingColumn,
         )
 
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            transient=True,
-        )
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                            transient=True)
         self.bar.__enter__()
         task = self.bar.add_task(self.label, total=self.total)
         count = [0]
@@ -497,11 +437,8 @@ def _write_ticket(
         val = t["final_val_acc"]
         return float(val if val == val else t["final_test_acc"])  # NaN: no validation split
 
-    target = (
-        cfg.accuracy_target
-        if cfg.accuracy_target is not None
-        else accuracy(metrics[0]) - cfg.max_accuracy_drop
-    )
+    target = (cfg.accuracy_target if cfg.accuracy_target is not None
+              else accuracy(metrics[0]) - cfg.max_accuracy_drop)
     meeting = [m for m in metrics if accuracy(m) >= target]
     chosen = min(meeting, key=lambda m: m["density"]) if meeting else metrics[-1]
     level = int(chosen["level"])
@@ -533,10 +470,7 @@ def _write_ticket(
     save_ticket(ticket, path)
     if log is not None:
         how = "sparsest level meeting" if meeting else "last level; none met"
-        log(
-            f"{path}: level {level}, {100 * chosen['density']:.1f}% of weights, test acc "
-            f"{100 * ticket.metrics['test_acc']:.2f}% ({how} the target {100 * target:.2f}%)"
-        )
-    return FindResult(
-        run.path, path, level, float(chosen["density"]), float(ticket.metrics["test_acc"])
-    )
+        log(f"{path}: level {level}, {100 * chosen['density']:.1f}% of weights, test acc "
+            f"{100 * ticket.metrics['test_acc']:.2f}% ({how} the target {100 * target:.2f}%)")
+    return FindResult(run.path, path, level, float(chosen["density"]),
+                      float(ticket.metrics["test_acc"]))

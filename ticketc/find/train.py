@@ -116,30 +116,23 @@ def train_level(
 
 
 def _evaluate(
-    ensemble: Ensemble,
-    data: Splits,
-    it: int,
-    loss_sum: torch.Tensor,
-    correct_sum: torch.Tensor,
-    seen: int,
-    batch: int,
+    ensemble: Ensemble, data: Splits, it: int, loss_sum: torch.Tensor,
+    correct_sum: torch.Tensor, seen: int, batch: int,
 ) -> list[dict[str, float]]:
     val_loss, val_acc = ensemble.evaluate(data.val.x, data.val.y.long())
     test_loss, test_acc = ensemble.evaluate(data.test.x, data.test.y.long())
     steps = max(seen // batch, 1)
     rows = []
     for i in range(ensemble.size):
-        rows.append(
-            {
-                "iteration": it,
-                "train_loss": float(loss_sum[i]) / steps,
-                "train_acc": float(correct_sum[i]) / max(seen, 1),
-                "val_loss": float(val_loss[i]),
-                "val_acc": float(val_acc[i]),
-                "test_loss": float(test_loss[i]),
-                "test_acc": float(test_acc[i]),
-            }
-        )
+        rows.append({
+            "iteration": it,
+            "train_loss": float(loss_sum[i]) / steps,
+            "train_acc": float(correct_sum[i]) / max(seen, 1),
+            "val_loss": float(val_loss[i]),
+            "val_acc": float(val_acc[i]),
+            "test_loss": float(test_loss[i]),
+            "test_acc": float(test_acc[i]),
+        })
     return rows
 
 
