@@ -72,10 +72,7 @@ def hold_out(train: TensorSplit, val_size: int, seed: int = 0) -> tuple[TensorSp
 
 
 def load_dataset(
-    name: str,
-    data_dir: str | os.PathLike[str] | None = None,
-    *,
-    val_size: int = 5000,
+    name: str, data_dir: str | os.PathLike[str] | None = None, *, val_size: int = 5000,
     download: bool = True,
 ) -> Splits:
     """Load a built-in dataset by name; `val_size` training samples are held out for validation."""
@@ -126,10 +123,8 @@ def load_user_dataset(ref: str, *, val_size: int = 0) -> Splits:
 def _as_split(part: object, ref: str) -> TensorSplit:
     if isinstance(part, TensorSplit):
         return part
-    if (
-        isinstance(part, tuple | list)
-        and len(part) == 2
-        and all(isinstance(t, torch.Tensor) for t in part)
+    if isinstance(part, tuple | list) and len(part) == 2 and all(
+        isinstance(t, torch.Tensor) for t in part
     ):
         return TensorSplit(part[0].float(), part[1].long())
     if isinstance(part, torch.utils.data.Dataset):

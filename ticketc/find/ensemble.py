@@ -59,14 +59,8 @@ class Ensemble:
     """Stacked parameters `params[name]` of shape [M, *shape], masks, and one optimizer."""
 
     def __init__(
-        self,
-        base: nn.Module,
-        states: Sequence[dict[str, torch.Tensor]],
-        masks: Sequence[Masks],
-        *,
-        lr: float,
-        optimizer: str = "adam",
-        sparse_below: float = 0.0,
+        self, base: nn.Module, states: Sequence[dict[str, torch.Tensor]],
+        masks: Sequence[Masks], *, lr: float, optimizer: str = "adam", sparse_below: float = 0.0,
     ) -> None:
         if not states or len(states) != len(masks):
             raise ValueError(f"need one mask set per state, got {len(states)} and {len(masks)}")
@@ -240,12 +234,8 @@ class Ensemble:
                 grads[name] = torch.bmm(g_t, a_in.transpose(1, 2))  # [M, out, in]
             grads[f"{prefix}.bias"] = g_t.sum(2)
             if i > 0:
-                g_t = _relu_backward(
-                    layer.input_grads(g_t)
-                    if layer is not None
-                    else torch.bmm(self.params[name].transpose(1, 2), g_t),
-                    a_in,
-                )
+                g_t = _relu_backward(layer.input_grads(g_t) if layer is not None
+                                     else torch.bmm(self.params[name].transpose(1, 2), g_t), a_in)
         return loss, correct, grads
 
     def _func_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,14 +270,9 @@ class Ensemble:
         for start in range(0, len(x), chunk):
             xb, yb = x[start : start + chunk], y[start : start + chunk]
             logits = self._logits_shared(xb)  # [M, n, C]
-            loss_sum += (
-                F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), yb.repeat(self.size), reduction="none"
-                )
-                .view(self.size, -1)
-                .sum(1)
-                .double()
-            )
+            loss_sum += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), yb.repeat(self.size), reduction="none"
+            ).view(self.size, -1).sum(1).double()
             correct += (logits.argmax(-1) == yb).sum(1)
         return (loss_sum / len(x)).float(), correct.double() / len(x)
 
