@@ -344,3 +344,44 @@ def test_inspect_reads_codec_bytes_and_nnz_from_the_stored_streams(tmp_path, val
     assert weights
     for name in weights:
         assert seen[name].nnz == int(params[name].count_nonzero())
+
+
+TRANSFORMERS = {
+    "bert": (
+        zoo.bert_tiny,
+        lambda: {
+            "input_ids": torch.randint(1, 99, (2, 8)),
+            "attention_mask": torch.ones(2, 8, dtype=torch.int64),
+        },
+    ),
+    "gpt2": (zoo.gpt2_tiny, lambda: {"input_ids": torch.randint(1, 99, (2, 8))}),
+    "llama": (zoo.llama_tiny, lambda: {"input_ids": torch.randint(1, 99, (2, 8))}),
+    "vit": (zoo.vit_tiny, lambda: {"pixel_values": torch.randn(2, 3, 16, 16)}),
+    "whisper": (
+        zoo.whisper_tiny,
+        lambda: {
+            "input_features": torch.randn(2, 8, 32),
+            "decoder_input_ids": torch.tensor([[1, 5, 7]] * 2),
+        },
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("values", ["fp32", "int4"])
+@pytest.mark.parametrize("arch", list(TRANSFORMERS))
+def test_transformers_from_tiny_configs_match_the_masked_model(tmp_path, arch, values):
+    factory, inputs = TRANSFORMERS[arch]
+    torch.manual_seed(0)
+    model = factory().eval()
+    prune_global_(model, 0.9)  # hooks on
+    example = {k: v[:1] for k, v in inputs().items()}
+    result = export_model(model, example, tmp_path / "m.onnx", ExportConfig(values=values))
+    assert [layer for layer in result.layers if "+" in layer.codec]
+    fresh = inputs()
+    with torch.no_grad():
+        logits = _flat(model(**fresh))[0].double().numpy()
+    names = [i.name for i in onnx.load(str(tmp_path / "m.onnx")).graph.input]
+    got = _ort(tmp_path / "m.onnx", {n: fresh[n].numpy() for n in names})[0]
+    rel = np.abs(got - logits).max() / np.abs(logits).max()
+    assert rel <= LOSSY_RTOL[values], rel
