@@ -14,7 +14,14 @@ from torch import nn
 from torch.nn.utils import prune
 
 from tests import models_for_tests as zoo
-from tests.models_for_tests import prune_global_, prune_random_, tiny_conv1d, tiny_convnet, tiny_mlp
+from tests.models_for_tests import (
+    prune_global_,
+    prune_random_,
+    tied_lm,
+    tiny_conv1d,
+    tiny_convnet,
+    tiny_mlp,
+)
 from ticketc.errors import UserError
 from ticketc.export import ExportConfig, export_model, export_onnx_file, read_metadata
 from ticketc.inspect import decoded_weights
@@ -385,3 +392,21 @@ def test_transformers_from_tiny_configs_match_the_masked_model(tmp_path, arch, v
     got = _ort(tmp_path / "m.onnx", {n: fresh[n].numpy() for n in names})[0]
     rel = np.abs(got - logits).max() / np.abs(logits).max()
     assert rel <= LOSSY_RTOL[values], rel
+
+
+@pytest.mark.parametrize("same_mask", [True, False])
+def test_a_tied_weight_pruned_through_two_modules_keeps_each_modules_mask(tmp_path, same_mask):
+    """Global pruning lists a tied weight once per module; at the threshold the two masks can
+    differ (Whisper's embedding and head did). Each module must keep its own product."""
+    torch.manual_seed(0)
+    model = tied_lm().eval()
+    keep = torch.rand(50, 16) < 0.2
+    other = keep if same_mask else keep & (torch.rand(50, 16) < 0.7)
+    prune.custom_from_mask(model.embed, "weight", keep)
+    prune.custom_from_mask(model.head, "weight", other)
+    result = export_model(model, torch.randint(0, 50, (1, 7)), tmp_path / "m.onnx")
+    assert result.verification is not None and result.verification.passed
+    tied = [layer for layer in result.layers if sorted(layer.shape) == [16, 50]]
+    assert tied and all(layer.nnz <= 160 for layer in tied)  # compact, whatever form it takes
+    ids = torch.randint(0, 50, (3, 9))
+    assert_matches_model(tmp_path / "m.onnx", model, {"ids": ids}, "fp32")

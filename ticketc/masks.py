@@ -52,15 +52,38 @@ def strip_pruning_(model: nn.Module) -> Masks:
     masked products, so the model computes exactly what it did before.
     """
     masks: Masks = {}
+    # torch.nn.utils.prune: a forward pre-hook recomputes X = X_orig * X_mask. prune.remove
+    # writes the product into X_orig in place, which a tied X_orig shares with the other
+    # modules pruned through it (their masks would multiply): take every product first.
+    products: dict[int, list[tuple[nn.Module, str, torch.Tensor]]] = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        # torch.nn.utils.prune: a forward pre-hook recomputes X = X_orig * X_mask.
-        for hook in list(module._forward_pre_hooks.values()):
+        for key, hook in list(module._forward_pre_hooks.items()):
             tensor_name = getattr(hook, "_tensor_name", None)
             if tensor_name is None or not hasattr(module, f"{tensor_name}_mask"):
                 continue
-            masks[prefix + tensor_name] = getattr(module, f"{tensor_name}_mask").detach().bool()
-            prune.remove(module, tensor_name)
+            mask = getattr(module, f"{tensor_name}_mask").detach()
+            orig = getattr(module, f"{tensor_name}_orig")
+            masks[prefix + tensor_name] = mask.bool()
+            products.setdefault(id(orig), []).append(
+                (module, tensor_name, (orig.detach() * mask.to(orig.dtype)).clone())
+            )
+            del module._forward_pre_hooks[key]
+    for users in products.values():
+        # one parameter again where every module computed the same product (still tied)
+        shared = None
+        if all(torch.equal(users[0][2], product) for _, _, product in users[1:]):
+            shared = nn.Parameter(users[0][2])
+        for module, tensor_name, product in users:
+            if tensor_name in module.__dict__:
+                delattr(module, tensor_name)  # the last computed X, a plain attribute
+            del module._parameters[f"{tensor_name}_orig"]
+            del module._buffers[f"{tensor_name}_mask"]
+            module.register_parameter(
+                tensor_name, shared if shared is not None else nn.Parameter(product)
+            )
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
         # torch.ao.pruning: FakeSparsity parametrizations hold the mask; the file does not.
         if parametrize.is_parametrized(module):
             for tensor_name in list(module.parametrizations.keys()):
