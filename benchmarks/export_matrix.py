@@ -83,24 +83,12 @@ ARCHS = {
 }
 
 
-def _flat(output: object) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        return [t for v in output.values() for t in _flat(v)]
-    if isinstance(output, list | tuple):
-        return [t for v in output for t in _flat(v)]
-    if hasattr(output, "to_tuple"):
-        return [t for v in output.to_tuple() for t in _flat(v)]
-    if hasattr(output, "layers"):  # a transformers cache: keys and values per layer
-        return [t for layer in output.layers for t in (layer.keys, layer.values)]
-    return []
-
-
 def relative_error(path: Path, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> float:
     """max |onnxruntime - model| / max |model| over all outputs (model in its own dtype)."""
+    from ticketc.verify import flat_outputs  # pytree order, as the exporter names outputs
+
     with torch.no_grad():
-        expected = _flat(model(**inputs))
+        expected = flat_outputs(model(**inputs))
     names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {n: v.numpy() for n, v in zip(names, inputs.values(), strict=True)}
@@ -196,7 +184,10 @@ def run_cell(arch: str, rate: float, forms: list[str], values: list[str], work: 
     )
     dense_bytes = dense["total_bytes"] if dense else None
     timings: dict[str, float] = {}
-    masked = model  # the user's own masked model: prune hooks on
+    # the user's own model as each form holds it: the hooked model for the state dict with
+    # the hooks' tensors, the prune.remove'd copy for the others (for a tied weight pruned
+    # through two modules whose masks differ, prune.remove itself changes the model)
+    removed = _removed(model, factory)
     for form in forms:
         saved, extra = _save(model, factory, form, work, example)
         for value in values:
@@ -225,7 +216,7 @@ def run_cell(arch: str, rate: float, forms: list[str], values: list[str], work: 
                 print(json.dumps(row), flush=True)
                 continue
             assert report is not None
-            rel = relative_error(out, masked, fresh)
+            rel = relative_error(out, model if form == "state_dict" else removed, fresh)
             row["rel"] = rel
             row["rel_ok"] = rel <= RTOL.get(value, float("inf"))
             row["bytes"] = report["total_bytes"]

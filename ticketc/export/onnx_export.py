@@ -523,9 +523,15 @@ def _metadata(
 
 
 def read_metadata(proto: onnx.ModelProto) -> dict[str, Any] | None:
+    """The file's "ticketc" metadata entry as a dict; None when there is none or it is not a
+    JSON object (a damaged entry: the file is then read as a plain ONNX file)."""
     for entry in proto.metadata_props:
         if entry.key == "ticketc":
-            return json.loads(entry.value)  # type: ignore[no-any-return]
+            try:
+                meta = json.loads(entry.value)
+            except ValueError:
+                return None
+            return meta if isinstance(meta, dict) else None
     return None
 
 

@@ -81,10 +81,10 @@ def _decoder_streams(proto: onnx.ModelProto) -> set[str]:
     from ticketc.export.onnx_export import read_metadata
     from ticketc.export.portable import read_portable
 
-    groups = dict((read_metadata(proto) or {}).get("groups") or {})
     try:
+        groups = dict((read_metadata(proto) or {}).get("groups") or {})
         stored = read_portable(proto, groups)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise UserError(f"its ticketc streams are malformed ({e})") from e
     return {name for group in stored for name in group.arrays}
 
