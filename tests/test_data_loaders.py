@@ -125,8 +125,8 @@ def user_datasets() -> tuple:
 def test_user_dataset_factories() -> None:
     data = load_user_dataset("tests.test_data_loaders:user_tensors", val_size=5)
     assert (len(data.train), len(data.val), len(data.test), data.num_classes) == (45, 5, 10, 2)
-    data = load_user_dataset("tests.test_data_loaders:user_datasets")
-    assert data.num_classes == 3 and data.train.x.shape == (20, 4) and len(data.val) == 0
+    data = load_user_dataset("tests.test_data_loaders:user_datasets")  # default: 10% held out
+    assert data.num_classes == 3 and data.train.x.shape == (18, 4) and len(data.val) == 2
     with pytest.raises(UserError, match="module.path:factory"):
         load_user_dataset("no_colon")
     with pytest.raises(UserError, match="expected Splits"):

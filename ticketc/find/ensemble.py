@@ -8,10 +8,14 @@ the stacked optimizer is exactly M independent ones. Two forward/backward paths:
   backward with `baddbmm`, no autograd graph, no per-member Python; layers whose masks are
   sparse enough train in CSR form (`SparseLinear`), and then the whole MLP runs on
   feature-major activations [M, features, B'];
-- anything else: `torch.func.vmap` over `grad` of a `functional_call`.
+- anything else: `torch.func.vmap` over `grad` of a `functional_call`, with the network in
+  training mode (BatchNorm normalises with each member's batch statistics and updates that
+  member's running statistics; Dropout draws a different mask for every member, from a seed
+  the caller gives per step so that a resumed run draws the same masks).
 
-Masks are enforced after every optimizer step, so a pruned weight stays exactly zero whatever
-the optimizer state holds.
+Evaluation runs every member in eval mode (BatchNorm on its running statistics, which it does
+not update; Dropout off), as the saved network runs when deployed. Masks are enforced after
+every optimizer step, so a pruned weight stays exactly zero whatever the optimizer state holds.
 """
 
 from __future__ import annotations
@@ -119,26 +123,39 @@ class Ensemble:
         for name, mask in self._mask_values.items():
             self.params[name].mul_(mask)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def draws_random_numbers(self) -> bool:
+        """Whether a training step may draw random numbers (Dropout and the like), so that
+        `step` needs a seed to be reproducible. The hand-written MLP path draws none."""
+        return self.mlp is None
+
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step of every member on its own batch: x [M, B, ...], y [M, B].
 
+        seed: seeds the random numbers the step draws (e.g. Dropout masks, different for each
+        member); None draws from torch's global generator. The global generator is left as it
+        was either way.
         Returns each member's mean loss [M] and number of correct predictions [M].
         """
-        return self._step(x, y)
+        return self._step(x, y, seed=seed)
 
     def step_on(
-        self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor
+        self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor,
+        seed: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`step` on the batches x_all[idx], y_all[idx] (idx [M, B]), picked without copying
         them twice: CSR layers read their input feature-major, gathered straight into that
         layout."""
         if not self.sparse:
-            return self.step(x_all[idx], y_all[idx])
+            return self.step(x_all[idx], y_all[idx], seed=seed)
         xt = csr_cpu.gather_t(x_all.reshape(len(x_all), -1), idx)  # [M, in, B']
         return self._step(xt, y_all[idx], feature_major=True)
 
     def _step(
-        self, x: torch.Tensor, y: torch.Tensor, feature_major: bool = False
+        self, x: torch.Tensor, y: torch.Tensor, feature_major: bool = False,
+        seed: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mlp is not None:
             if self.sparse:
@@ -152,8 +169,12 @@ class Ensemble:
                     self.sparse[name].values.grad = g
                 else:
                     self.params[name].grad = g
-        else:
+        elif seed is None:
             loss, correct = self._func_grads(x, y)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                loss, correct = self._func_grads(x, y)
         self.optimizer.step()
         self.enforce_masks_()
         self._dense_stale = bool(self.sparse)
@@ -242,6 +263,9 @@ class Ensemble:
         from torch.func import functional_call, grad_and_value, vmap
 
         base = self.base
+        # Training mode: batch statistics, running statistics updated in self.buffers (the
+        # functional call writes into the tensors it is given), Dropout on.
+        base.train()
 
         def member_loss(params, buffers, xb, yb):  # type: ignore[no-untyped-def]
             logits = functional_call(base, (params, buffers), (xb,))
@@ -261,7 +285,8 @@ class Ensemble:
     def evaluate(
         self, x: torch.Tensor, y: torch.Tensor, chunk: int = 2500
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean loss [M] and accuracy [M] of every member on the same data (x [N, ...])."""
+        """Mean loss [M] and accuracy [M] of every member on the same data (x [N, ...]), in
+        eval mode: what each member's saved state gives when deployed, whatever `chunk`."""
         if len(x) == 0:
             nan = torch.full((self.size,), float("nan"))
             return nan, nan
@@ -293,6 +318,10 @@ class Ensemble:
                     a = a.relu_()
             return a
         from torch.func import functional_call, vmap
+
+        # Eval mode: BatchNorm reads (and never updates) the running statistics, Dropout is off,
+        # so no random numbers are drawn and the default randomness="error" holds.
+        self.base.eval()
 
         def member_logits(params, buffers, xb):  # type: ignore[no-untyped-def]
             return functional_call(self.base, (params, buffers), (xb,))

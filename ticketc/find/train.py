@@ -1,12 +1,14 @@
 """Train one level: every member of an `Ensemble` for the same number of iterations.
 
-Each member draws its batches from a shuffled order fixed by (data seed, level, epoch), so the
-batch at iteration t is a pure function of t: a run resumed from a checkpoint at iteration t
-sees exactly the batches an uninterrupted run sees.
+Each member draws its batches from a shuffled order fixed by (data seed, level, epoch), and
+the random numbers of step t (Dropout masks) from a seed fixed by (the members' seeds, level,
+t), so what iteration t does is a pure function of t: a run resumed from a checkpoint at
+iteration t trains exactly as an uninterrupted run does.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +37,11 @@ class BatchOrder:
             perms[seed] = torch.randperm(self.n, generator=g)
         self._perms = torch.stack([perms[s] for s in self.seeds])  # [M, N]
         self._epoch = epoch
+
+    def step_seed(self, t: int) -> int:
+        """Seed of the random numbers drawn at iteration t (a 63-bit integer)."""
+        key = f"{self.seeds}|{self.level}|{t}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
     def indices(self, t: int) -> torch.Tensor:
         epoch, pos = divmod(t, self.steps_per_epoch)
@@ -80,12 +87,18 @@ def train_level(
     history: History,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     on_iteration: Callable[[int], None] | None = None,
+    on_evaluation: Callable[[int, list[dict[str, float]]], None] | None = None,
     snapshot_at: int | None = None,
     on_snapshot: Callable[[], None] | None = None,
 ) -> History:
-    """Train iterations start+1 .. end (iteration t is the t-th optimizer step)."""
+    """Train iterations start+1 .. end (iteration t is the t-th optimizer step).
+
+    Evaluates every member (eval mode) every `eval_every` iterations and at `end`, appending a
+    row per member to `history` and handing the rows to `on_evaluation`.
+    """
     x_train = data.train.x
     y_train = data.train.y.long()
+    seeded = ensemble.draws_random_numbers
     m = ensemble.size
     loss_sum = torch.tensor(history.loss_sum or [0.0] * m, dtype=torch.float64)
     correct_sum = torch.tensor(history.correct_sum or [0] * m, dtype=torch.int64)
@@ -94,7 +107,8 @@ def train_level(
         on_snapshot()
     for t in range(start, end):
         idx = order.indices(t)  # [M, B]
-        loss, correct = ensemble.step_on(x_train, y_train, idx)
+        loss, correct = ensemble.step_on(x_train, y_train, idx,
+                                         seed=order.step_seed(t) if seeded else None)
         loss_sum += loss.detach().double()
         correct_sum += correct
         seen += idx.shape[1]
@@ -102,7 +116,10 @@ def train_level(
         if snapshot_at is not None and it == snapshot_at and on_snapshot is not None:
             on_snapshot()
         if it % eval_every == 0 or it == end:
-            history.add(_evaluate(ensemble, data, it, loss_sum, correct_sum, seen, order.b))
+            rows = _evaluate(ensemble, data, it, loss_sum, correct_sum, seen, order.b)
+            history.add(rows)
+            if on_evaluation is not None:
+                on_evaluation(it, rows)
             loss_sum.zero_()
             correct_sum.zero_()
             seen = 0
