@@ -47,8 +47,18 @@ def test_download_failure_falls_back_to_the_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(mnist, "MIRRORS", ((tmp_path / "no-such-mirror").as_uri() + "/",))
+    (tmp_path / "target").mkdir()
     with pytest.raises(UserError, match="MNIST files missing"):
         mnist.load_mnist(tmp_path / "target", download=True)
+
+
+def test_a_mistyped_data_dir_is_reported_not_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mnist, "MIRRORS", ((tmp_path / "no-such-mirror").as_uri() + "/",))
+    with pytest.raises(UserError, match="--data-dir .*typo does not exist"):
+        mnist.load_mnist(tmp_path / "typo", download=True)
+    assert not (tmp_path / "typo").exists()
 
 
 def test_md5_mismatch_is_reported(tmp_path: Path) -> None:

@@ -60,9 +60,8 @@ def run(args: argparse.Namespace) -> int:
             cells.append("" if not n else f"{it:.0f}")
         cells.append("" if r.export_bytes is None else f"{r.export_bytes / 1024:.1f}")
         table.add_row(*cells)
-    con = console()
-    con.print(table)
+    console().print(table)
     if not has_controls(rows):
-        con.print(NO_CONTROLS)
-    con.print("wrote " + ", ".join(str(p) for p in paths))
+        print(NO_CONTROLS)
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -74,7 +74,8 @@ def read_batch(path: Path) -> TensorSplit:
 def load_cifar10(directory: Path) -> tuple[TensorSplit, TensorSplit]:
     """(train, test) from `directory` (the extracted cifar-10-batches-py folder)."""
     if not directory.is_dir():
-        raise UserError(f"CIFAR-10 directory {directory} does not exist")
+        raise UserError(f"--data-dir {directory} does not exist (CIFAR-10: the extracted "
+                        "cifar-10-batches-py folder)")
     missing = [n for n in (*TRAIN_FILES, TEST_FILE) if not (directory / n).is_file()]
     if missing:
         raise UserError(

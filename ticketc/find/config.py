@@ -270,6 +270,13 @@ class FindConfig:
         return [f.name for f in dataclasses.fields(self)
                 if f.name not in skip and getattr(self, f.name) != getattr(other, f.name)]
 
+    def shown(self, name: str) -> str:
+        """A setting's value as a user would type it: "none", "reinit,random-mask", "0.001"."""
+        value = getattr(self, name)
+        if isinstance(value, tuple):
+            return ",".join(map(str, value)) or "none"
+        return "none" if value is None else str(value)
+
     def to_json(self) -> dict[str, object]:
         out = dataclasses.asdict(self)
         out["controls"] = list(self.controls)

@@ -102,8 +102,8 @@ def experiment(run_dirs: Sequence[str | Path]) -> Experiment:
     for d, c in zip(dirs[1:], configs[1:], strict=True):
         diff = first.result_differences(c, ignore=("seed",))
         if diff:
-            shown = ", ".join(f"--{n.replace('_', '-')} ({dirs[0]}: {getattr(first, n)}, {d}: "
-                              f"{getattr(c, n)})" for n in diff)
+            shown = ", ".join(f"--{n.replace('_', '-')} ({dirs[0]}: {first.shown(n)}, {d}: "
+                              f"{c.shown(n)})" for n in diff)
             raise UserError(f"the runs differ in settings that change results: {shown}; a mean "
                             "over them would mix two experiments: report each separately")
         other = _data_md5(d)
@@ -226,7 +226,7 @@ def _level_axis(ax: Any, densities: Sequence[float]) -> None:
 
 def _plain_log_y(ax: Any, lo: float, hi: float) -> None:
     """Log y axis with plain-number ticks at 1-2-5 steps (no 10^x or 9x10^2 labels)."""
-    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+    from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter, NullLocator
 
     ax.set_yscale("log")
     decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
@@ -235,6 +235,8 @@ def _plain_log_y(ax: Any, lo: float, hi: float) -> None:
         ticks = [t for t in ticks if lo / 1.3 <= t <= hi * 1.3]
         if len(ticks) >= 4:
             break
+    else:  # less than a factor of ~2: evenly spaced round numbers
+        ticks = [t for t in MaxNLocator(5).tick_values(lo, hi) if lo / 1.1 <= t <= hi * 1.1]
     ax.yaxis.set_major_locator(FixedLocator(ticks))
     ax.set_yticklabels([f"{t:,.0f}" if t >= 1 else f"{t:g}" for t in ticks])
     ax.yaxis.set_minor_locator(NullLocator())

@@ -326,8 +326,8 @@ def _check_resumable(run: RunDir, search: Search) -> None:
     if old.one_shot and (old.rounds, old.target_density) != (new.rounds, new.target_density):
         diff.append("rounds" if new.rounds is not None else "target_density")
     if diff:
-        changes = ", ".join(f"--{n.replace('_', '-')} {_shown(getattr(old, n))} (now "
-                            f"{_shown(getattr(new, n))})" for n in diff)
+        changes = ", ".join(f"--{n.replace('_', '-')} {old.shown(n)} (now {new.shown(n)})"
+                            for n in diff)
         raise UserError(f"--out {run.path} was started with other settings: {changes}; pass the "
                         "same values to continue it, --force to start over, or another --out")
     if data_file.is_file():
@@ -340,15 +340,11 @@ def _check_resumable(run: RunDir, search: Search) -> None:
                 "--force to start over, or another --out")
     beyond = [lv for lv in run.finished_levels() if lv not in search.levels]
     if beyond:
-        raise UserError(f"--out {run.path} has finished level {max(beyond)}, beyond the "
-                        f"{search.levels[-1]} of --rounds {search.num_rounds}: give --rounds "
-                        f"{max(beyond)} or more (or a --target-density that far) to continue it")
-
-
-def _shown(value: object) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value)) or "none"
-    return "none" if value is None else str(value)
+        flag = (f"--rounds {search.num_rounds}" if new.rounds is not None
+                else f"--target-density {new.target_density}")
+        raise UserError(f"--out {run.path} has finished levels up to {max(beyond)}; {flag} stops "
+                        f"at level {search.levels[-1]}: give --rounds {max(beyond)} or more (or "
+                        "a --target-density that low) to continue it")
 
 
 def _check_group(configs: Sequence[FindConfig]) -> None:
@@ -652,8 +648,9 @@ def _write_ticket(run: RunDir, search: Search, log: Log | None) -> FindResult:
     save_ticket(ticket, path)
     if log is not None:
         name = "validation accuracy" if has_val else "test accuracy (no validation split)"
+        drop = f"{100 * cfg.max_accuracy_drop:g} percentage points"
         rule = ("--accuracy-target" if cfg.accuracy_target is not None
-                else f"dense {100 * dense:.2f}% - {100 * cfg.max_accuracy_drop:g} points")
+                else f"dense {100 * dense:.2f}% - {drop}")
         how = (f"the sparsest level with {name} {100 * accuracy(chosen):.2f}% >= "
                f"{100 * target:.2f}% ({rule})" if meeting else
                f"no level reached {name} {100 * target:.2f}% ({rule}): the last level, at "
