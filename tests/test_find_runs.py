@@ -283,6 +283,24 @@ def test_progress_lines_when_not_a_terminal_and_labelled_accuracies(
     assert "dense" in last and "points" in last
 
 
+def test_a_long_stretch_between_evaluations_still_prints_a_line(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ticketc.find import progress
+
+    now = {"t": 0.0}
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now["t"])
+    lines: list[str] = []
+    with progress.LevelProgress("lines", "level 3", 0, 1000, lines.append, [0]) as p:
+        for it in range(1, 400):
+            now["t"] = it * 0.5  # 2 iterations a second
+            p.iteration(it)
+    # a line every HEARTBEAT_S seconds (60 s: every 120 iterations), none in between
+    assert [s.split(",")[0] for s in lines] == [
+        f"level 3: iteration {it}/1000" for it in (120, 240, 360)]
+    assert lines[0].endswith("60 s elapsed, 7 min left")  # 880 iterations at 2/s
+
+
 def _find_help() -> dict[str, str]:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")

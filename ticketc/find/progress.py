@@ -2,7 +2,8 @@
 
 A bar is useless in a log file or a pipe (rich draws nothing there until it ends), so when the
 output is not a terminal each evaluation prints one line with the iteration, the accuracy so
-far and the time left.
+far and the time left, and a long stretch between evaluations prints a line at least every
+`HEARTBEAT_S` seconds.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from types import TracebackType
 from typing import Any
 
 Log = Callable[[str], None]
+HEARTBEAT_S = 60.0  # longest silence between progress lines when not on a terminal
 
 
 def _duration(seconds: float) -> str:
@@ -38,7 +40,7 @@ class LevelProgress:
         self.log, self.tickets = log, list(tickets)
         self._bar: Any = None
         self._task: Any = None
-        self._began = time.perf_counter()
+        self._began = self._last_line = time.perf_counter()
 
     @staticmethod
     def mode_for(enabled: bool) -> str | None:
@@ -48,7 +50,7 @@ class LevelProgress:
         return "bar" if sys.stdout.isatty() else "lines"
 
     def __enter__(self) -> LevelProgress:
-        self._began = time.perf_counter()
+        self._began = self._last_line = time.perf_counter()
         if self.mode == "bar":
             from rich.progress import (
                 BarColumn,
@@ -75,6 +77,18 @@ class LevelProgress:
         """Called after every optimizer step (iteration `it`)."""
         if self._bar is not None and ((it - self.start) % 50 == 0 or it == self.end):
             self._bar.update(self._task, completed=it - self.start)
+        elif self.mode == "lines" and it < self.end:
+            now = time.perf_counter()
+            if now - self._last_line >= HEARTBEAT_S:
+                assert self.log is not None
+                self.log(f"{self.label}: iteration {it}/{self.end}, {self._times(it, now)}")
+                self._last_line = now
+
+    def _times(self, it: int, now: float) -> str:
+        elapsed = now - self._began
+        done = it - self.start
+        left = elapsed / done * (self.end - it) if done else 0.0
+        return f"{_duration(elapsed)} elapsed, {_duration(left)} left"
 
     def evaluation(self, it: int, rows: list[dict[str, float]]) -> None:
         """Called with every member's evaluation row at iteration `it`."""
@@ -88,9 +102,8 @@ class LevelProgress:
         if self._bar is not None:
             self._bar.update(self._task, description=f"{self.label}: {metric} acc {acc}%")
             return
-        elapsed = time.perf_counter() - self._began
-        done = it - self.start
-        left = elapsed / done * (self.end - it) if done else 0.0
+        now = time.perf_counter()
         assert self.log is not None
         self.log(f"{self.label}: iteration {it}/{self.end}, train loss {loss}, {metric} "
-                 f"accuracy {acc}%, {_duration(elapsed)} elapsed, {_duration(left)} left")
+                 f"accuracy {acc}%, {self._times(it, now)}")
+        self._last_line = now

@@ -213,7 +213,9 @@ def _level_axis(ax: Any, densities: Sequence[float]) -> None:
     level (rotated when there are many)."""
     from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
-    xs = sorted({round(100 * d, 1) for d in densities}, reverse=True)
+    # one decimal from 1% up, two significant digits below (0.14 and 0.11 stay apart)
+    xs = sorted({float(f"{100 * d:.2g}") if d < 0.01 else round(100 * d, 1) for d in densities},
+                reverse=True)
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(xs))
     ax.set_xticklabels([f"{x:g}" for x in xs], rotation=45 if len(xs) > 8 else 0,
