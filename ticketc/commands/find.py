@@ -1,5 +1,8 @@
 """`ticketc find`: iterative magnitude pruning down to a lottery ticket (RUN_DIR/ticket.pt).
 
+Runs unchanged under torchrun (`torchrun --nproc-per-node N -m ticketc find ...`): the ranks
+train together with DistributedDataParallel (gloo), rank 0 writes the run and prints.
+
 Every setting's flag, help text and shown default come from `FindConfig`'s fields, so the help
 cannot drift from the defaults the search really uses.
 """
@@ -83,7 +86,7 @@ def config_from_args(args: argparse.Namespace) -> FindConfig:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ticketc.find import find_tickets
+    from ticketc.find import distributed, find_tickets
 
     config = config_from_args(args)
     if args.threads is not None:
@@ -91,10 +94,15 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     quiet = args.json
-    (result,) = find_tickets([config], [args.out], resume=args.resume, force=args.force,
-                             progress=not (args.no_progress or quiet),
-                             log=None if quiet else lambda s: print(s, flush=True))
-    if args.json:
+    ranks = distributed.from_environment()  # under torchrun: this process's rank
+    try:
+        (result,) = find_tickets([config], [args.out], resume=args.resume, force=args.force,
+                                 progress=not (args.no_progress or quiet),
+                                 log=None if quiet else lambda s: print(s, flush=True),
+                                 ranks=ranks)
+    finally:
+        distributed.leave(ranks)
+    if args.json and ranks.main:
         print(json.dumps({"ticket": str(result.ticket_path), "level": result.level,
                           "density": result.density, "test_acc": result.test_acc,
                           "val_acc": None if math.isnan(result.val_acc) else result.val_acc,

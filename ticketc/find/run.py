@@ -21,12 +21,15 @@ and affine parameters with the weights, as open_lth does. Several seeds (runs) c
 together: their members are stacked into one `Ensemble`, but each run's files stay its own.
 A resumed run may grow (more rounds, a lower target density) and may read its data from
 another folder if their md5 matches; a run that fails before training anything is removed.
+Under torchrun the ranks train together (`ticketc.find.distributed`); rank 0 alone touches
+the run directory.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -47,6 +50,7 @@ from ticketc.errors import UserError
 from ticketc.factory import resolve
 from ticketc.find import pruning
 from ticketc.find.config import FindConfig
+from ticketc.find.distributed import SINGLE, Ranks, broadcast, from_environment, on_main
 from ticketc.find.ensemble import Ensemble
 from ticketc.find.progress import LevelProgress
 from ticketc.find.train import BatchOrder, Checkpoint, History, summarize, train_level
@@ -158,7 +162,7 @@ class Search:
     data_md5: str
 
 
-def plan_search(config: FindConfig, data: Splits) -> Search:
+def plan_search(config: FindConfig, data: Splits, ranks: Ranks = SINGLE) -> Search:
     """Check the config against the data and derive the levels, rates and rewind point.
 
     Raises UserError naming the flag when they do not fit together.
@@ -183,6 +187,9 @@ def plan_search(config: FindConfig, data: Splits) -> Search:
     if cfg.batch_size > len(data.train):
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(data.train)} training "
                         f"samples of {cfg.data_flag} (after --val-size {cfg.val_size})")
+    if cfg.batch_size % ranks.world:
+        raise UserError(f"--batch-size {cfg.batch_size} (the global batch) does not split evenly "
+                        f"over the {ranks.world} ranks: give a multiple of {ranks.world}")
     rewind_it = cfg.rewind_iteration(len(data.train) // cfg.batch_size)
     if rewind_it >= cfg.iterations:
         raise UserError(f"--rewind {cfg.rewind} (iteration {rewind_it}) is not before the end of "
@@ -371,6 +378,7 @@ def find_tickets(
     log: Log | None = print,
     progress: bool = True,
     stop_after_level: int | None = None,
+    ranks: Ranks | None = None,
 ) -> list[FindResult]:
     """Find the lottery ticket of each config (seed), training all of them side by side.
 
@@ -382,11 +390,17 @@ def find_tickets(
     `progress`: a bar on a terminal, else a line per evaluation through `log`.
     Returns one result per run; each run directory ends with `ticket.pt`.
     `stop_after_level` ends early (for benchmarks that budget their time); no ticket then.
+    `ranks`: the torchrun ranks training together (default: those of the environment, a
+    single one without torchrun); every rank calls this with the same arguments, rank 0
+    alone writes and logs, and every rank returns the same results.
     Raises UserError (bad settings, data that do not fit the model, a folder that holds
     another run) naming the flag; ValueError for configs that cannot be trained together.
     """
     if len(configs) != len(run_dirs) or not configs:
         raise ValueError("need one run directory per config")
+    ranks = from_environment() if ranks is None else ranks
+    if not ranks.main:
+        log, progress = None, False
     configs = [c.resolved() for c in configs]
     _check_group(configs)
     resolve(configs[0].arch, "model")  # a bad --model fails before any data is read
@@ -398,24 +412,28 @@ def find_tickets(
                          "validation samples of the data given")
     # The run's config states how many samples were held out, whatever rule chose them.
     configs = [dataclasses.replace(c, val_size=len(data.val)) for c in configs]
-    search = plan_search(configs[0], data)
+    search = plan_search(configs[0], data, ranks)
     runs: list[RunDir] = []
     try:
         for c, p in zip(configs, run_dirs, strict=True):
-            runs.append(open_run(c, Path(p), search, resume=resume, force=force, log=log))
+            runs.append(on_main(functools.partial(open_run, c, Path(p), search, resume=resume,
+                                                  force=force, log=log), ranks))
         for position, level in enumerate(search.levels):
-            pending = [i for i, r in enumerate(runs) if not r.done(level)]
+            pending = broadcast([i for i, r in enumerate(runs) if not r.done(level)]
+                                if ranks.main else None, ranks)
             if pending:
                 previous = search.levels[position - 1] if position else None
-                _run_level(search, runs, pending, level, previous, log, progress)
+                _run_level(search, runs, pending, level, previous, log, progress, ranks)
             if stop_after_level is not None and level >= stop_after_level:
                 return []
     except BaseException:
-        for run in runs:
-            if not run.has_progress():  # a failed start leaves no folder behind
-                run.discard()
+        if ranks.main:
+            for run in runs:
+                if not run.has_progress():  # a failed start leaves no folder behind
+                    run.discard()
         raise
-    return [_write_ticket(run, search, log) for run in runs]
+    return [on_main(functools.partial(_write_ticket, run, search, log, ranks), ranks)
+            for run in runs]
 
 
 @dataclass
@@ -430,12 +448,14 @@ class _LevelStart:
 
 
 def _run_level(search: Search, runs: list[RunDir], pending: list[int], level: int,
-               previous: int | None, log: Log | None, progress: bool) -> None:
+               previous: int | None, log: Log | None, progress: bool, ranks: Ranks) -> None:
     started = time.perf_counter()
-    start = _prune_and_rewind(search, runs, pending, level, previous)
-    ensemble, history = _train(search, runs, pending, start, level, previous, log, progress)
-    _save_level(search, runs, pending, start, ensemble, history, level, previous,
-                time.perf_counter() - started, log)
+    # rank 0 prunes and rewinds; every rank starts from its masks and weights
+    start = on_main(lambda: _prune_and_rewind(search, runs, pending, level, previous), ranks)
+    ensemble, history = _train(search, runs, pending, start, level, previous, log, progress,
+                               ranks)
+    on_main(lambda: _save_level(search, runs, pending, start, ensemble, history, level, previous,
+                                time.perf_counter() - started, log, ranks), ranks)
 
 
 def _prune_and_rewind(search: Search, runs: list[RunDir], pending: list[int], level: int,
@@ -482,21 +502,23 @@ def _level_masks(search: Search, run: RunDir, previous: int | None) -> pruning.M
 
 
 def _train(search: Search, runs: list[RunDir], pending: list[int], start: _LevelStart,
-           level: int, previous: int | None, log: Log | None, progress: bool
+           level: int, previous: int | None, log: Log | None, progress: bool, ranks: Ranks,
            ) -> tuple[Ensemble, History]:
     """Train every member of the level, from its last checkpoint if there is one."""
     cfg = search.config
     assert cfg.lr is not None and cfg.iterations is not None and cfg.eval_every is not None
     members = start.members
     ensemble = Ensemble(search.base, start.states, start.masks, lr=cfg.lr,
-                        optimizer=cfg.optimizer, sparse_below=cfg.csr_below)
+                        optimizer=cfg.optimizer, sparse_below=cfg.csr_below, ranks=ranks)
     order = BatchOrder([runs[m.run].config.seed for m in members], level,
                        len(search.data.train), cfg.batch_size)
     first = 0 if previous is None else search.rewind_it
-    first, history = _resume_partial(runs, pending, ensemble, level, first, History())
+    first, history = _resume_partial(runs, pending, ensemble, level, first, History(), ranks)
     by_run = {i: [k for k, m in enumerate(members) if m.run == i] for i in pending}
 
     def on_checkpoint(ck: Checkpoint) -> None:
+        if not ranks.main:
+            return
         for i, idx in by_run.items():
             _save({
                 "iteration": ck.iteration,
@@ -508,12 +530,14 @@ def _train(search: Search, runs: list[RunDir], pending: list[int], start: _Level
             }, runs[i].level_dir(level) / "partial.pt")
 
     def on_snapshot() -> None:
+        if not ranks.main:
+            return
         for i, idx in by_run.items():
             path = runs[i].path / "rewind_point.pt"
             if not path.exists():
                 _save(ensemble.member_state(idx[0]), path)
 
-    for i in pending:
+    for i in pending if ranks.main else ():
         runs[i].level_dir(level).mkdir(exist_ok=True)
     label = f"level {level} ({100 * pruning.density(start.masks[0]):.1f}% of weights)"
     tickets = [idx[0] for idx in by_run.values()]
@@ -525,14 +549,14 @@ def _train(search: Search, runs: list[RunDir], pending: list[int], start: _Level
             on_checkpoint=on_checkpoint, on_iteration=report.iteration,
             on_evaluation=report.evaluation,
             snapshot_at=search.rewind_it if previous is None and search.rewind_it else None,
-            on_snapshot=on_snapshot,
+            on_snapshot=on_snapshot, ranks=ranks,
         )
     return ensemble, history
 
 
 def _save_level(search: Search, runs: list[RunDir], pending: list[int], start: _LevelStart,
                 ensemble: Ensemble, history: History, level: int, previous: int | None,
-                wall: float, log: Log | None) -> None:
+                wall: float, log: Log | None, ranks: Ranks = SINGLE) -> None:
     """Write each run's mask, rewind state, trained state, controls, then metrics.json."""
     members = start.members
     for i in pending:
@@ -555,6 +579,7 @@ def _save_level(search: Search, runs: list[RunDir], pending: list[int], start: _
             "iterations": search.config.iterations,
             "seed": runs[i].config.seed,
             "members_trained_together": len(members),
+            "ranks": ranks.world,  # processes that trained the level together (torchrun)
             "evaluation_mode": "eval",  # accuracies are those of final.pt as deployed
             "wall_s": wall,
             "members": {
@@ -566,7 +591,8 @@ def _save_level(search: Search, runs: list[RunDir], pending: list[int], start: _
         if log is not None:
             log(f"seed {runs[i].config.seed} level {level}: {100 * density:.1f}% of weights, "
                 + "; ".join(_accuracies(members[k].kind, summarize(history.rows[k]))
-                            for k in idx) + f" ({wall:.0f} s)")
+                            for k in idx) + f" ({wall:.0f} s"
+                + (f", {ranks.world} ranks)" if ranks.distributed else ")"))
 
 
 def _accuracies(kind: str, s: dict[str, float]) -> str:
@@ -575,16 +601,23 @@ def _accuracies(kind: str, s: dict[str, float]) -> str:
     return f"{kind}: {shown}test {100 * s['final_test_acc']:.2f}%"
 
 
-def _resume_partial(
-    runs: list[RunDir], pending: list[int], ensemble: Ensemble, level: int, start: int,
-    history: History,
-) -> tuple[int, History]:
+def _read_partial(runs: list[RunDir], pending: list[int], level: int) -> list[Any] | None:
     paths = [runs[i].level_dir(level) / "partial.pt" for i in pending]
     if not all(p.exists() for p in paths):
-        return start, history
+        return None
     parts = [_load(p) for p in paths]
     if len({p["iteration"] for p in parts}) != 1:
-        return start, history  # killed between two runs' checkpoints: redo the level
+        return None  # killed between two runs' checkpoints: redo the level
+    return parts
+
+
+def _resume_partial(
+    runs: list[RunDir], pending: list[int], ensemble: Ensemble, level: int, start: int,
+    history: History, ranks: Ranks = SINGLE,
+) -> tuple[int, History]:
+    parts = on_main(lambda: _read_partial(runs, pending, level), ranks)
+    if parts is None:
+        return start, history
     ensemble.load_states([p["ensemble"] for p in parts])
     resumed = History()
     resumed.rows = [row for p in parts for row in p["rows"]] if parts[0]["rows"] else []
@@ -598,7 +631,8 @@ def _resume_partial(
 # The ticket
 
 
-def _write_ticket(run: RunDir, search: Search, log: Log | None) -> FindResult:
+def _write_ticket(run: RunDir, search: Search, log: Log | None,
+                  ranks: Ranks = SINGLE) -> FindResult:
     """Pick the sparsest level whose final validation accuracy (test accuracy without a
     validation split) meets the target; write it as ticket.pt."""
     cfg = run.config
@@ -642,6 +676,7 @@ def _write_ticket(run: RunDir, search: Search, log: Log | None) -> FindResult:
             "val_size": len(search.data.val),
             "seed": cfg.seed,
             "iterations": cfg.iterations,
+            "ranks": sorted({int(m.get("ranks", 1)) for m in metrics}),
         },
     )
     path = run.path / "ticket.pt"
@@ -657,6 +692,7 @@ def _write_ticket(run: RunDir, search: Search, log: Log | None) -> FindResult:
                f"{100 * accuracy(chosen):.2f}%")
         log(f"{path}: level {level}, {100 * chosen['density']:.1f}% of weights: {how}; its test "
             f"accuracy {100 * t['final_test_acc']:.2f}% "
-            f"(dense {100 * metrics[0]['members']['ticket']['final_test_acc']:.2f}%)")
+            f"(dense {100 * metrics[0]['members']['ticket']['final_test_acc']:.2f}%)"
+            + (f"; trained on {ranks.world} ranks (torchrun)" if ranks.distributed else ""))
     return FindResult(run.path, path, level, float(chosen["density"]), float(t["final_test_acc"]),
                       float(t["final_val_acc"]), key.removeprefix("final_"))

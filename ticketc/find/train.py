@@ -4,6 +4,10 @@ Each member draws its batches from a shuffled order fixed by (data seed, level, 
 the random numbers of step t (Dropout masks) from a seed fixed by (the members' seeds, level,
 t), so what iteration t does is a pure function of t: a run resumed from a checkpoint at
 iteration t trains exactly as an uninterrupted run does.
+
+Under torchrun each rank trains on its shard of every global batch (`Ranks.shard`) and draws
+its own random numbers (the step's seed plus its rank); evaluation splits the validation and
+test sets among the ranks and sums their counts, so every rank records the same accuracies.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ticketc.data import Splits
+from ticketc.data import Splits, TensorSplit
+from ticketc.find.distributed import SINGLE, Ranks, all_reduce_sum
 from ticketc.find.ensemble import Ensemble
 
 
@@ -55,7 +60,8 @@ class History:
     """Evaluations of every member: one row per evaluation point."""
 
     rows: list[list[dict[str, float]]] = field(default_factory=list)  # [member][point]
-    # Running training loss / correct counts since the last evaluation (kept across resumes).
+    # Running training loss (summed over samples) / correct counts / samples since the last
+    # evaluation (kept across resumes; under torchrun the sums of every rank, held by rank 0).
     loss_sum: list[float] = field(default_factory=list)
     correct_sum: list[int] = field(default_factory=list)
     seen: int = 0
@@ -90,61 +96,94 @@ def train_level(
     on_evaluation: Callable[[int, list[dict[str, float]]], None] | None = None,
     snapshot_at: int | None = None,
     on_snapshot: Callable[[], None] | None = None,
+    lr_at: Callable[[int], float] | None = None,
+    ranks: Ranks = SINGLE,
 ) -> History:
     """Train iterations start+1 .. end (iteration t is the t-th optimizer step).
 
     Evaluates every member (eval mode) every `eval_every` iterations and at `end`, appending a
-    row per member to `history` and handing the rows to `on_evaluation`.
+    row per member to `history` and handing the rows to `on_evaluation`. `lr_at(t)`: the
+    learning rate of step t (a schedule), None to keep the optimizer's. Under torchrun
+    (`ranks`) every rank calls this with the same arguments.
     """
     x_train = data.train.x
     y_train = data.train.y.long()
     seeded = ensemble.draws_random_numbers
     m = ensemble.size
-    loss_sum = torch.tensor(history.loss_sum or [0.0] * m, dtype=torch.float64)
-    correct_sum = torch.tensor(history.correct_sum or [0] * m, dtype=torch.int64)
-    seen = history.seen
+    # [loss summed over samples, correct predictions, samples] per member, since the last
+    # evaluation; under torchrun what a checkpoint stored is rank 0's (the sum of all ranks).
+    stored = ranks.main and bool(history.loss_sum)
+    sums = torch.zeros(3, m, dtype=torch.float64)
+    if stored:
+        sums[0] = torch.tensor(history.loss_sum, dtype=torch.float64)
+        sums[1] = torch.tensor(history.correct_sum, dtype=torch.float64)
+        sums[2] = float(history.seen)
     if snapshot_at is not None and snapshot_at == start and on_snapshot is not None:
         on_snapshot()
     for t in range(start, end):
-        idx = order.indices(t)  # [M, B]
-        loss, correct = ensemble.step_on(x_train, y_train, idx,
-                                         seed=order.step_seed(t) if seeded else None)
-        loss_sum += loss.detach().double()
-        correct_sum += correct
-        seen += idx.shape[1]
+        idx = ranks.shard(order.indices(t))  # [M, B / ranks]
+        if lr_at is not None:
+            ensemble.set_lr_(lr_at(t))
+        seed = (order.step_seed(t) + ranks.rank) % 2**63 if seeded else None
+        loss, correct = ensemble.step_on(x_train, y_train, idx, seed=seed)
+        sums[0] += loss.detach().double() * idx.shape[1]
+        sums[1] += correct
+        sums[2] += idx.shape[1]
         it = t + 1
         if snapshot_at is not None and it == snapshot_at and on_snapshot is not None:
+            ensemble.sync_buffers_()
             on_snapshot()
         if it % eval_every == 0 or it == end:
-            rows = _evaluate(ensemble, data, it, loss_sum, correct_sum, seen, order.b)
+            ensemble.sync_buffers_()
+            rows = _evaluate(ensemble, data, it, all_reduce_sum(sums, ranks), ranks)
             history.add(rows)
             if on_evaluation is not None:
                 on_evaluation(it, rows)
-            loss_sum.zero_()
-            correct_sum.zero_()
-            seen = 0
+            sums.zero_()
         if on_checkpoint is not None and it % checkpoint_every == 0 and it != end:
-            history.loss_sum, history.correct_sum = loss_sum.tolist(), correct_sum.tolist()
-            history.seen = seen
+            ensemble.sync_buffers_()
+            if ranks.distributed:  # rank 0 keeps every rank's sums, the others start afresh
+                total = all_reduce_sum(sums, ranks)
+                sums = total if ranks.main else sums.zero_()
+            history.loss_sum, history.correct_sum = sums[0].tolist(), sums[1].tolist()
+            history.seen = int(sums[2, 0])
             on_checkpoint(Checkpoint(it, history))
         if on_iteration is not None:
             on_iteration(it)
+    ensemble.sync_buffers_()
     return history
 
 
+def _evaluate_split(ensemble: Ensemble, split: TensorSplit,
+                    ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss [M] and accuracy [M] on `split`, each rank evaluating its share."""
+    if not ranks.distributed:
+        return ensemble.evaluate(split.x, split.y.long())
+    x, y = split.x[ranks.rank :: ranks.world], split.y[ranks.rank :: ranks.world].long()
+    sums = torch.zeros(2, ensemble.size, dtype=torch.float64)
+    if len(x):
+        loss, acc = ensemble.evaluate(x, y)
+        sums[0], sums[1] = loss.double() * len(x), (acc.double() * len(x)).round()
+    sums = all_reduce_sum(sums, ranks)
+    n = len(split)
+    if n == 0:
+        nan = torch.full((ensemble.size,), float("nan"))
+        return nan, nan
+    return (sums[0] / n).float(), sums[1] / n
+
+
 def _evaluate(
-    ensemble: Ensemble, data: Splits, it: int, loss_sum: torch.Tensor,
-    correct_sum: torch.Tensor, seen: int, batch: int,
+    ensemble: Ensemble, data: Splits, it: int, sums: torch.Tensor, ranks: Ranks,
 ) -> list[dict[str, float]]:
-    val_loss, val_acc = ensemble.evaluate(data.val.x, data.val.y.long())
-    test_loss, test_acc = ensemble.evaluate(data.test.x, data.test.y.long())
-    steps = max(seen // batch, 1)
+    val_loss, val_acc = _evaluate_split(ensemble, data.val, ranks)
+    test_loss, test_acc = _evaluate_split(ensemble, data.test, ranks)
     rows = []
     for i in range(ensemble.size):
+        seen = max(float(sums[2, i]), 1.0)
         rows.append({
             "iteration": it,
-            "train_loss": float(loss_sum[i]) / steps,
-            "train_acc": float(correct_sum[i]) / max(seen, 1),
+            "train_loss": float(sums[0, i]) / seen,
+            "train_acc": float(sums[1, i]) / seen,
             "val_loss": float(val_loss[i]),
             "val_acc": float(val_acc[i]),
             "test_loss": float(test_loss[i]),
