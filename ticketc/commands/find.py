@@ -71,10 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> FindConfig:
     names = {f.name for f in dataclasses.fields(FindConfig)}
-    # switches left off and options not given keep the dataclass defaults
-    kwargs = {
-        k: v for k, v in vars(args).items() if k in names and v is not None and v is not False
-    }
+    # options not given (None) keep the dataclass defaults; switches left off are False, their
+    # default too ("--augment no" is a False that is kept)
+    kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if args.data is not None:
         kwargs["dataset"] = None
     try:

@@ -30,14 +30,32 @@ class PaperSetting:
     fc_rate: float = 0.2
     conv_rate: float = 0.1
     output_rate: float = 0.1
+    optimizer: str = "adam"
+    batch_size: int = 60
+    strategy: str = "layerwise"
+    rewind: str = "init"
+    weight_decay: float = 0.0
+    lr_milestones: tuple[int, ...] = ()
+    augment: bool = False
+    prune_output: bool = True
 
 
+# Frankle et al. (ICML 2020, "Linear mode connectivity and the lottery ticket hypothesis"),
+# Table 1 and open_lth's defaults: SGD momentum 0.9, lr 0.1 divided by 10 at 80 and 120 of 160
+# epochs (batch 128: 62,400 iterations), weight decay 1e-4, random crops and flips; global
+# pruning of 20% per round, the output layer left whole; rewinding to iteration 2,000, where
+# both networks have become stable.
+_CIFAR_2020 = dict(lr=0.1, iterations=62_400, optimizer="sgd", batch_size=128,
+                   strategy="global", rewind="iteration:2000", weight_decay=1e-4,
+                   lr_milestones=(31_200, 46_800), augment=True, prune_output=False)
 # Frankle & Carbin (ICLR 2019), Figure 2: Adam, batch 60 throughout.
 PAPER = {
     "lenet300": PaperSetting(lr=1.2e-3, iterations=50_000),
     "conv2": PaperSetting(lr=2e-4, iterations=20_000),
     "conv4": PaperSetting(lr=3e-4, iterations=25_000),
     "conv6": PaperSetting(lr=3e-4, iterations=30_000, conv_rate=0.15),
+    "resnet20": PaperSetting(**_CIFAR_2020),  # type: ignore[arg-type]
+    "vgg16": PaperSetting(**_CIFAR_2020),  # type: ignore[arg-type]
 }
 # User models: the Lenet settings are a reasonable start for small networks.
 USER_DEFAULT = PaperSetting(lr=1.2e-3, iterations=50_000)
@@ -52,6 +70,19 @@ NOT_RESULT_SETTINGS = frozenset({
     "data_dir", "data", "rounds", "target_density", "checkpoint_every", "accuracy_target",
     "max_accuracy_drop",
 })
+
+def _yes_no(text: str) -> bool:
+    """"yes"/"no" (also true/false, 1/0) as a bool."""
+    value = text.strip().lower()
+    if value in ("yes", "true", "1", "on"):
+        return True
+    if value in ("no", "false", "0", "off"):
+        return False
+    raise ValueError(f"expected yes or no, got {text!r}")
+
+
+_yes_no.__name__ = "yes/no"  # argparse names the type in its error: "invalid yes/no value"
+
 
 _REWIND = re.compile(r"^(init|iteration:\d+|epoch:\d+)$")
 
@@ -74,13 +105,23 @@ def count_or_fraction(text: str) -> float:
     return int(value) if value >= 1 and value.is_integer() else value
 
 
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
 def _paper(name: str) -> str:
-    """The paper's value of a PaperSetting field, e.g. "0.1 (the paper's; conv6 0.15)"."""
+    """The papers' value of a PaperSetting field, e.g. "0.1 (the paper's; conv6 0.15)"."""
     values = {m: getattr(p, name) for m, p in PAPER.items()}
     common = values["lenet300"]  # the default model's value, which user models take too
     assert getattr(USER_DEFAULT, name) == common
-    others = ", ".join(f"{m} {v:g}" for m, v in values.items() if v != common)
-    return f"{common:g} (the paper's" + (f"; {others}" if others else "") + ")"
+    others = ", ".join(f"{m} {_text(v)}" for m, v in values.items() if v != common)
+    return f"{_text(common)} (the paper's" + (f"; {others}" if others else "") + ")"
 
 
 @dataclass(frozen=True)
@@ -106,8 +147,8 @@ class FindConfig:
     steps.
     """
 
-    model: str = _setting("lenet300", "built-in architecture (lenet300, conv2, conv4, conv6) "
-                          "or module.path:factory of your own", metavar="NAME")
+    model: str = _setting("lenet300", "built-in architecture (lenet300, conv2, conv4, conv6, "
+                          "resnet20, vgg16) or module.path:factory of your own", metavar="NAME")
     dataset: str | None = _setting("mnist", "built-in dataset (or --data)", choices=DATASETS)
     data_dir: str | None = _setting(None, "folder of the built-in dataset's files",
                                     shown="MNIST: $TICKETC_MNIST_DIR, else ~/.cache/ticketc/mnist",
@@ -122,11 +163,24 @@ class FindConfig:
     one_shot: bool = _setting(False, "prune once, straight to the final density")
     iterations: int | None = _setting(None, "training iterations (optimizer steps) per level",
                                       shown=_paper("iterations"))
-    batch_size: int = _setting(60, "training batch size (samples)")
+    batch_size: int | None = _setting(None, "training batch size (samples; under torchrun the "
+                                      "global batch, split over the ranks)",
+                                      shown=_paper("batch_size"))
     lr: float | None = _setting(None, "learning rate", shown=_paper("lr"), metavar="LR")
-    optimizer: str = _setting("adam", "optimizer (sgd: momentum 0.9)", choices=OPTIMIZERS)
-    strategy: str = _setting("layerwise", "layerwise: per-kind rates below; global: one "
-                             "magnitude threshold over all prunable weights", choices=STRATEGIES)
+    lr_milestones: tuple[int, ...] | None = _setting(
+        None, "comma-separated iterations at which the learning rate is multiplied by "
+        "--lr-gamma", shown=_paper("lr_milestones"), metavar="IT,IT")
+    lr_gamma: float = _setting(0.1, "factor applied to the learning rate at each milestone")
+    optimizer: str | None = _setting(None, "optimizer (sgd: momentum 0.9)", choices=OPTIMIZERS,
+                                     shown=_paper("optimizer"))
+    weight_decay: float | None = _setting(None, "L2 weight decay", shown=_paper("weight_decay"))
+    augment: bool | None = _setting(None, "random crops (4-pixel padding) and horizontal flips "
+                                    "of the training images: yes or no",
+                                    shown=_paper("augment"), parse=_yes_no,
+                                    metavar="yes|no")
+    strategy: str | None = _setting(None, "layerwise: per-kind rates below; global: one "
+                                    "magnitude threshold over all prunable weights",
+                                    choices=STRATEGIES, shown=_paper("strategy"))
     fc_rate: float | None = _setting(None, "fraction (0-1) of each fully connected layer's "
                                      "surviving weights pruned per round", shown=_paper("fc_rate"))
     conv_rate: float | None = _setting(None, "fraction (0-1) of each conv layer's surviving "
@@ -135,12 +189,16 @@ class FindConfig:
                                          "weights pruned per round", shown=_paper("output_rate"))
     global_rate: float = _setting(0.2, "with --strategy global: fraction (0-1) of all surviving "
                                   "weights pruned per round")
+    prune_output: bool | None = _setting(None, "prune the output layer: yes or no",
+                                         shown=_paper("prune_output"),
+                                         parse=_yes_no, metavar="yes|no")
     prune_biases: bool = _setting(False, "prune biases too (at their layer's rate)")
     prune_norms: bool = _setting(False, "prune normalisation layers' affine weights too")
-    rewind: str = _setting("init", "where survivors restart each level: init (Frankle & "
-                           "Carbin 2019), iteration:K or epoch:E (late rewinding, Frankle et "
-                           "al. 2020); normalisation statistics are rewound with the weights",
-                           metavar="init|iteration:K|epoch:E")
+    rewind: str | None = _setting(None, "where survivors restart each level: init (Frankle & "
+                                  "Carbin 2019), iteration:K or epoch:E (late rewinding, Frankle "
+                                  "et al. 2020); normalisation statistics are rewound with the "
+                                  "weights", shown=_paper("rewind"),
+                                  metavar="init|iteration:K|epoch:E")
     controls: tuple[str, ...] = _setting((), "comma-separated controls trained beside every "
                                          "pruned level (needed to tell a winning ticket from "
                                          f"any sparse network): {', '.join(CONTROLS)}",
@@ -194,15 +252,15 @@ class FindConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.optimizer not in OPTIMIZERS:
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.strategy not in STRATEGIES:
+        if self.strategy is not None and self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         for name in ("fc_rate", "conv_rate", "output_rate", "global_rate"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if not _REWIND.match(self.rewind):
+        if self.rewind is not None and not _REWIND.match(self.rewind):
             raise ValueError(f"rewind {self.rewind!r} is not init, iteration:K or epoch:E")
         for c in self.controls:
             if c not in CONTROLS:
@@ -219,6 +277,16 @@ class FindConfig:
             )
         if self.accuracy_target is not None and not 0.0 <= self.accuracy_target <= 1.0:
             raise ValueError(f"accuracy_target must be in [0, 1], got {self.accuracy_target}")
+        if self.weight_decay is not None and not 0.0 <= self.weight_decay < 1.0:
+            raise ValueError(f"weight_decay must be in [0, 1), got {self.weight_decay}")
+        if not 0.0 < self.lr_gamma <= 1.0:
+            raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        if self.lr_milestones is not None and (
+            any(m < 1 for m in self.lr_milestones) or list(self.lr_milestones)
+            != sorted(set(self.lr_milestones))
+        ):
+            raise ValueError(f"lr_milestones {self.lr_milestones} must be increasing iterations "
+                             ">= 1")
         if not 0.0 <= self.csr_below <= 1.0:
             raise ValueError(f"csr_below must be in [0, 1], got {self.csr_below}")
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
@@ -243,8 +311,12 @@ class FindConfig:
         the paper's values for the architecture, and the evaluation interval."""
         p = self.paper
         iterations = self.iterations if self.iterations is not None else p.iterations
+        filled = {name: getattr(p, name) for name in (
+            "batch_size", "optimizer", "strategy", "rewind", "weight_decay", "lr_milestones",
+            "augment", "prune_output") if getattr(self, name) is None}
         return dataclasses.replace(
             self,
+            **filled,
             iterations=iterations,
             lr=self.lr if self.lr is not None else p.lr,
             fc_rate=self.fc_rate if self.fc_rate is not None else p.fc_rate,
@@ -257,7 +329,15 @@ class FindConfig:
             else min(EVAL_EVERY_MAX, max(1, iterations // EVALS_PER_LEVEL)),
         )
 
+    def lr_at(self, iteration: int) -> float:
+        """The learning rate of step `iteration` (0-based): lr times lr_gamma per milestone
+        passed. Call on a resolved config."""
+        assert self.lr is not None
+        passed = sum(iteration >= m for m in self.lr_milestones or ())
+        return self.lr * self.lr_gamma**passed
+
     def rewind_iteration(self, steps_per_epoch: int) -> int:
+        assert self.rewind is not None
         kind, _, value = self.rewind.partition(":")
         if kind == "init":
             return 0
@@ -280,6 +360,8 @@ class FindConfig:
     def to_json(self) -> dict[str, object]:
         out = dataclasses.asdict(self)
         out["controls"] = list(self.controls)
+        if self.lr_milestones is not None:
+            out["lr_milestones"] = list(self.lr_milestones)
         if self.control_levels is not None:
             out["control_levels"] = list(self.control_levels)
         return out
@@ -289,6 +371,8 @@ class FindConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in obj.items() if k in known}
         kwargs["controls"] = tuple(kwargs.get("controls", ()))  # type: ignore[arg-type]
+        if kwargs.get("lr_milestones") is not None:
+            kwargs["lr_milestones"] = tuple(kwargs["lr_milestones"])  # type: ignore[arg-type]
         if kwargs.get("control_levels") is not None:
             kwargs["control_levels"] = tuple(kwargs["control_levels"])  # type: ignore[arg-type]
         return cls(**kwargs)  # type: ignore[arg-type]

@@ -84,7 +84,7 @@ def _read_config(run_dir: Path) -> FindConfig:
     if not path.is_file():
         raise UserError(f"{run_dir} is not a ticketc find run directory (no config.json)")
     try:
-        return FindConfig.from_json(json.loads(path.read_text()))
+        return FindConfig.from_json(json.loads(path.read_text())).resolved()
     except (ValueError, TypeError) as e:
         raise UserError(f"{path} is not a readable find config: {e}") from None
 
@@ -255,7 +255,7 @@ def _title(ax: Any, exp: Experiment | None, title: str, what: str) -> None:
 def _label(kind: str, exp: Experiment | None, controls: bool) -> str:
     label = LABELS.get(kind, kind)
     if kind == "ticket" and exp is not None:
-        rewind = exp.config.rewind
+        rewind = str(exp.config.rewind)
         label = ("ticket (survivors reset to their initial values)" if rewind == "init"
                  else f"ticket (survivors rewound to {rewind.replace(':', ' ')})")
     if kind == "ticket" and not controls:

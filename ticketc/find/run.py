@@ -104,6 +104,13 @@ def arch_kwargs(config: FindConfig, data: Splits) -> dict[str, Any]:
             raise UserError(f"--model {config.model} needs square images [C, H, W]; "
                             f"{config.data_flag} has inputs of shape {list(shape)}")
         kwargs = {"num_classes": data.num_classes, "in_channels": shape[0], "image_size": shape[1]}
+    elif config.model in ("resnet20", "vgg16"):
+        smallest = 16 if config.model == "vgg16" else 4  # VGG-16 halves its input four times
+        if len(shape) != 3 or min(shape[1:]) < smallest:
+            raise UserError(f"--model {config.model} needs images [C, H, W] of at least "
+                            f"{smallest}x{smallest} pixels; {config.data_flag} has inputs of "
+                            f"shape {list(shape)}")
+        kwargs = {"num_classes": data.num_classes, "in_channels": shape[0]}
     kwargs.update(config.arch_kwargs)
     return kwargs
 
@@ -169,6 +176,7 @@ def plan_search(config: FindConfig, data: Splits, ranks: Ranks = SINGLE) -> Sear
     """
     cfg = config
     assert cfg.iterations is not None and cfg.eval_every is not None
+    assert cfg.batch_size is not None, "plan_search takes a resolved config"
     kwargs = arch_kwargs(cfg, data)
     base = build(cfg, kwargs, 0)
     _check_model_fits(base, cfg, data)
@@ -176,6 +184,11 @@ def plan_search(config: FindConfig, data: Splits, ranks: Ranks = SINGLE) -> Sear
         kinds = pruning.prunable_parameters(base, biases=cfg.prune_biases, norms=cfg.prune_norms)
     except ValueError as e:
         raise UserError(f"--model {cfg.model}: {e}") from None
+    if not cfg.prune_output:  # Frankle et al. 2020 leave the classifier whole
+        kinds = {n: k for n, k in kinds.items() if k != "output"}
+    if cfg.augment and len(data.input_shape) != 3:
+        raise UserError(f"--augment yes crops and flips images [C, H, W]; {cfg.data_flag} has "
+                        f"inputs of shape {list(data.input_shape)}: give --augment no")
     params = dict(base.named_parameters())
     sizes = {n: params[n].numel() for n in kinds}
     rates = _rates(cfg, kinds)
@@ -325,7 +338,8 @@ def open_run(config: FindConfig, path: Path, search: Search, *, resume: bool, fo
 def _check_resumable(run: RunDir, search: Search) -> None:
     """Refuse, naming the setting, a resume that would change the finished levels' results."""
     new = run.config
-    old = FindConfig.from_json(json.loads((run.path / "config.json").read_text()))
+    # settings a run from before they existed did not write take their defaults
+    old = FindConfig.from_json(json.loads((run.path / "config.json").read_text())).resolved()
     data_file = run.path / "data.json"
     diff = new.result_differences(old)
     if not data_file.is_file():  # a run from before data.json: where its data were is all we know
@@ -508,10 +522,12 @@ def _train(search: Search, runs: list[RunDir], pending: list[int], start: _Level
     cfg = search.config
     assert cfg.lr is not None and cfg.iterations is not None and cfg.eval_every is not None
     members = start.members
+    assert cfg.optimizer is not None and cfg.weight_decay is not None
     ensemble = Ensemble(search.base, start.states, start.masks, lr=cfg.lr,
-                        optimizer=cfg.optimizer, sparse_below=cfg.csr_below, ranks=ranks)
+                        optimizer=cfg.optimizer, sparse_below=cfg.csr_below,
+                        weight_decay=cfg.weight_decay, ranks=ranks)
     order = BatchOrder([runs[m.run].config.seed for m in members], level,
-                       len(search.data.train), cfg.batch_size)
+                       len(search.data.train), int(cfg.batch_size or 0))
     first = 0 if previous is None else search.rewind_it
     first, history = _resume_partial(runs, pending, ensemble, level, first, History(), ranks)
     by_run = {i: [k for k, m in enumerate(members) if m.run == i] for i in pending}
@@ -550,6 +566,7 @@ def _train(search: Search, runs: list[RunDir], pending: list[int], start: _Level
             on_evaluation=report.evaluation,
             snapshot_at=search.rewind_it if previous is None and search.rewind_it else None,
             on_snapshot=on_snapshot, ranks=ranks,
+            lr_at=cfg.lr_at if cfg.lr_milestones else None, augment=bool(cfg.augment),
         )
     return ensemble, history
 

@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ticketc.data import Splits, TensorSplit
+from ticketc.data.augment import crop_flip, crop_flip_params
 from ticketc.find.distributed import SINGLE, Ranks, all_reduce_sum
 from ticketc.find.ensemble import Ensemble
+
+_AUGMENT_SALT = 0x5A17  # the augmentation's random stream differs from the Dropout one
 
 
 class BatchOrder:
@@ -98,12 +101,15 @@ def train_level(
     on_snapshot: Callable[[], None] | None = None,
     lr_at: Callable[[int], float] | None = None,
     ranks: Ranks = SINGLE,
+    augment: bool = False,
 ) -> History:
     """Train iterations start+1 .. end (iteration t is the t-th optimizer step).
 
     Evaluates every member (eval mode) every `eval_every` iterations and at `end`, appending a
     row per member to `history` and handing the rows to `on_evaluation`. `lr_at(t)`: the
-    learning rate of step t (a schedule), None to keep the optimizer's. Under torchrun
+    learning rate of step t (a schedule), None to keep the optimizer's. `augment`: random
+    crops and flips of the training images, drawn per global batch from a seed fixed by t (the
+    same images whatever the number of ranks, and after a resume). Under torchrun
     (`ranks`) every rank calls this with the same arguments.
     """
     x_train = data.train.x
@@ -121,11 +127,18 @@ def train_level(
     if snapshot_at is not None and snapshot_at == start and on_snapshot is not None:
         on_snapshot()
     for t in range(start, end):
-        idx = ranks.shard(order.indices(t))  # [M, B / ranks]
+        batch = order.indices(t)  # [M, B]
+        idx = ranks.shard(batch)  # [M, B / ranks]
         if lr_at is not None:
             ensemble.set_lr_(lr_at(t))
         seed = (order.step_seed(t) + ranks.rank) % 2**63 if seeded else None
-        loss, correct = ensemble.step_on(x_train, y_train, idx, seed=seed)
+        if augment:
+            g = torch.Generator().manual_seed(order.step_seed(t) ^ _AUGMENT_SALT)
+            dy, dx, flip = (ranks.shard(p) for p in crop_flip_params(tuple(batch.shape), g))
+            loss, correct = ensemble.step(crop_flip(x_train[idx], dy, dx, flip), y_train[idx],
+                                          seed=seed)
+        else:
+            loss, correct = ensemble.step_on(x_train, y_train, idx, seed=seed)
         sums[0] += loss.detach().double() * idx.shape[1]
         sums[1] += correct
         sums[2] += idx.shape[1]
