@@ -112,5 +112,6 @@ def load_cifar10(directory: Path) -> tuple[TensorSplit, TensorSplit]:
         )
     read = read_binary_batch if binary else read_batch
     parts = [read(directory / n) for n in names[:-1]]
-    train = TensorSplit(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+    train = TensorSplit(torch.cat([p.inputs(slice(None)) for p in parts]),
+                        torch.cat([p.y for p in parts]))
     return train, read(directory / names[-1])

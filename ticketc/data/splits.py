@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from ticketc.data.imagefolder import ImageFiles
 from ticketc.errors import UserError
 
-DATASETS = ("mnist", "cifar10")
+DATASETS = ("mnist", "cifar10", "imagefolder")
 # Validation split: the paper's 5,000 of MNIST's 60,000 training images, or 10% of a smaller
 # training set (the two agree at 50,000 samples).
 VAL_SIZE_MAX, VAL_FRACTION = 5000, 0.1
@@ -19,10 +20,23 @@ VAL_SIZE_MAX, VAL_FRACTION = 5000, 0.1
 
 @dataclass(frozen=True)
 class TensorSplit:
-    """Inputs `x` (float32, [N, ...]) and integer class labels `y` ([N])."""
+    """Inputs `x` (float32, [N, ...]) and integer class labels `y` ([N]). `x` is a tensor in
+    memory, or `ImageFiles` (an image folder streamed from disk: `streamed`)."""
 
-    x: torch.Tensor
+    x: torch.Tensor | ImageFiles
     y: torch.Tensor
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.x, ImageFiles)
+
+    def inputs(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """x[index] as a tensor, read from disk for a streamed split."""
+        if isinstance(self.x, ImageFiles):
+            if isinstance(index, slice):
+                index = torch.arange(len(self.x))[index]
+            return self.x.load(index)
+        return self.x[index]
 
     def __post_init__(self) -> None:
         if self.x.shape[0] != self.y.shape[0]:
@@ -68,7 +82,11 @@ class Splits:
         read from (a run resumed from a moved data folder is checked with it)."""
         h = hashlib.md5()
         for split in (self.train, self.val, self.test):
+            if isinstance(split.x, ImageFiles):
+                split.x.fingerprint(h)
             for t in (split.x, split.y):
+                if not isinstance(t, torch.Tensor):
+                    continue
                 h.update(f"{t.dtype}{tuple(t.shape)}".encode())
                 h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().data)
         return h.hexdigest()
@@ -101,6 +119,9 @@ def hold_out(train: TensorSplit, val_size: int, seed: int = 0) -> tuple[TensorSp
         raise ValueError(f"val_size {val_size} must be in [0, {len(train)})")
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
+    if isinstance(train.x, ImageFiles):
+        return (TensorSplit(train.x.subset(train_idx), train.y[train_idx]),
+                TensorSplit(train.x.subset(val_idx), train.y[val_idx]))
     return (
         TensorSplit(train.x[train_idx], train.y[train_idx]),
         TensorSplit(train.x[val_idx], train.y[val_idx]),
@@ -124,6 +145,15 @@ def load_dataset(
             raise UserError("cifar10 needs --data-dir: the folder of its python-format batches")
         train, test = load_cifar10(Path(data_dir))
         num_classes = 10
+    elif name == "imagefolder":
+        from ticketc.data.imagefolder import load_imagefolder
+
+        if data_dir is None:
+            raise UserError("imagefolder needs --data-dir: a folder with train/<class>/ and "
+                            "val/<class>/ images")
+        files, test_files, num_classes = load_imagefolder(Path(data_dir))
+        train = TensorSplit(files, torch.tensor(files.labels, dtype=torch.long))
+        test = TensorSplit(test_files, torch.tensor(test_files.labels, dtype=torch.long))
     else:
         raise UserError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     train, val = hold_out(train, validation_count(val_size, len(train)))
@@ -199,4 +229,6 @@ def _as_split(part: object, ref: str, name: str) -> TensorSplit:
     if x.shape[0] != y.shape[0]:
         raise UserError(f"--data {ref}: the {name} split has {x.shape[0]} inputs but "
                         f"{y.shape[0]} labels")
+    if isinstance(x, ImageFiles):
+        return TensorSplit(x, y.long())
     return TensorSplit(x.float(), y.long())

@@ -68,7 +68,7 @@ EVAL_EVERY_MAX, EVALS_PER_LEVEL = 1000, 10
 # ticket is picked among the finished levels. A resumed run may change these.
 NOT_RESULT_SETTINGS = frozenset({
     "data_dir", "data", "rounds", "target_density", "checkpoint_every", "accuracy_target",
-    "max_accuracy_drop",
+    "max_accuracy_drop", "workers",
 })
 
 def _yes_no(text: str) -> bool:
@@ -129,7 +129,8 @@ class FindConfig:
     """Settings of one iterative-magnitude-pruning run (one seed).
 
     model: a built-in name (lenet300, conv2, conv4, conv6) or `module.path:factory`.
-    dataset: "mnist" or "cifar10" (with `data_dir`), or None with `data` = `module.path:factory`.
+    dataset: "mnist", "cifar10" or "imagefolder" (with `data_dir`), or None with `data` =
+    `module.path:factory`.
     rounds / target_density: prune for `rounds` rounds, or until the overall density of the
     prunable weights is at most `target_density`; neither: DEFAULT_ROUNDS.
     strategy: "layerwise" (fc_rate / conv_rate / output_rate per round) or "global" (global_rate).
@@ -224,6 +225,8 @@ class FindConfig:
                                              shown="the dense level's minus --max-accuracy-drop")
     max_accuracy_drop: float = _setting(0.005, "accuracy the ticket may lose against the dense "
                                         "level, as a fraction (0.005 = 0.5 percentage points)")
+    workers: int = _setting(2, "processes reading the images of --dataset imagefolder while "
+                            "the network trains (0: read in the training process)")
     csr_below: float = _setting(0.45, "train an MLP's Linear layers in CSR form once their "
                                 "density is below this fraction (0: never)")
     arch_kwargs: dict[str, object] = field(default_factory=dict, compare=True)
@@ -246,6 +249,8 @@ class FindConfig:
             raise ValueError(f"rounds must be in [0, 200], got {self.rounds}")
         if self.target_density is not None and not 0.0 < self.target_density <= 1.0:
             raise ValueError(f"target_density must be in (0, 1], got {self.target_density}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
         for name in ("iterations", "batch_size", "eval_every", "checkpoint_every"):
             value = getattr(self, name)
             if value is not None and value < 1:

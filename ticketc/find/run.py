@@ -133,7 +133,7 @@ def _check_model_fits(model: nn.Module, config: FindConfig, data: Splits) -> Non
     n = min(2, len(data.train))
     try:
         with torch.no_grad():
-            out = copy.deepcopy(model).eval()(data.train.x[:n])
+            out = copy.deepcopy(model).eval()(data.train.inputs(slice(0, n)))
     except Exception as e:  # noqa: BLE001 - whatever the user's forward raises, say which flags
         first = (str(e).strip().splitlines() or [""])[0]
         raise UserError(f"--model {config.model} cannot take the inputs of {config.data_flag} "
@@ -567,6 +567,7 @@ def _train(search: Search, runs: list[RunDir], pending: list[int], start: _Level
             snapshot_at=search.rewind_it if previous is None and search.rewind_it else None,
             on_snapshot=on_snapshot, ranks=ranks,
             lr_at=cfg.lr_at if cfg.lr_milestones else None, augment=bool(cfg.augment),
+            workers=cfg.workers,
         )
     return ensemble, history
 

@@ -20,6 +20,7 @@ import torch
 
 from ticketc.data import Splits, TensorSplit
 from ticketc.data.augment import crop_flip, crop_flip_params
+from ticketc.data.imagefolder import ImageFiles
 from ticketc.find.distributed import SINGLE, Ranks, all_reduce_sum
 from ticketc.find.ensemble import Ensemble
 
@@ -102,6 +103,7 @@ def train_level(
     lr_at: Callable[[int], float] | None = None,
     ranks: Ranks = SINGLE,
     augment: bool = False,
+    workers: int = 2,
 ) -> History:
     """Train iterations start+1 .. end (iteration t is the t-th optimizer step).
 
@@ -110,10 +112,13 @@ def train_level(
     learning rate of step t (a schedule), None to keep the optimizer's. `augment`: random
     crops and flips of the training images, drawn per global batch from a seed fixed by t (the
     same images whatever the number of ranks, and after a resume). Under torchrun
-    (`ranks`) every rank calls this with the same arguments.
+    (`ranks`) every rank calls this with the same arguments. A streamed training split (an
+    image folder) is read by `workers` DataLoader processes, a few steps ahead.
     """
     x_train = data.train.x
     y_train = data.train.y.long()
+    streamed = _StreamedBatches(data.train, order, ranks, start, end, workers) \
+        if isinstance(x_train, ImageFiles) else None
     seeded = ensemble.draws_random_numbers
     m = ensemble.size
     # [loss summed over samples, correct predictions, samples] per member, since the last
@@ -132,12 +137,19 @@ def train_level(
         if lr_at is not None:
             ensemble.set_lr_(lr_at(t))
         seed = (order.step_seed(t) + ranks.rank) % 2**63 if seeded else None
-        if augment:
-            g = torch.Generator().manual_seed(order.step_seed(t) ^ _AUGMENT_SALT)
-            dy, dx, flip = (ranks.shard(p) for p in crop_flip_params(tuple(batch.shape), g))
-            loss, correct = ensemble.step(crop_flip(x_train[idx], dy, dx, flip), y_train[idx],
-                                          seed=seed)
+        if streamed is not None or augment:
+            if streamed is not None:
+                x = streamed.next(idx)
+            else:
+                assert isinstance(x_train, torch.Tensor)
+                x = x_train[idx]
+            if augment:
+                g = torch.Generator().manual_seed(order.step_seed(t) ^ _AUGMENT_SALT)
+                dy, dx, flip = (ranks.shard(p) for p in crop_flip_params(tuple(batch.shape), g))
+                x = crop_flip(x, dy, dx, flip)
+            loss, correct = ensemble.step(x, y_train[idx], seed=seed)
         else:
+            assert isinstance(x_train, torch.Tensor)
             loss, correct = ensemble.step_on(x_train, y_train, idx, seed=seed)
         sums[0] += loss.detach().double() * idx.shape[1]
         sums[1] += correct
@@ -167,16 +179,49 @@ def train_level(
     return history
 
 
+class _StreamedBatches:
+    """The training batches of steps start..end-1 read from an image folder by DataLoader
+    workers (`batch_sampler` yields each step's indices, so the order is BatchOrder's)."""
+
+    def __init__(self, split: TensorSplit, order: BatchOrder, ranks: Ranks, start: int,
+                 end: int, workers: int) -> None:
+        steps = [ranks.shard(order.indices(t)).reshape(-1).tolist() for t in range(start, end)]
+        loader = torch.utils.data.DataLoader(split.x, batch_sampler=steps,  # type: ignore
+                                             num_workers=workers)
+        self._batches = iter(loader)
+
+    def next(self, idx: torch.Tensor) -> torch.Tensor:
+        """The next step's images [*idx.shape, C, H, W] (idx: that step's indices)."""
+        x, _ = next(self._batches)
+        return x.view(*idx.shape, *x.shape[1:])
+
+
+def _chunks(split: TensorSplit, index: torch.Tensor, chunk: int = 2500):  # type: ignore
+    """(x, y) of split[index] in chunks: tensors sliced, image folders read by workers."""
+    y = split.y[index].long()
+    if isinstance(split.x, ImageFiles):
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(split.x, index.tolist()), batch_size=chunk, num_workers=2)
+        start = 0
+        for x, _ in loader:
+            yield x, y[start : start + len(x)]
+            start += len(x)
+        return
+    for start in range(0, len(index), chunk):
+        yield split.x[index[start : start + chunk]], y[start : start + chunk]
+
+
 def _evaluate_split(ensemble: Ensemble, split: TensorSplit,
                     ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss [M] and accuracy [M] on `split`, each rank evaluating its share."""
-    if not ranks.distributed:
+    if not ranks.distributed and not split.streamed:
+        assert isinstance(split.x, torch.Tensor)
         return ensemble.evaluate(split.x, split.y.long())
-    x, y = split.x[ranks.rank :: ranks.world], split.y[ranks.rank :: ranks.world].long()
     sums = torch.zeros(2, ensemble.size, dtype=torch.float64)
-    if len(x):
+    for x, y in _chunks(split, torch.arange(len(split))[ranks.rank :: ranks.world]):
         loss, acc = ensemble.evaluate(x, y)
-        sums[0], sums[1] = loss.double() * len(x), (acc.double() * len(x)).round()
+        sums[0] += loss.double() * len(x)
+        sums[1] += (acc.double() * len(x)).round()
     sums = all_reduce_sum(sums, ranks)
     n = len(split)
     if n == 0:
