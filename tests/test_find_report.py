@@ -55,10 +55,12 @@ def test_runs_with_other_settings_or_the_same_seed_are_refused(
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "--iterations" in err and "20" in err and "30" in err and "separately" in err
-    code = main(["report", str(runs["seed0"]), str(runs["plain"]), "-o", str(tmp_path / "r")])
+    code = main(["report", str(runs["seed0"]), str(runs["plain"]), "-o", str(tmp_path / "r"),
+                 "--no-export"])
     err = capsys.readouterr().err
     assert code == 2 and "--controls" in err and "seed 0" not in err
-    code = main(["report", str(runs["seed0"]), str(runs["seed0"]), "-o", str(tmp_path / "r")])
+    code = main(["report", str(runs["seed0"]), str(runs["seed0"]), "-o", str(tmp_path / "r"),
+                 "--no-export"])
     assert code == 2 and "both seed 0" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 

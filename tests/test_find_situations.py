@@ -198,7 +198,7 @@ def test_late_rewinding_with_batchnorm_and_dropout_through_the_cli(
     assert code == 0, capsys.readouterr().err
     result = json.loads(capsys.readouterr().out)
     ticket = load_ticket(result["ticket"])
-    model = ticket.build().eval()
+    model = ticket.build(arch=BN_DROPOUT).eval()  # the user names the code to run
     assert isinstance(model, nn.Sequential) and ticket.rewind_point == "iteration:2"
     with torch.no_grad():
         acc = float((model(data.test.x).argmax(1) == data.test.y).double().mean())

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", type=Path, help="output folder, never inside a run directory "
                    "(default for one run: RUN_DIR-report beside it; needed for several)")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX size per level")
+    p.add_argument("--arch", metavar="MODULE:FACTORY",
+                   help="(runs code) import this factory to build a run whose architecture is "
+                   "not built into ticketc; arch.json alone is never imported")
     p.add_argument("--json", action="store_true", help="print the per-level summary as JSON")
 
 
@@ -29,12 +32,13 @@ def default_out(run_dirs: list[Path]) -> Path:
     return run.parent / f"{run.resolve().name}-report"
 
 
+
 def run(args: argparse.Namespace) -> int:
     from ticketc.commands._common import console
     from ticketc.find.report import NO_CONTROLS, has_controls, member_kinds, to_json, write_report
 
     out = args.out or default_out(args.run_dirs)
-    rows, paths = write_report(args.run_dirs, out, export=not args.no_export)
+    rows, paths = write_report(args.run_dirs, out, export=not args.no_export, arch=args.arch)
     if args.json:
         print(json.dumps({"out": str(out), "levels": to_json(rows)}))
         return 0

@@ -149,12 +149,14 @@ class FindConfig:
     """
 
     model: str = _setting("lenet300", "built-in architecture (lenet300, conv2, conv4, conv6, "
-                          "resnet20, vgg16) or module.path:factory of your own", metavar="NAME")
+                          "resnet20, vgg16) or module.path:factory of your own (runs code: "
+                          "imports and calls the factory)", metavar="NAME")
     dataset: str | None = _setting("mnist", "built-in dataset (or --data)", choices=DATASETS)
     data_dir: str | None = _setting(None, "folder of the built-in dataset's files",
                                     shown="MNIST: $TICKETC_MNIST_DIR, else ~/.cache/ticketc/mnist",
                                     metavar="DIR")
-    data: str | None = _setting(None, "your dataset instead of --dataset: module.path:factory "
+    data: str | None = _setting(None, "(runs code) your dataset instead of --dataset: "
+                                "module.path:factory, imported and called, "
                                 "returning (train, test), each an (x, y) pair of tensors or a "
                                 "Dataset of (x, y) items", metavar="MODULE:FACTORY")
     rounds: int | None = _setting(None, "pruning rounds (levels after the dense one)",

@@ -24,6 +24,7 @@ import torch
 
 from ticketc.errors import UserError
 from ticketc.find.config import FindConfig
+from ticketc.safe_load import read_json
 
 METRICS = ("final_val_acc", "final_test_acc", "early_stop_test_acc", "early_stop_iteration")
 # What report writes: removed from the output folder first, so no stale file survives.
@@ -84,14 +85,19 @@ def _read_config(run_dir: Path) -> FindConfig:
     if not path.is_file():
         raise UserError(f"{run_dir} is not a ticketc find run directory (no config.json)")
     try:
-        return FindConfig.from_json(json.loads(path.read_text())).resolved()
+        return FindConfig.from_json(read_json(path, "run configuration")).resolved()
     except (ValueError, TypeError) as e:
         raise UserError(f"{path} is not a readable find config: {e}") from None
 
 
 def _data_md5(run_dir: Path) -> str | None:
     path = run_dir / "data.json"
-    return str(json.loads(path.read_text())["md5"]) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data = read_json(path, "run data description")
+    if not isinstance(data, dict) or "md5" not in data:
+        raise UserError(f"run data description {path}: has no 'md5' entry")
+    return str(data["md5"])
 
 
 def experiment(run_dirs: Sequence[str | Path]) -> Experiment:
@@ -124,31 +130,59 @@ def collect(run_dirs: Sequence[str | Path]) -> list[LevelSummary]:
     levels: dict[int, LevelSummary] = {}
     for run_dir in exp.run_dirs:
         for path in sorted(run_dir.glob("level_*/metrics.json")):
-            m = json.loads(path.read_text())
-            row = levels.setdefault(m["level"], LevelSummary(m["level"], m["density"]))
-            row.wall_s.append(m["wall_s"])
-            for kind, member in m["members"].items():
-                per_kind = row.values.setdefault(kind, {})
-                for metric in METRICS:
-                    per_kind.setdefault(metric, []).append(float(member.get(metric, math.nan)))
+            m = read_json(path, "level metrics")
+            try:
+                row = levels.setdefault(m["level"], LevelSummary(m["level"], m["density"]))
+                row.wall_s.append(m["wall_s"])
+                for kind, member in m["members"].items():
+                    per_kind = row.values.setdefault(kind, {})
+                    for metric in METRICS:
+                        per_kind.setdefault(metric, []).append(
+                            float(member.get(metric, math.nan)))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise UserError(f"level metrics {path}: not as ticketc find writes them "
+                                f"({type(e).__name__}: {e})") from e
     if not levels:
         raise UserError(f"no finished level in {', '.join(map(str, run_dirs))}")
     return [levels[k] for k in sorted(levels)]
 
 
-def export_size(level_dir: Path, format: str = "portable") -> int | None:
+def run_arch(run_dir: Path, user_arch: str | None = None) -> dict[str, Any]:
+    """The run's arch.json; its architecture must be built in or be the user's --arch (a
+    reference written in a file is never imported on its own: UserError naming --arch)."""
+    from ticketc.factory import resolve_from_file
+
+    path = Path(run_dir) / "arch.json"
+    arch = read_json(path, "run architecture")
+    if not isinstance(arch, dict) or "arch" not in arch:
+        raise UserError(f"run architecture {path}: has no 'arch' entry")
+    resolve_from_file(arch["arch"], str(path), user_arch)
+    return arch
+
+
+def export_size(level_dir: Path, user_arch: str | None = None,
+                format: str = "portable") -> int | None:
     """Bytes of the fp32 ONNX export (`format` portable or dense, all files) of a level's
-    trained weights; None if it fails."""
+    trained weights; None if it fails.
+
+    The architecture is built as `run_arch` allows (built in, or the user's --arch)."""
     try:
         from ticketc.export import ExportConfig, export_model
-        from ticketc.factory import resolve
+        from ticketc.factory import build_model
+        from ticketc.safe_load import load_tensor_dict
 
-        arch = json.loads((level_dir.parent / "arch.json").read_text())
-        state = torch.load(level_dir / "final.pt", map_location="cpu", weights_only=True)
-        model = resolve(arch["arch"], "architecture")(**arch["arch_kwargs"])
+        arch = run_arch(level_dir.parent, user_arch)
+        state = load_tensor_dict(level_dir / "final.pt", "run file")
+        model = build_model(arch["arch"], arch.get("arch_kwargs", {}),
+                            source=str(level_dir.parent / "arch.json"), user_arch=user_arch,
+                            state_dict=state)
         model.load_state_dict(state)
         model.eval()
-        example = torch.zeros(1, *arch["input_shape"])
+        shape = arch.get("input_shape")
+        if not (isinstance(shape, list) and all(type(d) is int and d > 0 for d in shape)
+                and math.prod(shape) <= 2**28):
+            return None  # not a shape ticketc writes: nothing is allocated from it
+        example = torch.zeros(1, *shape)
         with tempfile.TemporaryDirectory() as tmp:
             result = export_model(model, example, Path(tmp) / "model.onnx",
                                   ExportConfig(format=format, values="fp32"))
@@ -361,11 +395,14 @@ def plot(rows: Sequence[LevelSummary], out_dir: Path, title: str = "",
 # The report
 
 
-def _check_out_dir(out: Path, run_dirs: Sequence[Path]) -> None:
+def _refuse_inside_runs(out: Path, run_dirs: Sequence[Path]) -> None:
     for run_dir in run_dirs:
         if out.resolve().is_relative_to(run_dir.resolve()):
             raise UserError(f"--out {out} is inside the run directory {run_dir}: write the report "
                             "to a folder of its own")
+
+
+def _prepare_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -375,22 +412,29 @@ def _check_out_dir(out: Path, run_dirs: Sequence[Path]) -> None:
 
 
 def write_report(
-    run_dirs: Sequence[str | Path], out_dir: str | Path, *, export: bool = True
+    run_dirs: Sequence[str | Path], out_dir: str | Path, *, export: bool = True,
+    arch: str | None = None,
 ) -> tuple[list[LevelSummary], list[Path]]:
     """Collect the runs (seeds of one experiment), export each level of the first run (sizes),
     write report.md, report.json and the PNGs into `out_dir` (its own folder: never inside a
-    run directory; a previous report's files there are replaced)."""
+    run directory; a previous report's files there are replaced).
+
+    `arch`: the user's --arch, needed to export the levels of a run whose architecture is not
+    built into ticketc (UserError otherwise, before anything is written)."""
     exp = experiment(run_dirs)
     rows = collect(run_dirs)
     out = Path(out_dir)
-    _check_out_dir(out, exp.run_dirs)
+    _refuse_inside_runs(out, exp.run_dirs)
+    if export:
+        run_arch(exp.run_dirs[0], arch)
+    _prepare_out_dir(out)
     dense_bytes = None
     if export:
         first = exp.run_dirs[0]
         for r in rows:
-            r.export_bytes = export_size(first / f"level_{r.level:02d}")
+            r.export_bytes = export_size(first / f"level_{r.level:02d}", arch)
         if rows[0].level == 0:
-            dense_bytes = export_size(first / "level_00", format="dense")
+            dense_bytes = export_size(first / "level_00", arch, format="dense")
     (out / "report.json").write_text(json.dumps(
         {"runs": [str(p) for p in exp.run_dirs], "seeds": exp.seeds,
          "settings": exp.config.to_json(), "dense_export_bytes": dense_bytes,

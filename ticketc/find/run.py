@@ -54,6 +54,7 @@ from ticketc.find.distributed import SINGLE, Ranks, broadcast, from_environment,
 from ticketc.find.ensemble import Ensemble
 from ticketc.find.progress import LevelProgress
 from ticketc.find.train import BatchOrder, Checkpoint, History, summarize, train_level
+from ticketc.safe_load import load_tensor_dict, read_json, torch_load_safe
 
 Log = Callable[[str], None]
 
@@ -244,7 +245,13 @@ def _save(obj: object, path: Path) -> None:
 
 
 def _load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # one safe reader for every file of a run directory: a file replaced by a pickle is one line
+    return torch_load_safe(path, trust_pickle=False)
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    """A run file that holds name -> tensor (weights, masks), read safely."""
+    return load_tensor_dict(path, "run file")
 
 
 def _write_json(obj: object, path: Path) -> None:
@@ -339,7 +346,14 @@ def _check_resumable(run: RunDir, search: Search) -> None:
     """Refuse, naming the setting, a resume that would change the finished levels' results."""
     new = run.config
     # settings a run from before they existed did not write take their defaults
-    old = FindConfig.from_json(json.loads((run.path / "config.json").read_text())).resolved()
+    saved_config = read_json(run.path / "config.json", "run configuration")
+    if not isinstance(saved_config, dict):
+        raise UserError(f"run configuration {run.path / 'config.json'} is not a JSON object")
+    try:
+        old = FindConfig.from_json(saved_config).resolved()
+    except (TypeError, ValueError) as e:
+        raise UserError(f"run configuration {run.path / 'config.json'}: not as ticketc find "
+                        f"writes it ({e})") from None
     data_file = run.path / "data.json"
     diff = new.result_differences(old)
     if not data_file.is_file():  # a run from before data.json: where its data were is all we know
@@ -352,7 +366,10 @@ def _check_resumable(run: RunDir, search: Search) -> None:
         raise UserError(f"--out {run.path} was started with other settings: {changes}; pass the "
                         "same values to continue it, --force to start over, or another --out")
     if data_file.is_file():
-        saved = json.loads(data_file.read_text())["md5"]
+        described = read_json(data_file, "run data description")
+        if not isinstance(described, dict) or "md5" not in described:
+            raise UserError(f"run data description {data_file}: has no 'md5' entry")
+        saved = described["md5"]
         if saved != search.data_md5:
             raise UserError(
                 f"--out {run.path} was trained on other data than {new.data_flag} "
@@ -481,7 +498,7 @@ def _prune_and_rewind(search: Search, runs: list[RunDir], pending: list[int], le
         run = runs[i]
         masks = _level_masks(search, run, previous)
         rewinds = previous is not None and search.rewind_it > 0
-        rewind = _load(run.path / ("rewind_point.pt" if rewinds else "init.pt"))
+        rewind = _state(run.path / ("rewind_point.pt" if rewinds else "init.pt"))
         out.rewind[i], out.ticket_masks[i] = rewind, masks
         out.members.append(_Member(i, "ticket"))
         out.states.append(_masked(rewind, masks))
@@ -509,7 +526,7 @@ def _level_masks(search: Search, run: RunDir, previous: int | None) -> pruning.M
     if previous is None:
         return pruning.full_masks(search.base, search.kinds)
     prev_dir = run.level_dir(previous)
-    weights, masks = _load(prev_dir / "final.pt"), _load(prev_dir / "mask.pt")
+    weights, masks = _state(prev_dir / "final.pt"), _state(prev_dir / "mask.pt")
     if search.config.strategy == "global":
         return pruning.prune_global(weights, masks, next(iter(search.rates.values())))
     return pruning.prune_layerwise(weights, masks, search.rates)
@@ -624,8 +641,12 @@ def _read_partial(runs: list[RunDir], pending: list[int], level: int) -> list[An
     if not all(p.exists() for p in paths):
         return None
     parts = [_load(p) for p in paths]
-    if len({p["iteration"] for p in parts}) != 1:
-        return None  # killed between two runs' checkpoints: redo the level
+    try:
+        if len({p["iteration"] for p in parts}) != 1:
+            return None  # killed between two runs' checkpoints: redo the level
+    except (KeyError, TypeError) as e:
+        names = ", ".join(map(str, paths))
+        raise UserError(f"{names}: not a checkpoint of this run ({type(e).__name__}: {e})") from e
     return parts
 
 
@@ -636,13 +657,17 @@ def _resume_partial(
     parts = on_main(lambda: _read_partial(runs, pending, level), ranks)
     if parts is None:
         return start, history
-    ensemble.load_states([p["ensemble"] for p in parts])
-    resumed = History()
-    resumed.rows = [row for p in parts for row in p["rows"]] if parts[0]["rows"] else []
-    resumed.loss_sum = [v for p in parts for v in p["loss_sum"]]
-    resumed.correct_sum = [v for p in parts for v in p["correct_sum"]]
-    resumed.seen = parts[0]["seen"]
-    return int(parts[0]["iteration"]), resumed
+    try:
+        ensemble.load_states([p["ensemble"] for p in parts])
+        resumed = History()
+        resumed.rows = [row for p in parts for row in p["rows"]] if parts[0]["rows"] else []
+        resumed.loss_sum = [v for p in parts for v in p["loss_sum"]]
+        resumed.correct_sum = [v for p in parts for v in p["correct_sum"]]
+        resumed.seen = parts[0]["seen"]
+        return int(parts[0]["iteration"]), resumed
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError, RuntimeError) as e:
+        names = ", ".join(str(runs[i].level_dir(level) / "partial.pt") for i in pending)
+        raise UserError(f"{names}: not a checkpoint of this run ({type(e).__name__}: {e})") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,7 +679,7 @@ def _write_ticket(run: RunDir, search: Search, log: Log | None,
     """Pick the sparsest level whose final validation accuracy (test accuracy without a
     validation split) meets the target; write it as ticket.pt."""
     cfg = run.config
-    metrics = [json.loads((run.level_dir(lv) / "metrics.json").read_text())
+    metrics = [read_json(run.level_dir(lv) / "metrics.json", "level metrics")
                for lv in search.levels]
     has_val = len(search.data.val) > 0
     key = "final_val_acc" if has_val else "final_test_acc"
@@ -669,13 +694,13 @@ def _write_ticket(run: RunDir, search: Search, log: Log | None,
     chosen = min(meeting, key=lambda m: m["density"]) if meeting else metrics[-1]
     level = int(chosen["level"])
     out = run.level_dir(level)
-    masks = _load(out / "mask.pt")
-    rewind = _masked(_load(out / "rewind.pt"), masks)
+    masks = _state(out / "mask.pt")
+    rewind = _masked(_state(out / "rewind.pt"), masks)
     t = chosen["members"]["ticket"]
     ticket = Ticket(
         arch=cfg.arch,
         arch_kwargs=search.arch_kwargs,
-        state_dict=_load(out / "final.pt"),
+        state_dict=_state(out / "final.pt"),
         masks=masks,
         rewind_state_dict=rewind,
         rewind_point="init" if search.rewind_it == 0 else f"iteration:{search.rewind_it}",
