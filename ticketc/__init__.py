@@ -25,6 +25,7 @@ _LAZY = {
     "export_model": "ticketc.export",
     "ExportConfig": "ticketc.export",
     "CompileConfig": "ticketc.compile",
+    "load_packed": "ticketc.pack",
 }
 
 __all__ = ["UserError", "__version__", *_LAZY]
