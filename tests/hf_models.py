@@ -144,7 +144,10 @@ def pruned_model(arch: str, level: float | str, dtype: torch.dtype = torch.float
 
 
 def save(model: nn.Module, directory: Path, **kwargs) -> Path:
-    model.save_pretrained(directory, **kwargs)
+    from ticketc.hf.model import quiet_transformers
+
+    with quiet_transformers():  # no progress bar on stderr
+        model.save_pretrained(directory, **kwargs)
     return directory
 
 

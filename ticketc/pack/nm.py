@@ -10,10 +10,12 @@ its nonzeros, topped up with its lowest-index zeros when it has fewer than N (th
 store an exact 0, so decoding never has to tell them apart).
 
 The slots of a group are one of the C = binom(M, N) N-subsets of range(M); the code of a group is
-that subset's rank in lexicographic order. Codes are packed base C, P = floor(log_C(256)) groups
-per byte (uint16, one group each, when C > 256). For 2:4, C = 6 and P = 3: 2.67 bits per group,
-against 4 for a bitmask and log2(6) = 2.58 for the entropy of an arbitrary 2:4 pattern. Byte j
-holds groups jP .. jP + P - 1 as sum_i code_i * C^i.
+that subset's rank in lexicographic order. Codes are packed base C into little-endian words of
+W = 1, 2, 4 or 8 bytes, P = floor(log_C(2^(8W))) codes per word (word j holds groups jP ..
+jP + P - 1 as sum_i code_i * C^i), with the W that spends the fewest bits per group (the
+smallest on ties). 2:4: C = 6, one byte holds 3 groups: 2.67 bits per group, against 4 for a
+bitmask and log2(6) = 2.58 for the entropy of an arbitrary 2:4 pattern. 2:8: C = 28, 13 groups
+per 8-byte word: 4.92 bits per group (entropy 4.81). The stream is the words' bytes (uint8).
 
 Values are stored beside the codes in the order of `linear_indices()`: group by group (row-major
 for "N:M", so increasing; column by column for "N:M@0").
@@ -43,14 +45,19 @@ def _subsets(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     return table, rank
 
 
-def _codes_per_byte(count: int) -> int:
-    """How many base-`count` digits fit in one byte (0 when count > 256: use uint16)."""
-    if count > 256:
-        return 0
-    per = 1
-    while count ** (per + 1) <= 256:
-        per += 1
-    return per
+@cache
+def _word(n: int, m: int) -> tuple[int, int]:
+    """(bytes per word W, codes per word P) for binom(m, n) codes; see the module docstring."""
+    count = math.comb(m, n)
+    best: tuple[float, int, int] | None = None
+    for width in (1, 2, 4, 8):
+        per = 0
+        while count ** (per + 1) <= 2 ** (8 * width):
+            per += 1
+        if per and (best is None or 8 * width / per < best[0]):
+            best = (8 * width / per, width, per)
+    assert best is not None  # count <= binom(16, 8) fits a 2-byte word
+    return best[1], best[2]
 
 
 def _groups(keep: np.ndarray, shape: tuple[int, ...], m: int, axis: int) -> np.ndarray | None:
@@ -99,7 +106,7 @@ def parse_layout(layout: str) -> tuple[int, int, int] | None:
 class NMPositions:
     """Kept slots of an N:M tensor; see the module docstring for the layout.
 
-    `codes`: uint8 packed base-binom(M, N) group codes, or uint16 one per group. `shape`: the
+    `codes`: the bytes of the packed base-binom(M, N) code words. `shape`: the
     dense shape (its dimension `axis` is a multiple of M). `axis`: -1, or 0 for a matrix.
     """
 
@@ -129,8 +136,8 @@ class NMPositions:
     @staticmethod
     def code_bytes(groups: int, n: int, m: int) -> int:
         """Bytes of the codes for `groups` groups, without building them."""
-        per = _codes_per_byte(math.comb(m, n))
-        return 2 * groups if per == 0 else -(-groups // per)
+        width, per = _word(n, m)
+        return -(-groups // per) * width
 
     @classmethod
     def from_mask(
@@ -148,25 +155,23 @@ class NMPositions:
         # Kept slots first, then the lowest-index zeros: a stable sort on "not kept".
         chosen = np.sort(np.argsort(~groups, axis=1, kind="stable")[:, :n], axis=1)
         table, rank = _subsets(n, m)
-        code = rank[(1 << chosen).sum(axis=1)]
-        count = table.shape[0]
-        per = _codes_per_byte(count)
-        if per == 0:
-            return cls(shape, n, m, code.astype(np.uint16), axis)
-        padded = np.zeros(-(-code.size // per) * per, dtype=np.int64)
+        code = rank[(1 << chosen).sum(axis=1)].astype(np.uint64)
+        width, per = _word(n, m)
+        padded = np.zeros(-(-code.size // per) * per, dtype=np.uint64)
         padded[: code.size] = code
-        weights = count ** np.arange(per, dtype=np.int64)
-        packed = (padded.reshape(-1, per) * weights).sum(axis=1)
-        return cls(shape, n, m, packed.astype(np.uint8), axis)
+        powers = np.uint64(table.shape[0]) ** np.arange(per, dtype=np.uint64)
+        words = (padded.reshape(-1, per) * powers).sum(axis=1, dtype=np.uint64)
+        little = words.astype(f"<u{width}")
+        return cls(shape, n, m, little.view(np.uint8).copy(), axis)
 
     def group_codes(self) -> np.ndarray:
         """Rank of every group's slot subset, int64 [groups]."""
-        count = math.comb(self.m, self.n)
-        per = _codes_per_byte(count)
-        if per == 0:
-            return self.codes.astype(np.int64)[: self.groups]
-        digits = self.codes.astype(np.int64)[:, None] // count ** np.arange(per, dtype=np.int64)
-        return (digits % count).reshape(-1)[: self.groups]
+        count = np.uint64(math.comb(self.m, self.n))
+        width, per = _word(self.n, self.m)
+        words = self.codes.view(f"<u{width}").astype(np.uint64)
+        powers = count ** np.arange(per, dtype=np.uint64)
+        digits = (words[:, None] // powers) % count
+        return digits.reshape(-1)[: self.groups].astype(np.int64)
 
     def linear_indices(self) -> np.ndarray:
         """Row-major linear index (in `shape`) of every kept slot, int64 [entries], in group
@@ -188,17 +193,14 @@ class NMPositions:
             raise ValueError(f"{self.kind}: axis {self.axis} of a tensor of shape {self.shape}")
         if not dims or dims[0] % self.m:
             raise ValueError(f"{self.shape} does not divide into groups of {self.m}")
-        count = math.comb(self.m, self.n)
-        per = _codes_per_byte(count)
-        dtype = np.uint16 if per == 0 else np.uint8
-        size = self.code_bytes(self.groups, self.n, self.m) // np.dtype(dtype).itemsize
-        if self.codes.dtype != dtype or self.codes.shape != (size,):
+        size = self.code_bytes(self.groups, self.n, self.m)
+        if self.codes.dtype != np.uint8 or self.codes.shape != (size,):
             raise ValueError(
-                f"{self.kind} codes must be {np.dtype(dtype)} [{size}], "
+                f"{self.kind} codes must be uint8 [{size}], "
                 f"got {self.codes.dtype} {list(self.codes.shape)}"
             )
-        if per and self.codes.size and int(self.codes.max()) >= count**per:
-            raise ValueError(f"{self.kind} code byte out of range (>= {count**per})")
-        codes = self.group_codes()
-        if codes.size and int(codes.max()) >= count:
-            raise ValueError(f"{self.kind} group code out of range (>= {count})")
+        count = math.comb(self.m, self.n)
+        width, per = _word(self.n, self.m)
+        words = self.codes.view(f"<u{width}").astype(np.uint64)
+        if words.size and int(words.max()) >= count**per:
+            raise ValueError(f"{self.kind} code word out of range (>= {count}^{per})")

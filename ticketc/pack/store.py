@@ -132,9 +132,7 @@ def stream_shapes(
     elif (nm := parse_layout(layout)) is not None:
         n, m, _ = nm
         groups = numel // m
-        per = NMPositions.code_bytes(groups, n, m)
-        wide = math.comb(m, n) > 256
-        out.append(("codes", "U16" if wide else "U8", (per // 2 if wide else per,)))
+        out.append(("codes", "U8", (NMPositions.code_bytes(groups, n, m),)))
     else:
         raise ValueError(f"unknown layout {layout!r}")
     if values == "lossless":
