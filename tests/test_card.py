@@ -65,7 +65,7 @@ def test_card_beside_an_onnx_file(tmp_path):
     assert data["totals"]["density"] == pytest.approx((8467 + 300) / (300 * 784 + 300))
     assert data["layers"][0]["density"] == pytest.approx(8467 / (300 * 784))
     text = md.read_text()
-    for expected in ("fc1.weight", "2.50x (measured", "nothing to skip", "onnxruntime", "a note"):
+    for expected in ("fc1.weight", "2.50x, measured", "nothing to skip", "onnxruntime", "a note"):
         assert expected in text
 
 

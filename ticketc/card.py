@@ -140,7 +140,8 @@ def _bytes(n: float) -> str:
 def _speedup(r: LayerRecord) -> str:
     if r.speedup is None:
         return r.speedup_note or "unknown"
-    return f"{r.speedup:.2f}x ({r.speedup_basis})" if r.speedup_basis else f"{r.speedup:.2f}x"
+    text = f"{r.speedup:.2f}x" if r.speedup > 1 else "1.00x (kept dense)"
+    return f"{text}, {r.speedup_basis}" if r.speedup_basis else text
 
 
 def render_markdown(card: Card) -> str:

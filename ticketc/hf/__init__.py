@@ -79,7 +79,8 @@ def load_hf(path: str | os.PathLike[str], *, trust_remote_code: bool = False) ->
 
 
 def load_directory(path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> LoadedModel:
-    """`load_hf` as the pipeline's LoadedModel (source "hf"); masks come from exact zeros.
+    """`load_hf` as the pipeline's LoadedModel (source "hf"); masks come from exact zeros, and
+    `use_cache` is off so that the model is a function of its inputs (as optimum exports it).
 
     `example_input` is the main input's example tensor (token ids, pixel values); the full set
     of named inputs is `ticketc.hf.default_input_specs(loaded.model)`.
@@ -87,6 +88,10 @@ def load_directory(path: str | os.PathLike[str], *, trust_remote_code: bool = Fa
     from ticketc.load import LoadedModel
 
     hf = load_hf(path, trust_remote_code=trust_remote_code)
+    if getattr(hf.model.config, "use_cache", False):
+        # The pipeline traces a function of the inputs alone: no key/value cache in or out.
+        hf.model.config.use_cache = False
+        hf.notes.append("use_cache turned off: traced without a key/value cache")
     example = None
     if hf.input_specs:
         example = example_inputs(hf.input_specs[:1])[hf.input_specs[0].name]

@@ -262,13 +262,18 @@ def _card(
     else:
         reference = ("dense tensors", sum(r.dense_bytes for r in records))
     speedups = [r.speedup for r in records if r.speedup is not None]
-    ticketc_line = (
-        f"after load_packed, `ticketc compile` runs the planned sparse layers: predicted "
-        f"{min(speedups):.2f}x - {max(speedups):.2f}x per layer vs dense (cost model, see the "
-        "table)"
-        if speedups
-        else "no layer ticketc compile runs sparse was identified (see the table's notes)"
-    )
+    if not speedups:
+        ticketc_line = "no layer ticketc compile runs sparse was found (see the table's notes)"
+    elif max(speedups) <= 1.0:
+        ticketc_line = (
+            "`ticketc compile` would keep every layer dense: sparse kernels are predicted no "
+            "faster for these shapes (cost model, CPU fp32 batch 1)"
+        )
+    else:
+        ticketc_line = (
+            "`ticketc compile` (after load_packed) runs the planned sparse layers: predicted "
+            f"up to {max(speedups):.2f}x a layer vs dense (cost model, CPU fp32 batch 1)"
+        )
     return Card(
         artifact=str(out),
         kind=f"packed safetensors ({config.values} values)",
