@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -88,9 +88,10 @@ def load_directory(path: str | os.PathLike[str], *, trust_remote_code: bool = Fa
     from ticketc.load import LoadedModel
 
     hf = load_hf(path, trust_remote_code=trust_remote_code)
-    if getattr(hf.model.config, "use_cache", False):
+    config: Any = getattr(hf.model, "config", None)
+    if getattr(config, "use_cache", False):
         # The pipeline traces a function of the inputs alone: no key/value cache in or out.
-        hf.model.config.use_cache = False
+        config.use_cache = False
         hf.notes.append("use_cache turned off: traced without a key/value cache")
     example = None
     if hf.input_specs:
