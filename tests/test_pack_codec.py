@@ -217,3 +217,38 @@ def test_corrupt_streams_are_refused():
     )
     with pytest.raises(ValueError, match="out of range"):
         decode(broken)
+
+
+def test_every_dtype_packs_and_unpacks_without_transformers(tmp_path):
+    """A .safetensors state dict of mixed dtypes: sparse floats packed, the rest kept."""
+    from safetensors.torch import load_file, save_file
+
+    from ticketc.pack import load_packed, pack, unpack
+
+    state = {
+        "w.bf16": _sparse((64, 96), 0.1, torch.bfloat16),
+        "w.f64": _sparse((16, 16), 0.3, torch.float64),
+        "w.24": _n_m((32, 64), 2, 4, dtype=torch.float16),
+        "fp8": torch.randn(8, 8).to(torch.float8_e4m3fn),
+        "ids": torch.tensor([0, 0, 7, 0]),
+        "flags": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(0.0),
+        "zeros": torch.zeros(100),
+    }
+    save_file(state, str(tmp_path / "m.safetensors"))
+    result = pack(tmp_path / "m.safetensors", tmp_path / "packed")
+    layouts = {r.name: r.layout for r in result.card.layers}
+    assert layouts["w.bf16"] == "rice" and layouts["w.24"] == "2:4"
+    assert layouts["fp8"] == layouts["ids"] == layouts["flags"] == "dense"
+    back = load_packed(tmp_path / "packed")
+    assert isinstance(back, dict) and back.keys() == state.keys()
+    for name, tensor in state.items():
+        assert back[name].dtype == tensor.dtype, name
+        if tensor.dtype == torch.float8_e4m3fn:  # no torch.equal kernel: compare the bytes
+            assert torch.equal(back[name].view(torch.uint8), tensor.view(torch.uint8))
+        else:
+            assert torch.equal(back[name], tensor), name
+    unpack(tmp_path / "packed", tmp_path / "dense")
+    dense = load_file(str(tmp_path / "dense" / "m.safetensors"))
+    assert dense.keys() == state.keys()

@@ -4,6 +4,7 @@
     loaded = ticketc.load_model("ticket.pt")                  # any supported model file
     ticketc.export_model(loaded.model, loaded.example_input, "m.onnx")
     fast = ticketc.compile(loaded.model)                      # sparse kernels, planned per layer
+    model = ticketc.load_packed("packed-dir")                 # written by `ticketc pack`
 
 Import cost is kept low and nothing here needs a GPU or Triton: the stages are imported on
 first use.

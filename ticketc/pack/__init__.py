@@ -144,10 +144,12 @@ def _same(a: torch.Tensor, b: torch.Tensor, *, signs: bool) -> bool:
     if not a.is_floating_point():
         return torch.equal(a, b)
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    same = a.view(bits) == b.view(bits)
-    if not signs:
-        same |= (a == 0) & (b == 0)
-    return bool(same.all())
+    if torch.equal(a.view(bits), b.view(bits)):
+        return True
+    if signs:
+        return False
+    # equal values with NaNs alike, then bit-identical wherever the value is not zero
+    return bool(((a.view(bits) == b.view(bits)) | ((a == 0) & (b == 0))).all())
 
 
 def _layout_record(source: Source, names: dict[str, list[str]]) -> dict[str, Any]:
@@ -226,7 +228,7 @@ def pack(
                 raise UserError(
                     f"{name}: decoding does not restore the tensor (a bug): nothing written"
                 )
-            if tensor.is_floating_point() and encoded.layout != "dense":
+            if encoded.layout != "dense":
                 negative_zeros += int(((tensor == 0) & torch.signbit(tensor)).sum())
             writer.add(name, encoded)
             records.append(layer_record(name, tensor, encoded, decoded, module_types))

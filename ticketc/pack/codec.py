@@ -37,15 +37,25 @@ from ticketc.formats.quantize import FP16_MAX, assign_nearest, kmeans_1d
 from ticketc.pack.nm import NMPositions, detect_nm, parse_layout
 
 __all__ = [
+    "SPARSE_DTYPES",
     "VALUES",
     "Encoded",
+    "MaskPositions",
+    "count_nonzero",
     "decode",
     "encode",
     "entropy_bound_bytes",
+    "entry_values",
+    "int8_scales",
+    "positions_of",
     "sparsity_pattern",
+    "value_bits",
+    "value_error_bound",
 ]
 
 VALUES = ("lossless", "fp16", "int8", "int4")  # "lossless": stored in the tensor's own dtype
+# dtypes whose zeros are packed; others (integers, bool, fp8) are stored as they are
+SPARSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CODEBOOK_SIZE = 16
 _BLOCK_SIZES = (32, 16, 8, 4)
 
@@ -105,15 +115,15 @@ def encode(
 ) -> Encoded:
     """Store `tensor` in the smallest exact layout for its zeros, values as `values`.
 
-    Tensors that are not floating point, have no zeros, or would not get smaller stay dense (and
-    lossless whatever `values` says). Raises UserError when a lossy value type cannot hold the
-    tensor (NaN / Inf, or fp16 overflow).
+    Tensors of other dtypes than SPARSE_DTYPES, or without zeros, or that would not get smaller
+    stay dense (and lossless whatever `values` says). Raises UserError when a lossy value type
+    cannot hold the tensor (NaN / Inf, or fp16 overflow).
     """
     if values not in VALUES:
         raise ValueError(f"values={values!r} is not one of {VALUES}")
     tensor = tensor.detach().cpu()
     shape, dtype = tuple(tensor.shape), tensor.dtype
-    if not tensor.is_floating_point() or tensor.ndim == 0 or tensor.numel() == 0:
+    if dtype not in SPARSE_DTYPES or tensor.ndim == 0 or tensor.numel() == 0:
         return _dense(tensor)
     flat = tensor.reshape(-1)
     keep = (flat != 0).numpy()  # NaN != 0: NaNs are entries, stored as they are
@@ -137,8 +147,15 @@ def encode(
     return encoded
 
 
+def count_nonzero(tensor: torch.Tensor) -> int:
+    """Nonzeros of any dtype (fp8 has no count_nonzero kernel: counted in float32)."""
+    if tensor.is_floating_point() and tensor.dtype not in SPARSE_DTYPES:
+        tensor = tensor.to(torch.float32)
+    return int(tensor.count_nonzero()) if tensor.numel() else 0
+
+
 def _dense(tensor: torch.Tensor) -> Encoded:
-    nnz = int(tensor.count_nonzero()) if tensor.numel() else 0
+    nnz = count_nonzero(tensor)
     return Encoded(
         tuple(tensor.shape),
         tensor.dtype,
@@ -423,32 +440,42 @@ def _check_lossy(tensor: torch.Tensor, encoded: Encoded) -> None:
 
 
 # ------------------------------------------------------------------------------- patterns
+def _block_occupancy(keep: np.ndarray, b: int) -> float:
+    """Fraction of the b x b blocks of the bool matrix `keep` (zero-padded) holding an entry."""
+    rows, cols = keep.shape
+    padded = np.zeros((-(-rows // b) * b, -(-cols // b) * b), dtype=bool)
+    padded[:rows, :cols] = keep
+    blocks = padded.reshape(padded.shape[0] // b, b, padded.shape[1] // b, b).any(axis=(1, 3))
+    return float(blocks.mean())
+
+
 def sparsity_pattern(tensor: torch.Tensor) -> str:
     """ "dense", "N:M", "block(BxB)" or "unstructured", from the tensor's exact zeros.
 
     N:M: every group of M consecutive weights along the last dim (or the first dim of a matrix)
-    keeps at most N <= M / 2 (ticketc.pack.nm.detect_nm).
-    Block: the 2-D view (shape[0], -1) has empty b x b blocks and its occupied blocks are at
-    least 90 % full, for the largest such b of 32 / 16 / 8 / 4.
+    keeps at most N <= M / 2 (ticketc.pack.nm.detect_nm). Block: the 2-D view (shape[0], -1)
+    has empty b x b blocks and its occupied blocks are at least 90 % full, for the largest such
+    b of 4 / 8 / 16 / 32 (a mask blocky at b is blocky at every divisor of b, so the search
+    stops at the first b that is not).
     """
-    from ticketc.formats.bsr import block_occupancy
-
-    if tensor.ndim == 0 or not tensor.is_floating_point():
+    if tensor.ndim == 0 or tensor.dtype not in SPARSE_DTYPES:
         return "dense"
-    keep = tensor.detach().reshape(-1) != 0
+    keep = (tensor.detach().reshape(-1) != 0).numpy()
     nnz = int(keep.sum())
-    if nnz == keep.numel():
+    if nnz == keep.size:
         return "dense"
-    nm = detect_nm(keep.numpy(), tuple(tensor.shape))
+    nm = detect_nm(keep, tuple(tensor.shape))
     if nm is not None:
         return f"{nm[0]}:{nm[1]}" + (" (along dim 0)" if nm[2] == 0 else "")
+    pattern = "unstructured"
     if tensor.ndim >= 2 and nnz:
-        matrix = keep.reshape(tensor.shape[0], -1).to(torch.float32)
-        density = nnz / keep.numel()
-        for b in _BLOCK_SIZES:
+        matrix = keep.reshape(tensor.shape[0], -1)
+        density = nnz / keep.size
+        for b in sorted(_BLOCK_SIZES):
             if matrix.shape[0] < 2 * b or matrix.shape[1] < 2 * b:
-                continue
-            occupancy = block_occupancy(matrix, b)
-            if occupancy < 0.9 and density >= 0.9 * occupancy:
-                return f"block({b}x{b})"
-    return "unstructured"
+                break
+            occupancy = _block_occupancy(matrix, b)
+            if occupancy >= 0.9 or density < 0.9 * occupancy:
+                break
+            pattern = f"block({b}x{b})"
+    return pattern

@@ -84,6 +84,8 @@ def detect_nm(keep: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int, int] 
     density = float(keep.sum()) / keep.size
     for axis in (-1, 0):
         for m in GROUP_SIZES:
+            if density * m / 0.9 < 1 or density > 0.5:  # no N >= 1 could be that full
+                continue
             groups = _groups(keep, shape, m, axis)
             if groups is None:
                 continue

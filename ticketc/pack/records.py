@@ -6,7 +6,13 @@ import numpy as np
 import torch
 
 from ticketc.card import LayerRecord
-from ticketc.pack.codec import Encoded, entropy_bound_bytes, sparsity_pattern, value_bits
+from ticketc.pack.codec import (
+    Encoded,
+    count_nonzero,
+    entropy_bound_bytes,
+    sparsity_pattern,
+    value_bits,
+)
 
 __all__ = ["SPEEDUP_BATCH", "layer_record", "planned_speedup"]
 
@@ -26,18 +32,18 @@ def _values_label(encoded: Encoded) -> str:
 
 
 def planned_speedup(weight: torch.Tensor, batch: int = SPEEDUP_BATCH) -> float:
-    """Predicted dense time over the time of the format ticketc's planner would choose, for a
-    Linear weight [out, in] on this CPU in fp32 (ticketc.compile.costs; like the planner, a
-    sparse format counts only when it clears CompileConfig.min_speedup). 1.0: kept dense."""
+    """Predicted dense time over csr time for a Linear weight [out, in] on this CPU in fp32,
+    from ticketc's cost model (ticketc.compile.costs); 1.0 when the planner would keep it dense
+    (csr must clear CompileConfig.min_speedup, as in the planner). Block formats are left out:
+    counting blocks costs more than packing the tensor."""
     from ticketc.compile.config import CompileConfig
-    from ticketc.compile.costs import candidates, device_costs, gemm_stats, predict
+    from ticketc.compile.costs import Gemm, device_costs, predict
 
-    config = CompileConfig()
+    out_features, in_features = weight.shape
+    g = Gemm(batch, in_features, out_features, int(weight.count_nonzero()), 4)
     costs = device_costs("cpu", torch.float32)
-    g = gemm_stats(weight != 0, batch, 4)
-    predicted = {f: predict(f, g, costs) for f in candidates(g, costs, config.formats)}
-    best = predicted["dense"] / min(predicted.values())
-    return best if best >= config.min_speedup else 1.0
+    speedup = predict("dense", g, costs) / predict("csr", g, costs)
+    return speedup if speedup >= CompileConfig().min_speedup else 1.0
 
 
 def _speedup_fields(
@@ -68,7 +74,7 @@ def layer_record(
     dense_bytes = encoded.dense_nbytes
     if encoded.layout == "dense":
         bound = float(dense_bytes)
-        nnz = int(source.count_nonzero()) if source.numel() else 0
+        nnz = count_nonzero(source)
     else:
         bits = value_bits(encoded.values, encoded.dtype)
         bound = entropy_bound_bytes(encoded.numel, encoded.nnz, bits, _side_bytes(encoded))
