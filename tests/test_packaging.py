@@ -1,8 +1,11 @@
-"""The install maps kernels/ to ticketc.kernels and lists every package."""
+"""Packaging: every package listed, kernels under ticketc only, imports that stay in their checkout."""
 
 from __future__ import annotations
 
 import importlib
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -18,20 +21,37 @@ def test_every_package_is_listed():
     on_disk = {
         ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "ticketc").rglob("__init__.py")
     }
-    on_disk |= {"ticketc.kernels"}
-    assert on_disk == set(setuptools["packages"])
-    assert setuptools["package-dir"]["ticketc.kernels"] == "kernels"
+    assert on_disk == set(setuptools["packages"])  # type: ignore[arg-type]
+    assert "package-dir" not in setuptools  # a mapping serves a package from one checkout
 
 
-def test_kernels_import_under_ticketc_only():
+def test_no_top_level_kernels_package():
+    """Hugging Face's `kernels` (a transformers dependency) owns that import name: a folder of
+    that name at the root would shadow it whenever the root is on sys.path (pytest, python -m)."""
+    assert not (ROOT / "kernels").exists()
     module = importlib.import_module("ticketc.kernels")
-    assert Path(module.__file__).parent == ROOT / "kernels"
+    assert Path(module.__file__).parent == ROOT / "ticketc" / "kernels"
+
+
+def test_a_second_checkout_imports_its_own_code(tmp_path):
+    """Run from another checkout (here: a copy of this one), every ticketc module, kernels
+    included, comes from that checkout, not from wherever ticketc is installed (editable)."""
+    other = tmp_path / "checkout"
+    shutil.copytree(ROOT / "ticketc", other / "ticketc", ignore=shutil.ignore_patterns("__pycache__"))
+    code = (
+        "import ticketc, ticketc.kernels, ticketc.kernels.csr_cpu, ticketc.pack, sys; "
+        "print('\\n'.join(m.__file__ for n, m in sys.modules.items() "
+        "if n.startswith('ticketc') and getattr(m, '__file__', None)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=other, capture_output=True, text=True, check=True
+    )
+    files = done.stdout.split()
+    assert any(f.endswith("csr_cpu.py") for f in files)
+    assert all(Path(f).is_relative_to(other) for f in files), files
 
 
 def test_import_ticketc_does_not_import_triton_or_onnx():
-    import subprocess
-    import sys
-
     heavy = "('triton', 'onnx', 'onnxruntime')"
     code = f"import sys, ticketc; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
