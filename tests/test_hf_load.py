@@ -203,3 +203,19 @@ def test_directories_that_are_not_checkpoints_are_refused(tmp_path):
     (src / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(UserError, match="model.safetensors"):
         load_hf(src)
+
+
+def test_inspect_reads_a_directory_without_building_its_model(tmp_path, capsys):
+    model = pruned_model("gpt2", 0.9)
+    src = save(model, tmp_path / "src", max_shard_size="100KB")
+    remote = json.loads((src / "config.json").read_text())
+    remote["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil"}  # never imported
+    (src / "config.json").write_text(json.dumps(remote))
+    assert main(["inspect", str(src), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "hf"
+    stats = {layer["name"]: layer for layer in report["layers"]}
+    expected = {n: p for n, p in model.state_dict().items() if p.dim() >= 2 and "lm_head" not in n}
+    assert set(stats) == set(expected)
+    for name, weight in expected.items():
+        assert stats[name]["nnz"] == int(weight.count_nonzero()), name

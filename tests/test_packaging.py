@@ -1,4 +1,4 @@
-"""Packaging: every package listed, kernels under ticketc only, imports that stay in their checkout."""
+"""Packaging: every package listed, kernels under ticketc only, imports from one checkout."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_a_second_checkout_imports_its_own_code(tmp_path):
     """Run from another checkout (here: a copy of this one), every ticketc module, kernels
     included, comes from that checkout, not from wherever ticketc is installed (editable)."""
     other = tmp_path / "checkout"
-    shutil.copytree(ROOT / "ticketc", other / "ticketc", ignore=shutil.ignore_patterns("__pycache__"))
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "ticketc", other / "ticketc", ignore=skip)
     code = (
         "import ticketc, ticketc.kernels, ticketc.kernels.csr_cpu, ticketc.pack, sys; "
         "print('\\n'.join(m.__file__ for n, m in sys.modules.items() "

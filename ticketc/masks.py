@@ -26,12 +26,16 @@ Masks = dict[str, torch.Tensor]
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Linear | nn.Conv1d | nn.Conv2d]:
-    """Parameter name ("1.weight") -> owning module, for every prunable layer."""
-    return {
+    """Parameter name ("1.weight") -> owning module, for every prunable layer. A shared weight
+    (tied embeddings) goes by its first name only, as named_parameters lists it: under a
+    second owner it is no parameter name at all."""
+    names = {name for name, _ in model.named_parameters()}
+    layers = {
         f"{name}.weight" if name else "weight": m
         for name, m in model.named_modules()
         if isinstance(m, PRUNABLE)
     }
+    return {name: m for name, m in layers.items() if name in names}
 
 
 def strip_pruning_(model: nn.Module) -> Masks:

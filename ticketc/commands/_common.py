@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 
@@ -13,8 +14,9 @@ from ticketc.load import LoadedModel, load_model, load_sample, parse_shape
 def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") -> None:
     parser.add_argument(
         name,
-        help="model file: ticket checkpoint, state dict (+ --arch), pickled "
-        "module (+ --trust-pickle) or torch.export program (.pt2)",
+        help="model file: ticket checkpoint, state dict or .safetensors (+ --arch), pickled "
+        "module (+ --trust-pickle), torch.export program (.pt2), or a Hugging Face directory "
+        "(config.json + safetensors)",
     )
     parser.add_argument(
         "--arch",
@@ -25,6 +27,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") ->
         "--trust-pickle",
         action="store_true",
         help="allow loading a whole pickled module (this runs code from the file)",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accept a Hugging Face directory whose config.json names code from the directory "
+        "(auto_map); this runs that code",
     )
     parser.add_argument(
         "--mask",
@@ -43,8 +51,31 @@ def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") ->
 
 def load_from_args(args: argparse.Namespace, path: str | None = None) -> LoadedModel:
     return load_model(
-        path or args.model, arch=args.arch, trust_pickle=args.trust_pickle, mask_path=args.mask
+        path or args.model,
+        arch=args.arch,
+        trust_pickle=args.trust_pickle,
+        mask_path=args.mask,
+        trust_remote_code=args.trust_remote_code,
     )
+
+
+def hf_inputs(args: argparse.Namespace, loaded: LoadedModel) -> HFInputs | None:
+    """A transformers model's named example, verification sample and dynamic axes (from the
+    model type: ticketc.hf.inputs); None where the flags or the model give a single input."""
+    if loaded.source != "hf" or args.input_shape or args.sample:
+        return None
+    from ticketc.hf import default_input_specs, example_inputs, sample_inputs
+
+    specs = default_input_specs(loaded.model)
+    axes = {spec.name: dict(spec.dynamic_axes) for spec in specs}
+    return HFInputs(example_inputs(specs), sample_inputs(specs), axes)
+
+
+@dataclass(frozen=True)
+class HFInputs:
+    example: dict[str, torch.Tensor]
+    sample: dict[str, torch.Tensor]
+    dynamic_axes: dict[str, dict[int, str]]
 
 
 def example_and_sample(

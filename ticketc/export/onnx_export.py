@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from torch import nn
 from ticketc import __version__
 from ticketc.errors import UserError
 from ticketc.export.trace import (
+    DynamicAxes,
     Found,
+    NamedInputs,
     drop_data_,
     find_pruned,
     quiet,
@@ -110,14 +113,22 @@ class ExportResult:
 
 def export_model(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | NamedInputs,
     out: str | os.PathLike[str],
     config: ExportConfig | None = None,
     *,
     masks: Masks | None = None,
-    sample: torch.Tensor | None = None,
+    sample: torch.Tensor | NamedInputs | None = None,
+    dynamic_axes: DynamicAxes | None = None,
 ) -> ExportResult:
-    """Export `model` (masks already applied) to `out`; verify it; write nothing on failure."""
+    """Export `model` (masks already applied) to `out`; verify it; write nothing on failure.
+
+    `example_input`: the positional input, or named inputs passed as keyword arguments (a
+    transformers model's input_ids and attention_mask) whose `dynamic_axes` (input -> axis ->
+    name; default: axis 0, "batch") are exported dynamic. `sample`: what to verify on, in the
+    same form (default: random floats of the example's shape; named integer inputs as given).
+    Raises UserError when the model cannot be exported or verification fails.
+    """
     config = config or ExportConfig()
     start = time.perf_counter()
     set_eval_(model)
@@ -127,7 +138,11 @@ def export_model(
         model, masks, note = _without_dead_units(model, masks)
         notes.append(note)
     program, trace_notes = torch_to_onnx(
-        model, example_input, dynamic_batch=config.dynamic_batch, opset=config.opset
+        model,
+        example_input,
+        dynamic_batch=config.dynamic_batch,
+        opset=config.opset,
+        dynamic_axes=dynamic_axes,
     )
     notes += trace_notes
     found, missing = find_pruned(program.model.graph, model, masks)
@@ -155,7 +170,7 @@ def export_model(
         seconds = time.perf_counter() - start  # export and write; verification not counted
         verification = None
         if config.verify:
-            sample = sample if sample is not None else random_sample(example_input)
+            sample = sample if sample is not None else _default_sample(example_input)
             # against the model as given: dead-unit removal must not change its outputs
             verification = verify(stage / out.name, original, sample, config.effective_tolerance)
             if not verification.passed:
@@ -170,6 +185,12 @@ def export_model(
         notes.append("no pruned layer found: every weight is dense, so the file is not smaller")
     weight_bytes = sum(4 * t.numel() for t in [*original.parameters(), *original.buffers()])
     return ExportResult(out, final, total, layers, verification, seconds, notes, weight_bytes)
+
+
+def _default_sample(example: torch.Tensor | NamedInputs) -> torch.Tensor | NamedInputs:
+    if not isinstance(example, Mapping):
+        return random_sample(example)
+    return {n: random_sample(t) if t.is_floating_point() else t for n, t in example.items()}
 
 
 def _without_dead_units(model: nn.Module, masks: Masks) -> tuple[nn.Module, Masks, str]:

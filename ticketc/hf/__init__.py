@@ -24,7 +24,14 @@ from torch import nn
 
 from ticketc.errors import UserError
 from ticketc.hf.checkpoint import HFCheckpoint, is_hf_directory, open_checkpoint
-from ticketc.hf.inputs import BATCH, SEQUENCE, InputSpec, default_input_specs, example_inputs
+from ticketc.hf.inputs import (
+    BATCH,
+    SEQUENCE,
+    InputSpec,
+    default_input_specs,
+    example_inputs,
+    sample_inputs,
+)
 
 if TYPE_CHECKING:
     from ticketc.load import LoadedModel
@@ -42,6 +49,7 @@ __all__ = [
     "load_hf",
     "open_checkpoint",
     "read_safetensors",
+    "sample_inputs",
 ]
 
 

@@ -19,6 +19,7 @@ Encoder-decoder models (config.is_encoder_decoder) also get decoder_input_ids in
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,14 @@ import torch
 
 from ticketc.errors import UserError
 
-__all__ = ["BATCH", "SEQUENCE", "InputSpec", "default_input_specs", "example_inputs"]
+__all__ = [
+    "BATCH",
+    "SEQUENCE",
+    "InputSpec",
+    "default_input_specs",
+    "example_inputs",
+    "sample_inputs",
+]
 
 BATCH = "batch"
 SEQUENCE = "sequence"
@@ -83,6 +91,24 @@ def example_inputs(specs: list[InputSpec], seed: int = 0) -> dict[str, torch.Ten
     """One example tensor per spec (deterministic for a seed), keyed by input name."""
     generator = torch.Generator().manual_seed(seed)
     return {spec.name: spec.example(generator) for spec in specs}
+
+
+def sample_inputs(specs: list[InputSpec], seed: int = 1) -> dict[str, torch.Tensor]:
+    """Inputs to verify an export on: other sizes than the example on every dynamic axis
+    (batch 3, other axes about 2/3 of the example's) and, in integer inputs that are all ones
+    (attention masks), the last two positions of the first row masked out as padding."""
+    resized = []
+    for spec in specs:
+        shape = tuple(
+            (3 if axis == 0 else max(2, (2 * size) // 3)) if axis in spec.dynamic_axes else size
+            for axis, size in enumerate(spec.shape)
+        )
+        resized.append(dataclasses.replace(spec, shape=shape))
+    out = example_inputs(resized, seed)
+    for spec in resized:
+        if not spec.torch_dtype.is_floating_point and spec.high is None and len(spec.shape) == 2:
+            out[spec.name][0, -2:] = 0
+    return out
 
 
 def _get(config: Any, *names: str) -> Any:
