@@ -85,8 +85,10 @@ def example_and_sample(
     sample = load_sample(args.sample) if args.sample else None
     if args.input_shape:
         example = torch.zeros(parse_shape(args.input_shape))
+        check_runs(loaded.model, example, f"--input-shape {args.input_shape}")
     elif sample is not None:
         example = sample
+        check_runs(loaded.model, example, f"--sample {args.sample}")
     elif loaded.example_input is not None:
         example = loaded.example_input
     else:
@@ -95,6 +97,21 @@ def example_and_sample(
             "(e.g. 1,3,32,32) or --sample x.pt"
         )
     return example, sample
+
+
+@torch.no_grad()
+def check_runs(model: torch.nn.Module, example: torch.Tensor, given: str) -> None:
+    """One forward pass on the input the user gave; UserError (one line) when the model
+    rejects it, before any tracing or compiling starts."""
+    try:
+        model(example)
+    except Exception as e:  # noqa: BLE001 - the model's own code raises anything
+        lines = str(e).strip().splitlines()
+        reason = lines[0][:200] if lines else type(e).__name__
+        raise UserError(
+            f"the model does not run on {given} (shape {tuple(example.shape)}, "
+            f"{str(example.dtype).removeprefix('torch.')}): {reason}"
+        ) from e
 
 
 def console():  # -> rich.console.Console
