@@ -35,7 +35,7 @@ from ticketc.export.trace import (
     torch_to_onnx,
 )
 from ticketc.load import set_eval_
-from ticketc.masks import Masks, masks_from_zeros
+from ticketc.masks import Masks, masks_from_zeros, resolve_masks, without_pruning
 from ticketc.verify import FP32_RTOL, Verification, random_sample, verify
 
 FORMATS = ("portable", "sparse-initializer", "dense")
@@ -131,8 +131,9 @@ def export_model(
     """
     config = config or ExportConfig()
     start = time.perf_counter()
+    model, held = without_pruning(model)  # prune hooks / parametrizations: on a copy
     set_eval_(model)
-    masks = masks if masks is not None else masks_from_zeros(model)
+    masks = {**held, **masks} if masks is not None else resolve_masks(model, held)
     original, notes = model, []
     if config.dead_units:
         model, masks, note = _without_dead_units(model, masks)
