@@ -132,3 +132,15 @@ except ImportError as e:
     # every test of both files skipped at import: pytest's "no tests ran" (5), not a failure
     assert done.returncode == 5, done.stdout[-2000:]
     assert "2 skipped" in done.stdout and "could not import 'triton'" in done.stdout
+
+
+def test_triton_kernels_import_as_functions():
+    pytest.importorskip("triton")
+    code = (
+        "from ticketc.kernels import bsr_linear, csr_linear, tiled_linear; "
+        "import ticketc.kernels as k; "
+        "print(all(callable(f) and not hasattr(f, '__path__') and f.__class__.__name__ == "
+        "'function' for f in (bsr_linear, csr_linear, tiled_linear, k.csr_linear)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"

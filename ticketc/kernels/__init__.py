@@ -53,8 +53,9 @@ _LOADED: SimpleNamespace | None = None
 def __getattr__(name: str) -> Any:
     if name not in _TRITON:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(triton_kernels(), name)
-    # Importing the submodule csr_linear bound the package attribute csr_linear to it: bind
-    # the function here instead, as an eager `from .csr_linear import csr_linear` would.
-    globals()[name] = value
-    return value
+    loaded = triton_kernels()
+    # Importing the submodules bound the package attributes csr_linear, bsr_linear and
+    # tiled_linear to them: bind every public name to its function instead, as eager
+    # `from .csr_linear import csr_linear` imports would.
+    globals().update(vars(loaded))
+    return getattr(loaded, name)
