@@ -81,3 +81,37 @@ def test_empty_card_renders_without_dividing_by_zero():
     assert "Sparsity card" in render_markdown(card)
     assert card.totals["file_bytes_over_bound"] is None
     json.dumps(card.to_json(), allow_nan=False)
+
+
+@pytest.mark.parametrize("values", ["fp32", "int8"])
+def test_export_writes_a_card_beside_the_onnx_file(tmp_path, capsys, values):
+    from pathlib import Path
+
+    import torch
+
+    from ticketc.cli import main
+    from ticketc.load import load_model
+
+    ticket = Path(__file__).resolve().parents[1] / "examples" / "lenet300-ticket.pt"
+    out = tmp_path / "lenet.onnx"
+    assert main(["export", str(ticket), "-o", str(out), "--values", values, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    md, js = card_paths(card_stem(out))
+    card = json.loads(js.read_text())
+    assert md.read_text().startswith(f"# Sparsity card: {out}")
+    assert card["files"] == {"lenet.onnx": out.stat().st_size}
+    assert [r["name"] for r in card["layers"]] == [r["name"] for r in result["layers"]]
+    weights = dict(load_model(ticket).model.named_parameters())
+    for record in card["layers"]:
+        w = weights[record["name"]].detach()
+        assert record["nnz"] == int(w.count_nonzero()) and record["pattern"] == "unstructured"
+        assert record["values"] == values and record["stored_bytes"] < record["dense_bytes"]
+        if values == "fp32":
+            assert record["max_abs_error"] == 0.0
+        else:  # int8: at most half a quantisation step of the largest weight
+            assert 0 < record["max_abs_error"] <= float(w.abs().max()) / 127 * 0.5 + 1e-7
+    assert "size only" in card["runtimes"]["onnxruntime"]
+    assert card["totals"]["times_smaller"] == pytest.approx(
+        result["weight_bytes"] / result["total_bytes"]
+    )
+    assert torch.isfinite(torch.tensor(card["totals"]["bound_bytes"]))

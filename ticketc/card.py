@@ -22,7 +22,15 @@ from typing import Any
 
 from ticketc.atomic import atomic_path
 
-__all__ = ["Card", "LayerRecord", "card_paths", "card_stem", "render_markdown", "write_card"]
+__all__ = [
+    "Card",
+    "LayerRecord",
+    "card_paths",
+    "card_stem",
+    "export_card",
+    "render_markdown",
+    "write_card",
+]
 
 CARD_VERSION = 1
 
@@ -197,3 +205,67 @@ def write_card(card: Card, stem: Path) -> tuple[Path, Path]:
     with atomic_path(js) as tmp:
         tmp.write_text(json.dumps(card.to_json(), indent=2, allow_nan=False) + "\n")
     return md, js
+
+
+_VALUE_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
+
+
+def export_card(result: Any, source: str, weights: dict[str, Any], values: str) -> Card:
+    """The card of an ONNX export: `result` a ticketc.export.ExportResult, `weights` parameter
+    name -> the (masked) weight tensor, `values` the export's value type (fp32 / fp16 / int8 /
+    int4). Per layer: density and pattern from the weight's zeros, bytes as stored in the
+    file, the entropy bound at that value type, and the value error of the stored weight
+    (encoded again with the file's codec; 0 for fp32, which is exact)."""
+    from ticketc.formats.compact import Compact, mask_entropy_bits
+    from ticketc.pack.codec import sparsity_pattern
+
+    records = []
+    for layer in result.layers:
+        weight = weights[layer.name].detach().float().cpu()
+        stored_values = layer.codec.rpartition("+")[2] if "+" in layer.codec else "fp32"
+        bits = _VALUE_BITS.get(stored_values, 32)
+        numel = weight.numel()
+        abs_err = rel_err = 0.0
+        if bits < 32 and layer.codec not in ("dense", "dense+fp16"):
+            decoded = Compact.from_dense(weight, values=stored_values).to_dense()
+            abs_err = float((decoded - weight).abs().max()) if numel else 0.0
+            scale = float(weight.abs().max()) if numel else 0.0
+            rel_err = abs_err / scale if scale else 0.0
+        records.append(
+            LayerRecord(
+                name=layer.name,
+                shape=tuple(weight.shape),
+                dtype="float32",
+                nnz=layer.nnz,
+                pattern=sparsity_pattern(weight),
+                layout=f"portable {layer.codec}" if "+" in layer.codec else layer.codec,
+                values=stored_values,
+                dense_bytes=4 * numel,
+                stored_bytes=layer.nbytes,
+                bound_bytes=min(
+                    (mask_entropy_bits(numel, layer.nnz) + layer.nnz * bits) / 8, numel * bits / 8
+                ),
+                max_abs_error=abs_err,
+                max_rel_error=rel_err,
+                speedup_note="not planned here: see `ticketc compile` / `inspect` of a .pt2",
+            )
+        )
+    notes = list(result.notes)
+    if result.verification is not None:
+        notes.insert(0, f"onnxruntime vs PyTorch: {result.verification.summary()}")
+    return Card(
+        artifact=str(result.path),
+        kind=f"ONNX ({values} values)",
+        source=source,
+        layers=records,
+        files={f.name: f.stat().st_size for f in result.files},
+        reference=("model's weights as dense fp32", result.weight_bytes)
+        if result.weight_bytes
+        else None,
+        runtimes={
+            "onnxruntime": "size only: the file decodes its weights at session creation, so "
+            "memory and speed are the dense model's (smaller only where dead units were removed)",
+            "ticketc runtime": "speed from sparsity: `ticketc compile` plans each layer",
+        },
+        notes=notes,
+    )
