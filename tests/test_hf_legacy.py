@@ -93,9 +93,9 @@ def write_compressed_tensors(model, directory: Path, fmt: str, *, style: str = "
 
 
 CASES = [
-    ("sparse-bitmask", "module", 0.5),
+    pytest.param("sparse-bitmask", "module", 0.5, marks=pytest.mark.slow),
     ("sparse-bitmask", "all", 0.9),
-    ("sparse-24-bitmask", "module", "2:4"),
+    pytest.param("sparse-24-bitmask", "module", "2:4", marks=pytest.mark.slow),
 ]
 
 

@@ -51,8 +51,16 @@ def _entropy_bound(tensors: dict[str, torch.Tensor]) -> float:
 MIN_RATIO = {0.5: 1.6, 0.9: 6.0, "2:4": 1.5}
 
 
-@pytest.mark.parametrize("level", [0.5, 0.9, "2:4"])
-@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "vit"])
+# Two of the twelve in the fast subset (pytest -m "not slow"), all of them in the full suite.
+_FAST = {("llama", 0.9), ("gpt2", "2:4")}
+CELLS = [
+    pytest.param(arch, level, marks=() if (arch, level) in _FAST else pytest.mark.slow)
+    for arch in ("bert", "gpt2", "llama", "vit")
+    for level in (0.5, 0.9, "2:4")
+]
+
+
+@pytest.mark.parametrize(("arch", "level"), CELLS)
 def test_pack_unpack_load_packed_fp16(tmp_path, arch, level):
     model = pruned_model(arch, level, torch.float16)
     src = save(model, tmp_path / "src")
@@ -95,7 +103,9 @@ def test_pack_unpack_load_packed_fp16(tmp_path, arch, level):
     assert result.card.totals["file_bytes"] == packed_bytes
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "vit"])
+@pytest.mark.parametrize(
+    "arch", ["gpt2", *(pytest.param(a, marks=pytest.mark.slow) for a in ("bert", "llama", "vit"))]
+)
 def test_fp32_logits_equal_the_users_model(tmp_path, arch):
     model = pruned_model(arch, 0.9, torch.float32)
     pack(save(model, tmp_path / "src"), tmp_path / "packed")
@@ -133,7 +143,9 @@ def test_keep_zero_signs_restores_identical_files(tmp_path):
         assert (tmp_path / "dense" / name).read_bytes() == (src / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("values", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize(
+    "values", ["int4", *(pytest.param(v, marks=pytest.mark.slow) for v in ("fp16", "int8"))]
+)
 def test_lossy_values_stay_within_their_bound(tmp_path, values):
     model = pruned_model("llama", 0.9, torch.float32)
     src = save(model, tmp_path / "src")

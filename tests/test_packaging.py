@@ -37,6 +37,7 @@ def test_no_top_level_kernels_package():
     assert Path(module.__file__).parent == ROOT / "ticketc" / "kernels"
 
 
+@pytest.mark.slow
 def test_a_second_checkout_imports_its_own_code(tmp_path):
     """Run from another checkout (here: a copy of this one), every ticketc module, kernels
     included, comes from that checkout, not from wherever ticketc is installed (editable)."""
@@ -134,6 +135,7 @@ except ImportError as e:
     assert "2 skipped" in done.stdout and "could not import 'triton'" in done.stdout
 
 
+@pytest.mark.slow
 def test_triton_kernels_import_as_functions():
     pytest.importorskip("triton")
     code = (

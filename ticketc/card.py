@@ -254,7 +254,7 @@ def export_card(result: Any, source: str, weights: dict[str, Any], values: str) 
     if result.verification is not None:
         notes.insert(0, f"onnxruntime vs PyTorch: {result.verification.summary()}")
     return Card(
-        artifact=str(result.path),
+        artifact=Path(result.path).name,  # the card sits beside it
         kind=f"ONNX ({values} values)",
         source=source,
         layers=records,

@@ -6,9 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from ticketc.card import card_stem, export_card, write_card
 from ticketc.commands._common import (
     add_model_arguments,
     example_and_sample,
@@ -19,7 +16,6 @@ from ticketc.commands._common import console as console_
 from ticketc.errors import UserError
 from ticketc.export import FORMATS, VALUES, ExportConfig, ExportResult, export_model
 from ticketc.export.onnx_export import POSITIONS
-from ticketc.load import LoadedModel
 
 NAME = "export"
 HELP = "export a pruned model to a small, verified ONNX file"
@@ -96,23 +92,19 @@ def run(args: argparse.Namespace) -> int:
             masks=loaded.masks,
             sample=named.sample,
             dynamic_axes=named.dynamic_axes,
+            source=args.model,
         )
     else:
         example, sample = example_and_sample(args, loaded)
         result = export_model(
-            loaded.model, example, out, config, masks=loaded.masks, sample=sample
+            loaded.model, example, out, config, masks=loaded.masks, sample=sample, source=args.model
         )
     result.notes[:0] = loaded.notes
-    write_card(export_card(result, args.model, _weights(loaded), config.values), card_stem(out))
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
         print_summary(result)
     return 0
-
-
-def _weights(loaded: LoadedModel) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in loaded.model.named_parameters() if n in loaded.masks}
 
 
 def default_output(model: str) -> Path:

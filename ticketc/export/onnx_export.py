@@ -56,6 +56,7 @@ class ExportConfig:
     # How positions are coded. "auto": the fewest bytes per tensor (usually Rice-coded gaps);
     # "gap8" is ~5-10 % larger but folds ~3x faster when onnxruntime creates the session.
     positions: str = "auto"
+    card: bool = True  # write the sparsity card (OUT.card.md / .card.json) with the file
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -118,6 +119,7 @@ def export_model(
     masks: Masks | None = None,
     sample: torch.Tensor | NamedInputs | None = None,
     dynamic_axes: DynamicAxes | None = None,
+    source: str | None = None,
 ) -> ExportResult:
     """Export `model` (masks already applied) to `out`; verify it; write nothing on failure.
 
@@ -125,6 +127,8 @@ def export_model(
     transformers model's input_ids and attention_mask) whose `dynamic_axes` (input -> axis ->
     name; default: axis 0, "batch") are exported dynamic. `sample`: what to verify on, in the
     same form (default: random floats of the example's shape; named integer inputs as given).
+    With `config.card`, the sparsity card (ticketc.card; `source` names the model in it) is
+    written beside `out`, in place together with the ONNX file.
     Raises UserError when the model cannot be exported or verification fails.
     """
     config = config or ExportConfig()
@@ -178,12 +182,21 @@ def export_model(
                     f"tolerance {verification.tolerance:g} ({verification.summary()}); "
                     f"no file written"
                 )
-        final = _commit(stage, out, files)
-    total = sum(f.stat().st_size for f in final)
-    if not any(layer.density < 1 for layer in layers):
-        notes.append("no pruned layer found: every weight is dense, so the file is not smaller")
-    weight_bytes = sum(4 * t.numel() for t in [*original.parameters(), *original.buffers()])
-    return ExportResult(out, final, total, layers, verification, seconds, notes, weight_bytes)
+        if not any(layer.density < 1 for layer in layers):
+            notes.append("no pruned layer found: every weight is dense, so the file is not smaller")
+        weight_bytes = sum(4 * t.numel() for t in [*original.parameters(), *original.buffers()])
+        total = sum(f.stat().st_size for f in files)
+        result = ExportResult(out, files, total, layers, verification, seconds, notes, weight_bytes)
+        if config.card:  # staged with the file: both land in place, or neither
+            from ticketc.card import card_stem, export_card, write_card
+
+            weights = dict(model.named_parameters())
+            card = export_card(result, source or "an in-memory model", weights, config.values)
+            write_card(card, card_stem(stage / out.name))
+        result.files = _commit(stage, out, sorted(stage.iterdir()))
+    onnx_files = [f for f in result.files if not f.name.endswith((".card.md", ".card.json"))]
+    result.files = onnx_files
+    return result
 
 
 def _default_sample(example: torch.Tensor | NamedInputs) -> torch.Tensor | NamedInputs:
