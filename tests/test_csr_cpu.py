@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from ticketc.kernels import csr_cpu
 
 SHAPES = [(1, 1, 1), (7, 13, 3), (33, 65, 60), (300, 784, 64), (5, 9, 17)]  # (M, K, N)

@@ -11,6 +11,7 @@ in a file cannot be trusted.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -26,12 +27,16 @@ Masks = dict[str, torch.Tensor]
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Linear | nn.Conv1d | nn.Conv2d]:
-    """Parameter name ("1.weight") -> owning module, for every prunable layer."""
-    return {
+    """Parameter name ("1.weight") -> owning module, for every prunable layer. A shared weight
+    (tied embeddings) goes by its first name only, as named_parameters lists it: under a
+    second owner it is no parameter name at all."""
+    names = {name for name, _ in model.named_parameters()}
+    layers = {
         f"{name}.weight" if name else "weight": m
         for name, m in model.named_modules()
         if isinstance(m, PRUNABLE)
     }
+    return {name: m for name, m in layers.items() if name in names}
 
 
 def strip_pruning_(model: nn.Module) -> Masks:
@@ -59,6 +64,42 @@ def strip_pruning_(model: nn.Module) -> Masks:
                         masks[prefix + tensor_name] = mask.detach().bool()
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
     return masks
+
+
+def without_pruning(model: nn.Module) -> tuple[nn.Module, Masks]:
+    """`model` itself when nothing prunes it at run time; else a copy with the
+    torch.nn.utils.prune hooks and torch.ao.pruning parametrizations removed (strip_pruning_)
+    and the masks they held. The caller's model is never modified."""
+    pruned = any(
+        parametrize.is_parametrized(m)
+        or any(hasattr(h, "_tensor_name") for h in m._forward_pre_hooks.values())
+        for m in model.modules()
+    )
+    if not pruned:
+        return model, {}
+    model = copy_pruned(model)
+    return model, strip_pruning_(model)
+
+
+def copy_pruned(model: nn.Module) -> nn.Module:
+    """copy.deepcopy, also of a model pruned with torch.nn.utils.prune: its hooks leave each
+    pruned weight as a computed tensor (weight_orig * weight_mask, not a graph leaf), which
+    deepcopy refuses; the copy gets it detached (the hook recomputes it on the next forward)."""
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    copied = copy.deepcopy(model, memo)
+    for module in copied.modules():
+        if parametrize.is_parametrized(module):
+            # The parametrized class (ParametrizedLinear, made by torch) is shared with the
+            # original, and removing a parametrization deletes its property from that class:
+            # give the copy a class of its own so the caller's model keeps working.
+            cls = type(module)
+            own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+            module.__class__ = type(cls.__name__, cls.__bases__, own)
+    return copied
 
 
 def load_mask_file(path: str | os.PathLike[str]) -> Masks:

@@ -480,14 +480,13 @@ def _check_tiled_args(
 
 
 def _triton_or_none():
-    """The ticketc.kernels package, or None when Triton is missing (then the reference runs)."""
+    """ticketc's Triton kernels by name, or None when Triton is missing (the reference runs)."""
+    from ticketc.kernels import triton_kernels
+
     try:
-        import triton  # noqa: F401
+        return triton_kernels()
     except ImportError:
         return None
-    import ticketc.kernels as kernels
-
-    return kernels
 
 
 # ---- csr_linear

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,14 +58,23 @@ def ort_session(path: str | os.PathLike[str]):  # -> onnxruntime.InferenceSessio
         raise UserError(f"{path}: onnxruntime cannot load it ({_first_line(e)})") from e
 
 
-def run_onnx(path: str | os.PathLike[str], inputs: list[torch.Tensor]) -> list[np.ndarray]:
+def run_onnx(
+    path: str | os.PathLike[str], inputs: list[torch.Tensor] | Mapping[str, torch.Tensor]
+) -> list[np.ndarray]:
+    """onnxruntime's outputs on `inputs`: tensors in the graph's input order, or by name."""
     from ticketc.safe_onnx import run_options
 
     session = ort_session(path)
     names = [i.name for i in session.get_inputs()]
-    if len(names) != len(inputs):
-        raise UserError(f"{path} takes {len(names)} input(s), the sample has {len(inputs)}")
-    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
+    if isinstance(inputs, Mapping):
+        if sorted(names) != sorted(inputs):
+            raise UserError(f"{path} takes inputs {names}, the sample has {sorted(inputs)}")
+        tensors = [inputs[n] for n in names]
+    else:
+        tensors = list(inputs)
+    if len(names) != len(tensors):
+        raise UserError(f"{path} takes {len(names)} input(s), the sample has {len(tensors)}")
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
     try:
         return list(session.run(None, feed, run_options()))
     except Exception as e:  # noqa: BLE001
@@ -75,13 +85,22 @@ def run_onnx(path: str | os.PathLike[str], inputs: list[torch.Tensor]) -> list[n
 def verify(
     path: str | os.PathLike[str],
     model: nn.Module,
-    sample: torch.Tensor,
+    sample: torch.Tensor | Mapping[str, torch.Tensor],
     tolerance: float | None,
 ) -> Verification:
-    """Compare onnxruntime's outputs on `sample` with the PyTorch model's."""
-    expected = model(sample)
-    flat = list(expected) if isinstance(expected, tuple | list) else [expected]
-    got = run_onnx(path, [sample])
+    """Compare onnxruntime's outputs on `sample` with the PyTorch model's.
+
+    `sample`: the positional input, or named inputs (keyword arguments, fed to the ONNX inputs
+    of the same names). The model's outputs are flattened as torch.export flattens them
+    (tuples, dicts, transformers' ModelOutput), None entries dropped.
+    """
+    if isinstance(sample, Mapping):
+        expected, got = model(**sample), run_onnx(path, sample)
+        first = next(iter(sample.values()))
+    else:
+        expected, got = model(sample), run_onnx(path, [sample])
+        first = sample
+    flat = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
     if len(got) != len(flat):
         raise UserError(f"{path} has {len(got)} output(s), the model has {len(flat)}")
     errors = []
@@ -93,10 +112,11 @@ def verify(
         max_abs = float(diff.max()) if diff.size else 0.0
         scale = float(np.abs(ref).max()) if ref.size else 0.0
         errors.append(OutputError(f"output{i}", max_abs, max_abs / scale if scale > 0 else max_abs))
-    return Verification(errors, tolerance, int(sample.shape[0]))
+    return Verification(errors, tolerance, int(first.shape[0]) if first.dim() else 1)
 
 
 def random_sample(example: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Standard-normal values in the shape and dtype of a float example."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(example.shape, generator=generator, dtype=example.dtype)
 

@@ -11,4 +11,6 @@ COMMANDS = [
     "inspect",
     "find",
     "report",
+    "pack",
+    "unpack",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 
@@ -23,9 +24,10 @@ TRUST_PICKLE_HELP = (
 def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") -> None:
     parser.add_argument(
         name,
-        help="model file: ticket checkpoint, state dict (+ --arch), pickled "
-        "module (+ --trust-pickle) or torch.export program (.pt2); reading it runs no code "
-        "from it unless --trust-pickle",
+        help="model file: ticket checkpoint, state dict or .safetensors (+ --arch), pickled "
+        "module (+ --trust-pickle), torch.export program (.pt2), or a Hugging Face directory "
+        "(config.json + safetensors); reading it runs no code from it unless --trust-pickle "
+        "or --trust-remote-code",
     )
     parser.add_argument(
         "--arch",
@@ -33,6 +35,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") ->
         help=ARCH_HELP,
     )
     parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accept a Hugging Face directory whose config.json names code from the directory "
+        "(auto_map); this runs that code",
+    )
     parser.add_argument(
         "--mask",
         metavar="MASKS.pt",
@@ -50,8 +58,31 @@ def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") ->
 
 def load_from_args(args: argparse.Namespace, path: str | None = None) -> LoadedModel:
     return load_model(
-        path or args.model, arch=args.arch, trust_pickle=args.trust_pickle, mask_path=args.mask
+        path or args.model,
+        arch=args.arch,
+        trust_pickle=args.trust_pickle,
+        mask_path=args.mask,
+        trust_remote_code=args.trust_remote_code,
     )
+
+
+def hf_inputs(args: argparse.Namespace, loaded: LoadedModel) -> HFInputs | None:
+    """A transformers model's named example, verification sample and dynamic axes (from the
+    model type: ticketc.hf.inputs); None where the flags or the model give a single input."""
+    if loaded.source != "hf" or args.input_shape or args.sample:
+        return None
+    from ticketc.hf import default_input_specs, example_inputs, sample_inputs
+
+    specs = default_input_specs(loaded.model)
+    axes = {spec.name: dict(spec.dynamic_axes) for spec in specs}
+    return HFInputs(example_inputs(specs), sample_inputs(specs), axes)
+
+
+@dataclass(frozen=True)
+class HFInputs:
+    example: dict[str, torch.Tensor]
+    sample: dict[str, torch.Tensor]
+    dynamic_axes: dict[str, dict[int, str]]
 
 
 def example_and_sample(
@@ -61,8 +92,10 @@ def example_and_sample(
     sample = load_sample(args.sample) if args.sample else None
     if args.input_shape:
         example = torch.zeros(parse_shape(args.input_shape))
+        check_runs(loaded.model, example, f"--input-shape {args.input_shape}")
     elif sample is not None:
         example = sample
+        check_runs(loaded.model, example, f"--sample {args.sample}")
     elif loaded.example_input is not None:
         example = loaded.example_input
     else:
@@ -71,6 +104,21 @@ def example_and_sample(
             "(e.g. 1,3,32,32) or --sample x.pt"
         )
     return example, sample
+
+
+@torch.no_grad()
+def check_runs(model: torch.nn.Module, example: torch.Tensor, given: str) -> None:
+    """One forward pass on the input the user gave; UserError (one line) when the model
+    rejects it, before any tracing or compiling starts."""
+    try:
+        model(example)
+    except Exception as e:  # noqa: BLE001 - the model's own code raises anything
+        lines = str(e).strip().splitlines()
+        reason = lines[0][:200] if lines else type(e).__name__
+        raise UserError(
+            f"the model does not run on {given} (shape {tuple(example.shape)}, "
+            f"{str(example.dtype).removeprefix('torch.')}): {reason}"
+        ) from e
 
 
 def console():  # -> rich.console.Console

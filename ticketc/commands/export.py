@@ -6,7 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from ticketc.commands._common import add_model_arguments, example_and_sample, load_from_args
+from ticketc.commands._common import (
+    add_model_arguments,
+    example_and_sample,
+    hf_inputs,
+    load_from_args,
+)
 from ticketc.commands._common import console as console_
 from ticketc.errors import UserError
 from ticketc.export import FORMATS, VALUES, ExportConfig, ExportResult, export_model
@@ -23,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-o",
         "--output",
         metavar="OUT.onnx",
-        help="output file (default: MODEL with the suffix .onnx)",
+        help="output file (default: MODEL with the suffix .onnx; DIR.onnx for a directory)",
     )
     parser.add_argument(
         "--format",
@@ -76,15 +81,36 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from e
     loaded = load_from_args(args)
-    example, sample = example_and_sample(args, loaded)
-    out = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
-    result = export_model(loaded.model, example, out, config, masks=loaded.masks, sample=sample)
+    out = Path(args.output) if args.output else default_output(args.model)
+    named = hf_inputs(args, loaded)
+    if named is not None:  # a transformers model: input_ids + attention_mask, pixel_values, ...
+        result = export_model(
+            loaded.model,
+            named.example,
+            out,
+            config,
+            masks=loaded.masks,
+            sample=named.sample,
+            dynamic_axes=named.dynamic_axes,
+            source=args.model,
+        )
+    else:
+        example, sample = example_and_sample(args, loaded)
+        result = export_model(
+            loaded.model, example, out, config, masks=loaded.masks, sample=sample, source=args.model
+        )
     result.notes[:0] = loaded.notes
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
         print_summary(result)
     return 0
+
+
+def default_output(model: str) -> Path:
+    """MODEL with the suffix .onnx; for a directory, a file beside it (bert -> bert.onnx)."""
+    p = Path(model.rstrip("/"))
+    return p.with_name(p.name + ".onnx") if p.is_dir() else p.with_suffix(".onnx")
 
 
 def print_summary(result: ExportResult) -> None:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from ticketc.commands._common import add_model_arguments, example_and_sample, load_from_args
+from ticketc.commands._common import (
+    add_model_arguments,
+    example_and_sample,
+    hf_inputs,
+    load_from_args,
+)
 from ticketc.errors import UserError
 from ticketc.load import check_file
 from ticketc.verify import FP32_RTOL, random_sample, verify
@@ -34,13 +39,17 @@ def run(args: argparse.Namespace) -> int:
     check_file(args.onnx)
     args.model = args.against
     loaded = load_from_args(args)
-    example, sample = example_and_sample(args, loaded)
-    result = verify(
-        args.onnx,
-        loaded.model,
-        sample if sample is not None else random_sample(example),
-        args.tolerance,
-    )
+    named = hf_inputs(args, loaded)  # a transformers model: its named inputs, other sizes
+    if named is not None:
+        result = verify(args.onnx, loaded.model, named.sample, args.tolerance)
+    else:
+        example, sample = example_and_sample(args, loaded)
+        result = verify(
+            args.onnx,
+            loaded.model,
+            sample if sample is not None else random_sample(example),
+            args.tolerance,
+        )
     if args.json:
         print(
             json.dumps(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ from ticketc.compile.dead_units import eliminate_dead_units
 from ticketc.compile.modules import CsrSequential, DenseLinear, SparseLinear, sparse_module
 from ticketc.compile.plan import Plan
 from ticketc.compile.planner import make_plan
+from ticketc.masks import copy_pruned, strip_pruning_
 
 PLAN_ATTR = "ticketc_plan"  # the Plan a compiled module was lowered with
 
@@ -37,7 +37,9 @@ def compile(
     """
     config = config or CompileConfig()
     module, masks, example_input = _unpack(model, masks, example_input)
-    module = copy.deepcopy(module)
+    module = copy_pruned(module)
+    if held := strip_pruning_(module):  # prune hooks / parametrizations (on the copy)
+        masks = {**held, **(masks or {})}
     with contextlib.suppress(NotImplementedError):  # torch.export modules refuse eval()
         module.eval()
     if masks:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from ticketc import __version__
 from ticketc.atomic import staging_dir as _staging
 from ticketc.errors import UserError
 from ticketc.export.trace import (
+    DynamicAxes,
     Found,
+    NamedInputs,
     drop_data_,
     find_pruned,
     quiet,
@@ -30,7 +33,7 @@ from ticketc.export.trace import (
     torch_to_onnx,
 )
 from ticketc.load import set_eval_
-from ticketc.masks import Masks, masks_from_zeros
+from ticketc.masks import Masks, masks_from_zeros, resolve_masks, without_pruning
 from ticketc.verify import FP32_RTOL, Verification, random_sample, verify
 
 FORMATS = ("portable", "sparse-initializer", "dense")
@@ -53,6 +56,7 @@ class ExportConfig:
     # How positions are coded. "auto": the fewest bytes per tensor (usually Rice-coded gaps);
     # "gap8" is ~5-10 % larger but folds ~3x faster when onnxruntime creates the session.
     positions: str = "auto"
+    card: bool = True  # write the sparsity card (OUT.card.md / .card.json) with the file
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -108,24 +112,40 @@ class ExportResult:
 
 def export_model(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | NamedInputs,
     out: str | os.PathLike[str],
     config: ExportConfig | None = None,
     *,
     masks: Masks | None = None,
-    sample: torch.Tensor | None = None,
+    sample: torch.Tensor | NamedInputs | None = None,
+    dynamic_axes: DynamicAxes | None = None,
+    source: str | None = None,
 ) -> ExportResult:
-    """Export `model` (masks already applied) to `out`; verify it; write nothing on failure."""
+    """Export `model` (masks already applied) to `out`; verify it; write nothing on failure.
+
+    `example_input`: the positional input, or named inputs passed as keyword arguments (a
+    transformers model's input_ids and attention_mask) whose `dynamic_axes` (input -> axis ->
+    name; default: axis 0, "batch") are exported dynamic. `sample`: what to verify on, in the
+    same form (default: random floats of the example's shape; named integer inputs as given).
+    With `config.card`, the sparsity card (ticketc.card; `source` names the model in it) is
+    written beside `out`, in place together with the ONNX file.
+    Raises UserError when the model cannot be exported or verification fails.
+    """
     config = config or ExportConfig()
     start = time.perf_counter()
+    model, held = without_pruning(model)  # prune hooks / parametrizations: on a copy
     set_eval_(model)
-    masks = masks if masks is not None else masks_from_zeros(model)
+    masks = {**held, **masks} if masks is not None else resolve_masks(model, held)
     original, notes = model, []
     if config.dead_units:
         model, masks, note = _without_dead_units(model, masks)
         notes.append(note)
     program, trace_notes = torch_to_onnx(
-        model, example_input, dynamic_batch=config.dynamic_batch, opset=config.opset
+        model,
+        example_input,
+        dynamic_batch=config.dynamic_batch,
+        opset=config.opset,
+        dynamic_axes=dynamic_axes,
     )
     notes += trace_notes
     found, missing = find_pruned(program.model.graph, model, masks)
@@ -153,7 +173,7 @@ def export_model(
         seconds = time.perf_counter() - start  # export and write; verification not counted
         verification = None
         if config.verify:
-            sample = sample if sample is not None else random_sample(example_input)
+            sample = sample if sample is not None else _default_sample(example_input)
             # against the model as given: dead-unit removal must not change its outputs
             verification = verify(stage / out.name, original, sample, config.effective_tolerance)
             if not verification.passed:
@@ -162,12 +182,27 @@ def export_model(
                     f"tolerance {verification.tolerance:g} ({verification.summary()}); "
                     f"no file written"
                 )
-        final = _commit(stage, out, files)
-    total = sum(f.stat().st_size for f in final)
-    if not any(layer.density < 1 for layer in layers):
-        notes.append("no pruned layer found: every weight is dense, so the file is not smaller")
-    weight_bytes = sum(4 * t.numel() for t in [*original.parameters(), *original.buffers()])
-    return ExportResult(out, final, total, layers, verification, seconds, notes, weight_bytes)
+        if not any(layer.density < 1 for layer in layers):
+            notes.append("no pruned layer found: every weight is dense, so the file is not smaller")
+        weight_bytes = sum(4 * t.numel() for t in [*original.parameters(), *original.buffers()])
+        total = sum(f.stat().st_size for f in files)
+        result = ExportResult(out, files, total, layers, verification, seconds, notes, weight_bytes)
+        if config.card:  # staged with the file: both land in place, or neither
+            from ticketc.card import card_stem, export_card, write_card
+
+            weights = dict(model.named_parameters())
+            card = export_card(result, source or "an in-memory model", weights, config.values)
+            write_card(card, card_stem(stage / out.name))
+        result.files = _commit(stage, out, sorted(stage.iterdir()))
+    onnx_files = [f for f in result.files if not f.name.endswith((".card.md", ".card.json"))]
+    result.files = onnx_files
+    return result
+
+
+def _default_sample(example: torch.Tensor | NamedInputs) -> torch.Tensor | NamedInputs:
+    if not isinstance(example, Mapping):
+        return random_sample(example)
+    return {n: random_sample(t) if t.is_floating_point() else t for n, t in example.items()}
 
 
 def _without_dead_units(model: nn.Module, masks: Masks) -> tuple[nn.Module, Masks, str]:

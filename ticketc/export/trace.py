@@ -12,7 +12,7 @@ import logging
 import re
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,14 +24,28 @@ from torch import nn
 from ticketc.errors import UserError
 from ticketc.masks import Masks
 
+#: Named example inputs (keyword arguments of forward, e.g. a transformers model's input_ids
+#: and attention_mask) and, per input, which axes may vary: axis -> name ("batch", "sequence").
+NamedInputs = Mapping[str, torch.Tensor]
+DynamicAxes = Mapping[str, Mapping[int, str]]
+
 
 def torch_to_onnx(
-    model: nn.Module, example_input: torch.Tensor, *, dynamic_batch: bool, opset: int | None
+    model: nn.Module,
+    example_input: torch.Tensor | NamedInputs,
+    *,
+    dynamic_batch: bool,
+    opset: int | None,
+    dynamic_axes: DynamicAxes | None = None,
 ) -> tuple[torch.onnx.ONNXProgram, list[str]]:
     """torch.onnx (dynamo) with a dynamic batch dimension; names the layer that cannot export.
 
+    `example_input`: one tensor (the positional input), or named tensors passed as keyword
+    arguments, whose `dynamic_axes` (default: axis 0 of each, "batch") are exported dynamic.
     Returns the program and notes for the user (e.g. why the batch size had to be fixed).
     """
+    if isinstance(example_input, Mapping):
+        return _named_to_onnx(model, example_input, dynamic_axes, dynamic_batch, opset)
     notes: list[str] = []
     program = None
     if dynamic_batch and example_input.dim() > 0:
@@ -49,15 +63,67 @@ def torch_to_onnx(
             program = torch.export.export(model, (example_input,))
         except Exception as e:  # noqa: BLE001
             raise UserError(f"cannot trace the model with torch.export: {first_line(e)}") from e
+    return _program_to_onnx(program, opset), notes
+
+
+def _named_to_onnx(
+    model: nn.Module,
+    inputs: NamedInputs,
+    dynamic_axes: DynamicAxes | None,
+    dynamic: bool,
+    opset: int | None,
+) -> tuple[torch.onnx.ONNXProgram, list[str]]:
+    """Keyword inputs; the dynamic axes as Dim.DYNAMIC (torch.export keeps the ranges the model
+    implies, e.g. sequence <= max_position_embeddings), then named in the ONNX inputs."""
+    axes = dynamic_axes if dynamic_axes is not None else {n: {0: "batch"} for n in inputs}
+    notes: list[str] = []
+    program = None
+    if dynamic and any(axes.values()):
+        shapes = {n: {a: torch.export.Dim.DYNAMIC for a in axes.get(n, {})} for n in inputs}
+        try:
+            program = torch.export.export(model, (), kwargs=dict(inputs), dynamic_shapes=shapes)
+        except Exception as e:  # noqa: BLE001 - torch.export raises many types
+            notes.append(f"input shapes fixed as traced: {first_line(e)[:150]}")
+    if program is None:
+        try:
+            program = torch.export.export(model, (), kwargs=dict(inputs))
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot trace the model with torch.export: {first_line(e)}") from e
+    onnx_program = _program_to_onnx(program, opset, output_names=_output_names(model, inputs))
+    for value in onnx_program.model.graph.inputs:
+        named = axes.get(value.name or "", {})
+        if value.shape is not None and named:
+            dims = list(value.shape)
+            value.shape = ir.Shape(
+                [d if isinstance(d, int) else named.get(i, d) for i, d in enumerate(dims)]
+            )
+    return onnx_program, notes
+
+
+def _output_names(model: nn.Module, inputs: NamedInputs) -> list[str] | None:
+    """The keys of the model's outputs (a transformers ModelOutput: "logits", ...), or None."""
+    try:
+        with torch.no_grad():
+            out = model(**inputs)
+    except Exception:  # noqa: BLE001 - torch.export will report the same failure, better
+        return None
+    if isinstance(out, Mapping) and all(isinstance(v, torch.Tensor) for v in out.values()):
+        return [str(k) for k in out]
+    return None
+
+
+def _program_to_onnx(
+    program: torch.export.ExportedProgram, opset: int | None, output_names: list[str] | None = None
+) -> torch.onnx.ONNXProgram:
     try:
         with quiet():
             onnx_program = torch.onnx.export(
-                program, dynamo=True, opset_version=opset, verbose=False
+                program, dynamo=True, opset_version=opset, verbose=False, output_names=output_names
             )
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot export to ONNX: {_blame(program, e)}") from e
     assert onnx_program is not None
-    return onnx_program, notes
+    return onnx_program
 
 
 def _blame(program: torch.export.ExportedProgram, error: Exception) -> str:
