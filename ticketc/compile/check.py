@@ -57,7 +57,8 @@ def check_speed(
 ) -> tuple[nn.Module, Plan]:
     """The fastest of `plans` lowered onto copies of `dense` (the masked model, on the
     config's device and dtype), with layers sent back to dense until it measures at least
-    config.min_model_speedup x dense at the planned batch size; its plan records the check.
+    config.min_model_speedup x dense at the planned batch size (unless the plan is the user's
+    own, config.plan_path: that is measured, not changed); its plan records the check.
 
     `inputs` are at the planned batch size. Raises RuntimeError when a compiled model's
     outputs differ from dense beyond the dtype's tolerance."""
@@ -81,7 +82,8 @@ def check_speed(
             history.append({"candidates_speedup": [round(g, 3) for g in gains]})
         dense_t, compiled_t, gain = times["dense"], times[str(best)], gains[best]
         rounds = 0
-        while plan.sparse_layers and gain < config.min_model_speedup:
+        # A plan the user wrote (config.plan_path) is followed: measured and reported, not undone.
+        while plan.sparse_layers and gain < config.min_model_speedup and not config.plan_path:
             if rounds == MAX_ROUNDS:
                 plan = _all_dense(plan, "the compiled model measured no faster than dense")
             else:
@@ -102,6 +104,7 @@ def check_speed(
         "max_abs_error": error[0],
         "max_rel_error": error[1],
         "fallback_rounds": rounds,
+        "user_plan": config.plan_path is not None,
         "history": history,
         "load_average": load_average(),
     }

@@ -42,7 +42,8 @@ class CompileConfig:
       process and thread count) instead of using the reference rates.
     check: run the compiled model against the masked dense model on the example input at
       the planned batch size: outputs must agree, and layers go back to dense until the
-      compiled model measures at least min_model_speedup x dense (else it is all dense).
+      compiled model measures at least min_model_speedup x dense (else it is all dense); a
+      plan from plan_path is measured and reported but not changed.
     check_budget_s: seconds of timed runs per comparison in the check (at least 5 rounds).
     min_model_speedup: the whole compiled model must measure this much faster than dense to
       keep any sparse layer; a margin over 1 because timings on a shared machine are noisy.
