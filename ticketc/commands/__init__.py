@@ -11,4 +11,5 @@ COMMANDS = [
     "inspect",
     "find",
     "report",
+    "bench",
 ]

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-Example = Tensor | tuple | list | Mapping
+Example = Union[Tensor, tuple, list, Mapping, "Inputs"]  # noqa: UP007 - "Inputs" is defined below
 
 
 @dataclass(frozen=True)
@@ -113,3 +113,87 @@ def output_error(reference: Any, got: Any) -> tuple[float, float]:
         worst_abs = max(worst_abs, diff)
         worst_rel = max(worst_rel, diff / scale if scale > 0 else diff)
     return worst_abs, worst_rel
+
+
+SPEC_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One named model input from the command line: NAME:DTYPE:SHAPE[:LOW-HIGH], e.g.
+    `input_ids:int64:1x128:0-30522` or `pixel_values:float32:1x3x224x224`."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    low: int | None = None
+    high: int | None = None  # exclusive
+
+    @classmethod
+    def parse(cls, text: str) -> InputSpec:
+        """Raises ValueError with a one-line message on a malformed spec."""
+        parts = text.split(":")
+        if len(parts) not in (3, 4) or not parts[0].isidentifier():
+            raise ValueError(
+                f"--input {text!r}: expected NAME:DTYPE:SHAPE[:LOW-HIGH], "
+                "e.g. input_ids:int64:1x128:0-30522"
+            )
+        name, dtype_name, shape_text = parts[:3]
+        if dtype_name not in SPEC_DTYPES:
+            raise ValueError(
+                f"--input {text!r}: dtype {dtype_name!r} is not one of {', '.join(SPEC_DTYPES)}"
+            )
+        try:
+            shape = tuple(int(s) for s in shape_text.lower().replace(",", "x").split("x"))
+        except ValueError:
+            shape = ()
+        if not shape or any(s < 1 for s in shape):
+            raise ValueError(f"--input {text!r}: shape {shape_text!r} is not like 1x128")
+        low = high = None
+        if len(parts) == 4:
+            bounds = parts[3].split("-")
+            try:
+                low, high = int(bounds[0]), int(bounds[1]) + 1
+            except (ValueError, IndexError):
+                low = None
+            if low is None or high is None or len(bounds) != 2 or high <= low:
+                raise ValueError(f"--input {text!r}: range {parts[3]!r} is not like 0-999")
+            if SPEC_DTYPES[dtype_name].is_floating_point:
+                raise ValueError(f"--input {text!r}: a range applies to integer inputs only")
+        return cls(name, SPEC_DTYPES[dtype_name], shape, low, high)
+
+    def make(self, model: nn.Module | None = None, seed: int = 0) -> Tensor:
+        """A tensor for this input: floats from N(0, 1); integers uniform in [low, high], by
+        default all ones for a name containing "mask", else token ids below the smallest
+        nn.Embedding's num_embeddings in `model` (2 without one); bools all True."""
+        g = torch.Generator().manual_seed(seed)
+        if self.dtype.is_floating_point:
+            return torch.randn(self.shape, generator=g).to(self.dtype)
+        if self.dtype == torch.bool:
+            return torch.ones(self.shape, dtype=torch.bool)
+        low, high = self.low, self.high
+        if low is None or high is None:
+            if "mask" in self.name.lower():
+                return torch.ones(self.shape, dtype=self.dtype)
+            sizes = [m.num_embeddings for m in (model.modules() if model is not None else [])
+                     if isinstance(m, nn.Embedding)]  # fmt: skip
+            low, high = 0, min(sizes) if sizes else 2
+        return torch.randint(low, high, self.shape, generator=g, dtype=self.dtype)
+
+
+def inputs_from_specs(specs: list[InputSpec], model: nn.Module | None = None) -> Inputs:
+    """Keyword arguments named by the specs (raises ValueError on a repeated name or batch
+    sizes that differ)."""
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--input names repeat: {', '.join(names)}")
+    if len({s.shape[0] for s in specs}) > 1:
+        raise ValueError("--input shapes must share dim 0 (the batch size)")
+    return Inputs((), {s.name: s.make(model, seed=i) for i, s in enumerate(specs)})

@@ -124,11 +124,43 @@ def load_average() -> list[float]:
         return []
 
 
+def commit() -> str | None:
+    """The git commit of the ticketc source measured ("+dirty" if tracked files changed), or
+    None when ticketc is not run from a git checkout."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  check=True, timeout=10).stdout.strip()  # fmt: skip
+
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def environment() -> dict[str, object]:
-    """What a timing depends on: machine, threads, library versions, load at this moment."""
+    """What a timing depends on: machine, threads, library versions, the commit, load at this
+    moment."""
     import numba
 
+    import ticketc
+
+    try:
+        import onnxruntime
+
+        ort_version: str | None = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
     return {
+        "ticketc": ticketc.__version__,
+        "commit": commit(),
+        "onnxruntime": ort_version,
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
