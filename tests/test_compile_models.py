@@ -4,6 +4,7 @@ check sends slow layers back to dense."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -230,10 +231,20 @@ def test_hf_whisper_encoder_conv1d_strides(tmp_path):
 # ----------------------------------------------------------------------------- the check
 
 
-def test_the_check_sends_slow_layers_back_to_dense(tmp_path, monkeypatch):
-    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
-    prune_global_(model, 0.95)
-    x = torch.randn(4, 64)
+def _planner_says_csr(monkeypatch) -> None:
+    """The planner plans every layer csr (as a cost model that is wrong would)."""
+    lower = sys.modules["ticketc.compile.lower"]
+    real = lower.make_plan
+
+    def all_csr(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        layers = tuple(dataclasses.replace(lp, format="csr") for lp in plan.layers)
+        return dataclasses.replace(plan, layers=layers)
+
+    monkeypatch.setattr(lower, "make_plan", all_csr)
+
+
+def _slow_sparse(monkeypatch) -> None:
     real = SparseLinear.forward
 
     def slow(self, x):
@@ -241,12 +252,33 @@ def test_the_check_sends_slow_layers_back_to_dense(tmp_path, monkeypatch):
         return real(self, x)
 
     monkeypatch.setattr(SparseLinear, "forward", slow)
-    compiled = _all_csr(model, x, tmp_path, **CHECK, check=True)  # planned all sparse ...
+
+
+def test_the_check_sends_slow_layers_back_to_dense(monkeypatch):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
+    prune_global_(model, 0.95)
+    x = torch.randn(4, 64)
+    _planner_says_csr(monkeypatch)
+    _slow_sparse(monkeypatch)
+    config = CompileConfig(dead_units=False, check=True, **CHECK)
+    compiled = tc.compile(model, config, example_input=x)  # planned all sparse ...
     checked = plan_of(compiled)
     assert not checked.sparse_layers  # ... measured: all back to dense
     assert not any(isinstance(m, SparseLinear) for m in compiled.modules())
     assert checked.check["fallback_rounds"] >= 1 and checked.check["history"]
     assert all(lp.reason.startswith("kept dense") for lp in checked.layers)
+    _same(model.eval(), compiled, x)
+
+
+def test_the_check_measures_but_keeps_a_plan_the_user_wrote(tmp_path, monkeypatch):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
+    prune_global_(model, 0.95)
+    x = torch.randn(4, 64)
+    _slow_sparse(monkeypatch)
+    compiled = _all_csr(model, x, tmp_path, **CHECK, check=True)
+    checked = plan_of(compiled)
+    assert checked.sparse_layers == ["0", "2"]
+    assert checked.check["user_plan"] and checked.check["speedup"] < 1
     _same(model.eval(), compiled, x)
 
 
