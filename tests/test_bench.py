@@ -29,6 +29,7 @@ def _mlp() -> nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow
 def test_every_runtime_has_a_cell_per_batch_and_dense_is_the_baseline():
     result = bench_model(_mlp(), Inputs.of(torch.randn(1, 20)), BenchConfig((1, 8), **FAST))
     assert {(c.runtime, c.batch) for c in result.cells} == {
@@ -47,6 +48,7 @@ def test_every_runtime_has_a_cell_per_batch_and_dense_is_the_baseline():
     assert len(result.verdicts) == 2 and result.environment["torch_threads"] == 1
 
 
+@pytest.mark.slow
 def test_token_id_inputs_and_dict_outputs_run_in_every_runtime():
     torch.manual_seed(0)
     model = BertLike(vocab=50, dim=32, heads=2, ffn=64, layers=1, max_len=16).eval()

@@ -79,7 +79,8 @@ class BenchResult:
 class BenchConfig:
     """batch_sizes: dim 0 of every input tensor; threads: torch and onnxruntime intra-op
     threads (None: torch's current setting); budget_s: seconds of timed rounds per batch size
-    (at least min_rounds rounds whatever it costs); sizes: also write the ticketc exports
+    (at least min_rounds rounds, cut to 3 where one round would take over 10 s, so that large
+    batches of large models stay within minutes); sizes: also write the ticketc exports
     to measure bytes on disk."""
 
     batch_sizes: tuple[int, ...] = (1, 16, 64, 256)
@@ -145,9 +146,11 @@ def _bench(
             prepared, row = _prepare_all(dense, inputs, batch, config, onnx, Path(tmp), log)
             if prepared:
                 log(f"batch {batch}: timing {', '.join(prepared)}")
+                one_round = sum(p.seconds for p in prepared.values())
+                rounds = config.min_rounds if one_round < 10 else min(3, config.min_rounds)
                 timings = time_interleaved(
                     {k: p.run for k, p in prepared.items()},
-                    TimingConfig(budget_s=config.budget_s, min_rounds=config.min_rounds),
+                    TimingConfig(budget_s=config.budget_s, min_rounds=rounds),
                     sync=sync,
                 )
                 base = timings[rt.TORCH_DENSE]
@@ -215,7 +218,9 @@ def _prepare_all(
         row.append(cell)
         try:
             p = make(name)
+            started = time.perf_counter()  # one untimed call (the output check) sizes the rounds
             out = p.run()
+            p.seconds = time.perf_counter() - started
             if name == rt.ORT:
                 out = _like(reference, rt.onnx_outputs(out))
             _, rel = output_error(reference, out)

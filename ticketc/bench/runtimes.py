@@ -41,6 +41,7 @@ class Prepared:
 
     run: Callable[[], Any]
     note: str = ""  # e.g. the plan, or which layers a baseline covers
+    seconds: float = 0.0  # one untimed call (first call: warm-up included), set by the caller
 
 
 class NotRunnable(Exception):
