@@ -122,7 +122,11 @@ def plot(result: BenchResult, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    sized = [s for s in result.sizes if s.bytes]
+    if sized:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    else:
+        fig, ax = plt.subplots(figsize=(8, 5))
     missing = []
     for name in rt.RUNTIMES:
         pts = [(c.batch, c.speedup) for c in result.cells if c.runtime == name and c.speedup]
@@ -139,14 +143,20 @@ def plot(result: BenchResult, path: Path) -> None:
             batches = ",".join(str(c.batch) for c in gaps)
             missing.append(f"{name} (batch {batches}): {gaps[0].why}"[:110])
     ax.axhline(1.0, color="black", lw=1, ls="--")
-    ax.annotate("1.0x = torch dense", (0.01, 1.0), xycoords=("axes fraction", "data"),
-                va="bottom", fontsize=8)  # fmt: skip
+    ax.annotate("1.0x = torch dense", (0.99, 1.0), xycoords=("axes fraction", "data"),
+                va="bottom", ha="right", fontsize=8)  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
+    low, high = ax.get_ylim()
+    nice = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 7, 10, 20, 30, 50, 100, 200, 500]
+    if high / low < 4:  # a narrow range: steps of 0.1x
+        nice = [round(0.1 * i, 1) for i in range(1, 41)]
+    ticks = [t for t in nice if low <= t <= high] or [1]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(result.batch_sizes, [str(b) for b in result.batch_sizes])
     ax.set_xlabel("batch size")
     ax.set_ylabel("speed-up vs torch dense (higher is faster)")
@@ -159,7 +169,6 @@ def plot(result: BenchResult, path: Path) -> None:
     if missing:
         ax.text(0.01, -0.2, "not timed: " + "\n".join(missing), transform=ax.transAxes,
                 fontsize=7, va="top")  # fmt: skip
-    sized = [s for s in result.sizes if s.bytes]
     if sized:
         names = [s.name for s in sized]
         mb = [s.bytes / 1e6 for s in sized]  # type: ignore[operator]
@@ -172,10 +181,11 @@ def plot(result: BenchResult, path: Path) -> None:
         bx.invert_yaxis()
         bx.set_xlabel("MB on disk (x: smaller than the dense ONNX export)")
         bx.set_xlim(0, max(mb) * 1.6)
-    else:
-        bx.text(0.5, 0.5, "sizes not measured (--no-sizes)", ha="center")
-        bx.set_axis_off()
-    bx.set_title("size", fontsize=10)
+        bx.set_title("size", fontsize=10)
+        absent = [f"{s.name}: {s.why}" for s in result.sizes if not s.bytes]
+        if absent:
+            bx.text(0.0, -0.2, "not measured: " + "\n".join(absent), transform=bx.transAxes,
+                    fontsize=7, va="top")  # fmt: skip
     fig.text(0.01, 0.01, f"{env.get('cpu_model')}, torch {env.get('torch')}, "
              f"load average {env.get('load_average')}", fontsize=7)  # fmt: skip
     fig.tight_layout(rect=(0, 0.05, 1, 1))
