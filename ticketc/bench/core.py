@@ -252,7 +252,13 @@ def _compiled(
 ) -> rt.Prepared:
     import ticketc.compile as tc
     from ticketc.compile import CompileConfig
+    from ticketc.compile.planner import LAYERS
 
+    if not any(isinstance(m, LAYERS) for m in dense.modules()):
+        raise rt.NotRunnable(
+            "no nn.Linear / nn.Conv module to compile (a torch.export program is already "
+            "lowered: bench the model it was exported from)"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compiled = tc.compile(

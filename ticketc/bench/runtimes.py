@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,7 +50,8 @@ class NotRunnable(Exception):
 
 
 def first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
+    """The error's first line, without terminal colour codes, at most 200 characters."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
     return (lines[0] if lines else type(e).__name__)[:200]
 
 

@@ -76,6 +76,11 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"-o {out}: exists and is not a directory")
     loaded = load_from_args(args)
+    if _calls_ticketc_ops(loaded.model):
+        raise UserError(
+            f"{args.model} is a ticketc-compiled program, so it has no dense baseline: "
+            "bench the model it was compiled from"
+        )
     if specs:
         try:
             example = inputs_from_specs(specs, loaded.model)
@@ -103,6 +108,13 @@ def run(args: argparse.Namespace) -> int:
         print_report(result, console())
         print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
+
+
+def _calls_ticketc_ops(model: torch.nn.Module) -> bool:
+    """Whether a loaded torch.export program calls torch.ops.ticketc.* (ticketc compiled it)."""
+    graph = getattr(model, "graph", None)
+    nodes = getattr(graph, "nodes", [])
+    return any(str(getattr(n, "target", "")).startswith("ticketc.") for n in nodes)
 
 
 def _check_runs(model: torch.nn.Module, example: object, name: str) -> None:
