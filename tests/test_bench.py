@@ -189,3 +189,15 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, model_file, capsys, extr
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert message in err, err
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_cli_refuses_a_ticketc_compiled_program(tmp_path, capsys):
+    import ticketc.compile as tc
+
+    x = torch.randn(2, 20)
+    compiled = tc.compile(_mlp(), tc.CompileConfig(check=False, calibrate=False), example_input=x)
+    path = tmp_path / "c.pt2"
+    torch.export.save(tc.export_program(compiled, x), str(path))
+    assert main(["bench", str(path), "--input-shape", "2,20", "-o", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ticketc-compiled program" in err, err
