@@ -88,7 +88,7 @@ def test_levels_masks_rewind_and_zeros(tmp_path: Path) -> None:
     assert ticket.arch == TINY and ticket.rewind_point == "init"
     for name, m in ticket.masks.items():
         assert torch.equal(ticket.rewind_state_dict[name], init[name] * m)
-    model = ticket.build()  # loads with the trained masked weights
+    model = ticket.build(TINY)  # a user architecture: built only from the caller's own reference
     assert model(torch.randn(2, 12)).shape == (2, 10)
 
 

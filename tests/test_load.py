@@ -124,11 +124,14 @@ def test_mask_file_mismatch_is_a_user_error(tmp_path, masks, message):
 
 
 def test_ticket_checkpoint_loads_without_flags(tmp_path):
-    model = tiny_mlp()
+    from ticketc.models import lenet300
+
+    model = lenet300(num_classes=4, in_features=20)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    masks = {"1.weight": torch.rand(16, 20) < 0.3, "3.weight": torch.rand(4, 16) < 0.5}
+    masks = {"1.weight": torch.rand(300, 20) < 0.3, "3.weight": torch.rand(100, 300) < 0.5}
     ticket = Ticket(
-        arch=ARCH,
+        arch="ticketc.models:lenet300",
+        arch_kwargs={"num_classes": 4, "in_features": 20},
         state_dict=model.state_dict(),
         masks=masks,
         rewind_state_dict=init,
@@ -140,6 +143,20 @@ def test_ticket_checkpoint_loads_without_flags(tmp_path):
     assert loaded.source == "ticket"
     for name, mask in masks.items():
         assert torch.equal(dict(loaded.model.named_parameters())[name] != 0, mask)
+
+
+def test_ticket_of_a_user_architecture_needs_arch(tmp_path):
+    model = tiny_mlp()
+    masks = {"1.weight": torch.rand(16, 20) < 0.3}
+    ticket = Ticket(
+        arch=ARCH, state_dict=model.state_dict(), masks=masks,
+        rewind_state_dict=model.state_dict(),
+    )
+    save_ticket(ticket, tmp_path / "ticket.pt")
+    with pytest.raises(UserError, match=f"--arch {ARCH}"):
+        load_model(tmp_path / "ticket.pt")
+    loaded = load_model(tmp_path / "ticket.pt", arch=ARCH)
+    assert torch.equal(loaded.model[1].weight != 0, masks["1.weight"])
 
 
 def test_exported_program(tmp_path):

@@ -42,8 +42,18 @@ class Ticket:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if ":" not in self.arch:
+        if not isinstance(self.arch, str) or ":" not in self.arch:
             raise ValueError(f"arch {self.arch!r} is not of the form module.path:factory")
+        for what in ("state_dict", "masks", "rewind_state_dict"):
+            tensors = getattr(self, what)
+            if not isinstance(tensors, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+            ):
+                raise ValueError(f"{what} is not a dict of name -> tensor")
+        if not isinstance(self.rewind_point, str):
+            raise ValueError(f"rewind_point {self.rewind_point!r} is not a string")
+        if not isinstance(self.metrics, dict):
+            raise ValueError("metrics is not a JSON object")
         for name, mask in self.masks.items():
             if mask.dtype != torch.bool:
                 raise ValueError(f"mask {name!r} has dtype {mask.dtype}, expected torch.bool")
@@ -55,11 +65,19 @@ class Ticket:
                     f"mask {name!r} has shape {tuple(mask.shape)}, weight has {tuple(weight.shape)}"
                 )
 
-    def build(self) -> torch.nn.Module:
-        """The architecture with the trained (masked) weights loaded."""
-        from ticketc.factory import resolve
+    def build(self, arch: str | None = None) -> torch.nn.Module:
+        """The architecture with the trained (masked) weights loaded.
 
-        model = resolve(self.arch, "architecture")(**self.arch_kwargs)
+        Only a built-in architecture is built from the ticket's own `arch`; any other is built
+        from `arch`, the reference the user gives (see `ticketc.factory.resolve_from_file`).
+        Raises UserError.
+        """
+        from ticketc.factory import build_model
+
+        model = build_model(
+            self.arch, self.arch_kwargs, source="ticket", user_arch=arch,
+            state_dict=self.state_dict,
+        )
         model.load_state_dict(self.state_dict)
         return model
 
@@ -78,7 +96,9 @@ class Ticket:
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> Ticket:
-        if obj.get("format") != FORMAT:
+        """The ticket in a dict as `to_dict` writes it; ValueError / KeyError / TypeError on
+        anything else."""
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise ValueError("not a ticketc ticket checkpoint")
         if obj.get("version") != VERSION:
             raise ValueError(f"ticket checkpoint version {obj.get('version')!r} is not {VERSION}")
@@ -89,8 +109,20 @@ class Ticket:
             masks=obj["masks"],
             rewind_state_dict=obj["rewind_state_dict"],
             rewind_point=obj.get("rewind_point", "init"),
-            metrics=json.loads(obj.get("metrics", "{}")),
+            metrics=_metrics(obj.get("metrics", "{}")),
         )
+
+
+def _metrics(text: object) -> dict[str, Any]:
+    if not isinstance(text, str):
+        raise TypeError("metrics is not a JSON string")
+    try:
+        metrics = json.loads(text)
+    except RecursionError:
+        raise ValueError("metrics JSON nests too deeply") from None
+    if not isinstance(metrics, dict):
+        raise TypeError("metrics is not a JSON object")
+    return metrics
 
 
 def is_ticket(obj: object) -> bool:
@@ -104,4 +136,12 @@ def save_ticket(ticket: Ticket, path: str | os.PathLike[str]) -> None:
 
 
 def load_ticket(path: str | os.PathLike[str]) -> Ticket:
-    return Ticket.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+    """Read a ticket checkpoint (weights_only); UserError when it is not a sound one."""
+    from ticketc.errors import UserError
+    from ticketc.safe_load import torch_load_safe
+
+    obj = torch_load_safe(path, trust_pickle=False)
+    try:
+        return Ticket.from_dict(obj)
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: broken ticket checkpoint ({e})") from e

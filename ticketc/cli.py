@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -13,10 +14,20 @@ from ticketc import __version__
 from ticketc.commands import COMMANDS
 from ticketc.errors import UserError
 
+RUNS_CODE = (
+    "Reading a file never runs code from it. Only these flags run code: --arch MODULE:FACTORY "
+    "(export, compile, verify, inspect, report), find --model MODULE:FACTORY and "
+    "find --data MODULE:FACTORY import and call the factory you name (the current folder is on "
+    "the import path); --trust-pickle (export, compile, verify, inspect) unpickles what the "
+    "file holds. Each is marked '(runs code)' in the command's --help."
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ticketc", description="Turn lottery tickets into deployable sparse models."
+        prog="ticketc",
+        description="Turn lottery tickets into deployable sparse models.",
+        epilog=RUNS_CODE,
     )
     parser.add_argument("--version", action="version", version=f"ticketc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -43,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ticketc: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a vanished or unreadable file, a quota
+        print(f"ticketc: error: {_os_error(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("ticketc: error: out of memory", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - the last line of defence for users
         if os.environ.get("TICKETC_DEBUG"):
             traceback.print_exc()
@@ -52,6 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OSError that escaped the readers and writers: the path and the reason."""
+    lines = str(e).strip().splitlines()
+    reason = e.strerror or (lines[0][:300] if lines else type(e).__name__)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += " (the disk is full)"
+    return f"{e.filename}: {reason}" if e.filename else reason
 
 
 def entry() -> None:

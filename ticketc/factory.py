@@ -1,23 +1,48 @@
-"""Resolve `module.path:factory` references (architectures, models, datasets)."""
+"""Resolve `module.path:factory` references (architectures, models, datasets).
+
+Two sources, two rules:
+- a reference the user typed on the command line (`--arch`, `--model`, `--data`) is imported and
+  called: the user chose to run that code (`resolve`);
+- a reference written inside a file (a ticket's `arch`, a run directory's `arch.json`) is only
+  ever one of ticketc's own architectures (`ticketc.models`), or the very reference the user also
+  gave with `--arch`. Anything else is refused with a line naming `--arch`
+  (`resolve_from_file`); the file's keyword arguments must be plain JSON values.
+"""
 
 from __future__ import annotations
 
 import importlib
+import math
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
+import torch
+from torch import nn
+
 from ticketc.errors import UserError
+
+BUILTIN_MODULE = "ticketc.models"
 
 
 def resolve(ref: str, what: str = "factory") -> Callable[..., Any]:
-    """Import `module.path:name` and return the callable it names."""
+    """Import `module.path:name` and return the callable it names (runs the module's code).
+
+    Only for references the user gave on the command line. The current folder is put first on
+    the import path, as `python -m` does, so `--arch mymodels:mlp` finds ./mymodels.py whether
+    ticketc was started as `ticketc` or as `python -m ticketc`. Raises UserError.
+    """
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
         raise UserError(f"{what} {ref!r} is not of the form module.path:factory")
+    _current_folder_on_path()
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise UserError(f"{what} {ref!r}: cannot import module {module_name!r} ({e})") from e
+    except Exception as e:  # noqa: BLE001 - the user's module failed while importing
+        raise UserError(f"{what} {ref!r}: importing {module_name!r} failed ({_line(e)})") from e
     try:
         obj = getattr(module, attr)
     except AttributeError:
@@ -25,3 +50,142 @@ def resolve(ref: str, what: str = "factory") -> Callable[..., Any]:
     if not callable(obj):
         raise UserError(f"{what} {ref!r} is not callable")
     return obj  # type: ignore[no-any-return]
+
+
+def _current_folder_on_path() -> None:
+    """Put the current folder first on sys.path unless it is there already ('' or its path)."""
+    cwd = os.getcwd()
+    if any(entry in ("", cwd) or os.path.abspath(entry) == cwd for entry in sys.path):
+        return
+    sys.path.insert(0, cwd)
+    importlib.invalidate_caches()
+
+
+def builtin(ref: str) -> Callable[..., nn.Module] | None:
+    """The factory of a built-in architecture `ticketc.models:NAME`, else None (imports nothing
+    outside ticketc)."""
+    module_name, sep, name = ref.partition(":")
+    if module_name != BUILTIN_MODULE or not sep:
+        return None
+    from ticketc.models import REGISTRY
+
+    return REGISTRY.get(name)  # type: ignore[return-value]
+
+
+def resolve_from_file(
+    ref: object, source: str, user_arch: str | None, what: str = "architecture"
+) -> Callable[..., Any]:
+    """The factory a file names: built in, or the one the user gave with --arch.
+
+    `source` names the file in messages. When the user passed `--arch`, that reference is
+    used (the user's choice of code to run). Otherwise only ticketc's own architectures are
+    accepted; any other reference is refused with a line naming --arch.
+    """
+    if user_arch is not None:
+        return resolve(user_arch, what)
+    if not isinstance(ref, str):
+        raise UserError(f"{source}: its {what} is a {type(ref).__name__}, not module.path:factory")
+    factory = builtin(ref)
+    if factory is None:
+        raise UserError(
+            f"{source} names the {what} {ref[:200]!r}, which is not built into ticketc; "
+            f"importing it would run code named in the file, so it is refused. Pass --arch "
+            f"{ref[:200]} if you trust it (that runs its code)"
+        )
+    return factory
+
+
+def check_json_kwargs(kwargs: object, source: str) -> dict[str, Any]:
+    """`kwargs` when it is a dict of str -> plain JSON values (None, bool, int, float, str, and
+    lists / dicts of those); UserError otherwise."""
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise UserError(f"{source}: architecture arguments must be a dict with string keys")
+    for key, value in kwargs.items():
+        if not _plain_json(value, depth=0):
+            raise UserError(
+                f"{source}: architecture argument {key!r} is a {type(value).__name__}, "
+                "not a plain JSON value"
+            )
+    return dict(kwargs)
+
+
+def _plain_json(value: object, depth: int) -> bool:
+    if depth > 20:
+        return False
+    if value is None or type(value) in (bool, int, str):
+        return True
+    if type(value) is float:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    if type(value) is list:
+        return all(_plain_json(v, depth + 1) for v in value)  # type: ignore[attr-defined]
+    if type(value) is dict:
+        return all(
+            isinstance(k, str) and _plain_json(v, depth + 1)
+            for k, v in value.items()  # type: ignore[attr-defined]
+        )
+    return False
+
+
+def build_model(
+    ref: object,
+    kwargs: object,
+    *,
+    source: str,
+    user_arch: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Build the architecture a file names (see `resolve_from_file`), with its arguments.
+
+    A built-in architecture is first built on the meta device (no memory) and its parameter
+    shapes compared with `state_dict`, so arguments from a file can never make ticketc
+    allocate more than the weights the file really holds. Errors the factory raises become a
+    UserError naming `source`.
+    """
+    from ticketc.safe_load import quiet
+
+    factory = resolve_from_file(ref, source, user_arch)
+    checked = check_json_kwargs(kwargs, source)
+    name = user_arch or str(ref)
+    if user_arch is None and state_dict is not None:
+        with quiet():
+            try:
+                with torch.device("meta"):
+                    skeleton = factory(**checked)
+            except Exception as e:  # noqa: BLE001 - bad arguments fail inside the factory
+                raise UserError(
+                    f"{source}: architecture {name}(**{checked}) fails ({_line(e)})"
+                ) from e
+        check_shapes(skeleton, state_dict, source)
+    try:
+        with quiet():
+            model = factory(**checked)
+    except Exception as e:  # noqa: BLE001 - the factory's own errors, one line
+        raise UserError(f"{source}: building architecture {name} failed ({_line(e)})") from e
+    if not isinstance(model, nn.Module):
+        raise UserError(f"architecture {name!r} returned a {type(model).__name__}, not a module")
+    return model
+
+
+def check_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """UserError unless every entry of `model.state_dict()` has its tensor in `state_dict`, with
+    the same shape."""
+    expected = model.state_dict()
+    missing = [n for n in expected if n not in state_dict]
+    wrong = [
+        f"{n} {tuple(state_dict[n].shape)} vs {tuple(t.shape)}"
+        for n, t in expected.items()
+        if n in state_dict
+        and isinstance(state_dict[n], torch.Tensor)
+        and state_dict[n].shape != t.shape
+    ]
+    if missing or wrong:
+        detail = "; ".join(
+            ([f"missing {', '.join(missing[:5])}"] if missing else [])
+            + ([f"shapes differ: {', '.join(wrong[:3])}"] if wrong else [])
+        )
+        raise UserError(f"{source}: weights do not match the architecture ({detail})")
+
+
+def _line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__

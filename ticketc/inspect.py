@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from ticketc.errors import UserError
+from ticketc.safe_load import is_pt2_archive
 
 BLOCK_SIZES = (8, 16, 32, 64)
 
@@ -66,7 +68,9 @@ def layer_stats(name: str, weight: torch.Tensor) -> LayerStats:
     from ticketc.formats.csr import CSR
 
     weight = weight.detach().float().cpu()
-    matrix = weight.reshape(weight.shape[0], -1)
+    rows = weight.shape[0] if weight.dim() else 1
+    # explicit column count: reshape(rows, -1) is ambiguous for an empty (0-size) layer
+    matrix = weight.reshape(rows, weight.numel() // rows if rows else 0)
     nnz = int(weight.count_nonzero())
     compact = Compact.from_dense(weight, values="fp32")
     return LayerStats(
@@ -89,33 +93,51 @@ def inspect_file(
     trust_pickle: bool = False,
     mask_path: str | os.PathLike[str] | None = None,
 ) -> Inspection:
-    from ticketc.load import check_file
+    from ticketc.load import load_model
+    from ticketc.safe_load import check_file, looks_like_onnx, open_zip
 
     p = check_file(path)
-    if p.suffix == ".pt2":
+    names = None
+    with open(p, "rb") as f:
+        if zipfile.is_zipfile(f):
+            with open_zip(f, p) as archive:  # declared sizes checked before anything is read
+                names = archive.namelist()
+    if names is not None and is_pt2_archive(names):
         from ticketc.compile.plan import plan_rows
 
-        plan = plan_rows(p)
+        plan = plan_rows(p)  # reads the zip (sizes checked above), never unpickles
         if plan is not None:  # compiled by ticketc: the sparse modules hold no dense weight
             return Inspection(str(p), "compiled", [], plan)
-    if p.suffix == ".onnx":
+    elif names is None and (p.suffix == ".onnx" or looks_like_onnx(p)):
         return Inspection(str(p), "onnx", [layer_stats(n, w) for n, w in onnx_weights(p).items()])
-    from ticketc.load import load_model
-
     loaded = load_model(p, arch=arch, trust_pickle=trust_pickle, mask_path=mask_path)
     params = dict(loaded.model.named_parameters())
     return Inspection(str(p), "model", [layer_stats(n, params[n]) for n in loaded.masks])
 
 
 def onnx_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The weight matrices of an ONNX file as dense tensors, whatever form they are stored in."""
-    import onnx
+    """The weight matrices of an ONNX file as dense float32 tensors, whatever form they are
+    stored in (dense or sparse initializers, ticketc's portable decode nodes).
+
+    The file is checked first (`ticketc.safe_onnx`): external data stays in its folder, declared
+    dense sizes fit in memory. Raises UserError naming the file and what is wrong.
+    """
+    from ticketc.safe_onnx import load_onnx
+
+    model = load_onnx(path)
+    try:
+        weights = _stored_weights(model, path)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy / onnx on a corrupt tensor
+        raise UserError(f"{path}: corrupt tensor data ({_line(e)})") from e
+    weights.update(_decode_portable(model, path))
+    return {name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in weights.items()}
+
+
+def _stored_weights(model: Any, path: Path) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
-    try:
-        model = onnx.load(str(path))
-    except Exception as e:  # noqa: BLE001 - protobuf errors on corrupt files
-        raise UserError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:200]})") from e
     graph = model.graph
     weights: dict[str, np.ndarray] = {}
     consumers = {"Gemm", "MatMul", "Conv"}
@@ -126,40 +148,71 @@ def onnx_weights(path: Path) -> dict[str, torch.Tensor]:
         if init.name in used_as_weight and len(init.dims) >= 2:
             weights[init.name] = numpy_helper.to_array(init)
     for sparse in graph.sparse_initializer:
-        dense = np.zeros(int(np.prod(sparse.dims)), dtype=np.float32)
-        dense[numpy_helper.to_array(sparse.indices).reshape(-1)] = numpy_helper.to_array(
-            sparse.values
-        )
-        weights[sparse.values.name] = dense.reshape(tuple(sparse.dims))
-    weights.update(_decode_portable(model))
-    return {name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in weights.items()}
+        weights[sparse.values.name] = _densify(sparse, path)
+    return weights
 
 
-def _decode_portable(model) -> dict[str, np.ndarray]:  # model: onnx.ModelProto
-    """Run only the ticketc decode nodes of a portable file, in onnxruntime."""
+def _densify(sparse: Any, path: Path) -> np.ndarray:
+    """A SparseTensorProto as a dense array: indices linear [NNZ] or coordinates [NNZ, rank]."""
+    from onnx import numpy_helper
+
+    dims = tuple(int(d) for d in sparse.dims)
+    numel = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    values = numpy_helper.to_array(sparse.values).reshape(-1)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64, copy=False)
+    where = f"{path}: sparse initializer {sparse.values.name[:80]!r}"
+    if indices.ndim == 2 and len(dims) == indices.shape[1]:
+        if ((indices < 0) | (indices >= np.array(dims, dtype=np.int64))).any():
+            raise UserError(f"{where} has indices outside its dims {list(dims)}")
+        indices = np.ravel_multi_index(tuple(indices.T), dims) if len(indices) else indices[:, 0]
+    indices = indices.reshape(-1)
+    if len(indices) != len(values):
+        raise UserError(f"{where} has {len(indices)} indices for {len(values)} values")
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+        raise UserError(f"{where} has indices outside its {numel} elements")
+    dense = np.zeros(numel, dtype=np.float32)
+    dense[indices] = values
+    return dense.reshape(dims)
+
+
+def _decode_portable(model: Any, path: Path) -> dict[str, np.ndarray]:
+    """Run only the ticketc decode nodes of a portable file, in onnxruntime (its own log lines
+    silenced); a decode that fails is a UserError naming the file."""
     import onnx
     import onnxruntime as ort
+
+    from ticketc.safe_onnx import run_options, session_options
 
     nodes = [n for n in model.graph.node if n.domain == "ticketc"]
     if not nodes:
         return {}
     needed = {i for n in nodes for i in n.input}
-    graph = onnx.helper.make_graph(
-        nodes,
-        "decode",
-        [],
-        [
-            onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)
-            for n in nodes
-        ],
-        [init for init in model.graph.initializer if init.name in needed],
-    )
-    decode = onnx.helper.make_model(
-        graph,
-        opset_imports=model.opset_import,
-        functions=model.functions,
-        ir_version=model.ir_version,
-    )
-    session = ort.InferenceSession(decode.SerializeToString(), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {})
+    try:
+        graph = onnx.helper.make_graph(
+            nodes,
+            "decode",
+            [],
+            [
+                onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)
+                for n in nodes
+            ],
+            [init for init in model.graph.initializer if init.name in needed],
+        )
+        decode = onnx.helper.make_model(
+            graph,
+            opset_imports=model.opset_import,
+            functions=model.functions,
+            ir_version=model.ir_version,
+        )
+        session = ort.InferenceSession(
+            decode.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
+        )
+        outputs = session.run(None, {}, run_options())
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise UserError(f"{path}: its compact weights do not decode ({_line(e)})") from e
     return {n.output[0]: out for n, out in zip(nodes, outputs, strict=True)}
+
+
+def _line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__

@@ -1,10 +1,13 @@
 """Stage 1 of the pipeline: a model file -> a dense PyTorch module with its masks applied.
 
 Accepted inputs:
-- ticketc's own ticket checkpoint (weights_only, no flag needed);
+- ticketc's own ticket checkpoint (weights_only, no flag needed when it names a built-in
+  architecture; another `arch` is built only from the user's own `--arch`);
 - a state dict (weights_only) plus `arch="module.path:factory"`;
 - a full pickled module, only with `trust_pickle=True` (unpickling runs code from the file);
-- a `torch.export` program (`.pt2`).
+- a `torch.export` program (`.pt2`), checked by `ticketc.safe_pt2` before it is loaded.
+
+Reading itself (sizes, pickles, what runs code) lives in `ticketc.safe_load`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +25,11 @@ from torch import nn
 
 from ticketc.checkpoint import Ticket, is_ticket
 from ticketc.errors import UserError
-from ticketc.factory import resolve
+from ticketc.factory import build_model
 from ticketc.masks import Masks, apply_masks_, load_mask_file, resolve_masks, strip_pruning_
+from ticketc.safe_load import check_file, first_line, is_pt2_archive, torch_load_safe
+
+__all__ = ["LoadedModel", "check_file", "load_model", "load_sample", "torch_load_safe"]
 
 
 @dataclass
@@ -37,56 +42,7 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)  # things the user should know, one line each
 
 
-def check_file(path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: no such file")
-    if p.is_dir():
-        raise UserError(f"{p}: is a directory, expected a model file")
-    if p.stat().st_size == 0:
-        raise UserError(f"{p}: file is empty")
-    return p
-
-
-def torch_load_safe(path: str | os.PathLike[str], *, trust_pickle: bool) -> Any:
-    """torch.load with weights_only, turning every failure into one clear UserError.
-
-    A file that needs arbitrary unpickling (a whole pickled module) is refused unless the
-    user opted in with trust_pickle.
-    """
-    p = check_file(path)
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights_only" not in str(e) and "Weights only" not in str(e):
-            raise UserError(f"{p}: not a readable torch file ({_first_line(e)})") from e
-        if not trust_pickle:
-            raise UserError(
-                f"{p} holds pickled Python objects (e.g. a whole module saved with "
-                "torch.save(model)); loading it runs code from the file, so it is refused. "
-                "Pass --trust-pickle if you trust its source, or save a state dict and use --arch"
-            ) from e
-    except (
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        zipfile.BadZipFile,
-        UnicodeDecodeError,
-        AttributeError,
-        KeyError,
-        IndexError,
-    ) as e:
-        raise UserError(f"{p}: not a torch file, or truncated/corrupted ({_first_line(e)})") from e
-    try:
-        return torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - arbitrary unpickling can raise anything
-        raise UserError(f"{p}: could not unpickle ({type(e).__name__}: {_first_line(e)})") from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+_first_line = first_line  # kept for callers of the old private name
 
 
 def load_model(
@@ -98,8 +54,8 @@ def load_model(
 ) -> LoadedModel:
     """Load any supported model file; see the module docstring."""
     p = check_file(path)
-    if p.suffix == ".pt2":
-        loaded = _load_exported_program(p)
+    if _is_pt2(p):
+        loaded = _load_exported_program(p, trust_pickle=trust_pickle)
     else:
         loaded = _load_torch_file(p, arch=arch, trust_pickle=trust_pickle)
     explicit = load_mask_file(mask_path) if mask_path is not None else None
@@ -108,6 +64,15 @@ def load_model(
     check_finite(loaded.model)
     set_eval_(loaded.model)
     return loaded
+
+
+def _is_pt2(p: Path) -> bool:
+    """A torch.export archive, told by its contents rather than its name."""
+    try:
+        with zipfile.ZipFile(p) as archive:
+            return is_pt2_archive(archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return False
 
 
 def set_eval_(model: nn.Module) -> None:
@@ -123,7 +88,10 @@ def _load_torch_file(p: Path, *, arch: str | None, trust_pickle: bool) -> Loaded
             ticket = Ticket.from_dict(obj)
         except (KeyError, ValueError, TypeError) as e:
             raise UserError(f"{p}: broken ticket checkpoint ({e})") from e
-        model = _build(ticket.arch, ticket.arch_kwargs)
+        model = build_model(
+            ticket.arch, ticket.arch_kwargs, source=str(p), user_arch=arch,
+            state_dict=ticket.state_dict,
+        )
         _load_state_dict(model, ticket.state_dict, p)
         return LoadedModel(
             model,
@@ -140,7 +108,7 @@ def _load_torch_file(p: Path, *, arch: str | None, trust_pickle: bool) -> Loaded
             raise UserError(
                 f"{p} is a state dict: pass --arch module.path:factory to build the architecture"
             )
-        model = _build(arch, {})
+        model = build_model(arch, {}, source=str(p), user_arch=arch)
         state, found, notes = _normalise_state_dict(obj)
         _load_state_dict(model, state, p)
         return LoadedModel(model, found, "state_dict", _example_input(arch, {}), arch, notes)
@@ -149,25 +117,21 @@ def _load_torch_file(p: Path, *, arch: str | None, trust_pickle: bool) -> Loaded
     )
 
 
-def _load_exported_program(p: Path) -> LoadedModel:
-    import ticketc.ops  # noqa: F401 - a program compiled by ticketc calls torch.ops.ticketc.*
+def _load_exported_program(p: Path, *, trust_pickle: bool) -> LoadedModel:
+    from ticketc.safe_pt2 import load_exported_program
 
-    try:
-        program = torch.export.load(p)
-    except Exception as e:  # noqa: BLE001 - torch.export.load fails in many ways on bad files
-        raise UserError(f"{p}: not a readable torch.export program ({_first_line(e)})") from e
+    program = load_exported_program(p, trust_pickle=trust_pickle)
     example = None
     args = getattr(program, "example_inputs", None)
-    if args and args[0] and isinstance(args[0][0], torch.Tensor):
-        example = args[0][0]
-    return LoadedModel(program.module(), {}, "export", example)
-
-
-def _build(arch: str, kwargs: dict[str, Any]) -> nn.Module:
-    model = resolve(arch, "architecture")(**kwargs)
-    if not isinstance(model, nn.Module):
-        raise UserError(f"architecture {arch!r} returned a {type(model).__name__}, not a module")
-    return model
+    with contextlib.suppress(TypeError, IndexError, KeyError):
+        if args and args[0] and isinstance(args[0][0], torch.Tensor):
+            example = args[0][0]
+    try:
+        # check_guards=False: torch would exec the file's guard strings to build a guard module
+        module = program.module(check_guards=False)
+    except Exception as e:  # noqa: BLE001 - a program that deserialised but cannot be unlifted
+        raise UserError(f"{p}: not a usable torch.export program ({first_line(e)})") from e
+    return LoadedModel(module, {}, "export", example)
 
 
 def _normalise_state_dict(
@@ -201,7 +165,10 @@ def _normalise_state_dict(
 
 
 def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], p: Path) -> None:
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not fit
+        raise UserError(f"{p}: weights do not match the architecture ({first_line(e)})") from e
     problems = []
     if result.missing_keys:
         problems.append(f"missing {', '.join(result.missing_keys[:5])}")

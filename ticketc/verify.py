@@ -42,24 +42,31 @@ class Verification:
 
 
 def ort_session(path: str | os.PathLike[str]):  # -> onnxruntime.InferenceSession
+    """An onnxruntime CPU session of the file, after `ticketc.safe_onnx` checked it (external
+    data inside its folder, declared sizes); onnxruntime's log lines are kept off stderr."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
+    from ticketc.safe_onnx import check_onnx_file, session_options
+
+    p = check_onnx_file(path)
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            str(p), session_options(), providers=["CPUExecutionProvider"]
+        )
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise UserError(f"{path}: onnxruntime cannot load it ({_first_line(e)})") from e
 
 
 def run_onnx(path: str | os.PathLike[str], inputs: list[torch.Tensor]) -> list[np.ndarray]:
+    from ticketc.safe_onnx import run_options
+
     session = ort_session(path)
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(inputs):
         raise UserError(f"{path} takes {len(names)} input(s), the sample has {len(inputs)}")
     feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
     try:
-        return list(session.run(None, feed))
+        return list(session.run(None, feed, run_options()))
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: onnxruntime failed on the sample ({_first_line(e)})") from e
 

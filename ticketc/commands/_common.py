@@ -9,23 +9,30 @@ import torch
 from ticketc.errors import UserError
 from ticketc.load import LoadedModel, load_model, load_sample, parse_shape
 
+ARCH_HELP = (
+    "(runs code) import MODULE:FACTORY and call it to build the architecture of a state dict, "
+    "or of a ticket whose architecture is not built into ticketc, e.g. mypkg.nets:resnet"
+)
+TRUST_PICKLE_HELP = (
+    "(runs code) allow what runs code from the file itself: a whole pickled module "
+    "(torch.save(model)), pickled tensors or Python objects in a .pt2, AOTInductor libraries; "
+    "only for files you trust"
+)
+
 
 def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") -> None:
     parser.add_argument(
         name,
         help="model file: ticket checkpoint, state dict (+ --arch), pickled "
-        "module (+ --trust-pickle) or torch.export program (.pt2)",
+        "module (+ --trust-pickle) or torch.export program (.pt2); reading it runs no code "
+        "from it unless --trust-pickle",
     )
     parser.add_argument(
         "--arch",
         metavar="MODULE:FACTORY",
-        help="builds the architecture for a state dict, e.g. ticketc.models:lenet300",
+        help=ARCH_HELP,
     )
-    parser.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="allow loading a whole pickled module (this runs code from the file)",
-    )
+    parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
     parser.add_argument(
         "--mask",
         metavar="MASKS.pt",

@@ -24,11 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (one folder per level, ticket.pt)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--model", help=f"lenet300, conv2, conv4, conv6 or module.path:factory "
+                   "(runs code: imports and calls the factory) "
                    f"(default {_DEFAULTS['model']})")
     p.add_argument("--dataset", choices=("mnist", "cifar10"),
                    help=f"built-in dataset (default {_DEFAULTS['dataset']})")
     p.add_argument("--data-dir", help="dataset folder (MNIST: also $TICKETC_MNIST_DIR)")
-    p.add_argument("--data", help="user dataset module.path:factory (instead of --dataset)")
+    p.add_argument("--data", help="(runs code) user dataset module.path:factory, imported and "
+                   "called (instead of --dataset)")
     p.add_argument("--rounds", type=int, help="pruning rounds (default 15 unless --target-density)")
     p.add_argument("--target-density", type=float,
                    help="prune until at most this fraction of the weights remains")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ticketc.commands._common import console
+from ticketc.commands._common import ARCH_HELP, TRUST_PICKLE_HELP, console
 from ticketc.inspect import BLOCK_SIZES, Inspection, inspect_file
 
 NAME = "inspect"
@@ -14,12 +14,8 @@ HELP = "per-layer density, nnz and bytes (dense / CSR / codec) of a model or ONN
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="a model file (as for export) or an .onnx file")
-    parser.add_argument("--arch", metavar="MODULE:FACTORY", help="architecture for a state dict")
-    parser.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="allow loading a whole pickled module (this runs code from the file)",
-    )
+    parser.add_argument("--arch", metavar="MODULE:FACTORY", help=ARCH_HELP)
+    parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
     parser.add_argument("--mask", metavar="MASKS.pt", help="explicit masks (name -> bool tensor)")
     parser.add_argument("--json", action="store_true", help="print the same as JSON")
 

@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", type=Path, help="run directories (several: mean ± std)")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/report)")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX size per level")
+    p.add_argument("--arch", metavar="MODULE:FACTORY",
+                   help="(runs code) import this factory to build a run whose architecture is "
+                   "not built into ticketc; arch.json alone is never imported")
     p.add_argument("--json", action="store_true", help="print the per-level summary as JSON")
 
 
@@ -21,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from ticketc.find.report import to_json, write_report
 
     out = args.out or args.run_dirs[0] / "report"
-    rows, paths = write_report(args.run_dirs, out, export=not args.no_export)
+    rows, paths = write_report(args.run_dirs, out, export=not args.no_export, arch=args.arch)
     if args.json:
         print(json.dumps(to_json(rows)))
         return 0

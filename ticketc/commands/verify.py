@@ -52,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
                 indent=2,
             )
         )
-    else:
-        status = "ok" if result.passed else "FAILED"
-        print(f"{status}: {result.summary()} (relative tolerance {result.tolerance:g})")
-    return 0 if result.passed else 2
+    elif result.passed:
+        print(f"ok: {result.summary()} (relative tolerance {result.tolerance:g})")
+    if not result.passed:  # exit 2 with the one line on stderr, as for any other bad input
+        raise UserError(
+            f"{args.onnx}: verification FAILED: {result.summary()} "
+            f"(relative tolerance {result.tolerance:g})"
+        )
+    return 0

@@ -18,6 +18,7 @@ from ticketc.errors import UserError
 FORMAT = "ticketc.plan"
 VERSION = 2  # 2: chains, threads and the measured check; version 1 files still read
 ARCHIVE_NAME = "ticketc_plan.json"  # name of the plan inside a .pt2 archive (extra files)
+_MAX_PLAN_BYTES = 16 * 2**20  # plans are kilobytes; a larger declared entry is not read
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,8 @@ def read_plan(path: str | os.PathLike[str]) -> Plan:
         raise UserError(f"plan {p}: the archive holds no ticketc plan")
     try:
         return Plan.from_json(json.loads(text))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"plan {p}: not a valid ticketc plan ({e})") from e
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise UserError(f"plan {p}: not a valid ticketc plan ({str(e)[:200]})") from e
 
 
 def apply_overrides(plan: Plan, overrides: Plan, source: str) -> Plan:
@@ -200,6 +201,8 @@ def _embedded_plan(path: Path) -> str | None:
         with zipfile.ZipFile(path) as z:
             for name in z.namelist():
                 if name.endswith(f"/extra/{ARCHIVE_NAME}") or name == ARCHIVE_NAME:
+                    if z.getinfo(name).file_size > _MAX_PLAN_BYTES:  # a zip bomb, not a plan
+                        return None
                     return z.read(name).decode("utf-8", errors="replace")
     except (zipfile.BadZipFile, OSError):
         return None
@@ -221,5 +224,5 @@ def plan_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]] | None:
         return None
     try:
         return [lp.to_json() for lp in Plan.from_json(json.loads(text)).layers]
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None

@@ -10,6 +10,7 @@ The program calls `torch.ops.ticketc.*`, which `import ticketc` registers:
 from __future__ import annotations
 
 import inspect
+import io
 import os
 from pathlib import Path
 
@@ -56,8 +57,12 @@ def save_compiled(
     out = Path(path)
     plan_path = plan_file_for(out)
     text = plan.dumps()
-    with atomic_path(out) as tmp, open(tmp, "wb") as f:
-        torch.export.save(program, f, extra_files={ARCHIVE_NAME: text})
+    # Serialised in memory first: when a write to a file fails (a full disk), torch's zip
+    # writer raises and then aborts the whole process from its destructor.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={ARCHIVE_NAME: text})
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
     with atomic_path(plan_path) as tmp:
         tmp.write_text(text + "\n")
     return out, plan_path

@@ -7,11 +7,8 @@ initializer for its compact encoding (portable), for an ONNX sparse initializer,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +19,7 @@ import torch
 from torch import nn
 
 from ticketc import __version__
+from ticketc.atomic import staging_dir as _staging
 from ticketc.errors import UserError
 from ticketc.export.trace import (
     Found,
@@ -257,23 +255,6 @@ def read_metadata(proto: onnx.ModelProto) -> dict[str, object] | None:
         if entry.key == "ticketc":
             return json.loads(entry.value)  # type: ignore[no-any-return]
     return None
-
-
-@contextlib.contextmanager
-def _staging(out: Path):
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"cannot write {out}: directory {parent} does not exist")
-    if out.is_dir():
-        raise UserError(f"cannot write {out}: it is a directory")
-    try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror}") from e
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _save(proto: onnx.ModelProto, path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ticketc.errors import UserError
+from ticketc.safe_load import read_json
 
 METRICS = ("final_test_acc", "early_stop_test_acc", "early_stop_iteration")
 
@@ -48,30 +49,56 @@ def collect(run_dirs: Sequence[str | Path]) -> list[LevelSummary]:
         if not (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} is not a ticketc find run directory (no config.json)")
         for path in sorted(run_dir.glob("level_*/metrics.json")):
-            m = json.loads(path.read_text())
-            row = levels.setdefault(m["level"], LevelSummary(m["level"], m["density"]))
-            row.wall_s.append(m["wall_s"])
-            for kind, member in m["members"].items():
-                per_kind = row.values.setdefault(kind, {})
-                for metric in METRICS:
-                    per_kind.setdefault(metric, []).append(float(member[metric]))
+            m = read_json(path, "level metrics")
+            try:
+                row = levels.setdefault(m["level"], LevelSummary(m["level"], m["density"]))
+                row.wall_s.append(m["wall_s"])
+                for kind, member in m["members"].items():
+                    per_kind = row.values.setdefault(kind, {})
+                    for metric in METRICS:
+                        per_kind.setdefault(metric, []).append(float(member[metric]))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise UserError(f"level metrics {path}: not as ticketc find writes them "
+                                f"({type(e).__name__}: {e})") from e
     if not levels:
         raise UserError(f"no finished level in {', '.join(map(str, run_dirs))}")
     return [levels[k] for k in sorted(levels)]
 
 
-def export_size(level_dir: Path) -> int | None:
-    """Bytes of the portable fp32 ONNX export of a level's trained weights; None if it fails."""
+def run_arch(run_dir: Path, user_arch: str | None = None) -> dict[str, Any]:
+    """The run's arch.json; its architecture must be built in or be the user's --arch (a
+    reference written in a file is never imported on its own: UserError naming --arch)."""
+    from ticketc.factory import resolve_from_file
+
+    path = Path(run_dir) / "arch.json"
+    arch = read_json(path, "run architecture")
+    if not isinstance(arch, dict) or "arch" not in arch:
+        raise UserError(f"run architecture {path}: has no 'arch' entry")
+    resolve_from_file(arch["arch"], str(path), user_arch)
+    return arch
+
+
+def export_size(level_dir: Path, user_arch: str | None = None) -> int | None:
+    """Bytes of the portable fp32 ONNX export of a level's trained weights; None if it fails.
+
+    The architecture is built as `run_arch` allows (built in, or the user's --arch)."""
     try:
         from ticketc.export import ExportConfig, export_model
-        from ticketc.factory import resolve
+        from ticketc.factory import build_model
+        from ticketc.safe_load import load_tensor_dict
 
-        arch = json.loads((level_dir.parent / "arch.json").read_text())
-        state = torch.load(level_dir / "final.pt", map_location="cpu", weights_only=True)
-        model = resolve(arch["arch"], "architecture")(**arch["arch_kwargs"])
+        arch = run_arch(level_dir.parent, user_arch)
+        state = load_tensor_dict(level_dir / "final.pt", "run file")
+        model = build_model(arch["arch"], arch.get("arch_kwargs", {}),
+                            source=str(level_dir.parent / "arch.json"), user_arch=user_arch,
+                            state_dict=state)
         model.load_state_dict(state)
         model.eval()
-        example = torch.zeros(1, *arch["input_shape"])
+        shape = arch.get("input_shape")
+        if not (isinstance(shape, list) and all(type(d) is int and d > 0 for d in shape)
+                and math.prod(shape) <= 2**28):
+            return None  # not a shape ticketc writes: nothing is allocated from it
+        example = torch.zeros(1, *shape)
         with tempfile.TemporaryDirectory() as tmp:
             result = export_model(model, example, Path(tmp) / "model.onnx",
                                   ExportConfig(format="portable", values="fp32"))
@@ -189,10 +216,16 @@ def plot(rows: Sequence[LevelSummary], out_dir: Path, title: str = "") -> list[P
 
 
 def write_report(
-    run_dirs: Sequence[str | Path], out_dir: str | Path, *, export: bool = True
+    run_dirs: Sequence[str | Path], out_dir: str | Path, *, export: bool = True,
+    arch: str | None = None,
 ) -> tuple[list[LevelSummary], list[Path]]:
-    """Collect, export each level of the first run (sizes), write report.md/json and PNGs."""
+    """Collect, export each level of the first run (sizes), write report.md/json and PNGs.
+
+    `arch`: the user's --arch, needed to export the levels of a run whose architecture is not
+    built into ticketc (UserError otherwise, before anything is written)."""
     rows = collect(run_dirs)
+    if export:
+        run_arch(Path(run_dirs[0]), arch)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +234,7 @@ def write_report(
     if export:
         first = Path(run_dirs[0])
         for r in rows:
-            r.export_bytes = export_size(first / f"level_{r.level:02d}")
+            r.export_bytes = export_size(first / f"level_{r.level:02d}", arch)
     (out / "report.json").write_text(json.dumps(to_json(rows), indent=1))
     paths = plot(rows, out)
     seeds = f"{len(run_dirs)} run(s): " + ", ".join(map(str, run_dirs))

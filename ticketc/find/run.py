@@ -41,6 +41,7 @@ from ticketc.find import pruning
 from ticketc.find.config import FindConfig
 from ticketc.find.ensemble import Ensemble
 from ticketc.find.train import BatchOrder, Checkpoint, History, summarize, train_level
+from ticketc.safe_load import load_tensor_dict, read_json, torch_load_safe
 
 Log = Callable[[str], None]
 
@@ -98,7 +99,13 @@ def _save(obj: object, path: Path) -> None:
 
 
 def _load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # one safe reader for every file of a run directory: a file replaced by a pickle is one line
+    return torch_load_safe(path, trust_pickle=False)
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    """A run file that holds name -> tensor (weights, masks), read safely."""
+    return load_tensor_dict(path, "run file")
 
 
 def _write_json(obj: object, path: Path) -> None:
@@ -119,7 +126,9 @@ class _Run:
         if saved.exists():
             if not resume:
                 raise UserError(f"{path} already holds a run: pass --resume or another --out")
-            old = json.loads(saved.read_text())
+            old = read_json(saved, "run configuration")
+            if not isinstance(old, dict):
+                raise UserError(f"run configuration {saved} is not a JSON object")
             new = config.to_json()
             # A setting the saved config predates counts as its default.
             defaults = {f.name: f.default for f in dataclasses.fields(FindConfig)}
@@ -236,7 +245,7 @@ def _level_masks(
     if previous is None:
         return pruning.full_masks(base, kinds)
     prev_dir = run.level_dir(previous)
-    weights, masks = _load(prev_dir / "final.pt"), _load(prev_dir / "mask.pt")
+    weights, masks = _state(prev_dir / "final.pt"), _state(prev_dir / "mask.pt")
     if cfg.strategy == "global":
         return pruning.prune_global(weights, masks, next(iter(rates.values())))
     return pruning.prune_layerwise(weights, masks, rates)
@@ -259,7 +268,7 @@ def _train_one_level(
         masks = _level_masks(cfg, run, level, previous, rates, base, kinds)
         rewinds = previous is not None and rewind_it > 0
         rewind_path = run.path / ("rewind_point.pt" if rewinds else "init.pt")
-        rewind = _load(rewind_path)
+        rewind = _state(rewind_path)
         rewind_states[i], ticket_masks[i] = rewind, masks
         members.append(_Member(i, "ticket"))
         states.append(_masked(rewind, masks))
@@ -365,15 +374,19 @@ def _resume_partial(
     if not all(p.exists() for p in paths):
         return start, history
     parts = [_load(p) for p in paths]
-    if len({p["iteration"] for p in parts}) != 1:
-        return start, history  # killed between two runs' checkpoints: redo the level
-    ensemble.load_states([p["ensemble"] for p in parts])
-    resumed = History()
-    resumed.rows = [row for p in parts for row in p["rows"]] if parts[0]["rows"] else []
-    resumed.loss_sum = [v for p in parts for v in p["loss_sum"]]
-    resumed.correct_sum = [v for p in parts for v in p["correct_sum"]]
-    resumed.seen = parts[0]["seen"]
-    return int(parts[0]["iteration"]), resumed
+    try:
+        if len({p["iteration"] for p in parts}) != 1:
+            return start, history  # killed between two runs' checkpoints: redo the level
+        ensemble.load_states([p["ensemble"] for p in parts])
+        resumed = History()
+        resumed.rows = [row for p in parts for row in p["rows"]] if parts[0]["rows"] else []
+        resumed.loss_sum = [v for p in parts for v in p["loss_sum"]]
+        resumed.correct_sum = [v for p in parts for v in p["correct_sum"]]
+        resumed.seen = parts[0]["seen"]
+        return int(parts[0]["iteration"]), resumed
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError, RuntimeError) as e:
+        names = ", ".join(map(str, paths))
+        raise UserError(f"{names}: not a checkpoint of this run ({type(e).__name__}: {e})") from e
 
 
 class _ProgressBar:
@@ -417,7 +430,7 @@ def _write_ticket(
     run: _Run, levels: list[int], kwargs: dict[str, Any], rewind_it: int, log: Log | None
 ) -> FindResult:
     cfg = run.config
-    metrics = [json.loads((run.level_dir(lv) / "metrics.json").read_text()) for lv in levels]
+    metrics = [read_json(run.level_dir(lv) / "metrics.json", "level metrics") for lv in levels]
 
     def accuracy(m: dict[str, Any]) -> float:
         t = m["members"]["ticket"]
@@ -430,12 +443,12 @@ def _write_ticket(
     chosen = min(meeting, key=lambda m: m["density"]) if meeting else metrics[-1]
     level = int(chosen["level"])
     out = run.level_dir(level)
-    masks = _load(out / "mask.pt")
-    rewind = _masked(_load(out / "rewind.pt"), masks)
+    masks = _state(out / "mask.pt")
+    rewind = _masked(_state(out / "rewind.pt"), masks)
     ticket = Ticket(
         arch=cfg.arch,
         arch_kwargs=kwargs,
-        state_dict=_load(out / "final.pt"),
+        state_dict=_state(out / "final.pt"),
         masks=masks,
         rewind_state_dict=rewind,
         rewind_point="init" if rewind_it == 0 else f"iteration:{rewind_it}",
