@@ -248,7 +248,7 @@ def _slow_sparse(monkeypatch) -> None:
     real = SparseLinear.forward
 
     def slow(self, x):
-        time.sleep(0.002)  # 100x a dense layer here: no noise can hide it
+        time.sleep(0.02)  # 1000x a dense layer here: no noise on a loaded machine hides it
         return real(self, x)
 
     monkeypatch.setattr(SparseLinear, "forward", slow)
