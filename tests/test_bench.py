@@ -109,12 +109,13 @@ def test_the_plot_is_written_with_missing_cells(tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_entropy_bound_counts_mask_entropy_values_and_other_parameters():
-    layer = nn.Linear(100, 100)
+def test_entropy_bound_counts_mask_entropy_and_values_of_the_weights():
+    model = nn.Sequential(nn.Linear(100, 100), nn.BatchNorm1d(100))
     with torch.no_grad():
-        layer.weight.mul_(torch.arange(10000).reshape(100, 100) % 2 == 0)  # d = 0.5: 1 bit
-    bits = 10000 * 1 + 5000 * 32 + 100 * 32  # mask + values + bias
-    assert entropy_bound_bytes(layer, 32) == math.ceil(bits / 8)
+        model[0].weight.mul_(torch.arange(10000).reshape(100, 100) % 2 == 0)  # d = 0.5: 1 bit
+    bits = 10000 * 1 + 5000 * 32  # mask + values; bias and norm left out
+    assert entropy_bound_bytes(model, 32) == math.ceil(bits / 8)
+    assert entropy_bound_bytes(model, 16) == math.ceil((10000 + 5000 * 16) / 8)
 
 
 @pytest.mark.parametrize(

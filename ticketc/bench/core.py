@@ -322,22 +322,18 @@ def _density(model: nn.Module) -> float:
 
 
 def entropy_bound_bytes(model: nn.Module, value_bits: int) -> int:
-    """Bytes no lossless format can beat for this model: per prunable weight the entropy of its
-    layer's mask, H(d) bits (Shannon), plus `value_bits` per nonzero weight, plus every other
-    parameter and buffer at 32 bits."""
+    """Bytes no lossless format can beat for the prunable weights (Linear / Conv) alone: per
+    weight the entropy of its layer's mask, H(d) bits (Shannon), plus `value_bits` per nonzero.
+    Biases, norms and buffers are left out: exports fold or drop some of them (BatchNorm into
+    the conv before it), so only the weights have a bound every export must respect."""
     bits = 0.0
-    prunable = set()
     for m in model.modules():
         if isinstance(m, PRUNABLE):
             w = m.weight
-            prunable.add(id(w))
             n, nnz = w.numel(), int((w != 0).sum())
             d = nnz / n if n else 0.0
             h = 0.0 if d in (0.0, 1.0) else -(d * math.log2(d) + (1 - d) * math.log2(1 - d))
             bits += n * h + nnz * value_bits
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in prunable:
-            bits += 32 * t.numel()
     return int(math.ceil(bits / 8))
 
 
@@ -373,8 +369,8 @@ def _sizes(
             rows.append(SizeRow(label, int(res.total_bytes)))
         except Exception as e:  # noqa: BLE001
             rows.append(SizeRow(label, None, f"export failed: {rt.first_line(e)}"))
-    rows.append(SizeRow("entropy bound, fp32 values", entropy_bound_bytes(model, 32)))
-    rows.append(SizeRow("entropy bound, fp16 values", entropy_bound_bytes(model, 16)))
+    rows.append(SizeRow("entropy bound of the weights, fp32", entropy_bound_bytes(model, 32)))
+    rows.append(SizeRow("entropy bound of the weights, fp16", entropy_bound_bytes(model, 16)))
     return rows
 
 
