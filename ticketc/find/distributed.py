@@ -73,6 +73,9 @@ def from_environment() -> Ranks:
 def leave(ranks: Ranks) -> None:
     """Leave the process group `from_environment` joined (after the search, on every rank)."""
     if ranks.distributed and dist.is_initialized():
+        # Every rank arrives here (errors are broadcast); without the barrier a rank could tear
+        # gloo down while rank 0 is still writing, which aborted rank 0 at exit under load.
+        dist.barrier()
         dist.destroy_process_group()
 
 
