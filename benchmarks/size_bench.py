@@ -17,10 +17,8 @@ import gzip
 import json
 import lzma
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import onnx
@@ -29,6 +27,7 @@ import torch
 from torch import nn
 
 import ticketc
+from ticketc.compile.measure import TimingConfig, time_one
 from ticketc.export import ExportConfig, export_model
 from ticketc.export.trace import quiet
 from ticketc.models import conv2, example_input, lenet300
@@ -81,12 +80,9 @@ def dense_fp16_bytes(model: nn.Module, x: torch.Tensor, work: Path) -> int:
 
 
 def median_seconds(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds per call over `repeat` calls after one warm-up (ticketc's timing loop)."""
+    config = TimingConfig(budget_s=0.0, min_rounds=repeat, max_rounds=repeat, warmup=1)
+    return time_one(fn, config).median
 
 
 def measure(model: nn.Module, x: torch.Tensor, work: Path, label: str) -> dict[str, object]:

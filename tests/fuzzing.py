@@ -276,8 +276,9 @@ def fuzz_case(
         before = set(os.listdir(out_dir)) | set(os.listdir(case))
         rc, err = run(argv)
         new = sorted((set(os.listdir(out_dir)) | set(os.listdir(case))) - before)
-        outputs = set() if out is None else {  # ONNX external data, compile's plan
-            out.name, out.name + ".data", out.with_suffix(".plan.json").name}
+        outputs = set() if out is None else {  # ONNX external data, compile's plan, the card
+            out.name, out.name + ".data", out.with_suffix(".plan.json").name,
+            out.with_suffix(".card.md").name, out.with_suffix(".card.json").name}
         stray = [n for n in new if n not in outputs or rc != 0]
         wrote = rc != 0 and any((out_dir / n).exists() for n in outputs)
         results.append((reader, classify(rc, err, stray, wrote), err))

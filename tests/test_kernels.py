@@ -14,10 +14,9 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from ticketc import ops  # noqa: E402
 from ticketc.kernels import bsr_linear, csr_linear, tiled_linear  # noqa: E402
 from ticketc.kernels._launch import interpreting  # noqa: E402
-
-from ticketc import ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -248,6 +247,7 @@ def test_wrappers_reject_bad_inputs(monkeypatch):
 
 def test_pick_config_times_candidates_once_per_key(monkeypatch):
     import triton.testing
+
     from ticketc.kernels import _launch
 
     monkeypatch.setattr(_launch, "_TUNED", {})

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
+import logging
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from ticketc import __version__
 from ticketc.commands import COMMANDS
@@ -39,6 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _library_logs_hidden() -> Iterator[None]:
+    """Keep library log records (torch.export's fake-tensor tracebacks on a wrong input shape,
+    dynamo's and transformers' chatter) off stderr while a command runs: a failure is reported
+    by ticketc's one line, and ticketc itself prints rather than logs. torch re-creates its
+    log handlers while tracing, so nothing short of logging.disable holds. TICKETC_DEBUG=1
+    shows them."""
+    if os.environ.get("TICKETC_DEBUG"):
+        yield
+        return
+    before = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(before)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 internal error, 2 user error)."""
     parser = build_parser()
@@ -47,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed its one-line usage error
         return int(e.code or 0)
     try:
-        return int(args._run(args))
+        with _library_logs_hidden():
+            return int(args._run(args))
     except UserError as e:
         print(f"ticketc: error: {e}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ class LayerStats:
 @dataclass(frozen=True)
 class Inspection:
     path: str
-    kind: str  # "model" | "onnx" | "compiled"
+    kind: str  # "model" | "onnx" | "compiled" | "hf" (a Hugging Face directory's tensors)
     layers: list[LayerStats]
     plan: list[dict[str, Any]] | None = None  # a compiled artifact's per-layer plan
 
@@ -96,6 +96,14 @@ def inspect_file(
     from ticketc.load import load_model
     from ticketc.safe_load import check_file, looks_like_onnx, open_zip
 
+    if Path(path).is_dir():  # a Hugging Face directory: its stored matrices, no model built
+        from ticketc.hf import open_checkpoint
+
+        # Only tensors are read (safetensors, or torch files with weights_only), so no code
+        # from the directory can run: its auto_map does not matter here.
+        state = open_checkpoint(path, trust_remote_code=True).state_dict()
+        layers = [layer_stats(n, t) for n, t in state.items() if t.dim() >= 2]
+        return Inspection(str(path), "hf", layers)
     p = check_file(path)
     names = None
     with open(p, "rb") as f:

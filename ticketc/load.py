@@ -57,10 +57,15 @@ def load_model(
     arch: str | None = None,
     trust_pickle: bool = False,
     mask_path: str | os.PathLike[str] | None = None,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load any supported model file; see the module docstring."""
-    p = check_file(path)
-    if _is_pt2(p):
+    """Load any supported model file (or Hugging Face directory: ticketc.hf); see the module
+    docstring."""
+    if Path(path).is_dir():
+        from ticketc.hf import load_directory
+
+        loaded = load_directory(path, trust_remote_code=trust_remote_code)
+    elif _is_pt2(p := check_file(path)):
         loaded = _load_exported_program(p, trust_pickle=trust_pickle)
     else:
         loaded = _load_torch_file(p, arch=arch, trust_pickle=trust_pickle)
@@ -88,7 +93,12 @@ def set_eval_(model: nn.Module) -> None:
 
 
 def _load_torch_file(p: Path, *, arch: str | None, trust_pickle: bool) -> LoadedModel:
-    obj = torch_load_safe(p, trust_pickle=trust_pickle)
+    if p.suffix == ".safetensors":  # a state dict, nothing pickled
+        from ticketc.hf import read_safetensors
+
+        obj: Any = read_safetensors(p)
+    else:
+        obj = torch_load_safe(p, trust_pickle=trust_pickle)
     if is_ticket(obj):
         try:
             ticket = Ticket.from_dict(obj)

@@ -106,6 +106,37 @@ def has_pruning_state(model: nn.Module) -> bool:
     return False
 
 
+def without_pruning(model: nn.Module) -> tuple[nn.Module, Masks]:
+    """`model` itself when nothing prunes it at run time; else a copy with the
+    torch.nn.utils.prune hooks and torch.ao.pruning parametrizations removed (strip_pruning_)
+    and the masks they held. The caller's model is never modified."""
+    if not has_pruning_state(model):
+        return model, {}
+    model = copy_pruned(model)
+    return model, strip_pruning_(model)
+
+
+def copy_pruned(model: nn.Module) -> nn.Module:
+    """copy.deepcopy, also of a model pruned with torch.nn.utils.prune: its hooks leave each
+    pruned weight as a computed tensor (weight_orig * weight_mask, not a graph leaf), which
+    deepcopy refuses; the copy gets it detached (the hook recomputes it on the next forward)."""
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    copied = copy.deepcopy(model, memo)
+    for module in copied.modules():
+        if parametrize.is_parametrized(module):
+            # The parametrized class (ParametrizedLinear, made by torch) is shared with the
+            # original, and removing a parametrization deletes its property from that class:
+            # give the copy a class of its own so the caller's model keeps working.
+            cls = type(module)
+            own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+            module.__class__ = type(cls.__name__, cls.__bases__, own)
+    return copied
+
+
 def flatten_masks(obj: object, source: str) -> Masks:
     """Name -> bool mask from a mask file's contents: flat ({"fc1.weight": m}) or keyed by layer
     ({"fc1": {"weight": m, "bias": None}}, as NNI writes). 0/1 numbers become bool; None
@@ -207,26 +238,12 @@ def masked_model(model: nn.Module, masks: Masks | None = None) -> tuple[nn.Modul
     module is never modified. Returns (model, resolved masks)."""
     needs_copy = has_pruning_state(model) or _changes(model, masks)
     if needs_copy:
-        _detach_pruned_weights_(model)
-        model = copy.deepcopy(model)
+        model = copy_pruned(model)
     found = strip_pruning_(model)
     resolved = resolve_masks(model, found, masks)
     if needs_copy:
         apply_masks_(model, resolved)
     return model, resolved
-
-
-@torch.no_grad()
-def _detach_pruned_weights_(model: nn.Module) -> None:
-    """Detach the weights prune hooks computed in the last forward (X = X_orig * X_mask, which
-    has a grad history that deepcopy refuses); the next forward recomputes them anyway."""
-    for module in model.modules():
-        for hook in module._forward_pre_hooks.values():
-            name = getattr(hook, "_tensor_name", None)
-            if isinstance(hook, prune.BasePruningMethod) and name is not None:
-                value = getattr(module, name, None)
-                if isinstance(value, torch.Tensor) and not value.is_leaf:
-                    setattr(module, name, value.detach())
 
 
 def _changes(model: nn.Module, masks: Masks | None) -> bool:

@@ -11,4 +11,7 @@ COMMANDS = [
     "inspect",
     "find",
     "report",
+    "pack",
+    "unpack",
+    "bench",
 ]

@@ -31,9 +31,10 @@ TRUST_PICKLE_HELP = (
 def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") -> None:
     parser.add_argument(
         name,
-        help="model file: ticket checkpoint, state dict (+ --arch), pickled "
-        "module (+ --trust-pickle) or torch.export program (.pt2); reading it runs no code "
-        "from it unless --trust-pickle",
+        help="model file: ticket checkpoint, state dict or .safetensors (+ --arch), pickled "
+        "module (+ --trust-pickle), torch.export program (.pt2), or a Hugging Face directory "
+        "(config.json + safetensors); reading it runs no code from it unless --trust-pickle "
+        "or --trust-remote-code",
     )
     parser.add_argument(
         "--arch",
@@ -41,6 +42,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") ->
         help=ARCH_HELP,
     )
     parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accept a Hugging Face directory whose config.json names code from the directory "
+        "(auto_map); this runs that code",
+    )
     parser.add_argument(
         "--mask",
         metavar="MASKS.pt",
@@ -66,7 +73,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") ->
 
 def load_from_args(args: argparse.Namespace, path: str | None = None) -> LoadedModel:
     return load_model(
-        path or args.model, arch=args.arch, trust_pickle=args.trust_pickle, mask_path=args.mask
+        path or args.model,
+        arch=args.arch,
+        trust_pickle=args.trust_pickle,
+        mask_path=args.mask,
+        trust_remote_code=args.trust_remote_code,
     )
 
 
@@ -83,9 +94,19 @@ def inputs_from_args(
     if specs:
         return example_inputs(specs, loaded.model), sample
     if args.input_shape:
-        return ExampleInputs((torch.zeros(parse_shape(args.input_shape)),)), sample
+        shaped = ExampleInputs((torch.zeros(parse_shape(args.input_shape)),))
+        check_runs(loaded.model, shaped, f"--input-shape {args.input_shape}")
+        return shaped, sample
     if sample is not None:
+        check_runs(loaded.model, sample, f"--sample {args.sample}")
         return sample, sample
+    if loaded.source == "hf":  # a transformers model: its named inputs, verified at other sizes
+        from ticketc.hf import default_input_specs
+        from ticketc.hf import example_inputs as hf_example
+        from ticketc.hf import sample_inputs as hf_sample
+
+        hf_specs = default_input_specs(loaded.model)
+        return ExampleInputs((), hf_example(hf_specs)), ExampleInputs((), hf_sample(hf_specs))
     found = from_graph_module(loaded.model) if loaded.source == "export" else None
     if found is None and loaded.example_input is not None:
         found = ExampleInputs.of(loaded.example_input)
@@ -105,6 +126,20 @@ def example_and_sample(
     example, sample = inputs_from_args(args, loaded)
     first = example.tensors()[0]
     return first, sample.tensors()[0] if sample is not None else None
+
+
+@torch.no_grad()
+def check_runs(model: torch.nn.Module, example: ExampleInputs, given: str) -> None:
+    """One forward pass on the input the user gave; UserError (one line) when the model
+    rejects it, before any tracing or compiling starts."""
+    try:
+        example(model)
+    except Exception as e:  # noqa: BLE001 - the model's own code raises anything
+        lines = str(e).strip().splitlines()
+        reason = lines[0][:200] if lines else type(e).__name__
+        raise UserError(
+            f"the model does not run on {given} ({example.describe()}): {reason}"
+        ) from e
 
 
 def console():  # -> rich.console.Console

@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-o",
         "--output",
         metavar="OUT.onnx",
-        help="output file (default: MODEL with the suffix .onnx; for an .onnx MODEL, "
-        "MODEL.ticketc.onnx)",
+        help="output file (default: MODEL with the suffix .onnx; DIR.onnx for a directory; "
+        "MODEL.ticketc.onnx for an .onnx MODEL)",
     )
     parser.add_argument(
         "--format",
@@ -114,9 +114,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         loaded = load_from_args(args)
         example, sample = inputs_from_args(args, loaded)
-        out = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
-        result = export_model(loaded.model, example, out, config, sample=sample)
+        out = Path(args.output) if args.output else default_output(args.model)
+        result = export_model(
+            loaded.model, example, out, config, sample=sample, source=args.model
+        )
         result.notes[:0] = loaded.notes
+
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -143,6 +146,12 @@ def _export_onnx(args: argparse.Namespace, config: ExportConfig) -> ExportResult
         raise UserError(f"-o {out} would overwrite the input file: choose another output")
     sample = ExampleInputs.of(load_sample(args.sample)) if args.sample else None
     return export_onnx_file(source, out, config, sample)
+
+
+def default_output(model: str) -> Path:
+    """MODEL with the suffix .onnx; for a directory, a file beside it (bert -> bert.onnx)."""
+    p = Path(model.rstrip("/"))
+    return p.with_name(p.name + ".onnx") if p.is_dir() else p.with_suffix(".onnx")
 
 
 def print_summary(result: ExportResult) -> None:

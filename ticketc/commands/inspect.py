@@ -13,7 +13,9 @@ HELP = "per-layer density, nnz and bytes (dense / CSR / codec) of a model or ONN
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="a model file (as for export) or an .onnx file")
+    parser.add_argument(
+        "file", help="a model file (as for export), a Hugging Face directory or an .onnx file"
+    )
     parser.add_argument("--arch", metavar="MODULE:FACTORY", help=ARCH_HELP)
     parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
     parser.add_argument("--mask", metavar="MASKS.pt", help="explicit masks (name -> bool tensor)")

@@ -94,6 +94,7 @@ class ExportConfig:
     dtype: str | None = None  # None: the model's own float type (fp32 where onnxruntime lacks it)
     input_names: tuple[str, ...] | None = None
     output_names: tuple[str, ...] | None = None
+    card: bool = True  # write the sparsity card (OUT.card.md / .card.json) with the file
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -174,6 +175,7 @@ def export_model(
     *,
     masks: Masks | None = None,
     sample: Any = None,
+    source: str | None = None,
 ) -> ExportResult:
     """Export a pruned model to `out`, verified; write nothing on failure.
 
@@ -181,9 +183,11 @@ def export_model(
     bool) applied on a copy (the module passed in is not modified), or a torch.export program.
     `example_inputs`: a tensor, a tuple of tensors or a dict of name -> tensor (a batch of 1 is
     fine: the batch axis is exported dynamic). `sample`: the same, real data to verify on
-    (default: random, batch 3). Raises UserError with one line naming what went wrong.
+    (default: random, batch 3). `source` names the model in the sparsity card written beside
+    `out` (`config.card`). Raises UserError with one line naming what went wrong.
     """
     config = config or ExportConfig()
+    source = source or "an in-memory model"
     start = time.perf_counter()
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
@@ -199,7 +203,9 @@ def export_model(
     own = float_dtype(prepared)
     target = DTYPES[config.dtype] if config.dtype else own
     try:
-        return _export(prepared, example_inputs, out, config, sample, target, start, notes)
+        return _export(
+            prepared, example_inputs, out, config, sample, target, start, notes, source
+        )
     except RuntimeUnsupported as e:
         if config.dtype is not None or target == torch.float32:
             raise UserError(
@@ -210,7 +216,8 @@ def export_model(
             f"(pass --dtype {_kind(target)} --no-verify to keep {_kind(target)})"
         )
         return _export(
-            prepared, example_inputs, out, config, sample, torch.float32, start, [*notes, note]
+            prepared, example_inputs, out, config, sample, torch.float32, start, [*notes, note],
+            source,
         )
 
 
@@ -227,6 +234,7 @@ def _export(
     dtype: torch.dtype,
     start: float,
     notes: list[str],
+    source: str,
 ) -> ExportResult:
     if dtype != float_dtype(prepared):
         import copy
@@ -264,7 +272,9 @@ def _export(
         # against the model as given: dead-unit removal must not change its outputs
         return verify(path, reference, chosen, config.output_tolerance(str(dtype).split(".")[-1]))
 
-    return write_onnx(traced.model, out, config, sources, notes, check_outputs, start)
+    return write_onnx(
+        traced.model, out, config, sources, notes, check_outputs, start, source=source
+    )
 
 
 def _marked_sources(
@@ -329,12 +339,15 @@ def write_onnx(
     check_outputs: Callable[[Path], Verification] | None,
     start: float,
     skip: Collection[str] = (),
+    source: str = "an in-memory model",
 ) -> ExportResult:
     """Store `model`'s initializers as `config` says, check the file and move it to `out`.
 
     `check_outputs(staged_path)` compares the file's outputs with the reference; it runs
     unless `config.verify` is off. Lossy and lossless weights are always checked against
-    what their value type promises. Initializers in `skip` are left as they are. Raises
+    what their value type promises. Initializers in `skip` are left as they are. With
+    `config.card`, the sparsity card (ticketc.card; `source` names the model in it) is staged
+    and lands beside `out` together with it. Raises
     UserError (no file written) when a check fails.
     """
     arrays = {n: a for n, a in graph_arrays(model).items() if n not in skip}
@@ -356,6 +369,7 @@ def write_onnx(
     layers = [_layer(t, sources.get(t.name, [])) for t in tensors]
     metadata = _metadata(config, graph_dtype, layers, codecs)
     out = Path(out)
+    errors: dict[str, float] = {}  # initializer -> measured max abs error of its stored values
     with _staging(out) as stage:
         staged = stage / out.name
         if proto is None:
@@ -366,7 +380,7 @@ def write_onnx(
             proto.metadata_props.add(key="ticketc", value=metadata)
             proto.producer_name, proto.producer_version = "ticketc", __version__
             _save(proto, staged)
-            _check_weights(proto, plan, arrays)
+            errors = _check_weights(proto, plan, arrays)
         files = sorted(stage.iterdir())
         seconds = time.perf_counter() - start  # export and write; output verification not counted
         verification = None
@@ -378,22 +392,22 @@ def write_onnx(
                     f"relative tolerance {verification.tolerance:g} ({verification.summary()}); "
                     f"no file written"
                 )
-        final = _commit(stage, out, files)
-    total = sum(f.stat().st_size for f in final)
-    if not any(layer.nnz < int(np.prod(layer.shape)) for layer in layers):
-        notes.append("no zeros in any weight: the file is not smaller than the dense export")
-    return ExportResult(
-        out,
-        final,
-        total,
-        layers,
-        verification,
-        seconds,
-        notes,
-        weight_bytes,
-        graph_dtype,
-        config.values,
-    )
+        if not any(layer.nnz < int(np.prod(layer.shape)) for layer in layers):
+            notes.append("no zeros in any weight: the file is not smaller than the dense export")
+        total = sum(f.stat().st_size for f in files)
+        result = ExportResult(
+            out, files, total, layers, verification, seconds, notes, weight_bytes, graph_dtype,
+            config.values,
+        )
+        if config.card:  # staged with the file: both land in place, or neither
+            from ticketc.card import card_stem, export_card, write_card
+
+            write_card(export_card(result, source, arrays, errors), card_stem(staged))
+        result.files = [
+            f for f in _commit(stage, out, sorted(stage.iterdir()))
+            if not f.name.endswith((".card.md", ".card.json"))
+        ]
+    return result
 
 
 def _graph_dtype(arrays: dict[str, np.ndarray]) -> str:
@@ -475,9 +489,11 @@ def _sparse_proto(
 
 def _check_weights(
     proto: onnx.ModelProto, plan: StoragePlan, arrays: dict[str, np.ndarray]
-) -> None:
+) -> dict[str, float]:
     """Decode every group of the file in onnxruntime and compare with the graph's own tensors:
-    each within what its value type promises (exact for lossless), else UserError."""
+    each within what its value type promises (exact for lossless), else UserError. Returns
+    initializer -> the measured max abs error of its decoded weights."""
+    errors: dict[str, float] = {}
     from ticketc.export.decode import decode_in_onnxruntime
     from ticketc.formats.compact import check_decoded
 
@@ -488,6 +504,7 @@ def _check_weights(
         for name, result in zip(
             group.names, check_decoded(group.compact, originals, got), strict=True
         ):
+            errors[name] = float(result.max_abs_error)
             if not result.within_bound:
                 raise UserError(
                     f"{name}: the stored {group.compact.values_kind} weights decode "
@@ -497,6 +514,7 @@ def _check_weights(
     for name, _ in plan.zeros:
         if np.count_nonzero(arrays[name]):
             raise UserError(f"{name}: stored as zeros but holds nonzeros; no file written")
+    return errors
 
 
 def _metadata(

@@ -72,7 +72,9 @@ def export_onnx_file(
         return verify_against_onnx(staged, reference, chosen, tolerance)
 
     sources: dict[str, list[str]] = {}
-    return write_onnx(model, out, config, sources, notes, check_outputs, start, skip=streams)
+    return write_onnx(
+        model, out, config, sources, notes, check_outputs, start, skip=streams, source=str(path)
+    )
 
 
 def _decoder_streams(proto: onnx.ModelProto) -> set[str]:

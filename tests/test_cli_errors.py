@@ -1,0 +1,53 @@
+"""A wrong input gives ticketc's one line on stderr: no library log lines, no traceback."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from ticketc.cli import main
+from ticketc.errors import UserError
+
+TICKET = Path(__file__).resolve().parents[1] / "examples" / "lenet300-ticket.pt"
+
+
+def _one_line(capfd) -> str:
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("command", ["export", "compile", "verify"])
+@pytest.mark.parametrize("shape", ["2,5", "1,3,28,28"])
+def test_wrong_input_shape_is_one_line(tmp_path, capfd, command, shape):
+    out = tmp_path / ("x.pt2" if command == "compile" else "x.onnx")
+    argv = [command, str(TICKET), "-o", str(out), "--input-shape", shape]
+    if command == "verify":
+        out.write_bytes(b"never read")
+        argv = [command, str(out), "--against", str(TICKET), "--input-shape", shape]
+    assert main(argv) == 2
+    err = _one_line(capfd)
+    assert f"--input-shape {shape}" in err and "does not run" in err
+    assert [p.name for p in tmp_path.iterdir()] == ([out.name] if command == "verify" else [])
+
+
+def test_library_log_records_stay_off_stderr(monkeypatch, capfd, caplog):
+    """torch.export logs fake-tensor tracebacks (logger torch._subclasses.fake_tensor) before it
+    raises; whatever a command's libraries log, the user sees ticketc's line only."""
+    import ticketc.commands.export as export_command
+
+    def noisy(args):
+        logging.getLogger("torch._subclasses.fake_tensor").error("failed while attempting ...")
+        logging.getLogger("transformers").warning("some chatter")
+        raise UserError("cannot trace the model")
+
+    monkeypatch.setattr(export_command, "run", noisy)
+    assert main(["export", str(TICKET)]) == 2
+    assert _one_line(capfd) == "ticketc: error: cannot trace the model"
+    assert not caplog.records  # no handler saw them
+    assert logging.root.manager.disable == logging.NOTSET  # restored after the command
+    monkeypatch.setenv("TICKETC_DEBUG", "1")  # shown when debugging
+    assert main(["export", str(TICKET)]) == 2
+    assert [r.name for r in caplog.records] == ["torch._subclasses.fake_tensor", "transformers"]

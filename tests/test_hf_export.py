@@ -1,0 +1,109 @@
+"""`ticketc export DIR` on Hugging Face directories, checked against transformers' own model.
+
+The reference is `from_pretrained` on the directory the user saved (not ticketc's loader), run
+at other batch sizes and sequence lengths than the export was traced with, padding included.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from tests.hf_models import pruned_model, save
+from ticketc.cli import main
+from ticketc.verify import FP32_RTOL, ort_session
+
+pytest.importorskip("transformers")
+
+CASES = [("bert", 0.5, {}), ("gpt2", 0.9, {"max_shard_size": "100KB"}), ("llama", "2:4", {})]
+
+
+def _text_inputs(batch: int, length: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, length, dtype=torch.int64)
+    mask[0, -min(3, length - 1) :] = 0  # right padding in the first row
+    return {
+        "input_ids": torch.randint(0, vocab, (batch, length), generator=g),
+        "attention_mask": mask,
+    }
+
+
+def _rel(got: np.ndarray, ref: torch.Tensor) -> float:
+    ref64 = ref.double().numpy()
+    return float(np.abs(got.astype(np.float64) - ref64).max() / np.abs(ref64).max())
+
+
+def _export(tmp_path, src, capsys) -> onnx.ModelProto:
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(src), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "verified in onnxruntime on batch 3" in printed
+    return onnx.load(str(out))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "level", "save_kwargs"), CASES)
+def test_text_model_exports_with_dynamic_batch_and_sequence(
+    tmp_path, capsys, arch, level, save_kwargs
+):
+    model = pruned_model(arch, level)
+    src = save(model, tmp_path / "src", **save_kwargs)
+    if save_kwargs:
+        assert len(list(src.glob("*.safetensors"))) > 1  # sharded
+    proto = _export(tmp_path, src, capsys)
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in proto.graph.input
+    }
+    assert dims == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
+    assert [o.name for o in proto.graph.output] == ["logits"]
+
+    reference = type(model).from_pretrained(src).eval()  # transformers' own load
+    session = ort_session(tmp_path / "model.onnx")
+    for batch, length, seed in ((1, 5, 1), (4, 23, 2), (2, 64, 3)):
+        inputs = _text_inputs(batch, length, model.config.vocab_size, seed)
+        with torch.no_grad():
+            expected = reference(**inputs, use_cache=False).logits
+        (got,) = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+        assert got.shape == tuple(expected.shape)
+        assert _rel(got, expected) <= FP32_RTOL, (arch, batch, length)
+
+
+@pytest.mark.slow
+def test_vision_model_exports_with_dynamic_batch(tmp_path, capsys):
+    model = pruned_model("vit", 0.9)
+    src = save(model, tmp_path / "src")
+    proto = _export(tmp_path, src, capsys)
+    (pixels,) = proto.graph.input
+    assert [d.dim_param or d.dim_value for d in pixels.type.tensor_type.shape.dim] == [
+        "batch",
+        3,
+        32,
+        32,
+    ]
+    reference = type(model).from_pretrained(src).eval()
+    session = ort_session(tmp_path / "model.onnx")
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = reference(pixel_values=x).logits
+        (got,) = session.run(None, {"pixel_values": x.numpy()})
+        assert _rel(got, expected) <= FP32_RTOL
+
+
+def test_export_refuses_remote_code_without_the_flag(tmp_path, capsys):
+    from tests.test_hf_load import remote_code_directory
+
+    src = remote_code_directory(tmp_path / "custom")
+    (tmp_path / "x.onnx").write_bytes(b"not read")
+    for command in ("export", "compile", "verify"):
+        argv = [command, str(src)]
+        if command == "verify":
+            argv = [command, str(tmp_path / "x.onnx"), "--against", str(src)]
+        assert main(argv) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--trust-remote-code" in err, (command, err)
+    assert not (src / "RAN").exists()
+    assert [p.name for p in tmp_path.glob("*.onnx")] == ["x.onnx"]
