@@ -100,9 +100,12 @@ def test_export_writes_a_card_beside_the_onnx_file(tmp_path, capsys, values):
     card = json.loads(js.read_text())
     assert md.read_text().startswith("# Sparsity card: lenet.onnx")
     assert card["files"] == {"lenet.onnx": out.stat().st_size}
-    assert [r["name"] for r in card["layers"]] == [r["name"] for r in result["layers"]]
+    names = [", ".join(r["sources"]) or r["initializer"] for r in result["layers"]]
+    assert [r["name"] for r in card["layers"]] == names
     weights = dict(load_model(ticket).model.named_parameters())
-    for record in card["layers"]:
+    pruned = [r for r in card["layers"] if r["name"].endswith("weight")]
+    assert len(pruned) == 3
+    for record in pruned:
         w = weights[record["name"]].detach()
         assert record["nnz"] == int(w.count_nonzero()) and record["pattern"] == "unstructured"
         assert record["values"] == values and record["stored_bytes"] < record["dense_bytes"]

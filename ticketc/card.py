@@ -234,7 +234,7 @@ def export_card(
                 shape=tuple(layer.shape),
                 dtype=layer.dtype,
                 nnz=layer.nnz,
-                pattern=sparsity_pattern(torch.from_numpy(array)),
+                pattern=sparsity_pattern(torch.from_numpy(array.copy())),
                 layout=f"portable {layer.codec}" if "+" in layer.codec else layer.codec,
                 values=stored_values,
                 dense_bytes=4 * numel,

@@ -114,10 +114,12 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def run_onnx(path: str | os.PathLike[str], inputs: ExampleInputs) -> list[np.ndarray]:
+def run_onnx(path: str | os.PathLike[str], inputs: Any) -> list[np.ndarray]:
+    """onnxruntime's outputs on `inputs` (a tensor, a tuple / list of tensors, a dict of name ->
+    tensor or an ExampleInputs); UserError (one line) when onnxruntime fails."""
     session = ort_session(path)
     try:
-        return list(session.run(None, feed(session, inputs), run_options()))
+        return list(session.run(None, feed(session, ExampleInputs.of(inputs)), run_options()))
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: onnxruntime failed on the sample ({_first_line(e)})") from e
 

@@ -19,13 +19,8 @@ HELP = "time a pruned model in torch dense, ticketc, onnxruntime and torch CSR; 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument(
-        "--input",
-        action="append",
-        metavar="NAME:DTYPE:SHAPE[:LOW-HIGH]",
-        help="a named model input, repeatable (e.g. --input input_ids:int64:1x128:0-999 "
-        "--input attention_mask:int64:1x128); dim 0 is the batch",
-    )
+    # --input NAME:DTYPE:SHAPE comes from add_model_arguments; bench also takes a value range
+    # for token ids: --input input_ids:int64:1x128:0-999 (dim 0 is the batch)
     parser.add_argument(
         "--batch-sizes", default="1,16,64,256", help="comma-separated (default: 1,16,64,256)"
     )

@@ -46,12 +46,12 @@ def run(args: argparse.Namespace) -> int:
     if args.tolerance is not None and args.tolerance < 0:
         raise UserError(f"tolerance {args.tolerance} must be >= 0")
     check_file(args.onnx)
+    args.model = args.against
+    loaded = load_from_args(args)  # the model first: refusals (pickle, remote code) come first
+    example, sample = inputs_from_args(args, loaded)
     tolerance, stored = default_tolerance(args.onnx)
     if args.tolerance is not None:
         tolerance = args.tolerance
-    args.model = args.against
-    loaded = load_from_args(args)
-    example, sample = inputs_from_args(args, loaded)
     if sample is None:
         sample = sample_for(ort_session(args.onnx), example, loaded.model)
     result = verify(args.onnx, loaded.model, sample, tolerance)
