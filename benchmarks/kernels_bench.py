@@ -14,10 +14,10 @@ y = x @ W.T for W [M, K] at several densities and mask kinds, x [N, K]. Methods:
 
 Times are medians: triton.testing.do_bench on CUDA (L2 flushed between runs, so they are
 GPU times without Python launch overhead; `host_us` adds the wall time per call of a
-back-to-back loop, which includes it), warm-up + time.perf_counter on CPU. Each result is
-checked against dense before it is timed. Bytes moved are counted from the buffers each
-method must read (weights, indices, x) and write (y): GB/s = bytes / time, and `roofline`
-= max(bytes / peak bandwidth, useful flops / peak flops) / time.
+back-to-back loop, which includes it), ticketc.compile.measure.time_interleaved on CPU.
+Each result is checked against dense before it is timed. Bytes moved are counted from the
+buffers each method must read (weights, indices, x) and write (y): GB/s = bytes / time,
+and `roofline` = max(bytes / peak bandwidth, useful flops / peak flops) / time.
 
 Writes benchmarks/results/kernels_<device>.{json,md,png}.
 
@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ticketc import ops
+from ticketc.compile.measure import TimingConfig, time_interleaved
 
 RESULTS = Path(__file__).parent / "results"
 T = TypeVar("T")
@@ -137,23 +138,12 @@ def time_cpu_interleaved(
     budget_s: float = 1.0,
     stat: Callable[[list[float]], T] = statistics.median,  # type: ignore[assignment]
 ) -> dict[str, T]:
-    """Median seconds of each fn, timed round-robin after 2 warm-ups each.
-
-    Round-robin so that load from other processes on a shared CPU hits every method alike;
-    at least 5 rounds, at most 50 or `budget_s`.
-    """
-    for fn in fns.values():
-        fn()
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    start, rounds = time.perf_counter(), 0
-    while rounds < 5 or (rounds < 50 and time.perf_counter() - start < budget_s):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        rounds += 1
-    return {name: stat(ts) for name, ts in times.items()}
+    """`stat` of each fn's seconds per call, from ticketc's one timing loop
+    (ticketc.compile.measure.time_interleaved: warm-up, then shuffled interleaved rounds so that
+    load from other processes on a shared CPU hits every method alike; 5 to 50 rounds within
+    `budget_s`)."""
+    timings = time_interleaved(fns, TimingConfig(budget_s=budget_s, min_rounds=5, max_rounds=50))
+    return {name: stat(list(t.samples)) for name, t in timings.items()}
 
 
 def quartiles(ts: list[float]) -> tuple[float, float, float]:
@@ -368,7 +358,7 @@ def environment(args: argparse.Namespace, bw: float, flops: float, source: str) 
         "peak_source": source,
         "timing": "triton.testing.do_bench median (L2 flushed)"
         if cuda
-        else "median of >= 5 perf_counter runs after 2 warm-ups, methods timed round-robin",
+        else "ticketc.compile.measure.time_interleaved: median of 5-50 shuffled rounds",
         "quick": args.quick,
         "tuned": bool(args.tune),
     }

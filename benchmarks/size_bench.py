@@ -17,10 +17,8 @@ import gzip
 import json
 import lzma
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import onnx
@@ -30,6 +28,7 @@ import torch
 from torch import nn
 
 import ticketc
+from ticketc.compile.measure import TimingConfig, time_one
 from ticketc.export import ExportConfig, export_model
 from ticketc.export.portable import to_portable
 from ticketc.export.trace import quiet, slim_, torch_to_onnx
@@ -102,12 +101,9 @@ def encoding_bound(model: nn.Module, values: str) -> tuple[float, int]:
 
 
 def median_seconds(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds per call over `repeat` calls after one warm-up (ticketc's timing loop)."""
+    config = TimingConfig(budget_s=0.0, min_rounds=repeat, max_rounds=repeat, warmup=1)
+    return time_one(fn, config).median
 
 
 def measure(model: nn.Module, x: torch.Tensor, work: Path, label: str) -> dict[str, object]:

@@ -47,8 +47,18 @@ def test_download_failure_falls_back_to_the_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(mnist, "MIRRORS", ((tmp_path / "no-such-mirror").as_uri() + "/",))
+    (tmp_path / "target").mkdir()
     with pytest.raises(UserError, match="MNIST files missing"):
         mnist.load_mnist(tmp_path / "target", download=True)
+
+
+def test_a_mistyped_data_dir_is_reported_not_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mnist, "MIRRORS", ((tmp_path / "no-such-mirror").as_uri() + "/",))
+    with pytest.raises(UserError, match="--data-dir .*typo does not exist"):
+        mnist.load_mnist(tmp_path / "typo", download=True)
+    assert not (tmp_path / "typo").exists()
 
 
 def test_md5_mismatch_is_reported(tmp_path: Path) -> None:
@@ -125,8 +135,8 @@ def user_datasets() -> tuple:
 def test_user_dataset_factories() -> None:
     data = load_user_dataset("tests.test_data_loaders:user_tensors", val_size=5)
     assert (len(data.train), len(data.val), len(data.test), data.num_classes) == (45, 5, 10, 2)
-    data = load_user_dataset("tests.test_data_loaders:user_datasets")
-    assert data.num_classes == 3 and data.train.x.shape == (20, 4) and len(data.val) == 0
+    data = load_user_dataset("tests.test_data_loaders:user_datasets")  # default: 10% held out
+    assert data.num_classes == 3 and data.train.x.shape == (18, 4) and len(data.val) == 2
     with pytest.raises(UserError, match="module.path:factory"):
         load_user_dataset("no_colon")
     with pytest.raises(UserError, match="expected Splits"):

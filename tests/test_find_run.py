@@ -49,7 +49,7 @@ def tiny_config(**kw: object) -> FindConfig:
     # csr_below=0.9: levels >= 1 train the hidden layers in CSR form (the output layer from
     # level 2), so every test covers the CSR path and a mixed dense/CSR MLP
     base = dict(model=TINY, rounds=3, iterations=40, batch_size=30, lr=1e-3,
-                eval_every=10, checkpoint_every=10, val_size=0, csr_below=0.9)
+                eval_every=10, checkpoint_every=10, csr_below=0.9)
     base.update(kw)
     return FindConfig(**base)  # type: ignore[arg-type]
 
@@ -235,11 +235,11 @@ def test_target_density_and_one_shot(tmp_path: Path) -> None:
 
 def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     data = tiny_data()
-    find_tickets([tiny_config(rounds=0, iterations=5)], [tmp_path], data=data, log=None,
-                 progress=False)
-    with pytest.raises(Exception, match="other settings"):
-        find_tickets([tiny_config(rounds=0, iterations=6)], [tmp_path], data=data, log=None,
-                     progress=False, resume=True)
+    find_tickets([tiny_config(rounds=0, iterations=5, eval_every=5)], [tmp_path], data=data,
+                 log=None, progress=False)
+    with pytest.raises(Exception, match=r"other settings: --iterations 5 \(now 6\)"):
+        find_tickets([tiny_config(rounds=0, iterations=6, eval_every=5)], [tmp_path], data=data,
+                     log=None, progress=False, resume=True)
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -266,18 +266,21 @@ def test_cli_find_and_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(run_module, "load_data", lambda cfg: data)
     out = tmp_path / "run"
     code = main(["find", "--out", str(out), "--rounds", "2", "--iterations", "20",
-                 "--batch-size", "30", "--eval-every", "10", "--val-size", "0",
+                 "--batch-size", "30", "--eval-every", "10",
                  "--controls", "reinit", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert Path(result["ticket"]) == out / "ticket.pt" and 0 < result["density"] <= 1
     assert main(["find", "--out", str(out), "--rounds", "2", "--iterations", "20"]) == 2
     code = main(["report", str(out), "--no-export", "--json"])
-    rows = json.loads(capsys.readouterr().out)
+    report = json.loads(capsys.readouterr().out)
+    rows = report["levels"]
     assert code == 0 and [r["level"] for r in rows] == [0, 1, 2]
     assert rows[1]["reinit"]["final_test_acc"]["n"] == 1
+    assert Path(report["out"]) == tmp_path / "run-report"  # beside the run, never inside it
     for name in ("report.md", "report.json", "accuracy.png", "early_stop.png"):
-        assert (out / "report" / name).stat().st_size > 0
+        assert (tmp_path / "run-report" / name).stat().st_size > 0
+    assert not (out / "report").exists()
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 

@@ -200,31 +200,122 @@ def test_ops_on_cpu_match_dense(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
-def test_cpu_csr_gives_the_same_answer_either_side_of_the_numba_batch(dtype):
+@pytest.mark.parametrize("n", [1, 2, 31, 65])  # rows kernel (1), columns kernel, ragged chunks
+def test_cpu_csr_op_is_row_major_in_every_dtype(dtype, n):
     w = masked_weight(37, 70, 0.1, dtype=dtype)
     bias = rand(37, seed=2, dtype=dtype)
-    args = csr_args(w, rand(1, 70), bias)[1:]
-    for n in (ops.NUMBA_MIN_BATCH - 1, ops.NUMBA_MIN_BATCH):
-        x = rand(n, 70, seed=n, dtype=dtype)
-        y = torch.ops.ticketc.csr_linear(x, *args)
-        relu = ops.CpuCsr(*args[:3], bias, 70)(x, relu=True)
-        assert y.dtype == relu.dtype == dtype and y.shape == (n, 37) and y.stride() == (1, n)
-        ref = dense_ref(x, w, bias)
-        if dtype == torch.float64:  # fp64 stays on MKL: fp64 accumulation
-            torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-        else:
-            assert_matches(y, ref, dtype)
-            assert_matches(relu, ref.clamp_min(0), dtype)
+    x = rand(n, 70, seed=n, dtype=dtype)
+    y = torch.ops.ticketc.csr_linear(*csr_args(w, x, bias))
+    assert y.dtype == dtype and y.shape == (n, 37) and y.is_contiguous()
+    ref = dense_ref(x, w, bias)
+    if dtype == torch.float64:  # fp64 runs on MKL: fp64 accumulation
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    else:
+        assert_matches(y, ref, dtype)
 
 
-@pytest.mark.parametrize("n", [7, 40])  # the MKL and the Numba kernel
+@pytest.mark.parametrize("n", [1, 40])  # the rows and the columns kernel
 def test_cpu_csr_refuses_an_input_narrower_than_the_weight(n):
     w = masked_weight(20, 30, 0.5)
     args = csr_args(w, rand(1, 30), None)[1:]
     with pytest.raises(ValueError, match="out of range for 10 input features"):
         torch.ops.ticketc.csr_linear(rand(n, 10), *args)
-    with pytest.raises(ValueError, match="x has 10 features, the weight takes 30"):
-        ops.CpuCsr(*args[:3], None, 30)(rand(n, 10))
+
+
+def chain_args(widths, density, x, relus, seed=0):
+    layers = [masked_weight(m, k, density, seed=seed + i) for i, (k, m) in
+              enumerate(zip(widths, widths[1:], strict=False))]  # fmt: skip
+    packed = [ops.pack_csr(w) for w in layers]
+    biases = [rand(w.shape[0], seed=seed + 10 + i) if i % 2 == 0 else None
+              for i, w in enumerate(layers)]  # fmt: skip
+    args = (x, [p["crow_indices"] for p in packed], [p["col_indices"] for p in packed],
+            [p["values"] for p in packed], biases, relus)  # fmt: skip
+    ref = x.double()
+    for w, b, relu in zip(layers, biases, relus, strict=True):
+        ref = dense_ref(ref, w, b)
+        ref = ref.clamp_min(0) if relu else ref
+    return args, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", [1, 3, 40])
+def test_csr_chain_op_matches_its_layers(dtype, n):
+    x = rand(n, 30, dtype=dtype)
+    args, ref = chain_args([30, 20, 17, 5], 0.3, x, [True, False, True])
+    y = torch.ops.ticketc.csr_chain(*args)
+    assert y.shape == (n, 5) and y.dtype == dtype
+    assert_matches(y, ref, dtype) if dtype != torch.float64 else torch.testing.assert_close(
+        y, ref, rtol=1e-12, atol=1e-12
+    )
+    twin = ops._csr_chain_default(*args)  # the reference, layer by layer
+    assert_matches(twin, ref, dtype) if dtype != torch.float64 else torch.testing.assert_close(
+        twin, ref, rtol=1e-12, atol=1e-12
+    )
+
+
+def test_csr_chain_op_rejects_mismatched_lists():
+    x = rand(2, 30)
+    args, _ = chain_args([30, 20, 5], 0.3, x, [True, False])
+    with pytest.raises(ValueError, match="one per layer"):
+        torch.ops.ticketc.csr_chain(x, args[1], args[2], args[3], args[4], [True])
+
+
+def conv_args(x, weight_shape, density, stride, padding, dilation, groups, relu, bias=True):
+    w = masked_weight(weight_shape[0], int(torch.Size(weight_shape[1:]).numel()), density)
+    w = w.reshape(weight_shape)
+    p = ops.pack_csr(w)
+    b = rand(weight_shape[0], seed=3) if bias else None
+    args = (x, p["crow_indices"], p["col_indices"], p["values"], b, list(weight_shape),
+            list(stride), list(padding), list(dilation), groups, relu)  # fmt: skip
+    pt, pb, pl, pr = padding
+    xp = torch.nn.functional.pad(x.double(), (pl, pr, pt, pb))
+    ref = torch.nn.functional.conv2d(xp, w.double(), None if b is None else b.double(),
+                                     tuple(stride), 0, tuple(dilation), groups)  # fmt: skip
+    return args, ref.clamp_min(0) if relu else ref
+
+
+CONVS = [  # weight_shape, stride, padding (t, b, l, r), dilation, groups
+    ((8, 4, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    ((8, 2, 3, 3), (2, 1), (1, 1, 0, 2), (1, 1), 2),  # asymmetric padding, groups
+    ((6, 1, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 6),  # depthwise, stride 2
+    ((5, 4, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # 1x1: read in place
+    ((5, 4, 1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 1),  # 1x1 stride 2: subsampled plane
+    ((4, 4, 3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 1),  # dilation
+    ((3, 4, 4, 4), (4, 4), (0, 0, 0, 0), (1, 1), 1),  # patchify (ViT, ConvNeXt stems)
+    ((4, 4, 1, 5), (1, 3), (0, 0, 2, 2), (1, 1), 1),  # a Conv1d as a height of 1
+]
+
+
+@pytest.mark.parametrize(("shape", "stride", "padding", "dilation", "groups"), CONVS)
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("relu", [False, True])
+def test_csr_conv2d_op_matches_conv2d(shape, stride, padding, dilation, groups, n, relu):
+    h = 1 if shape[2] == 1 and shape[3] == 5 else 11
+    x = rand(n, shape[1] * groups, h, 13)
+    args, ref = conv_args(x, shape, 0.4, stride, padding, dilation, groups, relu)
+    y = torch.ops.ticketc.csr_conv2d(*args)
+    assert y.shape == ref.shape and y.is_contiguous()
+    assert_matches(y, ref, torch.float32)
+    assert_matches(ops.csr_conv2d_reference(*args), ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_csr_conv2d_op_in_other_dtypes(dtype):
+    x = rand(2, 4, 9, 9, dtype=dtype)
+    args, ref = conv_args(x, (8, 4, 3, 3), 0.3, (1, 1), (1, 1, 1, 1), (1, 1), 1, False)
+    args = (x, *args[1:3], args[3].to(dtype), args[4].to(dtype), *args[5:])
+    y = torch.ops.ticketc.csr_conv2d(*args)
+    assert y.dtype == dtype
+    assert_matches(y, ref, dtype) if dtype != torch.float64 else torch.testing.assert_close(
+        y, ref, rtol=1e-10, atol=1e-10
+    )
+
+
+def test_csr_conv2d_op_rejects_bad_arguments():
+    x = rand(1, 5, 9, 9)
+    args, _ = conv_args(rand(1, 4, 9, 9), (8, 4, 3, 3), 0.3, (1, 1), (1,) * 4, (1, 1), 1, False)
+    with pytest.raises(ValueError, match="x has 5 channels"):
+        torch.ops.ticketc.csr_conv2d(x, *args[1:])
 
 
 @pytest.mark.parametrize("n", [1, 5])
@@ -248,6 +339,15 @@ def test_ops_without_bias_and_on_an_all_zero_weight():
     assert torch.equal(torch.ops.ticketc.csr_linear(*csr_args(w, x, None)), torch.zeros(3, 6))
     assert torch.equal(torch.ops.ticketc.bsr_linear(*bsr_args(w, x, None, 16)), torch.zeros(3, 6))
     assert torch.equal(torch.ops.ticketc.tiled_linear(*tiled_args(w, x, None)), torch.zeros(3, 6))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_opcheck_chain_and_conv(n):
+    checks = ("test_schema", "test_faketensor")
+    args, _ = chain_args([30, 20, 5], 0.3, rand(n, 30), [True, False])
+    torch.library.opcheck(torch.ops.ticketc.csr_chain.default, args, test_utils=checks)
+    args, _ = conv_args(rand(n, 4, 9, 9), (8, 2, 3, 3), 0.3, (2, 1), (1, 1, 0, 2), (1, 1), 2, True)
+    torch.library.opcheck(torch.ops.ticketc.csr_conv2d.default, args, test_utils=checks)
 
 
 @pytest.mark.parametrize("n", [1, 3])

@@ -250,8 +250,12 @@ def test_resume_never_imports_what_run_files_name(finished_run, tmp_path, marker
         {"arch": "tests.canary_module:factory", "arch_kwargs": {}, "input_shape": [12]}))
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "data": "tests.canary_module:f"}))
-    _one_line(capsys, ["find", "--out", str(run), *FIND, "--resume"], "other settings")
+    # Where the data came from is not a result setting (#21: a run may resume from moved data
+    # whose md5 matches): the command line's --data is used, what the files name never is.
+    assert main(["find", "--out", str(run), *FIND, "--resume"]) == 0
+    capsys.readouterr()
     assert not marker.exists() and "tests.canary_module" not in sys.modules
+    assert json.loads((run / "arch.json").read_text())["arch"] == "tests.test_find_run:tiny_mlp"
 
 
 def test_report_refuses_an_architecture_it_does_not_know(finished_run, tmp_path, marker, capsys):
@@ -271,7 +275,7 @@ def test_report_reads_weights_without_unpickling(finished_run, tmp_path, marker,
     shutil.copytree(finished_run, run)
     (run / "level_00" / "final.pt").write_bytes(_bytes({"x": Canary(marker)}))
     assert main(["report", str(run), "--arch", "tests.test_find_run:tiny_mlp", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = json.loads(capsys.readouterr().out)["levels"]
     assert rows[0]["export_bytes"] is None and rows[1]["export_bytes"] > 0
     assert not marker.exists()
 

@@ -11,8 +11,10 @@ In-memory models are accepted as they are, pruned with torch.nn.utils.prune (hoo
 torch.ao.pruning (parametrizations on): export and compile work on a copy. See
 examples/python_api.py and the README's "Python API".
 
-Import cost is kept low and nothing here needs a GPU or Triton: the stages are imported on
-first use.
+Importing ticketc registers its torch custom ops (`torch.ops.ticketc.*`: schemas and Python
+kernels, a few ms after torch itself), so that `torch.export.load` runs a compiled `.pt2` after
+a plain `import ticketc`. Nothing else happens at import and nothing here needs a GPU, Triton or
+Numba: the stages are imported on first use.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import ticketc.ops  # noqa: F401 - registers torch.ops.ticketc.* for compiled .pt2 programs
 from ticketc.errors import UserError
 
 __version__ = "0.1.0"

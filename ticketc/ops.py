@@ -26,13 +26,21 @@ Interface (stable; ticketc.compile stores these buffers and calls these ops)::
     torch.ops.ticketc.tiled_linear(x, tile_crow, tile_col, tile_offsets, row_offsets, bitmaps,
                                    values, bias, out_features) -> y
         y = x @ W.T (+ bias); x [N, K] 2-D (callers flatten leading dims), y [N, M] in x.dtype,
-        bias [M] or None. Accumulation is fp32 (fp64 for fp64 inputs on the reference path).
-        csr_linear on CPU returns y column-major (strides (1, N)): its kernels write [M, N]
-        and a row-major copy would cost more than it saves; .contiguous() it if you need to.
-        CPU: csr_linear runs Numba's feature-major kernel (ticketc.kernels.csr_cpu) from
-        batch 32 and torch's CSR (MKL) below; bsr_linear MKL or the reference. CUDA: the
-        Triton kernels in ticketc.kernels. Each op has a pure-torch twin
-        `<op>_reference(...)` with the same arguments: the test oracle and the fallback.
+        row-major, bias [M] or None. Accumulation is fp32 (fp64 for fp64 inputs).
+    torch.ops.ticketc.csr_chain(x, crow_indices[], col_indices[], values[], bias[], relu[]) -> y
+        Consecutive csr_linear layers in one call, max(., 0) after the layers flagged in relu:
+        one graph node (one dispatch) for a whole MLP.
+    torch.ops.ticketc.csr_conv2d(x, crow_indices, col_indices, values, bias, weight_shape,
+                                 stride, padding, dilation, groups, relu) -> y
+        Conv2d of x [N, C, H, W] with the weight weight_shape = [M, C/groups, kh, kw] stored as
+        CSR over its rows flattened to [M, C/groups*kh*kw] (pack_csr of the conv weight);
+        padding [top, bottom, left, right] (zeros); y [N, M, OH, OW], ReLU fused if `relu`.
+
+    CPU: csr_linear, csr_chain and csr_conv2d run the Numba kernels of ticketc.kernels
+    (csr_chain_cpu, csr_conv_cpu; fp16/bf16 computed in fp32, fp64 on MKL or the reference);
+    bsr_linear MKL or the reference. CUDA: the Triton kernels in ticketc.kernels (convs as
+    unfold + csr_linear). Each op has a pure-torch twin `<op>_reference(...)` with the same
+    arguments: the test oracle and the fallback for other devices.
 
     csr_linear(...), bsr_linear(...), tiled_linear(...)   (same arguments, in this module)
         The ops without the dispatcher's ~10 us per call: in eager mode on plain CPU / CUDA
@@ -43,8 +51,11 @@ Which op where (CUDA; measure with benchmarks/kernels_bench.py, the planner deci
 csr_linear for batch 1..~32 (CUDA-core gather kernel, reads each nonzero once: the batch-1
 path); tiled_linear for larger batches on unstructured masks at moderate density (tensor
 cores, loads ~density x dense bytes + 1 bit per weight); bsr_linear for block-pruned masks
-(tensor cores, blocks 16/32/64/128). On CPU csr_linear runs Numba or MKL (see above); tiled_linear
-has only the reference (it decodes the tiles on every call): do not plan it for CPU.
+(tensor cores, blocks 16/32/64/128). On CPU the planner uses csr (and dense) only: tiled_linear
+has only the reference there (it decodes the tiles on every call), bsr_linear MKL's BSR.
+
+Importing this module registers the ops (cheaply: schemas and Python kernels); Numba and Triton
+are imported on first use.
 
 Masks: by default an entry is kept when it is nonzero; pass `mask` (bool, same shape) to keep
 exactly the masked-in entries, explicit zeros included.
@@ -56,6 +67,7 @@ without a GPU or without Triton.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -83,7 +95,6 @@ _TILE_MS = (16, 32, 64)
 _INDEX_DTYPES = (torch.int16, torch.int32)
 _INT16_MAX_K = 32768  # column indices 0..32767 fit int16
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 # ----------------------------------------------------------------------------------- packing
@@ -373,17 +384,26 @@ def tiled_linear_reference(
 
 # -------------------------------------------------------------------------------- custom ops
 #
-# Each op: a schema, a CPU kernel (torch's MKL sparse matmul where it measures faster than the
-# reference), a CUDA kernel (Triton), a CompositeExplicitAutograd fallback (the reference, for
-# any other device) and a fake for torch.compile / torch.export. They are registered with
+# Each op: a schema, a CPU kernel (Numba, or MKL), a CUDA kernel (Triton), a
+# CompositeExplicitAutograd fallback (the reference, for any other device) and a fake for
+# torch.compile / torch.export. They are registered with
 # torch.library.define / impl rather than torch.library.custom_op: the latter's Python wrapper
-# costs ~25 us per call (measured), more than MKL's whole CSR product for a Lenet layer.
+# costs ~25 us per call (measured), more than a whole Lenet ticket's forward at batch 1.
 
 _LIB = torch.library.Library("ticketc", "FRAGMENT")
 
 _LIB.define(
     "csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
     "Tensor row_order, Tensor? bias) -> Tensor"
+)
+_LIB.define(
+    "csr_chain(Tensor x, Tensor[] crow_indices, Tensor[] col_indices, Tensor[] values, "
+    "Tensor?[] bias, bool[] relu) -> Tensor"
+)
+_LIB.define(
+    "csr_conv2d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
+    "int[] weight_shape, int[] stride, int[] padding, int[] dilation, int groups, bool relu) "
+    "-> Tensor"
 )
 _LIB.define(
     "bsr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
@@ -489,6 +509,72 @@ def _triton_or_none():
         return None
 
 
+def _quiet_sparse(make: Callable[[], Tensor]) -> Tensor:
+    """torch's sparse constructors warn that sparse CSR/BSR is in beta on every first use:
+    silenced here, locally (no global warning filter is installed)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
+        return make()
+
+
+# ---- prepared CPU weights
+#
+# The CPU kernels (ticketc.kernels.csr_chain_cpu / csr_conv_cpu, Numba) take a weight packed
+# once into NumPy arrays; preparing it costs far more than a small layer's product. Modules keep
+# theirs (ticketc.compile.modules); the registered ops, called from graphs with the same buffer
+# tensors every time, find theirs here: keyed by the tensors' identity (weak references, so a
+# freed tensor whose memory is reused never matches) and their in-place version counters.
+
+_PREPARED: dict[tuple, tuple[tuple, tuple[int, ...], Any]] = {}
+_PREPARED_MAX = 512
+
+
+def prepared(tensors: tuple[Tensor | None, ...], extra: tuple, build: Callable[[], Any]) -> Any:
+    """build(), cached for these very tensors (unchanged since) and `extra` (hashable)."""
+    key = (tuple(id(t) for t in tensors), extra)
+    versions = tuple(-1 if t is None else t._version for t in tensors)
+    hit = _PREPARED.get(key)
+    if hit is not None:
+        refs, cached_versions, value = hit
+        if cached_versions == versions and all(
+            (r is None and t is None) or (r is not None and r() is t)
+            for r, t in zip(refs, tensors, strict=True)
+        ):
+            return value
+    value = build()
+    if len(_PREPARED) >= _PREPARED_MAX:
+        _PREPARED.clear()
+    refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+    _PREPARED[key] = (refs, versions, value)
+    return value
+
+
+def cpu_kernels() -> Any:
+    """ticketc.kernels.csr_chain_cpu and csr_conv_cpu, imported on first use (importing Numba
+    takes ~0.5 s): `cpu_kernels().chain`, `cpu_kernels().conv`."""
+    global _CPU_KERNELS
+    if _CPU_KERNELS is None:
+        from ticketc.kernels import csr_chain_cpu, csr_conv_cpu
+
+        _CPU_KERNELS = _Kernels(csr_chain_cpu, csr_conv_cpu)
+    return _CPU_KERNELS
+
+
+class _Kernels:
+    def __init__(self, chain: Any, conv: Any) -> None:
+        self.chain, self.conv = chain, conv
+
+
+_CPU_KERNELS: _Kernels | None = None
+
+
+def cpu_chain(layers: list[tuple[Tensor, Tensor, Tensor, Tensor | None, int]], relus: list[bool]):
+    """A ticketc.kernels.csr_chain_cpu.CsrChain for CSR layers given as
+    (crow_indices, col_indices, values, bias or None, in_features), ReLU after those flagged."""
+    chain = cpu_kernels().chain
+    return chain.CsrChain([chain.CsrLayer.of(*layer) for layer in layers], relus)
+
+
 # ---- csr_linear
 
 
@@ -499,134 +585,34 @@ def _csr_linear_default(x, crow_indices, col_indices, values, row_order, bias):
 
 def _csr_linear_cpu(x, crow_indices, col_indices, values, row_order, bias):
     _check_csr_args(x, crow_indices, col_indices, values, row_order, bias)
-    return CpuCsr(crow_indices, col_indices, values, bias, x.shape[1])(x)
+    if x.dtype == torch.float64 or values.dtype == torch.float64:  # fp64 accumulation: MKL
+        return _csr_mkl(x, crow_indices, col_indices, values, bias)
+    k = x.shape[1]
+    chain = prepared(
+        (crow_indices, col_indices, values, bias),
+        ("linear", k),
+        lambda: cpu_chain([(crow_indices, col_indices, values, bias, k)], [False]),
+    )
+    y = chain(x if x.dtype == torch.float32 else x.float())
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-# Batches of at least this many rows run Numba's feature-major kernel (ticketc.kernels.csr_cpu),
-# smaller ones MKL: measured on 300x784 to 4096x4096 at 1-40 % density, 1 and 2 threads, the
-# Numba kernel is 1.3-2x faster than MKL's sparse matmul from batch 64 and slower below ~16,
-# where MKL's mv (batch 1) and its small matmuls win.
-NUMBA_MIN_BATCH = 32
-# A chain of CSR layers (ticketc.compile.modules.CsrSequential) with fewer multiply-adds than
-# this runs as one Numba call at any batch: per-layer overhead outweighs the products there
-# (Lenet-300-100 at 3.6 %, 2 threads: batch 1 ~32 us as a chain vs ~49 layer by layer).
-NUMBA_SMALL_WORK = 1 << 18
-
-
-def runs_as_chain(n: int, nnz: int) -> bool:
-    """Whether CSR layers with `nnz` stored weights in all run as one Numba chain at batch n
-    (else layer by layer): the one rule the runtime follows and the planner prices."""
-    return n >= NUMBA_MIN_BATCH or n * nnz < NUMBA_SMALL_WORK
-
-
-def _csr_cpu() -> Any:
-    """ticketc.kernels.csr_cpu, imported on first use: importing Numba takes ~0.5 s."""
-    global _CSR_CPU
-    if _CSR_CPU is None:
-        from ticketc.kernels import csr_cpu
-
-        _CSR_CPU = csr_cpu
-    return _CSR_CPU
-
-
-_CSR_CPU: Any = None
-
-
-class CpuCsr:
-    """One CSR weight [M, K] (+ bias) made ready for the CPU kernels once, then called on x.
-
-    y = x @ W.T (+ bias) with x [N, K]; y [N, M] in x.dtype, stored feature-major (a transposed
-    view of [M, N]), which a following layer reads without a copy. fp32 accumulation (fp64 for
-    fp64 inputs). Batches >= NUMBA_MIN_BATCH in fp32 accumulation run the Numba kernel, others
-    torch's CSR (MKL: mv at batch 1, mm above). Preparing (NumPy views, the sparse tensor,
-    values in the accumulation dtype) costs several us, so modules keep one per layer.
-    """
-
-    def __init__(
-        self,
-        crow_indices: Tensor,
-        col_indices: Tensor,
-        values: Tensor,
-        bias: Tensor | None,
-        in_features: int,
-    ) -> None:
-        # The kernels read x[:, col] unchecked: a column past x's width is refused here, once.
-        if col_indices.numel() and int(col_indices.max()) >= in_features:
-            raise ValueError(
-                f"csr_linear: column index {int(col_indices.max())} is out of range for "
-                f"{in_features} input features"
-            )
-        self.crow_indices, self.col_indices = crow_indices, col_indices
-        self.values, self.bias = values, bias
-        self.shape = (crow_indices.numel() - 1, in_features)
-        self._arrays: Any = None  # csr_cpu.CsrArrays, made on first use
-        self._chains: dict[bool, Any] = {}  # relu -> csr_cpu.CsrChain of this layer alone
-        self._prepared: dict[torch.dtype, tuple[Tensor, Tensor | None]] = {}  # MKL's, per dtype
-
-    def __call__(self, x: Tensor, *, relu: bool = False) -> Tensor:
-        """y = x @ W.T (+ bias), then max(y, 0) if `relu` (fused on the Numba path)."""
-        if x.shape[1] != self.shape[1]:
-            raise ValueError(
-                f"csr_linear: x has {x.shape[1]} features, the weight takes {self.shape[1]}"
-            )
-        if x.shape[0] >= NUMBA_MIN_BATCH and x.dtype != torch.float64:  # fp32 accumulation
-            chain = self._chains.get(relu)
-            if chain is None:
-                chain = self._chains[relu] = _csr_cpu().CsrChain([self.arrays()], [relu])
-            y = chain(x if x.dtype == torch.float32 else x.float())
-        else:
-            acc = _acc_dtype(x)
-            y = self._mkl(x if x.dtype == acc else x.to(acc), acc)
-            y = torch.relu_(y) if relu else y
-        return y if y.dtype == x.dtype else y.to(x.dtype)
-
-    @property
-    def nnz(self) -> int:
-        return self.col_indices.numel()
-
-    def arrays(self) -> Any:
-        """The weight as csr_cpu.CsrArrays (fp32), made once: what a CsrChain is built from."""
-        if self._arrays is None:
-            self._arrays = _csr_cpu().CsrArrays.of(
-                self.crow_indices,
-                self.col_indices,
-                self.values,
-                self.bias,
-                in_features=self.shape[1],
-            )
-        return self._arrays
-
-    def _mkl(self, x: Tensor, acc: torch.dtype) -> Tensor:
-        prepared = self._prepared.get(acc)
-        if prepared is None:
-            index = self.crow_indices.dtype
-            # torch's CSR wants crow and col of one dtype: int32 buffers are wrapped without a
-            # copy (pack with index_dtype=torch.int32 for CPU layers), int16 ones are widened.
-            col = self.col_indices
-            col = col if col.dtype == index else col.to(index)
-            # Invariants were established by pack_csr; checking them costs a pass over the
-            # indices.
-            w = torch.sparse_csr_tensor(
-                self.crow_indices, col, self.values.to(acc), self.shape, check_invariants=False
-            )
-            bias = None if self.bias is None else self.bias.to(acc)
-            self._prepared[acc] = prepared = (w, bias)
-        w, bias = prepared
-        if x.shape[0] == 1:
-            # Batch 1: MKL's sparse matrix-vector product is 2.5-3x faster than its matmul with
-            # one column (measured, 300x784 and 4096x4096).
-            return (torch.mv(w, x[0]) if bias is None else torch.addmv(bias, w, x[0]))[None]
-        # MKL sparse x dense: [M, K] @ [K, N] -> [M, N], row-major, returned as its transpose
-        # (not copied to row-major: the copy cost 10-30 % of the product at N = 64, measured).
-        xt = x.t()
-        y = torch.mm(w, xt) if bias is None else torch.addmm(bias[:, None], w, xt)
-        return y.contiguous().t()
-
-
-def cpu_csr_chain(layers: list[CpuCsr], relus: list[bool]) -> Any:
-    """Consecutive CSR layers (ReLU after those flagged) as one Numba kernel call: a
-    ticketc.kernels.csr_cpu.CsrChain, called on fp32 x [N, K] and returning [N, M]."""
-    return _csr_cpu().CsrChain([c.arrays() for c in layers], relus)
+def _csr_mkl(x, crow_indices, col_indices, values, bias):
+    """torch's CSR product (MKL on CPU), accumulating in x's dtype (fp64 here)."""
+    m, k = crow_indices.numel() - 1, x.shape[1]
+    index = crow_indices.dtype
+    col = col_indices if col_indices.dtype == index else col_indices.to(index)
+    if col.numel() and int(col.max()) >= k:
+        raise ValueError(f"csr_linear: column index {int(col.max())} >= {k} input features")
+    w = _quiet_sparse(
+        lambda: torch.sparse_csr_tensor(
+            crow_indices, col, values.to(x.dtype), (m, k), check_invariants=False
+        )
+    )
+    y = torch.mm(w, x.t()).t()
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.contiguous()
 
 
 def _csr_linear_cuda(x, crow_indices, col_indices, values, row_order, bias):
@@ -640,10 +626,167 @@ def _csr_linear_cuda(x, crow_indices, col_indices, values, row_order, bias):
 
 
 def _csr_linear_fake(x, crow_indices, col_indices, values, row_order, bias):
-    n, m = x.shape[0], crow_indices.shape[0] - 1
-    if x.device.type == "cpu":  # see CpuCsr: [N, M] stored column-major
-        return x.new_empty((m, n)).t()
-    return x.new_empty((n, m))
+    return x.new_empty((x.shape[0], crow_indices.shape[0] - 1))
+
+
+# ---- csr_chain: consecutive csr_linear layers, a ReLU after those flagged, in one call
+
+
+def _check_chain_args(x, crows, cols, values, biases, relus) -> None:
+    if not (len(crows) == len(cols) == len(values) == len(biases) == len(relus) >= 1):
+        raise ValueError(
+            f"csr_chain: {len(crows)} crow, {len(cols)} col, {len(values)} values, "
+            f"{len(biases)} bias, {len(relus)} relu entries: one per layer, at least one"
+        )
+    _check_x(x, "csr_chain")
+
+
+def _chain_layer_by_layer(x, crows, cols, values, biases, relus, linear):
+    for crow, col, vals, bias, relu in zip(crows, cols, values, biases, relus, strict=True):
+        order = torch.arange(crow.numel() - 1, dtype=torch.int32, device=crow.device)
+        x = linear(x, crow, col, vals, order, bias)
+        x = torch.relu(x) if relu else x
+    return x
+
+
+def _csr_chain_default(x, crows, cols, values, biases, relus):
+    _check_chain_args(x, crows, cols, values, biases, relus)
+    return _chain_layer_by_layer(x, crows, cols, values, biases, relus, _csr_linear_default)
+
+
+def _csr_chain_cpu(x, crows, cols, values, biases, relus):
+    _check_chain_args(x, crows, cols, values, biases, relus)
+    if x.dtype == torch.float64 or any(v.dtype == torch.float64 for v in values):
+        return _chain_layer_by_layer(x, crows, cols, values, biases, relus, _csr_linear_cpu)
+    widths = [x.shape[1]] + [c.numel() - 1 for c in crows[:-1]]
+    chain = prepared(
+        (*crows, *cols, *values, *biases),
+        ("chain", tuple(widths), tuple(relus)),
+        lambda: cpu_chain(list(zip(crows, cols, values, biases, widths, strict=True)), relus),
+    )
+    y = chain(x if x.dtype == torch.float32 else x.float())
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _csr_chain_cuda(x, crows, cols, values, biases, relus):
+    _check_chain_args(x, crows, cols, values, biases, relus)
+    return _chain_layer_by_layer(x, crows, cols, values, biases, relus, _csr_linear_cuda)
+
+
+def _csr_chain_fake(x, crows, cols, values, biases, relus):
+    return x.new_empty((x.shape[0], crows[-1].shape[0] - 1))
+
+
+# ---- csr_conv2d: a conv whose weight [M, C/groups, kh, kw] is CSR over [M, C/groups*kh*kw]
+
+
+def conv_output_size(
+    h: Any, w: Any, kernel: list[int], stride: list[int], padding: list[int], dilation: list[int]
+) -> tuple[Any, Any]:
+    """(OH, OW) of a conv on an h x w input (ints or SymInts); padding [top, bottom, left,
+    right]."""
+    (kh, kw), (sy, sx), (dy, dx) = kernel, stride, dilation
+    pt, pb, pl, pr = padding
+    return (h + pt + pb - dy * (kh - 1) - 1) // sy + 1, (w + pl + pr - dx * (kw - 1) - 1) // sx + 1
+
+
+def _check_conv_args(x, crow, col, values, bias, weight_shape, stride, padding, dilation, groups):
+    op = "csr_conv2d"
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"{op}: x must be a floating-point [N, C, H, W] tensor")
+    if len(weight_shape) != 4 or len(stride) != 2 or len(padding) != 4 or len(dilation) != 2:
+        raise ValueError(f"{op}: weight_shape has 4 entries, stride 2, padding 4, dilation 2")
+    m, cg = weight_shape[0], weight_shape[1]
+    if groups < 1 or x.shape[1] != cg * groups or m % groups:
+        raise ValueError(
+            f"{op}: x has {x.shape[1]} channels; weight {list(weight_shape)}, groups {groups}"
+        )
+    _check_index(crow, "crow_indices", (torch.int32, torch.int64), op)
+    _check_index(col, "col_indices", (torch.int16, torch.int32, torch.int64), op)
+    if crow.numel() != m + 1 or col.numel() != values.numel():
+        raise ValueError(f"{op}: {crow.numel()} row pointers for {m} rows, or col/values differ")
+    _check_bias(bias, m, op)
+
+
+def csr_conv2d_reference(
+    x, crow_indices, col_indices, values, bias, weight_shape, stride, padding, dilation, groups,
+    relu,
+):  # fmt: skip
+    """The conv with the weight unpacked to dense: F.conv2d in fp32 (fp64 for fp64 inputs)."""
+    acc = _acc_dtype(x)
+    m = weight_shape[0]
+    flat = (m, int(weight_shape[1] * weight_shape[2] * weight_shape[3]))
+    w = unpack_csr({"crow_indices": crow_indices, "col_indices": col_indices, "values": values},
+                   flat).reshape(*weight_shape).to(acc)  # fmt: skip
+    pt, pb, pl, pr = padding
+    xp = torch.nn.functional.pad(x.to(acc), (pl, pr, pt, pb))
+    b = None if bias is None else bias.to(acc)
+    y = torch.nn.functional.conv2d(xp, w, b, tuple(stride), 0, tuple(dilation), groups)
+    y = torch.relu(y) if relu else y
+    return y.to(x.dtype)
+
+
+def _csr_conv2d_default(x, crow, col, values, bias, weight_shape, stride, padding, dilation,
+                        groups, relu):  # fmt: skip
+    _check_conv_args(x, crow, col, values, bias, weight_shape, stride, padding, dilation, groups)
+    return csr_conv2d_reference(x, crow, col, values, bias, weight_shape, stride, padding,
+                                dilation, groups, relu)  # fmt: skip
+
+
+def _csr_conv2d_cpu(x, crow, col, values, bias, weight_shape, stride, padding, dilation, groups,
+                    relu):  # fmt: skip
+    _check_conv_args(x, crow, col, values, bias, weight_shape, stride, padding, dilation, groups)
+    if x.dtype == torch.float64 or values.dtype == torch.float64:
+        return csr_conv2d_reference(x, crow, col, values, bias, weight_shape, stride, padding,
+                                    dilation, groups, relu)  # fmt: skip
+    conv = prepared(
+        (crow, col, values, bias),
+        ("conv", tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups),
+        lambda: cpu_conv(crow, col, values, bias, weight_shape, stride, padding, dilation, groups),
+    )
+    y = conv(x if x.dtype == torch.float32 else x.float(), relu=relu)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def cpu_conv(crow, col, values, bias, weight_shape, stride, padding, dilation, groups):
+    """A ticketc.kernels.csr_conv_cpu.CsrConv for this weight and geometry."""
+    conv = cpu_kernels().conv
+    m, cg, kh, kw = (int(s) for s in weight_shape)
+    geometry = conv.ConvGeometry(cg * groups, m, (kh, kw), tuple(stride), tuple(padding),
+                                 tuple(dilation), groups)  # fmt: skip
+    return conv.CsrConv(crow, col, values, bias, geometry)
+
+
+def _csr_conv2d_cuda(x, crow, col, values, bias, weight_shape, stride, padding, dilation, groups,
+                     relu):  # fmt: skip
+    _check_conv_args(x, crow, col, values, bias, weight_shape, stride, padding, dilation, groups)
+    if _triton_or_none() is None or x.dtype == torch.float64:
+        return csr_conv2d_reference(x, crow, col, values, bias, weight_shape, stride, padding,
+                                    dilation, groups, relu)  # fmt: skip
+    # unfold + one GEMM whose weight is block-diagonal over the groups: row m of group g reads
+    # the unfolded columns of g's channels, so its column indices move by g * width.
+    m, cg, kh, kw = (int(s) for s in weight_shape)
+    width = cg * kh * kw
+    rows = _csr_rows(crow)
+    col_bd = (col.long() + rows // (m // groups) * width).to(torch.int32)
+    counts = crow[1:] - crow[:-1]
+    order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+    pt, pb, pl, pr = padding
+    n, _, h, w = x.shape
+    oh, ow = conv_output_size(h, w, [kh, kw], stride, padding, dilation)
+    xp = torch.nn.functional.pad(x, (pl, pr, pt, pb))
+    cols = torch.nn.functional.unfold(xp, (kh, kw), dilation=tuple(dilation), stride=tuple(stride))
+    y = _csr_linear_cuda(cols.transpose(1, 2).reshape(-1, cg * groups * kh * kw).contiguous(),
+                         crow, col_bd, values, order, bias)  # fmt: skip
+    y = y.reshape(n, oh * ow, m).transpose(1, 2).reshape(n, m, oh, ow)
+    return torch.relu(y) if relu else y
+
+
+def _csr_conv2d_fake(x, crow, col, values, bias, weight_shape, stride, padding, dilation, groups,
+                     relu):  # fmt: skip
+    n, _, h, w = x.shape
+    oh, ow = conv_output_size(h, w, list(weight_shape[2:]), stride, padding, dilation)
+    return x.new_empty((n, weight_shape[0], oh, ow))
 
 
 # ---- bsr_linear
@@ -666,8 +809,10 @@ def _bsr_linear_cpu(x, crow_indices, col_indices, values, bias, out_features):
     mb, kb = crow_indices.numel() - 1, -(-k // b)
     index = crow_indices.dtype
     col = col_indices if col_indices.dtype == index else col_indices.to(index)
-    w = torch.sparse_bsr_tensor(
-        crow_indices, col, values.to(acc), (mb * b, kb * b), check_invariants=False
+    w = _quiet_sparse(
+        lambda: torch.sparse_bsr_tensor(
+            crow_indices, col, values.to(acc), (mb * b, kb * b), check_invariants=False
+        )
     )
     xt = _pad_to(x.to(acc), n, kb * b).t()
     y = torch.mm(w, xt)[:out_features]
@@ -720,6 +865,8 @@ def _tiled_linear_fake(x, tile_crow, tile_col, tile_offsets, row_offsets, bitmap
 _Impl = Callable[..., Tensor]
 _REGISTRATIONS: dict[str, tuple[_Impl, _Impl | None, _Impl, _Impl]] = {
     "csr_linear": (_csr_linear_default, _csr_linear_cpu, _csr_linear_cuda, _csr_linear_fake),
+    "csr_chain": (_csr_chain_default, _csr_chain_cpu, _csr_chain_cuda, _csr_chain_fake),
+    "csr_conv2d": (_csr_conv2d_default, _csr_conv2d_cpu, _csr_conv2d_cuda, _csr_conv2d_fake),
     "bsr_linear": (_bsr_linear_default, _bsr_linear_cpu, _bsr_linear_cuda, _bsr_linear_fake),
     "tiled_linear": (_tiled_linear_default, None, _tiled_linear_cuda, _tiled_linear_fake),
 }

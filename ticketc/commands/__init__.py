@@ -13,4 +13,5 @@ COMMANDS = [
     "report",
     "pack",
     "unpack",
+    "bench",
 ]

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         default=_DEFAULTS.batch_size,
-        help=f"batch size the plan is for (default: {_DEFAULTS.batch_size})",
+        help="batch size the plan is for (default: the example input's)",
     )
     parser.add_argument(
         "--device", default=_DEFAULTS.device, help=f"cpu or cuda (default: {_DEFAULTS.device})"
@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-dead-units", action="store_true", help="keep dead units (skip the exact pass)"
     )
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="do not run the compiled model against dense at the planned batch size (outputs "
+        "and speed; layers measured slower go back to dense)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -64,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             plan_path=args.plan,
             tune=args.tune,
             dead_units=not args.no_dead_units,
+            check=not args.no_check,
         )
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from e
@@ -73,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--plan {args.plan}: no such file")
     out = _output_path(args)
     loaded = load_from_args(args)
+    # The example input: --input-shape, --sample or the model file's own. (A typed spec of
+    # several inputs, `--input name:dtype:shape`, plugs in here: example_and_sample returns a
+    # tensor today; compile, the check and export_program already take a tuple or a dict.)
     example, sample = example_and_sample(args, loaded)
     if not any(isinstance(m, LAYERS) for m in loaded.model.modules()):
         raise UserError(
@@ -93,9 +103,11 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "output": str(paths[0]),
         "plan_path": str(paths[1]),
-        "max_abs_error": error,
+        "max_abs_error": error[0],
+        "max_rel_error": error[1],
         "predicted_dense_us": round(plan.predicted_dense_us, 3),
         "predicted_us": round(plan.predicted_us, 3),
+        "measured": plan.check,
         "plan": plan.to_json(),
         "notes": list(loaded.notes),
     }
@@ -122,13 +134,18 @@ def _output_path(args: argparse.Namespace) -> Path:
 
 
 def _max_error(
-    dense: torch.nn.Module, compiled: torch.nn.Module, x: torch.Tensor, config: CompileConfig
-) -> float:
-    """Largest |compiled - dense masked| on the sample, as a check the user can read."""
+    dense: torch.nn.Module, compiled: torch.nn.Module, example: Any, config: CompileConfig
+) -> tuple[float, float]:
+    """(max absolute, max relative) |compiled - masked model| on the sample, a check the user
+    can read. Floating-point inputs go to each model's dtype; token ids and masks stay."""
+    from ticketc.compile.inputs import Inputs, output_error
+
+    inputs = Inputs.of(example)
+    dtype = next((p.dtype for p in dense.parameters() if p.is_floating_point()), None)
     with torch.no_grad():
-        ref = dense(x.float())  # load_model already put it in eval mode
-        got = compiled(x.to(device=config.device, dtype=config.torch_dtype))
-    return float((got.float().cpu() - ref.float()).abs().max())
+        ref = inputs.to(dtype=dtype)(dense)  # load_model already put it in eval mode
+        got = inputs.to(device=config.device, dtype=config.torch_dtype)(compiled)
+    return output_error(ref, got)
 
 
 def _print_summary(result: dict[str, Any]) -> None:
@@ -145,26 +162,48 @@ def _print_summary(result: dict[str, Any]) -> None:
         table.add_column(
             column, justify="right" if "us" in column or column == "density" else "left"
         )
+    chained = {name: chain for chain in plan["chains"] for name in chain["layers"]}
     for lp in plan["layers"]:
         times = lp["measured_us"] or lp["predicted_us"]
+        chain = chained.get(lp["name"])
         table.add_row(
             lp["name"],
             "x".join(map(str, lp["shape"])),
             f"{lp['density']:.2%}",
             lp["format"],
             f"{times.get('dense', float('nan')):.1f}",
-            f"{times.get(lp['format'], float('nan')):.1f}",
+            f"{times.get(lp['format'], float('nan')):.1f}" if chain is None else "(chain)",
             lp["reason"],
         )
     console = Console()
     console.print(table)
+    for chain in plan["chains"]:
+        console.print(
+            f"chain {' -> '.join(chain['layers'])}: one kernel call, predicted "
+            f"{chain['predicted_us']:.1f} us"
+        )
     dense, chosen = result["predicted_dense_us"], result["predicted_us"]
     if chosen > 0:
-        console.print(f"predicted {chosen:.1f} us vs {dense:.1f} us dense ({dense / chosen:.2f}x)")
+        console.print(
+            f"predicted (cost model, planned layers only): {chosen:.1f} us vs {dense:.1f} us "
+            f"dense ({dense / chosen:.2f}x)"
+        )
+    measured = result["measured"] or {}
+    if "speedup" in measured:
+        console.print(
+            f"measured (whole model, batch {measured['batch_size']}, "
+            f"{measured['threads']} threads): {measured['compiled_us']:.1f} us vs "
+            f"{measured['dense_us']:.1f} us dense ({measured['speedup']:.2f}x)"
+        )
+    elif "skipped" in measured:
+        console.print(f"not measured: {measured['skipped']}")
     dead = plan.get("dead_units") or {}
     if dead.get("removed_units"):
         console.print(f"dead units removed: {dead['removed_units']}")
-    console.print(f"max |compiled - dense| on the sample: {result['max_abs_error']:.3g}")
+    console.print(
+        f"max |compiled - masked model| on the sample: {result['max_abs_error']:.3g} "
+        f"(relative {result['max_rel_error']:.3g})"
+    )
     console.print(f"wrote {result['output']} and {result['plan_path']}")
     for note in result["notes"]:
         console.print(f"note: {note}")

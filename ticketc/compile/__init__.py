@@ -14,36 +14,39 @@ from typing import Any
 
 from ticketc.compile.config import CompileConfig
 from ticketc.compile.dead_units import DeadUnitReport, LayerUnits, eliminate_dead_units
-from ticketc.compile.lower import apply_masks_, chain_csr_, compile, fuse_relu_, lower_, plan_of
-from ticketc.compile.modules import (
-    CsrSequential,
-    DenseLinear,
-    SparseConv,
-    SparseLinear,
-    sparse_module,
+from ticketc.compile.inputs import Inputs
+from ticketc.compile.lower import (
+    apply_masks_,
+    apply_plan,
+    chain_csr,
+    compile,
+    fuse_relu_,
+    plan_of,
 )
-from ticketc.compile.plan import LayerPlan, Plan, plan_rows, read_plan
+from ticketc.compile.modules import CsrSequential, SparseConv, SparseLinear, sparse_module
+from ticketc.compile.plan import ChainPlan, LayerPlan, Plan, plan_rows, read_plan
 from ticketc.compile.planner import make_plan
 from ticketc.compile.program import export_program, load_program, plan_file_for, save_compiled
 
 __all__ = [
+    "ChainPlan",
     "CompileConfig",
     "CsrSequential",
     "DeadUnitReport",
-    "DenseLinear",
+    "Inputs",
     "LayerPlan",
     "LayerUnits",
     "Plan",
     "SparseConv",
     "SparseLinear",
     "apply_masks_",
-    "chain_csr_",
+    "apply_plan",
+    "chain_csr",
     "compile",
     "eliminate_dead_units",
     "export_program",
     "fuse_relu_",
     "load_program",
-    "lower_",
     "make_plan",
     "plan_file_for",
     "plan_of",

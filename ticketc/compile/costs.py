@@ -1,120 +1,199 @@
-"""Cost model: predicted time of one layer's GEMM in each format, per device.
+"""Cost model: predicted time of one layer in each format, per device.
 
-A layer is y[N, M] = x[N, K] @ W.T with W holding `nnz` kept weights (a conv is the same GEMM
-over unfolded patches, N = batch x output positions). Each format costs
-
-    t = overhead + N*M*per_output + max(work / flop_rate, bytes / bandwidth)
-
-where work counts the multiply-adds the format really does (all of W for dense, nonzeros for
-CSR, stored blocks / tiles for BSR / tiled) and bytes the weight storage plus activations.
-
-Figures: CPU ones were measured on the 2-core development machine (see `_cpu`); the GPU ones
-start from H200 data-sheet numbers (4.8 TB/s, ~990 TFLOP/s bf16) times efficiency factors that
-are guesses until measured on the GPU. `tune=True` replaces all of this with timings on the
-actual device.
+A layer's work is described by `Gemm` (a Linear: y[N, M] = x[N, K] @ W.T; a conv carries its
+`ConvShape` too). On CPU the prediction uses rates measured on this machine by
+`ticketc.compile.calibrate` (dense GEMM and conv, ticketc's CSR and sparse-conv kernels, per-call
+overheads); on CUDA it starts from H200 data-sheet numbers times efficiency factors that are
+guesses until measured on the GPU. Either way the compiled model is then measured against dense
+(`CompileConfig.check`), and `tune=True` replaces predictions by timings of every candidate.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 
 import torch
 
+from ticketc.compile.calibrate import CpuCalibration
 from ticketc.compile.config import BSR_BLOCKSIZES
-from ticketc.ops import NUMBA_MIN_BATCH, runs_as_chain
 
 TILE = 32  # tiled format: 32 x 32 bitmap tiles (tile_m = 32)
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A conv layer's geometry at one input size (2-D; a Conv1d has h == 1)."""
+
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    groups: int
+    h: int  # input height / width (unpadded)
+    w: int
+    oh: int  # output height / width
+    ow: int
+    hq: int  # height / width of one phase plane of the padded input (the CPU kernel's grid)
+    wq: int
+    phases: int  # phase planes the kernel fills per channel (stride phases its taps use)
+    direct: bool  # stride 1, no padding: the kernel reads x in place, no planes to fill
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.in_channels
+
+    @property
+    def macs_per_sample(self) -> int:
+        kh, kw = self.kernel
+        return self.out_channels * self.oh * self.ow * (self.in_channels // self.groups) * kh * kw
+
+    @property
+    def run_length(self) -> int:
+        """Outputs one stored weight updates in the CPU kernel, per sample."""
+        return (self.oh - 1) * self.wq + self.ow
 
 
 @dataclass(frozen=True)
 class Gemm:
     """The work of one layer at the planned batch size."""
 
-    n: int  # rows of x: batch, times output positions for a conv
-    k: int  # input features (in_channels/groups-expanded x kh x kw for a conv)
+    n: int  # rows of x: batch (times tokens / positions for a Linear on [N, T, K])
+    k: int  # input features (in_channels/groups * kh * kw for a conv)
     m: int  # output features
     nnz: int  # kept weights
     itemsize: int  # bytes per value in the compiled dtype
     blocks: dict[int, int] = field(default_factory=dict)  # BSR blocksize -> nonempty blocks
     tiles: int = 0  # nonempty 32 x 32 tiles
-    unfold: bool = False  # a conv: sparse formats must materialise the unfolded input
-    feature_major: bool = False  # x arrives as [K, N] (from a CPU CSR layer): no transpose
+    conv: ConvShape | None = None  # a conv: n is then the batch size
 
     @property
     def density(self) -> float:
         return self.nnz / max(1, self.m * self.k)
 
 
+# ------------------------------------------------------------------------------------- CPU
+
+
+@dataclass(frozen=True)
+class CpuCosts:
+    """CPU predictions from measured rates (ticketc.compile.calibrate.CpuCalibration)."""
+
+    calibration: CpuCalibration
+    itemsize: int = 4
+    slow: float = 1.0  # fp16/bf16: torch's dense CPU kernels run well below fp32 speed
+
+    @property
+    def name(self) -> str:
+        c = self.calibration
+        return f"cpu{c.threads}-{c.source}"
+
+    def candidates(self, g: Gemm, formats: tuple[str, ...]) -> list[str]:
+        """dense, and csr where allowed (the CPU's only fast sparse kernels)."""
+        return ["dense", "csr"] if "csr" in formats else ["dense"]
+
+    def predict(self, fmt: str, g: Gemm) -> float:
+        """Predicted seconds for one call of the layer in format `fmt` (dense or csr)."""
+        c = self.calibration
+        if fmt == "dense":
+            if g.conv is not None:
+                return c.module_call_s + self._dense_conv(g.conv, g.n)
+            flops_s = g.n * g.m * g.k * c.dense_gemm_s * self.slow
+            weight_s = g.m * g.k * self.itemsize / c.bandwidth
+            return c.module_call_s + c.dense_call_s + max(flops_s, weight_s)
+        if fmt != "csr":
+            raise ValueError(f"the CPU cost model prices dense and csr, not {fmt!r}")
+        if g.conv is not None:
+            s = g.conv
+            work = g.n * g.nnz * s.run_length
+            fill = 0 if s.direct else g.n * s.in_channels * s.phases * s.hq * s.wq
+            kernel = c.conv_call_s + c.parallel(work, c.conv_fma_s) + c.parallel(fill, c.fill_s)
+            return c.module_call_s + kernel
+        return c.module_call_s + c.csr_call_s + self._csr_work(g)
+
+    def predict_chain(self, gemms: list[Gemm]) -> float | None:
+        """Consecutive csr Linear layers run as one kernel call, without a module call per
+        layer."""
+        if len(gemms) < 2:
+            return None
+        return self.calibration.csr_call_s + sum(self._csr_work(g) for g in gemms)
+
+    def _csr_work(self, g: Gemm) -> float:
+        c = self.calibration
+        if g.n == 1:
+            return c.parallel(g.nnz, c.csr_dot_s)
+        return c.parallel(g.n * g.nnz, c.csr_fma_s) + c.parallel(g.n * (g.k + g.m), c.transpose_s)
+
+    def _dense_conv(self, s: ConvShape, n: int) -> float:
+        c = self.calibration
+        macs = n * s.macs_per_sample
+        if s.groups > 1:
+            rate = c.dense_depthwise_s
+        elif s.kernel == (1, 1):
+            rate = c.dense_conv1x1_s
+        else:
+            rate = c.dense_conv_s
+        return c.dense_call_s + macs * rate * self.slow
+
+
+# -------------------------------------------------------------------------------- CUDA
+
+
 @dataclass(frozen=True)
 class FormatCost:
     overhead_s: float  # per call: dispatch, launch, allocation
     flop_rate: float  # FLOP/s on the work the format does
-    per_output_s: float = 0.0  # per output element (CPU CSR pays transposes and accumulators)
-    per_input_s: float = 0.0  # per input element (CPU CSR from Numba transposes its input)
-    per_entry_s: float = 0.0  # per stored weight, on every thread (CPU chain: index, loop)
 
 
 @dataclass(frozen=True)
 class DeviceCosts:
+    """GPU predictions: t = overhead + max(work / flop_rate, bytes / bandwidth)."""
+
     name: str
     bandwidth: float  # bytes/s from memory
     cache_bandwidth: float  # bytes/s when the working set fits in cache
     cache_bytes: int
     index_bytes: int  # bytes per CSR column index as stored for this device
     formats: dict[str, FormatCost]  # format kind -> cost; a missing kind is no candidate
-    # kind -> (batch, cost): from that batch size on the kind runs another kernel at this cost
-    from_batch: dict[str, tuple[int, FormatCost]] = field(default_factory=dict)
-    # Consecutive csr Linear layers run as one kernel call (CPU: CsrSequential): overhead_s
-    # per chain, flop_rate / per_output_s per layer, per_input_s for the first layer's input.
-    chain: FormatCost | None = None
 
-    def cost(self, kind: str, n: int) -> FormatCost:
-        switch = self.from_batch.get(kind)
-        return switch[1] if switch is not None and n >= switch[0] else self.formats[kind]
+    def candidates(self, g: Gemm, formats: tuple[str, ...]) -> list[str]:
+        """Formats worth predicting for this layer on this device: dense first."""
+        names = ["dense"]
+        for kind in formats:
+            if kind not in self.formats:
+                continue
+            if kind == "bsr":
+                names += [f"bsr({b})" for b in BSR_BLOCKSIZES if b in g.blocks]
+            else:
+                names.append(kind)
+        return names
 
+    def predict(self, fmt: str, g: Gemm) -> float:
+        """Predicted seconds for one call of the layer in format `fmt`."""
+        kind, b = parse_format(fmt)
+        cost = self.formats[kind]
+        s = g.itemsize
+        n = g.n * (g.conv.oh * g.conv.ow if g.conv is not None else 1)  # GEMM rows
+        io = (n * g.k + n * g.m) * s
+        if kind == "dense":
+            work, weight_bytes = 2 * n * g.m * g.k, g.m * g.k * s
+        elif kind == "csr":
+            work, weight_bytes = 2 * n * g.nnz, g.nnz * (s + self.index_bytes) + 4 * (g.m + 1)
+        elif kind == "bsr":
+            assert b is not None
+            nb = g.blocks[b]
+            work, weight_bytes = 2 * n * nb * b * b, nb * (b * b * s + 4) + 4 * (g.m // b + 2)
+        else:  # tiled: values + a bitmap word and a row offset per tile row + per-tile indices
+            work = 2 * n * g.tiles * TILE * TILE
+            weight_bytes = g.nnz * s + g.tiles * (TILE * 6 + 8)
+        if g.conv is not None and kind != "dense":
+            io += 2 * n * g.k * s  # unfold writes the patches and the GEMM reads them back
+        nbytes = weight_bytes + io
+        bandwidth = self.cache_bandwidth if nbytes <= self.cache_bytes else self.bandwidth
+        return cost.overhead_s + max(work / cost.flop_rate, nbytes / bandwidth)
 
-def _cpu(dtype: torch.dtype) -> DeviceCosts:
-    # Measured per thread on the development machine (torch 2.13, MKL, fp32, 300x784 /
-    # 1024x1024 / 4096x4096 layers, batch 1-256): dense ~90 GFLOP/s at batch >= 64, scaling
-    # sub-linearly with threads (~150 at 2), ~7 us per call (64 x 99 -> 10: 8.4 us). The CSR
-    # op on MKL (batch < NUMBA_MIN_BATCH): ~12 GFLOP/s of useful work per thread plus ~18 us
-    # per call (custom-op dispatch and checks) and ~1.5 ns per output element; on Numba
-    # (larger batches): 30-40 GFLOP/s per thread plus ~6 us per call, ~0.3 ns per output and
-    # ~0.4 ns per input element (the transpose into feature-major order; none when the input
-    # already is, as after a CSR layer). A chain of CSR layers run as one call
-    # (ticketc.kernels.csr_cpu.CsrChain): ~15 us per chain (Python, dispatch, allocation)
-    # and ~1.8 ns per stored weight whatever the batch, which every thread pays for its own
-    # columns (Lenet-300-100 at batch 1: ~32 us at 3.6 %, ~113 us at 20 % against ~55 us
-    # dense; at 3.6 %, batch 64: ~50 us at 2 threads).
-    threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
-    # Half types on CPU: matmuls run far below fp32 speed and the CSR op upcasts the values on
-    # every call; scale everything down and let tuning decide.
-    slow = 1.0 if dtype in (torch.float32, torch.float64) else 0.25
-    return DeviceCosts(
-        name=f"cpu{threads}-{dtype}".replace("torch.", ""),
-        bandwidth=10e9 * threads,
-        cache_bandwidth=55e9,
-        cache_bytes=4 << 20,
-        index_bytes=4,  # torch's CSR kernels take int32 indices directly
-        formats={
-            "dense": FormatCost(7e-6, 90e9 * threads**0.75 * slow),
-            "csr": FormatCost(18e-6, 12e9 * threads * slow, per_output_s=1.5e-9),
-            # The CPU BSR path is the pure-torch reference (gather + einsum + index_add).
-            "bsr": FormatCost(40e-6, 10e9 * threads * slow, per_output_s=3e-9),
-        },
-        from_batch={
-            "csr": (
-                NUMBA_MIN_BATCH,
-                FormatCost(6e-6, 30e9 * threads * slow, per_output_s=0.3e-9, per_input_s=0.4e-9),
-            )
-        },
-        chain=FormatCost(
-            15e-6, 30e9 * threads * slow, per_output_s=0.3e-9, per_input_s=0.4e-9,
-            per_entry_s=1.8e-9,
-        ),
-    )
+    def predict_chain(self, gemms: list[Gemm]) -> float | None:
+        return None  # no chain kernel on the GPU
 
 
 def _h200(dtype: torch.dtype) -> DeviceCosts:
@@ -135,10 +214,19 @@ def _h200(dtype: torch.dtype) -> DeviceCosts:
     )
 
 
-def device_costs(kind: str, dtype: torch.dtype) -> DeviceCosts:
-    """The cost model for device kind "cpu" or "cuda" at `dtype`."""
+CostModel = CpuCosts | DeviceCosts
+
+
+def device_costs(kind: str, dtype: torch.dtype, *, calibrate: bool = False) -> CostModel:
+    """The cost model for device kind "cpu" or "cuda" at `dtype`. CPU: rates measured on this
+    machine at torch's thread count when `calibrate` (cached per process), else the reference
+    rates of ticketc.compile.calibrate."""
     if kind == "cpu":
-        return _cpu(dtype)
+        from ticketc.compile.calibrate import calibration
+
+        slow = 1.0 if dtype in (torch.float32, torch.float64) else 0.25
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return CpuCosts(calibration(measure=calibrate), itemsize, slow)
     if kind == "cuda":
         return _h200(dtype)
     raise ValueError(f"no cost model for device kind {kind!r}; known: cpu, cuda")
@@ -157,71 +245,11 @@ def parse_format(name: str) -> tuple[str, int | None]:
     raise ValueError(f"unknown format {name!r}; known: dense, csr, bsr(B) e.g. bsr(16), tiled")
 
 
-def candidates(g: Gemm, costs: DeviceCosts, sparse_kinds: tuple[str, ...]) -> list[str]:
-    """Formats worth predicting for this layer on this device: dense first."""
-    names = ["dense"]
-    for kind in sparse_kinds:
-        if kind not in costs.formats:
-            continue
-        if kind == "bsr":
-            names += [f"bsr({b})" for b in BSR_BLOCKSIZES if b in g.blocks]
-        else:
-            names.append(kind)
-    return names
-
-
-def predict(name: str, g: Gemm, costs: DeviceCosts) -> float:
-    """Predicted seconds for one call of the layer in format `name`."""
-    kind, b = parse_format(name)
-    cost = costs.cost(kind, g.n)
-    s = g.itemsize
-    io = (g.n * g.k + g.n * g.m) * s
-    if kind == "dense":
-        work, weight_bytes = 2 * g.n * g.m * g.k, g.m * g.k * s
-    elif kind == "csr":
-        work, weight_bytes = 2 * g.n * g.nnz, g.nnz * (s + costs.index_bytes) + 4 * (g.m + 1)
-    elif kind == "bsr":
-        assert b is not None
-        nb = g.blocks[b]
-        work, weight_bytes = 2 * g.n * nb * b * b, nb * (b * b * s + 4) + 4 * (g.m // b + 2)
-        if costs.name.startswith("cpu"):
-            io += 2 * g.n * nb * b * s  # the reference gathers x once per block
-    else:  # tiled: values + a bitmap word and a row offset per tile row + per-tile indices
-        work = 2 * g.n * g.tiles * TILE * TILE
-        weight_bytes = g.nnz * s + g.tiles * (TILE * 6 + 8)
-    if g.unfold and kind != "dense":
-        io += 2 * g.n * g.k * s  # unfold writes the patches and the GEMM reads them back
-    nbytes = weight_bytes + io
-    bandwidth = costs.cache_bandwidth if nbytes <= costs.cache_bytes else costs.bandwidth
-    return (
-        cost.overhead_s
-        + g.n * g.m * cost.per_output_s
-        + (0.0 if g.feature_major else g.n * g.k * cost.per_input_s)
-        + max(work / cost.flop_rate, nbytes / bandwidth)
-    )
-
-
-def predict_chain(gemms: list[Gemm], costs: DeviceCosts) -> float | None:
-    """Predicted seconds for consecutive CSR layers run as one kernel call, or None where the
-    device has no such kernel or the runtime would run them layer by layer (see
-    ticketc.compile.modules.CsrSequential)."""
-    cost, n = costs.chain, gemms[0].n
-    if cost is None or len(gemms) < 2 or not runs_as_chain(n, sum(g.nnz for g in gemms)):
-        return None
-    return (
-        cost.overhead_s
-        + n * gemms[0].k * cost.per_input_s
-        + sum(
-            g.nnz * (cost.per_entry_s + 2 * g.n / cost.flop_rate) + g.n * g.m * cost.per_output_s
-            for g in gemms
-        )
-    )
-
-
-def gemm_stats(keep: torch.Tensor, n: int, itemsize: int, *, unfold: bool = False) -> Gemm:
-    """Gemm for a kept-weight mask `keep` [M, K] (bool) at N rows of input."""
+def gemm_stats(keep: torch.Tensor, n: int, itemsize: int, *, conv: ConvShape | None = None) -> Gemm:
+    """Gemm for a kept-weight mask `keep` [M, K] (bool) at N rows of input (a conv: N samples
+    and its ConvShape; keep is its weight flattened to [M, C/groups * kh * kw])."""
     m, k = keep.shape
-    blocks = {b: _nonempty(keep, b, b) for b in BSR_BLOCKSIZES}
+    blocks = {b: _nonempty(keep, b, b) for b in BSR_BLOCKSIZES} if conv is None else {}
     return Gemm(
         n=n,
         k=k,
@@ -229,8 +257,8 @@ def gemm_stats(keep: torch.Tensor, n: int, itemsize: int, *, unfold: bool = Fals
         nnz=int(keep.sum()),
         itemsize=itemsize,
         blocks=blocks,
-        tiles=_nonempty(keep, TILE, TILE),
-        unfold=unfold,
+        tiles=_nonempty(keep, TILE, TILE) if conv is None else 0,
+        conv=conv,
     )
 
 

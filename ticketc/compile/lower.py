@@ -1,16 +1,21 @@
-"""The compile pipeline: masks -> dead units -> plan -> swap in sparse modules."""
+"""The compile pipeline: masks -> dead units -> plan -> swap in sparse modules -> check."""
 
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ticketc.compile.check import check_speed
 from ticketc.compile.config import CompileConfig
 from ticketc.compile.dead_units import eliminate_dead_units
-from ticketc.compile.modules import CsrSequential, DenseLinear, SparseLinear, sparse_module
+from ticketc.compile.inputs import Example, Inputs
+from ticketc.compile.modules import CsrSequential, SparseConv, SparseLinear, is_csr_linear
+from ticketc.compile.modules import sparse_module as _sparse_module
 from ticketc.compile.plan import Plan
 from ticketc.compile.planner import make_plan
 from ticketc.masks import copy_pruned, strip_pruning_
@@ -23,20 +28,30 @@ def compile(
     config: CompileConfig | None = None,
     *,
     masks: dict[str, Tensor] | None = None,
-    example_input: Tensor | None = None,
+    example_input: Example | None = None,
 ) -> nn.Module:
     """Compile a masked model: each Linear/Conv layer becomes dense or sparse as planned.
 
     `model` is an nn.Module or a `ticketc.load.LoadedModel` (its masks and example input are
     used). Masks (param name -> bool) are multiplied into the weights; without masks, exact
-    zeros are the pruned weights. `example_input` (any batch size) gives conv layers their
-    output size. The input model is not modified; the result is in eval mode on
-    `config.device` in `config.dtype`, with its plan in `plan_of(result)`. A ReLU right after
-    a sparse Linear in an nn.Sequential is fused into it and leaves the Sequential; the other
-    children keep their names (reach them by name, e.g. `get_submodule("3")`, not position).
+    zeros are the pruned weights. `example_input` is one tensor, a tuple of positional
+    arguments or a dict of keyword arguments (token ids and masks keep their dtype), at any
+    batch size: it gives conv layers their output size, and with `config.check` the compiled
+    model is run on it at the planned batch size against the masked model (outputs compared,
+    speed measured, layers sent back to dense until it is faster). The input model is not
+    modified; the result is in eval mode on `config.device` in `config.dtype`, with its plan
+    in `plan_of(result)`. A ReLU right after a sparse layer in an nn.Sequential is fused into
+    it and leaves the Sequential; the other children keep their names (reach them by name,
+    e.g. `get_submodule("3")`, not position).
+
+    Raises RuntimeError if the compiled model's outputs differ from the masked model's
+    beyond float rounding (a bug, never returned silently).
     """
     config = config or CompileConfig()
-    module, masks, example_input = _unpack(model, masks, example_input)
+    module, masks, example = _unpack(model, masks, example_input)
+    inputs = None if example is None else Inputs.of(example)
+    if config.batch_size is None:
+        config = replace(config, batch_size=(inputs.batch if inputs is not None else None) or 1)
     module = copy_pruned(module)
     if held := strip_pruning_(module):  # prune hooks / parametrizations (on the copy)
         masks = {**held, **(masks or {})}
@@ -48,66 +63,90 @@ def compile(
     if config.dead_units:
         module, dead = eliminate_dead_units(module)
         report = dead.to_dict()
-    plan = make_plan(module, example_input, config, dead_units=report)
-    module = module.to(device=config.device, dtype=config.torch_dtype)
-    lower_(module, plan)
-    return module
+    plans = [make_plan(module, inputs, config, dead_units=report)]
+    if config.tune and config.plan_path is None:  # a tuned plan must beat the untuned one
+        plans.append(make_plan(module, inputs, replace(config, tune=False), dead_units=report))
+    dense = module.to(device=config.device, dtype=config.torch_dtype)
+    if config.check and inputs is not None:
+        batch = inputs.at_batch(config.batch_size or 1).to(config.device, config.torch_dtype)
+        compiled, plan = check_speed(dense, plans, batch, config, apply_plan)
+    else:
+        plan = plans[0]
+        if config.check:
+            plan = replace(plan, check={"skipped": "no example input to run the model on"})
+        compiled = apply_plan(dense, plan)
+    setattr(compiled, PLAN_ATTR, plan)
+    return compiled
 
 
-def lower_(model: nn.Module, plan: Plan) -> None:
-    """Swap every layer the plan makes sparse for its sparse module, in place; a dense Linear
-    after a csr layer becomes DenseLinear (same parameters), which also reads the feature-major
-    output of the CPU csr kernels fast. Other dense layers stay as they are: DenseLinear's
-    layout check costs ~1 us a call, a few % of a small dense model."""
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Swap every layer the plan makes sparse for its sparse module, fuse ReLUs after sparse
+    layers in nn.Sequential and let Sequentials with consecutive csr Linear layers run them as
+    chains. Modifies `model` and returns it (or, if its root became a CsrSequential, that)."""
     device = next((b.device for b in model.parameters()), torch.device(plan.device))
-    previous = "dense"
     for lp in plan.layers:
+        if lp.format == "dense":
+            continue
+        if not lp.name:  # the model is itself one layer
+            model = _sparse_module(model, lp.format, device=device)
+            continue
         parent, _, attr = lp.name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        layer = getattr(owner, attr)
-        if lp.format != "dense":
-            setattr(owner, attr, sparse_module(layer, lp.format, device=device))
-        elif type(layer) is nn.Linear and previous == "csr":
-            setattr(owner, attr, DenseLinear.from_linear(layer))
-        previous = lp.format
+        setattr(owner, attr, _sparse_module(getattr(owner, attr), lp.format, device=device))
     fuse_relu_(model)
-    chain_csr_(model)
+    model = chain_csr(model)
     setattr(model, PLAN_ATTR, plan)
+    return model
 
 
 def fuse_relu_(model: nn.Module) -> None:
-    """In every nn.Sequential, a ReLU right after a SparseLinear moves into it: the CPU kernel
-    applies it to each output row while the row is in cache. The ReLU leaves the Sequential
-    (the other children keep their names, so state dict keys and plan names do not change):
-    one module call and one pass over the activations fewer per layer."""
+    """In every nn.Sequential, a ReLU right after a SparseLinear / SparseConv moves into it: the
+    CPU kernels apply it to each output row while the row is in cache. The ReLU leaves the
+    Sequential (the other children keep their names, so state dict keys and plan names do not
+    change): one module call and one pass over the activations fewer per layer."""
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
             continue
         children = list(seq.named_children())
         fused = []
         for (_, layer), (name, act) in zip(children, children[1:], strict=False):
-            if isinstance(layer, SparseLinear) and not layer.relu and type(act) is nn.ReLU:
+            if (
+                isinstance(layer, SparseLinear | SparseConv)
+                and type(act) is nn.ReLU
+                and not layer.relu
+            ):
                 layer.relu = True
                 fused.append(name)
         for name in fused:
             delattr(seq, name)
 
 
-def chain_csr_(model: nn.Module) -> None:
-    """Every nn.Sequential holding two csr SparseLinear layers in a row becomes a
-    CsrSequential, which runs such runs as one CPU kernel call. The class is swapped in place
-    (CsrSequential only adds a forward), so the module object, its names, hooks and state
-    dict stay as they are, the root included."""
-    for seq in model.modules():
+def chain_csr(model: nn.Module) -> nn.Module:
+    """Every nn.Sequential holding two csr SparseLinear layers in a row is replaced by a
+    CsrSequential with the same children, names and hooks, which runs such runs as one kernel
+    call. Returns the model (the new root if the root itself was such a Sequential)."""
+    swaps: list[tuple[str, nn.Sequential]] = []
+    for name, seq in model.named_modules():
         if type(seq) is not nn.Sequential:
             continue
         children = list(seq.children())
-        if any(_is_csr(a) and _is_csr(b) for a, b in zip(children, children[1:], strict=False)):
-            seq.__class__ = CsrSequential
-
-
-def _is_csr(module: nn.Module) -> bool:
-    return isinstance(module, SparseLinear) and module.kind == "csr"
+        pairs = zip(children, children[1:], strict=False)
+        if any(is_csr_linear(a) and is_csr_linear(b) for a, b in pairs):
+            swaps.append((name, seq))
+    for name, seq in swaps:
+        new = CsrSequential(OrderedDict(seq.named_children()))
+        new.train(seq.training)
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+            getattr(new, hooks).update(getattr(seq, hooks))
+        for key, value in vars(seq).items():  # plain attributes (e.g. a plan)
+            if not key.startswith("_") and key != "training":
+                setattr(new, key, value)
+        if not name:
+            model = new
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model
 
 
 def plan_of(model: nn.Module) -> Plan | None:
@@ -132,13 +171,13 @@ def apply_masks_(model: nn.Module, masks: dict[str, Tensor]) -> None:
 
 
 def _unpack(
-    model: Any, masks: dict[str, Tensor] | None, example_input: Tensor | None
-) -> tuple[nn.Module, dict[str, Tensor] | None, Tensor | None]:
+    model: Any, masks: dict[str, Tensor] | None, example: Example | None
+) -> tuple[nn.Module, dict[str, Tensor] | None, Example | None]:
     if isinstance(model, nn.Module):
-        return model, masks, example_input
+        return model, masks, example
     inner = getattr(model, "model", None)  # ticketc.load.LoadedModel, duck-typed
     if not isinstance(inner, nn.Module):
         raise TypeError(f"expected an nn.Module or a LoadedModel, got {type(model).__name__}")
     masks = masks if masks is not None else getattr(model, "masks", None)
-    example = example_input if example_input is not None else getattr(model, "example_input", None)
+    example = example if example is not None else getattr(model, "example_input", None)
     return inner, masks, example

@@ -16,7 +16,7 @@ from ticketc.compile.costs import parse_format
 from ticketc.errors import UserError
 
 FORMAT = "ticketc.plan"
-VERSION = 1
+VERSION = 2  # 2: chains, threads and the measured check; version 1 files still read
 ARCHIVE_NAME = "ticketc_plan.json"  # name of the plan inside a .pt2 archive (extra files)
 _MAX_PLAN_BYTES = 16 * 2**20  # plans are kilobytes; a larger declared entry is not read
 
@@ -58,24 +58,63 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
+class ChainPlan:
+    """Consecutive csr Linear layers run as one kernel call (CsrSequential)."""
+
+    layers: tuple[str, ...]
+    predicted_us: float
+    measured_us: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "predicted_us": self.predicted_us,
+                "measured_us": self.measured_us}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ChainPlan:
+        measured = d.get("measured_us")
+        return cls(
+            tuple(str(n) for n in d["layers"]),
+            float(d["predicted_us"]),
+            None if measured is None else float(measured),
+        )
+
+
+@dataclass(frozen=True)
 class Plan:
+    """Per layer the chosen format and why, the chains, and (after `ticketc.compile` checked
+    it) the whole compiled model measured against dense at the planned batch size."""
+
     device: str
     dtype: str
     batch_size: int
     cost_model: str
     layers: tuple[LayerPlan, ...]
     dead_units: dict[str, Any] | None = None  # DeadUnitReport.to_dict() when the pass ran
+    chains: tuple[ChainPlan, ...] = ()
+    threads: int | None = None  # torch threads the plan was made (and measured) for
+    check: dict[str, Any] | None = None  # see ticketc.compile.check.check_speed
 
     def layer(self, name: str) -> LayerPlan | None:
         return next((lp for lp in self.layers if lp.name == name), None)
 
     @property
     def predicted_dense_us(self) -> float:
+        """Predicted microseconds of every planned layer run dense."""
         return sum(lp.predicted_us.get("dense", 0.0) for lp in self.layers)
 
     @property
     def predicted_us(self) -> float:
-        return sum(lp.predicted_us.get(lp.format, 0.0) for lp in self.layers)
+        """Predicted microseconds of the planned layers as compiled: each chain once, the
+        other layers in their format. The one total every printed prediction comes from."""
+        chained = {name for chain in self.chains for name in chain.layers}
+        alone = sum(
+            lp.predicted_us.get(lp.format, 0.0) for lp in self.layers if lp.name not in chained
+        )
+        return alone + sum(chain.predicted_us for chain in self.chains)
+
+    @property
+    def sparse_layers(self) -> list[str]:
+        return [lp.name for lp in self.layers if lp.format != "dense"]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,8 +123,13 @@ class Plan:
             "device": self.device,
             "dtype": self.dtype,
             "batch_size": self.batch_size,
+            "threads": self.threads,
             "cost_model": self.cost_model,
+            "predicted_us": round(self.predicted_us, 3),
+            "predicted_dense_us": round(self.predicted_dense_us, 3),
+            "check": self.check,
             "dead_units": self.dead_units,
+            "chains": [c.to_json() for c in self.chains],
             "layers": [lp.to_json() for lp in self.layers],
         }
 
@@ -96,8 +140,9 @@ class Plan:
     def from_json(cls, d: dict[str, Any]) -> Plan:
         if d.get("format") != FORMAT:
             raise ValueError(f"not a ticketc plan (format {d.get('format')!r})")
-        if d.get("version") != VERSION:
-            raise ValueError(f"plan version {d.get('version')!r} is not {VERSION}")
+        if d.get("version") not in (1, VERSION):
+            raise ValueError(f"plan version {d.get('version')!r} is not 1 or {VERSION}")
+        threads = d.get("threads")
         return cls(
             device=str(d["device"]),
             dtype=str(d["dtype"]),
@@ -105,6 +150,9 @@ class Plan:
             cost_model=str(d.get("cost_model", "")),
             layers=tuple(LayerPlan.from_json(x) for x in d["layers"]),
             dead_units=d.get("dead_units"),
+            chains=tuple(ChainPlan.from_json(c) for c in d.get("chains") or ()),
+            threads=None if threads is None else int(threads),
+            check=d.get("check"),
         )
 
 
@@ -143,7 +191,9 @@ def apply_overrides(plan: Plan, overrides: Plan, source: str) -> Plan:
         except ValueError as e:
             raise UserError(f"plan {source}, layer {lp.name}: {e}") from e
         layers.append(replace(lp, format=fmt, reason=f"set by {source}"))
-    return replace(plan, layers=tuple(layers))
+    csr = {lp.name for lp in layers if lp.format == "csr"}
+    chains = tuple(c for c in plan.chains if set(c.layers) <= csr)
+    return replace(plan, layers=tuple(layers), chains=chains)
 
 
 def _embedded_plan(path: Path) -> str | None:

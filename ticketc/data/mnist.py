@@ -108,8 +108,15 @@ def read_idx(path: Path) -> np.ndarray:
 def load_mnist(
     data_dir: str | os.PathLike[str] | None = None, *, download: bool = True
 ) -> tuple[TensorSplit, TensorSplit]:
-    """(train, test): x float32 [N, 1, 28, 28] normalised, y int64 [N]."""
+    """(train, test): x float32 [N, 1, 28, 28] normalised, y int64 [N].
+
+    An explicit `data_dir` must exist: a mistyped folder is reported, not created and filled.
+    """
     directory = mnist_dir(data_dir)
+    if data_dir is not None and not directory.is_dir():
+        raise UserError(f"--data-dir {directory} does not exist (MNIST: the folder of the four "
+                        "IDX .gz files; leave it out to use $TICKETC_MNIST_DIR or "
+                        f"{DEFAULT_DIR})")
     ensure_files(directory, download=download)
 
     def split(prefix: str) -> TensorSplit:

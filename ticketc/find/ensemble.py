@@ -8,10 +8,19 @@ the stacked optimizer is exactly M independent ones. Two forward/backward paths:
   backward with `baddbmm`, no autograd graph, no per-member Python; layers whose masks are
   sparse enough train in CSR form (`SparseLinear`), and then the whole MLP runs on
   feature-major activations [M, features, B'];
-- anything else: `torch.func.vmap` over `grad` of a `functional_call`.
+- anything else: `torch.func.vmap` over `grad` of a `functional_call`, with the network in
+  training mode (BatchNorm normalises with each member's batch statistics and updates that
+  member's running statistics; Dropout draws a different mask for every member, from a seed
+  the caller gives per step so that a resumed run draws the same masks).
 
-Masks are enforced after every optimizer step, so a pruned weight stays exactly zero whatever
-the optimizer state holds.
+Under torchrun (`ranks.distributed`) every step goes through autograd instead: the stacked
+parameters are wrapped as one module (`StackedMembers`) in DistributedDataParallel, which
+averages each member's gradients over the ranks (each rank holds a shard of every member's
+batch) and keeps BatchNorm statistics those of rank 0, as DDP does for any network.
+
+Evaluation runs every member in eval mode (BatchNorm on its running statistics, which it does
+not update; Dropout off), as the saved network runs when deployed. Masks are enforced after
+every optimizer step, so a pruned weight stays exactly zero whatever the optimizer state holds.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ticketc.find.distributed import SINGLE, Ranks, broadcast_tensors_
 from ticketc.find.pruning import Masks
 from ticketc.find.sparse_layer import SparseLinear
 from ticketc.kernels import csr_cpu
@@ -55,12 +65,53 @@ def _relu_backward(g: torch.Tensor, relu_out: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.threshold_backward(g, relu_out, 0)
 
 
+class StackedMembers(nn.Module):
+    """Every member's parameters [M, *shape] and buffers as one module whose forward runs all
+    members (`torch.func.vmap` over `functional_call` of the architecture, training mode), so
+    that DistributedDataParallel can reduce their gradients and broadcast their buffers.
+
+    The architecture itself is kept outside the module tree: its own parameters are not
+    trained.
+    """
+
+    def __init__(self, base: nn.Module, params: dict[str, nn.Parameter],
+                 buffers: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self._base = [base]
+        self.param_names, self.buffer_names = list(params), list(buffers)
+        self.stacked = nn.ParameterList(params.values())
+        for i, b in enumerate(buffers.values()):
+            self.register_buffer(f"buffer_{i}", b)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [M, B, ...], y [M, B] -> each member's mean loss [M] and correct count [M]."""
+        from torch.func import functional_call, vmap
+
+        base = self._base[0].train()
+        params = dict(zip(self.param_names, self.stacked, strict=True))
+        buffers = {n: getattr(self, f"buffer_{i}") for i, n in enumerate(self.buffer_names)}
+
+        def member(p, b, xb, yb):  # type: ignore[no-untyped-def]
+            logits = functional_call(base, (p, b), (xb,))
+            return F.cross_entropy(logits, yb), (logits.argmax(-1) == yb).sum()
+
+        loss, correct = vmap(member, randomness="different")(params, buffers, x, y)
+        return loss, correct
+
+
 class Ensemble:
-    """Stacked parameters `params[name]` of shape [M, *shape], masks, and one optimizer."""
+    """Stacked parameters `params[name]` of shape [M, *shape], masks, and one optimizer.
+
+    optimizer: "adam" or "sgd" (momentum 0.9), with `weight_decay` (L2, added to the gradient
+    as torch's optimizers do; pruned weights stay zero either way). `ranks`: the torchrun
+    ranks that train the members together (DistributedDataParallel), each on its shard of
+    every batch.
+    """
 
     def __init__(
         self, base: nn.Module, states: Sequence[dict[str, torch.Tensor]],
         masks: Sequence[Masks], *, lr: float, optimizer: str = "adam", sparse_below: float = 0.0,
+        weight_decay: float = 0.0, ranks: Ranks = SINGLE,
     ) -> None:
         if not states or len(states) != len(masks):
             raise ValueError(f"need one mask set per state, got {len(states)} and {len(masks)}")
@@ -79,6 +130,14 @@ class Ensemble:
         # that prune something: a full mask needs no enforcing.
         self._mask_values = {n: m.float() for n, m in self.masks.items() if not bool(m.all())}
         self.mlp = mlp_layers(self.base)
+        self.ranks = ranks
+        self.ddp: nn.Module | None = None
+        if ranks.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            sparse_below = 0.0  # every step through autograd, for DDP's gradient hooks
+            self.ddp = DistributedDataParallel(
+                StackedMembers(self.base, self.params, self.buffers))
         # CSR-trained layers, by weight name: those whose every member is below sparse_below
         self.sparse: dict[str, SparseLinear] = {}
         self._dense_stale = False  # the dense copies of the sparse layers lag their values
@@ -99,9 +158,11 @@ class Ensemble:
         ]
         params = self._opt_params
         if optimizer == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, fused=True)
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
+                params, lr=lr, weight_decay=weight_decay, fused=True)
         else:
-            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9,
+                                             weight_decay=weight_decay)
         self.enforce_masks_()
 
     # -- training ---------------------------------------------------------------------------
@@ -119,28 +180,59 @@ class Ensemble:
         for name, mask in self._mask_values.items():
             self.params[name].mul_(mask)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def draws_random_numbers(self) -> bool:
+        """Whether a training step may draw random numbers (Dropout and the like), so that
+        `step` needs a seed to be reproducible. The hand-written MLP path draws none."""
+        return self.mlp is None or self.ddp is not None
+
+    def set_lr_(self, lr: float) -> None:
+        """The learning rate of the next steps (a schedule sets it before every step)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def sync_buffers_(self) -> None:
+        """Every rank takes rank 0's buffers (BatchNorm statistics), as DDP does before each
+        forward: call before evaluating or saving."""
+        broadcast_tensors_(list(self.buffers.values()), self.ranks)
+
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step of every member on its own batch: x [M, B, ...], y [M, B].
 
+        seed: seeds the random numbers the step draws (e.g. Dropout masks, different for each
+        member); None draws from torch's global generator. The global generator is left as it
+        was either way.
         Returns each member's mean loss [M] and number of correct predictions [M].
         """
-        return self._step(x, y)
+        return self._step(x, y, seed=seed)
 
     def step_on(
-        self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor
+        self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor,
+        seed: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`step` on the batches x_all[idx], y_all[idx] (idx [M, B]), picked without copying
         them twice: CSR layers read their input feature-major, gathered straight into that
         layout."""
         if not self.sparse:
-            return self.step(x_all[idx], y_all[idx])
+            return self.step(x_all[idx], y_all[idx], seed=seed)
         xt = csr_cpu.gather_t(x_all.reshape(len(x_all), -1), idx)  # [M, in, B']
         return self._step(xt, y_all[idx], feature_major=True)
 
     def _step(
-        self, x: torch.Tensor, y: torch.Tensor, feature_major: bool = False
+        self, x: torch.Tensor, y: torch.Tensor, feature_major: bool = False,
+        seed: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mlp is not None:
+        if self.ddp is not None:
+            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                loss, correct = self.ddp(x, y)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.sum().backward()  # members are independent: the sum's gradients are theirs
+            loss = loss.detach()
+        elif self.mlp is not None:
             if self.sparse:
                 if not feature_major:
                     x = csr_cpu.transpose_padded(x.reshape(x.shape[0], x.shape[1], -1))
@@ -152,8 +244,12 @@ class Ensemble:
                     self.sparse[name].values.grad = g
                 else:
                     self.params[name].grad = g
-        else:
+        elif seed is None:
             loss, correct = self._func_grads(x, y)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                loss, correct = self._func_grads(x, y)
         self.optimizer.step()
         self.enforce_masks_()
         self._dense_stale = bool(self.sparse)
@@ -242,6 +338,9 @@ class Ensemble:
         from torch.func import functional_call, grad_and_value, vmap
 
         base = self.base
+        # Training mode: batch statistics, running statistics updated in self.buffers (the
+        # functional call writes into the tensors it is given), Dropout on.
+        base.train()
 
         def member_loss(params, buffers, xb, yb):  # type: ignore[no-untyped-def]
             logits = functional_call(base, (params, buffers), (xb,))
@@ -261,7 +360,8 @@ class Ensemble:
     def evaluate(
         self, x: torch.Tensor, y: torch.Tensor, chunk: int = 2500
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean loss [M] and accuracy [M] of every member on the same data (x [N, ...])."""
+        """Mean loss [M] and accuracy [M] of every member on the same data (x [N, ...]), in
+        eval mode: what each member's saved state gives when deployed, whatever `chunk`."""
         if len(x) == 0:
             nan = torch.full((self.size,), float("nan"))
             return nan, nan
@@ -293,6 +393,10 @@ class Ensemble:
                     a = a.relu_()
             return a
         from torch.func import functional_call, vmap
+
+        # Eval mode: BatchNorm reads (and never updates) the running statistics, Dropout is off,
+        # so no random numbers are drawn and the default randomness="error" holds.
+        self.base.eval()
 
         def member_logits(params, buffers, xb):  # type: ignore[no-untyped-def]
             return functional_call(self.base, (params, buffers), (xb,))

@@ -14,7 +14,12 @@ from torch import nn
 
 Masks = dict[str, torch.Tensor]
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+_NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
+    nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+          nn.ConvTranspose3d)
 
 
 def prunable_parameters(
@@ -23,13 +28,16 @@ def prunable_parameters(
     """Map each prunable parameter name to its kind: "conv", "fc" or "output".
 
     The weights of Linear and Conv layers are prunable; the last of them (in registration order)
-    is the output layer. Biases and normalisation layers only when asked, at their layer's rate.
+    is the output layer. Biases and the affine weights of normalisation layers (BatchNorm,
+    InstanceNorm, LayerNorm, GroupNorm, RMSNorm) only when asked, biases at their layer's rate,
+    normalisation layers at the fully connected rate. As in open_lth, a normalisation layer's
+    running statistics are never pruned: they are state, rewound with the weights.
     """
     kinds: dict[str, str] = {}
     last_weight = None
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        if isinstance(module, (nn.Linear, *_CONVS)):
             kind = "conv" if not isinstance(module, nn.Linear) else "fc"
             kinds[prefix + "weight"] = kind
             last_weight = prefix + "weight"

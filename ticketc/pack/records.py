@@ -37,12 +37,12 @@ def planned_speedup(weight: torch.Tensor, batch: int = SPEEDUP_BATCH) -> float:
     (csr must clear CompileConfig.min_speedup, as in the planner). Block formats are left out:
     counting blocks costs more than packing the tensor."""
     from ticketc.compile.config import CompileConfig
-    from ticketc.compile.costs import Gemm, device_costs, predict
+    from ticketc.compile.costs import Gemm, device_costs
 
     out_features, in_features = weight.shape
     g = Gemm(batch, in_features, out_features, int(weight.count_nonzero()), 4)
     costs = device_costs("cpu", torch.float32)
-    speedup = predict("dense", g, costs) / predict("csr", g, costs)
+    speedup = costs.predict("dense", g) / costs.predict("csr", g)
     return speedup if speedup >= CompileConfig().min_speedup else 1.0
 
 

@@ -1,0 +1,133 @@
+"""`ticketc bench MODEL`: how much faster and smaller a pruned model is on this machine, against
+what its user would otherwise run (torch dense, onnxruntime on the dense export, torch CSR)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ticketc.commands._common import add_model_arguments, console, load_from_args
+from ticketc.errors import UserError
+
+NAME = "bench"
+HELP = "time a pruned model in torch dense, ticketc, onnxruntime and torch CSR; sizes on disk"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--input",
+        action="append",
+        metavar="NAME:DTYPE:SHAPE[:LOW-HIGH]",
+        help="a named model input, repeatable (e.g. --input input_ids:int64:1x128:0-999 "
+        "--input attention_mask:int64:1x128); dim 0 is the batch",
+    )
+    parser.add_argument(
+        "--batch-sizes", default="1,16,64,256", help="comma-separated (default: 1,16,64,256)"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch and onnxruntime threads (default: torch's setting)"
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--budget", type=float, default=2.0, help="seconds of timed rounds per batch size"
+    )
+    parser.add_argument("--no-sizes", action="store_true", help="skip the size exports")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "-o", "--output", metavar="REPORT_DIR", help="where bench.json and bench.png go "
+        "(default: MODEL's name + .bench)"
+    )  # fmt: skip
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(s < 1 for s in sizes):
+        raise UserError(f"--batch-sizes {text!r}: expected positive integers like 1,16,64")
+    return tuple(sorted(set(sizes)))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ticketc.bench import BenchConfig, bench_model
+    from ticketc.bench.report import print_report, write
+    from ticketc.compile.inputs import Inputs, InputSpec, inputs_from_specs
+
+    sizes = _batch_sizes(args.batch_sizes)
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be at least 1")
+    if not args.budget > 0:
+        raise UserError(f"--budget {args.budget}: must be positive")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    try:
+        specs = [InputSpec.parse(s) for s in args.input or []]
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if specs and (args.input_shape or args.sample):
+        raise UserError("give the inputs either with --input or with --input-shape/--sample")
+    out = Path(args.output) if args.output else Path(args.model).with_suffix(".bench")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out}: exists and is not a directory")
+    loaded = load_from_args(args)
+    if _calls_ticketc_ops(loaded.model):
+        raise UserError(
+            f"{args.model} is a ticketc-compiled program, so it has no dense baseline: "
+            "bench the model it was compiled from"
+        )
+    if specs:
+        try:
+            example = inputs_from_specs(specs, loaded.model)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+    else:
+        from ticketc.commands._common import example_and_sample
+
+        tensor, _ = example_and_sample(args, loaded)
+        example = Inputs.of(tensor)
+    _check_runs(loaded.model, example, args.model)
+    config = BenchConfig(
+        batch_sizes=sizes,
+        threads=args.threads,
+        device=args.device,
+        budget_s=args.budget,
+        sizes=not args.no_sizes,
+    )
+    progress = (lambda s: None) if args.json else (lambda s: print(f"  {s}", file=sys.stderr))
+    result = bench_model(loaded.model, example, config, name=Path(args.model).name, log=progress)
+    paths = write(result, out)
+    if args.json:
+        print(json.dumps({**result.to_json(), "files": [str(p) for p in paths]}, indent=2))
+    else:
+        print_report(result, console())
+        print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _calls_ticketc_ops(model: torch.nn.Module) -> bool:
+    """Whether a loaded torch.export program calls torch.ops.ticketc.* (ticketc compiled it)."""
+    graph = getattr(model, "graph", None)
+    nodes = getattr(graph, "nodes", [])
+    return any(str(getattr(n, "target", "")).startswith("ticketc.") for n in nodes)
+
+
+def _check_runs(model: torch.nn.Module, example: object, name: str) -> None:
+    """The model must run on the inputs as given: a wrong input is the user's error."""
+    from ticketc.compile.inputs import Inputs
+
+    assert isinstance(example, Inputs)
+    try:
+        with torch.no_grad():
+            example(model)
+    except Exception as e:  # noqa: BLE001 - any failure here means the inputs do not fit
+        text = str(e).strip().splitlines()
+        raise UserError(
+            f"{name} does not run on the given inputs ({type(e).__name__}: "
+            f"{text[0][:200] if text else ''}); check --input / --input-shape"
+        ) from e

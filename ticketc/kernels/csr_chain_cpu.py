@@ -1,0 +1,329 @@
+"""CPU kernel for one or more consecutive CSR linear layers: y = f_L(... f_1(x)),
+f_i(x) = x @ W_i.T + b_i, then max(., 0) where relu[i]. fp32, row-major in and out.
+
+All layers are packed into flat arrays (one call passes a handful of arrays however long the
+chain: Numba's dispatch costs ~0.1 us per array argument, the products of a small model a few
+us). Two ways to cut the work, chosen by the batch size N:
+
+  columns (N >= 2 * MIN_COLUMNS): chunks of up to 64 batch rows. A chunk transposes its rows
+  into a feature-major scratch [K, w], so that each stored weight W[m, k] scales one contiguous
+  row of w activations into the output row (vector FMAs), runs every layer on it, and
+  transposes the result back into out[rows, :]:
+
+      for chunk of rows lo..hi (claimed by any thread):
+          a = x[lo:hi, :].T                                    # [K, w]
+          for each layer:
+              for m in rows: d[m, :] = b[m] + sum_j values[j] * a[col[j], :]   (ReLU)
+              a = d
+          out[lo:hi, :] = a.T
+
+  rows (small N, batch 1 included): one phase per layer; a phase's output rows are cut into
+  chunks, activations stay row-major in a buffer shared by the threads, and at N == 1 each
+  output is a dot product (four sums in flight: FMA latency bounds one).
+
+Each output is summed in the same order whatever the thread count and the chunking, so results
+are reproducible run to run. Threads: `ticketc.kernels.cpu_threads` (the calling thread plus
+helpers that join if they can; `torch.get_num_threads()` of them at most).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import cpu_threads
+from .cpu_threads import claim, finish, wait_done
+
+_FLAGS = {"contract", "reassoc", "nsz"}  # FMA and reordered sums; NaN/inf keep their meaning
+MIN_COLUMNS = 16  # batch rows per chunk at least: narrower batches run by rows
+MAX_COLUMNS = 64  # batch rows per chunk at most: a chunk's activations stay in L2
+# Below this many multiply-adds a call runs on the calling thread alone: waking a helper
+# costs more than it saves.
+PARALLEL_MIN_WORK = 1 << 17
+_CHUNK_WORK = 1 << 15  # multiply-adds per chunk in rows mode: ~5-10 us
+
+# meta columns, one row per layer
+_CROW, _NNZ, _BIAS, _ROWS, _IN, _RELU = range(6)
+
+
+@numba.njit(inline="always", fastmath=_FLAGS)
+def _row_fm(o, a, crow, col, values, c0, n0, m, b, relu):  # type: ignore[no-untyped-def]
+    """o[:] = b + sum over row m's entries j of values[j] * a[col[j], :], then ReLU.
+    a is feature-major [K, w]; o a contiguous row of w."""
+    w = o.shape[0]
+    for i in range(w):
+        o[i] = b
+    j, end = n0 + crow[c0 + m], n0 + crow[c0 + m + 1]
+    # Eight entries per pass over the output row: an eighth of its loads and stores, whose
+    # store-to-load latency bounds a one-entry loop.
+    while j + 8 <= end:
+        v0, v1, v2, v3 = values[j], values[j + 1], values[j + 2], values[j + 3]
+        v4, v5, v6, v7 = values[j + 4], values[j + 5], values[j + 6], values[j + 7]
+        r0, r1, r2, r3 = a[col[j]], a[col[j + 1]], a[col[j + 2]], a[col[j + 3]]
+        r4, r5, r6, r7 = a[col[j + 4]], a[col[j + 5]], a[col[j + 6]], a[col[j + 7]]
+        for i in range(w):
+            o[i] += ((v0 * r0[i] + v1 * r1[i]) + (v2 * r2[i] + v3 * r3[i])) + (
+                (v4 * r4[i] + v5 * r5[i]) + (v6 * r6[i] + v7 * r7[i])
+            )
+        j += 8
+    while j < end:
+        v, r = values[j], a[col[j]]
+        for i in range(w):
+            o[i] += v * r[i]
+        j += 1
+    if relu:
+        for i in range(w):
+            o[i] = max(o[i], np.float32(0.0))
+
+
+@numba.njit(inline="always")
+def _transpose_in(x, lo, hi, a):  # type: ignore[no-untyped-def]
+    """a[f, i - lo] = x[i, f] for rows lo <= i < hi (eight rows at a time, so each feature
+    gets eight adjacent floats of a[f] per pass)."""
+    k = x.shape[1]
+    i = lo
+    while i + 8 <= hi:
+        r0, r1, r2, r3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+        r4, r5, r6, r7 = x[i + 4], x[i + 5], x[i + 6], x[i + 7]
+        c = np.uint64(i - lo)  # unsigned: no negative-index check per store (2x faster)
+        for f in range(k):
+            o = a[f]
+            o[c], o[c + 1], o[c + 2], o[c + 3] = r0[f], r1[f], r2[f], r3[f]
+            o[c + 4], o[c + 5], o[c + 6], o[c + 7] = r4[f], r5[f], r6[f], r7[f]
+        i += 8
+    while i < hi:
+        r = x[i]
+        c = np.uint64(i - lo)
+        for f in range(k):
+            a[f, c] = r[f]
+        i += 1
+
+
+@numba.njit(inline="always")
+def _transpose_out(d, out, lo, hi):  # type: ignore[no-untyped-def]
+    """out[i, m] = d[m, i - lo] for lo <= i < hi."""
+    m_all = d.shape[0]
+    i = lo
+    while i + 8 <= hi:
+        o0, o1, o2, o3 = out[i], out[i + 1], out[i + 2], out[i + 3]
+        o4, o5, o6, o7 = out[i + 4], out[i + 5], out[i + 6], out[i + 7]
+        c = np.uint64(i - lo)
+        for m in range(m_all):
+            r = d[m]
+            o0[m], o1[m], o2[m], o3[m] = r[c], r[c + 1], r[c + 2], r[c + 3]
+            o4[m], o5[m], o6[m], o7[m] = r[c + 4], r[c + 5], r[c + 6], r[c + 7]
+        i += 8
+    while i < hi:
+        o = out[i]
+        c = np.uint64(i - lo)
+        for m in range(m_all):
+            o[m] = d[m, c]
+        i += 1
+
+
+@numba.njit(nogil=True, fastmath=_FLAGS, cache=True)
+def _by_columns(state, slot, x, out, crow, col, values, bias, meta, scratch, chunk):  # type: ignore[no-untyped-def]
+    n = x.shape[0]
+    chunks = -(-n // chunk)
+    last = meta.shape[0] - 1
+    buf = scratch[slot]  # [2, width * chunk]
+    while True:
+        c = claim(state, 0)
+        if c >= chunks:
+            break
+        lo = c * chunk
+        hi = min(n, lo + chunk)
+        w = hi - lo
+        a = buf[0, : x.shape[1] * w].reshape(x.shape[1], w)
+        _transpose_in(x, lo, hi, a)
+        side = 1
+        for layer in range(last + 1):
+            c0, n0, b0 = meta[layer, _CROW], meta[layer, _NNZ], meta[layer, _BIAS]
+            rows, relu = meta[layer, _ROWS], meta[layer, _RELU] != 0
+            d = buf[side, : rows * w].reshape(rows, w)
+            for m in range(rows):
+                _row_fm(d[m], a, crow, col, values, c0, n0, m, bias[b0 + m], relu)
+            a, side = d, 1 - side
+        _transpose_out(a, out, lo, hi)
+        finish(state, 0)
+    wait_done(state, 0, chunks)
+
+
+@numba.njit(inline="always", fastmath=_FLAGS)
+def _rows_of_layer(a, d, crow, col, values, bias, c0, n0, b0, m_lo, m_hi, relu, acc):  # type: ignore[no-untyped-def]
+    """d[:, m] for m_lo <= m < m_hi, with a [n, K] and d [n, M] row-major."""
+    n = a.shape[0]
+    for m in range(m_lo, m_hi):
+        j, end = n0 + crow[c0 + m], n0 + crow[c0 + m + 1]
+        b = bias[b0 + m]
+        if n == 1:
+            x = a[0]
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            while j + 4 <= end:
+                s0 += values[j] * x[col[j]]
+                s1 += values[j + 1] * x[col[j + 1]]
+                s2 += values[j + 2] * x[col[j + 2]]
+                s3 += values[j + 3] * x[col[j + 3]]
+                j += 4
+            while j < end:
+                s0 += values[j] * x[col[j]]
+                j += 1
+            s = b + ((s0 + s1) + (s2 + s3))
+            d[0, m] = max(s, np.float32(0.0)) if relu else s
+            continue
+        for i in range(n):
+            acc[i] = np.float32(0.0)
+        while j < end:
+            v, k = values[j], col[j]
+            for i in range(n):
+                acc[i] += v * a[i, k]
+            j += 1
+        for i in range(n):
+            s = b + acc[i]
+            d[i, m] = max(s, np.float32(0.0)) if relu else s
+
+
+@numba.njit(nogil=True, fastmath=_FLAGS, cache=True)
+def _by_rows(state, slot, x, out, crow, col, values, bias, meta, shared, accs):  # type: ignore[no-untyped-def]
+    n = x.shape[0]
+    last = meta.shape[0] - 1
+    a = x
+    for layer in range(last + 1):
+        c0, n0, b0 = meta[layer, _CROW], meta[layer, _NNZ], meta[layer, _BIAS]
+        rows, relu = meta[layer, _ROWS], meta[layer, _RELU] != 0
+        nnz = crow[c0 + rows] - crow[c0]
+        per_chunk = max(1, (_CHUNK_WORK * rows) // max(1, nnz * n))
+        chunks = -(-rows // per_chunk)
+        d = out if layer == last else shared[layer % 2, : n * rows].reshape(n, rows)
+        while True:
+            c = claim(state, layer)
+            if c >= chunks:
+                break
+            lo = c * per_chunk
+            hi = min(rows, lo + per_chunk)
+            _rows_of_layer(a, d, crow, col, values, bias, c0, n0, b0, lo, hi, relu, accs[slot])
+            finish(state, layer)
+        wait_done(state, layer, chunks)
+        a = d
+
+
+class CsrLayer(NamedTuple):
+    """One CSR layer [M, K] as the kernels take it (NumPy views of int32 / fp32 tensors, so
+    in-place updates of those tensors show through)."""
+
+    crow: np.ndarray  # int32 [M + 1]
+    col: np.ndarray  # int32 [nnz], each < in_features (checked by CsrChain)
+    values: np.ndarray  # fp32 [nnz]
+    bias: np.ndarray | None  # fp32 [M]
+    in_features: int
+
+    @classmethod
+    def of(
+        cls,
+        crow_indices: Tensor,
+        col_indices: Tensor,
+        values: Tensor,
+        bias: Tensor | None,
+        in_features: int,
+    ) -> CsrLayer:
+        return cls(
+            _np(crow_indices, torch.int32),
+            _np(col_indices, torch.int32),
+            _np(values, torch.float32),
+            None if bias is None else _np(bias.reshape(-1), torch.float32),
+            in_features,
+        )
+
+    @property
+    def out_features(self) -> int:
+        return self.crow.shape[0] - 1
+
+    @property
+    def nnz(self) -> int:
+        return self.col.shape[0]
+
+
+def _np(t: Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A NumPy view of `t` (a copy when its dtype or layout differs)."""
+    return t.detach().to(dtype).contiguous().numpy()
+
+
+class CsrChain:
+    """Consecutive CSR layers (ReLU after those flagged) run as one kernel call.
+
+    Packs the layers' arrays into flat ones once (a copy: in-place updates of the layers'
+    tensors after this do not show through; build a new chain). Call it on fp32 x [N, K]
+    (any strides); returns y [N, M] fp32, contiguous.
+    """
+
+    def __init__(self, layers: Sequence[CsrLayer], relus: Sequence[bool]) -> None:
+        if not layers or len(relus) != len(layers):
+            raise ValueError(f"CsrChain: {len(layers)} layers, {len(relus)} relu flags")
+        for i, (a, b) in enumerate(zip(layers, layers[1:], strict=False)):
+            if a.out_features != b.in_features:
+                raise ValueError(
+                    f"CsrChain: layer {i} outputs {a.out_features} features, "
+                    f"layer {i + 1} takes {b.in_features}"
+                )
+        for i, w in enumerate(layers):
+            worst = max(int(w.col.max()), -int(w.col.min()) - 1) if w.nnz else -1
+            if worst >= w.in_features:
+                raise ValueError(
+                    f"CsrChain: layer {i}'s column index {worst} is out of range for "
+                    f"{w.in_features} input features"
+                )
+        self.in_features, self.out_features = layers[0].in_features, layers[-1].out_features
+        self.nnz = sum(w.nnz for w in layers)
+        self.width = max(max(w.in_features, w.out_features) for w in layers)
+        meta = np.zeros((len(layers), 6), dtype=np.int64)
+        crow_at = nnz_at = bias_at = 0
+        for i, (w, relu) in enumerate(zip(layers, relus, strict=True)):
+            meta[i] = (crow_at, nnz_at, bias_at, w.out_features, w.in_features, int(bool(relu)))
+            crow_at += w.out_features + 1
+            nnz_at += w.nnz
+            bias_at += w.out_features
+        self.meta = meta
+        self.crow = np.concatenate([w.crow for w in layers]).astype(np.int32)
+        self.col = np.concatenate([w.col for w in layers]).astype(np.int32)
+        self.values = np.concatenate([w.values for w in layers]).astype(np.float32)
+        self.bias = np.concatenate(
+            [np.zeros(w.out_features, np.float32) if w.bias is None else w.bias for w in layers]
+        ).astype(np.float32)
+
+    def __call__(self, x: Tensor, *, threads: int | None = None) -> Tensor:
+        """y [N, M] = the chain applied to x [N, K] (fp32). `threads` defaults to
+        cpu_threads.num_threads() (torch's setting); small calls run on one thread."""
+        if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype != torch.float32:
+            raise ValueError(
+                f"CsrChain: x is {tuple(x.shape)} {x.dtype}, "
+                f"expected [N, {self.in_features}] float32"
+            )
+        n = x.shape[0]
+        x_np = x.detach().contiguous().numpy()
+        out = torch.empty(n, self.out_features)
+        if n == 0:
+            return out
+        if threads is None:
+            threads = cpu_threads.num_threads()
+        if n * self.nnz < PARALLEL_MIN_WORK:
+            threads = 1
+        args: tuple
+        if n > 1:
+            chunk = min(MAX_COLUMNS, max(MIN_COLUMNS, -(-n // threads)))
+            chunk = -(-chunk // 8) * 8
+            scratch = cpu_threads.SCRATCH.get("columns", (threads, 2, self.width * chunk))
+            args = (x_np, out.numpy(), self.crow, self.col, self.values, self.bias, self.meta,
+                    scratch, chunk)  # fmt: skip
+            cpu_threads.run(_by_columns, args, phases=1, threads=threads)
+        else:
+            shared = cpu_threads.SCRATCH.get("shared", (2, n * self.width))
+            accs = cpu_threads.SCRATCH.get("accs", (threads, n))
+            args = (x_np, out.numpy(), self.crow, self.col, self.values, self.bias, self.meta,
+                    shared, accs)  # fmt: skip
+            cpu_threads.run(_by_rows, args, phases=len(self.meta), threads=threads)
+        return out
