@@ -83,7 +83,7 @@ def test_empty_card_renders_without_dividing_by_zero():
     json.dumps(card.to_json(), allow_nan=False)
 
 
-@pytest.mark.parametrize("values", ["fp32", "int8"])
+@pytest.mark.parametrize("values", [pytest.param("fp32", marks=pytest.mark.slow), "int8"])
 def test_export_writes_a_card_beside_the_onnx_file(tmp_path, capsys, values):
     from pathlib import Path
 
