@@ -36,7 +36,7 @@ def resolve(ref: str, what: str = "factory") -> Callable[..., Any]:
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
         raise UserError(f"{what} {ref!r} is not of the form module.path:factory")
-    _current_folder_on_path()
+    current_folder_on_path()
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -52,7 +52,7 @@ def resolve(ref: str, what: str = "factory") -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-def _current_folder_on_path() -> None:
+def current_folder_on_path() -> None:
     """Put the current folder first on sys.path unless it is there already ('' or its path)."""
     cwd = os.getcwd()
     if any(entry in ("", cwd) or os.path.abspath(entry) == cwd for entry in sys.path):

@@ -235,6 +235,9 @@ def torch_load_safe(path: str | os.PathLike[str], *, trust_pickle: bool) -> Any:
                 "dict and use --arch"
             ) from refusal
         f.seek(0)
+        from ticketc.factory import current_folder_on_path
+
+        current_folder_on_path()  # the classes it names, found as --arch finds them
         try:
             return torch.load(f, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - arbitrary unpickling can raise anything
