@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import io
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ def export_program(model: nn.Module, example_input: Example) -> torch.export.Exp
     def dims(t: object) -> dict[int, object] | None:
         return {0: batch} if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == 2 else None
 
+    model = _with_plain_outputs(model, inputs)
     try:
         # dynamic_shapes by the forward's parameter names, as torch.export matches them
         bound = inspect.signature(model.forward).bind(*two.args, **two.kwargs)
@@ -48,6 +50,46 @@ def export_program(model: nn.Module, example_input: Example) -> torch.export.Exp
         return torch.export.export(model, two.args, two.kwargs, dynamic_shapes=dynamic)
     except Exception:  # noqa: BLE001 - some models only export with a static batch
         return torch.export.export(model, inputs.args, inputs.kwargs)
+
+
+def _plain(out: object) -> object:
+    """`out` with every mapping that is not a plain dict (transformers' ModelOutput) as a dict,
+    inside tuples and lists too."""
+    if isinstance(out, Mapping):
+        return {k: _plain(v) for k, v in out.items()}
+    if isinstance(out, tuple | list) and not hasattr(out, "_fields"):
+        return type(out)(_plain(v) for v in out)
+    return out
+
+
+def _needs_plain(out: object) -> bool:
+    if isinstance(out, Mapping):
+        return type(out) is not dict or any(_needs_plain(v) for v in out.values())
+    if isinstance(out, tuple | list):
+        return any(_needs_plain(v) for v in out)
+    return False
+
+
+def _with_plain_outputs(model: nn.Module, inputs: Inputs) -> nn.Module:
+    """`model`, or a wrapper whose outputs are plain dicts where the model returns another
+    mapping: a .pt2 can only be loaded where its output types are registered for pytree
+    deserialisation, and transformers' ModelOutput classes are not (the program then failed to
+    load in a fresh process). The wrapper keeps the forward's signature for torch.export."""
+    with torch.no_grad():
+        out = model(*inputs.args, **inputs.kwargs)
+    if not _needs_plain(out):
+        return model
+
+    class PlainOutputs(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: object, **kwargs: object) -> object:
+            return _plain(self.inner(*args, **kwargs))
+
+    PlainOutputs.forward.__signature__ = inspect.signature(type(model).forward)  # type: ignore[attr-defined]
+    return PlainOutputs(model).eval()
 
 
 def save_compiled(
