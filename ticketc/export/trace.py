@@ -75,12 +75,32 @@ def torch_to_onnx(
         traced = _transformers_to_onnx(model, example, dynamic=dynamic, opset=opset)
     else:
         traced = _plain_to_onnx(model, example, dynamic=dynamic, opset=opset)
+    _name_dynamic_axes(traced.model.graph.inputs, example)
     _rename(traced.model.graph.inputs, input_names, "input")
     _rename(traced.model.graph.outputs, output_names, "output")
     static = [v.name for v in traced.model.graph.inputs if dynamic and _all_static(v)]
     if static and not any(note.startswith("input shapes fixed") for note in traced.notes):
         traced.notes.append(f"input shapes fixed by the model: {', '.join(map(str, static))}")
     return traced
+
+
+#: What the dynamic axes of `dynamic_axes` are called in the file's input shapes.
+AXIS_NAMES = {0: "batch", 1: "sequence"}
+
+
+def _name_dynamic_axes(inputs: Sequence[ir.Value], example: ExampleInputs) -> None:
+    """Call the symbolic dims of the graph's inputs "batch" / "sequence" (torch.export names
+    them s0, s1, ...), matching inputs by keyword name, else by position."""
+    axes = dynamic_axes(example)
+    for index, value in enumerate(inputs):
+        key: str | int = value.name if value.name in example.kwargs else index
+        if key not in axes or value.shape is None:
+            continue
+        dims: list[Any] = list(value.shape)
+        for axis in axes[key]:
+            if axis < len(dims) and not isinstance(dims[axis], int):
+                dims[axis] = AXIS_NAMES.get(axis, dims[axis])
+        value.shape = ir.Shape(dims)
 
 
 def _all_static(value: ir.Value) -> bool:
