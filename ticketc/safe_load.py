@@ -61,7 +61,12 @@ def check_file(path: str | os.PathLike[str]) -> Path:
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, at most 300 characters."""
     text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    line = text[0]
+    if len(line) > 300:  # a whole paragraph (torch's zip reader): its first sentence
+        line = line.split(". ")[0]
+    return line[:300]
 
 
 @contextlib.contextmanager

@@ -29,8 +29,10 @@ TRUST_PICKLE_HELP = (
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") -> None:
+    required = {"required": True, "metavar": "MODEL"} if name.startswith("--") else {}
     parser.add_argument(
         name,
+        **required,  # type: ignore[arg-type]
         help="model file: ticket checkpoint, state dict or .safetensors (+ --arch), pickled "
         "module (+ --trust-pickle), torch.export program (.pt2), or a Hugging Face directory "
         "(config.json + safetensors); reading it runs no code from it unless --trust-pickle "

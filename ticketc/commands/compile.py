@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="batch size the plan is for (default: the example input's)",
     )
     parser.add_argument(
-        "--device", default=_DEFAULTS.device, help=f"cpu or cuda (default: {_DEFAULTS.device})"
+        "--device",
+        default=_DEFAULTS.device,
+        choices=["cpu", "cuda"],
+        help=f"where it runs (default: {_DEFAULTS.device})",
     )
     parser.add_argument(
         "--dtype",

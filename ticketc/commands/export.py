@@ -191,8 +191,15 @@ def print_summary(result: ExportResult) -> None:
     if result.weight_bytes:
         ratio = result.weight_bytes / result.total_bytes
         bound = result.bound_bytes
+        size = (
+            f"{ratio:.1f}x smaller than"
+            if ratio >= 1.05
+            else f"{1 / ratio:.2f}x the size of"
+            if ratio < 0.95
+            else "about the size of"
+        )
         console.print(
-            f"{result.total_bytes:,} B: {ratio:.1f}x smaller than the graph's weights as "
+            f"{result.total_bytes:,} B: {size} the graph's weights as "
             f"exported ({result.weight_bytes:,} B); {result.total_bytes / bound:.2f}x the entropy "
             f"bound of its zeros and value type ({bound:,.0f} B)"
             if bound
