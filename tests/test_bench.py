@@ -202,3 +202,20 @@ def test_cli_refuses_a_ticketc_compiled_program(tmp_path, capsys):
     assert main(["bench", str(path), "--input-shape", "2,20", "-o", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "ticketc-compiled program" in err, err
+
+
+def test_timed_samples_repeat_fast_calls_until_min_sample_s():
+    from ticketc.compile.measure import TimingConfig, time_interleaved
+
+    calls = {"fast": 0}
+
+    def fast() -> None:
+        calls["fast"] += 1
+
+    config = TimingConfig(budget_s=0, min_rounds=3, max_rounds=3, warmup=1, min_sample_s=1e-3)
+    timing = time_interleaved({"fast": fast}, config)["fast"]
+    assert timing.rounds == 3
+    assert calls["fast"] > 1 + 3 * 10  # warm-up, then every sample repeats the call
+    assert timing.median < 1e-4  # seconds per call, not per sample
+    with pytest.raises(ValueError, match="min_sample_s"):
+        TimingConfig(min_sample_s=-1)

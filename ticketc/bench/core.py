@@ -150,7 +150,7 @@ def _bench(
                 rounds = config.min_rounds if one_round < 10 else min(3, config.min_rounds)
                 timings = time_interleaved(
                     {k: p.run for k, p in prepared.items()},
-                    TimingConfig(budget_s=config.budget_s, min_rounds=rounds),
+                    TimingConfig(budget_s=config.budget_s, min_rounds=rounds, min_sample_s=2e-3),
                     sync=sync,
                 )
                 base = timings[rt.TORCH_DENSE]

@@ -10,6 +10,7 @@ versions, load average).
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import random
@@ -53,6 +54,10 @@ class TimingConfig:
     min_rounds: int = 5
     max_rounds: int = 2000
     warmup: int = 2
+    # Each timed sample repeats a variant's call until it lasts this long (the mean per call is
+    # recorded): consecutive calls keep the variant's weights in cache, as a user's serving or
+    # eval loop does, where one call between other variants' calls starts cold. 0: one call.
+    min_sample_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.budget_s >= 0:
@@ -63,6 +68,8 @@ class TimingConfig:
             )
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup!r}")
+        if not self.min_sample_s >= 0:
+            raise ValueError(f"min_sample_s must be >= 0, got {self.min_sample_s!r}")
 
 
 def time_interleaved(
@@ -81,14 +88,15 @@ def time_interleaved(
     config = config or TimingConfig()
     sync = sync or (lambda: None)
     names = list(variants)
-    one_round = 0.0
-    for i in range(max(1, config.warmup)):
-        start = time.perf_counter()
+    last: dict[str, float] = {}  # seconds of one call in the last warm-up round
+    for _ in range(max(1, config.warmup)):
         for name in names:
+            start = time.perf_counter()
             variants[name]()
             sync()
-        if i == max(1, config.warmup) - 1:
-            one_round = time.perf_counter() - start
+            last[name] = time.perf_counter() - start
+    calls = {n: max(1, math.ceil(config.min_sample_s / max(last[n], 1e-9))) for n in names}
+    one_round = sum(last[n] * calls[n] for n in names)
     rounds = config.budget_s / max(one_round, 1e-9)
     rounds = int(min(config.max_rounds, max(config.min_rounds, rounds)))
     rng = random.Random(seed)
@@ -97,9 +105,10 @@ def time_interleaved(
         rng.shuffle(names)
         for name in names:
             start = time.perf_counter()
-            variants[name]()
+            for _ in range(calls[name]):
+                variants[name]()
             sync()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append((time.perf_counter() - start) / calls[name])
     return {name: _timing(ts) for name, ts in samples.items()}
 
 
