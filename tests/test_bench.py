@@ -219,3 +219,30 @@ def test_timed_samples_repeat_fast_calls_until_min_sample_s():
     assert timing.median < 1e-4  # seconds per call, not per sample
     with pytest.raises(ValueError, match="min_sample_s"):
         TimingConfig(min_sample_s=-1)
+
+
+def test_sizes_of_a_model_with_named_token_inputs(tmp_path):
+    """Export sizes are measured for token-id models too (named integer inputs), not n/a."""
+    from ticketc.bench.core import _sizes
+    from ticketc.compile.inputs import Inputs
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            h = self.embed(input_ids) * attention_mask.unsqueeze(-1)
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    with torch.no_grad():
+        model.head.weight.mul_(torch.rand_like(model.head.weight) < 0.2)
+    ids = torch.randint(0, 50, (2, 8))
+    rows = _sizes(model, Inputs.of({"input_ids": ids, "attention_mask": torch.ones_like(ids)}),
+                  None, tmp_path)
+    exported = [r for r in rows if r.name.startswith("ticketc ")]
+    assert len(exported) == 4
+    assert all(r.bytes and r.bytes > 0 for r in exported), exported

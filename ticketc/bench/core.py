@@ -345,16 +345,15 @@ def _sizes(
         rows.append(SizeRow("dense ONNX", sum(p.stat().st_size for p in onnx.files)))
     else:
         rows.append(SizeRow("dense ONNX", None, "the dense ONNX export did not run"))
-    tensors = example.tensors()
-    single = len(tensors) == 1 and not example.kwargs and tensors[0].is_floating_point()
     from ticketc.export.onnx_export import ExportConfig, export_model
+    from ticketc.inputs import ExampleInputs
+
+    one = example.at_batch(1)
+    inputs = ExampleInputs(tuple(one.args), dict(one.kwargs))  # positional and named, as given
 
     for fmt, values in [("portable", "fp32"), ("portable", "fp16"), ("portable", "int8"),
                         ("sparse-initializer", "fp32")]:  # fmt: skip
         label = f"ticketc {fmt} {values}"
-        if not single:
-            rows.append(SizeRow(label, None, "ticketc export takes one float tensor input"))
-            continue
         out = tmp / f"{fmt}_{values}" / "model.onnx"
         out.parent.mkdir()
         try:
@@ -362,7 +361,7 @@ def _sizes(
                 warnings.simplefilter("ignore")
                 res = export_model(
                     copy.deepcopy(model),
-                    tensors[0][:1],
+                    inputs,
                     out,
                     ExportConfig(format=fmt, values=values, verify=False),
                 )
