@@ -199,11 +199,11 @@ def print_summary(result: ExportResult) -> None:
             else "about the size of"
         )
         console.print(
-            f"{result.total_bytes:,} B: {size} the graph's weights as "
+            f"{size.capitalize()} the graph's weights as "
             f"exported ({result.weight_bytes:,} B); {result.total_bytes / bound:.2f}x the entropy "
             f"bound of its zeros and value type ({bound:,.0f} B)"
             if bound
-            else f"{result.total_bytes:,} B"
+            else f"{size.capitalize()} the graph's weights ({result.weight_bytes:,} B)"
         )
     if result.verification is not None:
         v = result.verification
