@@ -106,16 +106,6 @@ def has_pruning_state(model: nn.Module) -> bool:
     return False
 
 
-def without_pruning(model: nn.Module) -> tuple[nn.Module, Masks]:
-    """`model` itself when nothing prunes it at run time; else a copy with the
-    torch.nn.utils.prune hooks and torch.ao.pruning parametrizations removed (strip_pruning_)
-    and the masks they held. The caller's model is never modified."""
-    if not has_pruning_state(model):
-        return model, {}
-    model = copy_pruned(model)
-    return model, strip_pruning_(model)
-
-
 def copy_pruned(model: nn.Module) -> nn.Module:
     """copy.deepcopy, also of a model pruned with torch.nn.utils.prune: its hooks leave each
     pruned weight as a computed tensor (weight_orig * weight_mask, not a graph leaf), which

@@ -217,11 +217,6 @@ def _batch(inputs: ExampleInputs) -> int:
     return int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 1
 
 
-def random_sample(example: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """A standard-normal tensor shaped like `example` (kept for callers of the single-input API)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(example.shape, generator=generator, dtype=example.dtype)
-
 
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
