@@ -33,7 +33,7 @@ from ticketc.masks import (
     strip_pruning_,
     without_wrapper_prefix,
 )
-from ticketc.safe_load import check_file, first_line, is_pt2_archive, torch_load_safe
+from ticketc.safe_load import ZIP_ERRORS, check_file, first_line, is_pt2_archive, torch_load_safe
 
 __all__ = ["LoadedModel", "check_file", "load_model", "load_sample", "torch_load_safe"]
 
@@ -82,7 +82,7 @@ def _is_pt2(p: Path) -> bool:
     try:
         with zipfile.ZipFile(p) as archive:
             return is_pt2_archive(archive.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+    except ZIP_ERRORS:
         return False
 
 

@@ -27,6 +27,7 @@ import pickle
 import re
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -122,11 +123,25 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
+#: What reading a damaged zip archive (or one member of it) raises: bad structure, a method or
+#: version zipfile does not implement, encryption, bad compressed data, short reads.
+ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    NotImplementedError,
+    RuntimeError,
+    zlib.error,
+    OSError,
+    ValueError,
+    EOFError,
+)
+
+
 def open_zip(f: IO[bytes], path: Path) -> zipfile.ZipFile:
     """The zip archive in `f`, its declared sizes checked (see `check_zip_sizes`)."""
     try:
         archive = zipfile.ZipFile(f)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+    except ZIP_ERRORS as e:
         raise UserError(f"{path}: corrupt zip archive ({first_line(e)})") from e
     check_zip_sizes(archive, os.fstat(f.fileno()).st_size, path)
     return archive
@@ -165,7 +180,7 @@ def read_entry(archive: zipfile.ZipFile, name: str, path: Path) -> bytes:
         raise UserError(f"{path}: entry {name!r} declares {_size(info.file_size)}: too large")
     try:
         return archive.read(info)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+    except ZIP_ERRORS as e:
         raise UserError(f"{path}: corrupt zip entry {name!r} ({first_line(e)})") from e
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from ticketc.compile.costs import parse_format
 from ticketc.errors import UserError
+from ticketc.safe_load import ZIP_ERRORS
 
 FORMAT = "ticketc.plan"
 VERSION = 2  # 2: chains, threads and the measured check; version 1 files still read
@@ -204,7 +205,7 @@ def _embedded_plan(path: Path) -> str | None:
                     if z.getinfo(name).file_size > _MAX_PLAN_BYTES:  # a zip bomb, not a plan
                         return None
                     return z.read(name).decode("utf-8", errors="replace")
-    except (zipfile.BadZipFile, OSError):
+    except ZIP_ERRORS:
         return None
     return None
 
