@@ -137,7 +137,20 @@ def mutate(data: bytes, kind: str, rng: random.Random, hot: list[tuple[int, int]
     if kind == "append":
         extra = rng.randbytes(rng.choice((1, 16, 1024)))
         return bytes(buf) + extra
+    if kind == "zip-version":  # every entry "needs zip 9.0": zipfile raises NotImplementedError
+        return zip_needing_version(bytes(buf), 90)
     raise ValueError(kind)
+
+
+def zip_needing_version(data: bytes, version: int) -> bytes:
+    """`data` (a zip archive) with every central-directory entry's "version needed to extract"
+    set to `version` (tens: 90 is 9.0), as a damaged or foreign archive can say."""
+    buf = bytearray(data)
+    start = 0
+    while (i := buf.find(b"PK\x01\x02", start)) >= 0:
+        buf[i + 6 : i + 8] = version.to_bytes(2, "little")
+        start = i + 4
+    return bytes(buf)
 
 
 @contextlib.contextmanager

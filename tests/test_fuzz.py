@@ -66,6 +66,21 @@ def test_side_files_fuzzed(good: dict[str, Path], tmp_path: Path, kind: str) -> 
     assert _campaign(good, tmp_path, kind, 8, ["inspect", "export", "verify"], seed=4) == []
 
 
+@pytest.mark.parametrize("kind", ("ticket", "state_dict", "pt2", "compiled"))
+def test_zip_needing_an_unknown_version_is_one_line(good: dict[str, Path], tmp_path: Path,
+                                                     kind: str) -> None:
+    """Found by the fuzz run: an archive saying it needs zip 9.0 made zipfile raise
+    NotImplementedError, an internal error through compile's plan reader."""
+    readers = ["inspect", "export", "compile"]
+    run = lambda argv: run_in_process(argv, 120, tmp_path / "stderr.txt")  # noqa: E731
+    case = tmp_path / "case"
+    case.mkdir()
+    verdicts = fuzz_case(kind, good[kind], good, case, "zip-version", random.Random(0), readers,
+                         run)
+    assert [r for r, _, _ in verdicts] == readers
+    assert [(r, v) for r, v, _ in verdicts if v not in CLEAN] == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_export_and_verify_fuzzed(good: dict[str, Path], tmp_path: Path, kind: str) -> None:
