@@ -6,7 +6,6 @@ Masks only ever shrink: a weight pruned in one round is never revived by a later
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -165,8 +164,3 @@ def rounds_to_density(
         f"target density {target} is not reached in {limit} rounds "
         f"(lowest {min(remaining):.3g}); raise the pruning rates"
     )
-
-
-def _check_rate(name: str, rate: float) -> None:
-    if not (0.0 <= rate < 1.0) or math.isnan(rate):
-        raise ValueError(f"{name} must be in [0, 1), got {rate}")
