@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ticketc.errors import UserError
+from ticketc.errors import UserError, first_line
 
 BUILTIN_MODULE = "ticketc.models"
 
@@ -187,5 +187,4 @@ def check_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
 
 
 def _line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+    return f"{type(e).__name__}: {first_line(e, 200)}" if str(e).strip() else type(e).__name__

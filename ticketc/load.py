@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ticketc.checkpoint import Ticket, is_ticket
-from ticketc.errors import UserError
+from ticketc.errors import UserError, first_line
 from ticketc.factory import build_model
 from ticketc.masks import (
     Masks,
@@ -33,7 +33,7 @@ from ticketc.masks import (
     strip_pruning_,
     without_wrapper_prefix,
 )
-from ticketc.safe_load import ZIP_ERRORS, check_file, first_line, is_pt2_archive, torch_load_safe
+from ticketc.safe_load import ZIP_ERRORS, check_file, is_pt2_archive, torch_load_safe
 
 __all__ = ["LoadedModel", "check_file", "load_model", "load_sample", "torch_load_safe"]
 

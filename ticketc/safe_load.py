@@ -34,7 +34,7 @@ from typing import IO, Any
 
 import torch
 
-from ticketc.errors import UserError
+from ticketc.errors import UserError, first_line
 
 TRUST_FLAG = "--trust-pickle"
 # Larger zip entries that are not tensor payload are not read into memory: a JSON config or a
@@ -57,17 +57,6 @@ def check_file(path: str | os.PathLike[str]) -> Path:
     except OSError as e:
         raise UserError(f"{p}: cannot read ({e.strerror or e})") from e
     return p
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, at most 300 characters."""
-    text = str(e).strip().splitlines()
-    if not text:
-        return type(e).__name__
-    line = text[0]
-    if len(line) > 300:  # a whole paragraph (torch's zip reader): its first sentence
-        line = line.split(". ")[0]
-    return line[:300]
 
 
 @contextlib.contextmanager
