@@ -19,10 +19,8 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ticketc.atomic import atomic_dir
 from ticketc.card import Card, LayerRecord, card_stem, write_card
 from ticketc.errors import UserError
 from ticketc.pack.codec import VALUES, decode, encode
@@ -100,30 +99,6 @@ class PackResult:
 
 
 # ------------------------------------------------------------------------------- output dirs
-@contextmanager
-def _staged_directory(out: Path) -> Iterator[Path]:
-    """A fresh directory beside `out`, renamed onto it only when the block succeeds."""
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"cannot write {out}: directory {parent} does not exist")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not an empty directory")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror}") from e
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _copy_extras(source_dir: Path, names: list[Path], dst: Path, skip: set[str]) -> None:
     for rel in names:
         if str(rel) in skip:
@@ -211,7 +186,7 @@ def pack(
     records: list[LayerRecord] = []
     negative_zeros = 0
     names: dict[str, list[str]] = {}
-    with _staged_directory(out) as tmp:
+    with atomic_dir(out) as tmp:
         writer = ShardWriter(
             tmp, parse_size(config.max_shard_size), config.values, config.keep_zero_signs
         )
@@ -408,7 +383,7 @@ def unpack(
         raise UserError(f"{src}: its weights are not compressed; nothing to unpack")
     by_file = itertools.groupby(checkpoint.tensors(), key=lambda item: item[0])
     groups = ((file, ((n, t) for _, n, t in items)) for file, items in by_file)
-    with _staged_directory(out) as tmp:
+    with atomic_dir(out) as tmp:
         written = _write_dense(
             tmp,
             groups,
@@ -442,7 +417,7 @@ def _unpack_packed(src: Path, out: Path) -> list[Path]:
     groups = ((file, tensors_of(file)) for file in files)
     skip = {p.name for p in src.iterdir() if is_pack_file(p.name)}
     extras = sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
-    with _staged_directory(out) as tmp:
+    with atomic_dir(out) as tmp:
         written = _write_dense(
             tmp,
             groups,
