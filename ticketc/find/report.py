@@ -168,15 +168,13 @@ def export_size(level_dir: Path, user_arch: str | None = None,
     The architecture is built as `run_arch` allows (built in, or the user's --arch)."""
     try:
         from ticketc.export import ExportConfig, export_model
-        from ticketc.factory import build_model
+        from ticketc.factory import build_trained
         from ticketc.safe_load import load_tensor_dict
 
         arch = run_arch(level_dir.parent, user_arch)
         state = load_tensor_dict(level_dir / "final.pt", "run file")
-        model = build_model(arch["arch"], arch.get("arch_kwargs", {}),
-                            source=str(level_dir.parent / "arch.json"), user_arch=user_arch,
-                            state_dict=state)
-        model.load_state_dict(state)
+        model = build_trained(arch["arch"], arch.get("arch_kwargs", {}), state,
+                              source=str(level_dir.parent / "arch.json"), user_arch=user_arch)
         model.eval()
         shape = arch.get("input_shape")
         if not (isinstance(shape, list) and all(type(d) is int and d > 0 for d in shape)
