@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from ticketc.errors import UserError
+from ticketc.errors import UserError, first_line
 from ticketc.inputs import (
     ExampleInputs,
     example_inputs,
@@ -137,10 +137,8 @@ def check_runs(model: torch.nn.Module, example: ExampleInputs, given: str) -> No
     try:
         example(model)
     except Exception as e:  # noqa: BLE001 - the model's own code raises anything
-        lines = str(e).strip().splitlines()
-        reason = lines[0][:200] if lines else type(e).__name__
         raise UserError(
-            f"the model does not run on {given} ({example.describe()}): {reason}"
+            f"the model does not run on {given} ({example.describe()}): {first_line(e, 200)}"
         ) from e
 
 

@@ -198,25 +198,46 @@ def has_controls(rows: Sequence[LevelSummary]) -> bool:
     return any(k != "ticket" for k in member_kinds(rows))
 
 
-def table_markdown(rows: Sequence[LevelSummary]) -> str:
+# Each member's columns: header, metric; the terminal table (`table(..., short=True)`) leaves
+# out the early-stop accuracy.
+COLUMNS = (("val acc % (end)", "final_val_acc"), ("test acc % (end)", "final_test_acc"),
+           ("test acc % (early stop)", "early_stop_test_acc"),
+           ("early-stop it", "early_stop_iteration"))
+
+
+def table(rows: Sequence[LevelSummary], *,
+          short: bool = False) -> tuple[list[str], list[list[str]]]:
+    """The per-level table: header and cells (mean, ± std over seeds). `short`: the columns a
+    terminal shows (export size in KiB, no wall time); else every column (bytes)."""
     kinds = member_kinds(rows)
-    head = ["level", "% weights"]
-    for k in kinds:
-        head += [f"{k} val acc % (end)", f"{k} test acc % (end)", f"{k} test acc % (early stop)",
-                 f"{k} early-stop it"]
-    head += ["export bytes", "wall s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    columns = [c for c in COLUMNS if not (short and c[1] == "early_stop_test_acc")]
+    head = ["level", "% weights"] + [f"{k} {name}" for k in kinds for name, _ in columns]
+    head += ["export KiB"] if short else ["export bytes", "wall s"]
+    cells = []
     for r in rows:
-        cells = [str(r.level), f"{100 * r.density:.1f}"]
-        for k in kinds:
-            for metric in METRICS:
-                mean, std, n = r.stat(k, metric)
-                scale, fmt = (1, ".0f") if metric == "early_stop_iteration" else (100, ".2f")
-                cells.append("" if n == 0 else (f"{scale * mean:{fmt}}" + (
-                    f" ± {scale * std:{fmt}}" if n > 1 else "")))
-        cells.append("" if r.export_bytes is None else str(r.export_bytes))
-        cells.append(f"{sum(r.wall_s) / max(len(r.wall_s), 1):.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
+        row = [str(r.level), f"{100 * r.density:.1f}"]
+        row += [_stat_cell(r, k, metric) for k in kinds for _, metric in columns]
+        if short:
+            row.append("" if r.export_bytes is None else f"{r.export_bytes / 1024:.1f}")
+        else:
+            row.append("" if r.export_bytes is None else str(r.export_bytes))
+            row.append(f"{sum(r.wall_s) / max(len(r.wall_s), 1):.0f}")
+        cells.append(row)
+    return head, cells
+
+
+def _stat_cell(r: LevelSummary, kind: str, metric: str) -> str:
+    mean, std, n = r.stat(kind, metric)
+    scale, fmt = (1, ".0f") if metric == "early_stop_iteration" else (100, ".2f")
+    if n == 0:
+        return ""
+    return f"{scale * mean:{fmt}}" + (f" ± {scale * std:{fmt}}" if n > 1 else "")
+
+
+def table_markdown(rows: Sequence[LevelSummary]) -> str:
+    head, cells = table(rows)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
 
 
