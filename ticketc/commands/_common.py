@@ -28,7 +28,30 @@ TRUST_PICKLE_HELP = (
 )
 
 
+MASK_HELP = (
+    "explicit masks: a torch file of parameter name -> bool tensor, or of layer -> "
+    "{tensor name -> mask} (as NNI writes)"
+)
+
+
+def add_reading_arguments(parser: argparse.ArgumentParser, *, remote_code: bool = True) -> None:
+    """The flags that say how a model file is read: --arch, --trust-pickle, --trust-remote-code
+    (unless `remote_code` is False) and --mask. Every command that reads a model takes these."""
+    parser.add_argument("--arch", metavar="MODULE:FACTORY", help=ARCH_HELP)
+    parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
+    if remote_code:
+        parser.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="(runs code) accept a Hugging Face directory whose config.json names code "
+            "from the directory (auto_map), and run that code",
+        )
+    parser.add_argument("--mask", metavar="MASKS.pt", help=MASK_HELP)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") -> None:
+    """The model (`name`: positional, or a required --flag), how it is read, and its inputs
+    (--input, --input-shape, --sample)."""
     required = {"required": True, "metavar": "MODEL"} if name.startswith("--") else {}
     parser.add_argument(
         name,
@@ -38,24 +61,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") ->
         "(config.json + safetensors); reading it runs no code from it unless --trust-pickle "
         "or --trust-remote-code",
     )
-    parser.add_argument(
-        "--arch",
-        metavar="MODULE:FACTORY",
-        help=ARCH_HELP,
-    )
-    parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="accept a Hugging Face directory whose config.json names code from the directory "
-        "(auto_map); this runs that code",
-    )
-    parser.add_argument(
-        "--mask",
-        metavar="MASKS.pt",
-        help="explicit masks: a torch file of parameter name -> bool tensor, or of layer -> "
-        "{tensor name -> mask} (as NNI writes)",
-    )
+    add_reading_arguments(parser)
     parser.add_argument(
         "--input",
         metavar="NAME:DTYPE:SHAPE",

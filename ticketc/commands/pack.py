@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ticketc.commands._common import add_reading_arguments
 from ticketc.commands._common import console as console_
 from ticketc.errors import UserError
 from ticketc.pack import VALUES, PackConfig, PackResult, pack
@@ -43,20 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also store which pruned weights are -0.0 (1 bit per zero), so unpacked files are "
         "identical to the bit rather than equal in value",
     )
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="accept a directory whose config.json names code from the directory (auto_map)",
-    )
-    parser.add_argument(
-        "--arch", metavar="MODULE:FACTORY", help="architecture, to pack a model file's masks"
-    )
-    parser.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="allow loading a whole pickled module (this runs code from the file)",
-    )
-    parser.add_argument("--mask", metavar="MASKS.pt", help="explicit masks (name -> bool tensor)")
+    add_reading_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
