@@ -11,6 +11,7 @@ from ticketc.commands._common import console as console_
 from ticketc.errors import UserError
 from ticketc.export import DTYPES, FORMATS, VALUES, ExportConfig, ExportResult, export_model
 from ticketc.export.onnx_export import POSITIONS
+from ticketc.verify import OUTPUT_RTOL
 
 NAME = "export"
 HELP = "export a pruned model (or an ONNX file) to a small, verified ONNX file"
@@ -68,8 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tolerance",
         type=float,
         default=_DEFAULTS.tolerance,
-        help="fail when the outputs' relative error exceeds this (default: 1e-5 for fp32 "
-        "models in fp32; lossy output errors are reported, their weights always checked)",
+        help="fail when the outputs' relative error exceeds this (default: "
+        f"{OUTPUT_RTOL['float32']:g} for fp32 models in fp32, looser for fp16 / bf16 graphs; "
+        "lossy output errors are reported, their weights always checked)",
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     parser.add_argument(

@@ -18,7 +18,7 @@ from ticketc.data import Splits, load_dataset, load_user_dataset
 from ticketc.errors import UserError
 from ticketc.factory import resolve
 from ticketc.find import pruning
-from ticketc.find.config import FindConfig
+from ticketc.find.config import EVAL_EVERY_MAX, FindConfig
 from ticketc.find.distributed import SINGLE, Ranks
 
 # Data and architecture
@@ -150,7 +150,8 @@ def plan_search(config: FindConfig, data: Splits, ranks: Ranks = SINGLE) -> Sear
     if cfg.eval_every > cfg.iterations:
         raise UserError(f"--eval-every {cfg.eval_every} exceeds --iterations {cfg.iterations}: "
                         "each level would be evaluated only at its end; give at most "
-                        f"{cfg.iterations} (default: a tenth of --iterations, at most 1000)")
+                        f"{cfg.iterations} (default: a tenth of --iterations, at most "
+                        f"{EVAL_EVERY_MAX})")
     return Search(cfg, data, kwargs, base, layer_types, rates, num_rounds, levels, rewind_it,
                   data.md5())
 
