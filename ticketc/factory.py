@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +21,7 @@ from torch import nn
 
 from ticketc.errors import UserError, first_line
 from ticketc.masks import without_wrapper_prefix
+from ticketc.safe_load import current_folder_on_path, quiet
 
 BUILTIN_MODULE = "ticketc.models"
 
@@ -51,15 +50,6 @@ def resolve(ref: str, what: str = "factory") -> Callable[..., Any]:
     if not callable(obj):
         raise UserError(f"{what} {ref!r} is not callable")
     return obj  # type: ignore[no-any-return]
-
-
-def current_folder_on_path() -> None:
-    """Put the current folder first on sys.path unless it is there already ('' or its path)."""
-    cwd = os.getcwd()
-    if any(entry in ("", cwd) or os.path.abspath(entry) == cwd for entry in sys.path):
-        return
-    sys.path.insert(0, cwd)
-    importlib.invalidate_caches()
 
 
 def builtin(ref: str) -> Callable[..., nn.Module] | None:
@@ -142,8 +132,6 @@ def build_model(
     allocate more than the weights the file really holds. Errors the factory raises become a
     UserError naming `source`.
     """
-    from ticketc.safe_load import quiet
-
     factory = resolve_from_file(ref, source, user_arch)
     checked = check_json_kwargs(kwargs, source)
     name = user_arch or str(ref)

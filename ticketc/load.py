@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from torch import nn
 from ticketc.checkpoint import Ticket, is_ticket
 from ticketc.errors import UserError, first_line
 from ticketc.factory import build_model, build_trained, load_weights_
+from ticketc.loaded import LoadedModel
 from ticketc.masks import (
     Masks,
     apply_masks_,
@@ -35,19 +35,6 @@ from ticketc.masks import (
 from ticketc.safe_load import ZIP_ERRORS, check_file, is_pt2_archive, torch_load_safe
 
 __all__ = ["LoadedModel", "check_file", "load_model", "load_sample", "torch_load_safe"]
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module  # eval mode, hooks and parametrizations removed, weights multiplied by masks
-    masks: Masks  # parameter name -> bool mask, one per weight (parameters of rank >= 2)
-    source: str  # "ticket" | "state_dict" | "pickle" | "export"
-    example_input: torch.Tensor | None = None  # when the file or the architecture tells the shape
-    arch: str | None = None
-    notes: list[str] = field(default_factory=list)  # things the user should know, one line each
-
-
-_first_line = first_line  # kept for callers of the old private name
 
 
 def load_model(
