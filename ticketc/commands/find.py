@@ -50,10 +50,10 @@ def add_config_arguments(p: argparse.ArgumentParser, cls: type) -> None:
         if hints[f.name] is bool:
             p.add_argument(flag, action="store_true", help=text)
             continue
-        kind, metavar = _parser_for(hints[f.name])
-        kind, metavar = meta.get("type") or kind, meta.get("metavar") or metavar
+        parse, metavar = _parser_for(hints[f.name])
+        parse, metavar = meta.get("type") or parse, meta.get("metavar") or metavar
         shown = str(meta.get("shown") or ("none" if f.default is None else f.default))
-        p.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=metavar,
+        p.add_argument(flag, type=parse, choices=meta.get("choices"), metavar=metavar,
                        help=f"{text} (default: {shown.replace('%', '%%')})")
 
 

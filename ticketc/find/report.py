@@ -43,7 +43,8 @@ NO_CONTROLS = ("No controls were trained (find's --controls is off by default: t
 
 @dataclass
 class LevelSummary:
-    """One pruning level across seeds: per member kind, per metric, the values of each seed."""
+    """One pruning level across seeds: per member role (ticket or control), per metric, the
+    values of each seed."""
 
     level: int
     density: float
@@ -51,9 +52,9 @@ class LevelSummary:
     wall_s: list[float] = field(default_factory=list)
     export_bytes: int | None = None
 
-    def stat(self, kind: str, metric: str) -> tuple[float, float, int]:
+    def stat(self, role: str, metric: str) -> tuple[float, float, int]:
         """(mean, std, number of seeds); std is 0 for one seed, NaN when absent."""
-        vals = [v for v in self.values.get(kind, {}).get(metric, []) if v == v]  # NaN: none
+        vals = [v for v in self.values.get(role, {}).get(metric, []) if v == v]  # NaN: none
         if not vals:
             return math.nan, math.nan, 0
         return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
@@ -134,10 +135,10 @@ def collect(run_dirs: Sequence[str | Path]) -> list[LevelSummary]:
             try:
                 row = levels.setdefault(m["level"], LevelSummary(m["level"], m["density"]))
                 row.wall_s.append(m["wall_s"])
-                for kind, member in m["members"].items():
-                    per_kind = row.values.setdefault(kind, {})
+                for role, member in m["members"].items():
+                    per_role = row.values.setdefault(role, {})
                     for metric in METRICS:
-                        per_kind.setdefault(metric, []).append(
+                        per_role.setdefault(metric, []).append(
                             float(member.get(metric, math.nan)))
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise UserError(f"level metrics {path}: not as ticketc find writes them "
@@ -189,13 +190,13 @@ def export_size(level_dir: Path, user_arch: str | None = None,
         return None
 
 
-def member_kinds(rows: Sequence[LevelSummary]) -> list[str]:
+def member_roles(rows: Sequence[LevelSummary]) -> list[str]:
     """"ticket" first, then the controls, of every level."""
     return sorted({k for r in rows for k in r.values}, key=lambda k: (k != "ticket", k))
 
 
 def has_controls(rows: Sequence[LevelSummary]) -> bool:
-    return any(k != "ticket" for k in member_kinds(rows))
+    return any(k != "ticket" for k in member_roles(rows))
 
 
 # Each member's columns: header, metric; the terminal table (`table(..., short=True)`) leaves
@@ -209,14 +210,14 @@ def table(rows: Sequence[LevelSummary], *,
           short: bool = False) -> tuple[list[str], list[list[str]]]:
     """The per-level table: header and cells (mean, ± std over seeds). `short`: the columns a
     terminal shows (export size in KiB, no wall time); else every column (bytes)."""
-    kinds = member_kinds(rows)
+    roles = member_roles(rows)
     columns = [c for c in COLUMNS if not (short and c[1] == "early_stop_test_acc")]
-    head = ["level", "% weights"] + [f"{k} {name}" for k in kinds for name, _ in columns]
+    head = ["level", "% weights"] + [f"{k} {name}" for k in roles for name, _ in columns]
     head += ["export KiB"] if short else ["export bytes", "wall s"]
     cells = []
     for r in rows:
         row = [str(r.level), f"{100 * r.density:.1f}"]
-        row += [_stat_cell(r, k, metric) for k in kinds for _, metric in columns]
+        row += [_stat_cell(r, k, metric) for k in roles for _, metric in columns]
         if short:
             row.append("" if r.export_bytes is None else f"{r.export_bytes / 1024:.1f}")
         else:
@@ -226,8 +227,8 @@ def table(rows: Sequence[LevelSummary], *,
     return head, cells
 
 
-def _stat_cell(r: LevelSummary, kind: str, metric: str) -> str:
-    mean, std, n = r.stat(kind, metric)
+def _stat_cell(r: LevelSummary, role: str, metric: str) -> str:
+    mean, std, n = r.stat(role, metric)
     scale, fmt = (1, ".0f") if metric == "early_stop_iteration" else (100, ".2f")
     if n == 0:
         return ""
@@ -246,13 +247,13 @@ def to_json(rows: Sequence[LevelSummary]) -> list[dict[str, Any]]:
     for r in rows:
         entry: dict[str, Any] = {"level": r.level, "density": r.density,
                                  "export_bytes": r.export_bytes, "wall_s": r.wall_s}
-        for kind in r.values:
-            entry[kind] = {}
+        for role in r.values:
+            entry[role] = {}
             for metric in METRICS:
-                mean, std, n = r.stat(kind, metric)
-                entry[kind][metric] = {"mean": None if n == 0 else mean,
+                mean, std, n = r.stat(role, metric)
+                entry[role][metric] = {"mean": None if n == 0 else mean,
                                        "std": None if n == 0 else std, "n": n,
-                                       "values": r.values[kind].get(metric, [])}
+                                       "values": r.values[role].get(metric, [])}
         out.append(entry)
     return out
 
@@ -305,13 +306,13 @@ def _title(ax: Any, exp: Experiment | None, title: str, what: str) -> None:
     ax.set_title(f"{head}: {what}" + (f"\n{sub}" if sub else ""), fontsize=9)
 
 
-def _label(kind: str, exp: Experiment | None, controls: bool) -> str:
-    label = LABELS.get(kind, kind)
-    if kind == "ticket" and exp is not None:
+def _label(role: str, exp: Experiment | None, controls: bool) -> str:
+    label = LABELS.get(role, role)
+    if role == "ticket" and exp is not None:
         rewind = str(exp.config.rewind)
         label = ("ticket (survivors reset to their initial values)" if rewind == "init"
                  else f"ticket (survivors rewound to {rewind.replace(':', ' ')})")
-    if kind == "ticket" and not controls:
+    if role == "ticket" and not controls:
         label += "; no controls trained (find --controls)"
     return label
 
@@ -329,17 +330,17 @@ def metric_figure(rows: Sequence[LevelSummary], metric: str, ylabel: str,
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     dense = rows[0] if rows and rows[0].level == 0 else None
     controls = has_controls(rows)
-    for kind in member_kinds(rows):
-        pts = [(100 * r.density, *r.stat(kind, metric)[:2]) for r in rows
-               if r.stat(kind, metric)[2]]
-        if kind != "ticket" and dense is not None and dense.stat("ticket", metric)[2]:
+    for role in member_roles(rows):
+        pts = [(100 * r.density, *r.stat(role, metric)[:2]) for r in rows
+               if r.stat(role, metric)[2]]
+        if role != "ticket" and dense is not None and dense.stat("ticket", metric)[2]:
             # Controls are not trained at 100%: the dense network is their common start.
             pts.insert(0, (100 * dense.density, *dense.stat("ticket", metric)[:2]))
         if not pts:
             continue
         ax.errorbar([p[0] for p in pts], [scale * p[1] for p in pts],
                     yerr=[scale * p[2] for p in pts], marker="o", capsize=3,
-                    label=_label(kind, exp, controls))
+                    label=_label(role, exp, controls))
     if dense is not None and dense.stat("ticket", metric)[2]:
         ax.axhline(scale * dense.stat("ticket", metric)[0], color="0.4", linestyle="--",
                    linewidth=1, label="dense network (level 0)")
