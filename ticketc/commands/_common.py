@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any, TypeVar
 
 import torch
 
@@ -16,6 +17,8 @@ from ticketc.inputs import (
     parse_shape,
 )
 from ticketc.load import LoadedModel, load_model, load_sample
+
+T = TypeVar("T")
 
 ARCH_HELP = (
     "(runs code) import MODULE:FACTORY and call it to build the architecture of a state dict, "
@@ -32,6 +35,15 @@ MASK_HELP = (
     "explicit masks: a torch file of parameter name -> bool tensor, or of layer -> "
     "{tensor name -> mask} (as NNI writes)"
 )
+
+
+def build_config(cls: type[T], **fields: Any) -> T:
+    """The configuration `cls(**fields)` of a subcommand; the ValueError / TypeError its
+    validation raises (naming the bad value) becomes a UserError (one line, exit 2)."""
+    try:
+        return cls(**fields)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
 
 
 def add_reading_arguments(parser: argparse.ArgumentParser, *, remote_code: bool = True) -> None:

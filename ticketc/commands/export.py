@@ -6,7 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from ticketc.commands._common import add_model_arguments, inputs_from_args, load_from_args
+from ticketc.commands._common import (
+    add_model_arguments,
+    build_config,
+    inputs_from_args,
+    load_from_args,
+)
 from ticketc.commands._common import console as console_
 from ticketc.errors import UserError
 from ticketc.export import DTYPES, FORMATS, VALUES, ExportConfig, ExportResult, export_model
@@ -96,21 +101,19 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = ExportConfig(
-            format=args.format,
-            values=args.values,
-            verify=not args.no_verify,
-            tolerance=args.tolerance,
-            opset=args.opset,
-            dead_units=args.dead_units,
-            positions=args.positions,
-            dtype=args.dtype,
-            input_names=_names(args.input_names),
-            output_names=_names(args.output_names),
-        )
-    except ValueError as e:
-        raise UserError(str(e)) from e
+    config = build_config(
+        ExportConfig,
+        format=args.format,
+        values=args.values,
+        verify=not args.no_verify,
+        tolerance=args.tolerance,
+        opset=args.opset,
+        dead_units=args.dead_units,
+        positions=args.positions,
+        dtype=args.dtype,
+        input_names=_names(args.input_names),
+        output_names=_names(args.output_names),
+    )
     if Path(args.model).suffix == ".onnx":
         result = _export_onnx(args, config)
     else:

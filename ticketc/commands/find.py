@@ -17,6 +17,7 @@ import types
 import typing
 from typing import Any
 
+from ticketc.commands._common import build_config
 from ticketc.errors import UserError
 from ticketc.find.config import FindConfig
 
@@ -76,10 +77,7 @@ def config_from_args(args: argparse.Namespace) -> FindConfig:
     kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if args.data is not None:
         kwargs["dataset"] = None
-    try:
-        return FindConfig(**kwargs)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    return build_config(FindConfig, **kwargs)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,9 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ticketc.commands._common import add_reading_arguments
+from ticketc.commands._common import add_reading_arguments, build_config
 from ticketc.commands._common import console as console_
-from ticketc.errors import UserError
 from ticketc.pack import VALUES, PackConfig, PackResult, pack
 
 NAME = "pack"
@@ -54,14 +53,12 @@ def default_output(model: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = PackConfig(
-            values=args.values,
-            max_shard_size=args.max_shard_size,
-            keep_zero_signs=args.keep_zero_signs,
-        )
-    except ValueError as e:
-        raise UserError(str(e)) from e
+    config = build_config(
+        PackConfig,
+        values=args.values,
+        max_shard_size=args.max_shard_size,
+        keep_zero_signs=args.keep_zero_signs,
+    )
     out = Path(args.output) if args.output else default_output(args.model)
     result = pack(
         args.model,
