@@ -36,7 +36,7 @@ def from_a_file(out: Path) -> None:
     assert check.passed, check.summary()
 
     # compile: sparse CPU kernels where the planner predicts they are faster than dense
-    fast = ticketc.compile(loaded.model, ticketc.CompileConfig(batch_size=64))
+    fast = ticketc.compile_model(loaded.model, ticketc.CompileConfig(batch_size=64))
     torch.testing.assert_close(fast(x), loaded.model(x), rtol=1e-4, atol=1e-5)
     print(f"compiled: {type(fast).__name__}, same outputs as the model on batch 64")
 
@@ -56,7 +56,7 @@ def from_memory(out: Path) -> None:
     print(f"mine.onnx: {result.total_bytes:,} B ({stored})")
     assert ticketc.verify_onnx(out / "mine.onnx", model, torch.randn(3, 784), tolerance=1e-5).passed
 
-    fast = ticketc.compile(model)
+    fast = ticketc.compile_model(model)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
     assert hasattr(model[0], "weight_orig")  # your model still has its pruning hooks

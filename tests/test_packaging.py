@@ -109,7 +109,7 @@ import torch, ticketc
 from tests.models_for_tests import prune_random_, tiny_mlp
 model = tiny_mlp().eval()
 prune_random_(model, 0.2)
-fast = ticketc.compile(model)
+fast = ticketc.compile_model(model)
 x = torch.randn(4, 20)
 torch.testing.assert_close(fast(x), model(x))
 try:

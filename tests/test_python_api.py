@@ -57,7 +57,7 @@ def test_in_memory_pruned_models_export_and_compile_as_they_are(tmp_path, make):
     np.testing.assert_allclose(got, before.numpy(), rtol=1e-5, atol=1e-6)
     assert ticketc.verify_onnx(tmp_path / "m.onnx", model, x, tolerance=1e-5).passed
 
-    fast = ticketc.compile(model)
+    fast = ticketc.compile_model(model)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), before, rtol=1e-5, atol=1e-6)
 

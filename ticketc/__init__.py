@@ -4,7 +4,7 @@
     loaded = ticketc.load_model("ticket.pt")                  # any supported model file
     ticketc.export_model(loaded.model, loaded.example_input, "m.onnx")
     ticketc.verify_onnx("m.onnx", loaded.model, x, tolerance=1e-5)  # onnxruntime vs PyTorch
-    fast = ticketc.compile(loaded.model)                      # sparse kernels, planned per layer
+    fast = ticketc.compile_model(loaded.model)                # sparse kernels, planned per layer
     model = ticketc.load_packed("packed-dir")                 # written by `ticketc pack`
 
 In-memory models are accepted as they are, pruned with torch.nn.utils.prune (hooks on) or
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it, imported on first access
 _LAZY = {
-    "compile": "ticketc.compile",  # the package itself is callable: ticketc.compile(model, config)
+    "compile_model": "ticketc.compile",  # ticketc.compile.compile (ticketc.compile: the package)
     "load_model": "ticketc.load",
     "export_model": "ticketc.export",
     "ExportConfig": "ticketc.export",
@@ -38,13 +38,14 @@ _LAZY = {
     "verify_onnx": "ticketc.verify",  # ticketc.verify.verify (ticketc.verify is the module)
     "Verification": "ticketc.verify",
 }
-_RENAMED = {"verify_onnx": "verify"}
+_RENAMED = {"verify_onnx": "verify", "compile_model": "compile"}
 
 __all__ = ["UserError", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "compile":  # the subpackage, as after `import ticketc.compile`
+        return importlib.import_module("ticketc.compile")
     if name not in _LAZY:
         raise AttributeError(f"module 'ticketc' has no attribute {name!r}")
-    module = importlib.import_module(_LAZY[name])
-    return module if name == "compile" else getattr(module, _RENAMED.get(name, name))
+    return getattr(importlib.import_module(_LAZY[name]), _RENAMED.get(name, name))

@@ -62,9 +62,37 @@ def staging_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     for `atomic_path`.
     """
     target = _writable_target(path)
+    with _stage(target) as stage:
+        yield stage
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty folder beside `path`; it becomes `path` only if the block succeeds.
+
+    `path` must be missing or an empty folder (UserError otherwise, or when its parent folder
+    is missing); an OSError inside the block becomes a UserError naming `path`.
+    """
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {target}: directory {parent} does not exist")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"{target} already exists and is not an empty directory")
+    remove_stale(parent)
+    with _stage(target) as stage:
+        yield stage
+        if target.exists():
+            target.rmdir()
+        os.replace(stage, target)
+
+
+@contextlib.contextmanager
+def _stage(target: Path) -> Iterator[Path]:
+    """A fresh folder named for `target` (see the module's docstring), removed afterwards."""
     stage = _fresh_name(target)
     try:
-        stage.mkdir(mode=0o777)
+        stage.mkdir(mode=0o777)  # the umask applies
     except OSError as e:
         raise UserError(f"cannot write {target}: {e.strerror or e}") from e
     try:

@@ -72,14 +72,10 @@ class Ticket:
         from `arch`, the reference the user gives (see `ticketc.factory.resolve_from_file`).
         Raises UserError.
         """
-        from ticketc.factory import build_model
+        from ticketc.factory import build_trained
 
-        model = build_model(
-            self.arch, self.arch_kwargs, source="ticket", user_arch=arch,
-            state_dict=self.state_dict,
-        )
-        model.load_state_dict(self.state_dict)
-        return model
+        return build_trained(self.arch, self.arch_kwargs, self.state_dict, source="ticket",
+                             user_arch=arch)
 
     def to_dict(self) -> dict[str, Any]:
         return {

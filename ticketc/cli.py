@@ -19,10 +19,12 @@ from ticketc.errors import UserError
 
 RUNS_CODE = (
     "Reading a file never runs code from it. Only these flags run code: --arch MODULE:FACTORY "
-    "(export, compile, verify, inspect, report), find --model MODULE:FACTORY and "
+    "(export, compile, verify, inspect, pack, bench, report), find --model MODULE:FACTORY and "
     "find --data MODULE:FACTORY import and call the factory you name (the current folder is on "
-    "the import path); --trust-pickle (export, compile, verify, inspect) unpickles what the "
-    "file holds. Each is marked '(runs code)' in the command's --help."
+    "the import path); --trust-pickle (export, compile, verify, inspect, pack, bench) unpickles "
+    "what the file holds; --trust-remote-code (export, compile, verify, pack, bench) runs the "
+    "code a Hugging Face directory's config.json names. Each is marked '(runs code)' in the "
+    "command's --help."
 )
 
 

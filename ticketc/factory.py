@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ticketc.errors import UserError
+from ticketc.errors import UserError, first_line
+from ticketc.masks import without_wrapper_prefix
+from ticketc.safe_load import current_folder_on_path, quiet
 
 BUILTIN_MODULE = "ticketc.models"
 
@@ -50,15 +50,6 @@ def resolve(ref: str, what: str = "factory") -> Callable[..., Any]:
     if not callable(obj):
         raise UserError(f"{what} {ref!r} is not callable")
     return obj  # type: ignore[no-any-return]
-
-
-def current_folder_on_path() -> None:
-    """Put the current folder first on sys.path unless it is there already ('' or its path)."""
-    cwd = os.getcwd()
-    if any(entry in ("", cwd) or os.path.abspath(entry) == cwd for entry in sys.path):
-        return
-    sys.path.insert(0, cwd)
-    importlib.invalidate_caches()
 
 
 def builtin(ref: str) -> Callable[..., nn.Module] | None:
@@ -141,8 +132,6 @@ def build_model(
     allocate more than the weights the file really holds. Errors the factory raises become a
     UserError naming `source`.
     """
-    from ticketc.safe_load import quiet
-
     factory = resolve_from_file(ref, source, user_arch)
     checked = check_json_kwargs(kwargs, source)
     name = user_arch or str(ref)
@@ -187,5 +176,62 @@ def check_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
 
 
 def _line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+    return f"{type(e).__name__}: {first_line(e, 200)}" if str(e).strip() else type(e).__name__
+
+
+def build_trained(ref: object, kwargs: object, state_dict: dict[str, torch.Tensor], *,
+                  source: str, user_arch: str | None = None) -> nn.Module:
+    """`build_model` checked against `state_dict`, with `state_dict` loaded (`load_weights_`):
+    the trained network a ticket, a run's level or a state dict plus --arch describes."""
+    model = build_model(ref, kwargs, source=source, user_arch=user_arch, state_dict=state_dict)
+    load_weights_(model, state_dict, source)
+    return model
+
+
+def load_weights_(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model` in place: names with a wrapper prefix (`module.`, `_orig_mod.`)
+    matched to the model's, tied weights that differ in `state` untied first. UserError naming
+    `source` when the names or shapes do not match the architecture."""
+    own = set(model.state_dict(keep_vars=True))
+    renamed = without_wrapper_prefix(list(state), own)
+    state = {renamed[k]: v for k, v in state.items()}
+    untie_differing_(model, state)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not fit
+        raise UserError(f"{source}: weights do not match the architecture ({first_line(e)})") from e
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {', '.join(result.missing_keys[:5])}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {', '.join(result.unexpected_keys[:5])}")
+    if problems:
+        raise UserError(f"{source}: weights do not match the architecture ({'; '.join(problems)})")
+
+
+def untie_differing_(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Give each name of a shared parameter its own tensor where `state` holds different values
+    for them, in place; returns the names untied.
+
+    The architecture may tie two weights (GPT-2's lm_head and wte) that the file no longer
+    holds equal: pruning one of them with torch.nn.utils.prune and then `prune.remove` leaves
+    two tensors. Loading both into one shared tensor would silently keep only the last.
+    """
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    untied = []
+    for names in groups.values():
+        present = [n for n in names if n in state]
+        if len(present) < 2:
+            continue
+        first = state[present[0]]
+        for name in present[1:]:
+            if state[name].shape == first.shape and torch.equal(state[name], first):
+                continue
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            shared = getattr(module, attr)
+            setattr(module, attr, nn.Parameter(shared.detach().clone(), shared.requires_grad))
+            untied.append(name)
+    return untied

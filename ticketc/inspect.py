@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ticketc.errors import UserError
+from ticketc.errors import UserError, first_line
 from ticketc.safe_load import is_pt2_archive
 
 BLOCK_SIZES = (8, 16, 32, 64)
@@ -154,7 +154,7 @@ def onnx_layers(path: Path) -> list[LayerStats]:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - numpy / onnx on a corrupt tensor or stream
-        raise UserError(f"{path}: corrupt tensor data ({_line(e)})") from e
+        raise UserError(f"{path}: corrupt tensor data ({first_line(e)})") from e
 
 
 def _onnx_layers(model: Any, path: Path) -> list[LayerStats]:
@@ -231,7 +231,7 @@ def decoded_weights(path: Path) -> dict[str, np.ndarray]:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - malformed streams, onnxruntime's own errors
-        raise UserError(f"{path}: its compact weights do not decode ({_line(e)})") from e
+        raise UserError(f"{path}: its compact weights do not decode ({first_line(e)})") from e
 
 
 def _densify(sparse: Any, path: Path) -> np.ndarray:
@@ -255,8 +255,3 @@ def _densify(sparse: Any, path: Path) -> np.ndarray:
     dense = np.zeros(numel, dtype=np.float32)
     dense[indices] = values
     return dense.reshape(dims)
-
-
-def _line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else type(e).__name__

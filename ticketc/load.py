@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,32 +22,19 @@ import torch
 from torch import nn
 
 from ticketc.checkpoint import Ticket, is_ticket
-from ticketc.errors import UserError
-from ticketc.factory import build_model
+from ticketc.errors import UserError, first_line
+from ticketc.factory import build_model, build_trained, load_weights_
+from ticketc.loaded import LoadedModel
 from ticketc.masks import (
     Masks,
     apply_masks_,
     load_mask_file,
     resolve_masks,
     strip_pruning_,
-    without_wrapper_prefix,
 )
-from ticketc.safe_load import ZIP_ERRORS, check_file, first_line, is_pt2_archive, torch_load_safe
+from ticketc.safe_load import ZIP_ERRORS, check_file, is_pt2_archive, torch_load_safe
 
 __all__ = ["LoadedModel", "check_file", "load_model", "load_sample", "torch_load_safe"]
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module  # eval mode, hooks and parametrizations removed, weights multiplied by masks
-    masks: Masks  # parameter name -> bool mask, one per weight (parameters of rank >= 2)
-    source: str  # "ticket" | "state_dict" | "pickle" | "export"
-    example_input: torch.Tensor | None = None  # when the file or the architecture tells the shape
-    arch: str | None = None
-    notes: list[str] = field(default_factory=list)  # things the user should know, one line each
-
-
-_first_line = first_line  # kept for callers of the old private name
 
 
 def load_model(
@@ -104,14 +90,8 @@ def _load_torch_file(p: Path, *, arch: str | None, trust_pickle: bool) -> Loaded
             ticket = Ticket.from_dict(obj)
         except (KeyError, ValueError, TypeError) as e:
             raise UserError(f"{p}: broken ticket checkpoint ({e})") from e
-        model = build_model(
-            ticket.arch,
-            ticket.arch_kwargs,
-            source=str(p),
-            user_arch=arch,
-            state_dict=ticket.state_dict,
-        )
-        _load_state_dict(model, ticket.state_dict, p)
+        model = build_trained(ticket.arch, ticket.arch_kwargs, ticket.state_dict, source=str(p),
+                              user_arch=arch)
         return LoadedModel(
             model,
             dict(ticket.masks),
@@ -129,7 +109,7 @@ def _load_torch_file(p: Path, *, arch: str | None, trust_pickle: bool) -> Loaded
             )
         model = build_model(arch, {}, source=str(p), user_arch=arch)
         state, found, notes = _normalise_state_dict(obj)
-        _load_state_dict(model, state, p)
+        load_weights_(model, state, str(p))
         return LoadedModel(model, found, "state_dict", _example_input(arch, {}), arch, notes)
     raise UserError(
         f"{p}: holds a {type(obj).__name__}, not a model, state dict or ticket checkpoint"
@@ -181,52 +161,6 @@ def _normalise_state_dict(
         else:
             out[key] = value
     return out, masks, notes
-
-
-def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], p: Path) -> None:
-    own = set(model.state_dict(keep_vars=True))
-    renamed = without_wrapper_prefix(list(state), own)
-    state = {renamed[k]: v for k, v in state.items()}
-    untie_differing_(model, state)
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes that do not fit
-        raise UserError(f"{p}: weights do not match the architecture ({first_line(e)})") from e
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing {', '.join(result.missing_keys[:5])}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected {', '.join(result.unexpected_keys[:5])}")
-    if problems:
-        raise UserError(f"{p}: weights do not match the architecture ({'; '.join(problems)})")
-
-
-def untie_differing_(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """Give each name of a shared parameter its own tensor where `state` holds different values
-    for them, in place; returns the names untied.
-
-    The architecture may tie two weights (GPT-2's lm_head and wte) that the file no longer
-    holds equal: pruning one of them with torch.nn.utils.prune and then `prune.remove` leaves
-    two tensors. Loading both into one shared tensor would silently keep only the last.
-    """
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    untied = []
-    for names in groups.values():
-        present = [n for n in names if n in state]
-        if len(present) < 2:
-            continue
-        first = state[present[0]]
-        for name in present[1:]:
-            if state[name].shape == first.shape and torch.equal(state[name], first):
-                continue
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            shared = getattr(module, attr)
-            setattr(module, attr, nn.Parameter(shared.detach().clone(), shared.requires_grad))
-            untied.append(name)
-    return untied
 
 
 def _example_input(arch: str, kwargs: dict[str, Any]) -> torch.Tensor | None:

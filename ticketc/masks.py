@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from ticketc.errors import UserError
+from ticketc.safe_load import torch_load_safe
 
 Masks = dict[str, torch.Tensor]
 
@@ -160,8 +161,6 @@ def flatten_masks(obj: object, source: str) -> Masks:
 
 def load_mask_file(path: str | os.PathLike[str]) -> Masks:
     """Read `name -> mask` from a torch file (weights_only); see `flatten_masks` for layouts."""
-    from ticketc.load import torch_load_safe
-
     return flatten_masks(torch_load_safe(path, trust_pickle=False), str(path))
 
 
@@ -216,10 +215,18 @@ def resolve_masks(model: nn.Module, found: Masks, explicit: Masks | None = None)
 
 @torch.no_grad()
 def apply_masks_(model: nn.Module, masks: Masks) -> None:
-    """Multiply each masked parameter (by any of its names) by its mask, in place."""
+    """Multiply each masked parameter (by any of its names) by its mask, in place.
+
+    Raises ValueError naming the mask when it names no parameter or its shape differs."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, mask in masks.items():
-        params[name].mul_(mask.to(params[name].dtype))
+        param = params.get(name)
+        if param is None:
+            raise ValueError(f"mask {name!r} names no parameter of the model")
+        if tuple(mask.shape) != tuple(param.shape):
+            raise ValueError(
+                f"mask {name!r} has shape {tuple(mask.shape)}, weight {tuple(param.shape)}")
+        param.mul_(mask.to(device=param.device, dtype=param.dtype))
 
 
 def masked_model(model: nn.Module, masks: Masks | None = None) -> tuple[nn.Module, Masks]:
@@ -250,8 +257,3 @@ def _changes(model: nn.Module, masks: Masks | None) -> bool:
         if bool(((params[key].detach() != 0) & ~mask.bool()).any()):
             return True
     return False
-
-
-def density(masks: Masks) -> float:
-    total = sum(m.numel() for m in masks.values())
-    return sum(int(m.count_nonzero()) for m in masks.values()) / total if total else 1.0

@@ -19,12 +19,14 @@ restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import logging
 import os
 import pickle
 import re
+import sys
 import warnings
 import zipfile
 import zlib
@@ -34,7 +36,7 @@ from typing import IO, Any
 
 import torch
 
-from ticketc.errors import UserError
+from ticketc.errors import UserError, first_line
 
 TRUST_FLAG = "--trust-pickle"
 # Larger zip entries that are not tensor payload are not read into memory: a JSON config or a
@@ -57,17 +59,6 @@ def check_file(path: str | os.PathLike[str]) -> Path:
     except OSError as e:
         raise UserError(f"{p}: cannot read ({e.strerror or e})") from e
     return p
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, at most 300 characters."""
-    text = str(e).strip().splitlines()
-    if not text:
-        return type(e).__name__
-    line = text[0]
-    if len(line) > 300:  # a whole paragraph (torch's zip reader): its first sentence
-        line = line.split(". ")[0]
-    return line[:300]
 
 
 @contextlib.contextmanager
@@ -255,8 +246,6 @@ def torch_load_safe(path: str | os.PathLike[str], *, trust_pickle: bool) -> Any:
                 "dict and use --arch"
             ) from refusal
         f.seek(0)
-        from ticketc.factory import current_folder_on_path
-
         current_folder_on_path()  # the classes it names, found as --arch finds them
         try:
             return torch.load(f, map_location="cpu", weights_only=False)
@@ -341,3 +330,12 @@ def parse_json(text: str | bytes, where: str) -> Any:
         return json.loads(text)
     except (ValueError, RecursionError) as e:
         raise UserError(f"{where}: not valid JSON ({first_line(e)})") from e
+
+
+def current_folder_on_path() -> None:
+    """Put the current folder first on sys.path unless it is there already ('' or its path)."""
+    cwd = os.getcwd()
+    if any(entry in ("", cwd) or os.path.abspath(entry) == cwd for entry in sys.path):
+        return
+    sys.path.insert(0, cwd)
+    importlib.invalidate_caches()

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ticketc.errors import UserError
-from ticketc.safe_load import check_file, check_memory, first_line, quiet
+from ticketc.errors import UserError, first_line
+from ticketc.safe_load import check_file, check_memory, quiet
 
 # onnxruntime severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
 _ORT_FATAL_ONLY = 4

@@ -39,11 +39,10 @@ from typing import Any
 
 import torch
 
-from ticketc.errors import UserError
+from ticketc.errors import UserError, first_line
 from ticketc.safe_load import (
     TRUST_FLAG,
     check_file,
-    first_line,
     is_pt2_archive,
     load_bytes_weights_only,
     open_zip,

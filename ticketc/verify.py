@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ticketc.errors import UserError
+from ticketc.errors import UserError, first_line
 from ticketc.inputs import ExampleInputs, float_dtype, random_like
 from ticketc.safe_onnx import run_options
 
@@ -70,7 +70,7 @@ def ort_session(path: str | os.PathLike[str] | bytes):  # -> onnxruntime.Inferen
         return ort.InferenceSession(source, session_options(), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         where = "the file" if isinstance(path, bytes) else path
-        message = f"{where}: onnxruntime cannot load it ({_first_line(e)})"
+        message = f"{where}: onnxruntime cannot load it ({first_line(e)})"
         if (
             "NOT_IMPLEMENTED" in str(e)
             or "Could not find an implementation" in str(e)
@@ -121,7 +121,7 @@ def run_onnx(path: str | os.PathLike[str], inputs: Any) -> list[np.ndarray]:
     try:
         return list(session.run(None, feed(session, ExampleInputs.of(inputs)), run_options()))
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: onnxruntime failed on the sample ({_first_line(e)})") from e
+        raise UserError(f"{path}: onnxruntime failed on the sample ({first_line(e)})") from e
 
 
 def flat_outputs(output: Any) -> list[torch.Tensor]:
@@ -187,7 +187,7 @@ def verify(
     try:
         got = list(session.run(None, feed(session, inputs), run_options()))
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: onnxruntime failed on the sample ({_first_line(e)})") from e
+        raise UserError(f"{path}: onnxruntime failed on the sample ({first_line(e)})") from e
     names = [o.name for o in session.get_outputs()]
     errors = compare(
         got, [_numpy(e.float() if e.dtype == torch.bfloat16 else e) for e in expected], names
@@ -207,7 +207,7 @@ def verify_against_onnx(
         got = list(session.run(None, feed(session, sample), run_options()))
         expected = list(original.run(None, feed(original, sample), run_options()))
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: onnxruntime failed on the sample ({_first_line(e)})") from e
+        raise UserError(f"{path}: onnxruntime failed on the sample ({first_line(e)})") from e
     names = [o.name for o in session.get_outputs()]
     return Verification(compare(got, expected, names), tolerance, _batch(sample))
 
@@ -216,8 +216,3 @@ def _batch(inputs: ExampleInputs) -> int:
     tensors = inputs.tensors()
     return int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 1
 
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else type(e).__name__

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any, TypeVar
 
 import torch
 
-from ticketc.errors import UserError
+from ticketc.errors import UserError, first_line
 from ticketc.inputs import (
     ExampleInputs,
     example_inputs,
@@ -16,6 +17,8 @@ from ticketc.inputs import (
     parse_shape,
 )
 from ticketc.load import LoadedModel, load_model, load_sample
+
+T = TypeVar("T")
 
 ARCH_HELP = (
     "(runs code) import MODULE:FACTORY and call it to build the architecture of a state dict, "
@@ -28,7 +31,39 @@ TRUST_PICKLE_HELP = (
 )
 
 
+MASK_HELP = (
+    "explicit masks: a torch file of parameter name -> bool tensor, or of layer -> "
+    "{tensor name -> mask} (as NNI writes)"
+)
+
+
+def build_config(cls: type[T], **fields: Any) -> T:
+    """The configuration `cls(**fields)` of a subcommand; the ValueError / TypeError its
+    validation raises (naming the bad value) becomes a UserError (one line, exit 2)."""
+    try:
+        return cls(**fields)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+
+
+def add_reading_arguments(parser: argparse.ArgumentParser, *, remote_code: bool = True) -> None:
+    """The flags that say how a model file is read: --arch, --trust-pickle, --trust-remote-code
+    (unless `remote_code` is False) and --mask. Every command that reads a model takes these."""
+    parser.add_argument("--arch", metavar="MODULE:FACTORY", help=ARCH_HELP)
+    parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
+    if remote_code:
+        parser.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="(runs code) accept a Hugging Face directory whose config.json names code "
+            "from the directory (auto_map), and run that code",
+        )
+    parser.add_argument("--mask", metavar="MASKS.pt", help=MASK_HELP)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") -> None:
+    """The model (`name`: positional, or a required --flag), how it is read, and its inputs
+    (--input, --input-shape, --sample)."""
     required = {"required": True, "metavar": "MODEL"} if name.startswith("--") else {}
     parser.add_argument(
         name,
@@ -38,24 +73,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") ->
         "(config.json + safetensors); reading it runs no code from it unless --trust-pickle "
         "or --trust-remote-code",
     )
-    parser.add_argument(
-        "--arch",
-        metavar="MODULE:FACTORY",
-        help=ARCH_HELP,
-    )
-    parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="accept a Hugging Face directory whose config.json names code from the directory "
-        "(auto_map); this runs that code",
-    )
-    parser.add_argument(
-        "--mask",
-        metavar="MASKS.pt",
-        help="explicit masks: a torch file of parameter name -> bool tensor, or of layer -> "
-        "{tensor name -> mask} (as NNI writes)",
-    )
+    add_reading_arguments(parser)
     parser.add_argument(
         "--input",
         metavar="NAME:DTYPE:SHAPE",
@@ -137,10 +155,8 @@ def check_runs(model: torch.nn.Module, example: ExampleInputs, given: str) -> No
     try:
         example(model)
     except Exception as e:  # noqa: BLE001 - the model's own code raises anything
-        lines = str(e).strip().splitlines()
-        reason = lines[0][:200] if lines else type(e).__name__
         raise UserError(
-            f"the model does not run on {given} ({example.describe()}): {reason}"
+            f"the model does not run on {given} ({example.describe()}): {first_line(e, 200)}"
         ) from e
 
 

@@ -10,10 +10,15 @@ from typing import Any
 
 import torch
 
-from ticketc.commands._common import add_model_arguments, example_and_sample, load_from_args
+from ticketc.commands._common import (
+    add_model_arguments,
+    build_config,
+    example_and_sample,
+    load_from_args,
+)
 from ticketc.compile.config import DTYPES, CompileConfig
-from ticketc.compile.planner import LAYERS
 from ticketc.errors import UserError
+from ticketc.transforms import SPARSE_LAYERS
 
 NAME = "compile"
 HELP = "compile a pruned model to sparse kernels (planned per layer) as a .pt2 program"
@@ -62,21 +67,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ticketc.compile import compile, export_program, save_compiled
+    from ticketc.compile import compile as compile_model
+    from ticketc.compile import export_program, save_compiled
     from ticketc.compile.lower import plan_of
 
-    try:
-        config = CompileConfig(
-            device=args.device,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            plan_path=args.plan,
-            tune=args.tune,
-            dead_units=not args.no_dead_units,
-            check=not args.no_check,
-        )
-    except (ValueError, TypeError) as e:
-        raise UserError(str(e)) from e
+    config = build_config(
+        CompileConfig,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        plan_path=args.plan,
+        tune=args.tune,
+        dead_units=not args.no_dead_units,
+        check=not args.no_check,
+    )
     if config.device_kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {config.device}: no CUDA device is available")
     if args.plan is not None and not Path(args.plan).is_file():
@@ -87,17 +91,17 @@ def run(args: argparse.Namespace) -> int:
     # several inputs, `--input name:dtype:shape`, plugs in here: example_and_sample returns a
     # tensor today; compile, the check and export_program already take a tuple or a dict.)
     example, sample = example_and_sample(args, loaded)
-    if not any(isinstance(m, LAYERS) for m in loaded.model.modules()):
+    if not any(isinstance(m, SPARSE_LAYERS) for m in loaded.model.modules()):
         raise UserError(
             f"{args.model} has no Linear/Conv modules to compile (a torch.export program is "
             "already lowered: compile the model it was exported from)"
         )
-    empty = [n for n, m in loaded.model.named_modules() if isinstance(m, LAYERS)
+    empty = [n for n, m in loaded.model.named_modules() if isinstance(m, SPARSE_LAYERS)
              and isinstance(m.weight, torch.Tensor) and m.weight.numel() == 0]
     if empty:
         raise UserError(f"{args.model}: layer {empty[0]!r} has a zero-size weight: nothing to "
                         "compile (remove the layer)")
-    compiled = compile(loaded.model, config, masks=loaded.masks, example_input=example)
+    compiled = compile_model(loaded.model, config, masks=loaded.masks, example_input=example)
     plan = plan_of(compiled)
     assert plan is not None
     error = _max_error(loaded.model, compiled, sample if sample is not None else example, config)

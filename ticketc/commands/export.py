@@ -6,11 +6,17 @@ import argparse
 import json
 from pathlib import Path
 
-from ticketc.commands._common import add_model_arguments, inputs_from_args, load_from_args
+from ticketc.commands._common import (
+    add_model_arguments,
+    build_config,
+    inputs_from_args,
+    load_from_args,
+)
 from ticketc.commands._common import console as console_
 from ticketc.errors import UserError
 from ticketc.export import DTYPES, FORMATS, VALUES, ExportConfig, ExportResult, export_model
 from ticketc.export.onnx_export import POSITIONS
+from ticketc.verify import OUTPUT_RTOL
 
 NAME = "export"
 HELP = "export a pruned model (or an ONNX file) to a small, verified ONNX file"
@@ -68,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tolerance",
         type=float,
         default=_DEFAULTS.tolerance,
-        help="fail when the outputs' relative error exceeds this (default: 1e-5 for fp32 "
-        "models in fp32; lossy output errors are reported, their weights always checked)",
+        help="fail when the outputs' relative error exceeds this (default: "
+        f"{OUTPUT_RTOL['float32']:g} for fp32 models in fp32, looser for fp16 / bf16 graphs; "
+        "lossy output errors are reported, their weights always checked)",
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     parser.add_argument(
@@ -94,21 +101,19 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = ExportConfig(
-            format=args.format,
-            values=args.values,
-            verify=not args.no_verify,
-            tolerance=args.tolerance,
-            opset=args.opset,
-            dead_units=args.dead_units,
-            positions=args.positions,
-            dtype=args.dtype,
-            input_names=_names(args.input_names),
-            output_names=_names(args.output_names),
-        )
-    except ValueError as e:
-        raise UserError(str(e)) from e
+    config = build_config(
+        ExportConfig,
+        format=args.format,
+        values=args.values,
+        verify=not args.no_verify,
+        tolerance=args.tolerance,
+        opset=args.opset,
+        dead_units=args.dead_units,
+        positions=args.positions,
+        dtype=args.dtype,
+        input_names=_names(args.input_names),
+        output_names=_names(args.output_names),
+    )
     if Path(args.model).suffix == ".onnx":
         result = _export_onnx(args, config)
     else:

@@ -17,6 +17,7 @@ import types
 import typing
 from typing import Any
 
+from ticketc.commands._common import build_config
 from ticketc.errors import UserError
 from ticketc.find.config import FindConfig
 
@@ -50,10 +51,10 @@ def add_config_arguments(p: argparse.ArgumentParser, cls: type) -> None:
         if hints[f.name] is bool:
             p.add_argument(flag, action="store_true", help=text)
             continue
-        kind, metavar = _parser_for(hints[f.name])
-        kind, metavar = meta.get("type") or kind, meta.get("metavar") or metavar
+        parse, metavar = _parser_for(hints[f.name])
+        parse, metavar = meta.get("type") or parse, meta.get("metavar") or metavar
         shown = str(meta.get("shown") or ("none" if f.default is None else f.default))
-        p.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=metavar,
+        p.add_argument(flag, type=parse, choices=meta.get("choices"), metavar=metavar,
                        help=f"{text} (default: {shown.replace('%', '%%')})")
 
 
@@ -76,10 +77,7 @@ def config_from_args(args: argparse.Namespace) -> FindConfig:
     kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if args.data is not None:
         kwargs["dataset"] = None
-    try:
-        return FindConfig(**kwargs)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    return build_config(FindConfig, **kwargs)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ticketc.commands._common import ARCH_HELP, TRUST_PICKLE_HELP, console
+from ticketc.commands._common import add_reading_arguments, console
 from ticketc.inspect import BLOCK_SIZES, Inspection, inspect_file
 
 NAME = "inspect"
@@ -16,9 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "file", help="a model file (as for export), a Hugging Face directory or an .onnx file"
     )
-    parser.add_argument("--arch", metavar="MODULE:FACTORY", help=ARCH_HELP)
-    parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
-    parser.add_argument("--mask", metavar="MASKS.pt", help="explicit masks (name -> bool tensor)")
+    add_reading_arguments(parser, remote_code=False)
     parser.add_argument("--json", action="store_true", help="print the same as JSON")
 
 

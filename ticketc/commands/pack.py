@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ticketc.commands._common import add_reading_arguments, build_config
 from ticketc.commands._common import console as console_
-from ticketc.errors import UserError
 from ticketc.pack import VALUES, PackConfig, PackResult, pack
 
 NAME = "pack"
@@ -43,20 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also store which pruned weights are -0.0 (1 bit per zero), so unpacked files are "
         "identical to the bit rather than equal in value",
     )
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="accept a directory whose config.json names code from the directory (auto_map)",
-    )
-    parser.add_argument(
-        "--arch", metavar="MODULE:FACTORY", help="architecture, to pack a model file's masks"
-    )
-    parser.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="allow loading a whole pickled module (this runs code from the file)",
-    )
-    parser.add_argument("--mask", metavar="MASKS.pt", help="explicit masks (name -> bool tensor)")
+    add_reading_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -66,14 +53,12 @@ def default_output(model: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = PackConfig(
-            values=args.values,
-            max_shard_size=args.max_shard_size,
-            keep_zero_signs=args.keep_zero_signs,
-        )
-    except ValueError as e:
-        raise UserError(str(e)) from e
+    config = build_config(
+        PackConfig,
+        values=args.values,
+        max_shard_size=args.max_shard_size,
+        keep_zero_signs=args.keep_zero_signs,
+    )
     out = Path(args.output) if args.output else default_output(args.model)
     result = pack(
         args.model,

@@ -35,7 +35,7 @@ def default_out(run_dirs: list[Path]) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ticketc.commands._common import console
-    from ticketc.find.report import NO_CONTROLS, has_controls, member_kinds, to_json, write_report
+    from ticketc.find.report import NO_CONTROLS, has_controls, table, to_json, write_report
 
     out = args.out or default_out(args.run_dirs)
     rows, paths = write_report(args.run_dirs, out, export=not args.no_export, arch=args.arch)
@@ -44,27 +44,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    kinds = member_kinds(rows)
-    table = Table(title=f"ticketc find: {', '.join(map(str, args.run_dirs))}")
-    table.add_column("level", justify="right")
-    table.add_column("% weights", justify="right")
-    for k in kinds:
-        table.add_column(f"{k} val % (end)", justify="right")
-        table.add_column(f"{k} test % (end)", justify="right")
-        table.add_column(f"{k} early-stop it", justify="right")
-    table.add_column("export KiB", justify="right")
-    for r in rows:
-        cells = [str(r.level), f"{100 * r.density:.1f}"]
-        for k in kinds:
-            for metric in ("final_val_acc", "final_test_acc"):
-                acc, sd, n = r.stat(k, metric)
-                cells.append("" if not n else f"{100 * acc:.2f}" + (f" ± {100 * sd:.2f}"
-                                                                      if n > 1 else ""))
-            it, _, n = r.stat(k, "early_stop_iteration")
-            cells.append("" if not n else f"{it:.0f}")
-        cells.append("" if r.export_bytes is None else f"{r.export_bytes / 1024:.1f}")
-        table.add_row(*cells)
-    console().print(table)
+    head, cells = table(rows, short=True)
+    shown = Table(title=f"ticketc find: {', '.join(map(str, args.run_dirs))}")
+    for name in head:
+        shown.add_column(name, justify="right")
+    for row in cells:
+        shown.add_row(*row)
+    console().print(shown)
     if not has_controls(rows):
         print(NO_CONTROLS)
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -4,6 +4,7 @@
 return a `Splits`: train / validation / test tensors and the number of classes.
 """
 
-from ticketc.data.splits import Splits, TensorSplit, load_dataset, load_user_dataset
+from ticketc.data.sources import load_dataset, load_user_dataset
+from ticketc.data.splits import Splits, TensorSplit
 
 __all__ = ["Splits", "TensorSplit", "load_dataset", "load_user_dataset"]

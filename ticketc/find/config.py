@@ -181,7 +181,7 @@ class FindConfig:
                                     "of the training images: yes or no",
                                     shown=_paper("augment"), parse=_yes_no,
                                     metavar="yes|no")
-    strategy: str | None = _setting(None, "layerwise: per-kind rates below; global: one "
+    strategy: str | None = _setting(None, "layerwise: per-layer-type rates below; global: one "
                                     "magnitude threshold over all prunable weights",
                                     choices=STRATEGIES, shown=_paper("strategy"))
     fc_rate: float | None = _setting(None, "fraction (0-1) of each fully connected layer's "
@@ -345,10 +345,10 @@ class FindConfig:
 
     def rewind_iteration(self, steps_per_epoch: int) -> int:
         assert self.rewind is not None
-        kind, _, value = self.rewind.partition(":")
-        if kind == "init":
+        unit, _, value = self.rewind.partition(":")
+        if unit == "init":
             return 0
-        return int(value) * (steps_per_epoch if kind == "epoch" else 1)
+        return int(value) * (steps_per_epoch if unit == "epoch" else 1)
 
     def result_differences(self, other: FindConfig, *, ignore: tuple[str, ...] = ()) -> list[str]:
         """Names of the settings that change results (not in NOT_RESULT_SETTINGS or `ignore`)

@@ -106,12 +106,12 @@ def on_main(fn: Callable[[], T], ranks: Ranks) -> T:
             outcome, error = ("user", str(e)), e
         except BaseException as e:  # noqa: BLE001 - tell the other ranks, then re-raise
             outcome, error = ("crash", f"{type(e).__name__}: {e}"), e
-    kind, value = broadcast(outcome, ranks)
+    status, value = broadcast(outcome, ranks)
     if error is not None:
         raise error
-    if kind == "user":
+    if status == "user":
         raise UserError(value)
-    if kind == "crash":
+    if status == "crash":
         raise RuntimeError(f"rank 0 failed: {value}")
     return value  # type: ignore[no-any-return]
 

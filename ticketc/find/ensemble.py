@@ -6,7 +6,7 @@ the stacked optimizer is exactly M independent ones. Two forward/backward paths:
 
 - `Flatten? (Linear ReLU)* Linear` Sequentials (Lenet-300-100): hand-written forward and
   backward with `baddbmm`, no autograd graph, no per-member Python; layers whose masks are
-  sparse enough train in CSR form (`SparseLinear`), and then the whole MLP runs on
+  sparse enough train in CSR form (`CsrStackedLinear`), and then the whole MLP runs on
   feature-major activations [M, features, B'];
 - anything else: `torch.func.vmap` over `grad` of a `functional_call`, with the network in
   training mode (BatchNorm normalises with each member's batch statistics and updates that
@@ -34,69 +34,15 @@ from torch import nn
 
 from ticketc.find.distributed import SINGLE, Ranks, broadcast_tensors_
 from ticketc.find.pruning import Masks
-from ticketc.find.sparse_layer import SparseLinear
+from ticketc.find.sparse_layer import CsrStackedLinear
+from ticketc.find.stacked import StackedMembers, mlp_layers
 from ticketc.kernels import csr_cpu
-
-
-def mlp_layers(model: nn.Module) -> list[str] | None:
-    """Prefixes of the Linear layers when `model` is a plain ReLU MLP, else None."""
-    if not isinstance(model, nn.Sequential):
-        return None
-    children = list(model.named_children())
-    if children and isinstance(children[0][1], nn.Flatten):
-        children = children[1:]
-    if not children or len(children) % 2 == 0:
-        return None
-    prefixes = []
-    for i, (name, module) in enumerate(children):
-        expected = nn.Linear if i % 2 == 0 else nn.ReLU
-        if type(module) is not expected:
-            return None
-        if i % 2 == 0:
-            if module.bias is None:
-                return None
-            prefixes.append(name)
-    return prefixes
 
 
 def _relu_backward(g: torch.Tensor, relu_out: torch.Tensor) -> torch.Tensor:
     """g where the ReLU was active, else 0: one fused kernel (`g * (a > 0)` would also build
     and convert a bool tensor)."""
     return torch.ops.aten.threshold_backward(g, relu_out, 0)
-
-
-class StackedMembers(nn.Module):
-    """Every member's parameters [M, *shape] and buffers as one module whose forward runs all
-    members (`torch.func.vmap` over `functional_call` of the architecture, training mode), so
-    that DistributedDataParallel can reduce their gradients and broadcast their buffers.
-
-    The architecture itself is kept outside the module tree: its own parameters are not
-    trained.
-    """
-
-    def __init__(self, base: nn.Module, params: dict[str, nn.Parameter],
-                 buffers: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self._base = [base]
-        self.param_names, self.buffer_names = list(params), list(buffers)
-        self.stacked = nn.ParameterList(params.values())
-        for i, b in enumerate(buffers.values()):
-            self.register_buffer(f"buffer_{i}", b)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [M, B, ...], y [M, B] -> each member's mean loss [M] and correct count [M]."""
-        from torch.func import functional_call, vmap
-
-        base = self._base[0].train()
-        params = dict(zip(self.param_names, self.stacked, strict=True))
-        buffers = {n: getattr(self, f"buffer_{i}") for i, n in enumerate(self.buffer_names)}
-
-        def member(p, b, xb, yb):  # type: ignore[no-untyped-def]
-            logits = functional_call(base, (p, b), (xb,))
-            return F.cross_entropy(logits, yb), (logits.argmax(-1) == yb).sum()
-
-        loss, correct = vmap(member, randomness="different")(params, buffers, x, y)
-        return loss, correct
 
 
 class Ensemble:
@@ -139,7 +85,7 @@ class Ensemble:
             self.ddp = DistributedDataParallel(
                 StackedMembers(self.base, self.params, self.buffers))
         # CSR-trained layers, by weight name: those whose every member is below sparse_below
-        self.sparse: dict[str, SparseLinear] = {}
+        self.sparse: dict[str, CsrStackedLinear] = {}
         self._dense_stale = False  # the dense copies of the sparse layers lag their values
         for prefix in self.mlp or []:
             name = f"{prefix}.weight"
@@ -148,10 +94,8 @@ class Ensemble:
             if float(self.masks[name].float().mean((1, 2)).max()) < sparse_below:
                 with torch.no_grad():
                     self.params[name].mul_(self.masks[name])
-                self.sparse[name] = SparseLinear(self.params[name].detach(), self.masks[name])
+                self.sparse[name] = CsrStackedLinear(self.params[name].detach(), self.masks[name])
                 self._mask_values.pop(name, None)  # written only at survivors: no mask to apply
-        if self.sparse:
-            csr_cpu.use_torch_threads()  # --threads governs the Numba kernels too
         # The optimizer's parameters, in the order of self.params (sparse layers: their values).
         self._opt_params = [
             self.sparse[n].values if n in self.sparse else p for n, p in self.params.items()
@@ -217,6 +161,7 @@ class Ensemble:
         layout."""
         if not self.sparse:
             return self.step(x_all[idx], y_all[idx], seed=seed)
+        csr_cpu.use_torch_threads()  # the Numba kernels run on torch's threads (--threads)
         xt = csr_cpu.gather_t(x_all.reshape(len(x_all), -1), idx)  # [M, in, B']
         return self._step(xt, y_all[idx], feature_major=True)
 
@@ -378,6 +323,7 @@ class Ensemble:
 
     def _logits_shared(self, x: torch.Tensor) -> torch.Tensor:
         if self.mlp is not None and self.sparse:  # one feature-major input for every member
+            csr_cpu.use_torch_threads()
             a = csr_cpu.transpose_padded(x.reshape(len(x), -1)).unsqueeze(0)
             for i, prefix in enumerate(self.mlp):
                 a = self._linear_t(prefix, a)
@@ -406,7 +352,7 @@ class Ensemble:
 
     # -- state ------------------------------------------------------------------------------
 
-    def _sparse_of(self, p: torch.Tensor) -> SparseLinear | None:
+    def _sparse_of(self, p: torch.Tensor) -> CsrStackedLinear | None:
         """The CSR layer whose values `p` is, if any."""
         return next((layer for layer in self.sparse.values() if layer.values is p), None)
 

@@ -6,7 +6,6 @@ Masks only ever shrink: a weight pruned in one round is never revived by a later
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -25,7 +24,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2
 def prunable_parameters(
     model: nn.Module, *, biases: bool = False, norms: bool = False
 ) -> dict[str, str]:
-    """Map each prunable parameter name to its kind: "conv", "fc" or "output".
+    """Map each prunable parameter name to its layer type: "conv", "fc" or "output".
 
     The weights of Linear and Conv layers are prunable; the last of them (in registration order)
     is the output layer. Biases and the affine weights of normalisation layers (BatchNorm,
@@ -33,28 +32,28 @@ def prunable_parameters(
     normalisation layers at the fully connected rate. As in open_lth, a normalisation layer's
     running statistics are never pruned: they are state, rewound with the weights.
     """
-    kinds: dict[str, str] = {}
+    layer_types: dict[str, str] = {}
     last_weight = None
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         if isinstance(module, (nn.Linear, *_CONVS)):
-            kind = "conv" if not isinstance(module, nn.Linear) else "fc"
-            kinds[prefix + "weight"] = kind
+            layer_type = "conv" if not isinstance(module, nn.Linear) else "fc"
+            layer_types[prefix + "weight"] = layer_type
             last_weight = prefix + "weight"
             if biases and module.bias is not None:
-                kinds[prefix + "bias"] = kind
+                layer_types[prefix + "bias"] = layer_type
         elif norms and isinstance(module, _NORMS):
             for p_name, p in module.named_parameters(recurse=False):
                 if p is not None:
-                    kinds[prefix + p_name] = "fc"
+                    layer_types[prefix + p_name] = "fc"
     if last_weight is None:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv layer to prune")
-    kinds[last_weight] = "output"
+    layer_types[last_weight] = "output"
     if biases:
         bias = last_weight[: -len("weight")] + "bias"
-        if bias in kinds:
-            kinds[bias] = "output"
-    return kinds
+        if bias in layer_types:
+            layer_types[bias] = "output"
+    return layer_types
 
 
 def prune_counts(
@@ -134,9 +133,9 @@ def random_masks_like(masks: Mapping[str, torch.Tensor], generator: torch.Genera
     return out
 
 
-def full_masks(model: nn.Module, kinds: Mapping[str, str]) -> Masks:
+def full_masks(model: nn.Module, layer_types: Mapping[str, str]) -> Masks:
     params = dict(model.named_parameters())
-    return {name: torch.ones_like(params[name], dtype=torch.bool) for name in kinds}
+    return {name: torch.ones_like(params[name], dtype=torch.bool) for name in layer_types}
 
 
 def density(masks: Mapping[str, torch.Tensor]) -> float:
@@ -165,8 +164,3 @@ def rounds_to_density(
         f"target density {target} is not reached in {limit} rounds "
         f"(lowest {min(remaining):.3g}); raise the pruning rates"
     )
-
-
-def _check_rate(name: str, rate: float) -> None:
-    if not (0.0 <= rate < 1.0) or math.isnan(rate):
-        raise ValueError(f"{name} must be in [0, 1), got {rate}")

@@ -30,7 +30,10 @@ def _csr(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return crow, cols.to(torch.int32), rows
 
 
-class SparseLinear:
+class CsrStackedLinear:
+    """The Linear layer of every member as one CSR matrix (not an nn.Module: the Ensemble
+    calls it from its own forward and backward)."""
+
     def __init__(self, weight: torch.Tensor, masks: torch.Tensor) -> None:
         # weight, masks: [M, out, in]
         self.m, self.out_features, self.in_features = weight.shape
@@ -46,6 +49,7 @@ class SparseLinear:
     @torch.no_grad()
     def forward(self, xt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """xt [M or 1, in, B'] (1: shared by every member), bias [M, out] -> [M, out, B']."""
+        csr_cpu.use_torch_threads()  # torch's thread count (--threads) governs the kernels too
         out = csr_cpu.csr_matmul_t(self.crow, self.col, self.values.detach(), xt, bias,
                                    groups=self.m)
         return out.view(self.m, self.out_features, -1)
@@ -53,6 +57,7 @@ class SparseLinear:
     @torch.no_grad()
     def input_grads(self, g_t: torch.Tensor) -> torch.Tensor:
         """d loss / d input [M, in, B'] from g_t = d loss / d output [M, out, B']."""
+        csr_cpu.use_torch_threads()
         values_t = self.values.detach()[self.to_transposed]
         out = csr_cpu.csr_matmul_t(self.crow_t, self.col_t, values_t, g_t, groups=self.m)
         return out.view(self.m, self.in_features, -1)
@@ -61,6 +66,7 @@ class SparseLinear:
     def value_grads(self, g_t: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         """d loss / d values from g_t = d loss / d output [M, out, B'] and the forward's input
         xt [M, in, B']."""
+        csr_cpu.use_torch_threads()
         return csr_cpu.csr_sampled_grad(self.crow, self.col, g_t.reshape(-1, g_t.shape[-1]),
                                         xt, groups=self.m)
 

@@ -34,7 +34,7 @@ from ticketc.hf.inputs import (
 )
 
 if TYPE_CHECKING:
-    from ticketc.load import LoadedModel
+    from ticketc.loaded import LoadedModel
 
 __all__ = [
     "BATCH",
@@ -93,7 +93,7 @@ def load_directory(path: str | os.PathLike[str], *, trust_remote_code: bool = Fa
     `example_input` is the main input's example tensor (token ids, pixel values); the full set
     of named inputs is `ticketc.hf.default_input_specs(loaded.model)`.
     """
-    from ticketc.load import LoadedModel
+    from ticketc.loaded import LoadedModel
 
     hf = load_hf(path, trust_remote_code=trust_remote_code)
     config: Any = getattr(hf.model, "config", None)

@@ -130,7 +130,7 @@ class HFCheckpoint:
         return self._names[file]
 
     def _load_torch(self, file: str) -> dict[str, torch.Tensor]:
-        from ticketc.load import torch_load_safe
+        from ticketc.safe_load import torch_load_safe
 
         obj = torch_load_safe(self.path / file, trust_pickle=False)
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

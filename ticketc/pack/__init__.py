@@ -14,28 +14,23 @@ Nothing is pickled: safetensors and JSON only.
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
 import re
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from ticketc.atomic import atomic_dir
 from ticketc.card import Card, LayerRecord, card_stem, write_card
 from ticketc.errors import UserError
 from ticketc.pack.codec import VALUES, decode, encode
 from ticketc.pack.records import layer_record
-from ticketc.pack.source import Source, open_source
-from ticketc.pack.store import INDEX_NAME, PackedReader, ShardWriter, is_pack_file, is_packed_dir
+from ticketc.pack.source import Source, copy_extras, open_source, write_json
+from ticketc.pack.store import ShardWriter
+from ticketc.pack.unpack import load_packed, read_packed, unpack
 
 __all__ = [
     "VALUES",
@@ -97,43 +92,6 @@ class PackResult:
             "totals": self.card.totals,
             "notes": self.notes,
         }
-
-
-# ------------------------------------------------------------------------------- output dirs
-@contextmanager
-def _staged_directory(out: Path) -> Iterator[Path]:
-    """A fresh directory beside `out`, renamed onto it only when the block succeeds."""
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"cannot write {out}: directory {parent} does not exist")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not an empty directory")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror}") from e
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _copy_extras(source_dir: Path, names: list[Path], dst: Path, skip: set[str]) -> None:
-    for rel in names:
-        if str(rel) in skip:
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source_dir / rel, dst / rel)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------- pack
@@ -211,7 +169,7 @@ def pack(
     records: list[LayerRecord] = []
     negative_zeros = 0
     names: dict[str, list[str]] = {}
-    with _staged_directory(out) as tmp:
+    with atomic_dir(out) as tmp:
         writer = ShardWriter(
             tmp, parse_size(config.max_shard_size), config.values, config.keep_zero_signs
         )
@@ -234,9 +192,9 @@ def pack(
             records.append(layer_record(name, tensor, encoded, decoded, module_types))
         files = writer.close({"values": config.values, "source": _layout_record(source, names)})
         if source.config is not None:
-            _write_json(tmp / "config.json", source.config)
+            write_json(tmp / "config.json", source.config)
         if source.directory is not None:
-            _copy_extras(source.directory, source.extra_files, tmp, {"config.json"})
+            copy_extras(source.directory, source.extra_files, tmp, {"config.json"})
         if negative_zeros and not config.keep_zero_signs:
             notes.append(
                 f"{negative_zeros:,} pruned weights were -0.0 and unpack as +0.0 (equal values; "
@@ -292,162 +250,3 @@ def _card(
         },
         notes=notes,
     )
-
-
-# ------------------------------------------------------------------------------- read back
-def read_packed(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """The state dict of a packed directory, every tensor decoded to its original dtype
-    (aliases of a shared tensor are the same tensor object)."""
-    reader = PackedReader(path)
-    state = dict(reader.tensors())
-    aliases = reader.metadata.get("source", {}).get("aliases") or {}
-    for alias, name in aliases.items():
-        state[alias] = state[name]
-    return state
-
-
-def load_packed(
-    path: str | os.PathLike[str], *, state_dict: bool = False, trust_remote_code: bool = False
-) -> nn.Module | dict[str, torch.Tensor]:
-    """The transformers model of a packed directory that holds a config.json (built with the
-    Auto classes, in eval mode), else — or with state_dict=True — its state dict.
-
-    Raises UserError for a directory ticketc did not pack, a corrupt shard, or a model whose
-    config.json needs code from the directory without trust_remote_code.
-    """
-    from ticketc.hf.checkpoint import read_config, remote_code
-
-    directory = Path(path)
-    if not is_packed_dir(directory):
-        raise UserError(f"{directory}: not a ticketc packed directory (no {INDEX_NAME})")
-    has_config = (directory / "config.json").is_file()
-    config = read_config(directory) if has_config and not state_dict else None
-    if config is not None:
-        reason = remote_code(config)
-        if reason is not None and not trust_remote_code:
-            raise UserError(
-                f"{directory}: {reason}; ticketc runs no code from a model directory unless "
-                "you pass --trust-remote-code"
-            )
-    state = read_packed(directory)
-    if config is None:
-        return state
-    from ticketc.hf.model import build_model
-
-    model, _ = build_model(directory, config, state, trust_remote_code=trust_remote_code)
-    return model
-
-
-# ------------------------------------------------------------------------------- unpack
-def _dense_name(file: str) -> str:
-    """The dense file a source weight file is written back as (always safetensors)."""
-    if file.endswith(".safetensors"):
-        return file
-    match = re.fullmatch(r"pytorch_model(-\d+-of-\d+)?\.bin", file)
-    return f"model{match.group(1) or ''}.safetensors" if match else f"{file}.safetensors"
-
-
-def _write_dense(
-    out: Path,
-    groups: Iterator[tuple[str, Iterator[tuple[str, torch.Tensor]]]],
-    metadata_of: Callable[[str], dict[str, str]],
-    index_metadata: dict[str, Any] | None,
-) -> list[Path]:
-    """Write each (file, its tensors) as dense safetensors, one file in memory at a time, plus
-    model.safetensors.index.json when there are several files or the source had an index."""
-    from safetensors.torch import save_file
-
-    written: list[Path] = []
-    weight_map: dict[str, str] = {}
-    total = 0
-    for file, items in groups:
-        tensors: dict[str, torch.Tensor] = {}
-        for name, tensor in items:
-            shared = any(tensor is other for other in tensors.values())
-            tensors[name] = tensor.clone() if shared else tensor  # safetensors shares nothing
-        name = _dense_name(file)
-        save_file(tensors, str(out / name), metadata=metadata_of(file))
-        written.append(out / name)
-        weight_map.update(dict.fromkeys(tensors, name))
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-    if len(written) > 1 or index_metadata is not None:
-        meta = {**(index_metadata or {}), "total_size": total}
-        _write_json(
-            out / "model.safetensors.index.json", {"metadata": meta, "weight_map": weight_map}
-        )
-    return written
-
-
-def _pt_metadata(meta: dict[str, str] | None) -> dict[str, str]:
-    """A dense file's safetensors metadata: the source's, with transformers' format "pt"."""
-    return {**(meta or {}), "format": "pt"}
-
-
-def unpack(
-    path: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    *,
-    trust_remote_code: bool = False,
-) -> list[Path]:
-    """Write the dense safetensors of a packed directory (or of a compressed-tensors
-    sparse-bitmask / sparse-24-bitmask directory) into `out_dir`, laid out as the source's
-    weight files (pytorch_model*.bin become model*.safetensors), the other files beside.
-
-    Returns the dense weight files. Raises UserError as `pack` does; nothing is left at
-    `out_dir` on failure.
-    """
-    src, out = Path(path), Path(out_dir)
-    if is_packed_dir(src):
-        return _unpack_packed(src, out)
-    from ticketc.hf.checkpoint import is_hf_directory, open_checkpoint
-
-    if not is_hf_directory(src):
-        raise UserError(f"{src}: neither a ticketc packed directory nor a Hugging Face directory")
-    checkpoint = open_checkpoint(src, trust_remote_code=trust_remote_code)
-    if checkpoint.legacy is None or checkpoint.legacy.format == "dense":
-        raise UserError(f"{src}: its weights are not compressed; nothing to unpack")
-    by_file = itertools.groupby(checkpoint.tensors(), key=lambda item: item[0])
-    groups = ((file, ((n, t) for _, n, t in items)) for file, items in by_file)
-    with _staged_directory(out) as tmp:
-        written = _write_dense(
-            tmp,
-            groups,
-            lambda f: _pt_metadata(checkpoint.file_metadata(f)),
-            checkpoint.index_metadata,
-        )
-        _write_json(tmp / "config.json", checkpoint.dense_config)
-        _copy_extras(src, checkpoint.extra_files(), tmp, {"config.json"})
-    return [out / p.name for p in written]
-
-
-def _unpack_packed(src: Path, out: Path) -> list[Path]:
-    reader = PackedReader(src)
-    layout = reader.metadata.get("source") or {}
-    files: dict[str, dict[str, Any]] = layout.get("files") or {}
-    aliases: dict[str, str] = layout.get("aliases") or {}
-    stored = set(reader.names())
-    for file, info in files.items():
-        missing = [n for n in info.get("names", []) if n not in stored]
-        if missing:
-            raise UserError(f"{src}: {file}'s tensor {missing[0]!r} is not in the packed files")
-
-    def tensors_of(file: str) -> Iterator[tuple[str, torch.Tensor]]:
-        names = files[file].get("names", [])
-        for name in names:
-            yield name, reader.tensor(name)
-        for alias, name in aliases.items():
-            if name in names:
-                yield alias, reader.tensor(name)
-
-    groups = ((file, tensors_of(file)) for file in files)
-    skip = {p.name for p in src.iterdir() if is_pack_file(p.name)}
-    extras = sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
-    with _staged_directory(out) as tmp:
-        written = _write_dense(
-            tmp,
-            groups,
-            lambda f: _pt_metadata(files[f].get("metadata")),
-            layout.get("index_metadata"),
-        )
-        _copy_extras(src, [p for p in extras if not p.name.startswith(".")], tmp, skip)
-    return [out / p.name for p in written]

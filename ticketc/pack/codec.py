@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ticketc.errors import UserError
-from ticketc.formats import rice
+from ticketc.formats import quantize, rice
 from ticketc.formats.compact import mask_entropy_bits
 from ticketc.formats.quantize import FP16_MAX, assign_nearest, kmeans_1d
 from ticketc.pack.nm import NMPositions, detect_nm, parse_layout
@@ -298,17 +298,12 @@ def _encode_values(
 
 
 def int8_scales(absmax: np.ndarray) -> np.ndarray:
-    """fp16 scales absmax / 127 rounded *up* to the next fp16 value: no code exceeds 127, so
-    every value decodes within half a scale of itself. UserError when a scale exceeds fp16."""
-    exact = np.asarray(absmax, dtype=np.float64) / 127.0
-    if exact.size and float(exact.max()) > FP16_MAX:
-        raise UserError(
-            f"holds values too large for int8 with fp16 scales (|w| = {exact.max() * 127:g})"
-        )
-    scale = exact.astype(np.float16)
-    low = scale.astype(np.float64) < exact
-    scale[low] = np.nextafter(scale[low], np.float16(np.inf))
-    return scale
+    """`ticketc.formats.quantize.int8_scales` (fp16 scales absmax / 127 rounded up: every value
+    decodes within half a scale of itself); UserError when a scale exceeds fp16."""
+    exact_max = float(np.max(absmax)) if np.size(absmax) else 0.0
+    if exact_max / 127.0 > FP16_MAX:
+        raise UserError(f"holds values too large for int8 with fp16 scales (|w| = {exact_max:g})")
+    return quantize.int8_scales(absmax)
 
 
 def _zero_signs(flat: torch.Tensor, entries: np.ndarray) -> np.ndarray:

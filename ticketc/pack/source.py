@@ -6,7 +6,9 @@ were laid out, so `unpack` can write the same files back.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,3 +183,18 @@ def _model_source(
         description=f"{loaded.source} {p.name}",
         notes=list(loaded.notes),
     )
+
+
+def copy_extras(source_dir: Path, names: list[Path], dst: Path, skip: set[str]) -> None:
+    """Copy the files `names` (relative to `source_dir`, except those in `skip`) into `dst`:
+    what a model directory holds besides its weights (tokenizer, generation config)."""
+    for rel in names:
+        if str(rel) in skip:
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source_dir / rel, dst / rel)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """`obj` as sorted, indented JSON (config.json, index files of an output directory)."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
