@@ -28,12 +28,15 @@ helpers that join if they can; `torch.get_num_threads()` of them at most).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numba
 import numpy as np
 import torch
+from numba import types
+from numba.extending import intrinsic
 from torch import Tensor
 
 from . import cpu_threads
@@ -155,6 +158,17 @@ def _by_columns(state, slot, x, out, crow, col, values, bias, meta, scratch, chu
 
 
 @numba.njit(inline="always", fastmath=_FLAGS)
+def _dot(values, col, x, j, end):  # type: ignore[no-untyped-def]
+    """sum over j <= i < end of values[i] * x[col[i]]: one plain loop, which LLVM vectorises
+    with AVX-512 / AVX2 gathers (16 / 8 products per instruction; measured 1.3x faster than
+    four scalar sums in flight on the Lenet ticket)."""
+    s = np.float32(0.0)
+    for i in range(j, end):
+        s += values[i] * x[col[i]]
+    return s
+
+
+@numba.njit(inline="always", fastmath=_FLAGS)
 def _rows_of_layer(a, d, crow, col, values, bias, c0, n0, b0, m_lo, m_hi, relu, acc):  # type: ignore[no-untyped-def]
     """d[:, m] for m_lo <= m < m_hi, with a [n, K] and d [n, M] row-major."""
     n = a.shape[0]
@@ -162,18 +176,7 @@ def _rows_of_layer(a, d, crow, col, values, bias, c0, n0, b0, m_lo, m_hi, relu, 
         j, end = n0 + crow[c0 + m], n0 + crow[c0 + m + 1]
         b = bias[b0 + m]
         if n == 1:
-            x = a[0]
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            while j + 4 <= end:
-                s0 += values[j] * x[col[j]]
-                s1 += values[j + 1] * x[col[j + 1]]
-                s2 += values[j + 2] * x[col[j + 2]]
-                s3 += values[j + 3] * x[col[j + 3]]
-                j += 4
-            while j < end:
-                s0 += values[j] * x[col[j]]
-                j += 1
-            s = b + ((s0 + s1) + (s2 + s3))
+            s = b + _dot(values, col, a[0], j, end)
             d[0, m] = max(s, np.float32(0.0)) if relu else s
             continue
         for i in range(n):
@@ -186,6 +189,37 @@ def _rows_of_layer(a, d, crow, col, values, bias, c0, n0, b0, m_lo, m_hi, relu, 
         for i in range(n):
             s = b + acc[i]
             d[i, m] = max(s, np.float32(0.0)) if relu else s
+
+
+@intrinsic
+def _f32_at(typingctx, address):  # type: ignore[no-untyped-def]
+    """The integer `address` as a float32 pointer (for numba.carray)."""
+    if not isinstance(address, types.Integer):
+        return None
+    sig = types.CPointer(types.float32)(address)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@numba.njit(nogil=True, fastmath=_FLAGS, cache=True)
+def _one(x_at, out_at, crow, col, values, bias, meta, buf):  # type: ignore[no-untyped-def]
+    """The whole chain on one row, on the calling thread: x and out given by the addresses of
+    contiguous fp32 rows of meta[0, _IN] and meta[-1, _ROWS] floats (integers cross Numba's
+    dispatcher faster than arrays: this call is the batch-1 hot path). The same sums in the
+    same order as _by_rows at n == 1."""
+    last = meta.shape[0] - 1
+    a = numba.carray(_f32_at(x_at), (meta[0, _IN],))
+    for layer in range(last + 1):
+        c0, n0, b0 = meta[layer, _CROW], meta[layer, _NNZ], meta[layer, _BIAS]
+        rows, relu = meta[layer, _ROWS], meta[layer, _RELU] != 0
+        d = numba.carray(_f32_at(out_at), (rows,)) if layer == last else buf[layer % 2, :rows]
+        for m in range(rows):
+            s = bias[b0 + m] + _dot(values, col, a, n0 + crow[c0 + m], n0 + crow[c0 + m + 1])
+            d[m] = max(s, np.float32(0.0)) if relu else s
+        a = d
 
 
 @numba.njit(nogil=True, fastmath=_FLAGS, cache=True)
@@ -294,6 +328,9 @@ class CsrChain:
         self.bias = np.concatenate(
             [np.zeros(w.out_features, np.float32) if w.bias is None else w.bias for w in layers]
         ).astype(np.float32)
+        # _one's work buffer, for calls on the thread that made the chain
+        self._owner = threading.get_ident()
+        self._buf = np.zeros((2, self.width), np.float32)
 
     def __call__(self, x: Tensor, *, threads: int | None = None) -> Tensor:
         """y [N, M] = the chain applied to x [N, K] (fp32). `threads` defaults to
@@ -304,6 +341,8 @@ class CsrChain:
                 f"expected [N, {self.in_features}] float32"
             )
         n = x.shape[0]
+        if n == 1 and (threads == 1 or self.nnz < PARALLEL_MIN_WORK):
+            return self.one(x)
         x_np = x.detach().contiguous().numpy()
         out = torch.empty(n, self.out_features)
         if n == 0:
@@ -326,4 +365,27 @@ class CsrChain:
             args = (x_np, out.numpy(), self.crow, self.col, self.values, self.bias, self.meta,
                     shared, accs)  # fmt: skip
             cpu_threads.run(_by_rows, args, phases=len(self.meta), threads=threads)
+        return out
+
+    def one(self, x: Tensor) -> Tensor:
+        """y [1, M] for one sample x (fp32, `in_features` elements, any shape), on the calling
+        thread: the batch-1 hot path, with no NumPy views made and one kernel call.
+
+        Raises ValueError if x is not fp32 with in_features elements.
+        """
+        if x.dtype != torch.float32 or x.numel() != self.in_features:
+            raise ValueError(
+                f"CsrChain: one sample of {self.in_features} float32 values expected, "
+                f"got {tuple(x.shape)} {x.dtype}"
+            )
+        if not x.is_contiguous():
+            x = x.contiguous()
+        out = torch.empty(1, self.out_features)
+        if threading.get_ident() == self._owner:  # the buffer made with this chain
+            buf = self._buf
+        else:  # another thread's call: its own buffer (calls may run at once)
+            buf = cpu_threads.SCRATCH.get("shared", (2, self.width))
+        # x (held by the caller) and out outlive the call, so their addresses stay valid.
+        _one(x.data_ptr(), out.data_ptr(), self.crow, self.col, self.values, self.bias,
+             self.meta, buf)  # fmt: skip
         return out
