@@ -389,9 +389,10 @@ class _Run:
     def __call__(self, x: Tensor, eager: bool) -> Tensor:
         if eager:
             chain = _kernel(self.kernel, self.slots, self.relus, self._build)
-            one = x.shape[0] == 1 and self.flat_rows and (x.dim() == 2 or self.flatten is not None)
-            if one and x.numel() == self.in_features:
-                return chain.one(x)  # the batch-1 hot path
+            n = x.shape[0]
+            rows = self.flat_rows and (x.dim() == 2 or (x.dim() > 2 and self.flatten is not None))
+            if rows and x.numel() == n * self.in_features:
+                return chain.run(x, n)  # the hot path: no view made, one kernel call
         if self.flatten is not None:
             x = x.flatten(self.flatten.start_dim, self.flatten.end_dim)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
