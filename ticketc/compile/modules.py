@@ -205,6 +205,54 @@ class SparseLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, format={self.format}{relu}"
 
 
+class SparseConv1D(SparseLinear):
+    """transformers' Conv1D (GPT-2's attention and MLP projections: y = x @ W + b with W
+    stored [in, out]) with a sparse weight, run as a SparseLinear on W.T. Keeps what code
+    reads from a Conv1D: `weight` [nx, nf] (built on each access), `bias`, `nf` (out
+    features), `nx` (in features)."""
+
+    nf: int
+    nx: int
+
+    @classmethod
+    def from_conv1d(
+        cls, layer: nn.Module, fmt: str, *, device: str | torch.device = "cpu"
+    ) -> SparseConv1D:
+        weight = cast(Tensor, layer.weight).detach().t()  # [out, in]
+        bias = cast(Tensor | None, layer.bias)
+        sparse = cls(weight.shape[1], weight.shape[0], fmt, pack(weight, fmt, device=device), bias)
+        sparse.nf, sparse.nx = sparse.out_features, sparse.in_features
+        return sparse
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight [nx, nf] (in, out), as Conv1D stores it."""
+        return SparseLinear.weight.fget(self).t()  # type: ignore[attr-defined]
+
+    def extra_repr(self) -> str:
+        return f"nf={self.out_features}, nx={self.in_features}, format={self.format}"
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    """Whether `layer` is transformers' Conv1D (weight [in, out], plain forward), found by
+    its class's name and module so that transformers need not be imported."""
+    cls = type(layer)
+    weight = getattr(layer, "weight", None)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers.")
+        and isinstance(weight, Tensor)
+        and weight.dim() == 2
+        and isinstance(getattr(layer, "nf", None), int)
+    )
+
+
+def linear_weight(layer: nn.Module) -> Tensor:
+    """The weight [out, in] of a Linear or a transformers Conv1D (its [in, out] transposed)."""
+    weight = cast(Tensor, layer.weight)
+    return weight.t() if is_conv1d(layer) else weight
+
+
 def _pads(conv: nn.Conv1d | nn.Conv2d) -> tuple[int, int, int, int]:
     """The conv's zero padding as (top, bottom, left, right) of a 2-D conv ('same' may be
     asymmetric, as in torch: the extra pixel goes bottom / right)."""
@@ -475,11 +523,14 @@ def _block_diagonal(weight: Tensor, groups: int) -> Tensor:
 
 
 def replaceable(layer: nn.Module) -> bool:
-    """Whether `layer` is a Linear / Conv1d / Conv2d whose computation is the plain one: its
+    """Whether `layer` is a Linear / Conv1d / Conv2d (or transformers' Conv1D, a Linear with
+    its weight stored transposed) whose computation is the plain one: its
     class (nn.Linear or a subclass such as MultiheadAttention's out_proj) does not override
     forward (a subclass that standardises or pads its weight in forward must keep it)."""
     if isinstance(layer, nn.Linear):
         return type(layer).forward is nn.Linear.forward
+    if is_conv1d(layer):
+        return True
     if isinstance(layer, nn.Conv1d | nn.Conv2d):
         base = nn.Conv1d if isinstance(layer, nn.Conv1d) else nn.Conv2d
         return (
@@ -491,9 +542,12 @@ def replaceable(layer: nn.Module) -> bool:
 
 
 def sparse_module(layer: nn.Module, fmt: str, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The sparse replacement of a Linear / Conv1d / Conv2d in format `fmt`."""
+    """The sparse replacement of a Linear / Conv1d / Conv2d / transformers Conv1D in format
+    `fmt`."""
     if isinstance(layer, nn.Linear):
         return SparseLinear.from_dense(layer.weight, layer.bias, fmt, device=device)
     if isinstance(layer, nn.Conv1d | nn.Conv2d):
         return SparseConv(layer, fmt, device=device)
+    if is_conv1d(layer):
+        return SparseConv1D.from_conv1d(layer, fmt, device=device)
     raise TypeError(f"cannot make {type(layer).__name__} sparse; expected Linear, Conv1d, Conv2d")
