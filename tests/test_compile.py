@@ -3,6 +3,7 @@ sparse data, and survive torch.export save/load and torch.compile."""
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 
@@ -14,6 +15,7 @@ import ticketc.compile as tc
 from ticketc import ops
 from ticketc.compile import (
     CompileConfig,
+    Plan,
     SparseConv,
     SparseLinear,
     export_program,
@@ -349,6 +351,17 @@ def test_batch_one_chain_reads_any_layout_and_sees_replaced_buffers(tmp_path):
         layer.bias.add_(1)  # in place
         model[3].bias.add_(1)
         _close(compiled(x), model(x), torch.float32)
+
+
+def test_the_plan_is_returned_not_written_onto_the_module():
+    model = _sparse_mlp()
+    x = torch.randn(4, 40)
+    config = CompileConfig(dead_units=False, **FAST)
+    compiled, plan = tc.compile_with_plan(model, config, example_input=x)
+    assert not any(isinstance(v, Plan) for m in compiled.modules() for v in vars(m).values())
+    assert plan.layers and plan_of(compiled) is None  # compile_with_plan keeps no table entry
+    again = tc.compile(model, config, example_input=x)
+    assert plan_of(again) == plan and plan_of(copy.deepcopy(again)) is None
 
 
 def test_chain_falls_back_to_the_op_off_its_fast_path(tmp_path):
