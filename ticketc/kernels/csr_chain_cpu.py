@@ -58,10 +58,9 @@ _CROW, _NNZ, _BIAS, _ROWS, _IN, _RELU = range(6)
 
 
 @numba.njit(inline="always", fastmath=_FLAGS)
-def _row_fm(o, a, crow, col, values, c0, n0, m, b, relu):  # type: ignore[no-untyped-def]
-    """o[:] = b + sum over row m's entries j of values[j] * a[col[j], :], then ReLU.
-    a is feature-major [K, w]; o a contiguous row of w."""
-    w = o.shape[0]
+def _row_fm(o, a, crow, col, values, c0, n0, m, b, relu, w):  # type: ignore[no-untyped-def]
+    """o[:w] = b + sum over row m's entries j of values[j] * a[col[j], :w], then ReLU.
+    a is feature-major [K, >= w]; o a contiguous row of >= w."""
     for i in range(w):
         o[i] = b
     j, end = n0 + crow[c0 + m], n0 + crow[c0 + m + 1]
@@ -108,6 +107,16 @@ def _transpose_in(x, lo, hi, a):  # type: ignore[no-untyped-def]
         for f in range(k):
             a[f, c] = r[f]
         i += 1
+
+
+@numba.njit(inline="always")
+def _stride(w):  # type: ignore[no-untyped-def]
+    """Floats per row of a chunk's feature-major activations holding w columns: an odd number
+    of 64-byte lines. A power-of-two row length (128 floats: 512 bytes) maps every row that a
+    transpose or an entry touches to the same few L1 sets (measured: the transposes of a
+    BERT layer's chunks 1.3x faster with rows of 144 floats than 128)."""
+    lines = -(-w // 16)
+    return (lines + 1 - lines % 2) * 16
 
 
 @numba.njit(inline="always")
@@ -160,15 +169,16 @@ def _by_columns(state, slot, x_at, out_at, n, crow, col, values, bias, meta, scr
         lo = c * chunk
         hi = min(n, lo + chunk)
         w = hi - lo
-        a = buf[0, : x.shape[1] * w].reshape(x.shape[1], w)
+        wp = _stride(w)
+        a = buf[0, : x.shape[1] * wp].reshape(x.shape[1], wp)
         _transpose_in(x, lo, hi, a)
         side = 1
         for layer in range(last + 1):
             c0, n0, b0 = meta[layer, _CROW], meta[layer, _NNZ], meta[layer, _BIAS]
             rows, relu = meta[layer, _ROWS], meta[layer, _RELU] != 0
-            d = buf[side, : rows * w].reshape(rows, w)
+            d = buf[side, : rows * wp].reshape(rows, wp)
             for m in range(rows):
-                _row_fm(d[m], a, crow, col, values, c0, n0, m, bias[b0 + m], relu)
+                _row_fm(d[m], a, crow, col, values, c0, n0, m, bias[b0 + m], relu, w)
             a, side = d, 1 - side
         _transpose_out(a, out, lo, hi)
         finish(state, 0)
@@ -365,7 +375,8 @@ class CsrChain:
         if n > 1:
             chunk = min(MAX_COLUMNS, max(MIN_COLUMNS, -(-n // threads)))
             chunk = -(-chunk // 8) * 8
-            scratch = cpu_threads.SCRATCH.get("columns", (threads, 2, self.width * chunk))
+            stride = -(-chunk // 16) | 1  # _stride(chunk) in lines
+            scratch = cpu_threads.SCRATCH.get("columns", (threads, 2, self.width * stride * 16))
             # x (held by the caller) and out outlive the call: their addresses stay valid.
             args = (x.data_ptr(), out.data_ptr(), n, self.crow, self.col, self.values,
                     self.bias, self.meta, scratch, chunk)  # fmt: skip
