@@ -196,7 +196,8 @@ def test_cli_refuses_a_ticketc_compiled_program(tmp_path, capsys):
     import ticketc.compile as tc
 
     x = torch.randn(2, 20)
-    compiled = tc.compile(_mlp(), tc.CompileConfig(check=False, calibrate=False), example_input=x)
+    config = tc.CompileConfig(check=False, calibrate=False)
+    compiled = tc.compile_model(_mlp(), config, example_input=x)
     path = tmp_path / "c.pt2"
     torch.export.save(tc.export_program(compiled, x), str(path))
     assert main(["bench", str(path), "--input-shape", "2,20", "-o", str(tmp_path / "r")]) == 2

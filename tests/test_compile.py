@@ -68,13 +68,13 @@ def conv1d_net() -> nn.Sequential:
 def _forced(model: nn.Module, fmt: str, tmp_path, example: torch.Tensor, **kw) -> nn.Module:
     """Compile with every layer forced to `fmt` through a plan file (the override path)."""
     config = CompileConfig(dead_units=False, **FAST, **kw)
-    plan = plan_of(tc.compile(model, config, example_input=example)).to_json()
+    plan = plan_of(tc.compile_model(model, config, example_input=example)).to_json()
     for layer in plan["layers"]:
         layer["format"] = fmt
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     config = CompileConfig(dead_units=False, plan_path=str(path), **FAST, **kw)
-    return tc.compile(model, config, example_input=example)
+    return tc.compile_model(model, config, example_input=example)
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
@@ -112,7 +112,7 @@ def test_planned_compile_matches_dense_and_leaves_input_alone(batch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(batch, 1, 28, 28)
     config = CompileConfig(check_budget_s=0.05, calibrate=False)
-    compiled = tc.compile(model, config, example_input=x)  # batch size from the example
+    compiled = tc.compile_model(model, config, example_input=x)  # batch size from the example
     with torch.no_grad():
         _close(compiled(x), model(x), torch.float32)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -126,7 +126,7 @@ def test_masks_are_applied_even_when_weights_are_not_zero():
     model = lenet300().eval()
     masks = {n: torch.rand(p.shape) < 0.1 for n, p in model.named_parameters() if p.dim() == 2}
     x = torch.randn(4, 1, 28, 28)
-    compiled = tc.compile(model, CompileConfig(**FAST), masks=masks, example_input=x)
+    compiled = tc.compile_model(model, CompileConfig(**FAST), masks=masks, example_input=x)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in masks:
@@ -191,13 +191,13 @@ def test_compile_model_is_public_beside_the_package():
 
 def test_rejects_what_it_cannot_compile():
     with pytest.raises(TypeError, match="LoadedModel"):
-        tc.compile("model.pt")
+        tc.compile_model("model.pt")
     with pytest.raises(ValueError, match="no parameter"):
-        tc.compile(lenet300(), masks={"nope.weight": torch.ones(3, dtype=torch.bool)})
+        tc.compile_model(lenet300(), masks={"nope.weight": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="example input"):
-        tc.compile(conv_net(), CompileConfig(**FAST))
+        tc.compile_model(conv_net(), CompileConfig(**FAST))
     with pytest.raises(TypeError, match="a tensor, a tuple of positional arguments or a dict"):
-        tc.compile(lenet300(), CompileConfig(**FAST), example_input="x")
+        tc.compile_model(lenet300(), CompileConfig(**FAST), example_input="x")
 
 
 def test_eager_cpu_fast_path_matches_the_op():
@@ -253,7 +253,7 @@ def test_relu_is_not_fused_into_dense_layers_or_across_other_modules(tmp_path):
     x = torch.randn(64, 30)
     compiled = _forced(model, "csr", tmp_path, x)
     assert list(compiled._modules) == ["0", "1", "2", "3"] and not compiled[0].relu
-    dense = tc.compile(model, CompileConfig(formats=(), **FAST), example_input=x)
+    dense = tc.compile_model(model, CompileConfig(formats=(), **FAST), example_input=x)
     assert isinstance(dense.get_submodule("2"), nn.ReLU)
     with torch.no_grad():
         _close(compiled(x), model(x), torch.float32)
@@ -361,7 +361,7 @@ def test_the_plan_is_returned_not_written_onto_the_module():
     compiled, plan = tc.compile_with_plan(model, config, example_input=x)
     assert not any(isinstance(v, Plan) for m in compiled.modules() for v in vars(m).values())
     assert plan.layers and plan_of(compiled) is None  # compile_with_plan keeps no table entry
-    again = tc.compile(model, config, example_input=x)
+    again = tc.compile_model(model, config, example_input=x)
     assert plan_of(again) == plan and plan_of(copy.deepcopy(again)) is None
 
 
@@ -376,5 +376,5 @@ def test_chain_falls_back_to_the_op_off_its_fast_path(tmp_path):
 def test_an_all_dense_plan_runs_the_dense_models_modules():
     model = _prune(nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 10), nn.Linear(10, 4)), 0.3)
     x = torch.randn(64, 30)
-    dense = tc.compile(model, CompileConfig(formats=(), **FAST), example_input=x)
+    dense = tc.compile_model(model, CompileConfig(formats=(), **FAST), example_input=x)
     assert type(dense) is nn.Sequential and [type(m) for m in dense] == [nn.Linear] * 3

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ticketc.compile import eliminate_dead_units
+from ticketc.transforms import eliminate_dead_units
 
 
 def _check_same(old: nn.Module, new: nn.Module, x: torch.Tensor) -> None:

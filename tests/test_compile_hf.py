@@ -55,13 +55,13 @@ def test_gpt2_conv1d_layers_run_sparse_and_read_like_conv1d(tmp_path):
     )
     example = {"input_ids": ids}
     fast = {"check": False, "calibrate": False, "dead_units": False}
-    plan = plan_of(tc.compile(model, CompileConfig(**fast), example_input=example)).to_json()
+    plan = plan_of(tc.compile_model(model, CompileConfig(**fast), example_input=example)).to_json()
     assert set(conv1d) <= {lp["name"] for lp in plan["layers"]}  # planned like any layer
     for lp in plan["layers"]:
         lp["format"] = "csr" if lp["name"] in conv1d else "dense"
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     config = CompileConfig(plan_path=str(tmp_path / "plan.json"), **fast)
-    compiled = tc.compile(model, config, example_input=example)
+    compiled = tc.compile_model(model, config, example_input=example)
     for name, dense in conv1d.items():
         sparse = compiled.get_submodule(name)
         assert type(sparse) is SparseConv1D

@@ -40,13 +40,13 @@ def _all_csr(model: nn.Module, example, tmp_path, **kw) -> nn.Module:
     """Compile with every layer planned csr (through a plan file), so that every kind of
     layer runs sparse whatever the cost model says."""
     base = CompileConfig(dead_units=False, **FAST)
-    plan = plan_of(tc.compile(model, base, example_input=example)).to_json()
+    plan = plan_of(tc.compile_model(model, base, example_input=example)).to_json()
     for layer in plan["layers"]:
         layer["format"] = "csr"
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     config = CompileConfig(dead_units=False, plan_path=str(path), **{**FAST, **kw})
-    return tc.compile(model, config, example_input=example)
+    return tc.compile_model(model, config, example_input=example)
 
 
 def _same(model: nn.Module, compiled: nn.Module, example, rtol: float = 1e-5) -> None:
@@ -106,7 +106,7 @@ def test_layers_whose_class_overrides_forward_stay_dense(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     compiled = _all_csr(model, x, tmp_path)
     assert type(compiled[0]) is _StandardizedConv and isinstance(compiled[2], SparseConv)
-    plan = plan_of(tc.compile(model, CompileConfig(**FAST), example_input=x))
+    plan = plan_of(tc.compile_model(model, CompileConfig(**FAST), example_input=x))
     assert plan.layers[0].reason == OVERRIDES_FORWARD
     _same(model.eval(), compiled, x)
 
@@ -137,7 +137,7 @@ def test_cnn_blocks_compile_to_the_masked_outputs(tmp_path, make, shape):
     _same(model, compiled, x)
     for batch in (1, 3):  # other batch sizes than planned
         _same(model, compiled, torch.randn(batch, *shape[1:]))
-    planned = tc.compile(model, CompileConfig(**CHECK), example_input=x)
+    planned = tc.compile_model(model, CompileConfig(**CHECK), example_input=x)
     _same(model, planned, x)
     assert plan_of(planned).check["max_rel_error"] < 1e-5
 
@@ -149,7 +149,7 @@ def test_token_ids_and_dict_outputs(tmp_path):
     compiled = _all_csr(model, example, tmp_path)
     assert sum(isinstance(m, SparseLinear) for m in compiled.modules()) == 13
     _same(model, compiled, example)
-    planned = tc.compile(model, CompileConfig(**CHECK), example_input=example)
+    planned = tc.compile_model(model, CompileConfig(**CHECK), example_input=example)
     assert plan_of(planned).check["batch_size"] == 3
     _same(model, planned, example)
 
@@ -262,7 +262,7 @@ def test_the_check_sends_slow_layers_back_to_dense(monkeypatch):
     _planner_says_csr(monkeypatch)
     _slow_sparse(monkeypatch)
     config = CompileConfig(dead_units=False, check=True, **CHECK)
-    compiled = tc.compile(model, config, example_input=x)  # planned all sparse ...
+    compiled = tc.compile_model(model, config, example_input=x)  # planned all sparse ...
     checked = plan_of(compiled)
     assert not checked.sparse_layers  # ... measured: all back to dense
     assert not any(isinstance(m, SparseLinear) for m in compiled.modules())
@@ -290,7 +290,7 @@ def test_a_narrow_win_is_measured_again_and_the_lower_gain_counts(monkeypatch, g
 
     monkeypatch.setattr(tc.check, "_time", timed)
     config = CompileConfig(dead_units=False, check=True, **CHECK)
-    checked = plan_of(tc.compile(model, config, example_input=x))
+    checked = plan_of(tc.compile_model(model, config, example_input=x))
     assert {"remeasured_speedup": gains[1]} in checked.check["history"]
     assert bool(checked.sparse_layers) is kept
     if kept:
@@ -325,7 +325,7 @@ def test_the_check_keeps_the_faster_of_the_tuned_and_untuned_plans(monkeypatch):
 
     monkeypatch.setattr(sys.modules["ticketc.compile.lower"], "check_speed", spy)
     config = CompileConfig(tune=True, tune_budget_s=0.01, tune_reps=3, **CHECK)
-    compiled = tc.compile(model, config, example_input=x)
+    compiled = tc.compile_model(model, config, example_input=x)
     model_name = f"cpu{torch.get_num_threads()}-reference"
     assert calls == [[f"{model_name}+tuned", model_name]]
     history = plan_of(compiled).check["history"]

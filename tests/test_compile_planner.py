@@ -134,12 +134,12 @@ def test_parse_format_names_the_known_ones():
 def test_plan_override_is_honoured(tmp_path):
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
     config = CompileConfig(dead_units=False, **FAST)
-    plan = plan_of(tc.compile(model, config)).to_json()
+    plan = plan_of(tc.compile_model(model, config)).to_json()
     plan["layers"][0]["format"] = "bsr(16)"
     plan["layers"][1]["format"] = "dense"
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
-    compiled = tc.compile(model, CompileConfig(dead_units=False, plan_path=str(path), **FAST))
+    compiled = tc.compile_model(model, CompileConfig(dead_units=False, plan_path=str(path), **FAST))
     first, last = compiled.get_submodule("0"), compiled.get_submodule("2")
     assert isinstance(first, SparseLinear) and first.format == "bsr(16)"
     assert isinstance(last, nn.Linear)
@@ -159,12 +159,12 @@ def test_plan_override_is_honoured(tmp_path):
 )
 def test_bad_plan_files_are_user_errors(tmp_path, edit, message):
     model = nn.Sequential(nn.Linear(8, 4))
-    plan = plan_of(tc.compile(model, CompileConfig(**FAST))).to_json()
+    plan = plan_of(tc.compile_model(model, CompileConfig(**FAST))).to_json()
     edit(plan)
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     with pytest.raises(UserError, match=message):
-        tc.compile(model, CompileConfig(plan_path=str(path), **FAST))
+        tc.compile_model(model, CompileConfig(plan_path=str(path), **FAST))
 
 
 def test_tune_measures_every_candidate_and_keeps_the_fastest():
@@ -181,7 +181,7 @@ def test_tune_measures_every_candidate_and_keeps_the_fastest():
 def test_filter_fn_keeps_layers_dense():
     model = _layer(1024, 1024, 0.01)
     config = CompileConfig(batch_size=64, filter_fn=lambda m, fqn: fqn != "0", **FAST)
-    compiled = tc.compile(model, config)
+    compiled = tc.compile_model(model, config)
     assert isinstance(compiled[0], nn.Linear)
     assert plan_of(compiled).layers[0].reason == "kept dense by filter_fn"
 

@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it, imported on first access
 _LAZY = {
-    "compile_model": "ticketc.compile",  # ticketc.compile.compile (ticketc.compile: the package)
+    "compile_model": "ticketc.compile",
     "load_model": "ticketc.load",
     "export_model": "ticketc.export",
     "ExportConfig": "ticketc.export",
@@ -38,7 +38,7 @@ _LAZY = {
     "verify_onnx": "ticketc.verify",  # ticketc.verify.verify (ticketc.verify is the module)
     "Verification": "ticketc.verify",
 }
-_RENAMED = {"verify_onnx": "verify", "compile_model": "compile"}
+_RENAMED = {"verify_onnx": "verify"}
 
 __all__ = ["UserError", "__version__", *_LAZY]
 

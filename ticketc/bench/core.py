@@ -27,6 +27,8 @@ from ticketc.bench import runtimes as rt
 from ticketc.compile.inputs import Inputs, output_error
 from ticketc.compile.measure import TimingConfig, environment, speedup, time_interleaved
 from ticketc.export.trace import quiet
+from ticketc.masks import apply_masks_
+from ticketc.transforms.layers import SPARSE_LAYERS
 
 TOLERANCE = 1e-4  # max relative error of a runtime's outputs against torch dense (fp32)
 
@@ -127,13 +129,12 @@ def _bench(
     log: Callable[[str], None],
     threads: int,
 ) -> BenchResult:
-    import ticketc.compile as tc
 
     started = time.perf_counter()
     device = torch.device(config.device)
     dense = copy.deepcopy(model).eval()
     if masks:
-        tc.apply_masks_(dense, masks)
+        apply_masks_(dense, masks)
     dense = dense.to(device)
     cells: list[Cell] = []
     sync = torch.cuda.synchronize if device.type == "cuda" else None
@@ -252,16 +253,15 @@ def _compiled(
 ) -> rt.Prepared:
     import ticketc.compile as tc
     from ticketc.compile import CompileConfig
-    from ticketc.compile.planner import LAYERS
 
-    if not any(isinstance(m, LAYERS) for m in dense.modules()):
+    if not any(isinstance(m, SPARSE_LAYERS) for m in dense.modules()):
         raise rt.NotRunnable(
             "no nn.Linear / nn.Conv module to compile (a torch.export program is already "
             "lowered: bench the model it was exported from)"
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = tc.compile(
+        compiled = tc.compile_model(
             dense, CompileConfig(device=config.device, batch_size=batch), example_input=inputs
         )
     box.append(compiled)
@@ -312,11 +312,8 @@ def _like(reference: Any, flat: list[Tensor]) -> Any:
 # --------------------------------------------------------------------------- sizes
 
 
-PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
 def _density(model: nn.Module) -> float:
-    weights = [m.weight for m in model.modules() if isinstance(m, PRUNABLE)]
+    weights = [m.weight for m in model.modules() if isinstance(m, SPARSE_LAYERS)]
     total = sum(w.numel() for w in weights)
     return sum(int((w != 0).sum()) for w in weights) / total if total else 1.0
 
@@ -328,7 +325,7 @@ def entropy_bound_bytes(model: nn.Module, value_bits: int) -> int:
     the conv before it), so only the weights have a bound every export must respect."""
     bits = 0.0
     for m in model.modules():
-        if isinstance(m, PRUNABLE):
+        if isinstance(m, SPARSE_LAYERS):
             w = m.weight
             n, nnz = w.numel(), int((w != 0).sum())
             d = nnz / n if n else 0.0

@@ -67,8 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ticketc.compile import compile as compile_model
-    from ticketc.compile import export_program, save_compiled
+    from ticketc.compile import compile_model, export_program, save_compiled
     from ticketc.compile.lower import plan_of
 
     config = build_config(

@@ -1,25 +1,16 @@
 """Compile masked models to sparse modules run by ticketc's kernels.
 
-    compiled = ticketc.compile(model, CompileConfig(device="cpu", batch_size=64))
-
-`ticketc.compile` is this package and is also callable (it forwards to `compile`), so both
-`ticketc.compile(model)` and `from ticketc.compile import compile` work.
+    compiled = ticketc.compile_model(model, ticketc.CompileConfig(device="cpu", batch_size=64))
 """
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import Any
-
 from ticketc.compile.config import CompileConfig
-from ticketc.compile.dead_units import DeadUnitReport, LayerUnits, eliminate_dead_units
 from ticketc.compile.inputs import Inputs
 from ticketc.compile.lower import (
-    apply_masks_,
     apply_plan,
     chain_csr,
-    compile,
+    compile_model,
     compile_with_plan,
     fuse_relu_,
     plan_of,
@@ -33,19 +24,15 @@ __all__ = [
     "ChainPlan",
     "CompileConfig",
     "CsrSequential",
-    "DeadUnitReport",
     "Inputs",
     "LayerPlan",
-    "LayerUnits",
     "Plan",
     "SparseConv",
     "SparseLinear",
-    "apply_masks_",
     "apply_plan",
     "chain_csr",
-    "compile",
+    "compile_model",
     "compile_with_plan",
-    "eliminate_dead_units",
     "export_program",
     "fuse_relu_",
     "load_program",
@@ -58,13 +45,3 @@ __all__ = [
     "sparse_module",
 ]
 
-
-class _CallableModule(types.ModuleType):
-    # `import ticketc.compile` binds the package to the attribute `ticketc.compile`, which
-    # would hide a function of that name: making the package callable keeps
-    # `ticketc.compile(model, config)` working whichever import happened first.
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return compile(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -13,20 +13,20 @@ from torch import Tensor, nn
 
 from ticketc.compile.check import check_speed
 from ticketc.compile.config import CompileConfig
-from ticketc.compile.dead_units import eliminate_dead_units
 from ticketc.compile.inputs import Example, Inputs
 from ticketc.compile.modules import CsrSequential, SparseConv, SparseLinear, is_csr_linear
 from ticketc.compile.modules import sparse_module as _sparse_module
 from ticketc.compile.plan import Plan
 from ticketc.compile.planner import make_plan
-from ticketc.masks import copy_pruned, strip_pruning_
+from ticketc.masks import apply_masks_, copy_pruned, strip_pruning_
+from ticketc.transforms.dead_units import eliminate_dead_units
 
-# The plan each module returned by `compile` was made with, for `plan_of`: a side table, so
+# The plan each module returned by `compile_model` was made with, for `plan_of`: a side table, so
 # that nothing is written onto the module (weak keys: it holds no module alive).
 _PLANS: weakref.WeakKeyDictionary[nn.Module, Plan] = weakref.WeakKeyDictionary()
 
 
-def compile(
+def compile_model(
     model: Any,
     config: CompileConfig | None = None,
     *,
@@ -166,24 +166,9 @@ def chain_csr(model: nn.Module) -> nn.Module:
 
 
 def plan_of(model: nn.Module) -> Plan | None:
-    """The plan a module returned by `compile` was made with, or None (another module, or a
+    """The plan a module returned by `compile_model` was made with, or None (another module, or a
     copy of one: a copy is a new module; a saved .pt2 carries its plan, see read_plan)."""
     return _PLANS.get(model)
-
-
-def apply_masks_(model: nn.Module, masks: dict[str, Tensor]) -> None:
-    """Multiply each named weight by its mask, in place."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, mask in masks.items():
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"mask {name!r} names no parameter of the model")
-            if tuple(mask.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"mask {name!r} has shape {tuple(mask.shape)}, weight {tuple(param.shape)}"
-                )
-            param.mul_(mask.to(device=param.device, dtype=torch.bool))
 
 
 def _unpack(

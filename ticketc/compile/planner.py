@@ -23,11 +23,10 @@ from ticketc.compile.inputs import Inputs
 from ticketc.compile.measure import TimingConfig, time_interleaved
 from ticketc.compile.modules import _pads, is_conv1d, linear_weight, replaceable, sparse_module
 from ticketc.compile.plan import ChainPlan, LayerPlan, Plan, apply_overrides, read_plan
+from ticketc.transforms.layers import SPARSE_LAYERS, SparseLayer
 
-LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 FILTERED = "kept dense by filter_fn"
 OVERRIDES_FORWARD = "kept dense: its class overrides forward"
-Layer = nn.Linear | nn.Conv1d | nn.Conv2d
 
 
 def make_plan(
@@ -47,7 +46,7 @@ def make_plan(
     layers: list[LayerPlan] = []
     gemms: dict[str, Gemm] = {}
     for name, layer in model.named_modules():
-        if not isinstance(layer, LAYERS) and not is_conv1d(layer):
+        if not isinstance(layer, SPARSE_LAYERS) and not is_conv1d(layer):
             continue
         g = layer_gemm(layer, shapes.get(name), batch, itemsize)
         predicted = {f: costs.predict(f, g) for f in costs.candidates(g, config.formats)}
@@ -216,7 +215,9 @@ def _choose(lp: LayerPlan, min_speedup: float) -> LayerPlan:
     )
 
 
-def _tune(lp: LayerPlan, layer: Layer, shapes: tuple | None, config: CompileConfig) -> LayerPlan:
+def _tune(
+    lp: LayerPlan, layer: SparseLayer, shapes: tuple | None, config: CompileConfig
+) -> LayerPlan:
     """Time every candidate format of one layer on its input at the planned batch size."""
     device, dtype = torch.device(config.device), config.torch_dtype
     x = torch.randn(_batched(shapes, layer, config.batch_size or 1), device=device, dtype=dtype)
@@ -313,7 +314,7 @@ def trace_shapes(model: nn.Module, inputs: Inputs | None) -> dict[str, tuple]:
     shapes: dict[str, tuple] = {}
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, LAYERS):
+        if isinstance(m, SPARSE_LAYERS):
 
             def hook(mod: nn.Module, args: tuple, out: Tensor, name: str = name) -> None:
                 shapes.setdefault(name, (tuple(args[0].shape), tuple(out.shape)))
@@ -335,7 +336,7 @@ def trace_shapes(model: nn.Module, inputs: Inputs | None) -> dict[str, tuple]:
     return shapes
 
 
-def layer_gemm(layer: Layer, shapes: tuple | None, batch_size: int, itemsize: int) -> Gemm:
+def layer_gemm(layer: SparseLayer, shapes: tuple | None, batch_size: int, itemsize: int) -> Gemm:
     """The layer's work at `batch_size` samples, from its traced shapes."""
     if isinstance(layer, nn.Linear) or is_conv1d(layer):
         keep = linear_weight(layer).detach() != 0
@@ -385,7 +386,7 @@ def conv_shape(conv: nn.Conv1d | nn.Conv2d, input_shape: tuple[int, ...]) -> Con
     )
 
 
-def _batched(shapes: tuple | None, layer: Layer, batch_size: int) -> tuple[int, ...]:
+def _batched(shapes: tuple | None, layer: SparseLayer, batch_size: int) -> tuple[int, ...]:
     """The layer's traced input shape at the planned batch size."""
     if shapes is None:
         return (batch_size, linear_weight(layer).shape[1])

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from ticketc.atomic import atomic_path
 from ticketc.compile.inputs import Example, Inputs
-from ticketc.compile.lower import plan_of
 from ticketc.compile.plan import ARCHIVE_NAME, Plan
 
 
@@ -121,9 +120,3 @@ def load_program(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
     run it. Loading a .pt2 may unpickle code: load only files you trust."""
     return torch.export.load(path)
 
-
-def compiled_plan(model: nn.Module) -> Plan:
-    plan = plan_of(model)
-    if plan is None:
-        raise ValueError("model was not produced by ticketc.compile (it carries no plan)")
-    return plan

@@ -302,7 +302,7 @@ def _marked_sources(
 
 
 def _without_dead_units(model: nn.Module) -> tuple[nn.Module, str]:
-    from ticketc.compile.dead_units import eliminate_dead_units
+    from ticketc.transforms import eliminate_dead_units
 
     smaller, report = eliminate_dead_units(model)
     if not report.applied:
