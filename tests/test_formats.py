@@ -1,7 +1,8 @@
-"""Round trips and invariants of the sparse formats (CSR, BSR, Compact) and their registry."""
+"""Round trips and invariants of the sparse formats (CSR, BSR, tiled, Compact)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,12 +14,11 @@ from hypothesis import strategies as st
 from ticketc.formats import (
     BSR,
     CSR,
-    FORMATS,
     POSITIONS_KINDS,
     VALUES_KINDS,
     Compact,
+    Tiled,
     block_occupancy,
-    get_format,
     mask_entropy_bits,
 )
 from ticketc.formats.compact import check_decoded
@@ -56,14 +56,6 @@ def _bytes(*arrays: np.ndarray | torch.Tensor | None) -> int:
     return total
 
 
-# --------------------------------------------------------------------------- registry
-def test_registry_lists_every_format_and_rejects_unknown_names():
-    assert {"csr": CSR, "bsr": BSR, "compact": Compact} == FORMATS
-    assert get_format("bsr") is BSR
-    with pytest.raises(ValueError, match="'coo'.*bsr, compact, csr"):
-        get_format("coo")
-
-
 # --------------------------------------------------------------------------- CSR
 @FAST
 @given(masked_weights(), st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
@@ -75,7 +67,7 @@ def test_csr_round_trip(dense, dtype):
     assert csr.to_dense().dtype == dtype
     assert csr.nnz == int(dense.count_nonzero())
     assert csr.values.dtype == dtype
-    assert csr.nbytes == _bytes(csr.crow_indices, csr.col_indices, csr.values)
+    assert csr.nbytes == _bytes(csr.crow_indices, csr.col_indices, csr.values, csr.row_order)
     if csr.nnz and dense.dim() == 2:
         assert torch.equal(csr.to_torch().to_dense(), dense)
 
@@ -169,6 +161,45 @@ def test_bsr_check_rejects_nonzeros_in_padding():
     values[-1, 1, 1] = 5.0  # row 3 / col 3 lie outside the 3x3 shape
     with pytest.raises(ValueError, match="padding"):
         BSR(bsr.shape, 2, bsr.crow_indices, bsr.col_indices, values).check()
+
+
+# --------------------------------------------------------------------------- tiled
+@FAST
+@given(masked_weights(), st.sampled_from([16, 32, 64]))
+def test_tiled_round_trip(dense, tile_m):
+    tiled = Tiled.from_dense(dense, tile_m=tile_m)
+    tiled.check()
+    assert torch.equal(tiled.to_dense(), dense)
+    assert tiled.nnz == int(dense.count_nonzero())
+    assert tiled.bitmaps.shape == (tiled.tile_col.numel(), tile_m)
+    assert tiled.nbytes == _bytes(*tiled.buffers().values())
+
+
+@pytest.mark.parametrize(
+    ("field", "change", "message"),
+    [
+        ("tile_offsets", lambda t: t + 1, "tile_offsets"),
+        ("row_offsets", lambda t: t.flip(1), "row_offsets"),
+        ("tile_col", lambda t: t + 5, "out of range"),
+        ("values", lambda t: t[:-1], "bitmaps mark"),
+    ],
+)
+def test_tiled_check_names_the_broken_invariant(field, change, message):
+    tiled = Tiled.from_dense(torch.randn(20, 70) * (torch.rand(20, 70) < 0.5), tile_m=16)
+    broken = dataclasses.replace(tiled, **{field: change(getattr(tiled, field))})
+    with pytest.raises(ValueError, match=message):
+        broken.check()
+
+
+def test_inspect_counts_the_bytes_the_cpu_runtime_stores():
+    from ticketc.compile.modules import SparseLinear
+    from ticketc.inspect import layer_stats
+
+    w = torch.randn(30, 200) * (torch.rand(30, 200) < 0.1)
+    layer = SparseLinear.from_dense(w, None, "csr", device="cpu")
+    stored = sum(t.numel() * t.element_size() for t in layer.buffers())
+    assert layer.col_indices.dtype == torch.int32
+    assert layer_stats("w", w).csr_bytes == stored
 
 
 # --------------------------------------------------------------------------- Compact

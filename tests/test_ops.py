@@ -1,4 +1,4 @@
-"""Packers, pure-torch references and the torch.ops.ticketc custom ops on CPU."""
+"""The formats as the ops take them, pure-torch references and the custom ops on CPU."""
 
 import pytest
 import torch
@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ticketc import ops
+from ticketc.formats import BSR, CSR, Tiled
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -38,17 +39,17 @@ def assert_matches(y, ref, dtype):
 
 
 def csr_args(w, x, bias, **kw):
-    p = ops.pack_csr(w, **kw)
+    p = CSR.from_dense(w, **kw).buffers()
     return (x, p["crow_indices"], p["col_indices"], p["values"], p["row_order"], bias)
 
 
 def bsr_args(w, x, bias, blocksize):
-    p = ops.pack_bsr(w, blocksize)
+    p = BSR.from_dense(w, blocksize).buffers()
     return (x, p["crow_indices"], p["col_indices"], p["values"], bias, w.shape[0])
 
 
 def tiled_args(w, x, bias, tile_m=32):
-    p = ops.pack_tiled(w, tile_m=tile_m)
+    p = Tiled.from_dense(w, tile_m=tile_m).buffers()
     return (x, *(p[key] for key in TILED_KEYS), bias, w.shape[0])
 
 
@@ -59,8 +60,8 @@ def tiled_args(w, x, bias, tile_m=32):
 @pytest.mark.parametrize("shape", [(1, 9), (9, 1), (37, 70)])
 def test_pack_csr_round_trips_and_sorts_rows(shape, density):
     w = masked_weight(*shape, density)
-    p = ops.pack_csr(w)
-    assert torch.equal(ops.unpack_csr(p, shape), w)
+    p = CSR.from_dense(w).buffers()
+    assert torch.equal(CSR.from_buffers(shape, p).to_dense(), w)
     assert p["crow_indices"].dtype == torch.int32 and p["row_order"].dtype == torch.int32
     assert p["col_indices"].dtype == torch.int16
     lengths = (p["crow_indices"][1:] - p["crow_indices"][:-1])[p["row_order"].long()]
@@ -70,12 +71,12 @@ def test_pack_csr_round_trips_and_sorts_rows(shape, density):
 
 
 def test_pack_csr_index_dtype_follows_k():
-    assert ops.pack_csr(torch.ones(2, 32768))["col_indices"].dtype == torch.int16
+    assert CSR.from_dense(torch.ones(2, 32768)).col_indices.dtype == torch.int16
     wide = torch.zeros(1, 32769)
     wide[0, -1] = 1.0
-    p = ops.pack_csr(wide)
+    p = CSR.from_dense(wide).buffers()
     assert p["col_indices"].dtype == torch.int32 and p["col_indices"].item() == 32768
-    assert ops.pack_csr(torch.ones(2, 3), index_dtype=torch.int32)["col_indices"].dtype == (
+    assert CSR.from_dense(torch.ones(2, 3), index_dtype=torch.int32).col_indices.dtype == (
         torch.int32
     )
 
@@ -84,20 +85,20 @@ def test_pack_keeps_explicit_zeros_under_a_mask_and_flattens_conv_weights():
     w = torch.zeros(4, 2, 3, 3)
     mask = torch.zeros(4, 2, 3, 3, dtype=torch.bool)
     mask[1, 0, 0, 0] = mask[3, 1, 2, 2] = True
-    p = ops.pack_csr(w, mask=mask)
+    p = CSR.from_dense(w, mask=mask).buffers()
     assert p["values"].numel() == 2
     assert p["crow_indices"].tolist() == [0, 0, 1, 1, 2]
     assert p["col_indices"].tolist() == [0, 17]
-    assert ops.pack_tiled(w, mask=mask)["values"].numel() == 2
-    assert ops.pack_bsr(w, 2, mask=mask)["col_indices"].numel() == 2
+    assert Tiled.from_dense(w, mask=mask).values.numel() == 2
+    assert BSR.from_dense(w, 2, mask=mask).col_indices.numel() == 2
 
 
 @pytest.mark.parametrize("blocksize", [1, 3, 16])
 @pytest.mark.parametrize("density", [0.0, 0.05, 1.0])
 def test_pack_bsr_round_trips(blocksize, density):
     w = masked_weight(37, 70, density)
-    p = ops.pack_bsr(w, blocksize)
-    assert torch.equal(ops.unpack_bsr(p, w.shape), w)
+    p = BSR.from_dense(w, blocksize).buffers()
+    assert torch.equal(BSR.from_buffers(w.shape, p).to_dense(), w)
     assert p["values"].shape[1:] == (blocksize, blocksize)
     mb = -(-37 // blocksize)
     assert p["crow_indices"].numel() == mb + 1
@@ -109,8 +110,8 @@ def test_pack_bsr_round_trips(blocksize, density):
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
 def test_pack_tiled_round_trips_and_offsets_locate_rows(tile_m, density):
     w = masked_weight(70, 100, density)
-    p = ops.pack_tiled(w, tile_m=tile_m)
-    assert torch.equal(ops.unpack_tiled(p, w.shape), w)
+    p = Tiled.from_dense(w, tile_m=tile_m).buffers()
+    assert torch.equal(Tiled.from_buffers(w.shape, p).to_dense(), w)
     assert p["bitmaps"].shape == p["row_offsets"].shape == (p["tile_col"].numel(), tile_m)
     # Decode every tile row through the offsets, as the kernel does, and compare.
     rows = torch.repeat_interleave(
@@ -136,26 +137,25 @@ def test_pack_tiled_round_trips_and_offsets_locate_rows(tile_m, density):
 )
 def test_all_formats_round_trip(m, k, density, seed):
     w = masked_weight(m, k, density, seed)
-    assert torch.equal(ops.unpack_csr(ops.pack_csr(w), (m, k)), w)
-    assert torch.equal(ops.unpack_bsr(ops.pack_bsr(w, 16), (m, k)), w)
-    assert torch.equal(ops.unpack_tiled(ops.pack_tiled(w, tile_m=16), (m, k)), w)
+    for stored in (CSR.from_dense(w), BSR.from_dense(w, 16), Tiled.from_dense(w, tile_m=16)):
+        assert torch.equal(type(stored).from_buffers((m, k), stored.buffers()).to_dense(), w)
 
 
 def test_packers_reject_bad_input():
-    with pytest.raises(ValueError, match="2-D"):
-        ops.pack_csr(torch.ones(5))
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        CSR.from_dense(torch.ones(()))
     with pytest.raises(TypeError, match="floating point"):
-        ops.pack_csr(torch.ones(2, 2, dtype=torch.int64))
+        CSR.from_dense(torch.ones(2, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="index_dtype"):
-        ops.pack_csr(torch.ones(2, 2), index_dtype=torch.int8)
+        CSR.from_dense(torch.ones(2, 2), index_dtype=torch.int8)
     with pytest.raises(ValueError, match="K = 40000"):
-        ops.pack_csr(torch.ones(1, 40000), index_dtype=torch.int16)
+        CSR.from_dense(torch.ones(1, 40000), index_dtype=torch.int16)
     with pytest.raises(ValueError, match="mask shape"):
-        ops.pack_csr(torch.ones(2, 2), mask=torch.ones(2, 3, dtype=torch.bool))
+        CSR.from_dense(torch.ones(2, 2), mask=torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="blocksize"):
-        ops.pack_bsr(torch.ones(2, 2), 0)
+        BSR.from_dense(torch.ones(2, 2), 0)
     with pytest.raises(ValueError, match="tile_m"):
-        ops.pack_tiled(torch.ones(2, 2), tile_m=8)
+        Tiled.from_dense(torch.ones(2, 2), tile_m=8)
 
 
 # ---------------------------------------------------------------------------- references
@@ -225,7 +225,7 @@ def test_cpu_csr_refuses_an_input_narrower_than_the_weight(n):
 def chain_args(widths, density, x, relus, seed=0):
     layers = [masked_weight(m, k, density, seed=seed + i) for i, (k, m) in
               enumerate(zip(widths, widths[1:], strict=False))]  # fmt: skip
-    packed = [ops.pack_csr(w) for w in layers]
+    packed = [CSR.from_dense(w).buffers() for w in layers]
     biases = [rand(w.shape[0], seed=seed + 10 + i) if i % 2 == 0 else None
               for i, w in enumerate(layers)]  # fmt: skip
     args = (x, [p["crow_indices"] for p in packed], [p["col_indices"] for p in packed],
@@ -263,7 +263,7 @@ def test_csr_chain_op_rejects_mismatched_lists():
 def conv_args(x, weight_shape, density, stride, padding, dilation, groups, relu, bias=True):
     w = masked_weight(weight_shape[0], int(torch.Size(weight_shape[1:]).numel()), density)
     w = w.reshape(weight_shape)
-    p = ops.pack_csr(w)
+    p = CSR.from_dense(w).buffers()
     b = rand(weight_shape[0], seed=3) if bias else None
     args = (x, p["crow_indices"], p["col_indices"], p["values"], b, list(weight_shape),
             list(stride), list(padding), list(dilation), groups, relu)  # fmt: skip
@@ -364,7 +364,7 @@ def test_opcheck(op, n):
 class _SparseLinear(torch.nn.Module):
     def __init__(self, w, bias):
         super().__init__()
-        for name, t in ops.pack_csr(w).items():
+        for name, t in CSR.from_dense(w).buffers().items():
             self.register_buffer(name, t)
         self.register_buffer("bias", bias)
 

@@ -1,25 +1,9 @@
-"""Sparse linear ops: packers, pure-torch references and `torch.ops.ticketc.*` custom ops.
+"""Sparse linear ops: pure-torch references and `torch.ops.ticketc.*` custom ops.
 
-Interface (stable; ticketc.compile stores these buffers and calls these ops)::
-
-    pack_csr(weight, *, mask=None, index_dtype=None) -> dict[str, Tensor]
-        W [M, K] (conv weights may be passed as [out, in, kh, kw]: flattened to [out, in*kh*kw])
-        {"crow_indices": int32 [M+1],
-         "col_indices":  int16 [nnz] if K <= 32768 else int32 (or `index_dtype`),
-         "values":       [nnz] in weight.dtype,
-         "row_order":    int32 [M], rows sorted by nnz, longest first (stable)}
-    pack_bsr(weight, blocksize, *, mask=None) -> dict[str, Tensor]
-        {"crow_indices": int32 [ceil(M/b)+1], "col_indices": int32 [nblocks],
-         "values": [nblocks, b, b]}; edge blocks are zero-padded, the ops crop them.
-    pack_tiled(weight, *, mask=None, tile_m=32) -> dict[str, Tensor]
-        Bitmap tiles of tile_m x 32 (the Flash-LLM / SpInfer idea: only nonzeros and one bit
-        per weight are stored, tiles are decoded in registers and fed to tensor cores):
-        {"tile_crow":    int32 [ceil(M/tile_m)+1]  nonempty tiles of each tile row,
-         "tile_col":     int32 [ntiles]            tile column (units of 32 input features),
-         "tile_offsets": int32 [ntiles]            start of the tile's values in `values`,
-         "row_offsets":  int16 [ntiles, tile_m]    start of each tile row's values in its tile,
-         "bitmaps":      int32 [ntiles, tile_m]    bit j of row i set <=> W[i, 32*col + j] kept,
-         "values":       [nnz] tile by tile, row-major inside a tile}
+Interface (stable; ticketc.compile stores these buffers and calls these ops). The weight
+arguments are the arrays of one format of ticketc.formats, in its `BUFFERS` order:
+`CSR.from_dense(w).buffers()`, `BSR.from_dense(w, b).buffers()`,
+`Tiled.from_dense(w).buffers()` (dtypes and shapes in those files)::
 
     torch.ops.ticketc.csr_linear(x, crow_indices, col_indices, values, row_order, bias) -> y
     torch.ops.ticketc.bsr_linear(x, crow_indices, col_indices, values, bias, out_features) -> y
@@ -33,7 +17,7 @@ Interface (stable; ticketc.compile stores these buffers and calls these ops)::
     torch.ops.ticketc.csr_conv2d(x, crow_indices, col_indices, values, bias, weight_shape,
                                  stride, padding, dilation, groups, relu) -> y
         Conv2d of x [N, C, H, W] with the weight weight_shape = [M, C/groups, kh, kw] stored as
-        CSR over its rows flattened to [M, C/groups*kh*kw] (pack_csr of the conv weight);
+        CSR over its rows flattened to [M, C/groups*kh*kw] (CSR.from_dense of the conv weight);
         padding [top, bottom, left, right] (zeros); y [N, M, OH, OW], ReLU fused if `relu`.
 
     CPU: csr_linear, csr_chain and csr_conv2d run the Numba kernels of ticketc.kernels
@@ -57,9 +41,6 @@ has only the reference there (it decodes the tiles on every call), bsr_linear MK
 Importing this module registers the ops (cheaply: schemas and Python kernels); Numba and Triton
 are imported on first use.
 
-Masks: by default an entry is kept when it is nonzero; pass `mask` (bool, same shape) to keep
-exactly the masked-in entries, explicit zeros included.
-
 Triton is imported only inside the CUDA implementations, so this module imports on a machine
 without a GPU or without Triton.
 """
@@ -74,213 +55,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ticketc.formats.csr import CSR
+from ticketc.formats.layout import rows_of
+from ticketc.formats.tiled import TILE_MS, Tiled
+
 __all__ = [
-    "TILE_K",
     "bsr_linear",
     "bsr_linear_reference",
     "csr_linear",
     "csr_linear_reference",
-    "pack_bsr",
-    "pack_csr",
-    "pack_tiled",
     "tiled_linear",
     "tiled_linear_reference",
-    "unpack_bsr",
-    "unpack_csr",
-    "unpack_tiled",
 ]
 
-TILE_K = 32  # input features per tile of the tiled format: one int32 bitmap word per tile row
-_TILE_MS = (16, 32, 64)
-_INDEX_DTYPES = (torch.int16, torch.int32)
-_INT16_MAX_K = 32768  # column indices 0..32767 fit int16
-
-
-
-# ----------------------------------------------------------------------------------- packing
-
-
-def _as_matrix(weight: Tensor) -> Tensor:
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be floating point, got dtype {weight.dtype}")
-    if weight.dim() < 2:
-        raise ValueError(
-            f"weight must be 2-D [out, in] (or a conv weight), got {tuple(weight.shape)}"
-        )
-    return weight.detach().reshape(weight.shape[0], -1)
-
-
-def _keep(w2: Tensor, mask: Tensor | None, shape: torch.Size) -> Tensor:
-    if mask is None:
-        return w2 != 0
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(shape)}")
-    return mask.detach().reshape(w2.shape).to(device=w2.device, dtype=torch.bool)
-
-
-def pack_csr(
-    weight: Tensor, *, mask: Tensor | None = None, index_dtype: torch.dtype | None = None
-) -> dict[str, Tensor]:
-    """Pack a (masked) weight [M, K] into CSR buffers with a load-balancing row order.
-
-    `index_dtype` defaults to int16 when K <= 32768 (half the index traffic on GPU); pass
-    torch.int32 for layers run on CPU, where torch's CSR kernels take int32 indices directly.
-    """
-    w2 = _as_matrix(weight)
-    keep = _keep(w2, mask, weight.shape)
-    m, k = w2.shape
-    if index_dtype is None:
-        index_dtype = torch.int16 if k <= _INT16_MAX_K else torch.int32
-    if index_dtype not in _INDEX_DTYPES:
-        raise ValueError(f"index_dtype must be torch.int16 or torch.int32, got {index_dtype}")
-    if index_dtype == torch.int16 and k > _INT16_MAX_K:
-        raise ValueError(f"index_dtype torch.int16 holds columns < 32768, but K = {k}")
-    counts = keep.sum(dim=1)
-    nnz = int(counts.sum())
-    if nnz >= 2**31:
-        raise ValueError(f"{nnz} nonzeros do not fit int32 row pointers")
-    crow = torch.zeros(m + 1, dtype=torch.int32, device=w2.device)
-    crow[1:] = torch.cumsum(counts, 0)
-    rows, cols = keep.nonzero(as_tuple=True)  # row-major, so each row's entries are contiguous
-    return {
-        "crow_indices": crow,
-        "col_indices": cols.to(index_dtype),
-        "values": w2[rows, cols].contiguous(),
-        # Longest rows first: a program takes neighbouring rows of similar length (Sputnik).
-        "row_order": torch.argsort(counts, descending=True, stable=True).to(torch.int32),
-    }
-
-
-def unpack_csr(buffers: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
-    """Dense [M, K] weight from `pack_csr` buffers (zeros where nothing is stored)."""
-    crow, col, values = buffers["crow_indices"], buffers["col_indices"], buffers["values"]
-    rows = _csr_rows(crow)
-    dense = torch.zeros(shape, dtype=values.dtype, device=values.device)
-    dense[rows, col.long()] = values
-    return dense
-
-
-def _csr_rows(crow: Tensor) -> Tensor:
-    m = crow.numel() - 1
-    counts = (crow[1:] - crow[:-1]).long()
-    return torch.repeat_interleave(torch.arange(m, device=crow.device), counts)
-
-
-def _check_blocksize(blocksize: int) -> None:
-    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-
-
-def _pad_to(t: Tensor, rows: int, cols: int) -> Tensor:
-    return torch.nn.functional.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]))
-
-
-def pack_bsr(weight: Tensor, blocksize: int, *, mask: Tensor | None = None) -> dict[str, Tensor]:
-    """Pack a (masked) weight [M, K] into b x b blocks; a block is kept if any entry is kept.
-
-    Edge blocks are zero-padded to b x b; the ops know M (out_features) and K (from x) and
-    crop. Entries masked out inside a kept block are stored as zeros.
-    """
-    _check_blocksize(blocksize)
-    w2 = _as_matrix(weight)
-    keep = _keep(w2, mask, weight.shape)
-    b = blocksize
-    m, k = w2.shape
-    mb, kb = -(-m // b), -(-k // b)
-    wpad = _pad_to(w2 * keep, mb * b, kb * b)
-    kpad = _pad_to(keep, mb * b, kb * b)
-    # [Mb, b, Kb, b] -> [Mb, Kb, b, b]: block (r, c) is blocks[r, c]
-    blocks = wpad.reshape(mb, b, kb, b).permute(0, 2, 1, 3)
-    nonempty = kpad.reshape(mb, b, kb, b).any(dim=3).any(dim=1)
-    brow, bcol = nonempty.nonzero(as_tuple=True)
-    crow = torch.zeros(mb + 1, dtype=torch.int32, device=w2.device)
-    crow[1:] = torch.cumsum(nonempty.sum(dim=1), 0)
-    return {
-        "crow_indices": crow,
-        "col_indices": bcol.to(torch.int32),
-        "values": blocks[brow, bcol].contiguous(),
-    }
-
-
-def unpack_bsr(buffers: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
-    """Dense [M, K] weight from `pack_bsr` buffers."""
-    crow, col, values = buffers["crow_indices"], buffers["col_indices"], buffers["values"]
-    b = values.shape[-1]
-    m, k = shape
-    mb, kb = crow.numel() - 1, -(-k // b)
-    blocks = torch.zeros(mb, kb, b, b, dtype=values.dtype, device=values.device)
-    blocks[_csr_rows(crow), col.long()] = values
-    return blocks.permute(0, 2, 1, 3).reshape(mb * b, kb * b)[:m, :k]
-
-
-def pack_tiled(
-    weight: Tensor, *, mask: Tensor | None = None, tile_m: int = 32
-) -> dict[str, Tensor]:
-    """Pack a (masked) weight [M, K] into bitmap tiles of tile_m x 32 (see the module docstring).
-
-    Storage per weight: 1 bit of bitmap + 1/16 B of row offsets + the kept values, so at 10 %
-    density with fp16 values a tile costs ~0.39 B per weight against 2 B dense.
-    """
-    if tile_m not in _TILE_MS:
-        raise ValueError(f"tile_m must be one of {_TILE_MS}, got {tile_m!r}")
-    w2 = _as_matrix(weight)
-    keep = _keep(w2, mask, weight.shape)
-    m, k = w2.shape
-    mt, kt = -(-m // tile_m), -(-k // TILE_K)
-    # [Mt, tile_m, Kt, 32] -> [Mt, Kt, tile_m, 32]
-    tiles_w = _pad_to(w2, mt * tile_m, kt * TILE_K).reshape(mt, tile_m, kt, TILE_K)
-    tiles_w = tiles_w.permute(0, 2, 1, 3)
-    tiles_k = _pad_to(keep, mt * tile_m, kt * TILE_K).reshape(mt, tile_m, kt, TILE_K)
-    tiles_k = tiles_k.permute(0, 2, 1, 3)
-    nonempty = tiles_k.any(dim=3).any(dim=2)  # [Mt, Kt]
-    trow, tcol = nonempty.nonzero(as_tuple=True)
-    kept = tiles_k[trow, tcol]  # [ntiles, tile_m, 32]
-    values = tiles_w[trow, tcol][kept]  # tile by tile, row-major inside a tile
-    row_counts = kept.sum(dim=2)  # [ntiles, tile_m]
-    row_offsets = torch.cumsum(row_counts, dim=1) - row_counts
-    tile_counts = row_counts.sum(dim=1)
-    tile_offsets = torch.cumsum(tile_counts, dim=0) - tile_counts
-    if values.numel() >= 2**31:
-        raise ValueError(f"{values.numel()} nonzeros do not fit int32 tile offsets")
-    bit = torch.bitwise_left_shift(
-        torch.ones((), dtype=torch.int64, device=w2.device),
-        torch.arange(TILE_K, device=w2.device),
-    )
-    words = (kept.to(torch.int64) * bit).sum(dim=2)
-    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as int32
-    tile_crow = torch.zeros(mt + 1, dtype=torch.int32, device=w2.device)
-    tile_crow[1:] = torch.cumsum(nonempty.sum(dim=1), 0)
-    return {
-        "tile_crow": tile_crow,
-        "tile_col": tcol.to(torch.int32),
-        "tile_offsets": tile_offsets.to(torch.int32),
-        "row_offsets": row_offsets.to(torch.int16),
-        "bitmaps": words.to(torch.int32),
-        "values": values.contiguous(),
-    }
-
-
-def _bitmap_bits(bitmaps: Tensor) -> Tensor:
-    """[ntiles, tile_m] int32 words -> [ntiles, tile_m, 32] bool."""
-    shifts = torch.arange(TILE_K, device=bitmaps.device, dtype=torch.int32)
-    return (torch.bitwise_right_shift(bitmaps[..., None], shifts) & 1).bool()
-
-
-def unpack_tiled(buffers: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
-    """Dense [M, K] weight from `pack_tiled` buffers (uses bitmaps and values only)."""
-    tile_crow, tile_col = buffers["tile_crow"], buffers["tile_col"]
-    bitmaps, values = buffers["bitmaps"], buffers["values"]
-    tile_m = bitmaps.shape[1]
-    m, k = shape
-    mt, kt = tile_crow.numel() - 1, -(-k // TILE_K)
-    bits = _bitmap_bits(bitmaps)
-    tiles = torch.zeros(bits.shape, dtype=values.dtype, device=values.device)
-    tiles[bits] = values
-    dense = torch.zeros(mt, kt, tile_m, TILE_K, dtype=values.dtype, device=values.device)
-    dense[_csr_rows(tile_crow), tile_col.long()] = tiles
-    return dense.permute(0, 2, 1, 3).reshape(mt * tile_m, kt * TILE_K)[:m, :k]
 
 
 # ------------------------------------------------------------------------------- references
@@ -312,7 +99,8 @@ def csr_linear_reference(
     row_order: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> Tensor:
-    """y = x @ W.T (+ bias) for W in `pack_csr` form; pure torch, fp32 (fp64) accumulation.
+    """y = x @ W.T (+ bias) for W in CSR form (ticketc.formats.csr); pure torch,
+    fp32 (fp64) accumulation.
 
     `row_order` is accepted for symmetry with the op and ignored: order does not change y.
     """
@@ -320,7 +108,7 @@ def csr_linear_reference(
     m = crow_indices.numel() - 1
     _check_bias(bias, m, "csr_linear")
     acc = _acc_dtype(x)
-    rows = _csr_rows(crow_indices)
+    rows = rows_of(crow_indices)
     # [N, nnz] products scattered into [N, M]: memory N * nnz, fine for an oracle.
     prod = x.to(acc)[:, col_indices.long()] * values.to(acc)
     y = torch.zeros(x.shape[0], m, dtype=acc, device=x.device).index_add_(1, rows, prod)
@@ -337,18 +125,19 @@ def bsr_linear_reference(
     bias: Tensor | None,
     out_features: int,
 ) -> Tensor:
-    """y = x @ W.T (+ bias) for W in `pack_bsr` form; pure torch, fp32 (fp64) accumulation."""
+    """y = x @ W.T (+ bias) for W in BSR form (ticketc.formats.bsr); pure torch,
+    fp32 (fp64) accumulation."""
     _check_x(x, "bsr_linear")
     _check_bias(bias, out_features, "bsr_linear")
     acc = _acc_dtype(x)
     n, k = x.shape
     b = values.shape[-1]
     mb, kb = crow_indices.numel() - 1, -(-k // b)
-    xb = _pad_to(x.to(acc), n, kb * b).reshape(n, kb, b)
+    xb = torch.nn.functional.pad(x.to(acc), (0, kb * b - k)).reshape(n, kb, b)
     # block p contributes W_p @ x[:, cols of p] to the rows of its block row
     part = torch.einsum("npj,pij->npi", xb[:, col_indices.long()], values.to(acc))
     y = torch.zeros(n, mb, b, dtype=acc, device=x.device)
-    y.index_add_(1, _csr_rows(crow_indices), part)
+    y.index_add_(1, rows_of(crow_indices), part)
     y = y.reshape(n, mb * b)[:, :out_features]
     if bias is not None:
         y = y + bias.to(acc)
@@ -366,7 +155,8 @@ def tiled_linear_reference(
     bias: Tensor | None,
     out_features: int,
 ) -> Tensor:
-    """y = x @ W.T (+ bias) for W in `pack_tiled` form: decode to dense, then matmul.
+    """y = x @ W.T (+ bias) for W in tiled form (ticketc.formats.tiled): decode to
+    dense, then matmul.
 
     Decodes from bitmaps and values only; the offsets are what the Triton kernel uses to find
     a row's values without a scan over the whole tile, and the kernel tests check them.
@@ -374,8 +164,9 @@ def tiled_linear_reference(
     _check_x(x, "tiled_linear")
     _check_bias(bias, out_features, "tiled_linear")
     acc = _acc_dtype(x)
-    buffers = {"tile_crow": tile_crow, "tile_col": tile_col, "bitmaps": bitmaps, "values": values}
-    w = unpack_tiled(buffers, (out_features, x.shape[1])).to(acc)
+    tiled = Tiled((out_features, x.shape[1]), tile_crow, tile_col, tile_offsets, row_offsets,
+                  bitmaps, values)  # fmt: skip
+    w = tiled.to_dense().to(acc)
     y = x.to(acc) @ w.T
     if bias is not None:
         y = y + bias.to(acc)
@@ -472,10 +263,10 @@ def _check_tiled_args(
     _check_index(tile_crow, "tile_crow", (torch.int32,), op)
     _check_index(tile_col, "tile_col", (torch.int32,), op)
     _check_index(tile_offsets, "tile_offsets", (torch.int32,), op)
-    if bitmaps.dtype != torch.int32 or bitmaps.dim() != 2 or bitmaps.shape[1] not in _TILE_MS:
+    if bitmaps.dtype != torch.int32 or bitmaps.dim() != 2 or bitmaps.shape[1] not in TILE_MS:
         raise ValueError(
             f"{op}: bitmaps must be int32 [ntiles, tile_m] with tile_m in "
-            f"{_TILE_MS}, got {bitmaps.dtype} {tuple(bitmaps.shape)}"
+            f"{TILE_MS}, got {bitmaps.dtype} {tuple(bitmaps.shape)}"
         )
     if row_offsets.dtype != torch.int16 or row_offsets.shape != bitmaps.shape:
         raise ValueError(
@@ -714,10 +505,7 @@ def csr_conv2d_reference(
 ):  # fmt: skip
     """The conv with the weight unpacked to dense: F.conv2d in fp32 (fp64 for fp64 inputs)."""
     acc = _acc_dtype(x)
-    m = weight_shape[0]
-    flat = (m, int(weight_shape[1] * weight_shape[2] * weight_shape[3]))
-    w = unpack_csr({"crow_indices": crow_indices, "col_indices": col_indices, "values": values},
-                   flat).reshape(*weight_shape).to(acc)  # fmt: skip
+    w = CSR(tuple(weight_shape), crow_indices, col_indices, values).to_dense().to(acc)
     pt, pb, pl, pr = padding
     xp = torch.nn.functional.pad(x.to(acc), (pl, pr, pt, pb))
     b = None if bias is None else bias.to(acc)
@@ -767,7 +555,7 @@ def _csr_conv2d_cuda(x, crow, col, values, bias, weight_shape, stride, padding, 
     # the unfolded columns of g's channels, so its column indices move by g * width.
     m, cg, kh, kw = (int(s) for s in weight_shape)
     width = cg * kh * kw
-    rows = _csr_rows(crow)
+    rows = rows_of(crow)
     col_bd = (col.long() + rows // (m // groups) * width).to(torch.int32)
     counts = crow[1:] - crow[:-1]
     order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
@@ -814,7 +602,7 @@ def _bsr_linear_cpu(x, crow_indices, col_indices, values, bias, out_features):
             crow_indices, col, values.to(acc), (mb * b, kb * b), check_invariants=False
         )
     )
-    xt = _pad_to(x.to(acc), n, kb * b).t()
+    xt = torch.nn.functional.pad(x.to(acc), (0, kb * b - k)).t()
     y = torch.mm(w, xt)[:out_features]
     if bias is not None:
         y += bias.to(acc)[:, None]

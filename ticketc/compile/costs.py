@@ -17,6 +17,7 @@ import torch
 
 from ticketc.compile.calibrate import CpuCalibration
 from ticketc.compile.config import BSR_BLOCKSIZES
+from ticketc.formats.layout import nonempty_blocks
 
 TILE = 32  # tiled format: 32 x 32 bitmap tiles (tile_m = 32)
 
@@ -263,7 +264,4 @@ def gemm_stats(keep: torch.Tensor, n: int, itemsize: int, *, conv: ConvShape | N
 
 
 def _nonempty(keep: torch.Tensor, bm: int, bk: int) -> int:
-    m, k = keep.shape
-    mp, kp = -(-m // bm) * bm, -(-k // bk) * bk
-    padded = torch.nn.functional.pad(keep.to(torch.uint8), (0, kp - k, 0, mp - m))
-    return int(padded.reshape(mp // bm, bm, kp // bk, bk).amax(dim=(1, 3)).sum())
+    return int(nonempty_blocks(keep, bm, bk).sum())

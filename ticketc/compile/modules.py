@@ -1,12 +1,12 @@
 """Sparse replacements for Linear and Conv1d/Conv2d that hold only the packed sparse data.
 
-Buffers are exactly what `ticketc.ops.pack_*` returns (plus the bias), so a compiled model's
-state dict, `torch.export` program and memory hold no dense-size copy of a pruned weight. They
-keep the interface code reads from the layers they replace: `weight` (a dense tensor built on
-each access: reading it costs a full unpack, so the planner keeps dense any layer whose weight
-the model itself reads while running), `bias`, `in_features` / `out_features`,
-`in_channels` / `out_channels`, `kernel_size` / `stride` / `padding` / `dilation` as tuples of
-the layer's own length (1 for Conv1d), `groups`, `padding_mode`.
+Buffers are exactly the arrays of a ticketc.formats layout (CSR, BSR, Tiled) plus the bias, so a
+compiled model's state dict, `torch.export` program and memory hold no dense-size copy of a
+pruned weight. They keep the interface code reads from the layers they replace: `weight` (a
+dense tensor built on each access: reading it costs a full unpack, so the planner keeps dense
+any layer whose weight the model itself reads while running), `bias`, `in_features` /
+`out_features`, `in_channels` / `out_channels`, `kernel_size` / `stride` / `padding` /
+`dilation` as tuples of the layer's own length (1 for Conv1d), `groups`, `padding_mode`.
 
 The forward calls ticketc's kernels: in eager CPU fp32 mode the Numba kernels directly (no
 dispatcher), otherwise the `torch.ops.ticketc.*` custom ops (CPU, CUDA, and fake kernels for
@@ -23,28 +23,21 @@ from torch import Tensor, nn
 
 import ticketc.ops as ops  # registers torch.ops.ticketc.*
 from ticketc.compile.costs import parse_format
-
-# Buffer names per format, in the order the op takes them.
-BUFFERS = {
-    "csr": ("crow_indices", "col_indices", "values", "row_order"),
-    "bsr": ("crow_indices", "col_indices", "values"),
-    "tiled": ("tile_crow", "tile_col", "tile_offsets", "row_offsets", "bitmaps", "values"),
-}
-_UNPACK = {"csr": ops.unpack_csr, "bsr": ops.unpack_bsr, "tiled": ops.unpack_tiled}
+from ticketc.formats import BSR, CSR, LAYOUTS, Tiled
+from ticketc.formats.csr import index_dtype_for
 
 
-def pack(weight: Tensor, fmt: str, *, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Pack a 2-D weight (zeros = pruned) into the buffers of sparse format `fmt`."""
+def pack(weight: Tensor, fmt: str, *, device: str | torch.device = "cpu") -> CSR | BSR | Tiled:
+    """The weight (zeros = pruned) in sparse format `fmt`, with the index dtypes the runtime
+    uses on `device`."""
     kind, blocksize = parse_format(fmt)
     if kind == "csr":
-        # The CPU kernels take int32 indices; the Triton kernels prefer int16.
-        index_dtype = torch.int32 if torch.device(device).type == "cpu" else None
-        return ops.pack_csr(weight, index_dtype=index_dtype)
+        return CSR.from_dense(weight, index_dtype=index_dtype_for(device))
     if kind == "bsr":
         assert blocksize is not None
-        return ops.pack_bsr(weight, blocksize)
+        return BSR.from_dense(weight, blocksize)
     if kind == "tiled":
-        return ops.pack_tiled(weight)
+        return Tiled.from_dense(weight)
     raise ValueError(f"format {fmt!r} is not sparse; dense layers keep their nn module")
 
 
@@ -86,7 +79,7 @@ def _prepared(
 class SparseLinear(nn.Module):
     """y = x @ W.T + b with W stored in one sparse format (csr, bsr(B) or tiled)."""
 
-    # Buffers (those of the chosen format are registered; see BUFFERS).
+    # Buffers (those of the chosen format's `BUFFERS` are registered).
     crow_indices: Tensor
     col_indices: Tensor
     values: Tensor
@@ -108,14 +101,14 @@ class SparseLinear(nn.Module):
     ) -> None:
         super().__init__()
         kind, _ = parse_format(fmt)
-        if kind not in BUFFERS:
+        if kind not in LAYOUTS:
             raise ValueError(f"format {fmt!r} is not sparse; known: csr, bsr(B), tiled")
-        missing = set(BUFFERS[kind]) - set(buffers)
+        missing = set(LAYOUTS[kind].BUFFERS) - set(buffers)
         if missing:
             raise ValueError(f"{fmt} buffers lack {sorted(missing)}")
         self.in_features, self.out_features = in_features, out_features
         self.format, self.kind = fmt, kind
-        for name in BUFFERS[kind]:
+        for name in LAYOUTS[kind].BUFFERS:
             self.register_buffer(name, buffers[name])
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.relu = False  # a ReLU fused after the product (see ticketc.compile.lower)
@@ -127,7 +120,8 @@ class SparseLinear(nn.Module):
     ) -> SparseLinear:
         """Pack `weight` [out, in] (pruned entries are zeros)."""
         weight = weight.detach()
-        return cls(weight.shape[1], weight.shape[0], fmt, pack(weight, fmt, device=device), bias)
+        buffers = pack(weight, fmt, device=device).buffers()
+        return cls(weight.shape[1], weight.shape[0], fmt, buffers, bias)
 
     @property
     def weight(self) -> Tensor:
@@ -135,7 +129,7 @@ class SparseLinear(nn.Module):
         access (not a parameter: changing it changes nothing)."""
         self.weight_reads += 1
         b = cast(dict[str, Tensor], self._buffers)
-        return _UNPACK[self.kind](b, (self.out_features, self.in_features))
+        return LAYOUTS[self.kind].from_buffers((self.out_features, self.in_features), b).to_dense()
 
     @property
     def nnz(self) -> int:
@@ -257,9 +251,8 @@ class SparseConv(nn.Module):
         self.format = fmt
         weight = conv.weight.detach()
         if self.kind == "csr":
-            buffers = pack(weight, "csr", device=device)
-            for name in BUFFERS["csr"]:
-                self.register_buffer(name, buffers[name])
+            for name, t in pack(weight, "csr", device=device).buffers().items():
+                self.register_buffer(name, t)
             self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
         else:
             self.gemm = SparseLinear.from_dense(
@@ -276,8 +269,7 @@ class SparseConv(nn.Module):
             parts = [full[g * og : (g + 1) * og, g * cg : (g + 1) * cg] for g in range(self.groups)]
             return torch.cat(parts).reshape(self.weight_shape)
         b = cast(dict[str, Tensor], self._buffers)
-        flat = (self.weight_shape[0], int(torch.Size(self.weight_shape[1:]).numel()))
-        return ops.unpack_csr(b, flat).reshape(self.weight_shape)
+        return CSR.from_buffers(self.weight_shape, b).to_dense()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.dims == 1:

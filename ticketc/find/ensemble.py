@@ -6,7 +6,7 @@ the stacked optimizer is exactly M independent ones. Two forward/backward paths:
 
 - `Flatten? (Linear ReLU)* Linear` Sequentials (Lenet-300-100): hand-written forward and
   backward with `baddbmm`, no autograd graph, no per-member Python; layers whose masks are
-  sparse enough train in CSR form (`SparseLinear`), and then the whole MLP runs on
+  sparse enough train in CSR form (`StackedCsrLinear`), and then the whole MLP runs on
   feature-major activations [M, features, B'];
 - anything else: `torch.func.vmap` over `grad` of a `functional_call`, with the network in
   training mode (BatchNorm normalises with each member's batch statistics and updates that
@@ -34,7 +34,7 @@ from torch import nn
 
 from ticketc.find.distributed import SINGLE, Ranks, broadcast_tensors_
 from ticketc.find.pruning import Masks
-from ticketc.find.sparse_layer import SparseLinear
+from ticketc.find.sparse_layer import StackedCsrLinear
 from ticketc.kernels import csr_cpu
 
 
@@ -139,7 +139,7 @@ class Ensemble:
             self.ddp = DistributedDataParallel(
                 StackedMembers(self.base, self.params, self.buffers))
         # CSR-trained layers, by weight name: those whose every member is below sparse_below
-        self.sparse: dict[str, SparseLinear] = {}
+        self.sparse: dict[str, StackedCsrLinear] = {}
         self._dense_stale = False  # the dense copies of the sparse layers lag their values
         for prefix in self.mlp or []:
             name = f"{prefix}.weight"
@@ -148,7 +148,7 @@ class Ensemble:
             if float(self.masks[name].float().mean((1, 2)).max()) < sparse_below:
                 with torch.no_grad():
                     self.params[name].mul_(self.masks[name])
-                self.sparse[name] = SparseLinear(self.params[name].detach(), self.masks[name])
+                self.sparse[name] = StackedCsrLinear(self.params[name].detach(), self.masks[name])
                 self._mask_values.pop(name, None)  # written only at survivors: no mask to apply
         if self.sparse:
             csr_cpu.use_torch_threads()  # --threads governs the Numba kernels too
@@ -406,7 +406,7 @@ class Ensemble:
 
     # -- state ------------------------------------------------------------------------------
 
-    def _sparse_of(self, p: torch.Tensor) -> SparseLinear | None:
+    def _sparse_of(self, p: torch.Tensor) -> StackedCsrLinear | None:
         """The CSR layer whose values `p` is, if any."""
         return next((layer for layer in self.sparse.values() if layer.values is p), None)
 
