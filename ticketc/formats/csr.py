@@ -97,7 +97,6 @@ class CSR(StoredArrays):
             crow_indices=crow,
             col_indices=col.to(index_dtype),
             values=matrix[row, col].contiguous(),
-            row_order=_row_order(crow),
         )
 
     @property
