@@ -1,9 +1,7 @@
-"""The formats as the ops take them, pure-torch references and the custom ops on CPU."""
+"""Pure-torch references and the torch.ops.ticketc custom ops on CPU."""
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from ticketc import ops
 from ticketc.formats import BSR, CSR, Tiled
@@ -52,111 +50,6 @@ def bsr_args(w, x, bias, blocksize):
 def tiled_args(w, x, bias, tile_m=32):
     p = Tiled.from_dense(w, tile_m=tile_m).buffers()
     return (x, *(p[key] for key in TILED_KEYS), bias, w.shape[0])
-
-
-# -------------------------------------------------------------------------------- packers
-
-
-@pytest.mark.parametrize("density", [0.0, 0.001, 0.036, 0.5, 1.0])
-@pytest.mark.parametrize("shape", [(1, 9), (9, 1), (37, 70)])
-def test_pack_csr_round_trips_and_sorts_rows(shape, density):
-    w = masked_weight(*shape, density)
-    p = CSR.from_dense(w).buffers()
-    assert torch.equal(CSR.from_buffers(shape, p).to_dense(), w)
-    assert p["crow_indices"].dtype == torch.int32 and p["row_order"].dtype == torch.int32
-    assert p["col_indices"].dtype == torch.int16
-    lengths = (p["crow_indices"][1:] - p["crow_indices"][:-1])[p["row_order"].long()]
-    assert (lengths[:-1] >= lengths[1:]).all(), "row_order must list longest rows first"
-    assert sorted(p["row_order"].tolist()) == list(range(shape[0]))
-    assert p["values"].numel() == int((w != 0).sum())
-
-
-def test_pack_csr_index_dtype_follows_k():
-    assert CSR.from_dense(torch.ones(2, 32768)).col_indices.dtype == torch.int16
-    wide = torch.zeros(1, 32769)
-    wide[0, -1] = 1.0
-    p = CSR.from_dense(wide).buffers()
-    assert p["col_indices"].dtype == torch.int32 and p["col_indices"].item() == 32768
-    assert CSR.from_dense(torch.ones(2, 3), index_dtype=torch.int32).col_indices.dtype == (
-        torch.int32
-    )
-
-
-def test_pack_keeps_explicit_zeros_under_a_mask_and_flattens_conv_weights():
-    w = torch.zeros(4, 2, 3, 3)
-    mask = torch.zeros(4, 2, 3, 3, dtype=torch.bool)
-    mask[1, 0, 0, 0] = mask[3, 1, 2, 2] = True
-    p = CSR.from_dense(w, mask=mask).buffers()
-    assert p["values"].numel() == 2
-    assert p["crow_indices"].tolist() == [0, 0, 1, 1, 2]
-    assert p["col_indices"].tolist() == [0, 17]
-    assert Tiled.from_dense(w, mask=mask).values.numel() == 2
-    assert BSR.from_dense(w, 2, mask=mask).col_indices.numel() == 2
-
-
-@pytest.mark.parametrize("blocksize", [1, 3, 16])
-@pytest.mark.parametrize("density", [0.0, 0.05, 1.0])
-def test_pack_bsr_round_trips(blocksize, density):
-    w = masked_weight(37, 70, density)
-    p = BSR.from_dense(w, blocksize).buffers()
-    assert torch.equal(BSR.from_buffers(w.shape, p).to_dense(), w)
-    assert p["values"].shape[1:] == (blocksize, blocksize)
-    mb = -(-37 // blocksize)
-    assert p["crow_indices"].numel() == mb + 1
-    nonzero_blocks = {(r // blocksize, c // blocksize) for r, c in (w != 0).nonzero().tolist()}
-    assert p["values"].shape[0] == len(nonzero_blocks)
-
-
-@pytest.mark.parametrize("tile_m", [16, 32, 64])
-@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
-def test_pack_tiled_round_trips_and_offsets_locate_rows(tile_m, density):
-    w = masked_weight(70, 100, density)
-    p = Tiled.from_dense(w, tile_m=tile_m).buffers()
-    assert torch.equal(Tiled.from_buffers(w.shape, p).to_dense(), w)
-    assert p["bitmaps"].shape == p["row_offsets"].shape == (p["tile_col"].numel(), tile_m)
-    # Decode every tile row through the offsets, as the kernel does, and compare.
-    rows = torch.repeat_interleave(
-        torch.arange(p["tile_crow"].numel() - 1), (p["tile_crow"][1:] - p["tile_crow"][:-1]).long()
-    )
-    for t in range(p["tile_col"].numel()):
-        for i in range(tile_m):
-            word = int(p["bitmaps"][t, i]) & 0xFFFFFFFF
-            cols = [j for j in range(32) if word >> j & 1]
-            start = int(p["tile_offsets"][t]) + int(p["row_offsets"][t, i])
-            r = int(rows[t]) * tile_m + i
-            got = p["values"][start : start + len(cols)]
-            want = w[r, [32 * int(p["tile_col"][t]) + j for j in cols]] if cols else got
-            assert torch.equal(got, want)
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    m=st.integers(1, 40),
-    k=st.integers(1, 80),
-    density=st.sampled_from([0.0, 0.02, 0.3, 1.0]),
-    seed=st.integers(0, 2**16),
-)
-def test_all_formats_round_trip(m, k, density, seed):
-    w = masked_weight(m, k, density, seed)
-    for stored in (CSR.from_dense(w), BSR.from_dense(w, 16), Tiled.from_dense(w, tile_m=16)):
-        assert torch.equal(type(stored).from_buffers((m, k), stored.buffers()).to_dense(), w)
-
-
-def test_packers_reject_bad_input():
-    with pytest.raises(ValueError, match="at least 1 dimension"):
-        CSR.from_dense(torch.ones(()))
-    with pytest.raises(TypeError, match="floating point"):
-        CSR.from_dense(torch.ones(2, 2, dtype=torch.int64))
-    with pytest.raises(ValueError, match="index_dtype"):
-        CSR.from_dense(torch.ones(2, 2), index_dtype=torch.int8)
-    with pytest.raises(ValueError, match="K = 40000"):
-        CSR.from_dense(torch.ones(1, 40000), index_dtype=torch.int16)
-    with pytest.raises(ValueError, match="mask shape"):
-        CSR.from_dense(torch.ones(2, 2), mask=torch.ones(2, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="blocksize"):
-        BSR.from_dense(torch.ones(2, 2), 0)
-    with pytest.raises(ValueError, match="tile_m"):
-        Tiled.from_dense(torch.ones(2, 2), tile_m=8)
 
 
 # ---------------------------------------------------------------------------- references
