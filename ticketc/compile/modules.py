@@ -30,13 +30,13 @@ from ticketc.formats.csr import index_dtype_for
 def pack(weight: Tensor, fmt: str, *, device: str | torch.device = "cpu") -> CSR | BSR | Tiled:
     """The weight (zeros = pruned) in sparse format `fmt`, with the index dtypes the runtime
     uses on `device`."""
-    kind, blocksize = parse_format(fmt)
-    if kind == "csr":
+    layout, blocksize = parse_format(fmt)
+    if layout == "csr":
         return CSR.from_dense(weight, index_dtype=index_dtype_for(device))
-    if kind == "bsr":
+    if layout == "bsr":
         assert blocksize is not None
         return BSR.from_dense(weight, blocksize)
-    if kind == "tiled":
+    if layout == "tiled":
         return Tiled.from_dense(weight)
     raise ValueError(f"format {fmt!r} is not sparse; dense layers keep their nn module")
 
@@ -100,15 +100,15 @@ class SparseLinear(nn.Module):
         bias: Tensor | None,
     ) -> None:
         super().__init__()
-        kind, _ = parse_format(fmt)
-        if kind not in LAYOUTS:
+        layout, _ = parse_format(fmt)
+        if layout not in LAYOUTS:
             raise ValueError(f"format {fmt!r} is not sparse; known: csr, bsr(B), tiled")
-        missing = set(LAYOUTS[kind].BUFFERS) - set(buffers)
+        missing = set(LAYOUTS[layout].BUFFERS) - set(buffers)
         if missing:
             raise ValueError(f"{fmt} buffers lack {sorted(missing)}")
         self.in_features, self.out_features = in_features, out_features
-        self.format, self.kind = fmt, kind
-        for name in LAYOUTS[kind].BUFFERS:
+        self.format, self.layout = fmt, layout
+        for name in LAYOUTS[layout].BUFFERS:
             self.register_buffer(name, buffers[name])
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.relu = False  # a ReLU fused after the product (see ticketc.compile.lower)
@@ -129,15 +129,16 @@ class SparseLinear(nn.Module):
         access (not a parameter: changing it changes nothing)."""
         self.weight_reads += 1
         b = cast(dict[str, Tensor], self._buffers)
-        return LAYOUTS[self.kind].from_buffers((self.out_features, self.in_features), b).to_dense()
+        shape = (self.out_features, self.in_features)
+        return LAYOUTS[self.layout].from_buffers(shape, b).to_dense()
 
     @property
     def nnz(self) -> int:
-        return int(self.values.count_nonzero()) if self.kind == "bsr" else self.values.numel()
+        return int(self.values.count_nonzero()) if self.layout == "bsr" else self.values.numel()
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if self.kind == "csr" and _eager_cpu_fp32(x2, self._buffers["values"]):
+        if self.layout == "csr" and _eager_cpu_fp32(x2, self._buffers["values"]):
             y = self.cpu_chain()(x2)  # the common CPU case, with the least Python per call
         else:
             y = self._op(x2)
@@ -145,11 +146,11 @@ class SparseLinear(nn.Module):
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def _op(self, x: Tensor) -> Tensor:
-        if self.kind == "csr":
+        if self.layout == "csr":
             return torch.ops.ticketc.csr_linear(
                 x, self.crow_indices, self.col_indices, self.values, self.row_order, self.bias
             )
-        if self.kind == "bsr":
+        if self.layout == "bsr":
             return torch.ops.ticketc.bsr_linear(
                 x, self.crow_indices, self.col_indices, self.values, self.bias, self.out_features
             )
@@ -247,10 +248,10 @@ class SparseConv(nn.Module):
             if self.dims == 1
             else self.weight_shape
         )
-        self.kind, _ = parse_format(fmt)
+        self.layout, _ = parse_format(fmt)
         self.format = fmt
         weight = conv.weight.detach()
-        if self.kind == "csr":
+        if self.layout == "csr":
             for name, t in pack(weight, "csr", device=device).buffers().items():
                 self.register_buffer(name, t)
             self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
@@ -263,7 +264,7 @@ class SparseConv(nn.Module):
     def weight(self) -> Tensor:
         """The dense weight [out, in/groups, *kernel_size], built on each access."""
         self.weight_reads += 1
-        if self.kind != "csr":
+        if self.layout != "csr":
             full = self.gemm.weight.reshape(self.out_channels, self.in_channels, -1)
             og, cg = self.out_channels // self.groups, self.in_channels // self.groups
             parts = [full[g * og : (g + 1) * og, g * cg : (g + 1) * cg] for g in range(self.groups)]
@@ -280,7 +281,7 @@ class SparseConv(nn.Module):
             pads: tuple[int, int, int, int] = (0, 0, 0, 0)
         else:
             pads = self.pads
-        if self.kind == "csr":
+        if self.layout == "csr":
             y = self._csr(x, pads)
         else:
             y = self._gemm(x, pads)
@@ -407,7 +408,7 @@ def _steps(children: list[nn.Module]) -> list[Any]:
 
 
 def is_csr_linear(module: nn.Module) -> bool:
-    return type(module) is SparseLinear and module.kind == "csr"
+    return type(module) is SparseLinear and module.layout == "csr"
 
 
 def _eager_cpu_fp32(x: Tensor, values: Tensor | None) -> bool:
