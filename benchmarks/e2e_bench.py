@@ -12,9 +12,9 @@ architecture, not on trained values):
                    128 tokens per sequence, global magnitude pruning to 90 %
   mlp4096x3        3 Linear 4096x4096 layers with ReLU, each pruned to 2 % by magnitude
 
-    python benchmarks/e2e_bench.py [--threads 1] [--models a,b] [--quick]
+    python benchmarks/e2e_bench.py [--threads 1,2] [--models a,b] [--quick]
 
-Writes results/e2e_cpu_<N>threads.json and .md, and one PNG per model.
+Writes results/e2e_cpu_<N>threads.json and .md, and one PNG per model, for each thread count.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def write_markdown(results: list[BenchResult], env: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", default="1", help="thread counts, comma-separated: 1,2")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--budget", type=float, default=3.0, help="timed seconds per batch size")
     parser.add_argument("--quick", action="store_true", help="batch 1 and 64 only, short budget")
@@ -138,11 +138,22 @@ def main() -> None:
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
         parser.error(f"unknown models: {', '.join(sorted(unknown))}")
-    torch.set_num_threads(args.threads)
+    try:
+        thread_counts = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        parser.error(f"--threads takes counts such as 1,2, got {args.threads!r}")
+    if any(t < 1 for t in thread_counts):
+        parser.error(f"--threads takes counts >= 1, got {args.threads!r}")
+    for threads in thread_counts:
+        run(args, threads)
+
+
+def run(args: argparse.Namespace, threads: int) -> None:
+    torch.set_num_threads(threads)
     env = {**environment(), "cpu_model": _cpu_model()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"e2e_cpu_{args.threads}threads"
+    stem = f"e2e_cpu_{threads}threads"
     results = []
     started = time.time()
     for name in args.models.split(","):
@@ -152,7 +163,7 @@ def main() -> None:
         model, example = make()
         config = BenchConfig(
             batch_sizes=batches,
-            threads=args.threads,
+            threads=threads,
             budget_s=0.5 if args.quick else args.budget,
             sizes=False,  # sizes: benchmarks/size_bench.py
         )

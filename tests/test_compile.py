@@ -3,16 +3,19 @@ sparse data, and survive torch.export save/load and torch.compile."""
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import ticketc.compile as tc
 from ticketc import ops
 from ticketc.compile import (
     CompileConfig,
+    Plan,
     SparseConv,
     SparseLinear,
     export_program,
@@ -311,6 +314,54 @@ def test_runs_of_csr_layers_run_as_one_chain(tmp_path, monkeypatch, batch):
         model[3].weight.mul_(0)
         _close(compiled(x), model(x), torch.float32)
         assert built == [3]
+
+
+def test_batch_one_chain_reads_any_layout_and_sees_replaced_buffers(tmp_path):
+    """The batch-1 path reads the input by address and checks its kernel by identity and
+    version sums: strided, image-shaped and other-thread calls, a replaced buffer and an
+    in-place update must all give the masked model's outputs."""
+    model = _prune(
+        nn.Sequential(nn.Flatten(), nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 16),
+                      nn.ReLU(), nn.Linear(16, 6)),
+        0.3,
+    )  # fmt: skip
+    compiled = _forced(model, "csr", tmp_path, torch.randn(1, 40))
+    assert type(compiled) is tc.CsrSequential
+    wide = torch.randn(1, 80)
+    with torch.no_grad():
+        for x in (
+            torch.randn(1, 40),
+            wide[:, ::2],
+            torch.randn(1, 4, 10),
+            wide.view(1, 2, 40)[:, 0],
+        ):
+            _close(compiled(x), model(x), torch.float32)
+        x = torch.randn(1, 40)
+        first = compiled(x)
+        assert compiled(x).data_ptr() != first.data_ptr()  # a new output each call
+        result: list[Tensor] = []
+        worker = threading.Thread(target=lambda: result.append(compiled(x)))
+        worker.start()
+        worker.join()
+        assert torch.equal(result[0], first)
+        layer = compiled.get_submodule("3")
+        layer.values = layer.values * 2  # a new tensor in the slot
+        model[3].weight.mul_(2)
+        _close(compiled(x), model(x), torch.float32)
+        layer.bias.add_(1)  # in place
+        model[3].bias.add_(1)
+        _close(compiled(x), model(x), torch.float32)
+
+
+def test_the_plan_is_returned_not_written_onto_the_module():
+    model = _sparse_mlp()
+    x = torch.randn(4, 40)
+    config = CompileConfig(dead_units=False, **FAST)
+    compiled, plan = tc.compile_with_plan(model, config, example_input=x)
+    assert not any(isinstance(v, Plan) for m in compiled.modules() for v in vars(m).values())
+    assert plan.layers and plan_of(compiled) is None  # compile_with_plan keeps no table entry
+    again = tc.compile(model, config, example_input=x)
+    assert plan_of(again) == plan and plan_of(copy.deepcopy(again)) is None
 
 
 def test_chain_falls_back_to_the_op_off_its_fast_path(tmp_path):

@@ -88,3 +88,24 @@ def test_rejects_mismatched_groups() -> None:
     crow, col, values = _csr(torch.eye(5))
     with pytest.raises(ValueError, match="groups"):
         csr_cpu.csr_matmul_t(crow, col, values, torch.randn(2, 5, 3), groups=2)
+
+
+def test_kernels_run_on_torch_threads_and_leave_numba_as_it_was(monkeypatch) -> None:
+    """Each call sets Numba's thread count to torch's for its duration only: the caller's Numba
+    setting is the same afterwards (no state left behind by a constructor or a call)."""
+    import numba
+
+    started = numba.config.NUMBA_NUM_THREADS
+    if started < 2:
+        pytest.skip("Numba started one thread: nothing to change")
+    numba.set_num_threads(2)
+    seen: list[int] = []
+    real = numba.set_num_threads
+    monkeypatch.setattr(numba, "set_num_threads", lambda n: seen.append(n) or real(n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    g = torch.Generator().manual_seed(0)
+    w = _weight(9, 13, 0.5, g)
+    crow, col, values = _csr(w)
+    assert csr_cpu.use_torch_threads() == 1 and numba.get_num_threads() == 2
+    csr_cpu.csr_matmul_t(crow, col, values, torch.randn(13, 8, generator=g))
+    assert seen == [1, 2] and numba.get_num_threads() == 2

@@ -20,6 +20,7 @@ from ticketc.compile.lower import (
     apply_plan,
     chain_csr,
     compile,
+    compile_with_plan,
     fuse_relu_,
     plan_of,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "apply_plan",
     "chain_csr",
     "compile",
+    "compile_with_plan",
     "eliminate_dead_units",
     "export_program",
     "fuse_relu_",

@@ -7,9 +7,10 @@ the planned batch size: outputs must agree, and it must be faster, or layers go 
    one is a bug in ticketc, raised as RuntimeError, never returned).
 2. Layers whose `weight` the model reads while running (nn.MultiheadAttention's out_proj,
    ViT's patch projection) are made dense: the read would unpack them on every call.
-3. Dense and the compiled candidates are timed in interleaved rounds (ticketc.compile.measure);
-   the candidate with the largest speed-up over dense (median of the per-round ratios) is kept
-   if that is at least min_model_speedup.
+3. Dense and the compiled candidates are timed in interleaved rounds (ticketc.compile.measure,
+   each sample a 2 ms loop of calls); the candidate with the largest speed-up over dense
+   (median of the per-round ratios) is kept if that is at least min_model_speedup, measured
+   twice (the lower counts) when it is below SURE_SPEEDUP.
 4. Otherwise each sparse unit (a layer, or a CsrSequential running a chain) is timed inside the
    model with hooks, dense and compiled; units not faster go back to dense (or, when every
    unit looks faster, the half with the least gain), and 3-4 repeat. After MAX_ROUNDS the model
@@ -42,6 +43,9 @@ from ticketc.compile.modules import CsrSequential, SparseConv, SparseLinear
 from ticketc.compile.plan import Plan
 
 MAX_ROUNDS = 4  # fallback rounds before the model is made all dense
+# A compiled model measured faster than dense by less than this is measured again (the lower
+# gain counts): on a loaded machine one interleaved run's median ratio moves by several %.
+SURE_SPEEDUP = 1.15
 TOLERANCE = {"float32": 1e-3, "float64": 1e-6, "float16": 5e-2, "bfloat16": 1e-1}
 READS_WEIGHT = "kept dense: the model reads its .weight while running"
 
@@ -62,7 +66,10 @@ def check_speed(
 
     `inputs` are at the planned batch size. Raises RuntimeError when a compiled model's
     outputs differ from dense beyond the dtype's tolerance."""
-    timing = TimingConfig(budget_s=config.check_budget_s, min_rounds=5)
+    # Each sample repeats a model's call for 2 ms, as `ticketc bench` and a serving loop run it
+    # (warm caches); single calls between the other model's start cold and favour neither
+    # the way a user's loop does.
+    timing = TimingConfig(budget_s=config.check_budget_s, min_rounds=5, min_sample_s=0.002)
     tolerance = TOLERANCE[config.dtype]
     with torch.no_grad():
         reference = inputs(dense)
@@ -82,8 +89,23 @@ def check_speed(
             history.append({"candidates_speedup": [round(g, 3) for g in gains]})
         dense_t, compiled_t, gain = times["dense"], times[str(best)], gains[best]
         rounds = 0
+        confirmed = False
         # A plan the user wrote (config.plan_path) is followed: measured and reported, not undone.
-        while plan.sparse_layers and gain < config.min_model_speedup and not config.plan_path:
+        while plan.sparse_layers and not config.plan_path:
+            if gain >= config.min_model_speedup:
+                if confirmed or gain >= SURE_SPEEDUP:
+                    break
+                # A narrow win is measured again and the lower gain kept: one lucky run (or
+                # the best of several candidates' noisy gains) cannot pass a model that is not
+                # faster.
+                times = _time({"dense": dense, "compiled": compiled}, inputs, timing)
+                again = speedup(times["dense"], times["compiled"])
+                history.append({"remeasured_speedup": round(again, 3)})
+                confirmed = True
+                if again < gain:
+                    dense_t, compiled_t, gain = times["dense"], times["compiled"], again
+                continue
+            confirmed = False
             if rounds == MAX_ROUNDS:
                 plan = _all_dense(plan, "the compiled model measured no faster than dense")
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any
@@ -20,7 +21,9 @@ from ticketc.compile.plan import Plan
 from ticketc.compile.planner import make_plan
 from ticketc.masks import copy_pruned, strip_pruning_
 
-PLAN_ATTR = "ticketc_plan"  # the Plan a compiled module was lowered with
+# The plan each module returned by `compile` was made with, for `plan_of`: a side table, so
+# that nothing is written onto the module (weak keys: it holds no module alive).
+_PLANS: weakref.WeakKeyDictionary[nn.Module, Plan] = weakref.WeakKeyDictionary()
 
 
 def compile(
@@ -31,6 +34,21 @@ def compile(
     example_input: Example | None = None,
 ) -> nn.Module:
     """Compile a masked model: each Linear/Conv layer becomes dense or sparse as planned.
+    Returns the compiled module; its plan is `plan_of(result)` (or use `compile_with_plan`).
+    See `compile_with_plan` for the arguments."""
+    compiled, plan = compile_with_plan(model, config, masks=masks, example_input=example_input)
+    _PLANS[compiled] = plan
+    return compiled
+
+
+def compile_with_plan(
+    model: Any,
+    config: CompileConfig | None = None,
+    *,
+    masks: dict[str, Tensor] | None = None,
+    example_input: Example | None = None,
+) -> tuple[nn.Module, Plan]:
+    """Compile a masked model: each Linear/Conv layer becomes dense or sparse as planned.
 
     `model` is an nn.Module or a `ticketc.load.LoadedModel` (its masks and example input are
     used). Masks (param name -> bool) are multiplied into the weights; without masks, exact
@@ -39,10 +57,11 @@ def compile(
     batch size: it gives conv layers their output size, and with `config.check` the compiled
     model is run on it at the planned batch size against the masked model (outputs compared,
     speed measured, layers sent back to dense until it is faster). The input model is not
-    modified; the result is in eval mode on `config.device` in `config.dtype`, with its plan
-    in `plan_of(result)`. A ReLU right after a sparse layer in an nn.Sequential is fused into
-    it and leaves the Sequential; the other children keep their names (reach them by name,
-    e.g. `get_submodule("3")`, not position).
+    modified; the result is in eval mode on `config.device` in `config.dtype`, returned with
+    the plan it was lowered with (the check's measurements in `plan.check`). A ReLU right
+    after a sparse layer in an nn.Sequential is fused into it and leaves the Sequential; the
+    other children keep their names (reach them by name, e.g. `get_submodule("3")`, not
+    position).
 
     Raises RuntimeError if the compiled model's outputs differ from the masked model's
     beyond float rounding (a bug, never returned silently).
@@ -75,8 +94,7 @@ def compile(
         if config.check:
             plan = replace(plan, check={"skipped": "no example input to run the model on"})
         compiled = apply_plan(dense, plan)
-    setattr(compiled, PLAN_ATTR, plan)
-    return compiled
+    return compiled, plan
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
@@ -94,9 +112,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, attr, _sparse_module(getattr(owner, attr), lp.format, device=device))
     fuse_relu_(model)
-    model = chain_csr(model)
-    setattr(model, PLAN_ATTR, plan)
-    return model
+    return chain_csr(model)
 
 
 def fuse_relu_(model: nn.Module) -> None:
@@ -138,7 +154,7 @@ def chain_csr(model: nn.Module) -> nn.Module:
         new.train(seq.training)
         for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
             getattr(new, hooks).update(getattr(seq, hooks))
-        for key, value in vars(seq).items():  # plain attributes (e.g. a plan)
+        for key, value in vars(seq).items():  # plain attributes the user set
             if not key.startswith("_") and key != "training":
                 setattr(new, key, value)
         if not name:
@@ -150,9 +166,9 @@ def chain_csr(model: nn.Module) -> nn.Module:
 
 
 def plan_of(model: nn.Module) -> Plan | None:
-    """The plan a module was compiled with, or None."""
-    plan = getattr(model, PLAN_ATTR, None)
-    return plan if isinstance(plan, Plan) else None
+    """The plan a module returned by `compile` was made with, or None (another module, or a
+    copy of one: a copy is a new module; a saved .pt2 carries its plan, see read_plan)."""
+    return _PLANS.get(model)
 
 
 def apply_masks_(model: nn.Module, masks: dict[str, Tensor]) -> None:

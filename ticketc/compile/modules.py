@@ -15,6 +15,7 @@ torch.compile / torch.export).
 
 from __future__ import annotations
 
+import operator
 from typing import Any, cast
 
 import torch
@@ -41,39 +42,49 @@ def pack(weight: Tensor, fmt: str, *, device: str | torch.device = "cpu") -> CSR
     raise ValueError(f"format {fmt!r} is not sparse; dense layers keep their nn module")
 
 
-class _Prepared:
-    """A prepared CPU kernel object with the fingerprint of the buffers it was made from: valid
-    while the module's buffers are the same tensors, unchanged in place (version counters).
-    The tensors are kept referenced so that their ids cannot be reused by others."""
+class _Kernel:
+    """A prepared CPU kernel object and the module buffers it was made from: valid while each
+    buffer slot (a module's `_buffers` dict and a name) holds the same tensor, unchanged in
+    place. The check runs on every call, so it is a few C-level loops: tensor identity, and
+    the sum of the version counters (each only grows, so an unchanged sum means no tensor
+    changed). The tensors are kept referenced so that their ids cannot be reused by others."""
 
-    __slots__ = ("extra", "fingerprint", "tensors", "value")
+    __slots__ = ("dicts", "extra", "names", "tensors", "value", "version")
 
-    def __init__(self, tensors: tuple[Tensor | None, ...], extra: object, value: Any) -> None:
-        self.tensors, self.extra, self.value = tensors, extra, value
-        self.fingerprint = _fingerprint(tensors)
+    def __init__(self, slots: list[tuple[dict[str, Any], str]], extra: object, build: Any) -> None:
+        self.dicts = [d for d, _ in slots]
+        self.names = [n for _, n in slots]
+        self.tensors: list[Tensor | None] = list(map(dict.get, self.dicts, self.names))
+        self.extra = extra
+        self.version = _version_sum(self.tensors)
+        self.value = build(self.tensors)
 
-    def valid(self, tensors: tuple[Tensor | None, ...], extra: object) -> bool:
-        return self.extra == extra and self.fingerprint == _fingerprint(tensors)
+    def valid(self, extra: object) -> bool:
+        current = map(dict.get, self.dicts, self.names)
+        return (
+            all(map(operator.is_, current, self.tensors))
+            and _version_sum(self.tensors) == self.version
+            and self.extra == extra
+        )
 
 
-def _fingerprint(tensors: tuple[Tensor | None, ...]) -> list[int]:
-    out: list[int] = []
-    for t in tensors:
-        if t is None:
-            out += (0, -1)
-        else:
-            out += (id(t), t._version)
-    return out
+_VERSION = operator.attrgetter("_version")
 
 
-def _prepared(
-    owner: dict[str, Any], tensors: tuple[Tensor | None, ...], extra: object, build: Any
-) -> Any:
-    """owner["_cpu"].value if still valid for these tensors and `extra`, else build() (kept)."""
-    prepared = owner.get("_cpu")
-    if prepared is None or not prepared.valid(tensors, extra):
-        prepared = owner["_cpu"] = _Prepared(tensors, extra, build())
-    return prepared.value
+def _version_sum(tensors: list[Tensor | None]) -> int:
+    return sum(map(_VERSION, [t for t in tensors if t is not None]))
+
+
+def _kernel(owner: dict[str, Any], slots: Any, extra: object, build: Any, key: str = "_cpu") -> Any:
+    """owner[key].value if still valid, else build(tensors) on the tensors now in `slots`
+    (a list of (module._buffers, name), or a callable returning it), kept in owner[key]."""
+    kernel = owner.get(key)
+    if kernel is None or not kernel.valid(extra):
+        kernel = owner[key] = _Kernel(slots() if callable(slots) else slots, extra, build)
+    return kernel.value
+
+
+_CSR = ("crow_indices", "col_indices", "values", "bias")
 
 
 class SparseLinear(nn.Module):
@@ -139,7 +150,9 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if self.layout == "csr" and _eager_cpu_fp32(x2, self._buffers["values"]):
-            y = self.cpu_chain()(x2)  # the common CPU case, with the least Python per call
+            chain = self.cpu_chain()  # the common CPU case, with the least Python per call
+            one = x2.shape[0] == 1 and x2.shape[1] == self.in_features
+            y = chain.one(x2) if one else chain(x2)
         else:
             y = self._op(x2)
             y = torch.relu(y) if self.relu else y
@@ -174,17 +187,66 @@ class SparseLinear(nn.Module):
     def cpu_chain(self) -> Any:
         """This layer (ReLU fused if set) as a ticketc.kernels.csr_chain_cpu.CsrChain, made
         once and again only when a buffer is replaced or changed in place."""
-        crow, col, values, bias = tensors = self.csr_tensors()
-        return _prepared(
+        b = self._buffers
+        return _kernel(
             self.__dict__,
-            tensors,
+            lambda: [(b, name) for name in _CSR],
             self.relu,
-            lambda: ops.cpu_chain([(crow, col, values, bias, self.in_features)], [self.relu]),
+            lambda ts: ops.cpu_chain([(*ts, self.in_features)], [self.relu]),
         )
 
     def extra_repr(self) -> str:
         relu = ", relu=True" if self.relu else ""
         return f"{self.in_features}, {self.out_features}, format={self.format}{relu}"
+
+
+class SparseConv1D(SparseLinear):
+    """transformers' Conv1D (GPT-2's attention and MLP projections: y = x @ W + b with W
+    stored [in, out]) with a sparse weight, run as a SparseLinear on W.T. Keeps what code
+    reads from a Conv1D: `weight` [nx, nf] (built on each access), `bias`, `nf` (out
+    features), `nx` (in features)."""
+
+    nf: int
+    nx: int
+
+    @classmethod
+    def from_conv1d(
+        cls, layer: nn.Module, fmt: str, *, device: str | torch.device = "cpu"
+    ) -> SparseConv1D:
+        weight = cast(Tensor, layer.weight).detach().t()  # [out, in]
+        bias = cast(Tensor | None, layer.bias)
+        buffers = pack(weight, fmt, device=device).buffers()
+        sparse = cls(weight.shape[1], weight.shape[0], fmt, buffers, bias)
+        sparse.nf, sparse.nx = sparse.out_features, sparse.in_features
+        return sparse
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight [nx, nf] (in, out), as Conv1D stores it."""
+        return SparseLinear.weight.fget(self).t()  # type: ignore[attr-defined]
+
+    def extra_repr(self) -> str:
+        return f"nf={self.out_features}, nx={self.in_features}, format={self.format}"
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    """Whether `layer` is transformers' Conv1D (weight [in, out], plain forward), found by
+    its class's name and module so that transformers need not be imported."""
+    cls = type(layer)
+    weight = getattr(layer, "weight", None)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers.")
+        and isinstance(weight, Tensor)
+        and weight.dim() == 2
+        and isinstance(getattr(layer, "nf", None), int)
+    )
+
+
+def linear_weight(layer: nn.Module) -> Tensor:
+    """The weight [out, in] of a Linear or a transformers Conv1D (its [in, out] transposed)."""
+    weight = cast(Tensor, layer.weight)
+    return weight.t() if is_conv1d(layer) else weight
 
 
 def _pads(conv: nn.Conv1d | nn.Conv2d) -> tuple[int, int, int, int]:
@@ -291,13 +353,12 @@ class SparseConv(nn.Module):
     def _csr(self, x: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
         b = cast(dict[str, Tensor], self._buffers)
         if _eager_cpu_fp32(x, b["values"]) and x.dim() == 4:
-            tensors = (b["crow_indices"], b["col_indices"], b["values"], b.get("bias"))
-            conv = _prepared(
+            conv = _kernel(
                 self.__dict__,
-                tensors,
+                lambda: [(b, name) for name in _CSR],
                 pads,
-                lambda: ops.cpu_conv(*tensors, self.weight_shape2, self.stride2, pads,
-                                     self.dilation2, self.groups),
+                lambda ts: ops.cpu_conv(ts[0], ts[1], ts[2], ts[3], self.weight_shape2,
+                                        self.stride2, pads, self.dilation2, self.groups),
             )  # fmt: skip
             return conv(x, relu=self.relu)
         return torch.ops.ticketc.csr_conv2d(
@@ -334,10 +395,11 @@ class CsrSequential(nn.Sequential):
     op `torch.ops.ticketc.csr_chain` otherwise (one graph node per run under torch.export).
 
     Same children, names and state dict as the nn.Sequential it replaces. An nn.Flatten right
-    before a run is applied inline. Called per layer, a small model pays Python and a kernel
-    call per layer (Lenet-300-100 at 3.6 %, batch 1: ~4 us per module call against ~9 us for
-    the whole chain's products). Layers run in a chain are not called as modules: their
-    forward hooks do not fire there.
+    before a run is applied inline. At batch 1 a run is one call of the chain's kernel with the
+    input's and output's addresses: no module call, tensor view or NumPy array per layer (the
+    Lenet ticket, 1 thread, on a loaded 2-core machine: 16 us per call where the chain's
+    Python wrapping made it 23 us; the kernel itself ~9 us). Layers run in a chain are not
+    called as modules: their forward hooks do not fire there.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -360,20 +422,27 @@ class _Run:
     def __init__(self, flatten: nn.Flatten | None, layers: list[SparseLinear]) -> None:
         self.flatten, self.layers = flatten, layers
         self.relus = [m.relu for m in layers]
-        self.prepared: dict[str, Any] = {}
+        self.in_features = layers[0].in_features
+        # A Flatten of every dim after the batch: one sample is any tensor of in_features
+        # values, read in place by the batch-1 path.
+        self.flat_rows = flatten is None or (flatten.start_dim == 1 and flatten.end_dim == -1)
+        self.slots = [(m._buffers, name) for m in layers for name in _CSR]
+        self.kernel: dict[str, Any] = {}
 
     def __call__(self, x: Tensor, eager: bool) -> Tensor:
+        if eager:
+            chain = _kernel(self.kernel, self.slots, self.relus, self._build)
+            n = x.shape[0]
+            rows = self.flat_rows and (x.dim() == 2 or (x.dim() > 2 and self.flatten is not None))
+            if rows and x.numel() == n * self.in_features:
+                return chain.run(x, n)  # the hot path: no view made, one kernel call
         if self.flatten is not None:
             x = x.flatten(self.flatten.start_dim, self.flatten.end_dim)
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.layers[0].in_features)
-        tensors = [m.csr_tensors() for m in self.layers]
-        if eager and x2.shape[1] == self.layers[0].in_features:
-            layers = [(*ts, m.in_features) for ts, m in zip(tensors, self.layers, strict=True)]
-            flat = tuple(t for ts in tensors for t in ts)
-            chain = _prepared(self.prepared, flat, self.relus,
-                              lambda: ops.cpu_chain(layers, self.relus))  # fmt: skip
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if eager and x2.shape[1] == self.in_features:
             y = chain(x2)
         else:
+            tensors = [m.csr_tensors() for m in self.layers]
             y = torch.ops.ticketc.csr_chain(
                 x2,
                 [t[0] for t in tensors],
@@ -383,6 +452,14 @@ class _Run:
                 self.relus,
             )
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _build(self, tensors: list[Tensor | None]) -> Any:
+        t = cast(list[Tensor], tensors)  # crow, col, values, bias (None or a tensor) per layer
+        layers = [
+            (t[4 * i], t[4 * i + 1], t[4 * i + 2], tensors[4 * i + 3], m.in_features)
+            for i, m in enumerate(self.layers)
+        ]
+        return ops.cpu_chain(layers, self.relus)
 
 
 def _steps(children: list[nn.Module]) -> list[Any]:
@@ -441,11 +518,14 @@ def _block_diagonal(weight: Tensor, groups: int) -> Tensor:
 
 
 def replaceable(layer: nn.Module) -> bool:
-    """Whether `layer` is a Linear / Conv1d / Conv2d whose computation is the plain one: its
+    """Whether `layer` is a Linear / Conv1d / Conv2d (or transformers' Conv1D, a Linear with
+    its weight stored transposed) whose computation is the plain one: its
     class (nn.Linear or a subclass such as MultiheadAttention's out_proj) does not override
     forward (a subclass that standardises or pads its weight in forward must keep it)."""
     if isinstance(layer, nn.Linear):
         return type(layer).forward is nn.Linear.forward
+    if is_conv1d(layer):
+        return True
     if isinstance(layer, nn.Conv1d | nn.Conv2d):
         base = nn.Conv1d if isinstance(layer, nn.Conv1d) else nn.Conv2d
         return (
@@ -457,9 +537,12 @@ def replaceable(layer: nn.Module) -> bool:
 
 
 def sparse_module(layer: nn.Module, fmt: str, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The sparse replacement of a Linear / Conv1d / Conv2d in format `fmt`."""
+    """The sparse replacement of a Linear / Conv1d / Conv2d / transformers Conv1D in format
+    `fmt`."""
     if isinstance(layer, nn.Linear):
         return SparseLinear.from_dense(layer.weight, layer.bias, fmt, device=device)
     if isinstance(layer, nn.Conv1d | nn.Conv2d):
         return SparseConv(layer, fmt, device=device)
+    if is_conv1d(layer):
+        return SparseConv1D.from_conv1d(layer, fmt, device=device)
     raise TypeError(f"cannot make {type(layer).__name__} sparse; expected Linear, Conv1d, Conv2d")

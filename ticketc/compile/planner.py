@@ -21,7 +21,7 @@ from ticketc.compile.config import CompileConfig
 from ticketc.compile.costs import ConvShape, CostModel, Gemm, device_costs, gemm_stats
 from ticketc.compile.inputs import Inputs
 from ticketc.compile.measure import TimingConfig, time_interleaved
-from ticketc.compile.modules import _pads, replaceable, sparse_module
+from ticketc.compile.modules import _pads, is_conv1d, linear_weight, replaceable, sparse_module
 from ticketc.compile.plan import ChainPlan, LayerPlan, Plan, apply_overrides, read_plan
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -47,13 +47,13 @@ def make_plan(
     layers: list[LayerPlan] = []
     gemms: dict[str, Gemm] = {}
     for name, layer in model.named_modules():
-        if not isinstance(layer, LAYERS):
+        if not isinstance(layer, LAYERS) and not is_conv1d(layer):
             continue
         g = layer_gemm(layer, shapes.get(name), batch, itemsize)
         predicted = {f: costs.predict(f, g) for f in costs.candidates(g, config.formats)}
         lp = LayerPlan(
             name=name,
-            kind="linear" if isinstance(layer, nn.Linear) else "conv",
+            kind="conv" if isinstance(layer, nn.Conv1d | nn.Conv2d) else "linear",
             shape=tuple(layer.weight.shape),
             gemm=(g.n, g.k, g.m),
             density=round(g.density, 6),
@@ -337,10 +337,10 @@ def trace_shapes(model: nn.Module, inputs: Inputs | None) -> dict[str, tuple]:
 
 def layer_gemm(layer: Layer, shapes: tuple | None, batch_size: int, itemsize: int) -> Gemm:
     """The layer's work at `batch_size` samples, from its traced shapes."""
-    if isinstance(layer, nn.Linear):
-        keep = layer.weight.detach() != 0
+    if isinstance(layer, nn.Linear) or is_conv1d(layer):
+        keep = linear_weight(layer).detach() != 0
         # rows of x per sample: 1 for [N, K] inputs, T for [N, T, K]
-        per_sample = 1 if shapes is None else _numel(shapes[0][1:]) // max(1, layer.in_features)
+        per_sample = 1 if shapes is None else _numel(shapes[0][1:]) // max(1, keep.shape[1])
         return gemm_stats(keep, batch_size * max(1, per_sample), itemsize)
     if shapes is None:
         raise ValueError(
@@ -388,7 +388,7 @@ def conv_shape(conv: nn.Conv1d | nn.Conv2d, input_shape: tuple[int, ...]) -> Con
 def _batched(shapes: tuple | None, layer: Layer, batch_size: int) -> tuple[int, ...]:
     """The layer's traced input shape at the planned batch size."""
     if shapes is None:
-        return (batch_size, layer.weight.shape[1])
+        return (batch_size, linear_weight(layer).shape[1])
     return (batch_size, *shapes[0][1:])
 
 

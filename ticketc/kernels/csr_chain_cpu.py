@@ -28,12 +28,15 @@ helpers that join if they can; `torch.get_num_threads()` of them at most).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numba
 import numpy as np
 import torch
+from numba import types
+from numba.extending import intrinsic
 from torch import Tensor
 
 from . import cpu_threads
@@ -41,7 +44,10 @@ from .cpu_threads import claim, finish, wait_done
 
 _FLAGS = {"contract", "reassoc", "nsz"}  # FMA and reordered sums; NaN/inf keep their meaning
 MIN_COLUMNS = 16  # batch rows per chunk at least: narrower batches run by rows
-MAX_COLUMNS = 64  # batch rows per chunk at most: a chunk's activations stay in L2
+# batch rows per chunk at most: wider chunks load each index and value for more rows (Lenet
+# ticket, batch 256, 1 thread: 128 rows 7 % faster than 64); a chunk of a 784-wide input is
+# then 400 KB, within L2
+MAX_COLUMNS = 128
 # Below this many multiply-adds a call runs on the calling thread alone: waking a helper
 # costs more than it saves.
 PARALLEL_MIN_WORK = 1 << 17
@@ -52,10 +58,9 @@ _CROW, _NNZ, _BIAS, _ROWS, _IN, _RELU = range(6)
 
 
 @numba.njit(inline="always", fastmath=_FLAGS)
-def _row_fm(o, a, crow, col, values, c0, n0, m, b, relu):  # type: ignore[no-untyped-def]
-    """o[:] = b + sum over row m's entries j of values[j] * a[col[j], :], then ReLU.
-    a is feature-major [K, w]; o a contiguous row of w."""
-    w = o.shape[0]
+def _row_fm(o, a, crow, col, values, c0, n0, m, b, relu, w):  # type: ignore[no-untyped-def]
+    """o[:w] = b + sum over row m's entries j of values[j] * a[col[j], :w], then ReLU.
+    a is feature-major [K, >= w]; o a contiguous row of >= w."""
     for i in range(w):
         o[i] = b
     j, end = n0 + crow[c0 + m], n0 + crow[c0 + m + 1]
@@ -105,6 +110,16 @@ def _transpose_in(x, lo, hi, a):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always")
+def _stride(w):  # type: ignore[no-untyped-def]
+    """Floats per row of a chunk's feature-major activations holding w columns: an odd number
+    of 64-byte lines. A power-of-two row length (128 floats: 512 bytes) maps every row that a
+    transpose or an entry touches to the same few L1 sets (measured: the transposes of a
+    BERT layer's chunks 1.3x faster with rows of 144 floats than 128)."""
+    lines = -(-w // 16)
+    return (lines + 1 - lines % 2) * 16
+
+
+@numba.njit(inline="always")
 def _transpose_out(d, out, lo, hi):  # type: ignore[no-untyped-def]
     """out[i, m] = d[m, i - lo] for lo <= i < hi."""
     m_all = d.shape[0]
@@ -126,9 +141,24 @@ def _transpose_out(d, out, lo, hi):  # type: ignore[no-untyped-def]
         i += 1
 
 
+@intrinsic
+def _f32_at(typingctx, address):  # type: ignore[no-untyped-def]
+    """The integer `address` as a float32 pointer (for numba.carray)."""
+    if not isinstance(address, types.Integer):
+        return None
+    sig = types.CPointer(types.float32)(address)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
 @numba.njit(nogil=True, fastmath=_FLAGS, cache=True)
-def _by_columns(state, slot, x, out, crow, col, values, bias, meta, scratch, chunk):  # type: ignore[no-untyped-def]
-    n = x.shape[0]
+def _by_columns(state, slot, x_at, out_at, n, crow, col, values, bias, meta, scratch, chunk):  # type: ignore[no-untyped-def]
+    # x [n, K] and out [n, M]: contiguous fp32 at these addresses (ints: a faster dispatch)
+    x = numba.carray(_f32_at(x_at), (n, meta[0, _IN]))
+    out = numba.carray(_f32_at(out_at), (n, meta[-1, _ROWS]))
     chunks = -(-n // chunk)
     last = meta.shape[0] - 1
     buf = scratch[slot]  # [2, width * chunk]
@@ -139,19 +169,31 @@ def _by_columns(state, slot, x, out, crow, col, values, bias, meta, scratch, chu
         lo = c * chunk
         hi = min(n, lo + chunk)
         w = hi - lo
-        a = buf[0, : x.shape[1] * w].reshape(x.shape[1], w)
+        wp = _stride(w)
+        a = buf[0, : x.shape[1] * wp].reshape(x.shape[1], wp)
         _transpose_in(x, lo, hi, a)
         side = 1
         for layer in range(last + 1):
             c0, n0, b0 = meta[layer, _CROW], meta[layer, _NNZ], meta[layer, _BIAS]
             rows, relu = meta[layer, _ROWS], meta[layer, _RELU] != 0
-            d = buf[side, : rows * w].reshape(rows, w)
+            d = buf[side, : rows * wp].reshape(rows, wp)
             for m in range(rows):
-                _row_fm(d[m], a, crow, col, values, c0, n0, m, bias[b0 + m], relu)
+                _row_fm(d[m], a, crow, col, values, c0, n0, m, bias[b0 + m], relu, w)
             a, side = d, 1 - side
         _transpose_out(a, out, lo, hi)
         finish(state, 0)
     wait_done(state, 0, chunks)
+
+
+@numba.njit(inline="always", fastmath=_FLAGS)
+def _dot(values, col, x, j, end):  # type: ignore[no-untyped-def]
+    """sum over j <= i < end of values[i] * x[col[i]]: one plain loop, which LLVM vectorises
+    with AVX-512 / AVX2 gathers (16 / 8 products per instruction; measured 1.3x faster than
+    four scalar sums in flight on the Lenet ticket)."""
+    s = np.float32(0.0)
+    for i in range(j, end):
+        s += values[i] * x[col[i]]
+    return s
 
 
 @numba.njit(inline="always", fastmath=_FLAGS)
@@ -162,18 +204,7 @@ def _rows_of_layer(a, d, crow, col, values, bias, c0, n0, b0, m_lo, m_hi, relu, 
         j, end = n0 + crow[c0 + m], n0 + crow[c0 + m + 1]
         b = bias[b0 + m]
         if n == 1:
-            x = a[0]
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            while j + 4 <= end:
-                s0 += values[j] * x[col[j]]
-                s1 += values[j + 1] * x[col[j + 1]]
-                s2 += values[j + 2] * x[col[j + 2]]
-                s3 += values[j + 3] * x[col[j + 3]]
-                j += 4
-            while j < end:
-                s0 += values[j] * x[col[j]]
-                j += 1
-            s = b + ((s0 + s1) + (s2 + s3))
+            s = b + _dot(values, col, a[0], j, end)
             d[0, m] = max(s, np.float32(0.0)) if relu else s
             continue
         for i in range(n):
@@ -186,6 +217,24 @@ def _rows_of_layer(a, d, crow, col, values, bias, c0, n0, b0, m_lo, m_hi, relu, 
         for i in range(n):
             s = b + acc[i]
             d[i, m] = max(s, np.float32(0.0)) if relu else s
+
+
+@numba.njit(nogil=True, fastmath=_FLAGS, cache=True)
+def _one(x_at, out_at, crow, col, values, bias, meta, buf):  # type: ignore[no-untyped-def]
+    """The whole chain on one row, on the calling thread: x and out given by the addresses of
+    contiguous fp32 rows of meta[0, _IN] and meta[-1, _ROWS] floats (integers cross Numba's
+    dispatcher faster than arrays: this call is the batch-1 hot path). The same sums in the
+    same order as _by_rows at n == 1."""
+    last = meta.shape[0] - 1
+    a = numba.carray(_f32_at(x_at), (meta[0, _IN],))
+    for layer in range(last + 1):
+        c0, n0, b0 = meta[layer, _CROW], meta[layer, _NNZ], meta[layer, _BIAS]
+        rows, relu = meta[layer, _ROWS], meta[layer, _RELU] != 0
+        d = numba.carray(_f32_at(out_at), (rows,)) if layer == last else buf[layer % 2, :rows]
+        for m in range(rows):
+            s = bias[b0 + m] + _dot(values, col, a, n0 + crow[c0 + m], n0 + crow[c0 + m + 1])
+            d[m] = max(s, np.float32(0.0)) if relu else s
+        a = d
 
 
 @numba.njit(nogil=True, fastmath=_FLAGS, cache=True)
@@ -294,6 +343,9 @@ class CsrChain:
         self.bias = np.concatenate(
             [np.zeros(w.out_features, np.float32) if w.bias is None else w.bias for w in layers]
         ).astype(np.float32)
+        # _one's work buffer, for calls on the thread that made the chain
+        self._owner = threading.get_ident()
+        self._buf = np.zeros((2, self.width), np.float32)
 
     def __call__(self, x: Tensor, *, threads: int | None = None) -> Tensor:
         """y [N, M] = the chain applied to x [N, K] (fp32). `threads` defaults to
@@ -303,8 +355,15 @@ class CsrChain:
                 f"CsrChain: x is {tuple(x.shape)} {x.dtype}, "
                 f"expected [N, {self.in_features}] float32"
             )
-        n = x.shape[0]
-        x_np = x.detach().contiguous().numpy()
+        return self.run(x, x.shape[0], threads=threads)
+
+    def run(self, x: Tensor, n: int, *, threads: int | None = None) -> Tensor:
+        """y [n, M] for x holding n samples of in_features fp32 values each, in row-major
+        order (any shape; copied first if not contiguous). The caller checks dtype and size."""
+        if n == 1 and (threads == 1 or self.nnz < PARALLEL_MIN_WORK):
+            return self.one(x)
+        if not x.is_contiguous():
+            x = x.contiguous()
         out = torch.empty(n, self.out_features)
         if n == 0:
             return out
@@ -316,14 +375,39 @@ class CsrChain:
         if n > 1:
             chunk = min(MAX_COLUMNS, max(MIN_COLUMNS, -(-n // threads)))
             chunk = -(-chunk // 8) * 8
-            scratch = cpu_threads.SCRATCH.get("columns", (threads, 2, self.width * chunk))
-            args = (x_np, out.numpy(), self.crow, self.col, self.values, self.bias, self.meta,
-                    scratch, chunk)  # fmt: skip
+            stride = -(-chunk // 16) | 1  # _stride(chunk) in lines
+            scratch = cpu_threads.SCRATCH.get("columns", (threads, 2, self.width * stride * 16))
+            # x (held by the caller) and out outlive the call: their addresses stay valid.
+            args = (x.data_ptr(), out.data_ptr(), n, self.crow, self.col, self.values,
+                    self.bias, self.meta, scratch, chunk)  # fmt: skip
             cpu_threads.run(_by_columns, args, phases=1, threads=threads)
         else:
             shared = cpu_threads.SCRATCH.get("shared", (2, n * self.width))
             accs = cpu_threads.SCRATCH.get("accs", (threads, n))
-            args = (x_np, out.numpy(), self.crow, self.col, self.values, self.bias, self.meta,
-                    shared, accs)  # fmt: skip
+            args = (x.view(n, self.in_features).numpy(), out.numpy(), self.crow, self.col,
+                    self.values, self.bias, self.meta, shared, accs)  # fmt: skip
             cpu_threads.run(_by_rows, args, phases=len(self.meta), threads=threads)
+        return out
+
+    def one(self, x: Tensor) -> Tensor:
+        """y [1, M] for one sample x (fp32, `in_features` elements, any shape), on the calling
+        thread: the batch-1 hot path, with no NumPy views made and one kernel call.
+
+        Raises ValueError if x is not fp32 with in_features elements.
+        """
+        if x.dtype != torch.float32 or x.numel() != self.in_features:
+            raise ValueError(
+                f"CsrChain: one sample of {self.in_features} float32 values expected, "
+                f"got {tuple(x.shape)} {x.dtype}"
+            )
+        if not x.is_contiguous():
+            x = x.contiguous()
+        out = torch.empty(1, self.out_features)
+        if threading.get_ident() == self._owner:  # the buffer made with this chain
+            buf = self._buf
+        else:  # another thread's call: its own buffer (calls may run at once)
+            buf = cpu_threads.SCRATCH.get("shared", (2, self.width))
+        # x (held by the caller) and out outlive the call, so their addresses stay valid.
+        _one(x.data_ptr(), out.data_ptr(), self.crow, self.col, self.values, self.bias,
+             self.meta, buf)  # fmt: skip
         return out

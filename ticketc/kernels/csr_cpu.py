@@ -21,7 +21,8 @@ use (about a second per argument signature) and Numba caches the machine code on
 
 from __future__ import annotations
 
-import threading
+import contextlib
+from collections.abc import Iterator
 
 import numba
 import numpy as np
@@ -29,8 +30,6 @@ import torch
 from torch import Tensor
 
 _FLAGS = {"contract", "reassoc"}  # FMA and vectorised reductions; NaN/inf keep their meaning
-# Per thread: .threads and .numba_threads (use_torch_threads).
-_scratch = threading.local()
 
 
 @numba.njit(inline="always", fastmath=_FLAGS)
@@ -135,18 +134,27 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 def use_torch_threads() -> int:
-    """Run the kernels on as many threads as torch uses (never more than Numba started);
-    returns that number.
+    """The number of threads the kernels here run on: torch's setting
+    (`torch.set_num_threads`), at most the threads Numba started. Changes nothing: each kernel
+    call sets Numba's (per calling thread) setting to it and restores the caller's after."""
+    started = getattr(numba.config, "NUMBA_NUM_THREADS")  # noqa: B009 (untyped module)
+    return max(1, min(torch.get_num_threads(), started))
 
-    Numba's setting is per calling thread; it is remembered per thread, so calling this before
-    every kernel costs ~0.2 us instead of Numba's ~1.5 us."""
-    want = torch.get_num_threads()
-    if getattr(_scratch, "threads", None) != want:
-        started = getattr(numba.config, "NUMBA_NUM_THREADS")  # noqa: B009 (untyped module)
-        _scratch.numba_threads = max(1, min(want, started))
-        numba.set_num_threads(_scratch.numba_threads)
-        _scratch.threads = want
-    return int(_scratch.numba_threads)
+
+@contextlib.contextmanager
+def _torch_threads() -> Iterator[None]:
+    """Numba's parallel loops on torch's thread count for the duration of a call; the
+    caller's Numba setting is restored after (no state is left behind)."""
+    want = use_torch_threads()
+    before = numba.get_num_threads()
+    if want == before:
+        yield
+        return
+    numba.set_num_threads(want)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def csr_matmul_t(
@@ -169,16 +177,17 @@ def csr_matmul_t(
         raise ValueError(f"csr_matmul_t: {rows} rows, {groups} groups, xt {tuple(xt.shape)}")
     out = torch.empty(rows, x3.shape[2], dtype=torch.float32)
     b = bias.reshape(-1) if bias is not None else torch.empty(0)
-    _matmul_t(
-        _np(crow_indices),
-        _np(col_indices),
-        _np(values),
-        _np(x3.contiguous()),
-        _np(b),
-        out.numpy(),
-        max(rows // groups, 1),
-        False,
-    )
+    with _torch_threads():
+        _matmul_t(
+            _np(crow_indices),
+            _np(col_indices),
+            _np(values),
+            _np(x3.contiguous()),
+            _np(b),
+            out.numpy(),
+            max(rows // groups, 1),
+            False,
+        )
     return out
 
 
@@ -192,14 +201,15 @@ def csr_sampled_grad(
     rows = crow_indices.numel() - 1
     x3 = xt if xt.dim() == 3 else xt.unsqueeze(0)
     out = torch.empty(col_indices.numel(), dtype=torch.float32)
-    _sampled_grad(
-        _np(crow_indices),
-        _np(col_indices),
-        _np(g_t.contiguous()),
-        _np(x3.contiguous()),
-        out.numpy(),
-        max(rows // groups, 1),
-    )
+    with _torch_threads():
+        _sampled_grad(
+            _np(crow_indices),
+            _np(col_indices),
+            _np(g_t.contiguous()),
+            _np(x3.contiguous()),
+            out.numpy(),
+            max(rows // groups, 1),
+        )
     return out
 
 
@@ -216,7 +226,8 @@ def gather_t(source: Tensor, index: Tensor) -> Tensor:
     """
     groups, n = index.shape
     out = torch.zeros(groups, source.shape[1], padded(n), dtype=source.dtype)
-    _gather_t(_np(source.contiguous()), _np(index.contiguous()), out.numpy())
+    with _torch_threads():
+        _gather_t(_np(source.contiguous()), _np(index.contiguous()), out.numpy())
     return out
 
 
