@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from ticketc import ops
 from ticketc.compile.measure import TimingConfig, time_interleaved
+from ticketc.formats import BSR, CSR, Tiled
 
 RESULTS = Path(__file__).parent / "results"
 T = TypeVar("T")
@@ -181,7 +182,7 @@ def build_methods(
     methods: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int, str]] = {}
     methods["dense"] = (lambda x: F.linear(x, w), nbytes(w), "")
 
-    p32 = ops.pack_csr(w, index_dtype=torch.int32)
+    p32 = CSR.from_dense(w, index_dtype=torch.int32).buffers()
     # Built once, as a user holding a torch sparse weight would; a dtype cuSPARSE / MKL lacks
     # fails at the first call and is recorded as such.
     sw = torch.sparse_csr_tensor(
@@ -200,7 +201,7 @@ def build_methods(
         "",
     )
 
-    csr = p32 if device == "cpu" else ops.pack_csr(w)
+    csr = p32 if device == "cpu" else CSR.from_dense(w).buffers()
     csr_args = (csr["crow_indices"], csr["col_indices"], csr["values"], csr["row_order"])
     methods["ticketc_csr"] = (
         lambda x: ops.csr_linear(x, *csr_args, None),
@@ -209,7 +210,7 @@ def build_methods(
     )
 
     if mask_kind == "block32":
-        bsr = ops.pack_bsr(w, BLOCK)
+        bsr = BSR.from_dense(w, BLOCK).buffers()
         bsr_args = (bsr["crow_indices"], bsr["col_indices"], bsr["values"])
         methods["ticketc_bsr"] = (
             lambda x: ops.bsr_linear(x, *bsr_args, None, m),
@@ -230,7 +231,7 @@ def build_methods(
                 )
 
     if device == "cuda":
-        tiled = ops.pack_tiled(w)
+        tiled = Tiled.from_dense(w).buffers()
         keys = ("tile_crow", "tile_col", "tile_offsets", "row_offsets", "bitmaps", "values")
         tiled_args = tuple(tiled[key] for key in keys)
         methods["ticketc_tiled"] = (
@@ -257,9 +258,9 @@ def build_tunables(
     import ticketc.kernels as kernels
 
     m = w.shape[0]
-    csr = ops.pack_csr(w)
+    csr = CSR.from_dense(w).buffers()
     csr_args = (csr["crow_indices"], csr["col_indices"], csr["values"], csr["row_order"])
-    tiled = ops.pack_tiled(w)
+    tiled = Tiled.from_dense(w).buffers()
     keys = ("tile_crow", "tile_col", "tile_offsets", "row_offsets", "bitmaps", "values")
     tiled_args = tuple(tiled[key] for key in keys)
     makers = {
@@ -269,7 +270,7 @@ def build_tunables(
         ),
     }
     if mask_kind == "block32":
-        bsr = ops.pack_bsr(w, BLOCK)
+        bsr = BSR.from_dense(w, BLOCK).buffers()
         bsr_args = (bsr["crow_indices"], bsr["col_indices"], bsr["values"])
         makers["ticketc_bsr"] = lambda cfg: (
             lambda x: kernels.bsr_linear(x, *bsr_args, None, m, config=cfg)

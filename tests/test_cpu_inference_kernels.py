@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ticketc import ops
+from ticketc.formats import CSR
 from ticketc.kernels import cpu_threads, csr_chain_cpu, csr_conv_cpu
 
 
@@ -31,7 +31,7 @@ def _chain(widths, relus, g, *, bias=True, density=0.3):
         w = _weight(m, k, density, g)
         b = torch.randn(m, generator=g) if bias else None
         layers.append((w, b))
-        p = ops.pack_csr(w, index_dtype=torch.int32)
+        p = CSR.from_dense(w, index_dtype=torch.int32).buffers()
         packed.append(
             csr_chain_cpu.CsrLayer.of(p["crow_indices"], p["col_indices"], p["values"], b, k)
         )
@@ -120,7 +120,7 @@ def test_chain_refuses_mismatched_layers_and_inputs() -> None:
     g = torch.Generator().manual_seed(5)
 
     def layer(m, k):
-        p = ops.pack_csr(_weight(m, k, 0.5, g), index_dtype=torch.int32)
+        p = CSR.from_dense(_weight(m, k, 0.5, g), index_dtype=torch.int32).buffers()
         return csr_chain_cpu.CsrLayer.of(p["crow_indices"], p["col_indices"], p["values"], None, k)
 
     a, b = layer(8, 4), layer(3, 7)
@@ -157,7 +157,7 @@ def test_conv_matches_conv2d(threads, c, m, k, s, p, d, groups, h, w, n) -> None
     g = torch.Generator().manual_seed(c * m + h)
     weight = _weight(m, c // groups * k[0] * k[1], 0.4, g).reshape(m, c // groups, *k)
     bias = torch.randn(m, generator=g)
-    packed = ops.pack_csr(weight, index_dtype=torch.int32)
+    packed = CSR.from_dense(weight, index_dtype=torch.int32).buffers()
     geometry = csr_conv_cpu.ConvGeometry(c, m, k, s, p, d, groups)
     conv = csr_conv_cpu.CsrConv(
         packed["crow_indices"], packed["col_indices"], packed["values"], bias, geometry

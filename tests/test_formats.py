@@ -1,7 +1,8 @@
-"""Round trips and invariants of the sparse formats (CSR, BSR, Compact) and their registry."""
+"""Round trips and invariants of the sparse formats (CSR, BSR, tiled, Compact)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,12 +14,11 @@ from hypothesis import strategies as st
 from ticketc.formats import (
     BSR,
     CSR,
-    FORMATS,
     POSITIONS_KINDS,
     VALUES_KINDS,
     Compact,
+    Tiled,
     block_occupancy,
-    get_format,
     mask_entropy_bits,
 )
 from ticketc.formats.compact import check_decoded
@@ -56,14 +56,6 @@ def _bytes(*arrays: np.ndarray | torch.Tensor | None) -> int:
     return total
 
 
-# --------------------------------------------------------------------------- registry
-def test_registry_lists_every_format_and_rejects_unknown_names():
-    assert {"csr": CSR, "bsr": BSR, "compact": Compact} == FORMATS
-    assert get_format("bsr") is BSR
-    with pytest.raises(ValueError, match="'coo'.*bsr, compact, csr"):
-        get_format("coo")
-
-
 # --------------------------------------------------------------------------- CSR
 @FAST
 @given(masked_weights(), st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
@@ -75,7 +67,7 @@ def test_csr_round_trip(dense, dtype):
     assert csr.to_dense().dtype == dtype
     assert csr.nnz == int(dense.count_nonzero())
     assert csr.values.dtype == dtype
-    assert csr.nbytes == _bytes(csr.crow_indices, csr.col_indices, csr.values)
+    assert csr.nbytes == _bytes(csr.crow_indices, csr.col_indices, csr.values, csr.row_order)
     if csr.nnz and dense.dim() == 2:
         assert torch.equal(csr.to_torch().to_dense(), dense)
 
@@ -169,6 +161,159 @@ def test_bsr_check_rejects_nonzeros_in_padding():
     values[-1, 1, 1] = 5.0  # row 3 / col 3 lie outside the 3x3 shape
     with pytest.raises(ValueError, match="padding"):
         BSR(bsr.shape, 2, bsr.crow_indices, bsr.col_indices, values).check()
+
+
+# --------------------------------------------------------------------------- tiled
+@FAST
+@given(masked_weights(), st.sampled_from([16, 32, 64]))
+def test_tiled_round_trip(dense, tile_m):
+    tiled = Tiled.from_dense(dense, tile_m=tile_m)
+    tiled.check()
+    assert torch.equal(tiled.to_dense(), dense)
+    assert tiled.nnz == int(dense.count_nonzero())
+    assert tiled.bitmaps.shape == (tiled.tile_col.numel(), tile_m)
+    assert tiled.nbytes == _bytes(*tiled.buffers().values())
+
+
+@pytest.mark.parametrize(
+    ("field", "change", "message"),
+    [
+        ("tile_offsets", lambda t: t + 1, "tile_offsets"),
+        ("row_offsets", lambda t: t.flip(1), "row_offsets"),
+        ("tile_col", lambda t: t + 5, "out of range"),
+        ("values", lambda t: t[:-1], "bitmaps mark"),
+    ],
+)
+def test_tiled_check_names_the_broken_invariant(field, change, message):
+    tiled = Tiled.from_dense(torch.randn(20, 70) * (torch.rand(20, 70) < 0.5), tile_m=16)
+    broken = dataclasses.replace(tiled, **{field: change(getattr(tiled, field))})
+    with pytest.raises(ValueError, match=message):
+        broken.check()
+
+
+def test_inspect_counts_the_bytes_the_cpu_runtime_stores():
+    from ticketc.compile.modules import SparseLinear
+    from ticketc.inspect import layer_stats
+
+    w = torch.randn(30, 200) * (torch.rand(30, 200) < 0.1)
+    layer = SparseLinear.from_dense(w, None, "csr", device="cpu")
+    stored = sum(t.numel() * t.element_size() for t in layer.buffers())
+    assert layer.col_indices.dtype == torch.int32
+    assert layer_stats("w", w).csr_bytes == stored
+
+
+def masked_weight(m, k, density, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(m, k, generator=gen) < density
+    if m >= 3 and 0.0 < density < 1.0:
+        keep[0] = False  # an empty row
+        keep[m // 2] = True  # a full row
+    return (torch.randn(m, k, generator=gen) * keep).to(dtype)
+
+
+# ------------------------------------------------- the arrays as the ops take them, all formats
+
+
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.036, 0.5, 1.0])
+@pytest.mark.parametrize("shape", [(1, 9), (9, 1), (37, 70)])
+def test_pack_csr_round_trips_and_sorts_rows(shape, density):
+    w = masked_weight(*shape, density)
+    p = CSR.from_dense(w).buffers()
+    assert torch.equal(CSR.from_buffers(shape, p).to_dense(), w)
+    assert p["crow_indices"].dtype == torch.int32 and p["row_order"].dtype == torch.int32
+    assert p["col_indices"].dtype == torch.int16
+    lengths = (p["crow_indices"][1:] - p["crow_indices"][:-1])[p["row_order"].long()]
+    assert (lengths[:-1] >= lengths[1:]).all(), "row_order must list longest rows first"
+    assert sorted(p["row_order"].tolist()) == list(range(shape[0]))
+    assert p["values"].numel() == int((w != 0).sum())
+
+
+def test_pack_csr_index_dtype_follows_k():
+    assert CSR.from_dense(torch.ones(2, 32768)).col_indices.dtype == torch.int16
+    wide = torch.zeros(1, 32769)
+    wide[0, -1] = 1.0
+    p = CSR.from_dense(wide).buffers()
+    assert p["col_indices"].dtype == torch.int32 and p["col_indices"].item() == 32768
+    assert CSR.from_dense(torch.ones(2, 3), index_dtype=torch.int32).col_indices.dtype == (
+        torch.int32
+    )
+
+
+def test_pack_keeps_explicit_zeros_under_a_mask_and_flattens_conv_weights():
+    w = torch.zeros(4, 2, 3, 3)
+    mask = torch.zeros(4, 2, 3, 3, dtype=torch.bool)
+    mask[1, 0, 0, 0] = mask[3, 1, 2, 2] = True
+    p = CSR.from_dense(w, mask=mask).buffers()
+    assert p["values"].numel() == 2
+    assert p["crow_indices"].tolist() == [0, 0, 1, 1, 2]
+    assert p["col_indices"].tolist() == [0, 17]
+    assert Tiled.from_dense(w, mask=mask).values.numel() == 2
+    assert BSR.from_dense(w, 2, mask=mask).col_indices.numel() == 2
+
+
+@pytest.mark.parametrize("blocksize", [1, 3, 16])
+@pytest.mark.parametrize("density", [0.0, 0.05, 1.0])
+def test_pack_bsr_round_trips(blocksize, density):
+    w = masked_weight(37, 70, density)
+    p = BSR.from_dense(w, blocksize).buffers()
+    assert torch.equal(BSR.from_buffers(w.shape, p).to_dense(), w)
+    assert p["values"].shape[1:] == (blocksize, blocksize)
+    mb = -(-37 // blocksize)
+    assert p["crow_indices"].numel() == mb + 1
+    nonzero_blocks = {(r // blocksize, c // blocksize) for r, c in (w != 0).nonzero().tolist()}
+    assert p["values"].shape[0] == len(nonzero_blocks)
+
+
+@pytest.mark.parametrize("tile_m", [16, 32, 64])
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
+def test_pack_tiled_round_trips_and_offsets_locate_rows(tile_m, density):
+    w = masked_weight(70, 100, density)
+    p = Tiled.from_dense(w, tile_m=tile_m).buffers()
+    assert torch.equal(Tiled.from_buffers(w.shape, p).to_dense(), w)
+    assert p["bitmaps"].shape == p["row_offsets"].shape == (p["tile_col"].numel(), tile_m)
+    # Decode every tile row through the offsets, as the kernel does, and compare.
+    rows = torch.repeat_interleave(
+        torch.arange(p["tile_crow"].numel() - 1), (p["tile_crow"][1:] - p["tile_crow"][:-1]).long()
+    )
+    for t in range(p["tile_col"].numel()):
+        for i in range(tile_m):
+            word = int(p["bitmaps"][t, i]) & 0xFFFFFFFF
+            cols = [j for j in range(32) if word >> j & 1]
+            start = int(p["tile_offsets"][t]) + int(p["row_offsets"][t, i])
+            r = int(rows[t]) * tile_m + i
+            got = p["values"][start : start + len(cols)]
+            want = w[r, [32 * int(p["tile_col"][t]) + j for j in cols]] if cols else got
+            assert torch.equal(got, want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 40),
+    k=st.integers(1, 80),
+    density=st.sampled_from([0.0, 0.02, 0.3, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_all_formats_round_trip(m, k, density, seed):
+    w = masked_weight(m, k, density, seed)
+    for stored in (CSR.from_dense(w), BSR.from_dense(w, 16), Tiled.from_dense(w, tile_m=16)):
+        assert torch.equal(type(stored).from_buffers((m, k), stored.buffers()).to_dense(), w)
+
+
+def test_packers_reject_bad_input():
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        CSR.from_dense(torch.ones(()))
+    with pytest.raises(TypeError, match="floating point"):
+        CSR.from_dense(torch.ones(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="index_dtype"):
+        CSR.from_dense(torch.ones(2, 2), index_dtype=torch.int8)
+    with pytest.raises(ValueError, match="K = 40000"):
+        CSR.from_dense(torch.ones(1, 40000), index_dtype=torch.int16)
+    with pytest.raises(ValueError, match="mask shape"):
+        CSR.from_dense(torch.ones(2, 2), mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="blocksize"):
+        BSR.from_dense(torch.ones(2, 2), 0)
+    with pytest.raises(ValueError, match="tile_m"):
+        Tiled.from_dense(torch.ones(2, 2), tile_m=8)
 
 
 # --------------------------------------------------------------------------- Compact

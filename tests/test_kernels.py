@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from ticketc import ops  # noqa: E402
+from ticketc.formats import BSR, CSR, Tiled  # noqa: E402
 from ticketc.kernels import bsr_linear, csr_linear, tiled_linear  # noqa: E402
 from ticketc.kernels._launch import interpreting  # noqa: E402
 
@@ -77,7 +77,7 @@ def bias_for(m: int, dtype: torch.dtype, with_bias: bool):
 
 
 def run_csr(x, w, bias, config=None):
-    p = to_device(ops.pack_csr(w))
+    p = to_device(CSR.from_dense(w).buffers())
     out = poisoned(x.shape[0], w.shape[0], x.dtype)
     b = None if bias is None else bias.to(DEVICE)
     y = csr_linear(x.to(DEVICE), p["crow_indices"], p["col_indices"], p["values"],
@@ -87,7 +87,7 @@ def run_csr(x, w, bias, config=None):
 
 
 def run_bsr(x, w, bias, blocksize, config=None):
-    p = to_device(ops.pack_bsr(w, blocksize))
+    p = to_device(BSR.from_dense(w, blocksize).buffers())
     out = poisoned(x.shape[0], w.shape[0], x.dtype)
     b = None if bias is None else bias.to(DEVICE)
     return bsr_linear(x.to(DEVICE), p["crow_indices"], p["col_indices"], p["values"], b,
@@ -98,7 +98,7 @@ TILED_KEYS = ("tile_crow", "tile_col", "tile_offsets", "row_offsets", "bitmaps",
 
 
 def run_tiled(x, w, bias, tile_m, config=None):
-    p = to_device(ops.pack_tiled(w, tile_m=tile_m))
+    p = to_device(Tiled.from_dense(w, tile_m=tile_m).buffers())
     out = poisoned(x.shape[0], w.shape[0], x.dtype)
     b = None if bias is None else bias.to(DEVICE)
     return tiled_linear(x.to(DEVICE), *(p[key] for key in TILED_KEYS), b, w.shape[0],
@@ -143,7 +143,7 @@ def test_csr_launch_configs(config):
 
 def test_csr_int32_indices_and_noncontiguous_x():
     w, _ = make_weight(20, 40, 0.3, torch.float32)
-    p = to_device(ops.pack_csr(w, index_dtype=torch.int32))
+    p = to_device(CSR.from_dense(w, index_dtype=torch.int32).buffers())
     x = make_x(40, 6, torch.float32).t()  # [6, 40] with strides (1, 6)
     y = csr_linear(x.to(DEVICE), p["crow_indices"], p["col_indices"], p["values"], p["row_order"])
     assert_close(y, x, w, None)
@@ -222,17 +222,17 @@ def test_tiled_split_k(dtype):
 
 def test_wrappers_reject_bad_inputs(monkeypatch):
     w, _ = make_weight(8, 16, 0.5, torch.float32)
-    p = to_device(ops.pack_csr(w))
+    p = to_device(CSR.from_dense(w).buffers())
     args = (p["crow_indices"], p["col_indices"], p["values"], p["row_order"])
     with pytest.raises(TypeError, match="x must be float32"):
         csr_linear(torch.ones(2, 16, dtype=torch.int32, device=DEVICE), *args)
     with pytest.raises(ValueError, match="bias must have shape"):
         csr_linear(make_x(2, 16, torch.float32).to(DEVICE), *args, torch.ones(3, device=DEVICE))
-    q = to_device(ops.pack_bsr(w, 8))
+    q = to_device(BSR.from_dense(w, 8).buffers())
     with pytest.raises(ValueError, match="blocksize must be one of"):
         bsr_linear(make_x(2, 16, torch.float32).to(DEVICE), q["crow_indices"],
                    q["col_indices"], q["values"], None, 8)  # fmt: skip
-    q = to_device(ops.pack_bsr(w, 16))
+    q = to_device(BSR.from_dense(w, 16).buffers())
     with pytest.raises(ValueError, match="out_features=40"):
         bsr_linear(make_x(2, 16, torch.float32).to(DEVICE), q["crow_indices"],
                    q["col_indices"], q["values"], None, 40)  # fmt: skip

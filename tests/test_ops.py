@@ -1,11 +1,11 @@
-"""Packers, pure-torch references and the torch.ops.ticketc custom ops on CPU."""
+"""Pure-torch references and the torch.ops.ticketc custom ops on CPU."""
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from ticketc import ops
+from ticketc.formats import BSR, CSR, Tiled
+from ticketc.ops import registration
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -38,124 +38,18 @@ def assert_matches(y, ref, dtype):
 
 
 def csr_args(w, x, bias, **kw):
-    p = ops.pack_csr(w, **kw)
+    p = CSR.from_dense(w, **kw).buffers()
     return (x, p["crow_indices"], p["col_indices"], p["values"], p["row_order"], bias)
 
 
 def bsr_args(w, x, bias, blocksize):
-    p = ops.pack_bsr(w, blocksize)
+    p = BSR.from_dense(w, blocksize).buffers()
     return (x, p["crow_indices"], p["col_indices"], p["values"], bias, w.shape[0])
 
 
 def tiled_args(w, x, bias, tile_m=32):
-    p = ops.pack_tiled(w, tile_m=tile_m)
+    p = Tiled.from_dense(w, tile_m=tile_m).buffers()
     return (x, *(p[key] for key in TILED_KEYS), bias, w.shape[0])
-
-
-# -------------------------------------------------------------------------------- packers
-
-
-@pytest.mark.parametrize("density", [0.0, 0.001, 0.036, 0.5, 1.0])
-@pytest.mark.parametrize("shape", [(1, 9), (9, 1), (37, 70)])
-def test_pack_csr_round_trips_and_sorts_rows(shape, density):
-    w = masked_weight(*shape, density)
-    p = ops.pack_csr(w)
-    assert torch.equal(ops.unpack_csr(p, shape), w)
-    assert p["crow_indices"].dtype == torch.int32 and p["row_order"].dtype == torch.int32
-    assert p["col_indices"].dtype == torch.int16
-    lengths = (p["crow_indices"][1:] - p["crow_indices"][:-1])[p["row_order"].long()]
-    assert (lengths[:-1] >= lengths[1:]).all(), "row_order must list longest rows first"
-    assert sorted(p["row_order"].tolist()) == list(range(shape[0]))
-    assert p["values"].numel() == int((w != 0).sum())
-
-
-def test_pack_csr_index_dtype_follows_k():
-    assert ops.pack_csr(torch.ones(2, 32768))["col_indices"].dtype == torch.int16
-    wide = torch.zeros(1, 32769)
-    wide[0, -1] = 1.0
-    p = ops.pack_csr(wide)
-    assert p["col_indices"].dtype == torch.int32 and p["col_indices"].item() == 32768
-    assert ops.pack_csr(torch.ones(2, 3), index_dtype=torch.int32)["col_indices"].dtype == (
-        torch.int32
-    )
-
-
-def test_pack_keeps_explicit_zeros_under_a_mask_and_flattens_conv_weights():
-    w = torch.zeros(4, 2, 3, 3)
-    mask = torch.zeros(4, 2, 3, 3, dtype=torch.bool)
-    mask[1, 0, 0, 0] = mask[3, 1, 2, 2] = True
-    p = ops.pack_csr(w, mask=mask)
-    assert p["values"].numel() == 2
-    assert p["crow_indices"].tolist() == [0, 0, 1, 1, 2]
-    assert p["col_indices"].tolist() == [0, 17]
-    assert ops.pack_tiled(w, mask=mask)["values"].numel() == 2
-    assert ops.pack_bsr(w, 2, mask=mask)["col_indices"].numel() == 2
-
-
-@pytest.mark.parametrize("blocksize", [1, 3, 16])
-@pytest.mark.parametrize("density", [0.0, 0.05, 1.0])
-def test_pack_bsr_round_trips(blocksize, density):
-    w = masked_weight(37, 70, density)
-    p = ops.pack_bsr(w, blocksize)
-    assert torch.equal(ops.unpack_bsr(p, w.shape), w)
-    assert p["values"].shape[1:] == (blocksize, blocksize)
-    mb = -(-37 // blocksize)
-    assert p["crow_indices"].numel() == mb + 1
-    nonzero_blocks = {(r // blocksize, c // blocksize) for r, c in (w != 0).nonzero().tolist()}
-    assert p["values"].shape[0] == len(nonzero_blocks)
-
-
-@pytest.mark.parametrize("tile_m", [16, 32, 64])
-@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
-def test_pack_tiled_round_trips_and_offsets_locate_rows(tile_m, density):
-    w = masked_weight(70, 100, density)
-    p = ops.pack_tiled(w, tile_m=tile_m)
-    assert torch.equal(ops.unpack_tiled(p, w.shape), w)
-    assert p["bitmaps"].shape == p["row_offsets"].shape == (p["tile_col"].numel(), tile_m)
-    # Decode every tile row through the offsets, as the kernel does, and compare.
-    rows = torch.repeat_interleave(
-        torch.arange(p["tile_crow"].numel() - 1), (p["tile_crow"][1:] - p["tile_crow"][:-1]).long()
-    )
-    for t in range(p["tile_col"].numel()):
-        for i in range(tile_m):
-            word = int(p["bitmaps"][t, i]) & 0xFFFFFFFF
-            cols = [j for j in range(32) if word >> j & 1]
-            start = int(p["tile_offsets"][t]) + int(p["row_offsets"][t, i])
-            r = int(rows[t]) * tile_m + i
-            got = p["values"][start : start + len(cols)]
-            want = w[r, [32 * int(p["tile_col"][t]) + j for j in cols]] if cols else got
-            assert torch.equal(got, want)
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    m=st.integers(1, 40),
-    k=st.integers(1, 80),
-    density=st.sampled_from([0.0, 0.02, 0.3, 1.0]),
-    seed=st.integers(0, 2**16),
-)
-def test_all_formats_round_trip(m, k, density, seed):
-    w = masked_weight(m, k, density, seed)
-    assert torch.equal(ops.unpack_csr(ops.pack_csr(w), (m, k)), w)
-    assert torch.equal(ops.unpack_bsr(ops.pack_bsr(w, 16), (m, k)), w)
-    assert torch.equal(ops.unpack_tiled(ops.pack_tiled(w, tile_m=16), (m, k)), w)
-
-
-def test_packers_reject_bad_input():
-    with pytest.raises(ValueError, match="2-D"):
-        ops.pack_csr(torch.ones(5))
-    with pytest.raises(TypeError, match="floating point"):
-        ops.pack_csr(torch.ones(2, 2, dtype=torch.int64))
-    with pytest.raises(ValueError, match="index_dtype"):
-        ops.pack_csr(torch.ones(2, 2), index_dtype=torch.int8)
-    with pytest.raises(ValueError, match="K = 40000"):
-        ops.pack_csr(torch.ones(1, 40000), index_dtype=torch.int16)
-    with pytest.raises(ValueError, match="mask shape"):
-        ops.pack_csr(torch.ones(2, 2), mask=torch.ones(2, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="blocksize"):
-        ops.pack_bsr(torch.ones(2, 2), 0)
-    with pytest.raises(ValueError, match="tile_m"):
-        ops.pack_tiled(torch.ones(2, 2), tile_m=8)
 
 
 # ---------------------------------------------------------------------------- references
@@ -225,7 +119,7 @@ def test_cpu_csr_refuses_an_input_narrower_than_the_weight(n):
 def chain_args(widths, density, x, relus, seed=0):
     layers = [masked_weight(m, k, density, seed=seed + i) for i, (k, m) in
               enumerate(zip(widths, widths[1:], strict=False))]  # fmt: skip
-    packed = [ops.pack_csr(w) for w in layers]
+    packed = [CSR.from_dense(w).buffers() for w in layers]
     biases = [rand(w.shape[0], seed=seed + 10 + i) if i % 2 == 0 else None
               for i, w in enumerate(layers)]  # fmt: skip
     args = (x, [p["crow_indices"] for p in packed], [p["col_indices"] for p in packed],
@@ -247,7 +141,7 @@ def test_csr_chain_op_matches_its_layers(dtype, n):
     assert_matches(y, ref, dtype) if dtype != torch.float64 else torch.testing.assert_close(
         y, ref, rtol=1e-12, atol=1e-12
     )
-    twin = ops._csr_chain_default(*args)  # the reference, layer by layer
+    twin = registration._csr_chain_default(*args)  # the reference, layer by layer
     assert_matches(twin, ref, dtype) if dtype != torch.float64 else torch.testing.assert_close(
         twin, ref, rtol=1e-12, atol=1e-12
     )
@@ -263,7 +157,7 @@ def test_csr_chain_op_rejects_mismatched_lists():
 def conv_args(x, weight_shape, density, stride, padding, dilation, groups, relu, bias=True):
     w = masked_weight(weight_shape[0], int(torch.Size(weight_shape[1:]).numel()), density)
     w = w.reshape(weight_shape)
-    p = ops.pack_csr(w)
+    p = CSR.from_dense(w).buffers()
     b = rand(weight_shape[0], seed=3) if bias else None
     args = (x, p["crow_indices"], p["col_indices"], p["values"], b, list(weight_shape),
             list(stride), list(padding), list(dilation), groups, relu)  # fmt: skip
@@ -364,7 +258,7 @@ def test_opcheck(op, n):
 class _SparseLinear(torch.nn.Module):
     def __init__(self, w, bias):
         super().__init__()
-        for name, t in ops.pack_csr(w).items():
+        for name, t in CSR.from_dense(w).buffers().items():
             self.register_buffer(name, t)
         self.register_buffer("bias", bias)
 

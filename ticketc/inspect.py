@@ -24,7 +24,7 @@ class LayerStats:
     nnz: int
     density: float
     dense_bytes: int  # fp32
-    csr_bytes: int
+    csr_bytes: int  # CSR as the CPU runtime stores it (ticketc.formats.csr: int32 indices)
     codec_bytes: int  # compact codec, fp32 values (lossless)
     codec: str
     block_occupancy: dict[int, float]  # block size -> fraction of b x b blocks holding a nonzero
@@ -65,7 +65,7 @@ class Inspection:
 def layer_stats(name: str, weight: torch.Tensor) -> LayerStats:
     from ticketc.formats.bsr import block_occupancy
     from ticketc.formats.compact import Compact
-    from ticketc.formats.csr import CSR
+    from ticketc.formats.csr import CSR, index_dtype_for
 
     weight = weight.detach().float().cpu()
     rows = weight.shape[0] if weight.dim() else 1
@@ -79,7 +79,7 @@ def layer_stats(name: str, weight: torch.Tensor) -> LayerStats:
         nnz=nnz,
         density=nnz / max(weight.numel(), 1),
         dense_bytes=4 * weight.numel(),
-        csr_bytes=CSR.from_dense(matrix).nbytes,
+        csr_bytes=CSR.from_dense(matrix, index_dtype=index_dtype_for("cpu")).nbytes,
         codec_bytes=compact.nbytes,
         codec=f"{compact.positions_kind}+{compact.values_kind}",
         block_occupancy={b: block_occupancy(matrix, b) for b in BLOCK_SIZES},

@@ -97,7 +97,7 @@ def _per(fn, units: float, budget_s: float = 0.04) -> float:  # type: ignore[no-
 @torch.no_grad()
 def measure_calibration(threads: int) -> CpuCalibration:
     """Time the reference kernels at `threads` (torch's setting): about a second."""
-    from ticketc import ops
+    from ticketc.formats.csr import CSR, index_dtype_for
     from ticketc.kernels import csr_chain_cpu, csr_conv_cpu
 
     g = torch.Generator().manual_seed(0)
@@ -122,10 +122,8 @@ def measure_calibration(threads: int) -> CpuCalibration:
     dense_dw = _per(lambda: F.conv2d(img2, wd, padding=1, groups=128), 128 * 9 * 28 * 28)
 
     def chain_of(w: torch.Tensor) -> csr_chain_cpu.CsrChain:
-        p = ops.pack_csr(w, index_dtype=torch.int32)
-        layer = csr_chain_cpu.CsrLayer.of(
-            p["crow_indices"], p["col_indices"], p["values"], None, w.shape[1]
-        )
+        p = CSR.from_dense(w, index_dtype=index_dtype_for("cpu"))
+        layer = csr_chain_cpu.CsrLayer.of(p.crow_indices, p.col_indices, p.values, None, p.cols)
         return csr_chain_cpu.CsrChain([layer], [False])
 
     small = chain_of(sparse(16, 16, 0.5))
@@ -139,10 +137,10 @@ def measure_calibration(threads: int) -> CpuCalibration:
     transpose /= 64 * 2048
 
     def conv_of(w: torch.Tensor, stride: int, pad: int) -> csr_conv_cpu.CsrConv:
-        p = ops.pack_csr(w, index_dtype=torch.int32)
+        p = CSR.from_dense(w, index_dtype=index_dtype_for("cpu"))
         m, c, kh, kw = w.shape
         geom = csr_conv_cpu.ConvGeometry(c, m, (kh, kw), (stride, stride), (pad,) * 4, (1, 1), 1)
-        return csr_conv_cpu.CsrConv(p["crow_indices"], p["col_indices"], p["values"], None, geom)
+        return csr_conv_cpu.CsrConv(p.crow_indices, p.col_indices, p.values, None, geom)
 
     tiny_img = rand(1, 4, 4, 4)
     tiny_conv = conv_of(sparse(4, 36, 0.5).reshape(4, 4, 3, 3), 1, 1)

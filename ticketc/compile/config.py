@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ticketc.formats import LAYOUTS
+
 DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -16,7 +18,6 @@ DTYPES = {
     "float64": torch.float64,
 }
 DEVICES = ("cpu", "cuda")
-SPARSE_FORMATS = ("csr", "bsr", "tiled")
 BSR_BLOCKSIZES = (16, 32)  # the block sizes the planner tries; a plan file may name others
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -56,7 +57,7 @@ class CompileConfig:
     filter_fn: FilterFn | None = None
     plan_path: str | None = None
     tune: bool = False
-    formats: tuple[str, ...] = SPARSE_FORMATS
+    formats: tuple[str, ...] = tuple(LAYOUTS)
     min_speedup: float = 1.1
     dead_units: bool = True
     calibrate: bool = True
@@ -77,10 +78,10 @@ class CompileConfig:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"filter_fn must be callable, got {type(self.filter_fn).__name__}")
-        unknown = [f for f in self.formats if f not in SPARSE_FORMATS]
+        unknown = [f for f in self.formats if f not in LAYOUTS]
         if unknown:
             raise ValueError(
-                f"unknown sparse format(s) {unknown}; known: {', '.join(SPARSE_FORMATS)}"
+                f"unknown sparse format(s) {unknown}; known: {', '.join(LAYOUTS)}"
             )
         if not self.min_speedup >= 1.0:
             raise ValueError(

@@ -17,6 +17,7 @@ import torch
 
 from ticketc.compile.calibrate import CpuCalibration
 from ticketc.compile.config import BSR_BLOCKSIZES
+from ticketc.formats.layout import nonempty_blocks
 
 TILE = 32  # tiled format: 32 x 32 bitmap tiles (tile_m = 32)
 
@@ -154,39 +155,39 @@ class DeviceCosts:
     cache_bandwidth: float  # bytes/s when the working set fits in cache
     cache_bytes: int
     index_bytes: int  # bytes per CSR column index as stored for this device
-    formats: dict[str, FormatCost]  # format kind -> cost; a missing kind is no candidate
+    formats: dict[str, FormatCost]  # layout -> cost; a missing layout is no candidate
 
     def candidates(self, g: Gemm, formats: tuple[str, ...]) -> list[str]:
         """Formats worth predicting for this layer on this device: dense first."""
         names = ["dense"]
-        for kind in formats:
-            if kind not in self.formats:
+        for layout in formats:
+            if layout not in self.formats:
                 continue
-            if kind == "bsr":
+            if layout == "bsr":
                 names += [f"bsr({b})" for b in BSR_BLOCKSIZES if b in g.blocks]
             else:
-                names.append(kind)
+                names.append(layout)
         return names
 
     def predict(self, fmt: str, g: Gemm) -> float:
         """Predicted seconds for one call of the layer in format `fmt`."""
-        kind, b = parse_format(fmt)
-        cost = self.formats[kind]
+        layout, b = parse_format(fmt)
+        cost = self.formats[layout]
         s = g.itemsize
         n = g.n * (g.conv.oh * g.conv.ow if g.conv is not None else 1)  # GEMM rows
         io = (n * g.k + n * g.m) * s
-        if kind == "dense":
+        if layout == "dense":
             work, weight_bytes = 2 * n * g.m * g.k, g.m * g.k * s
-        elif kind == "csr":
+        elif layout == "csr":
             work, weight_bytes = 2 * n * g.nnz, g.nnz * (s + self.index_bytes) + 4 * (g.m + 1)
-        elif kind == "bsr":
+        elif layout == "bsr":
             assert b is not None
             nb = g.blocks[b]
             work, weight_bytes = 2 * n * nb * b * b, nb * (b * b * s + 4) + 4 * (g.m // b + 2)
         else:  # tiled: values + a bitmap word and a row offset per tile row + per-tile indices
             work = 2 * n * g.tiles * TILE * TILE
             weight_bytes = g.nnz * s + g.tiles * (TILE * 6 + 8)
-        if g.conv is not None and kind != "dense":
+        if g.conv is not None and layout != "dense":
             io += 2 * n * g.k * s  # unfold writes the patches and the GEMM reads them back
         nbytes = weight_bytes + io
         bandwidth = self.cache_bandwidth if nbytes <= self.cache_bytes else self.bandwidth
@@ -217,26 +218,27 @@ def _h200(dtype: torch.dtype) -> DeviceCosts:
 CostModel = CpuCosts | DeviceCosts
 
 
-def device_costs(kind: str, dtype: torch.dtype, *, calibrate: bool = False) -> CostModel:
-    """The cost model for device kind "cpu" or "cuda" at `dtype`. CPU: rates measured on this
+def device_costs(device: str, dtype: torch.dtype, *, calibrate: bool = False) -> CostModel:
+    """The cost model for device type "cpu" or "cuda" at `dtype`. CPU: rates measured on this
     machine at torch's thread count when `calibrate` (cached per process), else the reference
     rates of ticketc.compile.calibrate."""
-    if kind == "cpu":
+    if device == "cpu":
         from ticketc.compile.calibrate import calibration
 
         slow = 1.0 if dtype in (torch.float32, torch.float64) else 0.25
         itemsize = torch.empty((), dtype=dtype).element_size()
         return CpuCosts(calibration(measure=calibrate), itemsize, slow)
-    if kind == "cuda":
+    if device == "cuda":
         return _h200(dtype)
-    raise ValueError(f"no cost model for device kind {kind!r}; known: cpu, cuda")
+    raise ValueError(f"no cost model for device type {device!r}; known: cpu, cuda")
 
 
 _BSR = re.compile(r"bsr\((\d+)\)")
 
 
 def parse_format(name: str) -> tuple[str, int | None]:
-    """ "dense" | "csr" | "tiled" | "bsr(B)" -> (kind, blocksize or None)."""
+    """ "dense" | "csr" | "tiled" | "bsr(B)" -> (layout, blocksize or None): the layout is
+    "dense" or a name in ticketc.formats.LAYOUTS."""
     if name in ("dense", "csr", "tiled"):
         return name, None
     match = _BSR.fullmatch(name)
@@ -263,7 +265,4 @@ def gemm_stats(keep: torch.Tensor, n: int, itemsize: int, *, conv: ConvShape | N
 
 
 def _nonempty(keep: torch.Tensor, bm: int, bk: int) -> int:
-    m, k = keep.shape
-    mp, kp = -(-m // bm) * bm, -(-k // bk) * bk
-    padded = torch.nn.functional.pad(keep.to(torch.uint8), (0, kp - k, 0, mp - m))
-    return int(padded.reshape(mp // bm, bm, kp // bk, bk).amax(dim=(1, 3)).sum())
+    return int(nonempty_blocks(keep, bm, bk).sum())

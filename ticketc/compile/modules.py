@@ -1,12 +1,12 @@
 """Sparse replacements for Linear and Conv1d/Conv2d that hold only the packed sparse data.
 
-Buffers are exactly what `ticketc.ops.pack_*` returns (plus the bias), so a compiled model's
-state dict, `torch.export` program and memory hold no dense-size copy of a pruned weight. They
-keep the interface code reads from the layers they replace: `weight` (a dense tensor built on
-each access: reading it costs a full unpack, so the planner keeps dense any layer whose weight
-the model itself reads while running), `bias`, `in_features` / `out_features`,
-`in_channels` / `out_channels`, `kernel_size` / `stride` / `padding` / `dilation` as tuples of
-the layer's own length (1 for Conv1d), `groups`, `padding_mode`.
+Buffers are exactly the arrays of a ticketc.formats layout (CSR, BSR, Tiled) plus the bias, so a
+compiled model's state dict, `torch.export` program and memory hold no dense-size copy of a
+pruned weight. They keep the interface code reads from the layers they replace: `weight` (a
+dense tensor built on each access: reading it costs a full unpack, so the planner keeps dense
+any layer whose weight the model itself reads while running), `bias`, `in_features` /
+`out_features`, `in_channels` / `out_channels`, `kernel_size` / `stride` / `padding` /
+`dilation` as tuples of the layer's own length (1 for Conv1d), `groups`, `padding_mode`.
 
 The forward calls ticketc's kernels: in eager CPU fp32 mode the Numba kernels directly (no
 dispatcher), otherwise the `torch.ops.ticketc.*` custom ops (CPU, CUDA, and fake kernels for
@@ -24,28 +24,21 @@ from torch import Tensor, nn
 
 import ticketc.ops as ops  # registers torch.ops.ticketc.*
 from ticketc.compile.costs import parse_format
-
-# Buffer names per format, in the order the op takes them.
-BUFFERS = {
-    "csr": ("crow_indices", "col_indices", "values", "row_order"),
-    "bsr": ("crow_indices", "col_indices", "values"),
-    "tiled": ("tile_crow", "tile_col", "tile_offsets", "row_offsets", "bitmaps", "values"),
-}
-_UNPACK = {"csr": ops.unpack_csr, "bsr": ops.unpack_bsr, "tiled": ops.unpack_tiled}
+from ticketc.formats import BSR, CSR, LAYOUTS, Tiled
+from ticketc.formats.csr import index_dtype_for
 
 
-def pack(weight: Tensor, fmt: str, *, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Pack a 2-D weight (zeros = pruned) into the buffers of sparse format `fmt`."""
-    kind, blocksize = parse_format(fmt)
-    if kind == "csr":
-        # The CPU kernels take int32 indices; the Triton kernels prefer int16.
-        index_dtype = torch.int32 if torch.device(device).type == "cpu" else None
-        return ops.pack_csr(weight, index_dtype=index_dtype)
-    if kind == "bsr":
+def pack(weight: Tensor, fmt: str, *, device: str | torch.device = "cpu") -> CSR | BSR | Tiled:
+    """The weight (zeros = pruned) in sparse format `fmt`, with the index dtypes the runtime
+    uses on `device`."""
+    layout, blocksize = parse_format(fmt)
+    if layout == "csr":
+        return CSR.from_dense(weight, index_dtype=index_dtype_for(device))
+    if layout == "bsr":
         assert blocksize is not None
-        return ops.pack_bsr(weight, blocksize)
-    if kind == "tiled":
-        return ops.pack_tiled(weight)
+        return BSR.from_dense(weight, blocksize)
+    if layout == "tiled":
+        return Tiled.from_dense(weight)
     raise ValueError(f"format {fmt!r} is not sparse; dense layers keep their nn module")
 
 
@@ -97,7 +90,7 @@ _CSR = ("crow_indices", "col_indices", "values", "bias")
 class SparseLinear(nn.Module):
     """y = x @ W.T + b with W stored in one sparse format (csr, bsr(B) or tiled)."""
 
-    # Buffers (those of the chosen format are registered; see BUFFERS).
+    # Buffers (those of the chosen format's `BUFFERS` are registered).
     crow_indices: Tensor
     col_indices: Tensor
     values: Tensor
@@ -118,15 +111,15 @@ class SparseLinear(nn.Module):
         bias: Tensor | None,
     ) -> None:
         super().__init__()
-        kind, _ = parse_format(fmt)
-        if kind not in BUFFERS:
+        layout, _ = parse_format(fmt)
+        if layout not in LAYOUTS:
             raise ValueError(f"format {fmt!r} is not sparse; known: csr, bsr(B), tiled")
-        missing = set(BUFFERS[kind]) - set(buffers)
+        missing = set(LAYOUTS[layout].BUFFERS) - set(buffers)
         if missing:
             raise ValueError(f"{fmt} buffers lack {sorted(missing)}")
         self.in_features, self.out_features = in_features, out_features
-        self.format, self.kind = fmt, kind
-        for name in BUFFERS[kind]:
+        self.format, self.layout = fmt, layout
+        for name in LAYOUTS[layout].BUFFERS:
             self.register_buffer(name, buffers[name])
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.relu = False  # a ReLU fused after the product (see ticketc.compile.lower)
@@ -138,7 +131,8 @@ class SparseLinear(nn.Module):
     ) -> SparseLinear:
         """Pack `weight` [out, in] (pruned entries are zeros)."""
         weight = weight.detach()
-        return cls(weight.shape[1], weight.shape[0], fmt, pack(weight, fmt, device=device), bias)
+        buffers = pack(weight, fmt, device=device).buffers()
+        return cls(weight.shape[1], weight.shape[0], fmt, buffers, bias)
 
     @property
     def weight(self) -> Tensor:
@@ -146,15 +140,16 @@ class SparseLinear(nn.Module):
         access (not a parameter: changing it changes nothing)."""
         self.weight_reads += 1
         b = cast(dict[str, Tensor], self._buffers)
-        return _UNPACK[self.kind](b, (self.out_features, self.in_features))
+        shape = (self.out_features, self.in_features)
+        return LAYOUTS[self.layout].from_buffers(shape, b).to_dense()
 
     @property
     def nnz(self) -> int:
-        return int(self.values.count_nonzero()) if self.kind == "bsr" else self.values.numel()
+        return int(self.values.count_nonzero()) if self.layout == "bsr" else self.values.numel()
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if self.kind == "csr" and _eager_cpu_fp32(x2, self._buffers["values"]):
+        if self.layout == "csr" and _eager_cpu_fp32(x2, self._buffers["values"]):
             chain = self.cpu_chain()  # the common CPU case, with the least Python per call
             one = x2.shape[0] == 1 and x2.shape[1] == self.in_features
             y = chain.one(x2) if one else chain(x2)
@@ -164,11 +159,11 @@ class SparseLinear(nn.Module):
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def _op(self, x: Tensor) -> Tensor:
-        if self.kind == "csr":
+        if self.layout == "csr":
             return torch.ops.ticketc.csr_linear(
                 x, self.crow_indices, self.col_indices, self.values, self.row_order, self.bias
             )
-        if self.kind == "bsr":
+        if self.layout == "bsr":
             return torch.ops.ticketc.bsr_linear(
                 x, self.crow_indices, self.col_indices, self.values, self.bias, self.out_features
             )
@@ -220,7 +215,8 @@ class SparseConv1D(SparseLinear):
     ) -> SparseConv1D:
         weight = cast(Tensor, layer.weight).detach().t()  # [out, in]
         bias = cast(Tensor | None, layer.bias)
-        sparse = cls(weight.shape[1], weight.shape[0], fmt, pack(weight, fmt, device=device), bias)
+        buffers = pack(weight, fmt, device=device).buffers()
+        sparse = cls(weight.shape[1], weight.shape[0], fmt, buffers, bias)
         sparse.nf, sparse.nx = sparse.out_features, sparse.in_features
         return sparse
 
@@ -314,13 +310,12 @@ class SparseConv(nn.Module):
             if self.dims == 1
             else self.weight_shape
         )
-        self.kind, _ = parse_format(fmt)
+        self.layout, _ = parse_format(fmt)
         self.format = fmt
         weight = conv.weight.detach()
-        if self.kind == "csr":
-            buffers = pack(weight, "csr", device=device)
-            for name in BUFFERS["csr"]:
-                self.register_buffer(name, buffers[name])
+        if self.layout == "csr":
+            for name, t in pack(weight, "csr", device=device).buffers().items():
+                self.register_buffer(name, t)
             self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
         else:
             self.gemm = SparseLinear.from_dense(
@@ -331,14 +326,13 @@ class SparseConv(nn.Module):
     def weight(self) -> Tensor:
         """The dense weight [out, in/groups, *kernel_size], built on each access."""
         self.weight_reads += 1
-        if self.kind != "csr":
+        if self.layout != "csr":
             full = self.gemm.weight.reshape(self.out_channels, self.in_channels, -1)
             og, cg = self.out_channels // self.groups, self.in_channels // self.groups
             parts = [full[g * og : (g + 1) * og, g * cg : (g + 1) * cg] for g in range(self.groups)]
             return torch.cat(parts).reshape(self.weight_shape)
         b = cast(dict[str, Tensor], self._buffers)
-        flat = (self.weight_shape[0], int(torch.Size(self.weight_shape[1:]).numel()))
-        return ops.unpack_csr(b, flat).reshape(self.weight_shape)
+        return CSR.from_buffers(self.weight_shape, b).to_dense()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.dims == 1:
@@ -349,7 +343,7 @@ class SparseConv(nn.Module):
             pads: tuple[int, int, int, int] = (0, 0, 0, 0)
         else:
             pads = self.pads
-        if self.kind == "csr":
+        if self.layout == "csr":
             y = self._csr(x, pads)
         else:
             y = self._gemm(x, pads)
@@ -491,7 +485,7 @@ def _steps(children: list[nn.Module]) -> list[Any]:
 
 
 def is_csr_linear(module: nn.Module) -> bool:
-    return type(module) is SparseLinear and module.kind == "csr"
+    return type(module) is SparseLinear and module.layout == "csr"
 
 
 def _eager_cpu_fp32(x: Tensor, values: Tensor | None) -> bool:

@@ -6,7 +6,7 @@ the stacked optimizer is exactly M independent ones. Two forward/backward paths:
 
 - `Flatten? (Linear ReLU)* Linear` Sequentials (Lenet-300-100): hand-written forward and
   backward with `baddbmm`, no autograd graph, no per-member Python; layers whose masks are
-  sparse enough train in CSR form (`CsrStackedLinear`), and then the whole MLP runs on
+  sparse enough train in CSR form (`StackedCsrLinear`), and then the whole MLP runs on
   feature-major activations [M, features, B'];
 - anything else: `torch.func.vmap` over `grad` of a `functional_call`, with the network in
   training mode (BatchNorm normalises with each member's batch statistics and updates that
@@ -34,7 +34,7 @@ from torch import nn
 
 from ticketc.find.distributed import SINGLE, Ranks, broadcast_tensors_
 from ticketc.find.pruning import Masks
-from ticketc.find.sparse_layer import CsrStackedLinear
+from ticketc.find.sparse_layer import StackedCsrLinear
 from ticketc.find.stacked import StackedMembers, mlp_layers
 from ticketc.kernels import csr_cpu
 
@@ -85,7 +85,7 @@ class Ensemble:
             self.ddp = DistributedDataParallel(
                 StackedMembers(self.base, self.params, self.buffers))
         # CSR-trained layers, by weight name: those whose every member is below sparse_below
-        self.sparse: dict[str, CsrStackedLinear] = {}
+        self.sparse: dict[str, StackedCsrLinear] = {}
         self._dense_stale = False  # the dense copies of the sparse layers lag their values
         for prefix in self.mlp or []:
             name = f"{prefix}.weight"
@@ -94,7 +94,7 @@ class Ensemble:
             if float(self.masks[name].float().mean((1, 2)).max()) < sparse_below:
                 with torch.no_grad():
                     self.params[name].mul_(self.masks[name])
-                self.sparse[name] = CsrStackedLinear(self.params[name].detach(), self.masks[name])
+                self.sparse[name] = StackedCsrLinear(self.params[name].detach(), self.masks[name])
                 self._mask_values.pop(name, None)  # written only at survivors: no mask to apply
         # The optimizer's parameters, in the order of self.params (sparse layers: their values).
         self._opt_params = [
@@ -161,7 +161,6 @@ class Ensemble:
         layout."""
         if not self.sparse:
             return self.step(x_all[idx], y_all[idx], seed=seed)
-        csr_cpu.use_torch_threads()  # the Numba kernels run on torch's threads (--threads)
         xt = csr_cpu.gather_t(x_all.reshape(len(x_all), -1), idx)  # [M, in, B']
         return self._step(xt, y_all[idx], feature_major=True)
 
@@ -323,7 +322,6 @@ class Ensemble:
 
     def _logits_shared(self, x: torch.Tensor) -> torch.Tensor:
         if self.mlp is not None and self.sparse:  # one feature-major input for every member
-            csr_cpu.use_torch_threads()
             a = csr_cpu.transpose_padded(x.reshape(len(x), -1)).unsqueeze(0)
             for i, prefix in enumerate(self.mlp):
                 a = self._linear_t(prefix, a)
@@ -352,7 +350,7 @@ class Ensemble:
 
     # -- state ------------------------------------------------------------------------------
 
-    def _sparse_of(self, p: torch.Tensor) -> CsrStackedLinear | None:
+    def _sparse_of(self, p: torch.Tensor) -> StackedCsrLinear | None:
         """The CSR layer whose values `p` is, if any."""
         return next((layer for layer in self.sparse.values() if layer.values is p), None)
 

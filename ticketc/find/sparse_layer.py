@@ -17,39 +17,40 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ticketc.formats.csr import CSR
+from ticketc.formats.layout import rows_of
 from ticketc.kernels import csr_cpu
 
 
-def _csr(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """crow_indices, int32 col_indices and row indices of the survivors of masks [M, out, in],
-    as one CSR matrix of M * out rows, in row-major order."""
-    flat = masks.reshape(-1, masks.shape[-1])
-    rows, cols = flat.nonzero(as_tuple=True)
-    counts = torch.bincount(rows, minlength=flat.shape[0])
-    crow = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-    return crow, cols.to(torch.int32), rows
+def _csr(weight: torch.Tensor, masks: torch.Tensor) -> CSR:
+    """The survivors of weight / masks [M, out, in] as one CSR matrix of M * out rows, with
+    the int32 indices the kernels take."""
+    flat = weight.detach().reshape(-1, weight.shape[-1])
+    return CSR.from_dense(flat, masks.reshape(flat.shape), index_dtype=torch.int32)
 
 
-class CsrStackedLinear:
-    """The Linear layer of every member as one CSR matrix (not an nn.Module: the Ensemble
-    calls it from its own forward and backward)."""
+class StackedCsrLinear:
+    """The Linear layer of every member of an ensemble, its survivors trained in CSR form (not
+    an nn.Module: `ticketc.find.ensemble` calls its products and gradients)."""
 
     def __init__(self, weight: torch.Tensor, masks: torch.Tensor) -> None:
         # weight, masks: [M, out, in]
         self.m, self.out_features, self.in_features = weight.shape
-        self.crow, self.col, rows = _csr(masks)
+        csr = _csr(weight, masks)
+        self.crow, self.col = csr.crow_indices, csr.col_indices
+        rows = rows_of(self.crow)
         self.positions = rows * self.in_features + self.col.long()  # into weight.view(-1)
-        self.values = nn.Parameter(weight.detach().reshape(-1)[self.positions].clone())
+        self.values = nn.Parameter(csr.values.clone())
         # Wᵀ of every member ([M * in, out] CSR) and where each of its entries sits in `values`
         order = torch.full(masks.shape, -1, dtype=torch.int64)
         order[masks] = torch.arange(len(self.values))
-        self.crow_t, self.col_t, _ = _csr(masks.transpose(1, 2))
+        transposed = _csr(weight.transpose(1, 2), masks.transpose(1, 2))
+        self.crow_t, self.col_t = transposed.crow_indices, transposed.col_indices
         self.to_transposed = order.transpose(1, 2)[masks.transpose(1, 2)]
 
     @torch.no_grad()
     def forward(self, xt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """xt [M or 1, in, B'] (1: shared by every member), bias [M, out] -> [M, out, B']."""
-        csr_cpu.use_torch_threads()  # torch's thread count (--threads) governs the kernels too
         out = csr_cpu.csr_matmul_t(self.crow, self.col, self.values.detach(), xt, bias,
                                    groups=self.m)
         return out.view(self.m, self.out_features, -1)
@@ -57,7 +58,6 @@ class CsrStackedLinear:
     @torch.no_grad()
     def input_grads(self, g_t: torch.Tensor) -> torch.Tensor:
         """d loss / d input [M, in, B'] from g_t = d loss / d output [M, out, B']."""
-        csr_cpu.use_torch_threads()
         values_t = self.values.detach()[self.to_transposed]
         out = csr_cpu.csr_matmul_t(self.crow_t, self.col_t, values_t, g_t, groups=self.m)
         return out.view(self.m, self.in_features, -1)
@@ -66,7 +66,6 @@ class CsrStackedLinear:
     def value_grads(self, g_t: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         """d loss / d values from g_t = d loss / d output [M, out, B'] and the forward's input
         xt [M, in, B']."""
-        csr_cpu.use_torch_threads()
         return csr_cpu.csr_sampled_grad(self.crow, self.col, g_t.reshape(-1, g_t.shape[-1]),
                                         xt, groups=self.m)
 

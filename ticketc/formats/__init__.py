@@ -1,6 +1,9 @@
-"""Sparse storage formats of a masked weight, one file per format, and their registry.
+"""Sparse storage formats of a masked weight, one file per format.
 
-CSR and BSR are what the kernels run; Compact is the file codec behind the portable ONNX export.
+CSR (`csr.py`), BSR (`bsr.py`) and the tiled bitmap (`tiled.py`) hold exactly the arrays the
+kernels and custom ops take and a compiled layer stores; `LAYOUTS` names them as compile's
+format strings do ("csr", "bsr(B)", "tiled"). Compact (`compact.py`) is the file codec behind
+the portable ONNX export. `layout.py` holds what the first three share.
 """
 
 from __future__ import annotations
@@ -8,31 +11,20 @@ from __future__ import annotations
 from ticketc.formats.bsr import BSR, block_occupancy
 from ticketc.formats.compact import POSITIONS_KINDS, VALUES_KINDS, Compact, mask_entropy_bits
 from ticketc.formats.csr import CSR
+from ticketc.formats.tiled import Tiled
 
 __all__ = [
     "BSR",
     "CSR",
-    "FORMATS",
+    "LAYOUTS",
     "POSITIONS_KINDS",
     "VALUES_KINDS",
     "Compact",
+    "Tiled",
     "block_occupancy",
-    "get_format",
     "mask_entropy_bits",
 ]
 
-FORMATS: dict[str, type[CSR] | type[BSR] | type[Compact]] = {
-    "csr": CSR,
-    "bsr": BSR,
-    "compact": Compact,
-}
-
-
-def get_format(name: str) -> type[CSR] | type[BSR] | type[Compact]:
-    """The format class registered as `name`; ValueError listing the known names otherwise."""
-    try:
-        return FORMATS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown sparse format {name!r}; known: {', '.join(sorted(FORMATS))}"
-        ) from None
+# The runtime's sparse layouts by name: the type whose arrays a compiled layer of that layout
+# stores (`from_buffers` / `buffers()`).
+LAYOUTS: dict[str, type[CSR] | type[BSR] | type[Tiled]] = {"csr": CSR, "bsr": BSR, "tiled": Tiled}

@@ -1,74 +1,102 @@
-"""CSR (compressed sparse row) storage of a masked weight, the layout the sparse kernels run.
+"""CSR (compressed sparse row) storage of a masked weight, exactly as the runtime stores it.
 
-A weight of any rank is viewed as 2-D `(shape[0], -1)`: a conv weight `[out, in, kh, kw]`
-becomes `[out, in * kh * kw]`, the matrix its im2col product multiplies. `shape` keeps the
-original shape so `to_dense()` gives back exactly the tensor that went in.
+The arrays are the buffers of a compiled csr layer and the arguments of
+`torch.ops.ticketc.csr_linear` / `csr_chain` / `csr_conv2d`, in that order (`BUFFERS`):
 
-Index dtypes are chosen for bandwidth: `col_indices` is int16 when every column index fits
-(`cols <= 32768`), else int32; `crow_indices` is int32 unless nnz needs int64. Consumers that
-need wider indices call `.int()` / `.long()`.
+    crow_indices  int32 [M + 1]   (int64 only past 2**31 - 1 nonzeros)
+    col_indices   [nnz]           int32 for the CPU kernels (`index_dtype_for("cpu")`); int16
+                                  by default when every column fits (K <= 32768: half the
+                                  index traffic of the Triton kernel), else int32
+    values        [nnz]           the weight's dtype, row-major
+    row_order     int32 [M]       rows sorted by nnz, longest first (stable): the GPU kernel
+                                  gives neighbouring programs rows of similar length (Sputnik)
+
+over the weight's 2-D view [M, K] = (shape[0], prod(shape[1:])) (see `layout.view_2d`): a conv
+weight [out, in/groups, kh, kw] is stored as CSR over [out, in/groups * kh * kw]. `shape` keeps
+the original shape, so `to_dense()` gives back exactly the tensor that went in.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from torch import Tensor
 
-__all__ = ["CSR", "col_index_dtype", "crow_index_dtype", "view_2d"]
+from ticketc.formats.layout import (
+    INT16_MAX_COLS,
+    StoredArrays,
+    check_crow,
+    crow_from_counts,
+    masked_matrix,
+    rows_of,
+    view_2d,
+)
+
+__all__ = ["CSR", "index_dtype_for"]
+
+_INDEX_DTYPES = (torch.int16, torch.int32)
 
 
-def view_2d(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The 2-D shape `(shape[0], prod(shape[1:]))` under which CSR/BSR store a weight."""
-    if len(shape) == 0:
-        raise ValueError("a 0-d tensor has no rows: sparse formats need at least 1 dimension")
-    return shape[0], math.prod(shape[1:])
+def index_dtype_for(device: str | torch.device) -> torch.dtype | None:
+    """The column-index dtype the runtime stores on `device`: int32 on CPU (the Numba kernels
+    and torch's CSR take int32), None elsewhere (int16 when the columns fit)."""
+    return torch.int32 if torch.device(device).type == "cpu" else None
 
 
-def col_index_dtype(cols: int) -> torch.dtype:
-    """int16 when all column indices (< cols) fit, int32 otherwise."""
-    return torch.int16 if cols <= 2**15 else torch.int32
-
-
-def crow_index_dtype(nnz: int) -> torch.dtype:
-    """int32 row pointers unless nnz itself overflows int32."""
-    return torch.int32 if nnz < 2**31 else torch.int64
+def _row_order(crow: Tensor) -> Tensor:
+    counts = crow[1:] - crow[:-1]
+    return torch.argsort(counts, descending=True, stable=True).to(torch.int32)
 
 
 @dataclass(frozen=True, eq=False)
-class CSR:
-    """Nonzeros of a dense weight in CSR form over its 2-D view `(shape[0], -1)`.
+class CSR(StoredArrays):
+    """The kept entries of a weight in CSR form over its 2-D view `(shape[0], -1)`.
 
     `crow_indices[r]:crow_indices[r + 1]` slices the columns and values of row r; columns are
-    strictly increasing within a row. `values` keep the dense dtype.
+    strictly increasing within a row. `row_order` may be left out: it is derived from
+    `crow_indices`.
     """
 
+    BUFFERS: ClassVar[tuple[str, ...]] = ("crow_indices", "col_indices", "values", "row_order")
+
     shape: tuple[int, ...]
-    crow_indices: torch.Tensor
-    col_indices: torch.Tensor
-    values: torch.Tensor
+    crow_indices: Tensor
+    col_indices: Tensor
+    values: Tensor
+    row_order: Tensor | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if self.row_order is None:
+            object.__setattr__(self, "row_order", _row_order(self.crow_indices))
 
     @classmethod
-    def from_dense(cls, dense: torch.Tensor) -> CSR:
-        """Encode the nonzeros of `dense` (any rank >= 1; zeros are what the mask removed)."""
-        if not isinstance(dense, torch.Tensor):
-            raise TypeError(f"dense must be a torch.Tensor, got {type(dense).__name__}")
-        rows, cols = view_2d(tuple(dense.shape))
-        matrix = dense.detach().reshape(rows, cols)
-        row, col = (matrix != 0).nonzero(as_tuple=True)  # row-major order: rows sorted, cols sorted
-        nnz = row.numel()
-        counts = torch.bincount(row, minlength=rows)
-        crow = torch.zeros(rows + 1, dtype=torch.int64)
-        torch.cumsum(counts, 0, out=crow[1:])
+    def from_dense(
+        cls, weight: Tensor, mask: Tensor | None = None, *, index_dtype: torch.dtype | None = None
+    ) -> CSR:
+        """Store the kept entries of `weight` (any rank >= 1, floating point): its nonzeros, or
+        exactly the entries `mask` keeps (explicit zeros included).
+
+        `index_dtype`: torch.int16 or torch.int32 column indices; None: int16 when they fit
+        (K <= 32768), else int32. TypeError / ValueError on a bad weight, mask or dtype.
+        """
+        matrix, keep = masked_matrix(weight, mask)
+        cols = matrix.shape[1]
+        if index_dtype is None:
+            index_dtype = torch.int16 if cols <= INT16_MAX_COLS else torch.int32
+        if index_dtype not in _INDEX_DTYPES:
+            raise ValueError(f"index_dtype must be torch.int16 or torch.int32, got {index_dtype}")
+        if index_dtype == torch.int16 and cols > INT16_MAX_COLS:
+            raise ValueError(f"index_dtype torch.int16 holds columns < 32768, but K = {cols}")
+        row, col = keep.nonzero(as_tuple=True)  # row-major: each row's columns sorted
+        crow = crow_from_counts(keep.sum(dim=1))
         return cls(
-            shape=tuple(dense.shape),
-            crow_indices=crow.to(crow_index_dtype(nnz)),
-            col_indices=col.to(col_index_dtype(cols)),
-            values=matrix[row, col].clone(),
+            shape=tuple(weight.shape),
+            crow_indices=crow,
+            col_indices=col.to(index_dtype),
+            values=matrix[row, col].contiguous(),
         )
 
     @property
@@ -85,26 +113,16 @@ class CSR:
 
     @property
     def density(self) -> float:
-        numel = math.prod(self.shape)
+        numel = self.rows * self.cols
         return self.nnz / numel if numel else 0.0
 
-    @property
-    def nbytes(self) -> int:
-        """Exact bytes of the stored arrays (row pointers, column indices, values)."""
-        return sum(
-            t.numel() * t.element_size() for t in (self.crow_indices, self.col_indices, self.values)
-        )
-
-    def to_dense(self) -> torch.Tensor:
-        """The dense tensor of the original shape and the values' dtype."""
-        rows, cols = self.rows, self.cols
-        crow = self.crow_indices.long()
-        row = torch.repeat_interleave(torch.arange(rows), crow[1:] - crow[:-1])
-        out = torch.zeros(rows, cols, dtype=self.values.dtype)
-        out[row, self.col_indices.long()] = self.values
+    def to_dense(self) -> Tensor:
+        """The dense tensor of the original shape, the values' dtype and device."""
+        out = self.values.new_zeros(self.rows, self.cols)
+        out[rows_of(self.crow_indices), self.col_indices.long()] = self.values
         return out.reshape(self.shape)
 
-    def to_torch(self) -> torch.Tensor:
+    def to_torch(self) -> Tensor:
         """A `torch.sparse_csr_tensor` of the 2-D view (int64 indices, as torch expects)."""
         return torch.sparse_csr_tensor(
             self.crow_indices.long(),
@@ -116,37 +134,12 @@ class CSR:
 
     def check(self) -> None:
         """Raise ValueError naming the first broken invariant."""
-        rows, cols = self.rows, self.cols
-        crow, col, values = self.crow_indices, self.col_indices, self.values
-        for name, t in (("crow_indices", crow), ("col_indices", col), ("values", values)):
-            if t.dim() != 1:
-                raise ValueError(f"CSR {name} must be 1-D, got shape {tuple(t.shape)}")
-        if crow.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"CSR crow_indices dtype must be int32/int64, got {crow.dtype}")
-        if col.dtype not in (torch.int16, torch.int32, torch.int64):
-            raise ValueError(f"CSR col_indices dtype must be int16/int32/int64, got {col.dtype}")
-        if col.dtype == torch.int16 and cols > 2**15:
-            raise ValueError(f"CSR col_indices are int16 but there are {cols} columns (> 32768)")
-        if crow.numel() != rows + 1:
-            raise ValueError(
-                f"CSR crow_indices has {crow.numel()} entries, expected rows + 1 = {rows + 1}"
-            )
-        if col.numel() != values.numel():
-            raise ValueError(f"CSR has {col.numel()} col_indices but {values.numel()} values")
-        crow64 = crow.long()
-        if crow.numel() and int(crow64[0]) != 0:
-            raise ValueError(f"CSR crow_indices[0] must be 0, got {int(crow64[0])}")
-        if crow.numel() and int(crow64[-1]) != values.numel():
-            raise ValueError(f"CSR crow_indices[-1] = {int(crow64[-1])} but nnz = {values.numel()}")
-        if bool((crow64[1:] < crow64[:-1]).any()):
-            raise ValueError("CSR crow_indices must be non-decreasing")
-        col64 = col.long()
-        if col64.numel() and (int(col64.min()) < 0 or int(col64.max()) >= cols):
-            raise ValueError(f"CSR col_indices out of range [0, {cols})")
-        # Within a row, columns strictly increase; a drop is only allowed where a new row starts.
-        if col64.numel() > 1:
-            starts = torch.zeros(col64.numel(), dtype=torch.bool)
-            starts[crow64[:-1][crow64[:-1] < col64.numel()]] = True
-            bad = (col64[1:] <= col64[:-1]) & ~starts[1:]
-            if bool(bad.any()):
-                raise ValueError("CSR col_indices must be strictly increasing within each row")
+        if not isinstance(self.values, Tensor) or self.values.dim() != 1:
+            raise ValueError("CSR values must be a 1-D tensor")
+        check_crow("CSR", self.crow_indices, self.col_indices, self.rows, self.cols, self.nnz)
+        order = self.row_order
+        if not isinstance(order, Tensor) or order.dtype not in (torch.int32, torch.int64):
+            raise ValueError("CSR row_order must be an int32/int64 tensor")
+        every_row = torch.arange(self.rows, device=order.device)
+        if not torch.equal(order.long().sort().values, every_row):
+            raise ValueError(f"CSR row_order must be a permutation of the {self.rows} rows")

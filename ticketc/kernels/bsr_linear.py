@@ -113,7 +113,7 @@ def bsr_linear(
     config: dict[str, int] | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
-    """y = x @ W.T (+ bias) for W in `ticketc.ops.pack_bsr` form; y [N, out_features] in x.dtype.
+    """y = x @ W.T (+ bias) for W in `ticketc.formats.BSR` form; y [N, out_features] in x.dtype.
 
     Block sizes 16/32/64/128. `config` overrides the launch table (keys of `bsr_config`);
     `out` is written in place.

@@ -141,7 +141,7 @@ def csr_linear(
     config: dict[str, int] | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
-    """y = x @ W.T (+ bias) for W in `ticketc.ops.pack_csr` form; y [N, M] in x.dtype.
+    """y = x @ W.T (+ bias) for W in `ticketc.formats.CSR` form; y [N, M] in x.dtype.
 
     `config` overrides the launch table (keys of `csr_config`); `out` is written in place
     (tests pass a NaN-filled buffer to catch unwritten outputs).

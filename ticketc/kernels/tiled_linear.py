@@ -126,7 +126,7 @@ def tiled_linear(
     config: dict[str, int] | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
-    """y = x @ W.T (+ bias) for W in `ticketc.ops.pack_tiled` form; y [N, out_features].
+    """y = x @ W.T (+ bias) for W in `ticketc.formats.Tiled` form; y [N, out_features].
 
     `config` overrides the launch table (keys of `tiled_config`); `out` is written in place.
     """

@@ -33,6 +33,7 @@ import torch
 from ticketc.errors import UserError
 from ticketc.formats import quantize, rice
 from ticketc.formats.compact import mask_entropy_bits
+from ticketc.formats.layout import nonempty_blocks
 from ticketc.formats.quantize import FP16_MAX, assign_nearest, kmeans_1d
 from ticketc.pack.nm import NMPositions, detect_nm, parse_layout
 
@@ -435,15 +436,6 @@ def _check_lossy(tensor: torch.Tensor, encoded: Encoded) -> None:
 
 
 # ------------------------------------------------------------------------------- patterns
-def _block_occupancy(keep: np.ndarray, b: int) -> float:
-    """Fraction of the b x b blocks of the bool matrix `keep` (zero-padded) holding an entry."""
-    rows, cols = keep.shape
-    padded = np.zeros((-(-rows // b) * b, -(-cols // b) * b), dtype=bool)
-    padded[:rows, :cols] = keep
-    blocks = padded.reshape(padded.shape[0] // b, b, padded.shape[1] // b, b).any(axis=(1, 3))
-    return float(blocks.mean())
-
-
 def sparsity_pattern(tensor: torch.Tensor) -> str:
     """ "dense", "N:M", "block(BxB)" or "unstructured", from the tensor's exact zeros.
 
@@ -469,7 +461,7 @@ def sparsity_pattern(tensor: torch.Tensor) -> str:
         for b in sorted(_BLOCK_SIZES):
             if matrix.shape[0] < 2 * b or matrix.shape[1] < 2 * b:
                 break
-            occupancy = _block_occupancy(matrix, b)
+            occupancy = float(nonempty_blocks(torch.from_numpy(matrix), b, b).float().mean())
             if occupancy >= 0.9 or density < 0.9 * occupancy:
                 break
             pattern = f"block({b}x{b})"
