@@ -230,6 +230,62 @@ def test_read_portable_gives_back_the_stored_streams(positions, values):
     assert got.nnz().tolist() == original.nnz().tolist()
 
 
+@pytest.mark.parametrize(("positions", "values"), [k for k in KINDS if k[0] != "dense"])
+@pytest.mark.parametrize("block", [100, 1400])
+def test_a_large_group_scatters_in_blocks_that_decode_and_read_back(
+    positions, values, block, monkeypatch
+):
+    from ticketc.export import portable as portable_module
+
+    # conv 72, fc1 1280, fc2 60 elements: blocks [conv], [fc1], [fc2] or [conv, fc1], [fc2]
+    monkeypatch.setattr(portable_module, "BLOCK_NUMEL", block)
+    model, weights = conv_mlp()
+    names = list(weights)
+    original = Compact.from_dense(list(weights.values()), values, positions)
+    portable, codecs = to_portable(model, [(names, original)])
+    onnx.checker.check_model(portable, full_check=True)
+    prefix = next(iter(codecs))
+    produced = {o for node in portable.graph.node for o in node.output}
+    gathered = positions == "bitmask" and values != "int8"  # gathers, never scatters
+    blocks = 1 if gathered else (3 if block == 100 else 2)
+    assert {prefix + f"y{j}" for j in range(blocks)} <= produced or gathered
+    assert (prefix + "y0" in produced) != gathered
+    x = np.random.default_rng(1).standard_normal((3, 2, 4, 4)).astype(np.float32)
+    ort_out, ref_out = _decoded(portable, names, x)
+    for got_ort, got_ref, want in zip(ort_out[1:], ref_out[1:], original.to_dense(), strict=True):
+        np.testing.assert_array_equal(got_ort, want)
+        np.testing.assert_array_equal(got_ref, want)
+    (group,) = read_portable(portable, codecs)
+    group.compact.check()
+    assert group.names == tuple(names) and group.compact.shapes == original.shapes
+    for a, b in zip(group.compact.to_dense(), original.to_dense(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_blocks_decode_to_the_graphs_own_float_type(monkeypatch):
+    from ticketc.export import portable as portable_module
+
+    monkeypatch.setattr(portable_module, "BLOCK_NUMEL", 200)
+    rng = np.random.default_rng(0)
+    weights = {n: _masked(rng, (16, 24), 0.1).astype(np.float16) for n in ("A", "B")}
+    plan = plan_storage(weights, "fp32")
+    (group,) = plan.groups
+    assert group.out_kind == "fp16" and group.compact.positions_kind == "rice"
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["A", "B"], ["y"])],
+        "w",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [16, 24])],
+        [numpy_helper.from_array(a, n) for n, a in weights.items()],
+    )
+    portable = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    write_portable_(portable, plan.groups, plan.zeros)
+    onnx.checker.check_model(portable, full_check=True)
+    got = _session(portable).run(None, {})[0]
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, weights["A"] + weights["B"])
+
+
 def test_read_portable_names_a_missing_array():
     model, weights = conv_mlp()
     portable, codecs = to_portable(
@@ -340,19 +396,25 @@ def test_lenet300_at_3_6_percent_meets_the_size_goals():
         assert size <= 1.25 * bound + 3000, (values, size / bound)
 
 
-def session_cpu_seconds(models: dict[str, onnx.ModelProto], repeats: int = 30) -> dict[str, float]:
-    """Median CPU time of creating an onnxruntime session (1 thread) for each model, runs
-    interleaved: CPU time, not wall time, so other processes on a shared machine count less."""
-    blobs = {k: m.SerializeToString() for k, m in models.items()}
+def session_cpu_ratio(
+    model: onnx.ModelProto, baseline: onnx.ModelProto, rounds: int = 150
+) -> float:
+    """CPU time of creating an onnxruntime session (1 thread) for `model` over that for
+    `baseline`, each the least of `rounds` runs, the two interleaved. CPU time, not wall time,
+    and the least, not the median: other processes on a shared machine only ever add to a run
+    (they evict its caches), so the least run is the one they disturbed least. Measured on 2
+    cores shared by four busy processes (load 5-7), the median of per-round ratios moved from
+    2.5x to 3.05x for one file, the ratio of least runs by ~0.1."""
+    blobs = [model.SerializeToString(), baseline.SerializeToString()]
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    times: dict[str, list[float]] = {k: [] for k in blobs}
-    for _ in range(repeats):
-        for k, blob in blobs.items():
+    least = [float("inf")] * 2
+    for _ in range(rounds):
+        for i, blob in enumerate(blobs):
             start = time.process_time()
             ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
-            times[k].append(time.process_time() - start)
-    return {k: float(np.median(v)) for k, v in times.items()}
+            least[i] = min(least[i], time.process_time() - start)
+    return least[0] / max(least[1], 1e-9)
 
 
 @pytest.mark.parametrize("positions", POSITIONS_KINDS)
@@ -379,8 +441,7 @@ def test_session_creation_stays_within_3x_of_dense(values):
     portable.CopyFrom(model)
     write_portable_(portable, plan.groups, plan.zeros)
     assert len(plan.groups) == 1  # one decode for all layers
-    seconds = session_cpu_seconds({"dense": model, "portable": portable})
-    # measured on 2 shared cores: fp32 ~2.2x, int4 ~2.6x (dense ~1.4 ms); up to ~3.4x while
-    # other processes thrash the caches. The goal (3x) is measured by benchmarks/export_matrix;
-    # this bound catches a decode that is not folded or does quadratic work.
-    assert seconds["portable"] <= 4 * seconds["dense"], seconds
+    # the goal; measured on 2 cores under load 4-5: fp32 2.2-2.6x, int4 2.5-2.7x (dense
+    # ~1.3 ms). benchmarks/export_matrix measures it on larger models.
+    ratio = session_cpu_ratio(portable, model)
+    assert ratio <= 3, ratio

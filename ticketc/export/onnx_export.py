@@ -522,9 +522,10 @@ def _metadata(
 ) -> str:
     """Version, format, value type, the decode groups (prefix -> codec) and, per compressed
     initializer, the PyTorch names behind it ("" when it is the parameter of the same name,
-    unchanged), as one compact JSON entry: it counts in the size."""
+    unchanged; "*" when it is that parameter with its values rewritten, e.g. a BatchNorm
+    folded in), as one compact JSON entry: it counts in the size."""
     compressed = {
-        layer.initializer: "" if layer.sources == [layer.initializer] else ",".join(layer.sources)
+        layer.initializer: _sources_entry(layer.initializer, layer.sources)
         for layer in layers
         if layer.codec != layer.dtype
     }
@@ -538,6 +539,14 @@ def _metadata(
     if codecs:
         meta["groups"] = codecs
     return json.dumps(meta, separators=(",", ":"))
+
+
+def _sources_entry(initializer: str, sources: list[str]) -> str:
+    if sources == [initializer]:
+        return ""
+    if sources == [initializer + "*"]:
+        return "*"
+    return ",".join(sources)
 
 
 def read_metadata(proto: onnx.ModelProto) -> dict[str, Any] | None:
