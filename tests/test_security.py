@@ -484,13 +484,13 @@ def test_an_onnx_file_given_as_a_model_is_named_as_such(good_onnx):
 def test_full_disk_is_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
     import errno
 
-    from ticketc.export import onnx_export
+    from ticketc.export import write as export_write
 
     def full(proto: object, path: Path) -> None:
         path.write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(onnx_export, "_save", full)
+    monkeypatch.setattr(export_write, "_save", full)
     model = tiny_mlp()
     torch.save(model.state_dict(), tmp_path / "sd.pt")
     out = tmp_path / "out.onnx"

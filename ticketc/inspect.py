@@ -161,8 +161,8 @@ def _onnx_layers(model: Any, path: Path) -> list[LayerStats]:
     import onnx
     from onnx import numpy_helper
 
-    from ticketc.export.onnx_export import read_metadata
     from ticketc.export.portable import read_portable
+    from ticketc.export.write import read_metadata
 
     meta = read_metadata(model) or {}
     layers: list[LayerStats] = []
@@ -219,9 +219,9 @@ def decoded_weights(path: Path) -> dict[str, np.ndarray]:
     """The compactly stored weights of a ticketc ONNX file, decoded by onnxruntime (bf16 as
     float32), keyed by initializer name."""
     from ticketc.export.decode import decode_in_onnxruntime
-    from ticketc.export.onnx_export import read_metadata
     from ticketc.export.onnx_in import load_onnx
     from ticketc.export.portable import read_portable
+    from ticketc.export.write import read_metadata
 
     model = load_onnx(path)
     try:

@@ -342,7 +342,7 @@ def _sizes(
         rows.append(SizeRow("dense ONNX", sum(p.stat().st_size for p in onnx.files)))
     else:
         rows.append(SizeRow("dense ONNX", None, "the dense ONNX export did not run"))
-    from ticketc.export.onnx_export import ExportConfig, export_model
+    from ticketc.export import ExportConfig, export_model
     from ticketc.inputs import ExampleInputs
 
     one = example.at_batch(1)

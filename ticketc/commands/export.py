@@ -15,7 +15,7 @@ from ticketc.commands._common import (
 from ticketc.commands._common import console as console_
 from ticketc.errors import UserError
 from ticketc.export import DTYPES, FORMATS, VALUES, ExportConfig, ExportResult, export_model
-from ticketc.export.onnx_export import POSITIONS
+from ticketc.export.config import POSITIONS
 from ticketc.verify import OUTPUT_RTOL
 
 NAME = "export"

@@ -18,8 +18,9 @@ import onnx_ir as ir
 import torch
 
 from ticketc.errors import UserError
-from ticketc.export.onnx_export import ExportConfig, ExportResult, write_onnx
+from ticketc.export.config import ExportConfig, ExportResult
 from ticketc.export.portable import MIN_OPSET, default_opset
+from ticketc.export.write import write_onnx
 from ticketc.inputs import DTYPES, ExampleInputs, random_like
 from ticketc.verify import VERIFY_BATCH, Verification, ort_session, verify_against_onnx
 
@@ -80,8 +81,8 @@ def export_onnx_file(
 def _decoder_streams(proto: onnx.ModelProto) -> set[str]:
     """Arrays of the ticketc decode groups a file already holds (already compact): written
     back unchanged."""
-    from ticketc.export.onnx_export import read_metadata
     from ticketc.export.portable import read_portable
+    from ticketc.export.write import read_metadata
 
     try:
         groups = dict((read_metadata(proto) or {}).get("groups") or {})
