@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from ticketc.compile.chain import CsrSequential
 from ticketc.compile.config import CompileConfig
 from ticketc.compile.inputs import Inputs
 from ticketc.compile.lower import (
@@ -15,7 +16,7 @@ from ticketc.compile.lower import (
     fuse_relu_,
     plan_of,
 )
-from ticketc.compile.modules import CsrSequential, SparseConv, SparseLinear, sparse_module
+from ticketc.compile.modules import SparseConv, SparseLinear, sparse_module
 from ticketc.compile.plan import ChainPlan, LayerPlan, Plan, plan_rows, read_plan
 from ticketc.compile.planner import make_plan
 from ticketc.compile.program import export_program, load_program, plan_file_for, save_compiled

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ticketc.compile.chain import CsrSequential
 from ticketc.compile.config import CompileConfig
 from ticketc.compile.inputs import Inputs, output_error
 from ticketc.compile.measure import (
@@ -39,7 +40,7 @@ from ticketc.compile.measure import (
     speedup,
     time_interleaved,
 )
-from ticketc.compile.modules import CsrSequential, SparseConv, SparseLinear
+from ticketc.compile.modules import SparseConv, SparseLinear
 from ticketc.compile.plan import Plan
 
 MAX_ROUNDS = 4  # fallback rounds before the model is made all dense

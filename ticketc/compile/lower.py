@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ticketc.compile.chain import CsrSequential, is_csr_linear
 from ticketc.compile.check import check_speed
 from ticketc.compile.config import CompileConfig
 from ticketc.compile.inputs import Example, Inputs
-from ticketc.compile.modules import CsrSequential, SparseConv, SparseLinear, is_csr_linear
+from ticketc.compile.modules import SparseConv, SparseLinear
 from ticketc.compile.modules import sparse_module as _sparse_module
 from ticketc.compile.plan import Plan
 from ticketc.compile.planner import make_plan

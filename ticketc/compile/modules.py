@@ -15,7 +15,6 @@ torch.compile / torch.export).
 
 from __future__ import annotations
 
-import operator
 from typing import Any, cast
 
 import torch
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 import ticketc.ops as ops  # registers torch.ops.ticketc.*
 from ticketc.compile.costs import parse_format
+from ticketc.compile.prepared import eager_cpu_fp32, prepared_kernel
 from ticketc.formats import BSR, CSR, LAYOUTS, Tiled
 from ticketc.formats.csr import index_dtype_for
 
@@ -40,48 +40,6 @@ def pack(weight: Tensor, fmt: str, *, device: str | torch.device = "cpu") -> CSR
     if layout == "tiled":
         return Tiled.from_dense(weight)
     raise ValueError(f"format {fmt!r} is not sparse; dense layers keep their nn module")
-
-
-class _Kernel:
-    """A prepared CPU kernel object and the module buffers it was made from: valid while each
-    buffer slot (a module's `_buffers` dict and a name) holds the same tensor, unchanged in
-    place. The check runs on every call, so it is a few C-level loops: tensor identity, and
-    the sum of the version counters (each only grows, so an unchanged sum means no tensor
-    changed). The tensors are kept referenced so that their ids cannot be reused by others."""
-
-    __slots__ = ("dicts", "extra", "names", "tensors", "value", "version")
-
-    def __init__(self, slots: list[tuple[dict[str, Any], str]], extra: object, build: Any) -> None:
-        self.dicts = [d for d, _ in slots]
-        self.names = [n for _, n in slots]
-        self.tensors: list[Tensor | None] = list(map(dict.get, self.dicts, self.names))
-        self.extra = extra
-        self.version = _version_sum(self.tensors)
-        self.value = build(self.tensors)
-
-    def valid(self, extra: object) -> bool:
-        current = map(dict.get, self.dicts, self.names)
-        return (
-            all(map(operator.is_, current, self.tensors))
-            and _version_sum(self.tensors) == self.version
-            and self.extra == extra
-        )
-
-
-_VERSION = operator.attrgetter("_version")
-
-
-def _version_sum(tensors: list[Tensor | None]) -> int:
-    return sum(map(_VERSION, [t for t in tensors if t is not None]))
-
-
-def _kernel(owner: dict[str, Any], slots: Any, extra: object, build: Any, key: str = "_cpu") -> Any:
-    """owner[key].value if still valid, else build(tensors) on the tensors now in `slots`
-    (a list of (module._buffers, name), or a callable returning it), kept in owner[key]."""
-    kernel = owner.get(key)
-    if kernel is None or not kernel.valid(extra):
-        kernel = owner[key] = _Kernel(slots() if callable(slots) else slots, extra, build)
-    return kernel.value
 
 
 _CSR = ("crow_indices", "col_indices", "values", "bias")
@@ -149,7 +107,7 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if self.layout == "csr" and _eager_cpu_fp32(x2, self._buffers["values"]):
+        if self.layout == "csr" and eager_cpu_fp32(x2, self._buffers["values"]):
             chain = self.cpu_chain()  # the common CPU case, with the least Python per call
             one = x2.shape[0] == 1 and x2.shape[1] == self.in_features
             y = chain.one(x2) if one else chain(x2)
@@ -188,7 +146,7 @@ class SparseLinear(nn.Module):
         """This layer (ReLU fused if set) as a ticketc.kernels.csr_chain_cpu.CsrChain, made
         once and again only when a buffer is replaced or changed in place."""
         b = self._buffers
-        return _kernel(
+        return prepared_kernel(
             self.__dict__,
             lambda: [(b, name) for name in _CSR],
             self.relu,
@@ -352,8 +310,8 @@ class SparseConv(nn.Module):
 
     def _csr(self, x: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
         b = cast(dict[str, Tensor], self._buffers)
-        if _eager_cpu_fp32(x, b["values"]) and x.dim() == 4:
-            conv = _kernel(
+        if eager_cpu_fp32(x, b["values"]) and x.dim() == 4:
+            conv = prepared_kernel(
                 self.__dict__,
                 lambda: [(b, name) for name in _CSR],
                 pads,
@@ -387,121 +345,6 @@ class SparseConv(nn.Module):
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
             f"groups={self.groups}, format={self.format}{relu}"
         )
-
-
-class CsrSequential(nn.Sequential):
-    """nn.Sequential whose runs of consecutive csr SparseLinear layers (ReLUs fused into them)
-    run as one kernel call: ticketc.kernels.csr_chain_cpu.CsrChain in eager CPU fp32 mode, the
-    op `torch.ops.ticketc.csr_chain` otherwise (one graph node per run under torch.export).
-
-    Same children, names and state dict as the nn.Sequential it replaces. An nn.Flatten right
-    before a run is applied inline. At batch 1 a run is one call of the chain's kernel with the
-    input's and output's addresses: no module call, tensor view or NumPy array per layer (the
-    Lenet ticket, 1 thread, on a loaded 2-core machine: 16 us per call where the chain's
-    Python wrapping made it 23 us; the kernel itself ~9 us). Layers run in a chain are not
-    called as modules: their forward hooks do not fire there.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        steps = self.__dict__.get("_steps")
-        if steps is None:
-            steps = self.__dict__["_steps"] = _steps(list(self._modules.values()))
-        eager = _eager_cpu_fp32(x, x)
-        for step in steps:
-            x = step(x, eager) if type(step) is _Run else step(x)
-        return x
-
-    def _apply(self, fn: Any, recurse: bool = True) -> CsrSequential:
-        self.__dict__.pop("_steps", None)  # .to() / .float(): buffers are new tensors
-        return cast(CsrSequential, super()._apply(fn, recurse))
-
-
-class _Run:
-    """Consecutive csr SparseLinear layers of a CsrSequential (after an optional Flatten)."""
-
-    def __init__(self, flatten: nn.Flatten | None, layers: list[SparseLinear]) -> None:
-        self.flatten, self.layers = flatten, layers
-        self.relus = [m.relu for m in layers]
-        self.in_features = layers[0].in_features
-        # A Flatten of every dim after the batch: one sample is any tensor of in_features
-        # values, read in place by the batch-1 path.
-        self.flat_rows = flatten is None or (flatten.start_dim == 1 and flatten.end_dim == -1)
-        self.slots = [(m._buffers, name) for m in layers for name in _CSR]
-        self.kernel: dict[str, Any] = {}
-
-    def __call__(self, x: Tensor, eager: bool) -> Tensor:
-        if eager:
-            chain = _kernel(self.kernel, self.slots, self.relus, self._build)
-            n = x.shape[0]
-            rows = self.flat_rows and (x.dim() == 2 or (x.dim() > 2 and self.flatten is not None))
-            if rows and x.numel() == n * self.in_features:
-                return chain.run(x, n)  # the hot path: no view made, one kernel call
-        if self.flatten is not None:
-            x = x.flatten(self.flatten.start_dim, self.flatten.end_dim)
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if eager and x2.shape[1] == self.in_features:
-            y = chain(x2)
-        else:
-            tensors = [m.csr_tensors() for m in self.layers]
-            y = torch.ops.ticketc.csr_chain(
-                x2,
-                [t[0] for t in tensors],
-                [t[1] for t in tensors],
-                [t[2] for t in tensors],
-                [t[3] for t in tensors],
-                self.relus,
-            )
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
-
-    def _build(self, tensors: list[Tensor | None]) -> Any:
-        t = cast(list[Tensor], tensors)  # crow, col, values, bias (None or a tensor) per layer
-        layers = [
-            (t[4 * i], t[4 * i + 1], t[4 * i + 2], tensors[4 * i + 3], m.in_features)
-            for i, m in enumerate(self.layers)
-        ]
-        return ops.cpu_chain(layers, self.relus)
-
-
-def _steps(children: list[nn.Module]) -> list[Any]:
-    """The children of a CsrSequential with runs of >= 2 csr layers grouped into _Run."""
-    steps: list[Any] = []
-    i = 0
-    while i < len(children):
-        j = i + (type(children[i]) is nn.Flatten)
-        run: list[SparseLinear] = []
-        while j < len(children) and is_csr_linear(children[j]):
-            if run and run[-1].out_features != children[j].in_features:  # type: ignore[union-attr]
-                break
-            run.append(cast(SparseLinear, children[j]))
-            j += 1
-        if len(run) >= 2:
-            flatten = cast(nn.Flatten, children[i]) if j - len(run) > i else None
-            steps.append(_Run(flatten, run))
-            i = j
-        else:
-            steps.append(children[i])
-            i += 1
-    return steps
-
-
-def is_csr_linear(module: nn.Module) -> bool:
-    return type(module) is SparseLinear and module.layout == "csr"
-
-
-def _eager_cpu_fp32(x: Tensor, values: Tensor | None) -> bool:
-    """True for plain eager CPU fp32 calls: not under torch.compile, torch.export or tracing,
-    where the custom op (with its fake kernel) must appear in the graph."""
-    return (
-        type(x) is Tensor
-        and values is not None
-        and x.dtype == torch.float32
-        and values.dtype == torch.float32
-        and x.is_cpu
-        and values.is_cpu
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and not torch._C._is_torch_function_mode_enabled()
-    )
 
 
 def _block_diagonal(weight: Tensor, groups: int) -> Tensor:
