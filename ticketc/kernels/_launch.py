@@ -146,3 +146,30 @@ def dot_candidates(n: int) -> list[dict[str, int]]:
         for sk in (1, 2, 4, 8)
         for nw in (4, 8)
     ]
+
+
+def launch_split_k(
+    key: tuple,
+    cfg: dict[str, int],
+    tune: bool,
+    out: Tensor,
+    run: Callable[[dict[str, int], Tensor], object],
+) -> Tensor:
+    """Launch a block-sparse kernel into `out` and return it. `run(cfg, target)` launches it
+    writing `target`: `out` itself, or with cfg["SPLIT_K"] > 1 the zeroed fp32 buffer the
+    partial sums meet in (copied into `out` after). With `tune` (`autotuning(device)` and no
+    config given by the caller) the fastest of `cfg` and `dot_candidates` is picked once for
+    `key` on a scratch output."""
+
+    def launch(c: dict[str, int], dest: Tensor) -> None:
+        target = accumulation_buffer(dest, c["SPLIT_K"])
+        run(c, target)
+        if target is not dest:
+            dest.copy_(target)
+
+    if tune:
+        scratch = torch.empty_like(out)
+        n = out.shape[0]
+        cfg = pick_config(key, cfg, dot_candidates(n), lambda c: launch(c, scratch))
+    launch(cfg, out)
+    return out

@@ -25,17 +25,16 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import (
-    accumulation_buffer,
     autotuning,
     check_device,
     check_float,
     checked_output,
-    dot_candidates,
     dot_in_fp32,
+    launch_split_k,
     next_pow2,
-    pick_config,
     split_k_for,
 )
+from ._tile import store_rows
 
 BSR_BLOCKSIZES = (16, 32, 64, 128)  # tl.dot needs every dim >= 16 and a power of two
 
@@ -80,16 +79,8 @@ def _bsr_linear_kernel(
         w_p += SPLIT_K * (B * B)
 
     rows = pid_m * B + i
-    row_ok = rows < M
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        acc += bias[None, :] * (pid_k == 0).to(tl.float32)
-    y_off = ns[:, None] * stride_yn + rows[None, :] * stride_ym
-    y_mask = n_ok[:, None] & row_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptr + y_off, acc, mask=y_mask)
-    else:
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    store_rows(acc, rows, ns, n_ok, M, pid_k, bias_ptr, y_ptr, stride_yn, stride_ym,
+               HAS_BIAS, ATOMIC)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1024)  # pure, and called on every launch
@@ -143,9 +134,8 @@ def bsr_linear(
         return out
     bias_arg = bias if bias is not None else values  # never read without HAS_BIAS
 
-    def launch(cfg: dict[str, int], out: Tensor) -> None:
+    def run(cfg: dict[str, int], target: Tensor) -> None:
         split = cfg["SPLIT_K"]
-        target = accumulation_buffer(out, split)
         grid = (mb, triton.cdiv(n, cfg["BLOCK_N"]), split)
         _bsr_linear_kernel[grid](
             x, target, crow_indices, col_indices, values, bias_arg,
@@ -155,14 +145,8 @@ def bsr_linear(
             DOT_FP32=dot_in_fp32(x, values), ATOMIC=split > 1,
             num_warps=cfg.get("num_warps", 4),
         )  # fmt: skip
-        if target is not out:
-            out.copy_(target)
 
     cfg = {**bsr_config(mb, n, values.shape[0], b, device), **(config or {})}
-    if config is None and autotuning(device):
-        key = ("bsr", device, x.dtype, values.dtype, m, k, b, next_pow2(n), values.shape[0],
-               bias is not None)  # fmt: skip
-        scratch = torch.empty_like(out)
-        cfg = pick_config(key, cfg, dot_candidates(n), lambda c: launch(c, scratch))
-    launch(cfg, out)
-    return out
+    key = ("bsr", device, x.dtype, values.dtype, m, k, b, next_pow2(n), values.shape[0],
+           bias is not None)  # fmt: skip
+    return launch_split_k(key, cfg, config is None and autotuning(device), out, run)

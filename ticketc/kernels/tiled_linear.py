@@ -27,17 +27,16 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import (
-    accumulation_buffer,
     autotuning,
     check_device,
     check_float,
     checked_output,
-    dot_candidates,
     dot_in_fp32,
+    launch_split_k,
     next_pow2,
-    pick_config,
     split_k_for,
 )
+from ._tile import store_rows
 
 TILE_K = 32  # one int32 bitmap word per tile row
 TILE_MS = (16, 32, 64)
@@ -91,16 +90,8 @@ def _tiled_linear_kernel(
         bit_p += SPLIT_K * TILE_M
 
     rows = pid_m * TILE_M + i
-    row_ok = rows < M
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        acc += bias[None, :] * (pid_k == 0).to(tl.float32)
-    y_off = ns[:, None] * stride_yn + rows[None, :] * stride_ym
-    y_mask = n_ok[:, None] & row_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptr + y_off, acc, mask=y_mask)
-    else:
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    store_rows(acc, rows, ns, n_ok, M, pid_k, bias_ptr, y_ptr, stride_yn, stride_ym,
+               HAS_BIAS, ATOMIC)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1024)  # pure, and called on every launch
@@ -159,9 +150,8 @@ def tiled_linear(
         return out
     bias_arg = bias if bias is not None else values  # never read without HAS_BIAS
 
-    def launch(cfg: dict[str, int], out: Tensor) -> None:
+    def run(cfg: dict[str, int], target: Tensor) -> None:
         split = cfg["SPLIT_K"]
-        target = accumulation_buffer(out, split)
         grid = (mt, triton.cdiv(n, cfg["BLOCK_N"]), split)
         _tiled_linear_kernel[grid](
             x, target, tile_crow, tile_col, tile_offsets, row_offsets, bitmaps, values, bias_arg,
@@ -171,14 +161,8 @@ def tiled_linear(
             DOT_FP32=dot_in_fp32(x, values), ATOMIC=split > 1,
             num_warps=cfg.get("num_warps", 4),
         )  # fmt: skip
-        if target is not out:
-            out.copy_(target)
 
     cfg = {**tiled_config(mt, n, bitmaps.shape[0], device), **(config or {})}
-    if config is None and autotuning(device):
-        key = ("tiled", device, x.dtype, values.dtype, m, k, tile_m, next_pow2(n),
-               values.numel(), bias is not None)  # fmt: skip
-        scratch = torch.empty_like(out)
-        cfg = pick_config(key, cfg, dot_candidates(n), lambda c: launch(c, scratch))
-    launch(cfg, out)
-    return out
+    key = ("tiled", device, x.dtype, values.dtype, m, k, tile_m, next_pow2(n),
+           values.numel(), bias is not None)  # fmt: skip
+    return launch_split_k(key, cfg, config is None and autotuning(device), out, run)
