@@ -28,13 +28,16 @@ Decode recipe (index arithmetic in int32: a group never reaches 2^31 elements):
             idx = 2^k * z + CumSum(r - (2^k - 1)) + (2^k - 1)   (see ticketc.formats.rice)
   bitmask:  every element gathers [0, values...][CumSum(bits) * bits] (int8: idx = ones(bits))
   dense:    every element is an entry
+  tail:     a rice or scattered bitmask group's dense tail (its last tensors, every element an
+            entry, no positions stored) appends Range(head elements, N) to idx
   values:   fp kinds Cast | int8 codes * scale[row of entry] | int4 codebook[tensor][code],
             the tensor of an entry being CumSum of a mark at each tensor's first entry
   output:   ScatterElements(zeros[N], idx, values) (or the gather), Cast to the graph's type
 NonZero, Compress and TopK are avoided on purpose: onnxruntime does not constant-fold the
 first two (data-dependent shapes), and TopK is 10x slower than the scatter on large streams.
 
-The file's "ticketc" metadata names each group's prefix and codec ("0." -> "rice+int4"); its
+The file's "ticketc" metadata names each group's prefix and codec ("0." -> "rice+int4", or
+"rice+int4/2" with a dense tail of 2 tensors; files before dense tails never end in "/N"); its
 arrays and the Split / Reshape nodes after it are all a reader needs (`read_portable`).
 """
 
@@ -105,14 +108,20 @@ def _work_kind(values_kind: str) -> str:
     return "fp64" if values_kind == "fp64" else "fp32"
 
 
-def codec_name(positions_kind: str, values_kind: str, out_kind: str) -> str:
-    """ "rice+int4", or "rice+int4>fp16" when the graph holds the tensors in another type."""
+def codec_name(positions_kind: str, values_kind: str, out_kind: str, dense_tail: int = 0) -> str:
+    """ "rice+int4", or "rice+int4>fp16" when the graph holds the tensors in another type,
+    each followed by "/N" when the group ends in a dense tail of N tensors."""
     name = f"{positions_kind}+{values_kind}"
-    return name if out_kind == _work_kind(values_kind) else f"{name}>{out_kind}"
+    name = name if out_kind == _work_kind(values_kind) else f"{name}>{out_kind}"
+    return f"{name}/{dense_tail}" if dense_tail else name
 
 
-def parse_codec(name: str) -> tuple[str, str, str]:
-    """(positions kind, values kind, out kind) of a `codec_name`; ValueError if malformed."""
+def parse_codec(name: str) -> tuple[str, str, str, int]:
+    """(positions kind, values kind, out kind, dense tail) of a `codec_name`; ValueError if
+    malformed."""
+    name, slash, tail = name.partition("/")
+    if slash and not (tail.isdigit() and int(tail) > 0):
+        raise ValueError(f"unknown codec {name}/{tail!r}")
     codec, _, out = name.partition(">")
     positions_kind, _, values_kind = codec.partition("+")
     if positions_kind not in POSITIONS_KINDS or values_kind not in VALUES_KINDS:
@@ -120,7 +129,7 @@ def parse_codec(name: str) -> tuple[str, str, str]:
     out = out or _work_kind(values_kind)
     if out not in ONNX_TYPE:
         raise ValueError(f"unknown output type in codec {name!r}")
-    return positions_kind, values_kind, out
+    return positions_kind, values_kind, out, int(tail) if slash else 0
 
 
 def _gathers(positions_kind: str, values_kind: str) -> bool:
@@ -301,10 +310,11 @@ def _decode(g: _Graph, prefix: str, c: Compact, out_kind: str, flat: str) -> Non
     gathered = _gathers(c.positions_kind, c.values_kind)
     # sizes known when the file is written are constants, not nodes folded at session creation
     entries = int(c.entries.sum())
+    coded = int(c.entries[: len(c.shapes) - c.dense_tail].sum())  # entries with positions
     bit_count = 8 * c.positions.size
     index = count = rank = ""
     if c.positions_kind == "rice":
-        z, count = g.ones(g.bits(a["p"]), entries, bit_count)
+        z, count = g.ones(g.bits(a["p"]), coded, bit_count)
         planes = g.bits(a["r"], keep_leading=True)  # [k, 8 * bytes]: bit j of each remainder
         remainder = g.op("Slice", g.op("MatMul", a["w"], planes), g.const([0]), count)
         k = int(c.remainders.shape[0]) if c.remainders is not None else 0
@@ -316,9 +326,13 @@ def _decode(g: _Graph, prefix: str, c: Compact, out_kind: str, flat: str) -> Non
         bits = g.bits(a["p"])
         rank = g.op("Mul", g.cumsum(bits), bits)  # element -> its entry + 1, or 0
     elif c.positions_kind == "bitmask":
-        index, count = g.ones(g.bits(a["p"]), entries, bit_count)
+        index, count = g.ones(g.bits(a["p"]), coded, bit_count)
     elif c.values_kind == "int8":
         index = g.op("Range", g.const(0), g.const(c.total), g.const(1))
+    if c.dense_tail:
+        assert not gathered, "a gathered bitmask has no dense tail (write_portable_ refuses it)"
+        tail = g.op("Range", g.const(c.head_total), g.const(c.total), g.const(1))
+        index, count = g.op("Concat", index, tail, axis=0), ""  # int4 slices all entries
 
     segment = ""
     if "e" in a:
@@ -451,6 +465,10 @@ def write_portable_(
             raise ValueError(f"a group of {c.total} elements exceeds int32 indices")
         if len(c.shapes) > 1 and c.values_kind in ("int8", "int4") and (c.entries == 0).any():
             raise ValueError("every tensor of an int8 / int4 group needs an entry")
+        if c.dense_tail and _gathers(c.positions_kind, c.values_kind):
+            raise ValueError(
+                f"a {c.positions_kind}+{c.values_kind} group decodes by gathering: no dense tail"
+            )
         for name, shape in zip(group.names, c.shapes, strict=True):
             _check_target(by_name, name, shape, ONNX_TYPE[group.out_kind])
             replaced.append(name)
@@ -473,7 +491,7 @@ def write_portable_(
     codecs: dict[str, str] = {}
     for index, group in enumerate(groups):
         c, prefix = group.compact, f"{g.base}{index}."
-        codecs[prefix] = codec_name(c.positions_kind, c.values_kind, group.out_kind)
+        codecs[prefix] = codec_name(c.positions_kind, c.values_kind, group.out_kind, c.dense_tail)
         g.inits += [numpy_helper.from_array(array, prefix + k) for k, array in _arrays(c).items()]
         flat = prefix + "y"
         _decode(g, prefix, c, group.out_kind, flat)
@@ -550,7 +568,7 @@ def read_portable(model: onnx.ModelProto, codecs: dict[str, str]) -> list[Stored
             consumers.setdefault(name, node)
     found = []
     for prefix, codec in codecs.items():
-        positions_kind, values_kind, out_kind = parse_codec(codec)
+        positions_kind, values_kind, out_kind, dense_tail = parse_codec(codec)
         if prefix + "n" in arrays:
             numel = numpy_helper.to_array(arrays[prefix + "n"]).astype(np.int64)
             if _gathers(positions_kind, values_kind):
@@ -568,14 +586,24 @@ def read_portable(model: onnx.ModelProto, codecs: dict[str, str]) -> list[Stored
             raise ValueError(f"group {prefix!r} ({codec}) lacks arrays {missing}")
         data = {k: numpy_helper.to_array(arrays[prefix + k]) for k in wanted}
         positions = data.get("p", np.zeros(0, dtype=np.uint8))
+        if not 0 <= dense_tail < max(numel.size, 1):
+            raise ValueError(f"group {prefix!r} ({codec}) has {numel.size} tensors")
+        tail_numel = int(numel[numel.size - dense_tail :].sum()) if dense_tail else 0
         if positions_kind == "dense":
             count = int(numel.sum())
         else:
-            count = int(np.unpackbits(positions, bitorder="little").sum())
+            count = int(np.unpackbits(positions, bitorder="little").sum()) + tail_numel
         entries = _counts(data.get("e"), count)
         if "e" not in data and numel.size > 1:  # no entry table: count each tensor's positions
             index = Compact(
-                shapes, positions_kind, positions, "fp32", np.zeros(0), entries, data.get("r")
+                shapes,
+                positions_kind,
+                positions,
+                "fp32",
+                np.zeros(0),
+                entries,
+                data.get("r"),
+                dense_tail=dense_tail,
             ).linear_indices()
             tensor = np.searchsorted(np.cumsum(numel), index, side="right")
             entries = np.bincount(tensor, minlength=numel.size).astype(np.int64)
@@ -591,6 +619,7 @@ def read_portable(model: onnx.ModelProto, codecs: dict[str, str]) -> list[Stored
             scale_rows=None if "s" not in data else _counts(data.get("q"), data["s"].size),
             codebook=data.get("c"),
             codebook_sizes=None if "c" not in data else _counts(data.get("b"), data["c"].size),
+            dense_tail=dense_tail,
         )
         found.append(StoredGroup(names, compact, out_kind, tuple(prefix + k for k in wanted)))
     return found
