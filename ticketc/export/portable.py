@@ -28,8 +28,9 @@ Decode recipe (index arithmetic in int32: a group never reaches 2^31 elements):
             idx = 2^k * z + CumSum(r - (2^k - 1)) + (2^k - 1)   (see ticketc.formats.rice)
   bitmask:  every element gathers [0, values...][CumSum(bits) * bits] (int8: idx = ones(bits))
   dense:    every element is an entry
-  tail:     a rice or scattered bitmask group's dense tail (its last tensors, every element an
-            entry, no positions stored) appends Range(head elements, N) to idx
+  tail:     a group's dense tail (its last tensors, every element an entry, no positions
+            stored) appends Range(head elements, N) to idx, or when gathering, the tail's
+            entries + 1 to the head's ranks (the bitmask's padding sliced off)
   values:   fp kinds Cast | int8 codes * scale[row of entry] | int4 codebook[tensor][code],
             the tensor of an entry being CumSum of a mark at each tensor's first entry
   output:   ScatterElements(zeros[N], idx, values) (or the gather), Cast to the graph's type
@@ -164,7 +165,7 @@ def _starts(counts: np.ndarray) -> np.ndarray:
 
 def _arrays(c: Compact) -> dict[str, np.ndarray]:
     rows = c.scale_rows if c.scale_rows is not None else np.ones(len(c.shapes), np.int64)
-    gathers = _gathers(c.positions_kind, c.values_kind)
+    padded = _gathers(c.positions_kind, c.values_kind) and not c.dense_tail
     data: dict[str, np.ndarray | None] = {
         "p": c.positions,
         "r": c.remainders,
@@ -174,7 +175,7 @@ def _arrays(c: Compact) -> dict[str, np.ndarray]:
         "v": c.values,
         "s": c.scale,
         "c": c.codebook,
-        "n": np.append(c.numel, 8 * c.positions.size - c.total) if gathers else c.numel,
+        "n": np.append(c.numel, 8 * c.positions.size - c.total) if padded else c.numel,
         "l": (c.numel // np.maximum(rows, 1)).astype(np.int32),
         "e": _starts(c.entries),
         "f": _starts(c.numel),
@@ -325,12 +326,15 @@ def _decode(g: _Graph, prefix: str, c: Compact, out_kind: str, flat: str) -> Non
     elif gathered:
         bits = g.bits(a["p"])
         rank = g.op("Mul", g.cumsum(bits), bits)  # element -> its entry + 1, or 0
+        if c.dense_tail:  # the head's elements (padding dropped), then the tail's entries
+            head = g.op("Slice", rank, g.const([0]), g.const([c.head_total]))
+            tail = g.op("Range", g.const(coded + 1), g.const(entries + 1), g.const(1))
+            rank = g.op("Concat", head, tail, axis=0)
     elif c.positions_kind == "bitmask":
         index, count = g.ones(g.bits(a["p"]), coded, bit_count)
     elif c.values_kind == "int8":
         index = g.op("Range", g.const(0), g.const(c.total), g.const(1))
-    if c.dense_tail:
-        assert not gathered, "a gathered bitmask has no dense tail (write_portable_ refuses it)"
+    if c.dense_tail and not gathered:
         tail = g.op("Range", g.const(c.head_total), g.const(c.total), g.const(1))
         index, count = g.op("Concat", index, tail, axis=0), ""  # int4 slices all entries
 
@@ -465,10 +469,6 @@ def write_portable_(
             raise ValueError(f"a group of {c.total} elements exceeds int32 indices")
         if len(c.shapes) > 1 and c.values_kind in ("int8", "int4") and (c.entries == 0).any():
             raise ValueError("every tensor of an int8 / int4 group needs an entry")
-        if c.dense_tail and _gathers(c.positions_kind, c.values_kind):
-            raise ValueError(
-                f"a {c.positions_kind}+{c.values_kind} group decodes by gathering: no dense tail"
-            )
         for name, shape in zip(group.names, c.shapes, strict=True):
             _check_target(by_name, name, shape, ONNX_TYPE[group.out_kind])
             replaced.append(name)
@@ -505,7 +505,7 @@ def write_portable_(
                 pieces = [
                     group.names[t] if len(c.shapes[t]) == 1 else f"{prefix}{t}" for t in block
                 ]
-                padding = [prefix + "x"] if gathers else []
+                padding = [prefix + "x"] if gathers and not c.dense_tail else []
                 sizes = (
                     prefix + "n"
                     if len(blocks) == 1
@@ -571,7 +571,7 @@ def read_portable(model: onnx.ModelProto, codecs: dict[str, str]) -> list[Stored
         positions_kind, values_kind, out_kind, dense_tail = parse_codec(codec)
         if prefix + "n" in arrays:
             numel = numpy_helper.to_array(arrays[prefix + "n"]).astype(np.int64)
-            if _gathers(positions_kind, values_kind):
+            if _gathers(positions_kind, values_kind) and not dense_tail:
                 numel = numel[:-1]  # the last piece is the bitmask's padding
             names, shapes = _outputs(prefix + "y", prefix, numel, consumers, arrays)
         elif prefix + "y0" in consumers:

@@ -7,9 +7,8 @@ bitmask / dense; values: the requested type). Tensors that share a codec are the
 decode groups, since each distinct decoder costs ~1 KB of function body in the file and each
 group ~30 nodes that onnxruntime folds at session creation: a codec or a Rice parameter that
 saves fewer bytes than that is merged into a neighbour. A tensor that stores best with "dense"
-positions (a bias, a mostly dense stem conv) joins a group of its values that scatters its
-entries (rice, or bitmask with int8) as part of its dense tail: no positions and no decoder
-of its own.
+positions (a bias, a mostly dense stem conv) joins a rice or bitmask group of its values as
+part of its dense tail: no positions and no decoder of its own.
 
 Value types ("values" of the export):
 - "fp32": lossless. Each tensor keeps its exact values, in the narrowest float type that holds
@@ -52,6 +51,7 @@ TENSOR_COST = 40  # per tensor in a group: its Reshape node and its rows of the 
 GROUP_COST = 400
 ZERO_COST = 30  # an all-zero tensor as ConstantOfShape
 TAIL_COST = 120  # a dense tail in a group: its Range and Concat nodes and their constants
+TAIL_HOSTS = ("rice", "bitmask")  # positions kinds whose groups take a dense tail
 # Most elements in one group: a group decodes to one flat tensor at session creation, and int64
 # index temporaries of ~8 B per entry; this bounds that transient memory to ~2 GB.
 MAX_GROUP_NUMEL = 2**27
@@ -310,16 +310,10 @@ def _merge_codecs_(chosen: dict[str, Option], options: dict[str, list[Option]]) 
         chosen.update(best_move[2])
 
 
-def _hosts(values_kind: str) -> tuple[str, ...]:
-    """Positions kinds whose groups can carry dense tensors of this value kind in a dense tail:
-    those that scatter their entries (a gathered bitmask cannot)."""
-    return ("rice", "bitmask") if values_kind == "int8" else ("rice",)
-
-
 def _host(codec: tuple[str, str], used: set[tuple[str, str]]) -> bool:
     """Whether a dense codec's tensors have a group in `used` to join as a dense tail."""
     positions_kind, values_kind = codec
-    return positions_kind == "dense" and any((p, values_kind) in used for p in _hosts(values_kind))
+    return positions_kind == "dense" and any((p, values_kind) in used for p in TAIL_HOSTS)
 
 
 def _merge_rice_k_(
@@ -381,7 +375,7 @@ def _groups(
 ) -> list[tuple[tuple[str, str, str, int], list[str], int]]:
     """Tensors pooled by codec, output type and Rice k, split where a group grows too large;
     then each dense tensor appended, as part of its dense tail, to the smallest group of its
-    values and output type that scatters its entries and has room (`_hosts`), or pooled in
+    values and output type with positions (TAIL_HOSTS) that has room, or pooled in
     dense groups where none has. Each item: (key, names, how many of the last are the tail)."""
     pooled: dict[tuple[str, str, str, int], list[str]] = {}
     for name, option in chosen.items():
@@ -395,7 +389,7 @@ def _groups(
         if key[0] != "dense":
             continue
         hosts = [
-            i for i, (k, _, _) in enumerate(out) if k[0] in _hosts(k[1]) and k[1:3] == key[1:3]
+            i for i, (k, _, _) in enumerate(out) if k[0] in TAIL_HOSTS and k[1:3] == key[1:3]
         ]
         size = {i: sum(arrays[n].size for n in out[i][1]) for i in hosts}
         rest: list[str] = []
