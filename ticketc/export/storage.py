@@ -285,15 +285,24 @@ def _merge_codecs_(chosen: dict[str, Option], options: dict[str, list[Option]]) 
         used = {(o.positions, o.values) for o in chosen.values()}
         if len(used) <= 1:
             return
+        # the codecs with their Rice k as chosen: a dense tensor moved into a rice group pays
+        # that group's k, not its own best (k = 1 for a dense run), once the ks are merged
+        coded = {(o.positions, o.values, o.rice_k) for o in chosen.values()}
         best_move: tuple[int, tuple[str, str], dict[str, Option]] | None = None
         for codec in used:
             others = used - {codec}
+            hosted = _host(codec, used)
             moved: dict[str, Option] = {}
             extra = 0
             for name, option in chosen.items():
                 if (option.positions, option.values) != codec:
                     continue
-                alternatives = [o for o in options[name] if (o.positions, o.values) in others]
+                alternatives = [
+                    o
+                    for o in options[name]
+                    if (o.positions, o.values) in others
+                    and (not hosted or (o.positions, o.values, o.rice_k) in coded)
+                ]
                 if not alternatives:
                     break
                 alt = min(alternatives, key=lambda o: o.nbytes)
@@ -302,7 +311,7 @@ def _merge_codecs_(chosen: dict[str, Option], options: dict[str, list[Option]]) 
             else:
                 # kind cost in the default out type is close enough for a decision; dense
                 # tensors beside a host codec ride in its dense tail and cost no group
-                saving = TAIL_COST if _host(codec, used) else _group_cost(*codec)
+                saving = TAIL_COST if hosted else _group_cost(*codec)
                 if extra < saving and (best_move is None or extra - saving < best_move[0]):
                     best_move = (extra - saving, codec, moved)
         if best_move is None:
