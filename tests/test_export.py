@@ -410,3 +410,35 @@ def test_a_tied_weight_pruned_through_two_modules_keeps_each_modules_mask(tmp_pa
     assert tied and all(layer.nnz <= 160 for layer in tied)  # compact, whatever form it takes
     ids = torch.randint(0, 50, (3, 9))
     assert_matches_model(tmp_path / "m.onnx", model, {"ids": ids}, "fp32")
+
+
+class _LSTMHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(16, 32, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("values", ["fp16", "int8", "int4"])
+def test_a_mixed_density_group_matches_the_masked_model(tmp_path, values):
+    """90 %-pruned LSTM matrices and their fully dense packed biases (ONNX B [1, 8 h]): the
+    biases ride in the sparse group's dense tail, and onnxruntime matches the masked model."""
+    torch.manual_seed(0)
+    model = _LSTMHead().eval()
+    prune.global_unstructured(
+        [(model.lstm, f"weight_{w}_l{i}") for w in ("ih", "hh") for i in (0, 1)]
+        + [(model.fc, "weight")],
+        prune.L1Unstructured,
+        amount=0.9,
+    )
+    path = tmp_path / "m.onnx"
+    result = export_model(model, torch.randn(1, 5, 16), path, ExportConfig(values=values))
+    assert result.verification is not None and result.verification.passed
+    codecs = {layer.codec for layer in result.layers}
+    assert f"dense+{values}" in codecs and f"rice+{values}" in codecs, codecs
+    groups = read_metadata(onnx.load(str(path)))["groups"]
+    assert any("/" in codec for codec in groups.values()), groups  # a dense tail, not a group
+    assert_matches_model(path, model, {"x": torch.randn(3, 5, 16)}, values)

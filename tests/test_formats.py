@@ -21,7 +21,7 @@ from ticketc.formats import (
     block_occupancy,
     mask_entropy_bits,
 )
-from ticketc.formats.compact import check_decoded
+from ticketc.formats.compact import VALUE_BITS, check_decoded
 from ticketc.formats.quantize import kmeans_1d
 
 FAST = settings(max_examples=40, deadline=None)
@@ -564,3 +564,46 @@ def test_kmeans_is_exact_on_few_values_and_reduces_error():
     uniform = np.linspace(x.min(), x.max(), 16)
     err_uniform = np.abs(x[:, None] - uniform[None]).min(1)
     assert (err**2).mean() < (err_uniform**2).mean()
+
+
+@pytest.mark.parametrize("values", ["fp64", "fp32", "bf16", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("positions", ["rice", "bitmask"])
+def test_a_dense_tail_costs_its_values_and_table_rows_only(values, positions):
+    """A fully dense bias after a sparse matrix stores no positions: its bytes are its values,
+    its side info (int8 scale, int4 codebook) and its rows of the per-tensor tables."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 32)) * (rng.random((64, 32)) < 0.1)
+    bias = rng.standard_normal(512)
+    weight, bias = weight.astype(np.float32), bias.astype(np.float32)
+    alone = Compact.from_dense([weight], values, positions, rice_k=3)
+    both = Compact.from_dense([weight, bias], values, positions, rice_k=3, dense_tail=1)
+    both.check()
+    assert both.positions.nbytes == alone.positions.nbytes
+    value_bytes = 512 * VALUE_BITS[values] // 8
+    side = {"int8": 2, "int4": 2 * 16}.get(values, 0)
+    tables = both.table_nbytes - alone.table_nbytes
+    assert tables == both.table_nbytes // 2  # one more row in each table
+    assert both.nbytes - alone.nbytes == value_bytes + side + tables
+    decoded = both.to_dense()
+    if values in ("fp64", "fp32"):
+        np.testing.assert_array_equal(decoded[1], bias)
+        np.testing.assert_array_equal(decoded[0], weight)
+    # the bias's entries that decode to a nonzero (int8: a tiny value may take code 0)
+    assert both.nnz().tolist() == [int((weight != 0).sum()), int((decoded[1] != 0).sum())]
+    shares = both.nbytes_per_tensor()
+    assert shares.sum() == pytest.approx(both.nbytes)
+
+
+def test_a_dense_tail_keeps_zeros_exact_and_is_refused_where_it_means_nothing():
+    rng = np.random.default_rng(1)
+    weight = (rng.standard_normal((8, 8)) * (rng.random((8, 8)) < 0.2)).astype(np.float32)
+    bias = rng.standard_normal(16).astype(np.float32)
+    bias[3] = 0.0
+    for values in ("fp16", "int8", "int4"):
+        c = Compact.from_dense([weight, bias], values, "rice", dense_tail=1)
+        assert c.to_dense()[1][3] == 0.0
+        assert c.nnz()[1] <= 15
+    with pytest.raises(ValueError, match="dense_tail"):
+        Compact.from_dense([weight, bias], "fp32", "dense", dense_tail=1)
+    with pytest.raises(ValueError, match="dense_tail"):
+        Compact.from_dense([weight, bias], "fp32", "rice", dense_tail=2)

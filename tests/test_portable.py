@@ -445,3 +445,80 @@ def test_session_creation_stays_within_3x_of_dense(values):
     # ~1.3 ms). benchmarks/export_matrix measures it on larger models.
     ratio = session_cpu_ratio(portable, model)
     assert ratio <= 3, ratio
+
+
+# --------------------------------------------------------------------------- dense tails
+TAIL_KINDS = [k for k in KINDS if k[0] in ("rice", "bitmask")]
+
+
+@pytest.mark.parametrize(("positions", "values"), TAIL_KINDS)
+@pytest.mark.parametrize("block", [None, 100])
+def test_a_dense_tail_decodes_in_both_runtimes_and_reads_back(
+    positions, values, block, monkeypatch
+):
+    """Sparse weights with the dense biases as the group's dense tail (one bias holding a 0):
+    decoded exactly as `to_dense`, fp32 exactly the originals, and read back from the file."""
+    from ticketc.export import portable as portable_module
+
+    # a bitmask gathers (int8: scatters); with blocks: [conv], [fc1], [fc2, biases...], the
+    # tail's entries scattered in the last block
+    if block:
+        monkeypatch.setattr(portable_module, "BLOCK_NUMEL", block)
+    model, weights = conv_mlp()
+    biases = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    biases = {n: a.copy() for n, a in biases.items() if n.endswith(".bias")}
+    biases["fc1.bias"][4] = 0.0
+    tensors = {**weights, **biases}
+    names = list(tensors)
+    original = Compact.from_dense(list(tensors.values()), values, positions, dense_tail=3)
+    original.check()
+    for name, array in biases.items():
+        model.graph.initializer.remove(next(i for i in model.graph.initializer if i.name == name))
+        model.graph.initializer.append(numpy_helper.from_array(array, name))
+    portable, codecs = to_portable(model, [(names, original)])
+    onnx.checker.check_model(portable, full_check=True)
+    assert list(codecs.values()) == [f"{positions}+{values}/3"]
+    used = {name for node in portable.graph.node for name in node.input}
+    assert {i.name for i in portable.graph.initializer} <= used
+    x = np.random.default_rng(1).standard_normal((3, 2, 4, 4)).astype(np.float32)
+    ort_out, ref_out = _decoded(portable, names, x)
+    for name, got_ort, got_ref, want in zip(
+        names, ort_out[1:], ref_out[1:], original.to_dense(), strict=True
+    ):
+        np.testing.assert_array_equal(got_ort, want)
+        np.testing.assert_array_equal(got_ref, want)
+        if values == "fp32":
+            np.testing.assert_array_equal(got_ort, tensors[name])
+    assert ort_out[1 + names.index("fc1.bias")][4] == 0.0
+    (group,) = read_portable(portable, codecs)
+    group.compact.check()
+    assert group.compact.dense_tail == 3 and group.names == tuple(names)
+    assert group.compact.nbytes == original.nbytes
+    assert group.compact.nnz().tolist() == original.nnz().tolist()
+    for a, b in zip(group.compact.to_dense(), original.to_dense(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("values", ["fp16", "int8", "int4"])
+def test_plan_storage_puts_a_dense_bias_in_the_sparse_groups_tail(values):
+    """An LSTM's packed bias (B [1, 512], every entry kept) beside 90 %-pruned matrices: no
+    group of its own, and no positions paid for it."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "W": _masked(rng, (1, 256, 32), 0.1),
+        "R": _masked(rng, (1, 256, 64), 0.1),
+        "B": rng.standard_normal((1, 512)).astype(np.float32),
+    }
+    plan = plan_storage(arrays, values)
+    (group,) = plan.groups
+    assert group.names[-1] == "B" and group.compact.dense_tail == 1
+    assert group.compact.positions_kind == "rice"
+    record = {t.name: t for t in plan.tensors}
+    assert record["B"].codec == f"dense+{values}"
+    # the bias costs what the group without it does not: no positions
+    sparse = Compact.from_dense(
+        [arrays["W"], arrays["R"]], values, "rice", rice_k=group.compact.rice_k
+    )
+    assert group.compact.positions.nbytes == sparse.positions.nbytes
+    assert group.compact.remainders is not None and sparse.remainders is not None
+    assert group.compact.remainders.nbytes == sparse.remainders.nbytes

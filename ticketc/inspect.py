@@ -176,8 +176,9 @@ def _onnx_layers(model: Any, path: Path) -> list[LayerStats]:
         index = c.linear_indices()
         nnz, shares = c.nnz(), c.nbytes_per_tensor()
         itemsize = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}[group.out_kind]
-        codec = f"{c.positions_kind}+{c.values_kind}"
+        head = len(c.shapes) - c.dense_tail  # tensors after it store no positions
         for t, (name, shape) in enumerate(zip(group.names, c.shapes, strict=True)):
+            codec = f"{'dense' if t >= head else c.positions_kind}+{c.values_kind}"
             start, numel = int(c.offsets[t]), int(np.prod(shape))
             mask = np.zeros(numel, dtype=bool)
             mine = index[(index >= start) & (index < start + numel)] - start

@@ -28,13 +28,17 @@ Decode recipe (index arithmetic in int32: a group never reaches 2^31 elements):
             idx = 2^k * z + CumSum(r - (2^k - 1)) + (2^k - 1)   (see ticketc.formats.rice)
   bitmask:  every element gathers [0, values...][CumSum(bits) * bits] (int8: idx = ones(bits))
   dense:    every element is an entry
+  tail:     a group's dense tail (its last tensors, every element an entry, no positions
+            stored) appends Range(head elements, N) to idx, or when gathering, the tail's
+            entries + 1 to the head's ranks (the bitmask's padding sliced off)
   values:   fp kinds Cast | int8 codes * scale[row of entry] | int4 codebook[tensor][code],
             the tensor of an entry being CumSum of a mark at each tensor's first entry
   output:   ScatterElements(zeros[N], idx, values) (or the gather), Cast to the graph's type
 NonZero, Compress and TopK are avoided on purpose: onnxruntime does not constant-fold the
 first two (data-dependent shapes), and TopK is 10x slower than the scatter on large streams.
 
-The file's "ticketc" metadata names each group's prefix and codec ("0." -> "rice+int4"); its
+The file's "ticketc" metadata names each group's prefix and codec ("0." -> "rice+int4", or
+"rice+int4/2" with a dense tail of 2 tensors; files before dense tails never end in "/N"); its
 arrays and the Split / Reshape nodes after it are all a reader needs (`read_portable`).
 """
 
@@ -105,14 +109,20 @@ def _work_kind(values_kind: str) -> str:
     return "fp64" if values_kind == "fp64" else "fp32"
 
 
-def codec_name(positions_kind: str, values_kind: str, out_kind: str) -> str:
-    """ "rice+int4", or "rice+int4>fp16" when the graph holds the tensors in another type."""
+def codec_name(positions_kind: str, values_kind: str, out_kind: str, dense_tail: int = 0) -> str:
+    """ "rice+int4", or "rice+int4>fp16" when the graph holds the tensors in another type,
+    each followed by "/N" when the group ends in a dense tail of N tensors."""
     name = f"{positions_kind}+{values_kind}"
-    return name if out_kind == _work_kind(values_kind) else f"{name}>{out_kind}"
+    name = name if out_kind == _work_kind(values_kind) else f"{name}>{out_kind}"
+    return f"{name}/{dense_tail}" if dense_tail else name
 
 
-def parse_codec(name: str) -> tuple[str, str, str]:
-    """(positions kind, values kind, out kind) of a `codec_name`; ValueError if malformed."""
+def parse_codec(name: str) -> tuple[str, str, str, int]:
+    """(positions kind, values kind, out kind, dense tail) of a `codec_name`; ValueError if
+    malformed."""
+    name, slash, tail = name.partition("/")
+    if slash and not (tail.isdigit() and int(tail) > 0):
+        raise ValueError(f"unknown codec {name}/{tail!r}")
     codec, _, out = name.partition(">")
     positions_kind, _, values_kind = codec.partition("+")
     if positions_kind not in POSITIONS_KINDS or values_kind not in VALUES_KINDS:
@@ -120,7 +130,7 @@ def parse_codec(name: str) -> tuple[str, str, str]:
     out = out or _work_kind(values_kind)
     if out not in ONNX_TYPE:
         raise ValueError(f"unknown output type in codec {name!r}")
-    return positions_kind, values_kind, out
+    return positions_kind, values_kind, out, int(tail) if slash else 0
 
 
 def _gathers(positions_kind: str, values_kind: str) -> bool:
@@ -155,7 +165,7 @@ def _starts(counts: np.ndarray) -> np.ndarray:
 
 def _arrays(c: Compact) -> dict[str, np.ndarray]:
     rows = c.scale_rows if c.scale_rows is not None else np.ones(len(c.shapes), np.int64)
-    gathers = _gathers(c.positions_kind, c.values_kind)
+    padded = _gathers(c.positions_kind, c.values_kind) and not c.dense_tail
     data: dict[str, np.ndarray | None] = {
         "p": c.positions,
         "r": c.remainders,
@@ -165,7 +175,7 @@ def _arrays(c: Compact) -> dict[str, np.ndarray]:
         "v": c.values,
         "s": c.scale,
         "c": c.codebook,
-        "n": np.append(c.numel, 8 * c.positions.size - c.total) if gathers else c.numel,
+        "n": np.append(c.numel, 8 * c.positions.size - c.total) if padded else c.numel,
         "l": (c.numel // np.maximum(rows, 1)).astype(np.int32),
         "e": _starts(c.entries),
         "f": _starts(c.numel),
@@ -301,10 +311,11 @@ def _decode(g: _Graph, prefix: str, c: Compact, out_kind: str, flat: str) -> Non
     gathered = _gathers(c.positions_kind, c.values_kind)
     # sizes known when the file is written are constants, not nodes folded at session creation
     entries = int(c.entries.sum())
+    coded = int(c.entries[: len(c.shapes) - c.dense_tail].sum())  # entries with positions
     bit_count = 8 * c.positions.size
     index = count = rank = ""
     if c.positions_kind == "rice":
-        z, count = g.ones(g.bits(a["p"]), entries, bit_count)
+        z, count = g.ones(g.bits(a["p"]), coded, bit_count)
         planes = g.bits(a["r"], keep_leading=True)  # [k, 8 * bytes]: bit j of each remainder
         remainder = g.op("Slice", g.op("MatMul", a["w"], planes), g.const([0]), count)
         k = int(c.remainders.shape[0]) if c.remainders is not None else 0
@@ -315,10 +326,17 @@ def _decode(g: _Graph, prefix: str, c: Compact, out_kind: str, flat: str) -> Non
     elif gathered:
         bits = g.bits(a["p"])
         rank = g.op("Mul", g.cumsum(bits), bits)  # element -> its entry + 1, or 0
+        if c.dense_tail:  # the head's elements (padding dropped), then the tail's entries
+            head = g.op("Slice", rank, g.const([0]), g.const([c.head_total]))
+            tail = g.op("Range", g.const(coded + 1), g.const(entries + 1), g.const(1))
+            rank = g.op("Concat", head, tail, axis=0)
     elif c.positions_kind == "bitmask":
-        index, count = g.ones(g.bits(a["p"]), entries, bit_count)
+        index, count = g.ones(g.bits(a["p"]), coded, bit_count)
     elif c.values_kind == "int8":
         index = g.op("Range", g.const(0), g.const(c.total), g.const(1))
+    if c.dense_tail and not gathered:
+        tail = g.op("Range", g.const(c.head_total), g.const(c.total), g.const(1))
+        index, count = g.op("Concat", index, tail, axis=0), ""  # int4 slices all entries
 
     segment = ""
     if "e" in a:
@@ -473,7 +491,7 @@ def write_portable_(
     codecs: dict[str, str] = {}
     for index, group in enumerate(groups):
         c, prefix = group.compact, f"{g.base}{index}."
-        codecs[prefix] = codec_name(c.positions_kind, c.values_kind, group.out_kind)
+        codecs[prefix] = codec_name(c.positions_kind, c.values_kind, group.out_kind, c.dense_tail)
         g.inits += [numpy_helper.from_array(array, prefix + k) for k, array in _arrays(c).items()]
         flat = prefix + "y"
         _decode(g, prefix, c, group.out_kind, flat)
@@ -487,7 +505,7 @@ def write_portable_(
                 pieces = [
                     group.names[t] if len(c.shapes[t]) == 1 else f"{prefix}{t}" for t in block
                 ]
-                padding = [prefix + "x"] if gathers else []
+                padding = [prefix + "x"] if gathers and not c.dense_tail else []
                 sizes = (
                     prefix + "n"
                     if len(blocks) == 1
@@ -550,10 +568,10 @@ def read_portable(model: onnx.ModelProto, codecs: dict[str, str]) -> list[Stored
             consumers.setdefault(name, node)
     found = []
     for prefix, codec in codecs.items():
-        positions_kind, values_kind, out_kind = parse_codec(codec)
+        positions_kind, values_kind, out_kind, dense_tail = parse_codec(codec)
         if prefix + "n" in arrays:
             numel = numpy_helper.to_array(arrays[prefix + "n"]).astype(np.int64)
-            if _gathers(positions_kind, values_kind):
+            if _gathers(positions_kind, values_kind) and not dense_tail:
                 numel = numel[:-1]  # the last piece is the bitmask's padding
             names, shapes = _outputs(prefix + "y", prefix, numel, consumers, arrays)
         elif prefix + "y0" in consumers:
@@ -568,14 +586,24 @@ def read_portable(model: onnx.ModelProto, codecs: dict[str, str]) -> list[Stored
             raise ValueError(f"group {prefix!r} ({codec}) lacks arrays {missing}")
         data = {k: numpy_helper.to_array(arrays[prefix + k]) for k in wanted}
         positions = data.get("p", np.zeros(0, dtype=np.uint8))
+        if not 0 <= dense_tail < max(numel.size, 1):
+            raise ValueError(f"group {prefix!r} ({codec}) has {numel.size} tensors")
+        tail_numel = int(numel[numel.size - dense_tail :].sum()) if dense_tail else 0
         if positions_kind == "dense":
             count = int(numel.sum())
         else:
-            count = int(np.unpackbits(positions, bitorder="little").sum())
+            count = int(np.unpackbits(positions, bitorder="little").sum()) + tail_numel
         entries = _counts(data.get("e"), count)
         if "e" not in data and numel.size > 1:  # no entry table: count each tensor's positions
             index = Compact(
-                shapes, positions_kind, positions, "fp32", np.zeros(0), entries, data.get("r")
+                shapes,
+                positions_kind,
+                positions,
+                "fp32",
+                np.zeros(0),
+                entries,
+                data.get("r"),
+                dense_tail=dense_tail,
             ).linear_indices()
             tensor = np.searchsorted(np.cumsum(numel), index, side="right")
             entries = np.bincount(tensor, minlength=numel.size).astype(np.int64)
@@ -591,6 +619,7 @@ def read_portable(model: onnx.ModelProto, codecs: dict[str, str]) -> list[Stored
             scale_rows=None if "s" not in data else _counts(data.get("q"), data["s"].size),
             codebook=data.get("c"),
             codebook_sizes=None if "c" not in data else _counts(data.get("b"), data["c"].size),
+            dense_tail=dense_tail,
         )
         found.append(StoredGroup(names, compact, out_kind, tuple(prefix + k for k in wanted)))
     return found

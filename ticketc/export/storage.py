@@ -6,7 +6,9 @@ type allows: kept as it is, an all-zero constant, or a `Compact` codec (position
 bitmask / dense; values: the requested type). Tensors that share a codec are then pooled into
 decode groups, since each distinct decoder costs ~1 KB of function body in the file and each
 group ~30 nodes that onnxruntime folds at session creation: a codec or a Rice parameter that
-saves fewer bytes than that is merged into a neighbour.
+saves fewer bytes than that is merged into a neighbour. A tensor that stores best with "dense"
+positions (a bias, a mostly dense stem conv) joins a rice or bitmask group of its values as
+part of its dense tail: no positions and no decoder of its own.
 
 Value types ("values" of the export):
 - "fp32": lossless. Each tensor keeps its exact values, in the narrowest float type that holds
@@ -48,6 +50,8 @@ TENSOR_COST = 40  # per tensor in a group: its Reshape node and its rows of the 
 # (~15 us each), weighed as bytes so that a group must save at least this much to exist
 GROUP_COST = 400
 ZERO_COST = 30  # an all-zero tensor as ConstantOfShape
+TAIL_COST = 120  # a dense tail in a group: its Range and Concat nodes and their constants
+TAIL_HOSTS = ("rice", "bitmask")  # positions kinds whose groups take a dense tail
 # Most elements in one group: a group decodes to one flat tensor at session creation, and int64
 # index temporaries of ~8 B per entry; this bounds that transient memory to ~2 GB.
 MAX_GROUP_NUMEL = 2**27
@@ -135,10 +139,14 @@ def plan_storage(
     _merge_codecs_(chosen, options)
     _merge_rice_k_(chosen, options, floats)
     zero_names = {n for n, _ in plan.zeros}
-    for key, names in _groups(chosen, floats):
+    for key, names, tail in _groups(chosen, floats):
         positions_kind, values_kind, out_kind, k = key
         compact = Compact.from_dense(
-            [floats[n] for n in names], values_kind, positions_kind, rice_k=k or None
+            [floats[n] for n in names],
+            values_kind,
+            positions_kind,
+            rice_k=k or None,
+            dense_tail=tail,
         )
         plan.groups.append(Group(tuple(names), compact, out_kind))
         shares = compact.nbytes_per_tensor()
@@ -150,7 +158,7 @@ def plan_storage(
                     floats[name],
                     int(nnz[t]),
                     "compact",
-                    f"{positions_kind}+{values_kind}",
+                    f"{'dense' if t >= len(names) - tail else positions_kind}+{values_kind}",
                     float(shares[t]),
                     values,
                 )
@@ -277,28 +285,44 @@ def _merge_codecs_(chosen: dict[str, Option], options: dict[str, list[Option]]) 
         used = {(o.positions, o.values) for o in chosen.values()}
         if len(used) <= 1:
             return
+        # the codecs with their Rice k as chosen: a dense tensor moved into a rice group pays
+        # that group's k, not its own best (k = 1 for a dense run), once the ks are merged
+        coded = {(o.positions, o.values, o.rice_k) for o in chosen.values()}
         best_move: tuple[int, tuple[str, str], dict[str, Option]] | None = None
         for codec in used:
             others = used - {codec}
+            hosted = _host(codec, used)
             moved: dict[str, Option] = {}
             extra = 0
             for name, option in chosen.items():
                 if (option.positions, option.values) != codec:
                     continue
-                alternatives = [o for o in options[name] if (o.positions, o.values) in others]
+                alternatives = [
+                    o
+                    for o in options[name]
+                    if (o.positions, o.values) in others
+                    and (not hosted or (o.positions, o.values, o.rice_k) in coded)
+                ]
                 if not alternatives:
                     break
                 alt = min(alternatives, key=lambda o: o.nbytes)
                 moved[name] = alt
                 extra += alt.nbytes - option.nbytes
             else:
-                # kind cost in the default out type is close enough for a decision
-                saving = _group_cost(*codec)
+                # kind cost in the default out type is close enough for a decision; dense
+                # tensors beside a host codec ride in its dense tail and cost no group
+                saving = TAIL_COST if hosted else _group_cost(*codec)
                 if extra < saving and (best_move is None or extra - saving < best_move[0]):
                     best_move = (extra - saving, codec, moved)
         if best_move is None:
             return
         chosen.update(best_move[2])
+
+
+def _host(codec: tuple[str, str], used: set[tuple[str, str]]) -> bool:
+    """Whether a dense codec's tensors have a group in `used` to join as a dense tail."""
+    positions_kind, values_kind = codec
+    return positions_kind == "dense" and any((p, values_kind) in used for p in TAIL_HOSTS)
 
 
 def _merge_rice_k_(
@@ -357,31 +381,61 @@ def _merge_rice_k_(
 
 def _groups(
     chosen: Mapping[str, Option], arrays: Mapping[str, np.ndarray]
-) -> list[tuple[tuple[str, str, str, int], list[str]]]:
-    """Tensors pooled by codec, output type and Rice k; split where a group grows too large."""
+) -> list[tuple[tuple[str, str, str, int], list[str], int]]:
+    """Tensors pooled by codec, output type and Rice k, split where a group grows too large;
+    then each dense tensor appended, as part of its dense tail, to the smallest group of its
+    values and output type with positions (TAIL_HOSTS) that has room, or pooled in
+    dense groups where none has. Each item: (key, names, how many of the last are the tail)."""
     pooled: dict[tuple[str, str, str, int], list[str]] = {}
     for name, option in chosen.items():
         kind = _float_kind(arrays[name]) or "fp32"
         pooled.setdefault((option.positions, option.values, kind, option.rice_k), []).append(name)
-    out: list[tuple[tuple[str, str, str, int], list[str]]] = []
+    out: list[tuple[tuple[str, str, str, int], list[str], int]] = []
     for key, names in pooled.items():
-        cost = _group_cost(key[0], key[1])
-        alone = [
-            n
-            for n in names
-            if arrays[n].size >= ALONE_NUMEL and chosen[n].nbytes >= ALONE_PAYLOAD * cost
-        ]
-        out += [(key, [n]) for n in alone]
-        names = [n for n in names if n not in alone]
-        if not names:
+        if key[0] != "dense":
+            out += [(key, part, 0) for part in _split(key, names, chosen, arrays)]
+    for key, names in pooled.items():
+        if key[0] != "dense":
             continue
-        part: list[str] = []
-        size = 0
+        hosts = [
+            i for i, (k, _, _) in enumerate(out) if k[0] in TAIL_HOSTS and k[1:3] == key[1:3]
+        ]
+        size = {i: sum(arrays[n].size for n in out[i][1]) for i in hosts}
+        rest: list[str] = []
         for name in names:
-            if part and size + arrays[name].size > MAX_GROUP_NUMEL:
-                out.append((key, part))
-                part, size = [], 0
-            part.append(name)
-            size += arrays[name].size
-        out.append((key, part))
+            fits = [i for i in hosts if size[i] + arrays[name].size <= MAX_GROUP_NUMEL]
+            if not fits:
+                rest.append(name)
+                continue
+            i = min(fits, key=size.__getitem__)
+            host_key, members, tail = out[i]
+            out[i] = (host_key, [*members, name], tail + 1)
+            size[i] += arrays[name].size
+        out += [(key, part, 0) for part in _split(key, rest, chosen, arrays)]
     return out
+
+
+def _split(
+    key: tuple[str, str, str, int],
+    names: list[str],
+    chosen: Mapping[str, Option],
+    arrays: Mapping[str, np.ndarray],
+) -> list[list[str]]:
+    """One codec's tensors in groups: a large tensor whose bytes dwarf a decoder's alone, the
+    rest in order, up to MAX_GROUP_NUMEL elements each."""
+    cost = _group_cost(key[0], key[1])
+    alone = [
+        n
+        for n in names
+        if arrays[n].size >= ALONE_NUMEL and chosen[n].nbytes >= ALONE_PAYLOAD * cost
+    ]
+    parts = [[n] for n in alone]
+    part: list[str] = []
+    size = 0
+    for name in (n for n in names if n not in alone):
+        if part and size + arrays[name].size > MAX_GROUP_NUMEL:
+            parts.append(part)
+            part, size = [], 0
+        part.append(name)
+        size += arrays[name].size
+    return parts + ([part] if part else [])

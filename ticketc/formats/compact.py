@@ -13,6 +13,9 @@ Positions of the entries:
 Both bit streams end in at least one clear bit (a zero byte is appended when every stored
 bit is set): the in-graph decoder sends clear bits past the last entry.
 - "dense": no positions: every element is an entry, zeros included (they decode to exactly 0).
+A "rice" or "bitmask" stream may end in a *dense tail*: its last `dense_tail` tensors store no
+positions (every element an entry, as "dense"), and the positions cover the elements before
+them only, so a fully dense bias in a group of sparse matrices costs its values alone.
 
 Values, one per entry:
 - "fp64", "fp32", "bf16", "fp16": the numbers themselves in that type (exact when the type
@@ -135,6 +138,7 @@ class Compact:
     scale_rows: np.ndarray | None = None
     codebook: np.ndarray | None = None
     codebook_sizes: np.ndarray | None = None
+    dense_tail: int = 0  # the last tensors, every element an entry, positions not stored
 
     def __post_init__(self) -> None:
         shapes = tuple(tuple(int(s) for s in shape) for shape in self.shapes)
@@ -145,6 +149,13 @@ class Compact:
             )
         if self.values_kind not in VALUES_KINDS:
             raise ValueError(f"values kind {self.values_kind!r} is not one of {VALUES_KINDS}")
+        if self.dense_tail and (
+            self.positions_kind == "dense" or not 0 < self.dense_tail < len(shapes)
+        ):
+            raise ValueError(
+                f"dense_tail={self.dense_tail} needs rice or bitmask positions and fewer than "
+                f"{len(shapes)} tensors"
+            )
 
     # ----------------------------------------------------------------------------- encode
     @classmethod
@@ -154,11 +165,14 @@ class Compact:
         values: str = "fp32",
         positions: str = "auto",
         rice_k: int | None = None,
+        dense_tail: int = 0,
     ) -> Compact:
         """Encode the nonzeros of one tensor or a sequence of tensors (each of rank >= 1).
 
         values: one of VALUES_KINDS. positions: one of POSITIONS_KINDS, or "auto" for the
         fewest bytes. rice_k: the Rice parameter (default: the best for these gaps).
+        dense_tail: how many of the last tensors store every element and no positions (with
+        "rice" or "bitmask" positions; "auto" then picks between those two).
         Raises ValueError when a value does not fit the kind (|x| above fp16's 65504 for fp16,
         int8 scales or int4 codebooks), when a tensor has rank 0, or on an unknown kind.
         """
@@ -176,20 +190,26 @@ class Compact:
         shapes = tuple(tuple(a.shape) for a in arrays)
         numel = np.array([a.size for a in arrays], dtype=np.int64)
         flats = [a.reshape(-1) for a in arrays]
-        local = [np.flatnonzero(f != 0) for f in flats]
+        if dense_tail and not 0 < dense_tail < len(arrays):
+            raise ValueError(f"dense_tail={dense_tail} must lie in [0, {len(arrays)})")
+        head = len(arrays) - dense_tail
+        local = [np.flatnonzero(f != 0) for f in flats[:head]]
+        local += [np.arange(f.size) for f in flats[head:]]
         offsets = np.concatenate([[0], np.cumsum(numel)[:-1]]).astype(np.int64)
-        index = np.concatenate([i + o for i, o in zip(local, offsets, strict=True)])
-        total = int(numel.sum())
+        index = np.concatenate([i + o for i, o in zip(local[:head], offsets[:head], strict=True)])
+        total = int(numel[:head].sum())  # the elements the positions cover
 
         if positions == "auto":
             positions = min(
-                POSITIONS_KINDS,
+                POSITIONS_KINDS[:2] if dense_tail else POSITIONS_KINDS,
                 key=lambda kind: (
                     _positions_bytes(kind, index, total, rice_k)
                     + _value_bytes(values, total if kind == "dense" else index.size)
                 ),
             )
         if positions == "dense":
+            if dense_tail:
+                raise ValueError("dense_tail needs rice or bitmask positions")
             local = [np.arange(f.size) for f in flats]
             index = np.arange(total, dtype=np.int64)
         entries = np.array([i.size for i in local], dtype=np.int64)
@@ -216,7 +236,7 @@ class Compact:
         elif values == "int8":
             value_data, scale, scale_rows = _int8_values(picked, local, shapes)
         else:
-            with_zero = positions == "dense"
+            with_zero = [positions == "dense" or t >= head for t in range(len(arrays))]
             value_data, codebook, codebook_sizes = _int4_values(picked, with_zero)
         return cls(
             shapes,
@@ -230,6 +250,7 @@ class Compact:
             scale_rows,
             codebook,
             codebook_sizes,
+            dense_tail,
         )
 
     # ----------------------------------------------------------------------------- decode
@@ -254,6 +275,11 @@ class Compact:
         return np.dtype(np.float64 if self.values_kind == "fp64" else np.float32)
 
     @property
+    def head_total(self) -> int:
+        """Elements the positions cover: all but the dense tail's."""
+        return int(self.numel[: len(self.shapes) - self.dense_tail].sum())
+
+    @property
     def rice_k(self) -> int | None:
         return None if self.remainders is None else int(self.remainders.shape[0])
 
@@ -261,11 +287,13 @@ class Compact:
         """Index of every entry in the flat space of all tensors, int64 [m]."""
         if self.positions_kind == "dense":
             return np.arange(self.total, dtype=np.int64)
+        head = self.head_total
+        tail = np.arange(head, self.total, dtype=np.int64)
         if self.positions_kind == "bitmask":
-            bits = np.unpackbits(self.positions, bitorder="little")[: self.total]
-            return np.flatnonzero(bits).astype(np.int64)
+            bits = np.unpackbits(self.positions, bitorder="little")[:head]
+            return np.concatenate([np.flatnonzero(bits).astype(np.int64), tail])
         assert self.remainders is not None
-        return rice.decode(self.positions, self.remainders)
+        return np.concatenate([rice.decode(self.positions, self.remainders), tail])
 
     def tensor_of_entries(self) -> np.ndarray:
         """The tensor (0..K-1) each entry belongs to, int64 [m]."""
@@ -310,7 +338,7 @@ class Compact:
         counts unless its stored value is zero: a 0 value, int8 code 0 or int4 code of a 0.0
         codebook entry (a source value that quantises to 0 is not counted).
         """
-        if self.positions_kind != "dense":
+        if self.positions_kind != "dense" and not self.dense_tail:
             return self.entries.copy()
         tensor = self.tensor_of_entries()
         if self.values_kind == "int4":
@@ -319,6 +347,8 @@ class Compact:
             zero = self.codebook[first_code[tensor] + self.codes()] == 0
         else:
             zero = self.values == 0
+        # a sparse tensor's entries are its nonzeros: only the dense ones' stored zeros count
+        zero &= tensor >= len(self.shapes) - self.dense_tail if self.dense_tail else True
         return np.bincount(tensor[~zero], minlength=len(self.shapes)).astype(np.int64)
 
     # ----------------------------------------------------------------------------- sizes
@@ -348,14 +378,16 @@ class Compact:
         k = len(self.shapes)
         share = np.zeros(k, dtype=np.float64)
         tensor = self.tensor_of_entries()
+        head = k - self.dense_tail
         if self.positions_kind == "bitmask":
-            share += self.numel / 8
+            share[:head] += self.numel[:head] / 8
         elif self.positions_kind == "rice":
             assert self.remainders is not None
-            index = self.linear_indices()
+            coded = int(self.entries[:head].sum())
+            index = self.linear_indices()[:coded]
             gaps = np.diff(index, prepend=-1)
             bits = 1 + ((gaps - 1) >> self.remainders.shape[0]) + self.remainders.shape[0]
-            share += np.bincount(tensor, weights=bits, minlength=k) / 8
+            share += np.bincount(tensor[:coded], weights=bits, minlength=k) / 8
         share += self.entries * VALUE_BITS[self.values_kind] / 8
         if self.scale_rows is not None:
             share += 2 * self.scale_rows
@@ -383,7 +415,10 @@ class Compact:
         if (self.entries < 0).any() or (self.entries > self.numel).any():
             raise ValueError("entries per tensor must lie in [0, numel]")
         count = int(self.entries.sum())
-        self._check_positions(count)
+        head = k - self.dense_tail
+        if not np.array_equal(self.entries[head:], self.numel[head:]):
+            raise ValueError("every element of a dense-tail tensor must be an entry")
+        self._check_positions(int(self.entries[:head].sum()))
         index = self.linear_indices()
         if index.size != count:
             raise ValueError(f"positions hold {index.size} entries, the tables say {count}")
@@ -413,10 +448,10 @@ class Compact:
         if kind == "dense" and self.positions.size:
             raise ValueError("dense positions store no bytes")
         if kind == "bitmask":
-            size = (self.total + 7) // 8
+            size = (self.head_total + 7) // 8
             if self.positions.size != size + (8 * size == count):
                 raise ValueError(f"bitmask must be {size} bytes (+1 when every bit is set)")
-            if np.unpackbits(self.positions, bitorder="little")[self.total :].any():
+            if np.unpackbits(self.positions, bitorder="little")[self.head_total :].any():
                 raise ValueError("bitmask has bits set past the last element")
         if kind == "rice":
             planes = self.remainders
@@ -511,13 +546,14 @@ def _int8_values(
 
 
 def _int4_values(
-    picked: list[np.ndarray], with_zero: bool
+    picked: list[np.ndarray], with_zero: Sequence[bool]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """with_zero[t]: tensor t's entries include its zeros (dense), which take an exact 0.0."""
     codes, books, sizes = [], [], []
-    for values in picked:
+    for values, zeros_stored in zip(picked, with_zero, strict=True):
         wide = values.astype(np.float64)
         nonzero = wide != 0
-        has_zero = with_zero and not bool(nonzero.all())
+        has_zero = zeros_stored and not bool(nonzero.all())
         levels = CODEBOOK_SIZE - 1 if has_zero else CODEBOOK_SIZE
         if nonzero.any() and float(np.abs(wide).max()) > FP16_MAX:
             raise ValueError(f"an int4 codebook (fp16) cannot hold {float(np.abs(wide).max()):.4g}")
