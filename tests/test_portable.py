@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from ticketc.export.portable import ONNX_TYPE, Group, read_portable, write_portable_
+from ticketc.export.portable import ONNX_TYPE, Group, write_portable_
+from ticketc.export.portable_read import read_portable
 from ticketc.export.storage import plan_storage
 from ticketc.formats import POSITIONS_KINDS, VALUES_KINDS, Compact
 

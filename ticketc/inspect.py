@@ -161,7 +161,7 @@ def _onnx_layers(model: Any, path: Path) -> list[LayerStats]:
     import onnx
     from onnx import numpy_helper
 
-    from ticketc.export.portable import read_portable
+    from ticketc.export.portable_read import read_portable
     from ticketc.export.write import read_metadata
 
     meta = read_metadata(model) or {}
@@ -221,7 +221,7 @@ def decoded_weights(path: Path) -> dict[str, np.ndarray]:
     float32), keyed by initializer name."""
     from ticketc.export.decode import decode_in_onnxruntime
     from ticketc.export.onnx_in import load_onnx
-    from ticketc.export.portable import read_portable
+    from ticketc.export.portable_read import read_portable
     from ticketc.export.write import read_metadata
 
     model = load_onnx(path)

@@ -81,7 +81,7 @@ def export_onnx_file(
 def _decoder_streams(proto: onnx.ModelProto) -> set[str]:
     """Arrays of the ticketc decode groups a file already holds (already compact): written
     back unchanged."""
-    from ticketc.export.portable import read_portable
+    from ticketc.export.portable_read import read_portable
     from ticketc.export.write import read_metadata
 
     try:

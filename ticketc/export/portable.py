@@ -44,7 +44,6 @@ arrays and the Split / Reshape nodes after it are all a reader needs (`read_port
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +62,6 @@ __all__ = [
     "decoder_nbytes",
     "default_opset",
     "parse_codec",
-    "read_portable",
     "write_portable_",
 ]
 
@@ -133,7 +131,7 @@ def parse_codec(name: str) -> tuple[str, str, str, int]:
     return positions_kind, values_kind, out, int(tail) if slash else 0
 
 
-def _gathers(positions_kind: str, values_kind: str) -> bool:
+def decodes_by_gather(positions_kind: str, values_kind: str) -> bool:
     """Whether a group decodes by gathering every element from [0, values...] at its rank
     among the set bits: a bitmask's cheapest decode (no compaction, no scatter), for values
     that need no entry positions (all but int8's rows). Its flat output is as long as the
@@ -141,7 +139,7 @@ def _gathers(positions_kind: str, values_kind: str) -> bool:
     return positions_kind == "bitmask" and values_kind != "int8"
 
 
-def _array_names(
+def array_names(
     positions_kind: str, values_kind: str, tensors: int, numel: bool = True
 ) -> list[str]:
     """Suffixes of a group's arrays, in order, for its codec and number of tensors; `numel`:
@@ -165,7 +163,7 @@ def _starts(counts: np.ndarray) -> np.ndarray:
 
 def _arrays(c: Compact) -> dict[str, np.ndarray]:
     rows = c.scale_rows if c.scale_rows is not None else np.ones(len(c.shapes), np.int64)
-    padded = _gathers(c.positions_kind, c.values_kind) and not c.dense_tail
+    padded = decodes_by_gather(c.positions_kind, c.values_kind) and not c.dense_tail
     data: dict[str, np.ndarray | None] = {
         "p": c.positions,
         "r": c.remainders,
@@ -182,7 +180,7 @@ def _arrays(c: Compact) -> dict[str, np.ndarray]:
         "q": _starts(rows),
         "b": None if c.codebook_sizes is None else _starts(c.codebook_sizes),
     }
-    names = _array_names(c.positions_kind, c.values_kind, len(c.shapes), _splits(c))
+    names = array_names(c.positions_kind, c.values_kind, len(c.shapes), _splits(c))
     return {k: v for k in names if (v := data[k]) is not None}
 
 
@@ -280,7 +278,8 @@ def _blocks(c: Compact) -> list[list[int]]:
     than BLOCK_NUMEL elements; then consecutive tensors up to BLOCK_NUMEL elements each (a
     larger tensor alone)."""
     tensors = list(range(len(c.shapes)))
-    scatters = c.positions_kind != "dense" and not _gathers(c.positions_kind, c.values_kind)
+    gathered = decodes_by_gather(c.positions_kind, c.values_kind)
+    scatters = c.positions_kind != "dense" and not gathered
     if not scatters or c.total <= BLOCK_NUMEL:
         return [tensors]
     blocks: list[list[int]] = []
@@ -299,7 +298,7 @@ def _splits(c: Compact) -> bool:
     table `n` gives the pieces' sizes); a group of several blocks splits each with constants."""
     if len(_blocks(c)) > 1:
         return False
-    return len(c.shapes) > 1 or _gathers(c.positions_kind, c.values_kind)
+    return len(c.shapes) > 1 or decodes_by_gather(c.positions_kind, c.values_kind)
 
 
 def _decode(g: _Graph, prefix: str, c: Compact, out_kind: str, flat: str) -> None:
@@ -308,7 +307,7 @@ def _decode(g: _Graph, prefix: str, c: Compact, out_kind: str, flat: str) -> Non
     a = {k: prefix + k for k in _arrays(c)}
     g.start(prefix)
     work = ONNX_TYPE[_work_kind(c.values_kind)]
-    gathered = _gathers(c.positions_kind, c.values_kind)
+    gathered = decodes_by_gather(c.positions_kind, c.values_kind)
     # sizes known when the file is written are constants, not nodes folded at session creation
     entries = int(c.entries.sum())
     coded = int(c.entries[: len(c.shapes) - c.dense_tail].sum())  # entries with positions
@@ -496,16 +495,16 @@ def write_portable_(
         flat = prefix + "y"
         _decode(g, prefix, c, group.out_kind, flat)
         blocks = _blocks(c)
-        gathers = _gathers(c.positions_kind, c.values_kind)
+        by_gather = decodes_by_gather(c.positions_kind, c.values_kind)
         for j, block in enumerate(blocks):
             block_flat = flat if len(blocks) == 1 else f"{flat}{j}"
             pieces = [block_flat]
-            if len(block) > 1 or gathers:
+            if len(block) > 1 or by_gather:
                 # a vector needs no Reshape: the Split gives it its own name
                 pieces = [
                     group.names[t] if len(c.shapes[t]) == 1 else f"{prefix}{t}" for t in block
                 ]
-                padding = [prefix + "x"] if gathers and not c.dense_tail else []
+                padding = [prefix + "x"] if by_gather and not c.dense_tail else []
                 sizes = (
                     prefix + "n"
                     if len(blocks) == 1
@@ -551,145 +550,3 @@ def _check_target(
             f"{name!r} is {TensorProto.DataType.Name(init.data_type)}, "
             f"its encoding decodes to {TensorProto.DataType.Name(dtype)}"
         )
-
-
-def read_portable(model: onnx.ModelProto, codecs: dict[str, str]) -> list[StoredGroup]:
-    """The groups of a portable model, read from its stored arrays (numpy, no runtime).
-
-    `codecs`: group prefix -> codec name, as `write_portable_` returned them (the file's
-    metadata keeps them). Each group's streams and tables become a `Compact`; its tensors'
-    names and shapes come from the Split / Reshape nodes after it. Decode a group with
-    `compact.to_dense()`. Raises ValueError on a missing array or a malformed group.
-    """
-    arrays = {init.name: init for init in model.graph.initializer}
-    consumers: dict[str, onnx.NodeProto] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, node)
-    found = []
-    for prefix, codec in codecs.items():
-        positions_kind, values_kind, out_kind, dense_tail = parse_codec(codec)
-        if prefix + "n" in arrays:
-            numel = numpy_helper.to_array(arrays[prefix + "n"]).astype(np.int64)
-            if _gathers(positions_kind, values_kind) and not dense_tail:
-                numel = numel[:-1]  # the last piece is the bitmask's padding
-            names, shapes = _outputs(prefix + "y", prefix, numel, consumers, arrays)
-        elif prefix + "y0" in consumers:
-            names, shapes = _block_outputs(prefix, consumers, arrays)
-            numel = np.array([math.prod(s) for s in shapes], dtype=np.int64)
-        else:
-            names, shapes = _unsplit_outputs(prefix + "y", consumers, arrays)
-            numel = np.array([math.prod(s) for s in shapes], dtype=np.int64)
-        wanted = _array_names(positions_kind, values_kind, numel.size, prefix + "n" in arrays)
-        missing = [prefix + k for k in wanted if prefix + k not in arrays]
-        if missing:
-            raise ValueError(f"group {prefix!r} ({codec}) lacks arrays {missing}")
-        data = {k: numpy_helper.to_array(arrays[prefix + k]) for k in wanted}
-        positions = data.get("p", np.zeros(0, dtype=np.uint8))
-        if not 0 <= dense_tail < max(numel.size, 1):
-            raise ValueError(f"group {prefix!r} ({codec}) has {numel.size} tensors")
-        tail_numel = int(numel[numel.size - dense_tail :].sum()) if dense_tail else 0
-        if positions_kind == "dense":
-            count = int(numel.sum())
-        else:
-            count = int(np.unpackbits(positions, bitorder="little").sum()) + tail_numel
-        entries = _counts(data.get("e"), count)
-        if "e" not in data and numel.size > 1:  # no entry table: count each tensor's positions
-            index = Compact(
-                shapes,
-                positions_kind,
-                positions,
-                "fp32",
-                np.zeros(0),
-                entries,
-                data.get("r"),
-                dense_tail=dense_tail,
-            ).linear_indices()
-            tensor = np.searchsorted(np.cumsum(numel), index, side="right")
-            entries = np.bincount(tensor, minlength=numel.size).astype(np.int64)
-        compact = Compact(
-            shapes=shapes,
-            positions_kind=positions_kind,
-            positions=positions,
-            values_kind=values_kind,
-            values=data["v"],
-            entries=entries,
-            remainders=data.get("r"),
-            scale=data.get("s"),
-            scale_rows=None if "s" not in data else _counts(data.get("q"), data["s"].size),
-            codebook=data.get("c"),
-            codebook_sizes=None if "c" not in data else _counts(data.get("b"), data["c"].size),
-            dense_tail=dense_tail,
-        )
-        found.append(StoredGroup(names, compact, out_kind, tuple(prefix + k for k in wanted)))
-    return found
-
-
-def _unsplit_outputs(
-    flat: str, consumers: dict[str, onnx.NodeProto], arrays: dict[str, onnx.TensorProto]
-) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
-    """Name and shape of the one tensor decoded flat into `flat`, then reshaped to a stored
-    shape."""
-    user = consumers.get(flat)
-    if user is None or user.op_type != "Reshape" or user.input[1] not in arrays:
-        raise ValueError(f"decoded tensor {flat!r} is not reshaped to a stored shape")
-    shape = tuple(int(d) for d in numpy_helper.to_array(arrays[user.input[1]]))
-    return (user.output[0],), (shape,)
-
-
-def _block_outputs(
-    prefix: str, consumers: dict[str, onnx.NodeProto], arrays: dict[str, onnx.TensorProto]
-) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
-    """Names and shapes of a group decoded in blocks `prefix` y0, y1, ...: each split by its
-    stored sizes, or reshaped when it holds one tensor."""
-    names: list[str] = []
-    shapes: list[tuple[int, ...]] = []
-    j = 0
-    while (flat := f"{prefix}y{j}") in consumers:
-        user = consumers[flat]
-        if user.op_type == "Split" and len(user.input) == 2 and user.input[1] in arrays:
-            numel = numpy_helper.to_array(arrays[user.input[1]]).astype(np.int64)
-            found = _outputs(flat, prefix, numel, consumers, arrays)
-        else:
-            found = _unsplit_outputs(flat, consumers, arrays)
-        names += found[0]
-        shapes += found[1]
-        j += 1
-    return tuple(names), tuple(shapes)
-
-
-def _counts(starts: np.ndarray | None, total: int) -> np.ndarray:
-    """Per-tensor counts from where each tensor's part begins (one tensor: the total)."""
-    if starts is None:
-        return np.array([total], dtype=np.int64)
-    return np.diff(np.append(starts.astype(np.int64), total))
-
-
-def _outputs(
-    flat: str,
-    prefix: str,
-    numel: np.ndarray,
-    consumers: dict[str, onnx.NodeProto],
-    arrays: dict[str, onnx.TensorProto],
-) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
-    """Names and shapes of the tensors decoded flat into `flat`, from the Split and Reshape
-    nodes after it: a piece named under the group's prefix is reshaped, any other is a
-    vector's own name."""
-    user = consumers.get(flat)
-    pieces = list(user.output) if user is not None and user.op_type == "Split" else [flat]
-    pieces = [p for p in pieces if p != prefix + "x"]  # a bitmask's padding
-    if len(pieces) != numel.size:
-        raise ValueError(f"group {flat!r} holds {numel.size} tensors, {len(pieces)} are used")
-    names: list[str] = []
-    shapes: list[tuple[int, ...]] = []
-    for piece, n in zip(pieces, numel, strict=True):
-        if not piece.startswith(prefix):
-            names.append(piece)
-            shapes.append((int(n),))
-            continue
-        reshape = consumers.get(piece)
-        if reshape is None or reshape.op_type != "Reshape" or reshape.input[1] not in arrays:
-            raise ValueError(f"decoded tensor {piece!r} is not reshaped to a stored shape")
-        names.append(reshape.output[0])
-        shapes.append(tuple(int(s) for s in numpy_helper.to_array(arrays[reshape.input[1]])))
-    return tuple(names), tuple(shapes)
