@@ -5,15 +5,20 @@ All layers are packed into flat arrays (one call passes a handful of arrays howe
 chain: Numba's dispatch costs ~0.1 us per array argument, the products of a small model a few
 us). Two ways to cut the work, chosen by the batch size N:
 
-  columns (N >= 2 * MIN_COLUMNS): chunks of up to 64 batch rows. A chunk transposes its rows
-  into a feature-major scratch [K, w], so that each stored weight W[m, k] scales one contiguous
-  row of w activations into the output row (vector FMAs), runs every layer on it, and
-  transposes the result back into out[rows, :]:
+  columns (N > 1): chunks of up to MAX_COLUMNS batch rows. A chunk transposes its rows into
+  a feature-major scratch [K, w], so that each stored weight W[m, k] scales a contiguous piece
+  of a row of activations (vector FMAs), runs every layer on it, and transposes the result back
+  into out[rows, :]. A layer works through the chunk's columns in tiles of 16-64 (a tile of
+  activations, K x tile, stays in L1 while every output row reads it), and a row's sums over a
+  tile stay in registers across its entries (LLVM IR written for it: `_make_tile`):
 
       for chunk of rows lo..hi (claimed by any thread):
           a = x[lo:hi, :].T                                    # [K, w]
           for each layer:
-              for m in rows: d[m, :] = b[m] + sum_j values[j] * a[col[j], :]   (ReLU)
+              for tile of columns t:
+                  for m in rows:                             # s: 1-4 vectors of 16, x 4 sets
+                      s = sum_j values[j] * a[col[j], t]     # entry j into set j % 4
+                      d[m, t] = b[m] + s                     (ReLU)
               a = d
           out[lo:hi, :] = a.T
 
@@ -35,6 +40,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 from torch import Tensor
@@ -53,37 +59,160 @@ MAX_COLUMNS = 128
 PARALLEL_MIN_WORK = 1 << 17
 _CHUNK_WORK = 1 << 15  # multiply-adds per chunk in rows mode: ~5-10 us
 
-# meta columns, one row per layer
-_CROW, _NNZ, _BIAS, _ROWS, _IN, _RELU = range(6)
+# meta columns, one row per layer (_TILE: 16-float vectors per tile of columns, 1, 2 or 4)
+_CROW, _NNZ, _BIAS, _ROWS, _IN, _RELU, _TILE = range(7)
+# Bytes of a tile of a chunk's activations (in_features x tile columns) that the columns mode aims
+# to keep in L1 while every output row of a layer reads it.
+L1_TILE_BYTES = 32 * 1024
 
 
-@numba.njit(inline="always", fastmath=_FLAGS)
-def _row_fm(o, a, crow, col, values, c0, n0, m, b, relu, w):  # type: ignore[no-untyped-def]
-    """o[:w] = b + sum over row m's entries j of values[j] * a[col[j], :w], then ReLU.
-    a is feature-major [K, >= w]; o a contiguous row of >= w."""
-    for i in range(w):
-        o[i] = b
-    j, end = n0 + crow[c0 + m], n0 + crow[c0 + m + 1]
-    # Eight entries per pass over the output row: an eighth of its loads and stores, whose
-    # store-to-load latency bounds a one-entry loop.
-    while j + 8 <= end:
-        v0, v1, v2, v3 = values[j], values[j + 1], values[j + 2], values[j + 3]
-        v4, v5, v6, v7 = values[j + 4], values[j + 5], values[j + 6], values[j + 7]
-        r0, r1, r2, r3 = a[col[j]], a[col[j + 1]], a[col[j + 2]], a[col[j + 3]]
-        r4, r5, r6, r7 = a[col[j + 4]], a[col[j + 5]], a[col[j + 6]], a[col[j + 7]]
-        for i in range(w):
-            o[i] += ((v0 * r0[i] + v1 * r1[i]) + (v2 * r2[i] + v3 * r3[i])) + (
-                (v4 * r4[i] + v5 * r5[i]) + (v6 * r6[i] + v7 * r7[i])
+def tile_vectors(in_features: int) -> int:
+    """16-float vectors per tile of columns for a layer with this many inputs: the most of
+    1, 2, 4 whose tile (in_features x 16 x vectors fp32) fits L1_TILE_BYTES."""
+    v = 4
+    while v > 1 and in_features * 64 * v > L1_TILE_BYTES:
+        v //= 2
+    return v
+
+
+def _make_tile(vectors: int, sets: int):  # type: ignore[no-untyped-def]
+    """An intrinsic tile(o_at, a_at, stride, col_at, val_at, j0, j1, b, relu) computing
+
+        o[t] = b + sum over j0 <= j < j1 of val[j] * a[col[j] * stride + t],  0 <= t < 16 * vectors
+
+    (then max(., 0) if relu), with o, a, col (int32) and val (fp32) given by addresses. The sums
+    stay in `vectors` 16-float registers per set; entries go round-robin to `sets` sets (so
+    vectors * sets independent FMA chains hide the FMA latency), summed in a fixed order at the
+    end. LLVM IR written directly: from Python source LLVM vectorises the loop over entries
+    (gathers) instead of the columns, or keeps the sums in memory."""
+
+    @intrinsic
+    def tile(typingctx, o_at, a_at, stride, col_at, val_at, j0, j1, b, relu):  # type: ignore[no-untyped-def]
+        sig = types.void(o_at, a_at, stride, col_at, val_at, j0, j1, b, relu)
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            o_at, a_at, stride, col_at, val_at, j0, j1, b, relu = args
+            f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
+            vt = ir.VectorType(f32, 16)
+            vp = vt.as_pointer()
+            j0 = builder.sext(j0, i64) if j0.type.width < 64 else j0
+            j1 = builder.sext(j1, i64) if j1.type.width < 64 else j1
+            o = builder.inttoptr(o_at, f32.as_pointer())
+            a = builder.inttoptr(a_at, f32.as_pointer())
+            colp = builder.inttoptr(col_at, i32.as_pointer())
+            valp = builder.inttoptr(val_at, f32.as_pointer())
+            mod = builder.module
+            fma = mod.globals.get("llvm.fma.v16f32") or ir.Function(
+                mod, ir.FunctionType(vt, [vt, vt, vt]), "llvm.fma.v16f32"
             )
-        j += 8
-    while j < end:
-        v, r = values[j], a[col[j]]
-        for i in range(w):
-            o[i] += v * r[i]
-        j += 1
-    if relu:
-        for i in range(w):
-            o[i] = max(o[i], np.float32(0.0))
+            zero = ir.Constant(vt, [0.0] * 16)
+            undef = ir.Constant(vt, ir.Undefined)
+            lanes0 = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
+
+            def splat(x):  # type: ignore[no-untyped-def]
+                one = builder.insert_element(undef, x, ir.Constant(i32, 0))
+                return builder.shuffle_vector(one, undef, lanes0)
+
+            def entry(j, sums):  # type: ignore[no-untyped-def]
+                k = builder.sext(builder.load(builder.gep(colp, [j])), i64)
+                v = splat(builder.load(builder.gep(valp, [j])))
+                row = builder.gep(a, [builder.mul(k, stride)])
+                return [
+                    builder.call(fma, [v, builder.load(builder.bitcast(
+                        builder.gep(row, [ir.Constant(i64, 16 * u)]), vp), align=4), sums[u]])
+                    for u in range(vectors)
+                ]  # fmt: skip
+
+            fn, start = builder.function, builder.block
+            head, body = fn.append_basic_block("tile_head"), fn.append_basic_block("tile_body")
+            head1, body1 = fn.append_basic_block("tile_head1"), fn.append_basic_block("tile_body1")
+            done = fn.append_basic_block("tile_done")
+            builder.branch(head)
+            # `sets` entries per pass, entry j + s into set s
+            builder.position_at_end(head)
+            j = builder.phi(i64)
+            j.add_incoming(j0, start)
+            sums = [[builder.phi(vt) for _ in range(vectors)] for _ in range(sets)]
+            for phi in (p for group in sums for p in group):
+                phi.add_incoming(zero, start)
+            j_next = builder.add(j, ir.Constant(i64, sets))
+            builder.cbranch(builder.icmp_signed("<=", j_next, j1), body, head1)
+            builder.position_at_end(body)
+            new = [entry(builder.add(j, ir.Constant(i64, s)), sums[s]) for s in range(sets)]
+            j.add_incoming(j_next, body)
+            for group, values in zip(sums, new, strict=True):
+                for phi, value in zip(group, values, strict=True):
+                    phi.add_incoming(value, body)
+            builder.branch(head)
+            # the rest one entry at a time, into set 0
+            builder.position_at_end(head1)
+            j1_ = builder.phi(i64)
+            j1_.add_incoming(j, head)
+            first = [builder.phi(vt) for _ in range(vectors)]
+            for phi, value in zip(first, sums[0], strict=True):
+                phi.add_incoming(value, head)
+            builder.cbranch(builder.icmp_signed("<", j1_, j1), body1, done)
+            builder.position_at_end(body1)
+            new1 = entry(j1_, first)
+            j1_.add_incoming(builder.add(j1_, ir.Constant(i64, 1)), body1)
+            for phi, value in zip(first, new1, strict=True):
+                phi.add_incoming(value, body1)
+            builder.branch(head1)
+            builder.position_at_end(done)
+            bias = splat(b)
+            relu_on = builder.icmp_unsigned("!=", relu, ir.Constant(relu.type, 0))
+            # "contract" (no fmul to fuse here) marks the adds as flagged, so that Numba's
+            # fastmath pass leaves them without "reassoc": the order below is the order.
+            exact = ("contract",)
+            for u in range(vectors):
+                total = first[u]
+                for s in range(1, sets):
+                    total = builder.fadd(total, sums[s][u], flags=exact)
+                total = builder.fadd(bias, total, flags=exact)
+                above = builder.fcmp_ordered(">", total, zero, flags=exact)
+                positive = builder.select(above, total, zero)
+                total = builder.select(relu_on, positive, total)
+                at = builder.bitcast(builder.gep(o, [ir.Constant(i64, 16 * u)]), vp)
+                builder.store(total, at, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+# The same four sets for every tile width, so that each output is summed in the same order
+# whatever the tiles (and so the chunks, and so the thread count).
+_tile4, _tile2, _tile1 = _make_tile(4, 4), _make_tile(2, 4), _make_tile(1, 4)
+
+
+@numba.njit(inline="always")
+def _layer_tiles(d, a, crow, col, values, bias, c0, n0, b0, rows, relu, w, vectors):  # type: ignore[no-untyped-def]
+    """d[m, :w] = b[m] + sum over row m's entries j of values[j] * a[col[j], :w] (ReLU), for
+    every row m of the layer; a [K, >= w] and d [rows, >= w] feature-major, both rows a whole
+    number of 16-float vectors at least w long (the columns past w are scratch).
+
+    Tiles of 16 * vectors columns, each read by every row while it is in L1; a row's sums of a
+    tile are held in registers across its entries (`_make_tile`)."""
+    d_at, a_at, ds, st = d.ctypes.data, a.ctypes.data, d.shape[1], a.shape[1]
+    col_at, val_at = col.ctypes.data, values.ctypes.data
+    wv = -(-w // 16) * 16
+    t0 = 0
+    while t0 < wv:
+        v = vectors
+        while v > 1 and t0 + 16 * v > wv:
+            v //= 2
+        for m in range(rows):
+            o_at, x_at = d_at + (m * ds + t0) * 4, a_at + t0 * 4
+            j0, j1 = n0 + crow[c0 + m], n0 + crow[c0 + m + 1]
+            b = bias[b0 + m]
+            if v == 4:
+                _tile4(o_at, x_at, st, col_at, val_at, j0, j1, b, relu)
+            elif v == 2:
+                _tile2(o_at, x_at, st, col_at, val_at, j0, j1, b, relu)
+            else:
+                _tile1(o_at, x_at, st, col_at, val_at, j0, j1, b, relu)
+        t0 += 16 * v
 
 
 @numba.njit(inline="always")
@@ -177,8 +306,9 @@ def _by_columns(state, slot, x_at, out_at, n, crow, col, values, bias, meta, scr
             c0, n0, b0 = meta[layer, _CROW], meta[layer, _NNZ], meta[layer, _BIAS]
             rows, relu = meta[layer, _ROWS], meta[layer, _RELU] != 0
             d = buf[side, : rows * wp].reshape(rows, wp)
-            for m in range(rows):
-                _row_fm(d[m], a, crow, col, values, c0, n0, m, bias[b0 + m], relu, w)
+            _layer_tiles(
+                d, a, crow, col, values, bias, c0, n0, b0, rows, relu, w, meta[layer, _TILE]
+            )
             a, side = d, 1 - side
         _transpose_out(a, out, lo, hi)
         finish(state, 0)
@@ -329,10 +459,11 @@ class CsrChain:
         self.in_features, self.out_features = layers[0].in_features, layers[-1].out_features
         self.nnz = sum(w.nnz for w in layers)
         self.width = max(max(w.in_features, w.out_features) for w in layers)
-        meta = np.zeros((len(layers), 6), dtype=np.int64)
+        meta = np.zeros((len(layers), 7), dtype=np.int64)
         crow_at = nnz_at = bias_at = 0
         for i, (w, relu) in enumerate(zip(layers, relus, strict=True)):
-            meta[i] = (crow_at, nnz_at, bias_at, w.out_features, w.in_features, int(bool(relu)))
+            meta[i] = (crow_at, nnz_at, bias_at, w.out_features, w.in_features, int(bool(relu)),
+                       tile_vectors(w.in_features))  # fmt: skip
             crow_at += w.out_features + 1
             nnz_at += w.nnz
             bias_at += w.out_features
