@@ -8,9 +8,9 @@ us). Two ways to cut the work, chosen by the batch size N:
   columns (N > 1): chunks of up to MAX_COLUMNS batch rows. A chunk transposes its rows into
   a feature-major scratch [K, w], so that each stored weight W[m, k] scales a contiguous piece
   of a row of activations (vector FMAs), runs every layer on it, and transposes the result back
-  into out[rows, :]. A layer works through the chunk's columns in tiles of 16-64 (a tile of
-  activations, K x tile, stays in L1 while every output row reads it), and a row's sums over a
-  tile stay in registers across its entries (LLVM IR written for it: `_make_tile`):
+  into out[rows, :]. A layer works through the chunk's columns in tiles of 64 (then 32, 16),
+  and a row's sums over a tile stay in registers across its entries (LLVM IR written for it:
+  `_make_tile`):
 
       for chunk of rows lo..hi (claimed by any thread):
           a = x[lo:hi, :].T                                    # [K, w]
@@ -59,20 +59,8 @@ MAX_COLUMNS = 128
 PARALLEL_MIN_WORK = 1 << 17
 _CHUNK_WORK = 1 << 15  # multiply-adds per chunk in rows mode: ~5-10 us
 
-# meta columns, one row per layer (_TILE: 16-float vectors per tile of columns, 1, 2 or 4)
-_CROW, _NNZ, _BIAS, _ROWS, _IN, _RELU, _TILE = range(7)
-# Bytes of a tile of a chunk's activations (in_features x tile columns) that the columns mode aims
-# to keep in L1 while every output row of a layer reads it.
-L1_TILE_BYTES = 32 * 1024
-
-
-def tile_vectors(in_features: int) -> int:
-    """16-float vectors per tile of columns for a layer with this many inputs: the most of
-    1, 2, 4 whose tile (in_features x 16 x vectors fp32) fits L1_TILE_BYTES."""
-    v = 4
-    while v > 1 and in_features * 64 * v > L1_TILE_BYTES:
-        v //= 2
-    return v
+# meta columns, one row per layer
+_CROW, _NNZ, _BIAS, _ROWS, _IN, _RELU = range(6)
 
 
 def _make_tile(vectors: int, sets: int):  # type: ignore[no-untyped-def]
@@ -187,19 +175,22 @@ _tile4, _tile2, _tile1 = _make_tile(4, 4), _make_tile(2, 4), _make_tile(1, 4)
 
 
 @numba.njit(inline="always")
-def _layer_tiles(d, a, crow, col, values, bias, c0, n0, b0, rows, relu, w, vectors):  # type: ignore[no-untyped-def]
+def _layer_tiles(d, a, crow, col, values, bias, c0, n0, b0, rows, relu, w):  # type: ignore[no-untyped-def]
     """d[m, :w] = b[m] + sum over row m's entries j of values[j] * a[col[j], :w] (ReLU), for
     every row m of the layer; a [K, >= w] and d [rows, >= w] feature-major, both rows a whole
     number of 16-float vectors at least w long (the columns past w are scratch).
 
-    Tiles of 16 * vectors columns, each read by every row while it is in L1; a row's sums of a
-    tile are held in registers across its entries (`_make_tile`)."""
+    Tiles of 64 columns (then 32 and 16 for the rest), each read by every row in turn; a row's
+    sums of a tile are held in registers across its entries (`_make_tile`). Wider tiles load
+    each entry's index and value for more columns: 64 columns measured fastest for every
+    layer tried, 256 to 4096 inputs (BERT-like 256 x 256: 1.3x faster than 16; Lenet ticket
+    and 4096-wide MLP at batch 64-256: 1.3-1.6x), though 4096 x 64 floats are beyond L1."""
     d_at, a_at, ds, st = d.ctypes.data, a.ctypes.data, d.shape[1], a.shape[1]
     col_at, val_at = col.ctypes.data, values.ctypes.data
     wv = -(-w // 16) * 16
     t0 = 0
     while t0 < wv:
-        v = vectors
+        v = 4
         while v > 1 and t0 + 16 * v > wv:
             v //= 2
         for m in range(rows):
@@ -364,9 +355,7 @@ def _by_columns(state, slot, x_at, out_at, n, crow, col, values, bias, meta, scr
             c0, n0, b0 = meta[layer, _CROW], meta[layer, _NNZ], meta[layer, _BIAS]
             rows, relu = meta[layer, _ROWS], meta[layer, _RELU] != 0
             d = buf[side, : rows * wp].reshape(rows, wp)
-            _layer_tiles(
-                d, a, crow, col, values, bias, c0, n0, b0, rows, relu, w, meta[layer, _TILE]
-            )
+            _layer_tiles(d, a, crow, col, values, bias, c0, n0, b0, rows, relu, w)
             a, side = d, 1 - side
         _transpose_out(a, out, lo, hi)
         finish(state, 0)
@@ -517,11 +506,10 @@ class CsrChain:
         self.in_features, self.out_features = layers[0].in_features, layers[-1].out_features
         self.nnz = sum(w.nnz for w in layers)
         self.width = max(max(w.in_features, w.out_features) for w in layers)
-        meta = np.zeros((len(layers), 7), dtype=np.int64)
+        meta = np.zeros((len(layers), 6), dtype=np.int64)
         crow_at = nnz_at = bias_at = 0
         for i, (w, relu) in enumerate(zip(layers, relus, strict=True)):
-            meta[i] = (crow_at, nnz_at, bias_at, w.out_features, w.in_features, int(bool(relu)),
-                       tile_vectors(w.in_features))  # fmt: skip
+            meta[i] = (crow_at, nnz_at, bias_at, w.out_features, w.in_features, int(bool(relu)))
             crow_at += w.out_features + 1
             nnz_at += w.nnz
             bias_at += w.out_features
