@@ -120,6 +120,19 @@ def test_chain_tiles_of_every_width_match_float64(threads, n) -> None:
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max())
 
 
+def test_chain_reads_negative_column_indices_from_the_end() -> None:
+    g = torch.Generator().manual_seed(6)
+    w = _weight(24, 40, 0.3, g)
+    p = ops.pack_csr(w, index_dtype=torch.int32)
+    args = (p["crow_indices"], p["col_indices"], p["values"], None, 40)
+    wrapped = (p["crow_indices"], p["col_indices"] - 40, p["values"], None, 40)
+    plain = csr_chain_cpu.CsrChain([csr_chain_cpu.CsrLayer.of(*args)], [False])
+    negative = csr_chain_cpu.CsrChain([csr_chain_cpu.CsrLayer.of(*wrapped)], [False])
+    for n in (1, 3, 100):
+        x = torch.randn(n, 40, generator=g)
+        assert torch.equal(negative(x), plain(x))
+
+
 def test_chain_gives_the_same_bits_on_any_thread_count(monkeypatch) -> None:
     monkeypatch.setattr(csr_chain_cpu, "PARALLEL_MIN_WORK", 0)
     monkeypatch.setattr(csr_chain_cpu, "_CHUNK_WORK", 64)

@@ -515,7 +515,11 @@ class CsrChain:
             bias_at += w.out_features
         self.meta = meta
         self.crow = np.concatenate([w.crow for w in layers]).astype(np.int32)
-        self.col = np.concatenate([w.col for w in layers]).astype(np.int32)
+        # negative indices counted from the end (as NumPy reads them) made non-negative: the
+        # tiled kernel turns an index into an address without wrapping
+        self.col = np.concatenate(
+            [np.where(w.col < 0, w.col + w.in_features, w.col) for w in layers]
+        ).astype(np.int32)
         self.values = np.concatenate([w.values for w in layers]).astype(np.float32)
         self.bias = np.concatenate(
             [np.zeros(w.out_features, np.float32) if w.bias is None else w.bias for w in layers]
