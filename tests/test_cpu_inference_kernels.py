@@ -95,6 +95,44 @@ def test_chain_of_empty_and_full_layers_without_bias(threads, density) -> None:
         torch.testing.assert_close(y.double(), reference(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [2, 17, 40, 128, 161, 250])
+def test_chain_tiles_of_every_width_match_float64(threads, n) -> None:
+    """Rows of 0 to 9 entries (the four sets of sums, and the rest one at a time), 37 inputs
+    (not a whole number of vectors), chunks of columns that end in tiles of 64, 32 and 16
+    columns and inside a tile, ReLU on the first layer."""
+    g = torch.Generator().manual_seed(n)
+    w = torch.zeros(23, 37)
+    for m in range(23):
+        w[m, torch.randperm(37, generator=g)[: m % 10]] = torch.randn(m % 10, generator=g)
+    w2 = torch.randn(5, 23, generator=g) * (torch.rand(5, 23, generator=g) < 0.5)
+    b, b2 = torch.randn(23, generator=g), torch.randn(5, generator=g)
+    layers = [
+        csr_chain_cpu.CsrLayer.of(
+            p["crow_indices"], p["col_indices"], p["values"], bias, wt.shape[1]
+        )
+        for wt, bias in ((w, b), (w2, b2))
+        for p in [ops.pack_csr(wt, index_dtype=torch.int32)]
+    ]
+    chain = csr_chain_cpu.CsrChain(layers, [True, False])
+    x = torch.randn(n, 37, generator=g)
+    want = (x.double() @ w.double().t() + b.double()).clamp_min(0) @ w2.double().t() + b2
+    y = chain(x, threads=threads)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max())
+
+
+def test_chain_reads_negative_column_indices_from_the_end() -> None:
+    g = torch.Generator().manual_seed(6)
+    w = _weight(24, 40, 0.3, g)
+    p = ops.pack_csr(w, index_dtype=torch.int32)
+    args = (p["crow_indices"], p["col_indices"], p["values"], None, 40)
+    wrapped = (p["crow_indices"], p["col_indices"] - 40, p["values"], None, 40)
+    plain = csr_chain_cpu.CsrChain([csr_chain_cpu.CsrLayer.of(*args)], [False])
+    negative = csr_chain_cpu.CsrChain([csr_chain_cpu.CsrLayer.of(*wrapped)], [False])
+    for n in (1, 3, 100):
+        x = torch.randn(n, 40, generator=g)
+        assert torch.equal(negative(x), plain(x))
+
+
 def test_chain_gives_the_same_bits_on_any_thread_count(monkeypatch) -> None:
     monkeypatch.setattr(csr_chain_cpu, "PARALLEL_MIN_WORK", 0)
     monkeypatch.setattr(csr_chain_cpu, "_CHUNK_WORK", 64)
