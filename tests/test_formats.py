@@ -356,7 +356,7 @@ def test_compact_round_trip(dense, values, positions):
     compact = Compact.from_dense(dense, values=values, positions=positions)
     compact.check()
     _assert_decoded(dense, compact)
-    if positions != "dense":  # dense positions count what the codes hold
+    if compact.positions_kind != "dense":  # dense positions count what the codes hold
         assert compact.nnz().tolist() == [int(dense.count_nonzero())]
     assert (
         compact.nbytes
@@ -607,3 +607,14 @@ def test_a_dense_tail_keeps_zeros_exact_and_is_refused_where_it_means_nothing():
         Compact.from_dense([weight, bias], "fp32", "dense", dense_tail=1)
     with pytest.raises(ValueError, match="dense_tail"):
         Compact.from_dense([weight, bias], "fp32", "rice", dense_tail=2)
+
+
+def test_dense_positions_count_the_codes_a_tiny_weight_quantised_to_zero():
+    """auto picks dense positions for a full tensor; int8 rounds -0.003 (scale 1/127) to code 0,
+    within its bound, and nnz counts the codes: the round-trip test once assumed otherwise."""
+    dense = torch.tensor([[1.0, -0.003, 0.9, 0.7], [0.5, 0.6, -0.8, 0.95],
+                          [1.0, 1.0, 1.0, 1.0], [0.3, 0.4, 0.5, 0.6]])  # fmt: skip
+    compact = Compact.from_dense(dense, values="int8")
+    assert compact.positions_kind == "dense" and compact.nnz().tolist() == [15]
+    assert Compact.from_dense(dense, values="int8", positions="rice").nnz().tolist() == [16]
+    _assert_decoded(dense, compact)
