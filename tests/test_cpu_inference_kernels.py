@@ -111,7 +111,7 @@ def test_chain_tiles_of_every_width_match_float64(threads, n) -> None:
             p["crow_indices"], p["col_indices"], p["values"], bias, wt.shape[1]
         )
         for wt, bias in ((w, b), (w2, b2))
-        for p in [ops.pack_csr(wt, index_dtype=torch.int32)]
+        for p in [CSR.from_dense(wt, index_dtype=torch.int32).buffers()]
     ]
     chain = csr_chain_cpu.CsrChain(layers, [True, False])
     x = torch.randn(n, 37, generator=g)
@@ -123,7 +123,7 @@ def test_chain_tiles_of_every_width_match_float64(threads, n) -> None:
 def test_chain_reads_negative_column_indices_from_the_end() -> None:
     g = torch.Generator().manual_seed(6)
     w = _weight(24, 40, 0.3, g)
-    p = ops.pack_csr(w, index_dtype=torch.int32)
+    p = CSR.from_dense(w, index_dtype=torch.int32).buffers()
     args = (p["crow_indices"], p["col_indices"], p["values"], None, 40)
     wrapped = (p["crow_indices"], p["col_indices"] - 40, p["values"], None, 40)
     plain = csr_chain_cpu.CsrChain([csr_chain_cpu.CsrLayer.of(*args)], [False])
