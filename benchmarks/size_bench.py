@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import ticketc
-from ticketc.compile.measure import TimingConfig, time_one
+from ticketc.compile.measure import TimingConfig, commit, time_one
 from ticketc.export import ExportConfig, export_model
 from ticketc.export.trace import quiet
 from ticketc.models import conv2, example_input, lenet300
@@ -216,7 +216,8 @@ def markdown(report: dict[str, object]) -> str:
         "# Size benchmark",
         "",
         f"ticketc {report['ticketc']}, torch {report['torch']}, onnx {report['onnx']}, onnxruntime "
-        f"{report['onnxruntime']}, {report['machine']}. Bytes on disk, every file of the artifact; "
+        f"{report['onnxruntime']}, {report['machine']}, commit {report.get('commit')}. Bytes on "
+        "disk, every file of the artifact; "
         "ratio = dense fp32 file / this file. Bound = entropy bound of the encoding (mask entropy "
         "H(d) per weight + value bits per nonzero + side info + other parameters), no graph.",
         "",
@@ -365,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "onnxruntime": ort.__version__,
         "python": sys.version.split()[0],
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "commit": commit(),
         "rows": rows,
         "timings": timing,
     }
