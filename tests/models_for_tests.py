@@ -276,3 +276,15 @@ def whisper_tiny() -> nn.Module:
         pad_token_id=0,
     )
     return WhisperForConditionalGeneration(config)
+
+
+def masked_weight(m: int, k: int, density: float, seed: int = 0,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A [m, k] weight with about `density` of it kept, row 0 empty and row m // 2 full (m >= 3,
+    0 < density < 1): the edge rows every sparse format must handle."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(m, k, generator=gen) < density
+    if m >= 3 and 0.0 < density < 1.0:
+        keep[0] = False  # an empty row
+        keep[m // 2] = True  # a full row
+    return (torch.randn(m, k, generator=gen) * keep).to(dtype)

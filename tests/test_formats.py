@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.models_for_tests import masked_weight
 from ticketc.formats import (
     BSR,
     CSR,
@@ -200,15 +201,6 @@ def test_inspect_counts_the_bytes_the_cpu_runtime_stores():
     stored = sum(t.numel() * t.element_size() for t in layer.buffers())
     assert layer.col_indices.dtype == torch.int32
     assert layer_stats("w", w).csr_bytes == stored
-
-
-def masked_weight(m, k, density, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    keep = torch.rand(m, k, generator=gen) < density
-    if m >= 3 and 0.0 < density < 1.0:
-        keep[0] = False  # an empty row
-        keep[m // 2] = True  # a full row
-    return (torch.randn(m, k, generator=gen) * keep).to(dtype)
 
 
 # ------------------------------------------------- the arrays as the ops take them, all formats

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tests.models_for_tests import masked_weight
 from ticketc import ops
 from ticketc.formats import BSR, CSR, Tiled
 from ticketc.ops import registration
@@ -11,15 +12,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse (CSR|BSR) tensor support is in beta")
 TILED_KEYS = ("tile_crow", "tile_col", "tile_offsets", "row_offsets", "bitmaps", "values")
-
-
-def masked_weight(m, k, density, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    keep = torch.rand(m, k, generator=gen) < density
-    if m >= 3 and 0.0 < density < 1.0:
-        keep[0] = False  # an empty row
-        keep[m // 2] = True  # a full row
-    return (torch.randn(m, k, generator=gen) * keep).to(dtype)
 
 
 def rand(*shape, seed=1, dtype=torch.float32):
