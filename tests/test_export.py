@@ -263,16 +263,18 @@ def test_a_wrong_lossy_weight_fails_even_when_outputs_look_close(tmp_path, monke
         values[3] += 0.1 * float(np.abs(values).max())
         return values
 
-    monkeypatch.setattr(compact_module, "check_decoded", _wrong_check(compact_module))
+    from ticketc.formats import decode_check
+
+    monkeypatch.setattr(decode_check, "check_decoded", _wrong_check(decode_check))
     with pytest.raises(UserError, match="no file written"):
         export_model(model, x, tmp_path / "m.onnx", ExportConfig(values="int4"))
     assert not (tmp_path / "m.onnx").exists()
     del corrupt
 
 
-def _wrong_check(compact_module):
+def _wrong_check(decode_check):
     """check_decoded as the exporter calls it, but on a decoded tensor with one wrong weight."""
-    real = compact_module.check_decoded
+    real = decode_check.check_decoded
 
     def check(compact, originals, decoded):
         bad = [d.copy() for d in decoded]

@@ -217,7 +217,7 @@ def _check_weights(
     initializer -> the measured max abs error of its decoded weights."""
     errors: dict[str, float] = {}
     from ticketc.export.decode import decode_in_onnxruntime
-    from ticketc.formats.compact import check_decoded
+    from ticketc.formats.decode_check import check_decoded
 
     for group in plan.groups:
         decoded = decode_in_onnxruntime(proto, group.names)
