@@ -136,7 +136,7 @@ def plan_storage(
             continue  # kept as the graph holds it: exact, and no larger
         options[name] = candidates
         chosen[name] = best
-    _merge_codecs_(chosen, options)
+    _merge_codecs_(chosen, options, {n: a.nbytes for n, a in floats.items()})
     _merge_rice_k_(chosen, options, floats)
     zero_names = {n for n, _ in plan.zeros}
     for key, names, tail in _groups(chosen, floats):
@@ -279,8 +279,13 @@ def _group_cost(positions_kind: str, values_kind: str) -> int:
     return decoder_nbytes(positions_kind, values_kind) + GROUP_COST
 
 
-def _merge_codecs_(chosen: dict[str, Option], options: dict[str, list[Option]]) -> None:
-    """Drop a codec (decoder function) when moving its tensors elsewhere costs less than it."""
+def _merge_codecs_(
+    chosen: dict[str, Option], options: dict[str, list[Option]], raw: Mapping[str, int]
+) -> None:
+    """Drop a codec (decoder function) when moving its tensors elsewhere costs less than it:
+    to another codec in use, or back to the graph as they are (`raw`: their bytes there), so
+    a codec that saves fewer bytes than its decoder costs is not written beside another (a
+    last codec left stays: whether a lone group pays for its decoder is not weighed here)."""
     while True:
         used = {(o.positions, o.values) for o in chosen.values()}
         if len(used) <= 1:
@@ -288,11 +293,11 @@ def _merge_codecs_(chosen: dict[str, Option], options: dict[str, list[Option]]) 
         # the codecs with their Rice k as chosen: a dense tensor moved into a rice group pays
         # that group's k, not its own best (k = 1 for a dense run), once the ks are merged
         coded = {(o.positions, o.values, o.rice_k) for o in chosen.values()}
-        best_move: tuple[int, tuple[str, str], dict[str, Option]] | None = None
+        best_move: tuple[int, dict[str, Option | None]] | None = None
         for codec in used:
             others = used - {codec}
             hosted = _host(codec, used)
-            moved: dict[str, Option] = {}
+            moved: dict[str, Option | None] = {}  # None: kept as the graph holds it
             extra = 0
             for name, option in chosen.items():
                 if (option.positions, option.values) != codec:
@@ -303,20 +308,24 @@ def _merge_codecs_(chosen: dict[str, Option], options: dict[str, list[Option]]) 
                     if (o.positions, o.values) in others
                     and (not hosted or (o.positions, o.values, o.rice_k) in coded)
                 ]
-                if not alternatives:
-                    break
-                alt = min(alternatives, key=lambda o: o.nbytes)
-                moved[name] = alt
-                extra += alt.nbytes - option.nbytes
-            else:
-                # kind cost in the default out type is close enough for a decision; dense
-                # tensors beside a host codec ride in its dense tail and cost no group
-                saving = TAIL_COST if hosted else _group_cost(*codec)
-                if extra < saving and (best_move is None or extra - saving < best_move[0]):
-                    best_move = (extra - saving, codec, moved)
+                alt = min(alternatives, key=lambda o: o.nbytes, default=None)
+                kept = raw[name] - TENSOR_COST  # a kept tensor has no Reshape or table rows
+                if alt is None or kept <= alt.nbytes:
+                    moved[name], extra = None, extra + kept - option.nbytes
+                else:
+                    moved[name], extra = alt, extra + alt.nbytes - option.nbytes
+            # kind cost in the default out type is close enough for a decision; dense
+            # tensors beside a host codec ride in its dense tail and cost no group
+            saving = TAIL_COST if hosted else _group_cost(*codec)
+            if extra < saving and (best_move is None or extra - saving < best_move[0]):
+                best_move = (extra - saving, moved)
         if best_move is None:
             return
-        chosen.update(best_move[2])
+        for name, alt in best_move[1].items():
+            if alt is None:
+                del chosen[name]
+            else:
+                chosen[name] = alt
 
 
 def _host(codec: tuple[str, str], used: set[tuple[str, str]]) -> bool:
