@@ -14,8 +14,9 @@ from tests.models_for_tests import prune_random_, tiny_mlp
 from tests.real_models import BertLike, prune_global_, token_inputs
 from ticketc.bench import RUNTIMES, BenchConfig, bench_model
 from ticketc.bench import runtimes as rt
-from ticketc.bench.core import BenchResult, Cell, entropy_bound_bytes
-from ticketc.bench.report import plot, table_rows, verdicts
+from ticketc.bench.core import entropy_bound_bytes
+from ticketc.bench.report import plot, table_rows
+from ticketc.bench.result import BenchResult, Cell, verdicts
 from ticketc.cli import main
 from ticketc.compile.inputs import Inputs, InputSpec, inputs_from_specs
 

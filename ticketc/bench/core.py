@@ -16,7 +16,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ticketc.bench import runtimes as rt
+from ticketc.bench.result import BenchResult, Cell, SizeRow, verdicts
 from ticketc.compile.inputs import Inputs, output_error
 from ticketc.compile.measure import TimingConfig, environment, speedup, time_interleaved
 from ticketc.export.trace import quiet
@@ -31,50 +32,6 @@ from ticketc.masks import apply_masks_
 from ticketc.transforms.layers import SPARSE_LAYERS
 
 TOLERANCE = 1e-4  # max relative error of a runtime's outputs against torch dense (fp32)
-
-
-@dataclass
-class Cell:
-    """One runtime at one batch size: timed (median_us set), or `why` it is not."""
-
-    runtime: str
-    batch: int
-    median_us: float | None = None
-    p10_us: float | None = None
-    speedup: float | None = None  # vs torch dense, median of per-round ratios
-    max_rel_error: float | None = None
-    note: str = ""
-    why: str | None = None  # set when not timed
-
-
-@dataclass
-class SizeRow:
-    """Bytes on disk of one artifact, or why it was not written."""
-
-    name: str
-    bytes: int | None
-    why: str | None = None
-
-
-@dataclass
-class BenchResult:
-    model: str
-    device: str
-    threads: int
-    batch_sizes: list[int]
-    cells: list[Cell]
-    sizes: list[SizeRow]
-    density: float  # nonzero fraction of the prunable weights
-    params: int
-    environment: dict[str, Any]
-    seconds: float = 0.0
-    verdicts: list[str] = field(default_factory=list)
-
-    def cell(self, runtime: str, batch: int) -> Cell:
-        return next(c for c in self.cells if c.runtime == runtime and c.batch == batch)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -174,8 +131,6 @@ def _bench(
         environment={**environment(), "device": str(device), "cpu_model": cpu_model()},
     )
     result.seconds = round(time.perf_counter() - started, 1)
-    from ticketc.bench.report import verdicts
-
     result.verdicts = verdicts(result)
     return result
 

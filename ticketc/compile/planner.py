@@ -17,6 +17,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from ticketc.compile.chain import chain_csr, fuse_relu_
 from ticketc.compile.config import CompileConfig
 from ticketc.compile.costs import ConvShape, CostModel, Gemm, device_costs, gemm_stats
 from ticketc.compile.inputs import Inputs
@@ -256,8 +257,6 @@ def _time_run(
             children.append(layer if fmt == "dense" else sparse_module(layer, fmt, device=device))
             if relu:
                 children.append(nn.ReLU())
-        from ticketc.compile.lower import chain_csr, fuse_relu_
-
         seq = nn.Sequential(*children)
         fuse_relu_(seq)
         return chain_csr(seq)
