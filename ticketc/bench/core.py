@@ -25,9 +25,11 @@ from torch import Tensor, nn
 
 from ticketc.bench import runtimes as rt
 from ticketc.bench.result import BenchResult, Cell, SizeRow, verdicts
-from ticketc.compile.inputs import Inputs, output_error
+from ticketc.compile.check import output_error
 from ticketc.compile.measure import TimingConfig, environment, speedup, time_interleaved
+from ticketc.errors import first_line
 from ticketc.export.trace import quiet
+from ticketc.inputs import ExampleInputs
 from ticketc.masks import apply_masks_
 from ticketc.transforms.layers import SPARSE_LAYERS
 
@@ -52,7 +54,7 @@ class BenchConfig:
 
 def bench_model(
     model: nn.Module,
-    example: Inputs,
+    example: ExampleInputs,
     config: BenchConfig | None = None,
     *,
     name: str = "model",
@@ -60,7 +62,7 @@ def bench_model(
     log: Callable[[str], None] = lambda s: None,
 ) -> BenchResult:
     """Time `model` (masks already applied, or given in `masks`) in every runtime at every
-    batch size of `config`, on `example` (an Inputs whose tensors have the batch in dim 0)
+    batch size of `config`, on `example` (an ExampleInputs whose tensors have the batch in dim 0)
     repeated to each batch size. Returns every cell, timed or with the reason it is not.
     Raises ValueError on a bad config; a runtime that fails is a cell with `why`, never an
     exception. torch's thread setting is restored on return."""
@@ -79,7 +81,7 @@ def bench_model(
 
 def _bench(
     model: nn.Module,
-    example: Inputs,
+    example: ExampleInputs,
     config: BenchConfig,
     name: str,
     masks: dict[str, Tensor] | None,
@@ -137,7 +139,7 @@ def _bench(
 
 def _prepare_all(
     dense: nn.Module,
-    inputs: Inputs,
+    inputs: ExampleInputs,
     batch: int,
     config: BenchConfig,
     onnx: rt.OnnxDense | None,
@@ -184,7 +186,7 @@ def _prepare_all(
             cell.why = str(e)
             continue
         except Exception as e:  # noqa: BLE001 - a runtime's failure is a result, not a crash
-            cell.why = f"failed: {type(e).__name__}: {rt.first_line(e)}"
+            cell.why = f"failed: {type(e).__name__}: {first_line(e, 200)}"
             continue
         cell.max_rel_error, cell.note = rel, p.note
         if not rel <= TOLERANCE:
@@ -204,7 +206,7 @@ def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def _compiled(
-    dense: nn.Module, inputs: Inputs, batch: int, config: BenchConfig, box: list[nn.Module]
+    dense: nn.Module, inputs: ExampleInputs, batch: int, config: BenchConfig, box: list[nn.Module]
 ) -> rt.Prepared:
     import ticketc.compile as tc
     from ticketc.compile import CompileConfig
@@ -236,7 +238,7 @@ def plan_summary(plan: Any) -> str:
     return text or "no Linear/Conv layer"
 
 
-def _pt2(compiled: nn.Module, inputs: Inputs, path: Path) -> rt.Prepared:
+def _pt2(compiled: nn.Module, inputs: ExampleInputs, path: Path) -> rt.Prepared:
     import ticketc.compile as tc
 
     with warnings.catch_warnings(), quiet():
@@ -244,7 +246,7 @@ def _pt2(compiled: nn.Module, inputs: Inputs, path: Path) -> rt.Prepared:
         try:
             program = tc.export_program(compiled, inputs)
         except Exception as e:  # noqa: BLE001
-            raise rt.NotRunnable(f"torch.export failed: {rt.first_line(e)}") from e
+            raise rt.NotRunnable(f"torch.export failed: {first_line(e, 200)}") from e
         torch.export.save(program, str(path))
         module = torch.export.load(str(path)).module()
     return rt.Prepared(_no_grad(lambda: inputs(module)), "torch.export.load(...).module()")
@@ -290,7 +292,7 @@ def entropy_bound_bytes(model: nn.Module, value_bits: int) -> int:
 
 
 def _sizes(
-    model: nn.Module, example: Inputs, onnx: rt.OnnxDense | None, tmp: Path
+    model: nn.Module, example: ExampleInputs, onnx: rt.OnnxDense | None, tmp: Path
 ) -> list[SizeRow]:
     rows = []
     if onnx is not None and onnx.files:
@@ -319,7 +321,7 @@ def _sizes(
                 )
             rows.append(SizeRow(label, int(res.total_bytes)))
         except Exception as e:  # noqa: BLE001
-            rows.append(SizeRow(label, None, f"export failed: {rt.first_line(e)}"))
+            rows.append(SizeRow(label, None, f"export failed: {first_line(e, 200)}"))
     rows.append(SizeRow("entropy bound of the weights, fp32", entropy_bound_bytes(model, 32)))
     rows.append(SizeRow("entropy bound of the weights, fp16", entropy_bound_bytes(model, 16)))
     return rows

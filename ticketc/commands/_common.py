@@ -9,11 +9,13 @@ import torch
 
 from ticketc.errors import UserError, first_line
 from ticketc.inputs import (
+    INPUT_FORM,
     ExampleInputs,
-    example_inputs,
+    InputSpec,
+    check_input_names,
     from_graph_module,
     infer_example,
-    parse_input_spec,
+    inputs_from_specs,
     parse_shape,
 )
 from ticketc.load import LoadedModel, load_model, load_sample
@@ -78,8 +80,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") ->
         "--input",
         metavar="NAME:DTYPE:SHAPE",
         action="append",
-        help="a model input, e.g. input_ids:int64:1,128 (repeat for several; NAME and DTYPE "
-        "may be left out: float32, positional). Batch and sequence axes are exported dynamic",
+        help=f"a model input, {INPUT_FORM}; repeat for several. Integer inputs take values "
+        "in LOW-HIGH, by default token ids below the smallest embedding's size (all ones for "
+        "*mask* inputs). Dim 0 is the batch. Batch and sequence axes are exported dynamic",
     )
     parser.add_argument(
         "--input-shape", metavar="N,C,H,W", help="the shape of a single float input (as --input)"
@@ -101,6 +104,15 @@ def load_from_args(args: argparse.Namespace, path: str | None = None) -> LoadedM
     )
 
 
+def input_specs(args: argparse.Namespace) -> list[InputSpec]:
+    """The --input specs (`InputSpec.parse`); UserError on one that does not parse or when
+    --input-shape is given as well."""
+    specs = [InputSpec.parse(text) for text in (getattr(args, "input", None) or [])]
+    if specs and args.input_shape:
+        raise UserError("give the inputs either with --input or with --input-shape, not both")
+    return specs
+
+
 def inputs_from_args(
     args: argparse.Namespace, loaded: LoadedModel
 ) -> tuple[ExampleInputs, ExampleInputs | None]:
@@ -108,11 +120,10 @@ def inputs_from_args(
     --sample, else what the model file tells, else the model's first layer (Linear,
     Embedding). UserError when none of these gives it."""
     sample = ExampleInputs.of(load_sample(args.sample)) if args.sample else None
-    specs = [parse_input_spec(text) for text in (getattr(args, "input", None) or [])]
-    if specs and args.input_shape:
-        raise UserError("pass either --input or --input-shape, not both")
+    specs = input_specs(args)
     if specs:
-        return example_inputs(specs, loaded.model), sample
+        check_input_names(loaded.model, specs)
+        return inputs_from_specs(specs, loaded.model), sample
     if args.input_shape:
         shaped = ExampleInputs((torch.zeros(parse_shape(args.input_shape)),))
         check_runs(loaded.model, shaped, f"--input-shape {args.input_shape}")
@@ -139,15 +150,6 @@ def inputs_from_args(
     return found, sample
 
 
-def example_and_sample(
-    args: argparse.Namespace, loaded: LoadedModel
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first input of `inputs_from_args` and of the sample, as single tensors."""
-    example, sample = inputs_from_args(args, loaded)
-    first = example.tensors()[0]
-    return first, sample.tensors()[0] if sample is not None else None
-
-
 @torch.no_grad()
 def check_runs(model: torch.nn.Module, example: ExampleInputs, given: str) -> None:
     """One forward pass on the input the user gave; UserError (one line) when the model
@@ -156,7 +158,8 @@ def check_runs(model: torch.nn.Module, example: ExampleInputs, given: str) -> No
         example(model)
     except Exception as e:  # noqa: BLE001 - the model's own code raises anything
         raise UserError(
-            f"the model does not run on {given} ({example.describe()}): {first_line(e, 200)}"
+            f"the model does not run on the given inputs, {given} ({example.describe()}): "
+            f"{first_line(e, 200)}"
         ) from e
 
 

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ticketc.commands._common import add_model_arguments, console, load_from_args
+from ticketc.commands._common import (
+    add_model_arguments,
+    check_runs,
+    console,
+    input_specs,
+    inputs_from_args,
+    load_from_args,
+)
 from ticketc.errors import UserError
 
 NAME = "bench"
@@ -18,9 +25,7 @@ HELP = "time a pruned model in torch dense, ticketc, onnxruntime and torch CSR; 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    # --input NAME:DTYPE:SHAPE comes from add_model_arguments; bench also takes a value range
-    # for token ids: --input input_ids:int64:1x128:0-999 (dim 0 is the batch)
+    add_model_arguments(parser)  # with --input NAME:DTYPE:SHAPE[:LOW-HIGH]; dim 0 is the batch
     parser.add_argument(
         "--batch-sizes", default="1,16,64,256", help="comma-separated (default: 1,16,64,256)"
     )
@@ -52,7 +57,6 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     from ticketc.bench import BenchConfig, bench_model
     from ticketc.bench.report import print_report, write
-    from ticketc.compile.inputs import Inputs, InputSpec, inputs_from_specs
 
     sizes = _batch_sizes(args.batch_sizes)
     if args.threads is not None and args.threads < 1:
@@ -61,12 +65,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--budget {args.budget}: must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    try:
-        specs = [InputSpec.parse(s) for s in args.input or []]
-    except ValueError as e:
-        raise UserError(str(e)) from e
-    if specs and (args.input_shape or args.sample):
-        raise UserError("give the inputs either with --input or with --input-shape/--sample")
+    specs = input_specs(args)
+    if specs and args.sample:
+        raise UserError("give the inputs either with --input or with --sample, not both")
     out = Path(args.output) if args.output else Path(args.model).with_suffix(".bench")
     if out.exists() and not out.is_dir():
         raise UserError(f"-o {out}: exists and is not a directory")
@@ -76,17 +77,9 @@ def run(args: argparse.Namespace) -> int:
             f"{args.model} is a ticketc-compiled program, so it has no dense baseline: "
             "bench the model it was compiled from"
         )
-    if specs:
-        try:
-            example = inputs_from_specs(specs, loaded.model)
-        except ValueError as e:
-            raise UserError(str(e)) from e
-    else:
-        from ticketc.commands._common import example_and_sample
-
-        tensor, _ = example_and_sample(args, loaded)
-        example = Inputs.of(tensor)
-    _check_runs(loaded.model, example, args.model)
+    example, _ = inputs_from_args(args, loaded)  # a --sample is the example here
+    given = " ".join(f"--input {text}" for text in args.input or []) or "its example inputs"
+    check_runs(loaded.model, example, given)  # a runtime that fails later is a cell, not an error
     config = BenchConfig(
         batch_sizes=sizes,
         threads=args.threads,
@@ -110,19 +103,3 @@ def _calls_ticketc_ops(model: torch.nn.Module) -> bool:
     graph = getattr(model, "graph", None)
     nodes = getattr(graph, "nodes", [])
     return any(str(getattr(n, "target", "")).startswith("ticketc.") for n in nodes)
-
-
-def _check_runs(model: torch.nn.Module, example: object, name: str) -> None:
-    """The model must run on the inputs as given: a wrong input is the user's error."""
-    from ticketc.compile.inputs import Inputs
-
-    assert isinstance(example, Inputs)
-    try:
-        with torch.no_grad():
-            example(model)
-    except Exception as e:  # noqa: BLE001 - any failure here means the inputs do not fit
-        text = str(e).strip().splitlines()
-        raise UserError(
-            f"{name} does not run on the given inputs ({type(e).__name__}: "
-            f"{text[0][:200] if text else ''}); check --input / --input-shape"
-        ) from e

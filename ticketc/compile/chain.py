@@ -29,7 +29,8 @@ class CsrSequential(nn.Sequential):
     called as modules: their forward hooks do not fire there.
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # nn.Sequential's name: callers may pass it
+        x = input
         steps = self.__dict__.get("_steps")
         if steps is None:
             steps = self.__dict__["_steps"] = _steps(list(self._modules.values()))

@@ -13,10 +13,10 @@ from torch import Tensor, nn
 from ticketc.compile.chain import chain_csr, fuse_relu_
 from ticketc.compile.check import check_speed
 from ticketc.compile.config import CompileConfig
-from ticketc.compile.inputs import Example, Inputs
 from ticketc.compile.modules import sparse_module as _sparse_module
 from ticketc.compile.plan import Plan
 from ticketc.compile.planner import make_plan
+from ticketc.inputs import Example, ExampleInputs
 from ticketc.masks import apply_masks_, copy_pruned, strip_pruning_
 from ticketc.transforms.dead_units import eliminate_dead_units
 
@@ -67,7 +67,7 @@ def compile_with_plan(
     """
     config = config or CompileConfig()
     module, masks, example = _unpack(model, masks, example_input)
-    inputs = None if example is None else Inputs.of(example)
+    inputs = None if example is None else ExampleInputs.of(example)
     if config.batch_size is None:
         config = replace(config, batch_size=(inputs.batch if inputs is not None else None) or 1)
     module = copy_pruned(module)
