@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -94,14 +96,28 @@ def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") ->
     )
 
 
+def reading_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments the reading flags (`add_reading_arguments`) stand for, as
+    load_model, inspect_file and pack take them: arch, trust_pickle, mask_path and, where the
+    command has the flag, trust_remote_code."""
+    options = {"arch": args.arch, "trust_pickle": args.trust_pickle, "mask_path": args.mask}
+    if hasattr(args, "trust_remote_code"):
+        options["trust_remote_code"] = args.trust_remote_code
+    return options
+
+
 def load_from_args(args: argparse.Namespace, path: str | None = None) -> LoadedModel:
-    return load_model(
-        path or args.model,
-        arch=args.arch,
-        trust_pickle=args.trust_pickle,
-        mask_path=args.mask,
-        trust_remote_code=args.trust_remote_code,
-    )
+    return load_model(path or args.model, **reading_options(args))
+
+
+def print_result(result: Any, as_json: bool, show: Callable[[Any], None]) -> int:
+    """Print `result.to_json()` as JSON (--json) or `show(result)` for a person; returns 0, the
+    command's exit code."""
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        show(result)
+    return 0
 
 
 def input_specs(args: argparse.Namespace) -> list[InputSpec]:
@@ -148,6 +164,22 @@ def inputs_from_args(
             "--input x:float32:1,3,32,32, or input_ids:int64:1,128), --input-shape or --sample"
         )
     return found, sample
+
+
+def example_and_sample(
+    args: argparse.Namespace, loaded: LoadedModel
+) -> tuple[ExampleInputs, ExampleInputs | None]:
+    """The inputs compile and bench run the model on: every --input as given; without
+    --input, the first tensor of `inputs_from_args`' example and sample, positional (a
+    transformers model: its input_ids)."""
+    example, sample = inputs_from_args(args, loaded)
+    if getattr(args, "input", None):
+        return example, sample
+
+    def first(inputs: ExampleInputs) -> ExampleInputs:
+        return ExampleInputs(tuple(inputs.tensors()[:1]))
+
+    return first(example), first(sample) if sample is not None else None
 
 
 @torch.no_grad()

@@ -14,8 +14,8 @@ from ticketc.commands._common import (
     add_model_arguments,
     check_runs,
     console,
+    example_and_sample,
     input_specs,
-    inputs_from_args,
     load_from_args,
 )
 from ticketc.errors import UserError
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             f"{args.model} is a ticketc-compiled program, so it has no dense baseline: "
             "bench the model it was compiled from"
         )
-    example, _ = inputs_from_args(args, loaded)  # a --sample is the example here
+    example, _ = example_and_sample(args, loaded)  # a --sample is the example here
     given = " ".join(f"--input {text}" for text in args.input or []) or "its example inputs"
     check_runs(loaded.model, example, given)  # a runtime that fails later is a cell, not an error
     config = BenchConfig(

@@ -13,7 +13,7 @@ import torch
 from ticketc.commands._common import (
     add_model_arguments,
     build_config,
-    inputs_from_args,
+    example_and_sample,
     load_from_args,
 )
 from ticketc.compile.config import DTYPES, CompileConfig
@@ -86,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--plan {args.plan}: no such file")
     out = _output_path(args)
     loaded = load_from_args(args)
-    # The example inputs (--input, --input-shape, --sample or the model file's own), all of
-    # them: compile, the check and export_program take positional and keyword inputs alike.
-    example, sample = inputs_from_args(args, loaded)
+    # The example: every --input (positional or keyword), else one tensor from --input-shape,
+    # --sample or the model file; compile, the check and export_program take them all.
+    example, sample = example_and_sample(args, loaded)
     if not any(isinstance(m, SPARSE_LAYERS) for m in loaded.model.modules()):
         raise UserError(
             f"{args.model} has no Linear/Conv modules to compile (a torch.export program is "
