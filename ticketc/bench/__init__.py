@@ -7,7 +7,8 @@ data and its verdicts) and `ticketc.bench.report` (table, plot, JSON). benchmark
 runs the same code on the project's own models. `ExampleInputs` is `ticketc.inputs.ExampleInputs`.
 """
 
-from ticketc.bench.core import BenchConfig, bench_model
+from ticketc.bench.config import BenchConfig
+from ticketc.bench.core import bench_model
 from ticketc.bench.result import BenchResult, Cell, SizeRow
 from ticketc.bench.runtimes import RUNTIMES
 

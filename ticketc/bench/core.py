@@ -16,7 +16,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ticketc.bench import runtimes as rt
+from ticketc.bench.config import BenchConfig
 from ticketc.bench.result import BenchResult, Cell, SizeRow, verdicts
 from ticketc.compile.check import output_error
 from ticketc.compile.measure import TimingConfig, environment, speedup, time_interleaved
@@ -34,22 +34,6 @@ from ticketc.masks import apply_masks_
 from ticketc.transforms.layers import SPARSE_LAYERS
 
 TOLERANCE = 1e-4  # max relative error of a runtime's outputs against torch dense (fp32)
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """batch_sizes: dim 0 of every input tensor; threads: torch and onnxruntime intra-op
-    threads (None: torch's current setting); budget_s: seconds of timed rounds per batch size
-    (at least min_rounds rounds, cut to 3 where one round would take over 10 s, so that large
-    batches of large models stay within minutes); sizes: also write the ticketc exports
-    to measure bytes on disk."""
-
-    batch_sizes: tuple[int, ...] = (1, 16, 64, 256)
-    threads: int | None = None
-    device: str = "cpu"
-    budget_s: float = 2.0
-    min_rounds: int = 5
-    sizes: bool = True
 
 
 def bench_model(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ticketc.bench.config import BenchConfig
 from ticketc.commands._common import (
     add_model_arguments,
     check_runs,
@@ -22,19 +23,24 @@ from ticketc.errors import UserError
 
 NAME = "bench"
 HELP = "time a pruned model in torch dense, ticketc, onnxruntime and torch CSR; sizes on disk"
+_DEFAULTS = BenchConfig()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)  # with --input NAME:DTYPE:SHAPE[:LOW-HIGH]; dim 0 is the batch
+    batch_sizes = ",".join(str(b) for b in _DEFAULTS.batch_sizes)
     parser.add_argument(
-        "--batch-sizes", default="1,16,64,256", help="comma-separated (default: 1,16,64,256)"
+        "--batch-sizes", default=batch_sizes, help=f"comma-separated (default: {batch_sizes})"
     )
     parser.add_argument(
         "--threads", type=int, help="torch and onnxruntime threads (default: torch's setting)"
     )
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default=_DEFAULTS.device, choices=["cpu", "cuda"])
     parser.add_argument(
-        "--budget", type=float, default=2.0, help="seconds of timed rounds per batch size"
+        "--budget",
+        type=float,
+        default=_DEFAULTS.budget_s,
+        help=f"seconds of timed rounds per batch size (default: {_DEFAULTS.budget_s:g})",
     )
     parser.add_argument("--no-sizes", action="store_true", help="skip the size exports")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -55,7 +61,7 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ticketc.bench import BenchConfig, bench_model
+    from ticketc.bench import bench_model
     from ticketc.bench.report import print_report, write
 
     sizes = _batch_sizes(args.batch_sizes)
