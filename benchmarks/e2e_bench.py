@@ -35,8 +35,8 @@ sys.path.append(str(ROOT))  # tests.real_models; after site-packages (see tests/
 from tests.real_models import BertLike, ResNet18, calibrate_bn_, prune_global_, token_inputs  # noqa: E402
 from ticketc.bench import RUNTIMES, BenchConfig, BenchResult, bench_model  # noqa: E402
 from ticketc.bench.report import plot  # noqa: E402
-from ticketc.compile.inputs import Inputs  # noqa: E402
 from ticketc.compile.measure import environment  # noqa: E402
+from ticketc.inputs import ExampleInputs  # noqa: E402
 
 BATCHES = (1, 16, 64, 256)
 # 128 tokens per sequence: batch 64 and 256 are 8 K and 32 K tokens, several seconds per dense
@@ -44,30 +44,30 @@ BATCHES = (1, 16, 64, 256)
 BERT_BATCHES = (1, 16, 32)
 
 
-def lenet_ticket() -> tuple[nn.Module, Inputs]:
+def lenet_ticket() -> tuple[nn.Module, ExampleInputs]:
     from ticketc.load import load_model
 
     loaded = load_model(ROOT / "examples" / "lenet300-ticket.pt")  # masks applied
-    return loaded.model, Inputs.of(torch.randn(1, 1, 28, 28))
+    return loaded.model, ExampleInputs.of(torch.randn(1, 1, 28, 28))
 
 
-def resnet18() -> tuple[nn.Module, Inputs]:
+def resnet18() -> tuple[nn.Module, ExampleInputs]:
     torch.manual_seed(0)
     model = ResNet18()
     calibrate_bn_(model, torch.randn(16, 3, 32, 32))
     prune_global_(model, 0.9)
-    return model.eval(), Inputs.of(torch.randn(1, 3, 32, 32))
+    return model.eval(), ExampleInputs.of(torch.randn(1, 3, 32, 32))
 
 
-def bert_like() -> tuple[nn.Module, Inputs]:
+def bert_like() -> tuple[nn.Module, ExampleInputs]:
     torch.manual_seed(0)
     model = BertLike()
     prune_global_(model, 0.9)
-    return model.eval(), Inputs.of(token_inputs(1, 128))
+    return model.eval(), ExampleInputs.of(token_inputs(1, 128))
 
 
 @torch.no_grad()
-def mlp4096() -> tuple[nn.Module, Inputs]:
+def mlp4096() -> tuple[nn.Module, ExampleInputs]:
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for i in range(3):
@@ -77,10 +77,10 @@ def mlp4096() -> tuple[nn.Module, Inputs]:
         threshold = w.abs().flatten().kthvalue(w.numel() - keep + 1).values
         w.mul_(w.abs() >= threshold)
         layers += [layer] + ([nn.ReLU()] if i < 2 else [])
-    return nn.Sequential(*layers).eval(), Inputs.of(torch.randn(1, 4096))
+    return nn.Sequential(*layers).eval(), ExampleInputs.of(torch.randn(1, 4096))
 
 
-MODELS: dict[str, tuple[Callable[[], tuple[nn.Module, Inputs]], tuple[int, ...]]] = {
+MODELS: dict[str, tuple[Callable[[], tuple[nn.Module, ExampleInputs]], tuple[int, ...]]] = {
     "lenet300-ticket": (lenet_ticket, BATCHES),
     "resnet18-cifar": (resnet18, BATCHES),
     "bert-like": (bert_like, BERT_BATCHES),

@@ -14,10 +14,11 @@ from tests.models_for_tests import prune_random_, tiny_mlp
 from tests.real_models import BertLike, prune_global_, token_inputs
 from ticketc.bench import RUNTIMES, BenchConfig, bench_model
 from ticketc.bench import runtimes as rt
-from ticketc.bench.core import BenchResult, Cell, entropy_bound_bytes
-from ticketc.bench.report import plot, table_rows, verdicts
+from ticketc.bench.core import entropy_bound_bytes
+from ticketc.bench.report import plot, table_rows
+from ticketc.bench.result import BenchResult, Cell, verdicts
 from ticketc.cli import main
-from ticketc.compile.inputs import Inputs, InputSpec, inputs_from_specs
+from ticketc.inputs import ExampleInputs, InputSpec, inputs_from_specs
 
 ARCH = "tests.models_for_tests:tiny_mlp"
 FAST = dict(budget_s=0.05, min_rounds=3, sizes=False, threads=1)
@@ -31,7 +32,7 @@ def _mlp() -> nn.Module:
 
 @pytest.mark.slow
 def test_every_runtime_has_a_cell_per_batch_and_dense_is_the_baseline():
-    result = bench_model(_mlp(), Inputs.of(torch.randn(1, 20)), BenchConfig((1, 8), **FAST))
+    result = bench_model(_mlp(), ExampleInputs.of(torch.randn(1, 20)), BenchConfig((1, 8), **FAST))
     assert {(c.runtime, c.batch) for c in result.cells} == {
         (r, b) for r in RUNTIMES for b in (1, 8)
     }
@@ -53,7 +54,8 @@ def test_token_id_inputs_and_dict_outputs_run_in_every_runtime():
     torch.manual_seed(0)
     model = BertLike(vocab=50, dim=32, heads=2, ffn=64, layers=1, max_len=16).eval()
     prune_global_(model, 0.8)
-    result = bench_model(model, Inputs.of(token_inputs(1, 8, vocab=50)), BenchConfig((2,), **FAST))
+    example = ExampleInputs.of(token_inputs(1, 8, vocab=50))
+    result = bench_model(model, example, BenchConfig((2,), **FAST))
     for name in (rt.TORCH_DENSE, rt.COMPILED, rt.ORT, rt.TORCH_CSR):
         assert result.cell(name, 2).why is None, result.cell(name, 2)
 
@@ -64,14 +66,15 @@ def test_a_runtime_with_wrong_outputs_is_reported_and_not_timed(monkeypatch):
         return bad, 1, 2
 
     monkeypatch.setattr(rt, "torch_csr", wrong)
-    result = bench_model(_mlp(), Inputs.of(torch.randn(1, 20)), BenchConfig((4,), **FAST))
+    result = bench_model(_mlp(), ExampleInputs.of(torch.randn(1, 20)), BenchConfig((4,), **FAST))
     cell = result.cell(rt.TORCH_CSR, 4)
     assert cell.median_us is None and "outputs differ" in (cell.why or "")
 
 
 def test_a_model_without_linear_layers_says_why_torch_csr_does_not_apply():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
-    result = bench_model(model, Inputs.of(torch.randn(1, 3, 8, 8)), BenchConfig((1,), **FAST))
+    example = ExampleInputs.of(torch.randn(1, 3, 8, 8))
+    result = bench_model(model, example, BenchConfig((1,), **FAST))
     assert "no nn.Linear" in (result.cell(rt.TORCH_CSR, 1).why or "")
 
 
@@ -225,7 +228,7 @@ def test_timed_samples_repeat_fast_calls_until_min_sample_s():
 def test_sizes_of_a_model_with_named_token_inputs(tmp_path):
     """Export sizes are measured for token-id models too (named integer inputs), not n/a."""
     from ticketc.bench.core import _sizes
-    from ticketc.compile.inputs import Inputs
+    from ticketc.inputs import ExampleInputs
 
     class Tokens(nn.Module):
         def __init__(self) -> None:
@@ -242,8 +245,8 @@ def test_sizes_of_a_model_with_named_token_inputs(tmp_path):
     with torch.no_grad():
         model.head.weight.mul_(torch.rand_like(model.head.weight) < 0.2)
     ids = torch.randint(0, 50, (2, 8))
-    rows = _sizes(model, Inputs.of({"input_ids": ids, "attention_mask": torch.ones_like(ids)}),
-                  None, tmp_path)
+    example = ExampleInputs.of({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    rows = _sizes(model, example, None, tmp_path)
     exported = [r for r in rows if r.name.startswith("ticketc ")]
     assert len(exported) == 4
     assert all(r.bytes and r.bytes > 0 for r in exported), exported

@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 import ticketc.compile as tc
-from ticketc.compile import CompileConfig, Inputs, SparseConv, SparseLinear, plan_of
-from ticketc.compile.check import MAX_ROUNDS, READS_WEIGHT
-from ticketc.compile.inputs import output_error
+from ticketc.compile import CompileConfig, ExampleInputs, SparseConv, SparseLinear, plan_of
+from ticketc.compile.check import MAX_ROUNDS, READS_WEIGHT, output_error
 from ticketc.compile.measure import Timing
 from ticketc.compile.planner import OVERRIDES_FORWARD
 
@@ -50,7 +49,7 @@ def _all_csr(model: nn.Module, example, tmp_path, **kw) -> nn.Module:
 
 
 def _same(model: nn.Module, compiled: nn.Module, example, rtol: float = 1e-5) -> None:
-    inputs = Inputs.of(example)
+    inputs = ExampleInputs.of(example)
     with torch.no_grad():
         _, rel = output_error(inputs(model), inputs(compiled))
     assert rel < rtol

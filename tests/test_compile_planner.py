@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ticketc.compile as tc
-from ticketc.compile import CompileConfig, Inputs, SparseLinear, make_plan, plan_of
+from ticketc.compile import CompileConfig, ExampleInputs, SparseLinear, make_plan, plan_of
 from ticketc.compile.calibrate import REFERENCE, calibration
 from ticketc.compile.costs import device_costs, gemm_stats, parse_format
 from ticketc.compile.planner import conv_shape, layer_gemm, trace_shapes
@@ -119,7 +119,7 @@ def test_trace_shapes_takes_token_ids_and_keyword_inputs():
             return self.proj(self.emb(input_ids)) * scale
 
     model = Embed()
-    inputs = Inputs.of({"input_ids": torch.randint(0, 50, (3, 7)), "scale": 2.0})
+    inputs = ExampleInputs.of({"input_ids": torch.randint(0, 50, (3, 7)), "scale": 2.0})
     assert trace_shapes(model, inputs) == {"proj": ((1, 7, 8), (1, 7, 4))}
     plan = make_plan(model, inputs, CompileConfig(batch_size=3, **FAST))
     assert plan.layers[0].gemm == (21, 8, 4)  # rows: batch x tokens

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from ticketc import __version__
 from ticketc.commands import COMMANDS
-from ticketc.errors import UserError
+from ticketc.errors import UserError, first_line
 
 RUNS_CODE = (
     "Reading a file never runs code from it. Only these flags run code: --arch MODULE:FACTORY "
@@ -104,8 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _os_error(e: OSError) -> str:
     """One line for an OSError that escaped the readers and writers: the path and the reason."""
-    lines = str(e).strip().splitlines()
-    reason = e.strerror or (lines[0][:300] if lines else type(e).__name__)
+    reason = e.strerror or first_line(e, 300)
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         reason += " (the disk is full)"
     return f"{e.filename}: {reason}" if e.filename else reason

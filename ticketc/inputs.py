@@ -1,10 +1,11 @@
-"""A model's inputs: typed specs from the command line, example tensors and verification samples.
+"""A model's inputs: typed specs from the command line, example inputs and verification samples.
 
-`--input input_ids:int64:1,128 --input attention_mask:int64:1,128` becomes two `InputSpec`s;
-`example_inputs` turns specs into tensors the model can run on; `infer_example` guesses the
+`--input input_ids:int64:1x128:0-999 --input attention_mask:int64:1,128` becomes two
+`InputSpec`s (`InputSpec.parse`, the one parser of --input for every command);
+`inputs_from_specs` turns specs into inputs the model can run on; `infer_example` guesses the
 input of a model whose first layer tells it (Linear, Embedding); `ExampleInputs` holds
-positional and keyword inputs together, as torch.export takes them. Shared by `export` and
-`compile`.
+positional and keyword inputs together, as torch.export takes them. Shared by every stage that
+runs a model on an example: compile, export, verify, bench.
 """
 
 from __future__ import annotations
@@ -13,21 +14,24 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from ticketc.errors import UserError
 
 __all__ = [
     "DTYPES",
+    "INPUT_FORM",
+    "Example",
     "ExampleInputs",
     "InputSpec",
-    "example_inputs",
     "float_dtype",
+    "check_input_names",
     "infer_example",
-    "parse_input_spec",
+    "inputs_from_specs",
     "parse_shape",
     "random_like",
 ]
@@ -59,49 +63,76 @@ DTYPES: dict[str, torch.dtype] = {
 TRACE_MIN_SIZE = 2
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """ "1,3,32,32" (or "1x3x32x32") -> (1, 3, 32, 32); UserError unless all sizes are > 0."""
+#: The --input syntax, as every error about it quotes it.
+INPUT_FORM = (
+    "NAME:DTYPE:SHAPE[:LOW-HIGH], e.g. input_ids:int64:1x128:0-999 (NAME and DTYPE may be "
+    "left out: positional, float32)"
+)
+
+
+def parse_shape(text: str, what: str = "input shape") -> tuple[int, ...]:
+    """ "1,3,32,32" or "1x3x32x32" -> (1, 3, 32, 32). UserError naming `what` unless every
+    size is a positive integer (and the whole below 2**31 elements)."""
     try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
+        shape = tuple(int(s) for s in text.lower().replace("x", ",").split(","))
     except ValueError:
-        raise UserError(f"input shape {text!r} is not a comma-separated list of integers") from None
+        shape = ()
     if not shape or any(d <= 0 for d in shape) or math.prod(shape) > 2**31:
-        raise UserError(f"input shape {text!r} must be positive sizes")
+        raise UserError(f"{what} {text!r} is not like 1x128 or 1,128 (positive sizes)")
     return shape
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One model input: its name (None: positional), dtype and example shape."""
+    """One model input from the command line (`INPUT_FORM`): its name (None: positional),
+    dtype, example shape and, for integer inputs, the value range [low, high) (None: token ids
+    below the model's smallest Embedding, all ones for a name containing "mask")."""
 
     name: str | None
     dtype: torch.dtype
     shape: tuple[int, ...]
+    low: int | None = None
+    high: int | None = None  # exclusive
 
+    @classmethod
+    def parse(cls, text: str) -> InputSpec:
+        """Parse `NAME:DTYPE:SHAPE[:LOW-HIGH]`; NAME and DTYPE may be left out (`DTYPE:SHAPE`,
+        `NAME:SHAPE`, `SHAPE`: float32). SHAPE is "1,128" or "1x128", DTYPE one of DTYPES
+        (any case), LOW-HIGH inclusive bounds of an integer input. E.g. "input_ids:int64:1,128",
+        "input_ids:int64:1x128:0-30521", "x:1,3,32,32", "1,784". Raises UserError (a
+        ValueError) naming the part that does not parse."""
+        parts = text.split(":")
+        if not 1 <= len(parts) <= 4 or not all(parts):
+            raise UserError(f"--input {text!r}: expected {INPUT_FORM}")
+        bounds = parts.pop() if len(parts) == 4 else None
+        if parts[-1].lower() in DTYPES:
+            raise UserError(f"--input {text!r}: no shape; expected {INPUT_FORM}")
+        shape = parse_shape(parts[-1], f"--input {text!r}: shape")
+        name: str | None = None
+        dtype = torch.float32
+        if len(parts) == 3:
+            name, dtype = parts[0], _dtype(parts[1], text)
+        elif len(parts) == 2:
+            if parts[0].lower() in DTYPES:
+                dtype = DTYPES[parts[0].lower()]
+            else:
+                name = parts[0]
+        if name is not None and not name.isidentifier():
+            raise UserError(
+                f"--input {text!r}: input name {name!r} is not an identifier; "
+                f"expected {INPUT_FORM}"
+            )
+        low, high = _range(bounds, dtype, text) if bounds is not None else (None, None)
+        return cls(name, dtype, shape, low, high)
 
-def parse_input_spec(text: str) -> InputSpec:
-    """Parse `NAME:DTYPE:SHAPE`, `DTYPE:SHAPE`, `NAME:SHAPE` or `SHAPE` (dtype float32).
-
-    E.g. "input_ids:int64:1,128", "int64:1,128", "x:1,3,32,32", "1,784". DTYPE is one of
-    DTYPES. Raises UserError naming the part that does not parse.
-    """
-    parts = text.split(":")
-    if not 1 <= len(parts) <= 3 or not all(parts):
-        raise UserError(f"--input {text!r} is not NAME:DTYPE:SHAPE (e.g. input_ids:int64:1,128)")
-    shape = parse_shape(parts[-1])
-    name: str | None = None
-    dtype = torch.float32
-    if len(parts) == 3:
-        name, dtype_text = parts[0], parts[1]
-        dtype = _dtype(dtype_text, text)
-    elif len(parts) == 2:
-        if parts[0].lower() in DTYPES:
-            dtype = DTYPES[parts[0].lower()]
-        else:
-            name = parts[0]
-    if name is not None and not name.isidentifier():
-        raise UserError(f"--input {text!r}: input name {name!r} is not an identifier")
-    return InputSpec(name, dtype, shape)
+    def make(self, model: nn.Module | None = None, seed: int = 0) -> torch.Tensor:
+        """A tensor for this input: floats from N(0, 1); integers uniform in [low, high), by
+        default all ones for a name containing "mask", else token ids below the smallest
+        nn.Embedding's num_embeddings in `model` (below 2 without one); bools all True."""
+        generator = torch.Generator().manual_seed(seed)
+        ones = self.low is None and _is_mask(self.name)
+        low, high = self.low or 0, self.high or _index_limit(model)
+        return _draw(self.shape, self.dtype, generator, low, high, ones=ones)
 
 
 def _dtype(text: str, spec: str) -> torch.dtype:
@@ -112,43 +143,136 @@ def _dtype(text: str, spec: str) -> torch.dtype:
         raise UserError(f"--input {spec!r}: unknown dtype {text!r} (known: {known}, ...)") from None
 
 
+def _range(text: str, dtype: torch.dtype, spec: str) -> tuple[int, int]:
+    """"0-999" -> (0, 1000): inclusive bounds, returned as [low, high)."""
+    low, _, high = text.partition("-")
+    try:
+        bounds = int(low), int(high) + 1
+    except ValueError:
+        bounds = (0, 0)
+    if not bounds[0] < bounds[1]:
+        raise UserError(f"--input {spec!r}: range {text!r} is not like 0-999")
+    if dtype.is_floating_point or dtype == torch.bool:
+        raise UserError(f"--input {spec!r}: a range applies to integer inputs only")
+    return bounds
+
+
+def inputs_from_specs(specs: Sequence[InputSpec], model: nn.Module | None = None) -> ExampleInputs:
+    """Example inputs for typed specs: named specs become keyword inputs, unnamed ones
+    positional (in order); values as `InputSpec.make` draws them (seed: the spec's position).
+    `model` only bounds token ids (its smallest Embedding). Raises UserError when names
+    repeat, only some inputs are named or dim 0 (the batch) differs between inputs."""
+    names = [s.name for s in specs if s.name is not None]
+    if len(set(names)) != len(names):
+        raise UserError(f"--input names repeat: {', '.join(names)}")
+    if names and len(names) != len(specs):
+        raise UserError("--input: name all inputs or none (NAME:DTYPE:SHAPE)")
+    if len({s.shape[0] for s in specs}) > 1:
+        raise UserError("--input shapes must share dim 0 (the batch size)")
+    values = [s.make(model, seed=i) for i, s in enumerate(specs)]
+    return ExampleInputs(
+        tuple(v for s, v in zip(specs, values, strict=True) if s.name is None),
+        {s.name: v for s, v in zip(specs, values, strict=True) if s.name is not None},
+    )
+
+
+def check_input_names(model: nn.Module, specs: Sequence[InputSpec]) -> None:
+    """UserError when the model's forward takes no argument of a spec's name (a forward that
+    takes **kwargs, or whose signature cannot be read, takes any)."""
+    names = [s.name for s in specs if s.name is not None]
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = [n for n in names if n not in parameters]
+    if unknown:
+        raise UserError(
+            f"the model does not run on the given inputs: --input {unknown[0]!r} names no "
+            f"argument of its forward ({', '.join(parameters) or 'none'})"
+        )
+
+
+#: What `ExampleInputs.of` takes.
+Example = Union[torch.Tensor, tuple, list, Mapping, "ExampleInputs"]  # noqa: UP007 - defined below
+
+
 @dataclass(frozen=True)
 class ExampleInputs:
-    """Positional and keyword inputs of one call, as `torch.export.export` takes them."""
+    """Positional and keyword arguments of one call of a model, as `torch.export.export` takes
+    them. Everything that runs a model on example inputs (tracing, tuning, the compile check,
+    export, verification, bench) goes through it, so no stage assumes one float tensor. Values
+    are tensors (token ids, masks, pixels, ...) or any other argument the model takes, kept
+    as they are."""
 
-    args: tuple[torch.Tensor, ...] = ()
-    kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, inputs: Any) -> ExampleInputs:
-        """From a tensor, a tuple / list of tensors, a dict of name -> tensor, or an
-        ExampleInputs. Raises TypeError for anything else."""
+    def of(cls, inputs: Example) -> ExampleInputs:
+        """A tensor is the one positional argument, a tuple / list the positional arguments,
+        a dict (or other mapping) the keyword arguments; an ExampleInputs is returned as it
+        is. Raises TypeError for anything else."""
         if isinstance(inputs, ExampleInputs):
             return inputs
         if isinstance(inputs, torch.Tensor):
             return cls((inputs,))
-        if isinstance(inputs, tuple | list) and all(isinstance(t, torch.Tensor) for t in inputs):
+        if isinstance(inputs, tuple | list):
             return cls(tuple(inputs))
-        if isinstance(inputs, Mapping) and all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in inputs.items()
-        ):
-            return cls((), dict(inputs))
+        if isinstance(inputs, Mapping):
+            return cls((), {str(k): v for k, v in inputs.items()})
         raise TypeError(
-            "example inputs must be a tensor, a tuple of tensors or a dict of name -> tensor, "
-            f"got {type(inputs).__name__}"
+            "example inputs must be a tensor, a tuple of positional arguments or a dict of "
+            f"keyword arguments, got {type(inputs).__name__}"
         )
 
     def tensors(self) -> list[torch.Tensor]:
-        return [*self.args, *self.kwargs.values()]
+        """Every tensor of the inputs, positional first (nested containers flattened)."""
+        leaves = pytree.tree_leaves((self.args, self.kwargs))
+        return [t for t in leaves if isinstance(t, torch.Tensor)]
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ExampleInputs:
-        return ExampleInputs(
-            tuple(fn(t) for t in self.args), {k: fn(v) for k, v in self.kwargs.items()}
+        """`fn` applied to every tensor; other values are kept."""
+        args, kwargs = pytree.tree_map(
+            lambda v: fn(v) if isinstance(v, torch.Tensor) else v, (self.args, self.kwargs)
         )
+        return ExampleInputs(tuple(args), dict(kwargs))
 
     def __call__(self, model: Callable[..., Any]) -> Any:
         """The model applied to these inputs."""
         return model(*self.args, **self.kwargs)
+
+    @property
+    def batch(self) -> int | None:
+        """The batch size: dim 0 of the first tensor with a dimension (None if none has)."""
+        return next((int(t.shape[0]) for t in self.tensors() if t.dim() >= 1), None)
+
+    def at_batch(self, n: int) -> ExampleInputs:
+        """The inputs with batch size n: every tensor whose dim 0 is the batch is repeated
+        (or cut) along it; other values are unchanged."""
+        batch = self.batch
+        if batch is None or batch == n:
+            return self
+
+        def resize(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() == 0 or t.shape[0] != batch:
+                return t
+            reps = -(-n // batch)
+            return t.repeat(reps, *([1] * (t.dim() - 1)))[:n].contiguous()
+
+        return self.map(resize)
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> ExampleInputs:
+        """Tensors moved to `device`; floating-point ones cast to `dtype` (token ids, masks and
+        other integer or bool tensors keep theirs)."""
+        return self.map(
+            lambda t: t.to(
+                device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None
+            )
+        )
 
     def describe(self) -> str:
         """e.g. "input_ids int64[2, 8], attention_mask int64[2, 8]"."""
@@ -157,8 +281,10 @@ class ExampleInputs:
         return ", ".join(parts)
 
 
-def _short(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+def _short(value: Any) -> str:
+    if not isinstance(value, torch.Tensor):
+        return type(value).__name__
+    return f"{str(value.dtype).replace('torch.', '')}{list(value.shape)}"
 
 
 def float_dtype(model: nn.Module) -> torch.dtype:
@@ -178,6 +304,30 @@ def _index_limit(model: nn.Module | None) -> int:
     return max(1, min(sizes)) if sizes else 2
 
 
+def _is_mask(name: str | int | None) -> bool:
+    """Inputs named like a mask (attention_mask, ...) are all ones: a random mask can hide
+    every position."""
+    return isinstance(name, str) and "mask" in name.lower()
+
+
+def _draw(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    generator: torch.Generator,
+    low: int,
+    high: int,
+    *,
+    ones: bool,
+) -> torch.Tensor:
+    """Floats from N(0, 1); bools, and integers when `ones`, all ones; other integers uniform
+    in [low, high)."""
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype)
+    if dtype == torch.bool or ones:
+        return torch.ones(shape, dtype=dtype)
+    return torch.randint(low, high, shape, generator=generator, dtype=dtype)
+
+
 def random_like(
     example: ExampleInputs,
     model: nn.Module | None = None,
@@ -193,50 +343,16 @@ def random_like(
     generator = torch.Generator().manual_seed(seed)
     limit = _index_limit(model)
 
-    def draw(key: str | int, t: torch.Tensor) -> torch.Tensor:
+    def draw(key: str | int, t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
         shape = tuple(sizes(key, axis, s) if sizes else s for axis, s in enumerate(t.shape))
-        if t.is_floating_point():
-            return torch.randn(shape, generator=generator).to(t.dtype)
-        if t.dtype == torch.bool or (isinstance(key, str) and "mask" in key.lower()):
-            return torch.ones(shape, dtype=t.dtype)
-        return torch.randint(0, limit, shape, generator=generator, dtype=t.dtype)
+        return _draw(shape, t.dtype, generator, 0, limit, ones=_is_mask(key))
 
     return ExampleInputs(
         tuple(draw(i, t) for i, t in enumerate(example.args)),
         {k: draw(k, v) for k, v in example.kwargs.items()},
     )
-
-
-def example_inputs(specs: Sequence[InputSpec], model: nn.Module | None = None) -> ExampleInputs:
-    """Example tensors for typed specs: named specs become keyword inputs, others positional
-    (in order). Float inputs take the model's float dtype unless the spec names one."""
-    names = [s.name for s in specs if s.name is not None]
-    if len(set(names)) != len(names):
-        raise UserError(f"--input names repeat: {', '.join(names)}")
-    if names and len(names) != len(specs):
-        raise UserError("--input: name all inputs or none (NAME:DTYPE:SHAPE)")
-    template = ExampleInputs(
-        tuple(torch.empty(s.shape, dtype=s.dtype) for s in specs if s.name is None),
-        {s.name: torch.empty(s.shape, dtype=s.dtype) for s in specs if s.name is not None},
-    )
-    if model is not None and names:
-        _check_names(model, names)
-    return random_like(template, model)
-
-
-def _check_names(model: nn.Module, names: list[str]) -> None:
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return
-    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
-        return
-    unknown = [n for n in names if n not in parameters]
-    if unknown:
-        raise UserError(
-            f"--input {unknown[0]!r}: the model's forward takes "
-            f"{', '.join(parameters) or 'nothing'}"
-        )
 
 
 def infer_example(model: nn.Module) -> ExampleInputs | None:

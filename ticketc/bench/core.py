@@ -16,7 +16,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,78 +23,22 @@ import torch
 from torch import Tensor, nn
 
 from ticketc.bench import runtimes as rt
-from ticketc.compile.inputs import Inputs, output_error
+from ticketc.bench.config import BenchConfig
+from ticketc.bench.result import BenchResult, Cell, SizeRow, verdicts
+from ticketc.compile.check import output_error
 from ticketc.compile.measure import TimingConfig, environment, speedup, time_interleaved
+from ticketc.errors import first_line
 from ticketc.export.trace import quiet
+from ticketc.inputs import ExampleInputs
 from ticketc.masks import apply_masks_
 from ticketc.transforms.layers import SPARSE_LAYERS
 
 TOLERANCE = 1e-4  # max relative error of a runtime's outputs against torch dense (fp32)
 
 
-@dataclass
-class Cell:
-    """One runtime at one batch size: timed (median_us set), or `why` it is not."""
-
-    runtime: str
-    batch: int
-    median_us: float | None = None
-    p10_us: float | None = None
-    speedup: float | None = None  # vs torch dense, median of per-round ratios
-    max_rel_error: float | None = None
-    note: str = ""
-    why: str | None = None  # set when not timed
-
-
-@dataclass
-class SizeRow:
-    """Bytes on disk of one artifact, or why it was not written."""
-
-    name: str
-    bytes: int | None
-    why: str | None = None
-
-
-@dataclass
-class BenchResult:
-    model: str
-    device: str
-    threads: int
-    batch_sizes: list[int]
-    cells: list[Cell]
-    sizes: list[SizeRow]
-    density: float  # nonzero fraction of the prunable weights
-    params: int
-    environment: dict[str, Any]
-    seconds: float = 0.0
-    verdicts: list[str] = field(default_factory=list)
-
-    def cell(self, runtime: str, batch: int) -> Cell:
-        return next(c for c in self.cells if c.runtime == runtime and c.batch == batch)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """batch_sizes: dim 0 of every input tensor; threads: torch and onnxruntime intra-op
-    threads (None: torch's current setting); budget_s: seconds of timed rounds per batch size
-    (at least min_rounds rounds, cut to 3 where one round would take over 10 s, so that large
-    batches of large models stay within minutes); sizes: also write the ticketc exports
-    to measure bytes on disk."""
-
-    batch_sizes: tuple[int, ...] = (1, 16, 64, 256)
-    threads: int | None = None
-    device: str = "cpu"
-    budget_s: float = 2.0
-    min_rounds: int = 5
-    sizes: bool = True
-
-
 def bench_model(
     model: nn.Module,
-    example: Inputs,
+    example: ExampleInputs,
     config: BenchConfig | None = None,
     *,
     name: str = "model",
@@ -103,7 +46,7 @@ def bench_model(
     log: Callable[[str], None] = lambda s: None,
 ) -> BenchResult:
     """Time `model` (masks already applied, or given in `masks`) in every runtime at every
-    batch size of `config`, on `example` (an Inputs whose tensors have the batch in dim 0)
+    batch size of `config`, on `example` (an ExampleInputs whose tensors have the batch in dim 0)
     repeated to each batch size. Returns every cell, timed or with the reason it is not.
     Raises ValueError on a bad config; a runtime that fails is a cell with `why`, never an
     exception. torch's thread setting is restored on return."""
@@ -122,7 +65,7 @@ def bench_model(
 
 def _bench(
     model: nn.Module,
-    example: Inputs,
+    example: ExampleInputs,
     config: BenchConfig,
     name: str,
     masks: dict[str, Tensor] | None,
@@ -174,15 +117,13 @@ def _bench(
         environment={**environment(), "device": str(device), "cpu_model": cpu_model()},
     )
     result.seconds = round(time.perf_counter() - started, 1)
-    from ticketc.bench.report import verdicts
-
     result.verdicts = verdicts(result)
     return result
 
 
 def _prepare_all(
     dense: nn.Module,
-    inputs: Inputs,
+    inputs: ExampleInputs,
     batch: int,
     config: BenchConfig,
     onnx: rt.OnnxDense | None,
@@ -229,7 +170,7 @@ def _prepare_all(
             cell.why = str(e)
             continue
         except Exception as e:  # noqa: BLE001 - a runtime's failure is a result, not a crash
-            cell.why = f"failed: {type(e).__name__}: {rt.first_line(e)}"
+            cell.why = f"failed: {type(e).__name__}: {first_line(e, 200)}"
             continue
         cell.max_rel_error, cell.note = rel, p.note
         if not rel <= TOLERANCE:
@@ -249,7 +190,7 @@ def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def _compiled(
-    dense: nn.Module, inputs: Inputs, batch: int, config: BenchConfig, box: list[nn.Module]
+    dense: nn.Module, inputs: ExampleInputs, batch: int, config: BenchConfig, box: list[nn.Module]
 ) -> rt.Prepared:
     import ticketc.compile as tc
     from ticketc.compile import CompileConfig
@@ -281,7 +222,7 @@ def plan_summary(plan: Any) -> str:
     return text or "no Linear/Conv layer"
 
 
-def _pt2(compiled: nn.Module, inputs: Inputs, path: Path) -> rt.Prepared:
+def _pt2(compiled: nn.Module, inputs: ExampleInputs, path: Path) -> rt.Prepared:
     import ticketc.compile as tc
 
     with warnings.catch_warnings(), quiet():
@@ -289,7 +230,7 @@ def _pt2(compiled: nn.Module, inputs: Inputs, path: Path) -> rt.Prepared:
         try:
             program = tc.export_program(compiled, inputs)
         except Exception as e:  # noqa: BLE001
-            raise rt.NotRunnable(f"torch.export failed: {rt.first_line(e)}") from e
+            raise rt.NotRunnable(f"torch.export failed: {first_line(e, 200)}") from e
         torch.export.save(program, str(path))
         module = torch.export.load(str(path)).module()
     return rt.Prepared(_no_grad(lambda: inputs(module)), "torch.export.load(...).module()")
@@ -335,7 +276,7 @@ def entropy_bound_bytes(model: nn.Module, value_bits: int) -> int:
 
 
 def _sizes(
-    model: nn.Module, example: Inputs, onnx: rt.OnnxDense | None, tmp: Path
+    model: nn.Module, example: ExampleInputs, onnx: rt.OnnxDense | None, tmp: Path
 ) -> list[SizeRow]:
     rows = []
     if onnx is not None and onnx.files:
@@ -364,7 +305,7 @@ def _sizes(
                 )
             rows.append(SizeRow(label, int(res.total_bytes)))
         except Exception as e:  # noqa: BLE001
-            rows.append(SizeRow(label, None, f"export failed: {rt.first_line(e)}"))
+            rows.append(SizeRow(label, None, f"export failed: {first_line(e, 200)}"))
     rows.append(SizeRow("entropy bound of the weights, fp32", entropy_bound_bytes(model, 32)))
     rows.append(SizeRow("entropy bound of the weights, fp16", entropy_bound_bytes(model, 16)))
     return rows

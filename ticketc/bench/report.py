@@ -1,59 +1,17 @@
-"""What `ticketc bench` shows: a verdict per batch size, a terminal table, a PNG that reads
-without the table, and the JSON of everything measured."""
+"""What `ticketc bench` shows: a terminal table with a verdict per batch size
+(`ticketc.bench.result.verdicts`), a PNG that reads without the table, and the JSON of
+everything measured."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ticketc.bench import runtimes as rt
-
-if TYPE_CHECKING:
-    from ticketc.bench.core import BenchResult
+from ticketc.bench.result import BenchResult
 
 MARKERS = {rt.TORCH_DENSE: "s", rt.COMPILED: "o", rt.PT2: "D", rt.ORT: "^", rt.TORCH_CSR: "x"}
-
-
-def verdicts(result: BenchResult) -> list[str]:
-    """One sentence per batch size: the fastest runtime, and ticketc against the fastest
-    runtime that is not ticketc's (saying so plainly where ticketc loses)."""
-    lines = []
-    for batch in result.batch_sizes:
-        timed = [c for c in result.cells if c.batch == batch and c.speedup is not None]
-        if not timed:
-            lines.append(f"batch {batch}: nothing could be timed")
-            continue
-        timed.sort(key=lambda c: -(c.speedup or 0))
-        best = timed[0]
-        ours = next((c for c in timed if c.runtime == rt.COMPILED), None)
-        rival = next((c for c in timed if c.runtime not in (rt.COMPILED, rt.PT2)), None)
-        if ours is None:
-            why = result.cell(rt.COMPILED, batch).why
-            lines.append(
-                f"batch {batch}: {best.runtime} is fastest ({best.speedup:.2f}x torch dense); "
-                f"ticketc compiled was not timed ({why})"
-            )
-            continue
-        assert rival is not None and ours.speedup is not None and rival.speedup is not None
-        ratio = ours.speedup / rival.speedup
-        if ratio >= 1:
-            text = (
-                f"batch {batch}: ticketc compiled is {ratio:.2f}x the fastest alternative "
-                f"({rival.runtime})"
-            )
-        else:
-            text = (
-                f"batch {batch}: {rival.runtime} is fastest; ticketc compiled runs at "
-                f"{ratio:.2f}x its speed (sparse LOSES here)"
-            )
-        text += f", {ours.speedup:.2f}x torch dense"
-        if best.runtime == rt.PT2:
-            text += (
-                f"; its .pt2 export ran {(best.speedup or 0) / ours.speedup:.2f}x the eager module"
-            )
-        lines.append(text)
-    return lines
 
 
 def table_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +24,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from ticketc.compile.inputs import Inputs
+from ticketc.errors import first_line
 from ticketc.export.trace import quiet
+from ticketc.inputs import ExampleInputs
 
 TORCH_DENSE = "torch dense"
 COMPILED = "ticketc compiled"
@@ -49,16 +49,10 @@ class NotRunnable(Exception):
     """A runtime that cannot run this model here; str(e) says why (one line)."""
 
 
-def first_line(e: BaseException) -> str:
-    """The error's first line, without terminal colour codes, at most 200 characters."""
-    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:200]
-
-
 # --------------------------------------------------------------------------- onnxruntime
 
 
-def ordered_tensors(model: nn.Module, inputs: Inputs) -> list[tuple[str, Tensor]]:
+def ordered_tensors(model: nn.Module, inputs: ExampleInputs) -> list[tuple[str, Tensor]]:
     """The input tensors in the order torch.export (and so the ONNX graph) takes them: the
     forward's parameters in signature order, each flattened; names for error messages."""
     try:
@@ -82,7 +76,7 @@ class OnnxDense:
         self.dynamic: Any = None  # a session whose batch dimension is free
         self.files: list[Path] = []
 
-    def export(self, inputs: Inputs, tag: str, dynamic: bool) -> tuple[Any, list[Path]]:
+    def export(self, inputs: ExampleInputs, tag: str, dynamic: bool) -> tuple[Any, list[Path]]:
         import onnxruntime as ort
 
         from ticketc.compile.program import export_program
@@ -104,7 +98,7 @@ class OnnxDense:
         files = sorted(p for p in self.workdir.iterdir() if p.name.startswith(path.name))
         return session, files
 
-    def prepare(self, inputs: Inputs) -> Prepared:
+    def prepare(self, inputs: ExampleInputs) -> Prepared:
         """A callable running onnxruntime on `inputs` (raises NotRunnable with the reason)."""
         try:
             if self.dynamic is None:
@@ -115,7 +109,7 @@ class OnnxDense:
         except NotRunnable:
             raise
         except Exception as e:  # noqa: BLE001 - torch.onnx and onnxruntime raise many types
-            raise NotRunnable(f"dense ONNX export failed: {first_line(e)}") from e
+            raise NotRunnable(f"dense ONNX export failed: {first_line(e, 200)}") from e
         names = [i.name for i in session.get_inputs()]
         tensors = [t for _, t in ordered_tensors(self.model, inputs)]
         if len(names) != len(tensors):
@@ -126,7 +120,7 @@ class OnnxDense:
         return Prepared(lambda: session.run(None, feed), "dense export, CPUExecutionProvider")
 
 
-def _accepts(session: Any, inputs: Inputs, model: nn.Module) -> bool:
+def _accepts(session: Any, inputs: ExampleInputs, model: nn.Module) -> bool:
     tensors = [t for _, t in ordered_tensors(model, inputs)]
     specs = session.get_inputs()
     if len(specs) != len(tensors):

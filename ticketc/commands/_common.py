@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 
 from ticketc.errors import UserError, first_line
 from ticketc.inputs import (
+    INPUT_FORM,
     ExampleInputs,
-    example_inputs,
+    InputSpec,
+    check_input_names,
     from_graph_module,
     infer_example,
-    parse_input_spec,
+    inputs_from_specs,
     parse_shape,
 )
 from ticketc.load import LoadedModel, load_model, load_sample
@@ -78,8 +82,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") ->
         "--input",
         metavar="NAME:DTYPE:SHAPE",
         action="append",
-        help="a model input, e.g. input_ids:int64:1,128 (repeat for several; NAME and DTYPE "
-        "may be left out: float32, positional). Batch and sequence axes are exported dynamic",
+        help=f"a model input, {INPUT_FORM}; repeat for several. Integer inputs take values "
+        "in LOW-HIGH, by default token ids below the smallest embedding's size (all ones for "
+        "*mask* inputs). Dim 0 is the batch. Batch and sequence axes are exported dynamic",
     )
     parser.add_argument(
         "--input-shape", metavar="N,C,H,W", help="the shape of a single float input (as --input)"
@@ -91,14 +96,37 @@ def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") ->
     )
 
 
+def reading_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments the reading flags (`add_reading_arguments`) stand for, as
+    load_model, inspect_file and pack take them: arch, trust_pickle, mask_path and, where the
+    command has the flag, trust_remote_code."""
+    options = {"arch": args.arch, "trust_pickle": args.trust_pickle, "mask_path": args.mask}
+    if hasattr(args, "trust_remote_code"):
+        options["trust_remote_code"] = args.trust_remote_code
+    return options
+
+
 def load_from_args(args: argparse.Namespace, path: str | None = None) -> LoadedModel:
-    return load_model(
-        path or args.model,
-        arch=args.arch,
-        trust_pickle=args.trust_pickle,
-        mask_path=args.mask,
-        trust_remote_code=args.trust_remote_code,
-    )
+    return load_model(path or args.model, **reading_options(args))
+
+
+def print_result(result: Any, as_json: bool, show: Callable[[Any], None]) -> int:
+    """Print `result.to_json()` as JSON (--json) or `show(result)` for a person; returns 0, the
+    command's exit code."""
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        show(result)
+    return 0
+
+
+def input_specs(args: argparse.Namespace) -> list[InputSpec]:
+    """The --input specs (`InputSpec.parse`); UserError on one that does not parse or when
+    --input-shape is given as well."""
+    specs = [InputSpec.parse(text) for text in (getattr(args, "input", None) or [])]
+    if specs and args.input_shape:
+        raise UserError("give the inputs either with --input or with --input-shape, not both")
+    return specs
 
 
 def inputs_from_args(
@@ -108,11 +136,10 @@ def inputs_from_args(
     --sample, else what the model file tells, else the model's first layer (Linear,
     Embedding). UserError when none of these gives it."""
     sample = ExampleInputs.of(load_sample(args.sample)) if args.sample else None
-    specs = [parse_input_spec(text) for text in (getattr(args, "input", None) or [])]
-    if specs and args.input_shape:
-        raise UserError("pass either --input or --input-shape, not both")
+    specs = input_specs(args)
     if specs:
-        return example_inputs(specs, loaded.model), sample
+        check_input_names(loaded.model, specs)
+        return inputs_from_specs(specs, loaded.model), sample
     if args.input_shape:
         shaped = ExampleInputs((torch.zeros(parse_shape(args.input_shape)),))
         check_runs(loaded.model, shaped, f"--input-shape {args.input_shape}")
@@ -141,11 +168,18 @@ def inputs_from_args(
 
 def example_and_sample(
     args: argparse.Namespace, loaded: LoadedModel
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first input of `inputs_from_args` and of the sample, as single tensors."""
+) -> tuple[ExampleInputs, ExampleInputs | None]:
+    """The inputs compile and bench run the model on: every --input as given; without
+    --input, the first tensor of `inputs_from_args`' example and sample, positional (a
+    transformers model: its input_ids)."""
     example, sample = inputs_from_args(args, loaded)
-    first = example.tensors()[0]
-    return first, sample.tensors()[0] if sample is not None else None
+    if getattr(args, "input", None):
+        return example, sample
+
+    def first(inputs: ExampleInputs) -> ExampleInputs:
+        return ExampleInputs(tuple(inputs.tensors()[:1]))
+
+    return first(example), first(sample) if sample is not None else None
 
 
 @torch.no_grad()
@@ -156,7 +190,8 @@ def check_runs(model: torch.nn.Module, example: ExampleInputs, given: str) -> No
         example(model)
     except Exception as e:  # noqa: BLE001 - the model's own code raises anything
         raise UserError(
-            f"the model does not run on {given} ({example.describe()}): {first_line(e, 200)}"
+            f"the model does not run on the given inputs, {given} ({example.describe()}): "
+            f"{first_line(e, 200)}"
         ) from e
 
 

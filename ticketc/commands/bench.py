@@ -10,26 +10,37 @@ from pathlib import Path
 
 import torch
 
-from ticketc.commands._common import add_model_arguments, console, load_from_args
+from ticketc.bench.config import BenchConfig
+from ticketc.commands._common import (
+    add_model_arguments,
+    check_runs,
+    console,
+    example_and_sample,
+    input_specs,
+    load_from_args,
+)
 from ticketc.errors import UserError
 
 NAME = "bench"
 HELP = "time a pruned model in torch dense, ticketc, onnxruntime and torch CSR; sizes on disk"
+_DEFAULTS = BenchConfig()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    # --input NAME:DTYPE:SHAPE comes from add_model_arguments; bench also takes a value range
-    # for token ids: --input input_ids:int64:1x128:0-999 (dim 0 is the batch)
+    add_model_arguments(parser)  # with --input NAME:DTYPE:SHAPE[:LOW-HIGH]; dim 0 is the batch
+    batch_sizes = ",".join(str(b) for b in _DEFAULTS.batch_sizes)
     parser.add_argument(
-        "--batch-sizes", default="1,16,64,256", help="comma-separated (default: 1,16,64,256)"
+        "--batch-sizes", default=batch_sizes, help=f"comma-separated (default: {batch_sizes})"
     )
     parser.add_argument(
         "--threads", type=int, help="torch and onnxruntime threads (default: torch's setting)"
     )
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default=_DEFAULTS.device, choices=["cpu", "cuda"])
     parser.add_argument(
-        "--budget", type=float, default=2.0, help="seconds of timed rounds per batch size"
+        "--budget",
+        type=float,
+        default=_DEFAULTS.budget_s,
+        help=f"seconds of timed rounds per batch size (default: {_DEFAULTS.budget_s:g})",
     )
     parser.add_argument("--no-sizes", action="store_true", help="skip the size exports")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -50,9 +61,8 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ticketc.bench import BenchConfig, bench_model
+    from ticketc.bench import bench_model
     from ticketc.bench.report import print_report, write
-    from ticketc.compile.inputs import Inputs, InputSpec, inputs_from_specs
 
     sizes = _batch_sizes(args.batch_sizes)
     if args.threads is not None and args.threads < 1:
@@ -61,12 +71,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--budget {args.budget}: must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    try:
-        specs = [InputSpec.parse(s) for s in args.input or []]
-    except ValueError as e:
-        raise UserError(str(e)) from e
-    if specs and (args.input_shape or args.sample):
-        raise UserError("give the inputs either with --input or with --input-shape/--sample")
+    specs = input_specs(args)
+    if specs and args.sample:
+        raise UserError("give the inputs either with --input or with --sample, not both")
     out = Path(args.output) if args.output else Path(args.model).with_suffix(".bench")
     if out.exists() and not out.is_dir():
         raise UserError(f"-o {out}: exists and is not a directory")
@@ -76,17 +83,9 @@ def run(args: argparse.Namespace) -> int:
             f"{args.model} is a ticketc-compiled program, so it has no dense baseline: "
             "bench the model it was compiled from"
         )
-    if specs:
-        try:
-            example = inputs_from_specs(specs, loaded.model)
-        except ValueError as e:
-            raise UserError(str(e)) from e
-    else:
-        from ticketc.commands._common import example_and_sample
-
-        tensor, _ = example_and_sample(args, loaded)
-        example = Inputs.of(tensor)
-    _check_runs(loaded.model, example, args.model)
+    example, _ = example_and_sample(args, loaded)  # a --sample is the example here
+    given = " ".join(f"--input {text}" for text in args.input or []) or "its example inputs"
+    check_runs(loaded.model, example, given)  # a runtime that fails later is a cell, not an error
     config = BenchConfig(
         batch_sizes=sizes,
         threads=args.threads,
@@ -110,19 +109,3 @@ def _calls_ticketc_ops(model: torch.nn.Module) -> bool:
     graph = getattr(model, "graph", None)
     nodes = getattr(graph, "nodes", [])
     return any(str(getattr(n, "target", "")).startswith("ticketc.") for n in nodes)
-
-
-def _check_runs(model: torch.nn.Module, example: object, name: str) -> None:
-    """The model must run on the inputs as given: a wrong input is the user's error."""
-    from ticketc.compile.inputs import Inputs
-
-    assert isinstance(example, Inputs)
-    try:
-        with torch.no_grad():
-            example(model)
-    except Exception as e:  # noqa: BLE001 - any failure here means the inputs do not fit
-        text = str(e).strip().splitlines()
-        raise UserError(
-            f"{name} does not run on the given inputs ({type(e).__name__}: "
-            f"{text[0][:200] if text else ''}); check --input / --input-shape"
-        ) from e

@@ -86,9 +86,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--plan {args.plan}: no such file")
     out = _output_path(args)
     loaded = load_from_args(args)
-    # The example input: --input-shape, --sample or the model file's own. (A typed spec of
-    # several inputs, `--input name:dtype:shape`, plugs in here: example_and_sample returns a
-    # tensor today; compile, the check and export_program already take a tuple or a dict.)
+    # The example: every --input (positional or keyword), else one tensor from --input-shape,
+    # --sample or the model file; compile, the check and export_program take them all.
     example, sample = example_and_sample(args, loaded)
     if not any(isinstance(m, SPARSE_LAYERS) for m in loaded.model.modules()):
         raise UserError(
@@ -144,9 +143,10 @@ def _max_error(
 ) -> tuple[float, float]:
     """(max absolute, max relative) |compiled - masked model| on the sample, a check the user
     can read. Floating-point inputs go to each model's dtype; token ids and masks stay."""
-    from ticketc.compile.inputs import Inputs, output_error
+    from ticketc.compile.check import output_error
+    from ticketc.inputs import ExampleInputs
 
-    inputs = Inputs.of(example)
+    inputs = ExampleInputs.of(example)
     dtype = next((p.dtype for p in dense.parameters() if p.is_floating_point()), None)
     with torch.no_grad():
         ref = inputs.to(dtype=dtype)(dense)  # load_model already put it in eval mode

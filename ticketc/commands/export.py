@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ticketc.commands._common import (
@@ -11,6 +10,7 @@ from ticketc.commands._common import (
     build_config,
     inputs_from_args,
     load_from_args,
+    print_result,
 )
 from ticketc.commands._common import console as console_
 from ticketc.errors import UserError
@@ -124,12 +124,7 @@ def run(args: argparse.Namespace) -> int:
             loaded.model, example, out, config, sample=sample, source=args.model
         )
         result.notes[:0] = loaded.notes
-
-    if args.json:
-        print(json.dumps(result.to_json(), indent=2))
-    else:
-        print_summary(result)
-    return 0
+    return print_result(result, args.json, print_summary)
 
 
 def _export_onnx(args: argparse.Namespace, config: ExportConfig) -> ExportResult:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from ticketc.commands._common import add_reading_arguments, console
+from ticketc.commands._common import add_reading_arguments, console, print_result, reading_options
 from ticketc.inspect import BLOCK_SIZES, Inspection, inspect_file
 
 NAME = "inspect"
@@ -21,14 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = inspect_file(
-        args.file, arch=args.arch, trust_pickle=args.trust_pickle, mask_path=args.mask
-    )
-    if args.json:
-        print(json.dumps(result.to_json(), indent=2))
-    else:
-        print_table(result)
-    return 0
+    return print_result(inspect_file(args.file, **reading_options(args)), args.json, print_table)
 
 
 def print_table(result: Inspection) -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ticketc.commands._common import add_reading_arguments, build_config
+from ticketc.commands._common import (
+    add_reading_arguments,
+    build_config,
+    print_result,
+    reading_options,
+)
 from ticketc.commands._common import console as console_
 from ticketc.pack import VALUES, PackConfig, PackResult, pack
 
@@ -60,20 +64,8 @@ def run(args: argparse.Namespace) -> int:
         keep_zero_signs=args.keep_zero_signs,
     )
     out = Path(args.output) if args.output else default_output(args.model)
-    result = pack(
-        args.model,
-        out,
-        config,
-        arch=args.arch,
-        trust_pickle=args.trust_pickle,
-        mask_path=args.mask,
-        trust_remote_code=args.trust_remote_code,
-    )
-    if args.json:
-        print(json.dumps(result.to_json(), indent=2))
-    else:
-        print_summary(result)
-    return 0
+    result = pack(args.model, out, config, **reading_options(args))
+    return print_result(result, args.json, print_summary)
 
 
 def print_summary(result: PackResult) -> None:

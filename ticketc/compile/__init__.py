@@ -5,27 +5,20 @@
 
 from __future__ import annotations
 
-from ticketc.compile.chain import CsrSequential
+from ticketc.compile.chain import CsrSequential, chain_csr, fuse_relu_
 from ticketc.compile.config import CompileConfig
-from ticketc.compile.inputs import Inputs
-from ticketc.compile.lower import (
-    apply_plan,
-    chain_csr,
-    compile_model,
-    compile_with_plan,
-    fuse_relu_,
-    plan_of,
-)
+from ticketc.compile.lower import apply_plan, compile_model, compile_with_plan, plan_of
 from ticketc.compile.modules import SparseConv, SparseLinear, sparse_module
 from ticketc.compile.plan import ChainPlan, LayerPlan, Plan, plan_rows, read_plan
 from ticketc.compile.planner import make_plan
 from ticketc.compile.program import export_program, load_program, plan_file_for, save_compiled
+from ticketc.inputs import ExampleInputs
 
 __all__ = [
     "ChainPlan",
     "CompileConfig",
     "CsrSequential",
-    "Inputs",
+    "ExampleInputs",
     "LayerPlan",
     "Plan",
     "SparseConv",

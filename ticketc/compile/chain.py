@@ -1,14 +1,18 @@
-"""Runs of consecutive csr SparseLinear layers executed as one kernel call (`CsrSequential`)."""
+"""Runs of consecutive csr SparseLinear layers executed as one kernel call (`CsrSequential`),
+and the two rewrites that set them up: `fuse_relu_` (a ReLU after a sparse layer moves into it)
+and `chain_csr` (a Sequential with such a run becomes a CsrSequential). Used by `lower` when it
+applies a plan and by `planner` when it times a chain against its layers."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 import ticketc.ops as ops  # registers torch.ops.ticketc.*
-from ticketc.compile.modules import _CSR, SparseLinear
+from ticketc.compile.modules import _CSR, SparseConv, SparseLinear
 from ticketc.compile.prepared import eager_cpu_fp32, prepared_kernel
 
 
@@ -25,7 +29,8 @@ class CsrSequential(nn.Sequential):
     called as modules: their forward hooks do not fire there.
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # nn.Sequential's name: callers may pass it
+        x = input
         steps = self.__dict__.get("_steps")
         if steps is None:
             steps = self.__dict__["_steps"] = _steps(list(self._modules.values()))
@@ -109,3 +114,53 @@ def _steps(children: list[nn.Module]) -> list[Any]:
 
 def is_csr_linear(module: nn.Module) -> bool:
     return type(module) is SparseLinear and module.layout == "csr"
+
+
+def fuse_relu_(model: nn.Module) -> None:
+    """In every nn.Sequential, a ReLU right after a SparseLinear / SparseConv moves into it: the
+    CPU kernels apply it to each output row while the row is in cache. The ReLU leaves the
+    Sequential (the other children keep their names, so state dict keys and plan names do not
+    change): one module call and one pass over the activations fewer per layer."""
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        fused = []
+        for (_, layer), (name, act) in zip(children, children[1:], strict=False):
+            if (
+                isinstance(layer, SparseLinear | SparseConv)
+                and type(act) is nn.ReLU
+                and not layer.relu
+            ):
+                layer.relu = True
+                fused.append(name)
+        for name in fused:
+            delattr(seq, name)
+
+
+def chain_csr(model: nn.Module) -> nn.Module:
+    """Every nn.Sequential holding two csr SparseLinear layers in a row is replaced by a
+    CsrSequential with the same children, names and hooks, which runs such runs as one kernel
+    call. Returns the model (the new root if the root itself was such a Sequential)."""
+    swaps: list[tuple[str, nn.Sequential]] = []
+    for name, seq in model.named_modules():
+        if type(seq) is not nn.Sequential:
+            continue
+        children = list(seq.children())
+        pairs = zip(children, children[1:], strict=False)
+        if any(is_csr_linear(a) and is_csr_linear(b) for a, b in pairs):
+            swaps.append((name, seq))
+    for name, seq in swaps:
+        new = CsrSequential(OrderedDict(seq.named_children()))
+        new.train(seq.training)
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+            getattr(new, hooks).update(getattr(seq, hooks))
+        for key, value in vars(seq).items():  # plain attributes the user set
+            if not key.startswith("_") and key != "training":
+                setattr(new, key, value)
+        if not name:
+            model = new
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model

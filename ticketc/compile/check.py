@@ -15,6 +15,9 @@ the planned batch size: outputs must agree, and it must be faster, or layers go 
    model with hooks, dense and compiled; units not faster go back to dense (or, when every
    unit looks faster, the half with the least gain), and 3-4 repeat. After MAX_ROUNDS the model
    is all dense: the very modules of the dense model, never slower than it.
+
+`output_error` (max absolute and relative difference of two outputs of any structure) is the
+comparison the check, `ticketc compile` and `ticketc bench` use.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch import nn
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
 
 from ticketc.compile.chain import CsrSequential
 from ticketc.compile.config import CompileConfig
-from ticketc.compile.inputs import Inputs, output_error
 from ticketc.compile.measure import (
     Timing,
     TimingConfig,
@@ -42,6 +45,7 @@ from ticketc.compile.measure import (
 )
 from ticketc.compile.modules import SparseConv, SparseLinear
 from ticketc.compile.plan import Plan
+from ticketc.inputs import ExampleInputs
 
 MAX_ROUNDS = 4  # fallback rounds before the model is made all dense
 # A compiled model measured faster than dense by less than this is measured again (the lower
@@ -56,7 +60,7 @@ ApplyPlan = Callable[[nn.Module, Plan], nn.Module]
 def check_speed(
     dense: nn.Module,
     plans: list[Plan],
-    inputs: Inputs,
+    inputs: ExampleInputs,
     config: CompileConfig,
     lower: ApplyPlan,
 ) -> tuple[nn.Module, Plan]:
@@ -145,14 +149,14 @@ def _checked(reference: Any, got: Any, tolerance: float) -> tuple[float, float]:
 
 
 def _time(
-    variants: dict[str, nn.Module], inputs: Inputs, timing: TimingConfig
+    variants: dict[str, nn.Module], inputs: ExampleInputs, timing: TimingConfig
 ) -> dict[str, Timing]:
     """Each model's calls on the inputs, timed in interleaved rounds."""
     calls = {name: partial(inputs, m) for name, m in variants.items()}
     return time_interleaved(calls, timing)
 
 
-def _weight_reads(dense: nn.Module, plan: Plan, inputs: Inputs, lower: ApplyPlan) -> Plan:
+def _weight_reads(dense: nn.Module, plan: Plan, inputs: ExampleInputs, lower: ApplyPlan) -> Plan:
     """The plan with every sparse layer whose weight the model read in one call made dense."""
     if not plan.sparse_layers:
         return plan
@@ -186,7 +190,7 @@ def _fall_back(
     dense: nn.Module,
     compiled: nn.Module,
     plan: Plan,
-    inputs: Inputs,
+    inputs: ExampleInputs,
     timing: TimingConfig,
     history: list[dict[str, Any]],
 ) -> Plan:
@@ -214,7 +218,7 @@ def _fall_back(
 
 
 def _unit_times(
-    model: nn.Module, names: list[str], inputs: Inputs, rounds: int
+    model: nn.Module, names: list[str], inputs: ExampleInputs, rounds: int
 ) -> dict[str, float]:
     """Median seconds spent in each named submodule per call of the model (hooks)."""
     spent: dict[str, list[float]] = {name: [] for name in names}
@@ -252,3 +256,31 @@ def _with_dense(plan: Plan, names: set[str], reason: str) -> Plan:
 
 def _all_dense(plan: Plan, reason: str) -> Plan:
     return _with_dense(plan, set(plan.sparse_layers), f"kept dense: {reason}")
+
+
+def output_error(reference: Any, got: Any) -> tuple[float, float]:
+    """(max absolute, max relative) difference between two model outputs of the same
+    structure (tensors, tuples, dicts, transformers ModelOutput). Relative: per tensor, the
+    largest |difference| over the largest |reference| value. Raises ValueError when the
+    structures or shapes differ or integer outputs are not equal."""
+    ref_leaves, ref_spec = pytree.tree_flatten(reference)
+    got_leaves, got_spec = pytree.tree_flatten(got)
+    if len(ref_leaves) != len(got_leaves):
+        raise ValueError(f"outputs differ in structure: {ref_spec} vs {got_spec}")
+    worst_abs = worst_rel = 0.0
+    for r, g in zip(ref_leaves, got_leaves, strict=True):
+        if not isinstance(r, Tensor):
+            continue
+        if not isinstance(g, Tensor) or tuple(r.shape) != tuple(g.shape):
+            raise ValueError(f"outputs differ: {tuple(r.shape)} vs {getattr(g, 'shape', g)}")
+        if not r.is_floating_point():
+            if not torch.equal(r.cpu(), g.cpu()):
+                raise ValueError("integer outputs differ")
+            continue
+        if r.numel() == 0:
+            continue
+        diff = float((g.detach().double().cpu() - r.detach().double().cpu()).abs().max())
+        scale = float(r.detach().double().abs().max())
+        worst_abs = max(worst_abs, diff)
+        worst_rel = max(worst_rel, diff / scale if scale > 0 else diff)
+    return worst_abs, worst_rel

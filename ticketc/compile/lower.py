@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections import OrderedDict
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ticketc.compile.chain import CsrSequential, is_csr_linear
+from ticketc.compile.chain import chain_csr, fuse_relu_
 from ticketc.compile.check import check_speed
 from ticketc.compile.config import CompileConfig
-from ticketc.compile.inputs import Example, Inputs
-from ticketc.compile.modules import SparseConv, SparseLinear
 from ticketc.compile.modules import sparse_module as _sparse_module
 from ticketc.compile.plan import Plan
 from ticketc.compile.planner import make_plan
+from ticketc.inputs import Example, ExampleInputs
 from ticketc.masks import apply_masks_, copy_pruned, strip_pruning_
 from ticketc.transforms.dead_units import eliminate_dead_units
 
@@ -69,7 +67,7 @@ def compile_with_plan(
     """
     config = config or CompileConfig()
     module, masks, example = _unpack(model, masks, example_input)
-    inputs = None if example is None else Inputs.of(example)
+    inputs = None if example is None else ExampleInputs.of(example)
     if config.batch_size is None:
         config = replace(config, batch_size=(inputs.batch if inputs is not None else None) or 1)
     module = copy_pruned(module)
@@ -114,56 +112,6 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         setattr(owner, attr, _sparse_module(getattr(owner, attr), lp.format, device=device))
     fuse_relu_(model)
     return chain_csr(model)
-
-
-def fuse_relu_(model: nn.Module) -> None:
-    """In every nn.Sequential, a ReLU right after a SparseLinear / SparseConv moves into it: the
-    CPU kernels apply it to each output row while the row is in cache. The ReLU leaves the
-    Sequential (the other children keep their names, so state dict keys and plan names do not
-    change): one module call and one pass over the activations fewer per layer."""
-    for seq in model.modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        children = list(seq.named_children())
-        fused = []
-        for (_, layer), (name, act) in zip(children, children[1:], strict=False):
-            if (
-                isinstance(layer, SparseLinear | SparseConv)
-                and type(act) is nn.ReLU
-                and not layer.relu
-            ):
-                layer.relu = True
-                fused.append(name)
-        for name in fused:
-            delattr(seq, name)
-
-
-def chain_csr(model: nn.Module) -> nn.Module:
-    """Every nn.Sequential holding two csr SparseLinear layers in a row is replaced by a
-    CsrSequential with the same children, names and hooks, which runs such runs as one kernel
-    call. Returns the model (the new root if the root itself was such a Sequential)."""
-    swaps: list[tuple[str, nn.Sequential]] = []
-    for name, seq in model.named_modules():
-        if type(seq) is not nn.Sequential:
-            continue
-        children = list(seq.children())
-        pairs = zip(children, children[1:], strict=False)
-        if any(is_csr_linear(a) and is_csr_linear(b) for a, b in pairs):
-            swaps.append((name, seq))
-    for name, seq in swaps:
-        new = CsrSequential(OrderedDict(seq.named_children()))
-        new.train(seq.training)
-        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
-            getattr(new, hooks).update(getattr(seq, hooks))
-        for key, value in vars(seq).items():  # plain attributes the user set
-            if not key.startswith("_") and key != "training":
-                setattr(new, key, value)
-        if not name:
-            model = new
-            continue
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
-    return model
 
 
 def plan_of(model: nn.Module) -> Plan | None:

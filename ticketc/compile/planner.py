@@ -17,12 +17,13 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from ticketc.compile.chain import chain_csr, fuse_relu_
 from ticketc.compile.config import CompileConfig
 from ticketc.compile.costs import ConvShape, CostModel, Gemm, device_costs, gemm_stats
-from ticketc.compile.inputs import Inputs
 from ticketc.compile.measure import TimingConfig, time_interleaved
 from ticketc.compile.modules import _pads, is_conv1d, linear_weight, replaceable, sparse_module
 from ticketc.compile.plan import ChainPlan, LayerPlan, Plan, apply_overrides, read_plan
+from ticketc.inputs import ExampleInputs
 from ticketc.transforms.layers import SPARSE_LAYERS, SparseLayer
 
 FILTERED = "kept dense by filter_fn"
@@ -31,7 +32,7 @@ OVERRIDES_FORWARD = "kept dense: its class overrides forward"
 
 def make_plan(
     model: nn.Module,
-    inputs: Inputs | None,
+    inputs: ExampleInputs | None,
     config: CompileConfig,
     *,
     dead_units: dict | None = None,
@@ -256,8 +257,6 @@ def _time_run(
             children.append(layer if fmt == "dense" else sparse_module(layer, fmt, device=device))
             if relu:
                 children.append(nn.ReLU())
-        from ticketc.compile.lower import chain_csr, fuse_relu_
-
         seq = nn.Sequential(*children)
         fuse_relu_(seq)
         return chain_csr(seq)
@@ -305,7 +304,7 @@ def _on(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module
     return copy.deepcopy(layer).to(device=device, dtype=dtype).eval()
 
 
-def trace_shapes(model: nn.Module, inputs: Inputs | None) -> dict[str, tuple]:
+def trace_shapes(model: nn.Module, inputs: ExampleInputs | None) -> dict[str, tuple]:
     """Module name -> (input shape, output shape) of each layer, from one call on the inputs.
 
     Runs on a single sample where the model allows (only per-sample dims are used)."""

@@ -20,15 +20,15 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ticketc.atomic import atomic_path
-from ticketc.compile.inputs import Example, Inputs
 from ticketc.compile.plan import ARCHIVE_NAME, Plan
+from ticketc.inputs import Example, ExampleInputs
 
 
 def export_program(model: nn.Module, example_input: Example) -> torch.export.ExportedProgram:
     """torch.export the compiled model on its example input (a tensor, a tuple of positional
     arguments or a dict of keyword arguments), with a dynamic batch dimension where it traces
     (dim 0 of every input tensor with the example's batch size), else a static one."""
-    inputs = Inputs.of(example_input)
+    inputs = ExampleInputs.of(example_input)
     param = next(model.buffers(), None)
     dtype = next((p.dtype for p in model.parameters()), None)
     if dtype is None:
@@ -69,7 +69,7 @@ def _needs_plain(out: object) -> bool:
     return False
 
 
-def _with_plain_outputs(model: nn.Module, inputs: Inputs) -> nn.Module:
+def _with_plain_outputs(model: nn.Module, inputs: ExampleInputs) -> nn.Module:
     """`model`, or a wrapper whose outputs are plain dicts where the model returns another
     mapping: a .pt2 can only be loaded where its output types are registered for pytree
     deserialisation, and transformers' ModelOutput classes are not (the program then failed to
