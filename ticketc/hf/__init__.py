@@ -27,7 +27,7 @@ from ticketc.hf.checkpoint import HFCheckpoint, is_hf_directory, open_checkpoint
 from ticketc.hf.inputs import (
     BATCH,
     SEQUENCE,
-    InputSpec,
+    HfInput,
     default_input_specs,
     example_inputs,
     sample_inputs,
@@ -41,7 +41,7 @@ __all__ = [
     "SEQUENCE",
     "HFCheckpoint",
     "HFModel",
-    "InputSpec",
+    "HfInput",
     "default_input_specs",
     "example_inputs",
     "is_hf_directory",
@@ -56,7 +56,7 @@ __all__ = [
 @dataclass
 class HFModel:
     model: nn.Module  # eval mode
-    input_specs: list[InputSpec]  # default inputs (ticketc.hf.inputs); [] when none is known
+    input_specs: list[HfInput]  # default inputs (ticketc.hf.inputs); [] when none is known
     checkpoint: HFCheckpoint
     notes: list[str] = field(default_factory=list)
 

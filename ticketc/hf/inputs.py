@@ -31,7 +31,7 @@ from ticketc.errors import UserError
 __all__ = [
     "BATCH",
     "SEQUENCE",
-    "InputSpec",
+    "HfInput",
     "default_input_specs",
     "example_inputs",
     "sample_inputs",
@@ -44,7 +44,7 @@ _EXAMPLE_SEQUENCE = 16
 
 
 @dataclass(frozen=True)
-class InputSpec:
+class HfInput:
     """One named model input: example shape, dtype, and which axes may vary.
 
     `dtype`: a torch dtype name ("int64", "float32"). `dynamic_axes`: axis -> symbolic name
@@ -60,9 +60,9 @@ class InputSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
-            raise ValueError(f"InputSpec {self.name!r}: {self.dtype!r} is not a torch dtype")
+            raise ValueError(f"HfInput {self.name!r}: {self.dtype!r} is not a torch dtype")
         if any(int(s) <= 0 for s in self.shape):
-            raise ValueError(f"InputSpec {self.name!r}: shape {self.shape} must be positive")
+            raise ValueError(f"HfInput {self.name!r}: shape {self.shape} must be positive")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -87,13 +87,13 @@ class InputSpec:
         }
 
 
-def example_inputs(specs: list[InputSpec], seed: int = 0) -> dict[str, torch.Tensor]:
+def example_inputs(specs: list[HfInput], seed: int = 0) -> dict[str, torch.Tensor]:
     """One example tensor per spec (deterministic for a seed), keyed by input name."""
     generator = torch.Generator().manual_seed(seed)
     return {spec.name: spec.example(generator) for spec in specs}
 
 
-def sample_inputs(specs: list[InputSpec], seed: int = 1) -> dict[str, torch.Tensor]:
+def sample_inputs(specs: list[HfInput], seed: int = 1) -> dict[str, torch.Tensor]:
     """Inputs to verify an export on: other sizes than the example on every dynamic axis
     (batch 3, other axes about 2/3 of the example's) and, in integer inputs that are all ones
     (attention masks), the last two positions of the first row masked out as padding."""
@@ -133,7 +133,7 @@ def _takes(model: torch.nn.Module, argument: str) -> bool:
         return False
 
 
-def default_input_specs(model: torch.nn.Module) -> list[InputSpec]:
+def default_input_specs(model: torch.nn.Module) -> list[HfInput]:
     """The inputs a transformers `model` is traced with by default; see the module table.
 
     Raises UserError when the model's main input is not one the table knows (pass the inputs
@@ -146,7 +146,7 @@ def default_input_specs(model: torch.nn.Module) -> list[InputSpec]:
     model_type = getattr(config, "model_type", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     batch = {0: BATCH}
-    specs: list[InputSpec]
+    specs: list[HfInput]
     if main == "input_ids":
         positions = _get(text, "max_position_embeddings", "n_positions", "n_ctx")
         length = min(_EXAMPLE_SEQUENCE, int(positions)) if positions else _EXAMPLE_SEQUENCE
@@ -154,9 +154,9 @@ def default_input_specs(model: torch.nn.Module) -> list[InputSpec]:
         if vocab is None:
             raise UserError(f"{model_type} config has no vocab_size to draw token ids from")
         axes = {0: BATCH, 1: SEQUENCE}
-        specs = [InputSpec("input_ids", "int64", (_EXAMPLE_BATCH, length), axes, int(vocab))]
+        specs = [HfInput("input_ids", "int64", (_EXAMPLE_BATCH, length), axes, int(vocab))]
         if _takes(model, "attention_mask"):
-            specs.append(InputSpec("attention_mask", "int64", (_EXAMPLE_BATCH, length), axes))
+            specs.append(HfInput("attention_mask", "int64", (_EXAMPLE_BATCH, length), axes))
     elif main == "pixel_values":
         size = _get(config, "image_size")
         channels = _get(config, "num_channels") or 3
@@ -164,14 +164,14 @@ def default_input_specs(model: torch.nn.Module) -> list[InputSpec]:
             raise UserError(f"{model_type} config has no image_size for pixel_values")
         h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         pixels = (_EXAMPLE_BATCH, int(channels), h, w)
-        specs = [InputSpec("pixel_values", _float_dtype(model), pixels, batch)]
+        specs = [HfInput("pixel_values", _float_dtype(model), pixels, batch)]
     elif main == "input_features" and model_type == "whisper":
         frames = 2 * int(config.max_source_positions)  # the conv stem halves the frames
         features = (_EXAMPLE_BATCH, int(config.num_mel_bins), frames)
-        specs = [InputSpec("input_features", _float_dtype(model), features, batch)]
+        specs = [HfInput("input_features", _float_dtype(model), features, batch)]
     elif main == "input_values":
         axes = {0: BATCH, 1: "samples"}
-        specs = [InputSpec("input_values", _float_dtype(model), (_EXAMPLE_BATCH, 4000), axes)]
+        specs = [HfInput("input_values", _float_dtype(model), (_EXAMPLE_BATCH, 4000), axes)]
     else:
         raise UserError(
             f"no default inputs for model_type {model_type!r} (main input {main!r}); "
@@ -180,5 +180,5 @@ def default_input_specs(model: torch.nn.Module) -> list[InputSpec]:
     if getattr(config, "is_encoder_decoder", False) and _takes(model, "decoder_input_ids"):
         vocab = _get(text, "vocab_size") or 2
         axes = {0: BATCH, 1: "decoder_sequence"}
-        specs.append(InputSpec("decoder_input_ids", "int64", (_EXAMPLE_BATCH, 4), axes, int(vocab)))
+        specs.append(HfInput("decoder_input_ids", "int64", (_EXAMPLE_BATCH, 4), axes, int(vocab)))
     return specs
