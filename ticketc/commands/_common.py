@@ -15,12 +15,12 @@ from ticketc.inputs import (
     ExampleInputs,
     InputSpec,
     check_input_names,
-    from_graph_module,
     infer_example,
     inputs_from_specs,
     parse_shape,
 )
 from ticketc.load import LoadedModel, load_model, load_sample
+from ticketc.program_inputs import from_graph_module
 
 T = TypeVar("T")
 

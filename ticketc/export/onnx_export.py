@@ -35,9 +35,10 @@ from ticketc.export.config import (
 )
 from ticketc.export.trace import torch_to_onnx
 from ticketc.export.write import ir_numpy, read_metadata, write_onnx
-from ticketc.inputs import ExampleInputs, fixed_batch, float_dtype
+from ticketc.inputs import ExampleInputs, float_dtype
 from ticketc.load import set_eval_
 from ticketc.masks import Masks, masked_model
+from ticketc.program_inputs import fixed_batch
 from ticketc.verify import (
     RuntimeUnsupported,
     Verification,
