@@ -32,7 +32,7 @@ from ticketc.export.storage import (
     tensor_record,
 )
 from ticketc.export.trace import drop_data_, quiet, slim_
-from ticketc.formats.compact import value_kind_of
+from ticketc.formats.compact_values import value_kind_of
 from ticketc.verify import Verification
 
 
