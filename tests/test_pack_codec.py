@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ticketc.errors import UserError
-from ticketc.formats.compact import mask_entropy_bits
+from ticketc.formats.compact_positions import mask_entropy_bits
 from ticketc.pack.codec import decode, encode, value_error_bound
 from ticketc.pack.nm import NMPositions, detect_nm, parse_layout
 from ticketc.pack.pattern import sparsity_pattern

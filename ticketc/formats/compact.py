@@ -55,6 +55,7 @@ from ticketc.formats.compact_positions import (
     check_positions,
     decode_positions,
     encode_positions,
+    mask_entropy_bits,
     positions_nbytes,
 )
 from ticketc.formats.compact_values import (
@@ -71,8 +72,8 @@ from ticketc.formats.compact_values import (
     values_nbytes,
 )
 
-# The value-kind tables live in compact_values; the ones callers name as part of the codec's
-# vocabulary (ticketc.export.storage, ticketc.export.portable) are importable from here too.
+# The kind tables live in compact_values / compact_positions; those the exporter names as
+# the codec's vocabulary (ticketc.export.storage, portable) are importable from here too.
 __all__ = [
     "CODEBOOK_SIZE",
     "FLOAT_KINDS",
@@ -85,16 +86,6 @@ __all__ = [
     "mask_entropy_bits",
     "value_kind_of",
 ]
-
-
-def mask_entropy_bits(numel: int, nnz: int) -> float:
-    """numel * H(nnz / numel): the fewest bits any code can spend on a random mask's positions."""
-    if numel < 0 or not 0 <= nnz <= numel:
-        raise ValueError(f"need 0 <= nnz <= numel, got nnz={nnz}, numel={numel}")
-    if nnz in (0, numel):
-        return 0.0
-    d = nnz / numel
-    return numel * -(d * math.log2(d) + (1 - d) * math.log2(1 - d))
 
 
 def _as_array(tensor: torch.Tensor | np.ndarray) -> np.ndarray:

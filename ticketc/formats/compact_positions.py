@@ -11,6 +11,8 @@ The rice and bitmask streams end in at least one clear bit, which the in-graph d
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ticketc.formats import rice
@@ -20,10 +22,21 @@ __all__ = [
     "check_positions",
     "decode_positions",
     "encode_positions",
+    "mask_entropy_bits",
     "positions_nbytes",
 ]
 
 POSITIONS_KINDS = ("rice", "bitmask", "dense")
+
+
+def mask_entropy_bits(numel: int, nnz: int) -> float:
+    """numel * H(nnz / numel): the fewest bits any code can spend on a random mask's positions."""
+    if numel < 0 or not 0 <= nnz <= numel:
+        raise ValueError(f"need 0 <= nnz <= numel, got nnz={nnz}, numel={numel}")
+    if nnz in (0, numel):
+        return 0.0
+    d = nnz / numel
+    return numel * -(d * math.log2(d) + (1 - d) * math.log2(1 - d))
 
 
 def positions_nbytes(kind: str, index: np.ndarray, total: int, rice_k: int | None) -> int:

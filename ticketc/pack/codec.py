@@ -33,7 +33,7 @@ import torch
 
 from ticketc.errors import UserError
 from ticketc.formats import quantize
-from ticketc.formats.compact import mask_entropy_bits
+from ticketc.formats.compact_positions import mask_entropy_bits
 from ticketc.formats.quantize import FP16_MAX, assign_nearest, kmeans_1d
 from ticketc.pack.nm import NMPositions, parse_layout
 from ticketc.pack.positions import MaskPositions, Positions, position_streams, smallest_positions
