@@ -182,9 +182,9 @@ def _arch_flag(reference: str) -> str:
 
 def floor_bytes(dense_path: Path, bound_bytes: float) -> float:
     """What the zeros allow for this graph: the dense file's graph as the portable writer
-    leaves it (debug information dropped, ticketc.export.trace.slim_) without the data of its
-    float initializers (their names, types and shapes stay), plus `bound_bytes`."""
-    from ticketc.export.trace import slim_
+    leaves it (debug information dropped, ticketc.export.graph_edits.slim_) without the data
+    of its float initializers (their names, types and shapes stay), plus `bound_bytes`."""
+    from ticketc.export.graph_edits import slim_
 
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE}
     floats |= {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ticketc  # noqa: E402
 from tests import hf_models  # noqa: E402
-from ticketc.formats.compact import mask_entropy_bits  # noqa: E402
+from ticketc.formats.compact_positions import mask_entropy_bits  # noqa: E402
 from ticketc.pack import PackConfig, load_packed, pack, unpack  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -22,7 +22,7 @@ from ticketc.formats import (
     block_occupancy,
     mask_entropy_bits,
 )
-from ticketc.formats.compact import VALUE_BITS
+from ticketc.formats.compact_values import VALUE_BITS
 from ticketc.formats.decode_check import check_decoded
 from ticketc.formats.quantize import kmeans_1d
 

@@ -15,7 +15,7 @@ import torch
 
 from tests.hf_models import example_inputs, outputs, pruned_model, save
 from ticketc.cli import main
-from ticketc.formats.compact import mask_entropy_bits
+from ticketc.formats.compact_positions import mask_entropy_bits
 from ticketc.pack import PackConfig, load_packed, pack, read_packed, unpack
 
 pytest.importorskip("transformers")

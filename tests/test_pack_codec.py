@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from ticketc.errors import UserError
-from ticketc.formats.compact import mask_entropy_bits
-from ticketc.pack.codec import decode, encode, sparsity_pattern, value_error_bound
+from ticketc.formats.compact_positions import mask_entropy_bits
+from ticketc.pack.codec import decode, encode, value_error_bound
 from ticketc.pack.nm import NMPositions, detect_nm, parse_layout
-from ticketc.pack.store import format_index, parse_index, stream_shapes
+from ticketc.pack.pattern import sparsity_pattern
+from ticketc.pack.shard_index import format_index, parse_index, stream_shapes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 

@@ -39,7 +39,7 @@ CARD_VERSION = 1
 class LayerRecord:
     """One stored tensor.
 
-    `pattern`: "dense" | "unstructured" | "N:M" | "block(BxB)" (ticketc.pack.codec
+    `pattern`: "dense" | "unstructured" | "N:M" | "block(BxB)" (ticketc.pack.pattern
     .sparsity_pattern). `layout`: how it is stored ("rice", "2:4", "portable gap8", "dense").
     `values`: the stored value type ("float16 (raw)", "int8", ...). Bytes: `dense_bytes` in the
     tensor's own dtype, `stored_bytes` as written, `bound_bytes` the entropy bound of that value
@@ -219,7 +219,7 @@ def export_card(
     import numpy as np
     import torch
 
-    from ticketc.pack.codec import sparsity_pattern
+    from ticketc.pack.pattern import sparsity_pattern
 
     records = []
     for layer in result.layers:

@@ -24,6 +24,7 @@ from ticketc.export.config import (
     ExportResult,
     LayerRecord,
 )
+from ticketc.export.graph_edits import drop_data_, slim_
 from ticketc.export.storage import (
     StoragePlan,
     TensorStorage,
@@ -31,8 +32,8 @@ from ticketc.export.storage import (
     plan_storage,
     tensor_record,
 )
-from ticketc.export.trace import drop_data_, quiet, slim_
-from ticketc.formats.compact import value_kind_of
+from ticketc.export.trace import quiet
+from ticketc.formats.compact_values import value_kind_of
 from ticketc.verify import Verification
 
 

@@ -5,9 +5,10 @@ matmul and M optimizer steps into one fused step over stacked tensors. Adam is e
 the stacked optimizer is exactly M independent ones. Two forward/backward paths:
 
 - `Flatten? (Linear ReLU)* Linear` Sequentials (Lenet-300-100): hand-written forward and
-  backward with `baddbmm`, no autograd graph, no per-member Python; layers whose masks are
-  sparse enough train in CSR form (`StackedCsrLinear`), and then the whole MLP runs on
-  feature-major activations [M, features, B'];
+  backward with `baddbmm` (`stacked.mlp_grads` / `mlp_grads_t`), no autograd graph, no
+  per-member Python; layers whose masks are sparse enough train in CSR form
+  (`StackedCsrLinear`), and then the whole MLP runs on feature-major activations
+  [M, features, B'];
 - anything else: `torch.func.vmap` over `grad` of a `functional_call`, with the network in
   training mode (BatchNorm normalises with each member's batch statistics and updates that
   member's running statistics; Dropout draws a different mask for every member, from a seed
@@ -35,14 +36,14 @@ from torch import nn
 from ticketc.find.distributed import SINGLE, Ranks, broadcast_tensors_
 from ticketc.find.pruning import Masks
 from ticketc.find.sparse_layer import StackedCsrLinear
-from ticketc.find.stacked import StackedMembers, mlp_layers
+from ticketc.find.stacked import (
+    StackedMembers,
+    linear_t,
+    mlp_grads,
+    mlp_grads_t,
+    mlp_layers,
+)
 from ticketc.kernels import csr_cpu
-
-
-def _relu_backward(g: torch.Tensor, relu_out: torch.Tensor) -> torch.Tensor:
-    """g where the ReLU was active, else 0: one fused kernel (`g * (a > 0)` would also build
-    and convert a bool tensor)."""
-    return torch.ops.aten.threshold_backward(g, relu_out, 0)
 
 
 class Ensemble:
@@ -180,9 +181,9 @@ class Ensemble:
             if self.sparse:
                 if not feature_major:
                     x = csr_cpu.transpose_padded(x.reshape(x.shape[0], x.shape[1], -1))
-                loss, correct, grads = self._mlp_grads_t(x, y)
+                loss, correct, grads = mlp_grads_t(self.params, self.sparse, self.mlp, x, y)
             else:
-                loss, correct, grads = self._mlp_grads(x, y)
+                loss, correct, grads = mlp_grads(self.params, self.mlp, x, y)
             for name, g in grads.items():
                 if name in self.sparse:
                     self.sparse[name].values.grad = g
@@ -198,85 +199,6 @@ class Ensemble:
         self.enforce_masks_()
         self._dense_stale = bool(self.sparse)
         return loss, correct
-
-    @staticmethod
-    def _cross_entropy(
-        logits: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean loss [M], correct predictions [M] and d loss / d logits [M, B, C]."""
-        logp = logits.log_softmax(-1)
-        loss = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(1)
-        correct = (logits.argmax(-1) == y).sum(1)
-        # d(mean CE)/d logits = (softmax - onehot) / B
-        g = logp.exp_()
-        g.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(g[..., :1], -1.0))
-        return loss, correct, g.div_(y.shape[1])
-
-    @torch.no_grad()
-    def _mlp_grads(
-        self, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Every layer dense; x: [M, B, ...]."""
-        assert self.mlp is not None
-        a = x.reshape(x.shape[0], y.shape[1], -1)
-        acts = [a]  # inputs of each Linear: [M, B, in]
-        for i, prefix in enumerate(self.mlp):
-            w, bias = self.params[f"{prefix}.weight"], self.params[f"{prefix}.bias"]
-            a = torch.baddbmm(bias.unsqueeze(1), a, w.transpose(1, 2))
-            if i + 1 < len(self.mlp):
-                a = a.relu_()
-                acts.append(a)
-        loss, correct, g = self._cross_entropy(a, y)  # g: [M, B, out]
-        grads: dict[str, torch.Tensor] = {}
-        for i in range(len(self.mlp) - 1, -1, -1):
-            prefix, a_in = self.mlp[i], acts[i]
-            grads[f"{prefix}.weight"] = torch.bmm(g.transpose(1, 2), a_in)  # [M, out, in]
-            grads[f"{prefix}.bias"] = g.sum(1)
-            if i > 0:
-                g = _relu_backward(torch.bmm(g, self.params[f"{prefix}.weight"]), a_in)
-        return loss, correct, grads
-
-    def _linear_t(self, prefix: str, a: torch.Tensor) -> torch.Tensor:
-        """One Linear on feature-major activations: a [M or 1, in, B'] -> [M, out, B']."""
-        name = f"{prefix}.weight"
-        bias = self.params[f"{prefix}.bias"]
-        if name in self.sparse:
-            return self.sparse[name].forward(a, bias)
-        return torch.matmul(self.params[name], a).add_(bias.unsqueeze(2))
-
-    @torch.no_grad()
-    def _mlp_grads_t(
-        self, xt: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Some layers in CSR form; everything feature-major: xt [M, in, B'] (B' >= B, zero
-        padded). The padded columns carry bias-only activations but a zero gradient, so they
-        add nothing to any weight or bias gradient."""
-        assert self.mlp is not None
-        b = y.shape[1]
-        a = xt
-        acts = [a]  # inputs of each Linear: [M, in, B']
-        for i, prefix in enumerate(self.mlp):
-            a = self._linear_t(prefix, a)
-            if i + 1 < len(self.mlp):
-                a = a.relu_()
-                acts.append(a)
-        loss, correct, g = self._cross_entropy(a[:, :, :b].transpose(1, 2).contiguous(), y)
-        g_t = a.new_zeros(a.shape)  # [M, out, B']
-        g_t[:, :, :b] = g.transpose(1, 2)
-        grads: dict[str, torch.Tensor] = {}
-        for i in range(len(self.mlp) - 1, -1, -1):
-            prefix, a_in = self.mlp[i], acts[i]
-            name = f"{prefix}.weight"
-            layer = self.sparse.get(name)
-            if layer is not None:
-                grads[name] = layer.value_grads(g_t, a_in)  # survivors only
-            else:
-                grads[name] = torch.bmm(g_t, a_in.transpose(1, 2))  # [M, out, in]
-            grads[f"{prefix}.bias"] = g_t.sum(2)
-            if i > 0:
-                g_t = _relu_backward(layer.input_grads(g_t) if layer is not None
-                                     else torch.bmm(self.params[name].transpose(1, 2), g_t), a_in)
-        return loss, correct, grads
 
     def _func_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from torch.func import functional_call, grad_and_value, vmap
@@ -324,7 +246,7 @@ class Ensemble:
         if self.mlp is not None and self.sparse:  # one feature-major input for every member
             a = csr_cpu.transpose_padded(x.reshape(len(x), -1)).unsqueeze(0)
             for i, prefix in enumerate(self.mlp):
-                a = self._linear_t(prefix, a)
+                a = linear_t(self.params, self.sparse, prefix, a)
                 if i + 1 < len(self.mlp):
                     a = a.relu_()
             return a[:, :, : len(x)].transpose(1, 2)

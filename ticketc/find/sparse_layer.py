@@ -31,7 +31,7 @@ def _csr(weight: torch.Tensor, masks: torch.Tensor) -> CSR:
 
 class StackedCsrLinear:
     """The Linear layer of every member of an ensemble, its survivors trained in CSR form (not
-    an nn.Module: `ticketc.find.ensemble` calls its products and gradients)."""
+    an nn.Module: `ticketc.find.stacked` calls its products and gradients)."""
 
     def __init__(self, weight: torch.Tensor, masks: torch.Tensor) -> None:
         # weight, masks: [M, out, in]

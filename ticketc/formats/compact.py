@@ -34,6 +34,10 @@ Per tensor: `numel` and `entries` (int64 [K]), and `scale_rows` (int8) or `codeb
 
 `to_dense()` here and the ONNX decoder compute the same floats: values widen to float32
 (float64 for fp64) and int8 multiplies code by scale once, in float32.
+
+This file holds the `Compact` value (from_dense / to_dense / check / nbytes); the position
+streams are coded and checked in `compact_positions.py`, the values and their side arrays in
+`compact_values.py`.
 """
 
 from __future__ import annotations
@@ -46,58 +50,42 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from ticketc.formats import rice
-from ticketc.formats.quantize import FP16_MAX, assign_nearest, int8_scales, kmeans_1d
+from ticketc.formats.compact_positions import (
+    POSITIONS_KINDS,
+    check_positions,
+    decode_positions,
+    encode_positions,
+    mask_entropy_bits,
+    positions_nbytes,
+)
+from ticketc.formats.compact_values import (
+    CODEBOOK_SIZE,
+    FLOAT_KINDS,
+    INT8_ENTRIES_PER_ROW_SCALE,
+    VALUE_BITS,
+    VALUE_DTYPE,
+    VALUES_KINDS,
+    check_values,
+    encode_values,
+    int4_codes,
+    value_kind_of,
+    values_nbytes,
+)
 
+# The kind tables live in compact_values / compact_positions; those the exporter names as
+# the codec's vocabulary (ticketc.export.storage, portable) are importable from here too.
 __all__ = [
     "CODEBOOK_SIZE",
+    "FLOAT_KINDS",
+    "INT8_ENTRIES_PER_ROW_SCALE",
     "POSITIONS_KINDS",
     "VALUE_BITS",
+    "VALUE_DTYPE",
     "VALUES_KINDS",
     "Compact",
     "mask_entropy_bits",
     "value_kind_of",
 ]
-
-POSITIONS_KINDS = ("rice", "bitmask", "dense")
-VALUES_KINDS = ("fp64", "fp32", "bf16", "fp16", "int8", "int4")
-FLOAT_KINDS = ("fp64", "fp32", "bf16", "fp16")
-VALUE_BITS = {"fp64": 64, "fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4}
-VALUE_DTYPE: dict[str, np.dtype] = {
-    "fp64": np.dtype(np.float64),
-    "fp32": np.dtype(np.float32),
-    "bf16": np.dtype(ml_dtypes.bfloat16),
-    "fp16": np.dtype(np.float16),
-    "int8": np.dtype(np.int8),
-    "int4": np.dtype(np.uint8),
-}
-CODEBOOK_SIZE = 16
-# int8 keeps one scale per row only where rows hold this many entries on average: below it the
-# scales (2 B each) would cost more than an eighth of the values they serve.
-INT8_ENTRIES_PER_ROW_SCALE = 16
-
-
-def value_kind_of(dtype: np.dtype | torch.dtype) -> str:
-    """The float value kind of a dtype ("fp32" for float32, ...); ValueError for others."""
-    name = str(dtype).replace("torch.", "")
-    kinds = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-    if name not in kinds:
-        raise ValueError(f"dtype {name} is not a float type the codec stores")
-    return kinds[name]
-
-
-def mask_entropy_bits(numel: int, nnz: int) -> float:
-    """numel * H(nnz / numel): the fewest bits any code can spend on a random mask's positions."""
-    if numel < 0 or not 0 <= nnz <= numel:
-        raise ValueError(f"need 0 <= nnz <= numel, got nnz={nnz}, numel={numel}")
-    if nnz in (0, numel):
-        return 0.0
-    d = nnz / numel
-    return numel * -(d * math.log2(d) + (1 - d) * math.log2(1 - d))
-
-
-def _value_bytes(kind: str, entries: int) -> int:
-    return (entries * VALUE_BITS[kind] + 7) // 8
 
 
 def _as_array(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -109,11 +97,6 @@ def _as_array(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(tensor, np.ndarray):
         return tensor
     raise TypeError(f"expected a torch.Tensor or numpy array, got {type(tensor).__name__}")
-
-
-def _rows(shape: tuple[int, ...]) -> int:
-    """Rows of a tensor for per-row int8 scales: dim 0 of a matrix or kernel, 1 for a vector."""
-    return shape[0] if len(shape) >= 2 else 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,8 +186,8 @@ class Compact:
             positions = min(
                 POSITIONS_KINDS[:2] if dense_tail else POSITIONS_KINDS,
                 key=lambda kind: (
-                    _positions_bytes(kind, index, total, rice_k)
-                    + _value_bytes(values, total if kind == "dense" else index.size)
+                    positions_nbytes(kind, index, total, rice_k)
+                    + values_nbytes(values, total if kind == "dense" else index.size)
                 ),
             )
         if positions == "dense":
@@ -213,31 +196,13 @@ class Compact:
             local = [np.arange(f.size) for f in flats]
             index = np.arange(total, dtype=np.int64)
         entries = np.array([i.size for i in local], dtype=np.int64)
-
-        remainders = None
-        if positions == "rice":
-            gaps = np.diff(index, prepend=-1)
-            position_data, remainders = rice.encode(gaps, rice_k or rice.best_k(gaps))
-        elif positions == "bitmask":
-            bits = np.zeros(total, dtype=bool)
-            bits[index] = True
-            position_data = np.packbits(bits, bitorder="little")
-        else:
-            position_data = np.zeros(0, dtype=np.uint8)
-        if positions != "dense" and 8 * position_data.size == index.size:
-            # every stored bit is set: one clear byte after them, which the in-graph decoder
-            # needs (ticketc.export.portable)
-            position_data = np.append(position_data, np.uint8(0))
+        position_data, remainders = encode_positions(positions, index, total, rice_k)
 
         picked = [f[i] for f, i in zip(flats, local, strict=True)]
-        scale = scale_rows = codebook = codebook_sizes = None
-        if values in FLOAT_KINDS:
-            value_data = _float_values(picked, values)
-        elif values == "int8":
-            value_data, scale, scale_rows = _int8_values(picked, local, shapes)
-        else:
-            with_zero = [positions == "dense" or t >= head for t in range(len(arrays))]
-            value_data, codebook, codebook_sizes = _int4_values(picked, with_zero)
+        with_zero = [positions == "dense" or t >= head for t in range(len(arrays))]
+        value_data, scale, scale_rows, codebook, codebook_sizes = encode_values(
+            values, picked, local, shapes, with_zero
+        )
         return cls(
             shapes,
             positions,
@@ -285,15 +250,9 @@ class Compact:
 
     def linear_indices(self) -> np.ndarray:
         """Index of every entry in the flat space of all tensors, int64 [m]."""
-        if self.positions_kind == "dense":
-            return np.arange(self.total, dtype=np.int64)
-        head = self.head_total
-        tail = np.arange(head, self.total, dtype=np.int64)
-        if self.positions_kind == "bitmask":
-            bits = np.unpackbits(self.positions, bitorder="little")[:head]
-            return np.concatenate([np.flatnonzero(bits).astype(np.int64), tail])
-        assert self.remainders is not None
-        return np.concatenate([rice.decode(self.positions, self.remainders), tail])
+        return decode_positions(
+            self.positions_kind, self.positions, self.remainders, self.head_total, self.total
+        )
 
     def tensor_of_entries(self) -> np.ndarray:
         """The tensor (0..K-1) each entry belongs to, int64 [m]."""
@@ -318,9 +277,7 @@ class Compact:
 
     def codes(self) -> np.ndarray:
         """int4 only: the code of every entry, int64 [m]."""
-        count = int(self.entries.sum())
-        packed = self.values.astype(np.int64)
-        return np.concatenate([packed & 0x0F, packed >> 4])[:count]
+        return int4_codes(self.values, int(self.entries.sum()))
 
     def to_dense(self) -> list[np.ndarray]:
         """Every tensor, dense and in its shape, in `work_dtype` (dequantised for int8/int4)."""
@@ -418,7 +375,13 @@ class Compact:
         head = k - self.dense_tail
         if not np.array_equal(self.entries[head:], self.numel[head:]):
             raise ValueError("every element of a dense-tail tensor must be an entry")
-        self._check_positions(int(self.entries[:head].sum()))
+        check_positions(
+            self.positions_kind,
+            self.positions,
+            self.remainders,
+            self.head_total,
+            int(self.entries[:head].sum()),
+        )
         index = self.linear_indices()
         if index.size != count:
             raise ValueError(f"positions hold {index.size} entries, the tables say {count}")
@@ -430,148 +393,13 @@ class Compact:
         per_tensor = np.searchsorted(ends, index, side="right")
         if not np.array_equal(np.bincount(per_tensor, minlength=k), self.entries):
             raise ValueError("entries per tensor disagree with the positions")
-        expected = np.dtype(VALUE_DTYPE[self.values_kind])
-        size = (count + 1) // 2 if self.values_kind == "int4" else count
-        if self.values.dtype != expected or self.values.shape != (size,):
-            raise ValueError(
-                f"{self.values_kind} values must be {expected} of {size} entries, "
-                f"got {self.values.dtype} of {self.values.size}"
-            )
-        self._check_side(count)
-
-    def _check_positions(self, count: int) -> None:
-        kind = self.positions_kind
-        if self.positions.dtype != np.uint8 or self.positions.ndim != 1:
-            raise ValueError(f"{kind} positions must be a 1-D uint8 array")
-        if kind != "rice" and self.remainders is not None:
-            raise ValueError(f"remainders are only stored for rice positions, not {kind}")
-        if kind == "dense" and self.positions.size:
-            raise ValueError("dense positions store no bytes")
-        if kind == "bitmask":
-            size = (self.head_total + 7) // 8
-            if self.positions.size != size + (8 * size == count):
-                raise ValueError(f"bitmask must be {size} bytes (+1 when every bit is set)")
-            if np.unpackbits(self.positions, bitorder="little")[self.head_total :].any():
-                raise ValueError("bitmask has bits set past the last element")
-        if kind == "rice":
-            planes = self.remainders
-            if planes is None or planes.dtype != np.uint8 or planes.ndim != 2:
-                raise ValueError("rice positions need uint8 remainder planes [k, ceil(m / 8)]")
-            if not 1 <= planes.shape[0] <= rice.MAX_K or planes.shape[1] != (count + 7) // 8:
-                raise ValueError(
-                    f"rice remainder planes must be [1 <= k <= {rice.MAX_K}, {(count + 7) // 8}],"
-                    f" got {list(planes.shape)}"
-                )
-            if np.unpackbits(planes, axis=1, bitorder="little")[:, count:].any():
-                raise ValueError("rice remainder planes have bits set past the last entry")
-            if int(np.unpackbits(self.positions, bitorder="little").sum()) != count:
-                raise ValueError("rice unary stream must hold one terminator per entry")
-
-    def _check_side(self, count: int) -> None:
-        k = len(self.shapes)
-        want_scale = self.values_kind == "int8"
-        if want_scale != (self.scale is not None) or want_scale != (self.scale_rows is not None):
-            raise ValueError(f"scales must be present exactly for int8 values ({self.values_kind})")
-        if self.scale is not None and self.scale_rows is not None:
-            allowed = [{1, _rows(s)} for s in self.shapes]
-            if self.scale_rows.shape != (k,) or any(
-                int(r) not in a for r, a in zip(self.scale_rows, allowed, strict=True)
-            ):
-                raise ValueError("scale_rows must give 1 or dim 0 scales per tensor")
-            if self.scale.dtype != np.float16 or self.scale.shape != (int(self.scale_rows.sum()),):
-                raise ValueError(f"int8 scales must be float16 [{int(self.scale_rows.sum())}]")
-        want_codebook = self.values_kind == "int4"
-        if want_codebook != (self.codebook is not None) or want_codebook != (
-            self.codebook_sizes is not None
-        ):
-            raise ValueError(
-                f"codebooks must be present exactly for int4 values ({self.values_kind})"
-            )
-        if self.codebook is not None and self.codebook_sizes is not None:
-            sizes = self.codebook_sizes
-            if sizes.shape != (k,) or (sizes < 1).any() or (sizes > CODEBOOK_SIZE).any():
-                raise ValueError(f"codebook sizes must lie in [1, {CODEBOOK_SIZE}]")
-            if self.codebook.dtype != np.float16 or self.codebook.shape != (int(sizes.sum()),):
-                raise ValueError(f"int4 codebooks must be float16 [{int(sizes.sum())}]")
-            codes = self.codes()
-            limit = np.repeat(sizes, self.entries)
-            if (codes >= limit).any():
-                raise ValueError("an int4 code points past its tensor's codebook")
-            if count & 1 and self.values[-1] >> 4:
-                raise ValueError("int4 padding nibble of the last byte must be zero")
-
-
-def _positions_bytes(kind: str, index: np.ndarray, total: int, rice_k: int | None) -> int:
-    if kind == "dense":
-        return 0
-    if kind == "bitmask":
-        return (total + 7) // 8
-    gaps = np.diff(index, prepend=-1)
-    return rice.nbytes(gaps, rice_k or rice.best_k(gaps))
-
-
-def _float_values(picked: list[np.ndarray], kind: str) -> np.ndarray:
-    values = np.concatenate(picked) if picked else np.zeros(0)
-    if kind == "fp16":
-        wide = values.astype(np.float64)
-        if wide.size and float(np.abs(wide).max()) > FP16_MAX:
-            raise ValueError(f"fp16 cannot hold {float(np.abs(wide).max()):.4g} (max {FP16_MAX:g})")
-    return values.astype(VALUE_DTYPE[kind])
-
-
-def _int8_values(
-    picked: list[np.ndarray], local: list[np.ndarray], shapes: tuple[tuple[int, ...], ...]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    codes, scales, rows_per_tensor = [], [], []
-    for values, index, shape in zip(picked, local, shapes, strict=True):
-        wide = values.astype(np.float64)
-        rows = _rows(shape)
-        per_row = rows > 1 and index.size >= INT8_ENTRIES_PER_ROW_SCALE * rows
-        rows = rows if per_row else 1
-        row = index // max(1, math.prod(shape) // rows)
-        absmax = np.zeros(rows)
-        np.maximum.at(absmax, row, np.abs(wide))
-        scale = int8_scales(absmax)
-        s = scale.astype(np.float64)[row]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.where(s > 0, np.rint(wide / np.where(s > 0, s, 1.0)), 0.0)
-        codes.append(np.clip(q, -127, 127).astype(np.int8))
-        scales.append(scale)
-        rows_per_tensor.append(rows)
-    return (
-        np.concatenate(codes),
-        np.concatenate(scales).astype(np.float16),
-        np.array(rows_per_tensor, dtype=np.int64),
-    )
-
-
-def _int4_values(
-    picked: list[np.ndarray], with_zero: Sequence[bool]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """with_zero[t]: tensor t's entries include its zeros (dense), which take an exact 0.0."""
-    codes, books, sizes = [], [], []
-    for values, zeros_stored in zip(picked, with_zero, strict=True):
-        wide = values.astype(np.float64)
-        nonzero = wide != 0
-        has_zero = zeros_stored and not bool(nonzero.all())
-        levels = CODEBOOK_SIZE - 1 if has_zero else CODEBOOK_SIZE
-        if nonzero.any() and float(np.abs(wide).max()) > FP16_MAX:
-            raise ValueError(f"an int4 codebook (fp16) cannot hold {float(np.abs(wide).max()):.4g}")
-        centroids = kmeans_1d(wide[nonzero], levels) if nonzero.any() else np.zeros(0)
-        book = np.unique(centroids.astype(np.float16))
-        code = np.zeros(wide.size, dtype=np.int64)
-        # nonzeros take the nearest entry made from nonzeros; only zeros take the appended 0.0
-        if book.size:
-            code[nonzero] = assign_nearest(wide[nonzero], book.astype(np.float64))
-        if has_zero or book.size == 0:
-            code[~nonzero] = book.size
-            book = np.append(book, np.float16(0.0))
-        codes.append(code)
-        books.append(book)
-        sizes.append(book.size)
-    flat = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int64)
-    padded = np.zeros(flat.size + (flat.size & 1), dtype=np.uint8)
-    padded[: flat.size] = flat
-    half = padded.size // 2
-    packed = (padded[:half] | (padded[half:] << 4)).astype(np.uint8)
-    return packed, np.concatenate(books).astype(np.float16), np.array(sizes, dtype=np.int64)
+        check_values(
+            self.values_kind,
+            self.values,
+            self.shapes,
+            self.entries,
+            scale=self.scale,
+            scale_rows=self.scale_rows,
+            codebook=self.codebook,
+            codebook_sizes=self.codebook_sizes,
+        )

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from ticketc.formats.compact import FLOAT_KINDS, VALUE_DTYPE, Compact
+from ticketc.formats.compact import Compact
+from ticketc.formats.compact_values import FLOAT_KINDS, VALUE_DTYPE
 from ticketc.formats.quantize import assign_nearest
 
 __all__ = ["DecodeCheck", "check_decoded"]

@@ -10,7 +10,7 @@ us). Two ways to cut the work, chosen by the batch size N:
   of a row of activations (vector FMAs), runs every layer on it, and transposes the result back
   into out[rows, :]. A layer works through the chunk's columns in tiles of 64 (then 32, 16),
   and a row's sums over a tile stay in registers across its entries (LLVM IR written for it:
-  `_make_tile`):
+  `csr_chain_ir.make_tile`; the chunk transposes are in `csr_chain_transpose`):
 
       for chunk of rows lo..hi (claimed by any thread):
           a = x[lo:hi, :].T                                    # [K, w]
@@ -40,13 +40,12 @@ from typing import NamedTuple
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 from torch import Tensor
 
 from . import cpu_threads
 from .cpu_threads import claim, finish, wait_done
+from .csr_chain_ir import f32_at, tile1, tile2, tile4
+from .csr_chain_transpose import transpose_in, transpose_out
 
 _FLAGS = {"contract", "reassoc", "nsz"}  # FMA and reordered sums; NaN/inf keep their meaning
 MIN_COLUMNS = 16  # batch rows per chunk at least: narrower batches run by rows
@@ -63,117 +62,6 @@ _CHUNK_WORK = 1 << 15  # multiply-adds per chunk in rows mode: ~5-10 us
 _CROW, _NNZ, _BIAS, _ROWS, _IN, _RELU = range(6)
 
 
-def _make_tile(vectors: int, sets: int):  # type: ignore[no-untyped-def]
-    """An intrinsic tile(o_at, a_at, stride, col_at, val_at, j0, j1, b, relu) computing
-
-        o[t] = b + sum over j0 <= j < j1 of val[j] * a[col[j] * stride + t],  0 <= t < 16 * vectors
-
-    (then max(., 0) if relu), with o, a, col (int32) and val (fp32) given by addresses. The sums
-    stay in `vectors` 16-float registers per set; entries go round-robin to `sets` sets (so
-    vectors * sets independent FMA chains hide the FMA latency), summed in a fixed order at the
-    end. LLVM IR written directly: from Python source LLVM vectorises the loop over entries
-    (gathers) instead of the columns, or keeps the sums in memory."""
-
-    @intrinsic
-    def tile(typingctx, o_at, a_at, stride, col_at, val_at, j0, j1, b, relu):  # type: ignore[no-untyped-def]
-        sig = types.void(o_at, a_at, stride, col_at, val_at, j0, j1, b, relu)
-
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            o_at, a_at, stride, col_at, val_at, j0, j1, b, relu = args
-            f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
-            vt = ir.VectorType(f32, 16)
-            vp = vt.as_pointer()
-            j0 = builder.sext(j0, i64) if j0.type.width < 64 else j0
-            j1 = builder.sext(j1, i64) if j1.type.width < 64 else j1
-            o = builder.inttoptr(o_at, f32.as_pointer())
-            a = builder.inttoptr(a_at, f32.as_pointer())
-            colp = builder.inttoptr(col_at, i32.as_pointer())
-            valp = builder.inttoptr(val_at, f32.as_pointer())
-            mod = builder.module
-            fma = mod.globals.get("llvm.fma.v16f32") or ir.Function(
-                mod, ir.FunctionType(vt, [vt, vt, vt]), "llvm.fma.v16f32"
-            )
-            zero = ir.Constant(vt, [0.0] * 16)
-            undef = ir.Constant(vt, ir.Undefined)
-            lanes0 = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
-
-            def splat(x):  # type: ignore[no-untyped-def]
-                one = builder.insert_element(undef, x, ir.Constant(i32, 0))
-                return builder.shuffle_vector(one, undef, lanes0)
-
-            def entry(j, sums):  # type: ignore[no-untyped-def]
-                k = builder.sext(builder.load(builder.gep(colp, [j])), i64)
-                v = splat(builder.load(builder.gep(valp, [j])))
-                row = builder.gep(a, [builder.mul(k, stride)])
-                return [
-                    builder.call(fma, [v, builder.load(builder.bitcast(
-                        builder.gep(row, [ir.Constant(i64, 16 * u)]), vp), align=4), sums[u]])
-                    for u in range(vectors)
-                ]  # fmt: skip
-
-            fn, start = builder.function, builder.block
-            head, body = fn.append_basic_block("tile_head"), fn.append_basic_block("tile_body")
-            head1, body1 = fn.append_basic_block("tile_head1"), fn.append_basic_block("tile_body1")
-            done = fn.append_basic_block("tile_done")
-            builder.branch(head)
-            # `sets` entries per pass, entry j + s into set s
-            builder.position_at_end(head)
-            j = builder.phi(i64)
-            j.add_incoming(j0, start)
-            sums = [[builder.phi(vt) for _ in range(vectors)] for _ in range(sets)]
-            for phi in (p for group in sums for p in group):
-                phi.add_incoming(zero, start)
-            j_next = builder.add(j, ir.Constant(i64, sets))
-            builder.cbranch(builder.icmp_signed("<=", j_next, j1), body, head1)
-            builder.position_at_end(body)
-            new = [entry(builder.add(j, ir.Constant(i64, s)), sums[s]) for s in range(sets)]
-            j.add_incoming(j_next, body)
-            for group, values in zip(sums, new, strict=True):
-                for phi, value in zip(group, values, strict=True):
-                    phi.add_incoming(value, body)
-            builder.branch(head)
-            # the rest one entry at a time, into set 0
-            builder.position_at_end(head1)
-            j1_ = builder.phi(i64)
-            j1_.add_incoming(j, head)
-            first = [builder.phi(vt) for _ in range(vectors)]
-            for phi, value in zip(first, sums[0], strict=True):
-                phi.add_incoming(value, head)
-            builder.cbranch(builder.icmp_signed("<", j1_, j1), body1, done)
-            builder.position_at_end(body1)
-            new1 = entry(j1_, first)
-            j1_.add_incoming(builder.add(j1_, ir.Constant(i64, 1)), body1)
-            for phi, value in zip(first, new1, strict=True):
-                phi.add_incoming(value, body1)
-            builder.branch(head1)
-            builder.position_at_end(done)
-            bias = splat(b)
-            relu_on = builder.icmp_unsigned("!=", relu, ir.Constant(relu.type, 0))
-            # "contract" (no fmul to fuse here) marks the adds as flagged, so that Numba's
-            # fastmath pass leaves them without "reassoc": the order below is the order.
-            exact = ("contract",)
-            for u in range(vectors):
-                total = first[u]
-                for s in range(1, sets):
-                    total = builder.fadd(total, sums[s][u], flags=exact)
-                total = builder.fadd(bias, total, flags=exact)
-                above = builder.fcmp_ordered(">", total, zero, flags=exact)
-                positive = builder.select(above, total, zero)
-                total = builder.select(relu_on, positive, total)
-                at = builder.bitcast(builder.gep(o, [ir.Constant(i64, 16 * u)]), vp)
-                builder.store(total, at, align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return tile
-
-
-# The same four sets for every tile width, so that each output is summed in the same order
-# whatever the tiles (and so the chunks, and so the thread count).
-_tile4, _tile2, _tile1 = _make_tile(4, 4), _make_tile(2, 4), _make_tile(1, 4)
-
-
 @numba.njit(inline="always")
 def _layer_tiles(d, a, crow, col, values, bias, c0, n0, b0, rows, relu, w):  # type: ignore[no-untyped-def]
     """d[m, :w] = b[m] + sum over row m's entries j of values[j] * a[col[j], :w] (ReLU), for
@@ -181,7 +69,7 @@ def _layer_tiles(d, a, crow, col, values, bias, c0, n0, b0, rows, relu, w):  # t
     number of 16-float vectors at least w long (the columns past w are scratch).
 
     Tiles of 64 columns (then 32 and 16 for the rest), each read by every row in turn; a row's
-    sums of a tile are held in registers across its entries (`_make_tile`). Wider tiles load
+    sums of a tile are held in registers across its entries (`make_tile`). Wider tiles load
     each entry's index and value for more columns: 64 columns measured fastest for every
     layer tried, 256 to 4096 inputs (BERT-like 256 x 256: 1.3x faster than 16; Lenet ticket
     and 4096-wide MLP at batch 64-256: 1.3-1.6x), though 4096 x 64 floats are beyond L1."""
@@ -198,85 +86,12 @@ def _layer_tiles(d, a, crow, col, values, bias, c0, n0, b0, rows, relu, w):  # t
             j0, j1 = n0 + crow[c0 + m], n0 + crow[c0 + m + 1]
             b = bias[b0 + m]
             if v == 4:
-                _tile4(o_at, x_at, st, col_at, val_at, j0, j1, b, relu)
+                tile4(o_at, x_at, st, col_at, val_at, j0, j1, b, relu)
             elif v == 2:
-                _tile2(o_at, x_at, st, col_at, val_at, j0, j1, b, relu)
+                tile2(o_at, x_at, st, col_at, val_at, j0, j1, b, relu)
             else:
-                _tile1(o_at, x_at, st, col_at, val_at, j0, j1, b, relu)
+                tile1(o_at, x_at, st, col_at, val_at, j0, j1, b, relu)
         t0 += 16 * v
-
-
-@intrinsic
-def _t16(typingctx, src_at, src_stride, dst_at, dst_stride):  # type: ignore[no-untyped-def]
-    """dst[l * dst_stride + i] = src[i * src_stride + l] for 0 <= i, l < 16: a 16 x 16 fp32
-    block transposed in registers (addresses in bytes, strides in floats). Four rounds of
-    two-vector shuffles, round b swapping the b x b blocks off the diagonal of each 2b x 2b
-    block (AVX-512: 64 vpermt2ps for 256 floats, where element by element takes 256 loads and
-    256 stores)."""
-    sig = types.void(src_at, src_stride, dst_at, dst_stride)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        src_at, src_stride, dst_at, dst_stride = args
-        f32, i32 = ir.FloatType(), ir.IntType(32)
-        vt = ir.VectorType(f32, 16)
-        src = builder.inttoptr(src_at, f32.as_pointer())
-        dst = builder.inttoptr(dst_at, f32.as_pointer())
-
-        def row(base, stride, i):  # type: ignore[no-untyped-def]
-            at = builder.gep(base, [builder.mul(stride, ir.Constant(stride.type, i))])
-            return builder.bitcast(at, vt.as_pointer())
-
-        r = [builder.load(row(src, src_stride, i), align=4) for i in range(16)]
-        for b in (8, 4, 2, 1):
-            low = ir.Constant(
-                ir.VectorType(i32, 16), [j if not j & b else 16 + j - b for j in range(16)]
-            )
-            high = ir.Constant(
-                ir.VectorType(i32, 16), [j + b if not j & b else 16 + j for j in range(16)]
-            )
-            for i in range(16):
-                if not i & b:
-                    r[i], r[i | b] = (
-                        builder.shuffle_vector(r[i], r[i | b], low),
-                        builder.shuffle_vector(r[i], r[i | b], high),
-                    )
-        for i in range(16):
-            builder.store(r[i], row(dst, dst_stride, i), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@numba.njit(inline="always")
-def _transpose_in(x, lo, hi, a):  # type: ignore[no-untyped-def]
-    """a[f, i - lo] = x[i, f] for rows lo <= i < hi: 16 x 16 blocks in registers (`_t16`),
-    the rest eight rows at a time (so each feature gets eight adjacent floats of a[f] per
-    pass)."""
-    k = x.shape[1]
-    kb, wb = k - k % 16, (hi - lo) - (hi - lo) % 16
-    x_at, a_at, wp = x.ctypes.data, a.ctypes.data, a.shape[1]
-    for i0 in range(0, wb, 16):
-        for f0 in range(0, kb, 16):
-            _t16(x_at + ((lo + i0) * k + f0) * 4, k, a_at + (f0 * wp + i0) * 4, wp)
-    for i in range(lo, lo + wb):  # the last k % 16 features of those rows
-        for f in range(kb, k):
-            a[f, i - lo] = x[i, f]
-    i = lo + wb
-    while i + 8 <= hi:
-        r0, r1, r2, r3 = x[i], x[i + 1], x[i + 2], x[i + 3]
-        r4, r5, r6, r7 = x[i + 4], x[i + 5], x[i + 6], x[i + 7]
-        c = np.uint64(i - lo)  # unsigned: no negative-index check per store (2x faster)
-        for f in range(k):
-            o = a[f]
-            o[c], o[c + 1], o[c + 2], o[c + 3] = r0[f], r1[f], r2[f], r3[f]
-            o[c + 4], o[c + 5], o[c + 6], o[c + 7] = r4[f], r5[f], r6[f], r7[f]
-        i += 8
-    while i < hi:
-        r = x[i]
-        c = np.uint64(i - lo)
-        for f in range(k):
-            a[f, c] = r[f]
-        i += 1
 
 
 @numba.njit(inline="always")
@@ -289,54 +104,11 @@ def _stride(w):  # type: ignore[no-untyped-def]
     return (lines + 1 - lines % 2) * 16
 
 
-@numba.njit(inline="always")
-def _transpose_out(d, out, lo, hi):  # type: ignore[no-untyped-def]
-    """out[i, m] = d[m, i - lo] for lo <= i < hi (16 x 16 blocks as `_transpose_in`)."""
-    m_all = d.shape[0]
-    mb, wb = m_all - m_all % 16, (hi - lo) - (hi - lo) % 16
-    d_at, out_at, wp, m_out = d.ctypes.data, out.ctypes.data, d.shape[1], out.shape[1]
-    for i0 in range(0, wb, 16):
-        for m0 in range(0, mb, 16):
-            _t16(d_at + (m0 * wp + i0) * 4, wp, out_at + ((lo + i0) * m_out + m0) * 4, m_out)
-    for i in range(lo, lo + wb):  # the last m_all % 16 outputs of those rows
-        for m in range(mb, m_all):
-            out[i, m] = d[m, i - lo]
-    i = lo + wb
-    while i + 8 <= hi:
-        o0, o1, o2, o3 = out[i], out[i + 1], out[i + 2], out[i + 3]
-        o4, o5, o6, o7 = out[i + 4], out[i + 5], out[i + 6], out[i + 7]
-        c = np.uint64(i - lo)
-        for m in range(m_all):
-            r = d[m]
-            o0[m], o1[m], o2[m], o3[m] = r[c], r[c + 1], r[c + 2], r[c + 3]
-            o4[m], o5[m], o6[m], o7[m] = r[c + 4], r[c + 5], r[c + 6], r[c + 7]
-        i += 8
-    while i < hi:
-        o = out[i]
-        c = np.uint64(i - lo)
-        for m in range(m_all):
-            o[m] = d[m, c]
-        i += 1
-
-
-@intrinsic
-def _f32_at(typingctx, address):  # type: ignore[no-untyped-def]
-    """The integer `address` as a float32 pointer (for numba.carray)."""
-    if not isinstance(address, types.Integer):
-        return None
-    sig = types.CPointer(types.float32)(address)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-
-    return sig, codegen
-
-
 @numba.njit(nogil=True, fastmath=_FLAGS, cache=True)
 def _by_columns(state, slot, x_at, out_at, n, crow, col, values, bias, meta, scratch, chunk):  # type: ignore[no-untyped-def]
     # x [n, K] and out [n, M]: contiguous fp32 at these addresses (ints: a faster dispatch)
-    x = numba.carray(_f32_at(x_at), (n, meta[0, _IN]))
-    out = numba.carray(_f32_at(out_at), (n, meta[-1, _ROWS]))
+    x = numba.carray(f32_at(x_at), (n, meta[0, _IN]))
+    out = numba.carray(f32_at(out_at), (n, meta[-1, _ROWS]))
     chunks = -(-n // chunk)
     last = meta.shape[0] - 1
     buf = scratch[slot]  # [2, width * chunk]
@@ -349,7 +121,7 @@ def _by_columns(state, slot, x_at, out_at, n, crow, col, values, bias, meta, scr
         w = hi - lo
         wp = _stride(w)
         a = buf[0, : x.shape[1] * wp].reshape(x.shape[1], wp)
-        _transpose_in(x, lo, hi, a)
+        transpose_in(x, lo, hi, a)
         side = 1
         for layer in range(last + 1):
             c0, n0, b0 = meta[layer, _CROW], meta[layer, _NNZ], meta[layer, _BIAS]
@@ -357,7 +129,7 @@ def _by_columns(state, slot, x_at, out_at, n, crow, col, values, bias, meta, scr
             d = buf[side, : rows * wp].reshape(rows, wp)
             _layer_tiles(d, a, crow, col, values, bias, c0, n0, b0, rows, relu, w)
             a, side = d, 1 - side
-        _transpose_out(a, out, lo, hi)
+        transpose_out(a, out, lo, hi)
         finish(state, 0)
     wait_done(state, 0, chunks)
 
@@ -403,11 +175,11 @@ def _one(x_at, out_at, crow, col, values, bias, meta, buf):  # type: ignore[no-u
     dispatcher faster than arrays: this call is the batch-1 hot path). The same sums in the
     same order as _by_rows at n == 1."""
     last = meta.shape[0] - 1
-    a = numba.carray(_f32_at(x_at), (meta[0, _IN],))
+    a = numba.carray(f32_at(x_at), (meta[0, _IN],))
     for layer in range(last + 1):
         c0, n0, b0 = meta[layer, _CROW], meta[layer, _NNZ], meta[layer, _BIAS]
         rows, relu = meta[layer, _ROWS], meta[layer, _RELU] != 0
-        d = numba.carray(_f32_at(out_at), (rows,)) if layer == last else buf[layer % 2, :rows]
+        d = numba.carray(f32_at(out_at), (rows,)) if layer == last else buf[layer % 2, :rows]
         for m in range(rows):
             s = bias[b0 + m] + _dot(values, col, a, n0 + crow[c0 + m], n0 + crow[c0 + m + 1])
             d[m] = max(s, np.float32(0.0)) if relu else s

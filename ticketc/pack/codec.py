@@ -3,8 +3,9 @@
 Positions are coded as in ticketc's compact codec: Golomb-Rice coded index gaps
 (ticketc.formats.rice, within a few percent of the mask's entropy) or a bitmask (numel bits,
 little-endian, smaller from ~30 % density up); or, when every group of M weights keeps at most
-N, as N:M group codes (ticketc.pack.nm). The smallest exact layout wins. Values are stored for
-every *entry* (the nonzeros, plus for N:M the exact zeros of groups that keep fewer than N) as
+N, as N:M group codes (ticketc.pack.nm). The smallest exact layout wins (ticketc.pack.positions).
+Values are stored for every *entry* (the nonzeros, plus for N:M the exact zeros of groups that
+keep fewer than N) as
 
 - "lossless": the tensor's own dtype, bit for bit (fp32, fp16, bf16, fp64);
 - "fp16": float16 (lossy for wider types);
@@ -31,17 +32,16 @@ import numpy as np
 import torch
 
 from ticketc.errors import UserError
-from ticketc.formats import quantize, rice
-from ticketc.formats.compact import mask_entropy_bits
-from ticketc.formats.layout import nonempty_blocks
+from ticketc.formats import quantize
+from ticketc.formats.compact_positions import mask_entropy_bits
 from ticketc.formats.quantize import FP16_MAX, assign_nearest, kmeans_1d
-from ticketc.pack.nm import NMPositions, detect_nm, parse_layout
+from ticketc.pack.nm import NMPositions, parse_layout
+from ticketc.pack.positions import MaskPositions, Positions, position_streams, smallest_positions
 
 __all__ = [
     "SPARSE_DTYPES",
     "VALUES",
     "Encoded",
-    "MaskPositions",
     "count_nonzero",
     "decode",
     "encode",
@@ -49,7 +49,6 @@ __all__ = [
     "entry_values",
     "int8_scales",
     "positions_of",
-    "sparsity_pattern",
     "value_bits",
     "value_error_bound",
 ]
@@ -58,7 +57,6 @@ VALUES = ("lossless", "fp16", "int8", "int4")  # "lossless": stored in the tenso
 # dtypes whose zeros are packed; others (integers, bool, fp8) are stored as they are
 SPARSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CODEBOOK_SIZE = 16
-_BLOCK_SIZES = (32, 16, 8, 4)
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,13 +130,13 @@ def encode(
     if nnz == keep.size:
         return _dense(tensor)
     bits = value_bits(values, dtype)
-    positions = _smallest_positions(keep, shape, bits)
+    positions = smallest_positions(keep, shape, bits)
     entries = positions.linear_indices()
     stored = positions.nbytes + (len(entries) * bits + 7) // 8
     if stored >= tensor.numel() * dtype.itemsize:
         return _dense(tensor)
     index = torch.from_numpy(entries)
-    streams = _position_streams(positions)
+    streams = position_streams(positions)
     streams.update(_encode_values(flat[index], entries, shape, values))
     if keep_zero_signs:
         streams["zero_signs"] = _zero_signs(flat, entries)
@@ -166,96 +164,6 @@ def _dense(tensor: torch.Tensor) -> Encoded:
         tensor.numel(),
         {"values": tensor.reshape(-1).contiguous()},
     )
-
-
-@dataclass(frozen=True, eq=False)
-class MaskPositions:
-    """Positions of the nonzeros of a flat tensor of `numel` elements: "rice" (`positions` the
-    unary stream, `remainders` the bit planes; ticketc.formats.rice) or "bitmask" (`positions`
-    numel bits, little-endian)."""
-
-    kind: str
-    numel: int
-    positions: np.ndarray
-    remainders: np.ndarray | None = None
-
-    @classmethod
-    def from_mask(cls, keep: np.ndarray) -> MaskPositions:
-        """The smaller of the two codings of the flat bool mask `keep`."""
-        index = np.flatnonzero(keep)
-        gaps = np.diff(index, prepend=-1)
-        k = rice.best_k(gaps)
-        if rice.nbytes(gaps, k) <= (keep.size + 7) // 8:
-            unary, planes = rice.encode(gaps, k)
-            return cls("rice", keep.size, unary, planes)
-        return cls("bitmask", keep.size, np.packbits(keep, bitorder="little"))
-
-    @property
-    def nbytes(self) -> int:
-        extra = self.remainders.nbytes if self.remainders is not None else 0
-        return int(self.positions.nbytes + extra)
-
-    def linear_indices(self) -> np.ndarray:
-        """Row-major linear index of every entry, int64, increasing."""
-        if self.kind == "bitmask":
-            bits = np.unpackbits(self.positions, bitorder="little")[: self.numel]
-            return np.flatnonzero(bits).astype(np.int64)
-        assert self.remainders is not None
-        return rice.decode(self.positions, self.remainders)
-
-    def check(self, entries: int) -> None:
-        """Raise ValueError unless the streams code exactly `entries` positions below numel."""
-        if self.positions.dtype != np.uint8 or self.positions.ndim != 1:
-            raise ValueError(f"{self.kind} positions must be a 1-D uint8 array")
-        if self.kind == "bitmask":
-            if self.positions.size != (self.numel + 7) // 8 or self.remainders is not None:
-                raise ValueError(
-                    f"a bitmask of {self.numel} elements takes {(self.numel + 7) // 8} bytes"
-                )
-            bits = np.unpackbits(self.positions, bitorder="little")
-            if bits[self.numel :].any() or int(bits.sum()) != entries:
-                raise ValueError(
-                    f"bitmask sets {int(bits.sum())} bits, expected {entries} below {self.numel}"
-                )
-            return
-        if self.kind != "rice":
-            raise ValueError(f"unknown positions kind {self.kind!r}")
-        planes = self.remainders
-        if planes is None or planes.dtype != np.uint8 or planes.ndim != 2:
-            raise ValueError("rice positions need uint8 remainder planes [k, ceil(entries / 8)]")
-        if not 1 <= planes.shape[0] <= rice.MAX_K or planes.shape[1] != (entries + 7) // 8:
-            raise ValueError(f"rice remainder planes {list(planes.shape)} for {entries} entries")
-        terminators = int(np.unpackbits(self.positions, bitorder="little").sum())
-        if terminators != entries:
-            raise ValueError(f"rice stream codes {terminators} entries, expected {entries}")
-        if entries and int(self.linear_indices()[-1]) >= self.numel:
-            raise ValueError(f"rice gaps run past the end of {self.numel} elements")
-
-
-Positions = MaskPositions | NMPositions
-
-
-def _smallest_positions(keep: np.ndarray, shape: tuple[int, ...], bits: int) -> Positions:
-    """The exact position layout with the fewest bytes, values included."""
-    best: Positions = MaskPositions.from_mask(keep)
-    best_bytes = best.nbytes + (int(keep.sum()) * bits + 7) // 8
-    nm = detect_nm(keep, shape)
-    if nm is not None:
-        n, m, axis = nm
-        groups = keep.size // m
-        nm_bytes = NMPositions.code_bytes(groups, n, m) + (groups * n * bits + 7) // 8
-        if nm_bytes < best_bytes:
-            best = NMPositions.from_mask(keep, shape, n, m, axis)
-    return best
-
-
-def _position_streams(positions: Positions) -> dict[str, np.ndarray | torch.Tensor]:
-    if isinstance(positions, NMPositions):
-        return {"codes": positions.codes}
-    streams: dict[str, np.ndarray | torch.Tensor] = {"positions": positions.positions}
-    if positions.remainders is not None:
-        streams["remainders"] = positions.remainders
-    return streams
 
 
 def _rows(entries: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -433,36 +341,3 @@ def _check_lossy(tensor: torch.Tensor, encoded: Encoded) -> None:
             f"{decoded[worst]!r} for {source[worst]!r}, beyond the value type's bound "
             "(an encoder bug): nothing written"
         )
-
-
-# ------------------------------------------------------------------------------- patterns
-def sparsity_pattern(tensor: torch.Tensor) -> str:
-    """ "dense", "N:M", "block(BxB)" or "unstructured", from the tensor's exact zeros.
-
-    N:M: every group of M consecutive weights along the last dim (or the first dim of a matrix)
-    keeps at most N <= M / 2 (ticketc.pack.nm.detect_nm). Block: the 2-D view (shape[0], -1)
-    has empty b x b blocks and its occupied blocks are at least 90 % full, for the largest such
-    b of 4 / 8 / 16 / 32 (a mask blocky at b is blocky at every divisor of b, so the search
-    stops at the first b that is not).
-    """
-    if tensor.ndim == 0 or tensor.dtype not in SPARSE_DTYPES:
-        return "dense"
-    keep = (tensor.detach().reshape(-1) != 0).numpy()
-    nnz = int(keep.sum())
-    if nnz == keep.size:
-        return "dense"
-    nm = detect_nm(keep, tuple(tensor.shape))
-    if nm is not None:
-        return f"{nm[0]}:{nm[1]}" + (" (along dim 0)" if nm[2] == 0 else "")
-    pattern = "unstructured"
-    if tensor.ndim >= 2 and nnz:
-        matrix = keep.reshape(tensor.shape[0], -1)
-        density = nnz / keep.size
-        for b in sorted(_BLOCK_SIZES):
-            if matrix.shape[0] < 2 * b or matrix.shape[1] < 2 * b:
-                break
-            occupancy = float(nonempty_blocks(torch.from_numpy(matrix), b, b).float().mean())
-            if occupancy >= 0.9 or density < 0.9 * occupancy:
-                break
-            pattern = f"block({b}x{b})"
-    return pattern

@@ -6,13 +6,8 @@ import numpy as np
 import torch
 
 from ticketc.card import LayerRecord
-from ticketc.pack.codec import (
-    Encoded,
-    count_nonzero,
-    entropy_bound_bytes,
-    sparsity_pattern,
-    value_bits,
-)
+from ticketc.pack.codec import Encoded, count_nonzero, entropy_bound_bytes, value_bits
+from ticketc.pack.pattern import sparsity_pattern
 
 __all__ = ["SPEEDUP_BATCH", "layer_record", "planned_speedup"]
 
