@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ticketc.export.portable import ONNX_TYPE, Group, decoder_nbytes
+from ticketc.export.decoder import ONNX_TYPE, decoder_nbytes
+from ticketc.export.portable import Group
 from ticketc.formats import rice
 from ticketc.formats.compact import (
     CODEBOOK_SIZE,
