@@ -5,8 +5,8 @@ The exporter hands every float initializer of the graph, as the graph holds it, 
 type allows: kept as it is, an all-zero constant, or a `Compact` codec (positions: rice /
 bitmask / dense; values: the requested type). Tensors that share a codec are then pooled
 into decode groups (`ticketc.export.grouping`), since each distinct decoder costs ~1 KB in
-the file and each group ~30 nodes that onnxruntime folds at session creation: a codec or a Rice parameter that
-saves fewer bytes than that is merged into a neighbour. A tensor that stores best with "dense"
+the file and each group ~30 nodes that onnxruntime folds at session creation: a codec or a
+Rice parameter that saves fewer bytes than that is merged into a neighbour. A tensor that stores best with "dense"
 positions (a bias, a mostly dense stem conv) joins a rice or bitmask group of its values as
 part of its dense tail: no positions and no decoder of its own.
 
