@@ -6,9 +6,9 @@ type allows: kept as it is, an all-zero constant, or a `Compact` codec (position
 bitmask / dense; values: the requested type). Tensors that share a codec are then pooled
 into decode groups (`ticketc.export.grouping`), since each distinct decoder costs ~1 KB in
 the file and each group ~30 nodes that onnxruntime folds at session creation: a codec or a
-Rice parameter that saves fewer bytes than that is merged into a neighbour. A tensor that stores best with "dense"
-positions (a bias, a mostly dense stem conv) joins a rice or bitmask group of its values as
-part of its dense tail: no positions and no decoder of its own.
+Rice parameter that saves fewer bytes than that is merged into a neighbour. A tensor that
+stores best with "dense" positions (a bias, a mostly dense stem conv) joins a rice or bitmask
+group of its values as part of its dense tail: no positions and no decoder of its own.
 
 Value types ("values" of the export):
 - "fp32": lossless. Each tensor keeps its exact values, in the narrowest float type that holds
