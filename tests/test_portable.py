@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from ticketc.export.portable import ONNX_TYPE, Group, write_portable_
+from ticketc.export.decoder import ONNX_TYPE
+from ticketc.export.portable import Group, write_portable_
 from ticketc.export.portable_read import read_portable
 from ticketc.export.storage import plan_storage
 from ticketc.formats import POSITIONS_KINDS, VALUES_KINDS, Compact
@@ -236,11 +237,11 @@ def test_read_portable_gives_back_the_stored_streams(positions, values):
 def test_a_large_group_scatters_in_blocks_that_decode_and_read_back(
     positions, values, block, monkeypatch
 ):
-    from ticketc.export import portable as portable_module
+    from ticketc.export import decoder as decoder_module
 
     # conv 72, fc1 1280, fc2 60 elements: blocks [conv], [fc1], [fc2] at 100; at 1400 the
     # 1412 elements are under two blocks' worth: decoded whole
-    monkeypatch.setattr(portable_module, "BLOCK_NUMEL", block)
+    monkeypatch.setattr(decoder_module, "BLOCK_NUMEL", block)
     model, weights = conv_mlp()
     names = list(weights)
     original = Compact.from_dense(list(weights.values()), values, positions)
@@ -265,9 +266,9 @@ def test_a_large_group_scatters_in_blocks_that_decode_and_read_back(
 
 
 def test_blocks_decode_to_the_graphs_own_float_type(monkeypatch):
-    from ticketc.export import portable as portable_module
+    from ticketc.export import decoder as decoder_module
 
-    monkeypatch.setattr(portable_module, "BLOCK_NUMEL", 200)
+    monkeypatch.setattr(decoder_module, "BLOCK_NUMEL", 200)
     rng = np.random.default_rng(0)
     weights = {n: _masked(rng, (16, 24), 0.1).astype(np.float16) for n in ("A", "B")}
     plan = plan_storage(weights, "fp32")
@@ -460,12 +461,12 @@ def test_a_dense_tail_decodes_in_both_runtimes_and_reads_back(
 ):
     """Sparse weights with the dense biases as the group's dense tail (one bias holding a 0):
     decoded exactly as `to_dense`, fp32 exactly the originals, and read back from the file."""
-    from ticketc.export import portable as portable_module
+    from ticketc.export import decoder as decoder_module
 
     # a bitmask gathers (int8: scatters); with blocks: [conv], [fc1], [fc2, biases...], the
     # tail's entries scattered in the last block
     if block:
-        monkeypatch.setattr(portable_module, "BLOCK_NUMEL", block)
+        monkeypatch.setattr(decoder_module, "BLOCK_NUMEL", block)
     model, weights = conv_mlp()
     biases = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     biases = {n: a.copy() for n, a in biases.items() if n.endswith(".bias")}

@@ -9,12 +9,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ticketc.export.portable import (
-    StoredGroup,
-    array_names,
-    decodes_by_gather,
-    parse_codec,
-)
+from ticketc.export.decoder import array_names, decodes_by_gather
+from ticketc.export.portable import StoredGroup, parse_codec
 from ticketc.formats.compact import Compact
 
 __all__ = ["read_portable"]
