@@ -34,7 +34,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ticketc.formats.compact import FLOAT_KINDS, Compact
+from ticketc.formats.compact import Compact
+from ticketc.formats.compact_values import FLOAT_KINDS
 
 __all__ = [
     "BLOCK_NUMEL",

@@ -17,7 +17,7 @@ import numpy as np
 
 from ticketc.export.decoder import decoder_nbytes
 from ticketc.formats import rice
-from ticketc.formats.compact import value_kind_of
+from ticketc.formats.compact_values import value_kind_of
 
 __all__ = [
     "TENSOR_COST",

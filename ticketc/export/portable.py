@@ -44,7 +44,9 @@ from ticketc.export.decoder import (
     work_kind,
     zero_of,
 )
-from ticketc.formats.compact import POSITIONS_KINDS, VALUES_KINDS, Compact
+from ticketc.formats.compact import Compact
+from ticketc.formats.compact_positions import POSITIONS_KINDS
+from ticketc.formats.compact_values import VALUES_KINDS
 
 __all__ = [
     "MIN_OPSET",

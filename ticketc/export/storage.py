@@ -37,12 +37,13 @@ from ticketc.export.grouping import (
 )
 from ticketc.export.portable import Group
 from ticketc.formats import rice
-from ticketc.formats.compact import (
+from ticketc.formats.compact import Compact
+from ticketc.formats.compact_positions import mask_entropy_bits
+from ticketc.formats.compact_values import (
     CODEBOOK_SIZE,
-    INT8_ENTRIES_PER_ROW_SCALE,
     VALUE_BITS,
     VALUE_DTYPE,
-    Compact,
+    int8_scale_count,
 )
 from ticketc.formats.quantize import FP16_MAX
 
@@ -161,8 +162,6 @@ def plan_storage(
 def tensor_record(
     name: str, array: np.ndarray, nnz: int, form: str, codec: str, nbytes: float, values: str
 ) -> TensorStorage:
-    from ticketc.formats.compact import mask_entropy_bits
-
     kind = float_kind(array) or "fp32"
     bits = VALUE_BITS[values] if values != "fp32" else VALUE_BITS[kind]
     bits = min(bits, VALUE_BITS[kind])
@@ -238,9 +237,7 @@ def _options(
 
 def _side_bytes(kind: str, shape: tuple[int, ...], entries: int, dense_zeros: bool) -> int:
     if kind == "int8":
-        rows = shape[0] if len(shape) >= 2 else 1
-        per_row = rows > 1 and entries >= INT8_ENTRIES_PER_ROW_SCALE * rows
-        return 2 * (rows if per_row else 1) + 8  # + the scale-rows table entry
+        return 2 * int8_scale_count(shape, entries) + 8  # + the scale-rows table entry
     if kind == "int4":
         return 2 * min(CODEBOOK_SIZE, entries + dense_zeros) + 8
     return 0

@@ -9,8 +9,9 @@ the portable ONNX export. `layout.py` holds what the first three share.
 from __future__ import annotations
 
 from ticketc.formats.bsr import BSR, block_occupancy
-from ticketc.formats.compact import POSITIONS_KINDS, VALUES_KINDS, Compact
-from ticketc.formats.compact_positions import mask_entropy_bits
+from ticketc.formats.compact import Compact
+from ticketc.formats.compact_positions import POSITIONS_KINDS, mask_entropy_bits
+from ticketc.formats.compact_values import VALUES_KINDS
 from ticketc.formats.csr import CSR
 from ticketc.formats.tiled import Tiled
 

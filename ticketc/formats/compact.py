@@ -59,33 +59,16 @@ from ticketc.formats.compact_positions import (
     positions_nbytes,
 )
 from ticketc.formats.compact_values import (
-    CODEBOOK_SIZE,
     FLOAT_KINDS,
-    INT8_ENTRIES_PER_ROW_SCALE,
     VALUE_BITS,
-    VALUE_DTYPE,
     VALUES_KINDS,
     check_values,
     encode_values,
     int4_codes,
-    value_kind_of,
     values_nbytes,
 )
 
-# The kind tables live in compact_values / compact_positions; those the exporter names as
-# the codec's vocabulary (ticketc.export.storage, portable) are importable from here too.
-__all__ = [
-    "CODEBOOK_SIZE",
-    "FLOAT_KINDS",
-    "INT8_ENTRIES_PER_ROW_SCALE",
-    "POSITIONS_KINDS",
-    "VALUE_BITS",
-    "VALUE_DTYPE",
-    "VALUES_KINDS",
-    "Compact",
-    "mask_entropy_bits",
-    "value_kind_of",
-]
+__all__ = ["Compact"]
 
 
 def _as_array(tensor: torch.Tensor | np.ndarray) -> np.ndarray:

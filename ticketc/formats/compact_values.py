@@ -29,7 +29,7 @@ __all__ = [
     "check_values",
     "encode_values",
     "int4_codes",
-    "scale_rows_of",
+    "int8_scale_count",
     "value_kind_of",
     "values_nbytes",
 ]
@@ -70,9 +70,12 @@ def values_nbytes(kind: str, entries: int) -> int:
     return (entries * VALUE_BITS[kind] + 7) // 8
 
 
-def scale_rows_of(shape: tuple[int, ...]) -> int:
-    """Rows of a tensor for per-row int8 scales: dim 0 of a matrix or kernel, 1 for a vector."""
-    return shape[0] if len(shape) >= 2 else 1
+def int8_scale_count(shape: tuple[int, ...], entries: int) -> int:
+    """How many int8 scales a tensor of `shape` with `entries` stored values gets: one per row
+    (dim 0 of a matrix or kernel) where its rows hold INT8_ENTRIES_PER_ROW_SCALE entries on
+    average, else one for the whole tensor."""
+    rows = shape[0] if len(shape) >= 2 else 1
+    return rows if rows > 1 and entries >= INT8_ENTRIES_PER_ROW_SCALE * rows else 1
 
 
 def int4_codes(values: np.ndarray, count: int) -> np.ndarray:
@@ -115,9 +118,7 @@ def _int8_values(
     codes, scales, rows_per_tensor = [], [], []
     for values, index, shape in zip(picked, local, shapes, strict=True):
         wide = values.astype(np.float64)
-        rows = scale_rows_of(shape)
-        per_row = rows > 1 and index.size >= INT8_ENTRIES_PER_ROW_SCALE * rows
-        rows = rows if per_row else 1
+        rows = int8_scale_count(shape, index.size)
         row = index // max(1, math.prod(shape) // rows)
         absmax = np.zeros(rows)
         np.maximum.at(absmax, row, np.abs(wide))
@@ -193,7 +194,7 @@ def check_values(
     if want_scale != (scale is not None) or want_scale != (scale_rows is not None):
         raise ValueError(f"scales must be present exactly for int8 values ({kind})")
     if scale is not None and scale_rows is not None:
-        allowed = [{1, scale_rows_of(s)} for s in shapes]
+        allowed = [{1, s[0] if len(s) >= 2 else 1} for s in shapes]  # per tensor or per row
         if scale_rows.shape != (k,) or any(
             int(r) not in a for r, a in zip(scale_rows, allowed, strict=True)
         ):
