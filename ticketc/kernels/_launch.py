@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -173,3 +174,55 @@ def launch_split_k(
         cfg = pick_config(key, cfg, dot_candidates(n), lambda c: launch(c, scratch))
     launch(cfg, out)
     return out
+
+
+def launch_row_blocks(
+    op: str,
+    kernel: Any,
+    x: Tensor,
+    arrays: tuple[Tensor, ...],
+    values: Tensor,
+    bias: Tensor | None,
+    out: Tensor | None,
+    *,
+    out_features: int,
+    row_blocks: int,
+    rows: int,
+    what: str,
+    meta: dict[str, int],
+    config_of: Callable[[int], dict[str, int]],
+    config: dict[str, int] | None,
+    key: tuple,
+) -> Tensor:
+    """y [N, out_features] = x [N, K] @ W.T (+ bias) by a block-sparse `kernel` whose program
+    (i, j, s) computes output rows i*rows.. of batch tile j over its s-th split of K.
+
+    Checks that `row_blocks` blocks of `rows` output rows cover `out_features`, allocates or
+    checks `out`, then launches `kernel(x, target, *arrays, values, bias, m, n, k, split,
+    strides..., HAS_BIAS, BLOCK_N, DOT_FP32, ATOMIC, **meta)` with the configuration
+    `config_of(n)` updated by the caller's `config` (autotuned per `key` when none is given).
+    `what` names the blocks in the error ("block rows"). Raises ValueError on a mismatch."""
+    n, k = x.shape
+    m = out_features
+    if not (row_blocks - 1) * rows < m <= row_blocks * rows:
+        raise ValueError(f"{op}: out_features={m} does not match {row_blocks} {what} of {rows}")
+    out = checked_output(op, x, m, bias, out)
+    if n == 0 or m == 0:
+        return out
+    bias_arg = bias if bias is not None else values  # never read without HAS_BIAS
+
+    def run(cfg: dict[str, int], target: Tensor) -> None:
+        split = cfg["SPLIT_K"]
+        grid = (row_blocks, -(-n // cfg["BLOCK_N"]), split)
+        kernel[grid](
+            x, target, *arrays, values, bias_arg,
+            m, n, k, split,
+            x.stride(0), x.stride(1), target.stride(0), target.stride(1),
+            HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"],
+            DOT_FP32=dot_in_fp32(x, values), ATOMIC=split > 1,
+            num_warps=cfg.get("num_warps", 4), **meta,
+        )  # fmt: skip
+
+    cfg = {**config_of(n), **(config or {})}
+    full_key = (*key, x.device, x.dtype, values.dtype, m, k, next_pow2(n), bias is not None)
+    return launch_split_k(full_key, cfg, config is None and autotuning(x.device), out, run)

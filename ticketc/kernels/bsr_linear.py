@@ -25,16 +25,13 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import (
-    autotuning,
     check_device,
     check_float,
-    checked_output,
-    dot_in_fp32,
-    launch_split_k,
+    launch_row_blocks,
     next_pow2,
     split_k_for,
 )
-from ._tile import store_rows
+from ._tile import accumulate_tile, row_block_program, store_rows
 
 BSR_BLOCKSIZES = (16, 32, 64, 128)  # tl.dot needs every dim >= 16 and a power of two
 
@@ -51,13 +48,7 @@ def _bsr_linear_kernel(
     HAS_BIAS: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    start = tl.load(crow_ptr + pid_m)
-    end = tl.load(crow_ptr + pid_m + 1)
-    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = ns < N
+    pid_m, pid_k, start, end, ns, n_ok = row_block_program(crow_ptr, N, BLOCK_N)
     i = tl.arange(0, B)  # output row inside the block
     j = tl.arange(0, B)  # input column inside the block
 
@@ -68,13 +59,8 @@ def _bsr_linear_kernel(
     w_p = val_ptr + first.to(tl.int64) * (B * B) + i[None, :] * B + j[:, None]
     for _ in range(first, end, SPLIT_K):
         ks = tl.load(col_p).to(tl.int64) * B + j
-        x_off = ns[:, None] * stride_xn + ks[None, :] * stride_xk
-        xt = tl.load(x_ptr + x_off, mask=n_ok[:, None] & (ks < K)[None, :], other=0.0)
-        wt = tl.load(w_p)
-        if DOT_FP32:
-            acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(xt, wt.to(xt.dtype))
+        acc = accumulate_tile(acc, x_ptr, ns, n_ok, ks, K, stride_xn, stride_xk, tl.load(w_p),
+                              DOT_FP32)  # fmt: skip
         col_p += SPLIT_K
         w_p += SPLIT_K * (B * B)
 
@@ -125,28 +111,10 @@ def bsr_linear(
     if crow_indices.dtype != torch.int32 or col_indices.dtype not in (torch.int16, torch.int32):
         raise TypeError(f"{op}: crow_indices must be int32 and col_indices int16/int32, got "
                         f"{crow_indices.dtype} and {col_indices.dtype}")  # fmt: skip
-    n, k = x.shape
-    m, mb = out_features, crow_indices.numel() - 1
-    if not (mb - 1) * b < m <= mb * b:
-        raise ValueError(f"{op}: out_features={m} does not match {mb} block rows of {b}")
-    out = checked_output(op, x, m, bias, out)
-    if n == 0 or m == 0:
-        return out
-    bias_arg = bias if bias is not None else values  # never read without HAS_BIAS
-
-    def run(cfg: dict[str, int], target: Tensor) -> None:
-        split = cfg["SPLIT_K"]
-        grid = (mb, triton.cdiv(n, cfg["BLOCK_N"]), split)
-        _bsr_linear_kernel[grid](
-            x, target, crow_indices, col_indices, values, bias_arg,
-            m, n, k, split,
-            x.stride(0), x.stride(1), target.stride(0), target.stride(1),
-            HAS_BIAS=bias is not None, B=b, BLOCK_N=cfg["BLOCK_N"],
-            DOT_FP32=dot_in_fp32(x, values), ATOMIC=split > 1,
-            num_warps=cfg.get("num_warps", 4),
-        )  # fmt: skip
-
-    cfg = {**bsr_config(mb, n, values.shape[0], b, device), **(config or {})}
-    key = ("bsr", device, x.dtype, values.dtype, m, k, b, next_pow2(n), values.shape[0],
-           bias is not None)  # fmt: skip
-    return launch_split_k(key, cfg, config is None and autotuning(device), out, run)
+    mb = crow_indices.numel() - 1
+    return launch_row_blocks(
+        op, _bsr_linear_kernel, x, (crow_indices, col_indices), values, bias, out,
+        out_features=out_features, row_blocks=mb, rows=b, what="block rows", meta={"B": b},
+        config_of=lambda n: bsr_config(mb, n, values.shape[0], b, device),
+        config=config, key=("bsr", b, values.shape[0]),
+    )  # fmt: skip

@@ -41,6 +41,19 @@ from ._launch import (
 
 
 @triton.jit
+def _row_entries(col_ptr, val_ptr, start, length, off, BLOCK_NNZ: tl.constexpr):
+    """Entries off.. off+BLOCK_NNZ-1 of the rows that start at `start` [ROWS] and hold
+    `length` [ROWS] entries: (live [ROWS, BLOCK_NNZ], columns int64, values fp32), 0 where
+    a row has no such entry."""
+    j = off + tl.arange(0, BLOCK_NNZ)
+    live = j[None, :] < length[:, None]
+    idx = start[:, None] + j[None, :]
+    cols = tl.load(col_ptr + idx, mask=live, other=0).to(tl.int64)
+    vals = tl.load(val_ptr + idx, mask=live, other=0.0).to(tl.float32)
+    return live, cols, vals
+
+
+@triton.jit
 def _csr_linear_kernel(
     # pointers
     x_ptr, y_ptr, crow_ptr, col_ptr, val_ptr, order_ptr, bias_ptr,
@@ -67,11 +80,7 @@ def _csr_linear_kernel(
         x_row = x_ptr + pid_n * stride_xn
         acc1 = tl.zeros([ROWS], dtype=tl.float32)
         for off in range(0, longest, BLOCK_NNZ):
-            j = off + tl.arange(0, BLOCK_NNZ)
-            live = j[None, :] < length[:, None]  # [ROWS, BLOCK_NNZ]
-            idx = start[:, None] + j[None, :]
-            cols = tl.load(col_ptr + idx, mask=live, other=0).to(tl.int64)
-            vals = tl.load(val_ptr + idx, mask=live, other=0.0).to(tl.float32)
+            live, cols, vals = _row_entries(col_ptr, val_ptr, start, length, off, BLOCK_NNZ)
             xg = tl.load(x_row + cols * stride_xk, mask=live, other=0.0)
             acc1 += tl.sum(xg.to(tl.float32) * vals, axis=1)
         if HAS_BIAS:
@@ -83,11 +92,7 @@ def _csr_linear_kernel(
         n_ok = ns < N
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         for off in range(0, longest, BLOCK_NNZ):
-            j = off + tl.arange(0, BLOCK_NNZ)
-            live = j[None, :] < length[:, None]  # [ROWS, BLOCK_NNZ]
-            idx = start[:, None] + j[None, :]
-            cols = tl.load(col_ptr + idx, mask=live, other=0).to(tl.int64)
-            vals = tl.load(val_ptr + idx, mask=live, other=0.0).to(tl.float32)
+            live, cols, vals = _row_entries(col_ptr, val_ptr, start, length, off, BLOCK_NNZ)
             x_off = cols[:, :, None] * stride_xk + ns[None, None, :] * stride_xn
             xg = tl.load(x_ptr + x_off, mask=live[:, :, None] & n_ok[None, None, :], other=0.0)
             acc += tl.sum(xg.to(tl.float32) * vals[:, :, None], axis=1)

@@ -27,16 +27,13 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import (
-    autotuning,
     check_device,
     check_float,
-    checked_output,
-    dot_in_fp32,
-    launch_split_k,
+    launch_row_blocks,
     next_pow2,
     split_k_for,
 )
-from ._tile import store_rows
+from ._tile import accumulate_tile, row_block_program, store_rows
 
 TILE_K = 32  # one int32 bitmap word per tile row
 TILE_MS = (16, 32, 64)
@@ -55,13 +52,7 @@ def _tiled_linear_kernel(
     HAS_BIAS: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, ATOMIC: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    start = tl.load(tile_crow_ptr + pid_m)
-    end = tl.load(tile_crow_ptr + pid_m + 1)
-    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = ns < N
+    pid_m, pid_k, start, end, ns, n_ok = row_block_program(tile_crow_ptr, N, BLOCK_N)
     i = tl.arange(0, TILE_M)
     j = tl.arange(0, TILE_K)
 
@@ -78,12 +69,8 @@ def _tiled_linear_kernel(
         row_start = tl.load(off_p) + tl.load(row_p).to(tl.int32)  # [TILE_M]
         w = tl.load(val_ptr + row_start[:, None] + rank, mask=present != 0, other=0.0)
         ks = tl.load(col_p).to(tl.int64) * TILE_K + j
-        x_off = ns[:, None] * stride_xn + ks[None, :] * stride_xk
-        xt = tl.load(x_ptr + x_off, mask=n_ok[:, None] & (ks < K)[None, :], other=0.0)
-        if DOT_FP32:
-            acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
+        acc = accumulate_tile(acc, x_ptr, ns, n_ok, ks, K, stride_xn, stride_xk, tl.trans(w),
+                              DOT_FP32)  # fmt: skip
         col_p += SPLIT_K
         off_p += SPLIT_K
         row_p += SPLIT_K * TILE_M
@@ -141,28 +128,12 @@ def tiled_linear(
         raise ValueError(f"{op}: row_offsets must be int16 {tuple(bitmaps.shape)}, got "
                          f"{row_offsets.dtype} {tuple(row_offsets.shape)}")  # fmt: skip
     tile_m = bitmaps.shape[1]
-    n, k = x.shape
-    m, mt = out_features, tile_crow.numel() - 1
-    if not (mt - 1) * tile_m < m <= mt * tile_m:
-        raise ValueError(f"{op}: out_features={m} does not match {mt} tile rows of {tile_m}")
-    out = checked_output(op, x, m, bias, out)
-    if n == 0 or m == 0:
-        return out
-    bias_arg = bias if bias is not None else values  # never read without HAS_BIAS
-
-    def run(cfg: dict[str, int], target: Tensor) -> None:
-        split = cfg["SPLIT_K"]
-        grid = (mt, triton.cdiv(n, cfg["BLOCK_N"]), split)
-        _tiled_linear_kernel[grid](
-            x, target, tile_crow, tile_col, tile_offsets, row_offsets, bitmaps, values, bias_arg,
-            m, n, k, split,
-            x.stride(0), x.stride(1), target.stride(0), target.stride(1),
-            HAS_BIAS=bias is not None, TILE_M=tile_m, TILE_K=TILE_K, BLOCK_N=cfg["BLOCK_N"],
-            DOT_FP32=dot_in_fp32(x, values), ATOMIC=split > 1,
-            num_warps=cfg.get("num_warps", 4),
-        )  # fmt: skip
-
-    cfg = {**tiled_config(mt, n, bitmaps.shape[0], device), **(config or {})}
-    key = ("tiled", device, x.dtype, values.dtype, m, k, tile_m, next_pow2(n),
-           values.numel(), bias is not None)  # fmt: skip
-    return launch_split_k(key, cfg, config is None and autotuning(device), out, run)
+    mt = tile_crow.numel() - 1
+    arrays = (tile_crow, tile_col, tile_offsets, row_offsets, bitmaps)
+    return launch_row_blocks(
+        op, _tiled_linear_kernel, x, arrays, values, bias, out,
+        out_features=out_features, row_blocks=mt, rows=tile_m, what="tile rows",
+        meta={"TILE_M": tile_m, "TILE_K": TILE_K},
+        config_of=lambda n: tiled_config(mt, n, bitmaps.shape[0], device),
+        config=config, key=("tiled", tile_m, values.numel()),
+    )  # fmt: skip
