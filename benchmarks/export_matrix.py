@@ -148,27 +148,12 @@ def resnet_wide() -> torch.nn.Module:
 
 def bert_small() -> torch.nn.Module:
     """BERT at hidden 256, 4 layers (bert-mini's shape, 1000-token vocabulary): 3.4 M weights."""
-    zoo._installed_kernels_first()
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(
-        vocab_size=1000,
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=1024,
-        max_position_embeddings=64,
-    )
-    return BertModel(config)
+    return zoo.bert(vocab=1000, hidden=256, layers=4, heads=4, intermediate=1024)
 
 
 def gpt2_small() -> torch.nn.Module:
     """GPT-2 at n_embd 256, 4 layers, tied head (1000-token vocabulary): 3.4 M weights."""
-    zoo._installed_kernels_first()
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(vocab_size=1000, n_embd=256, n_layer=4, n_head=4, n_positions=64)
-    return GPT2LMHeadModel(config)
+    return zoo.gpt2(vocab=1000, hidden=256, layers=4, heads=4)
 
 
 def _factory(reference: str) -> Callable[[], torch.nn.Module]:

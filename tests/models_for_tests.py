@@ -200,27 +200,39 @@ def _installed_kernels_first() -> None:
         sys.path[:] = saved
 
 
-def bert_tiny() -> nn.Module:
+def bert(vocab: int, hidden: int, layers: int, heads: int, intermediate: int) -> nn.Module:
+    """A randomly initialised transformers BertModel of this shape, 64 positions."""
     _installed_kernels_first()
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
         max_position_embeddings=64,
     )
     return BertModel(config)
 
 
-def gpt2_tiny() -> nn.Module:
+def gpt2(vocab: int, hidden: int, layers: int, heads: int) -> nn.Module:
+    """A randomly initialised transformers GPT2LMHeadModel (head tied to wte), 64 positions."""
     _installed_kernels_first()
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    config = GPT2Config(
+        vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=64
+    )
     return GPT2LMHeadModel(config)
+
+
+def bert_tiny() -> nn.Module:
+    return bert(vocab=99, hidden=32, layers=2, heads=2, intermediate=64)
+
+
+def gpt2_tiny() -> nn.Module:
+    return gpt2(vocab=99, hidden=32, layers=2, heads=2)
 
 
 def llama_tiny() -> nn.Module:
