@@ -135,3 +135,28 @@ def test_a_rank_killed_mid_round_resumes_to_the_same_ticket(
     for level in LEVELS:
         a, b = _metrics(runs["ddp"], level)["members"], _metrics(out, level)["members"]
         assert a["ticket"]["final_test_acc"] == b["ticket"]["final_test_acc"]
+
+
+def test_a_rank_that_left_its_group_ends_without_python_shutdown(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """DDP keeps gloo's worker threads alive past destroy_process_group, and one of them freeing
+    a collective's tensors during Python's shutdown aborted ranks (SIGABRT) after the search had
+    finished: a rank that left its group ends by os._exit with the command's code."""
+    from ticketc import cli
+    from ticketc.find import distributed
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code: int) -> None:
+        raise Exited(code)
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    with pytest.raises(SystemExit) as plain:  # no group: Python's own exit
+        cli.entry()
+    assert plain.value.code == 3
+    monkeypatch.setattr(distributed, "_left_group", True)
+    with pytest.raises(Exited) as fast:
+        cli.entry()
+    assert fast.value.args == (3,)

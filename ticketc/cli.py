@@ -111,4 +111,12 @@ def _os_error(e: OSError) -> str:
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    distributed = sys.modules.get("ticketc.find.distributed")  # imported by find alone
+    if distributed is not None and distributed.left_group():
+        # a torchrun rank of `find`: everything is written and closed, and Python's shutdown
+        # could abort the process (see ticketc.find.distributed.left_group)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
