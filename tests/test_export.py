@@ -444,3 +444,34 @@ def test_a_mixed_density_group_matches_the_masked_model(tmp_path, values):
     groups = read_metadata(onnx.load(str(path)))["groups"]
     assert any("/" in codec for codec in groups.values()), groups  # a dense tail, not a group
     assert_matches_model(path, model, {"x": torch.randn(3, 5, 16)}, values)
+
+
+@torch.library.custom_op("ticketc_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _twice_fake(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class _Untranslatable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _twice(self.fc(x))
+
+
+def test_an_operator_torch_onnx_cannot_translate_is_named_with_its_layer_and_why(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), _Untranslatable())
+    out = tmp_path / "m.onnx"
+    with pytest.raises(UserError) as error:
+        export_model(model, torch.randn(1, 4), out)
+    message = str(error.value)
+    layer = "layer '1' (tests.test_export._Untranslatable)"
+    assert f"{layer} uses ticketc_test.twice.default" in message
+    assert "No ONNX function found" in message  # torch.onnx's own reason, after the layer
+    assert "\n" not in message and not out.exists()

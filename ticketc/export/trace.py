@@ -308,7 +308,10 @@ def _blame(program: torch.export.ExportedProgram, error: Exception) -> str:
         if stack:
             path, cls = list(stack.values())[-1]
             layer = f"layer {path or '(top level)'!r} ({getattr(cls, '__name__', cls)})"
-        return f"{layer} uses {node.target}, which torch.onnx cannot translate"
+        # torch.onnx's report names the failing call's own error after its summary heading
+        cause = re.search(r"<class '[\w.]+'>: (.+)", text)
+        why = f": {cause.group(1).strip()[:200]}" if cause else ""
+        return f"{layer} uses {node.target}, which torch.onnx cannot translate{why}"
     return re.sub(r"\x1b\[[0-9;]*m", "", first_line(error))
 
 
