@@ -129,6 +129,27 @@ class DictOutput(nn.Module):
         return {"logits": self.head(scores), "extra": (hidden, scores)}
 
 
+class RelPosAttention(nn.Module):
+    """timm's relative-position attention: scaled_dot_product_attention with a mask that is a
+    permuted view of a bias table, then transpose(1, 2) and reshape (torch.onnx failed on it
+    unless told to decompose attention with the math kernel)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, tokens: int = 6) -> None:
+        super().__init__()
+        self.heads, self.tokens = heads, tokens
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.table = nn.Parameter(torch.randn(tokens * tokens, heads))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = self.table.view(self.tokens, self.tokens, -1).permute(2, 0, 1).unsqueeze(0)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
 def resnet_tiny() -> nn.Module:
     return ResNetTiny()
 
@@ -147,6 +168,10 @@ def upsampler() -> nn.Module:
 
 def dict_output() -> nn.Module:
     return DictOutput()
+
+
+def relpos_attention() -> nn.Module:
+    return RelPosAttention()
 
 
 @torch.no_grad()

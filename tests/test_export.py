@@ -218,6 +218,7 @@ ZOO = {
     "recurrent": (zoo.recurrent, lambda: {"x": torch.randn(2, 5, 6)}),
     "upsampler": (zoo.upsampler, lambda: {"x": torch.randn(2, 3, 6, 6)}),
     "dict_output": (zoo.dict_output, lambda: {"x": torch.randn(2, 10)}),
+    "relpos_attention": (zoo.relpos_attention, lambda: {"x": torch.randn(2, 6, 16)}),
 }
 
 

@@ -180,7 +180,7 @@ def _plain_to_onnx(
         except Exception as e:  # noqa: BLE001
             raise UserError(f"cannot trace the model with torch.export: {first_line(e)}") from e
     try:
-        with quiet():
+        with quiet(), _sdpa_as_math():
             onnx_program = torch.onnx.export(
                 program, dynamo=True, opset_version=opset, verbose=False
             )
@@ -261,7 +261,7 @@ def _transformers_to_onnx(
         widened = _widened(as_kwargs, dynamic)
         shapes = _dynamic_shapes(model, widened)
         try:
-            with quiet():
+            with quiet(), _sdpa_as_math():
                 onnx_model, _ = OnnxExporter().export_program(
                     model,  # type: ignore[arg-type]
                     dict(widened.kwargs),
@@ -271,7 +271,7 @@ def _transformers_to_onnx(
             notes.append(f"input shapes fixed at {example.describe()}: {first_line(e)[:150]}")
     if onnx_model is None:
         try:
-            with quiet():
+            with quiet(), _sdpa_as_math():
                 onnx_model, _ = OnnxExporter().export_program(
                     model,  # type: ignore[arg-type]
                     dict(inputs),
@@ -316,6 +316,19 @@ def _blame(program: torch.export.ExportedProgram, error: Exception) -> str:
 
 
 _NOISY_LOGGERS = ("torch", "transformers", "onnxscript", "onnx_ir")
+
+
+def _sdpa_as_math() -> contextlib.AbstractContextManager[None]:
+    """torch.onnx decomposes scaled_dot_product_attention with the kernel the context picks.
+    On CPU that is the flash kernel, whose output is laid out [batch, tokens, heads, dim]: a
+    `reshape` after `transpose(1, 2)` then decomposes to a `view`, which the flash kernel's own
+    decomposition into matmuls (a [batch, heads, tokens, dim] output) no longer allows, and
+    torch.onnx fails ("Cannot view a tensor ..."; timm's relative-position ViTs and MaxViT,
+    any attention mask that is a permuted view). The math kernel's layout is the one its
+    decomposition produces (the ONNX graph is matmuls and a softmax either way)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 @contextlib.contextmanager
