@@ -150,6 +150,29 @@ class RelPosAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
+class Versioned(nn.Module):
+    """Refuses a state dict without its version, as torchvision's MNASNet does: load_state_dict
+    hands each module its entry of the state dict's `_metadata`."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):  # type: ignore[no-untyped-def]
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2, not {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def versioned() -> nn.Module:
+    return Versioned()
+
+
 def resnet_tiny() -> nn.Module:
     return ResNetTiny()
 

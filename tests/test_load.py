@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from tests import models_for_tests as zoo
 from tests.models_for_tests import prune_random_, tiny_convnet, tiny_mlp
 from ticketc.checkpoint import Ticket, load_ticket, save_ticket
 from ticketc.errors import UserError
@@ -201,3 +202,28 @@ def test_atomic_writes_have_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("form", ["hooks", "removed", "module_prefix"])
+def test_module_versions_in_the_state_dict_reach_the_modules(tmp_path, form):
+    """torchvision's MNASNet reads its version from the state dict's `_metadata`: folding the
+    prune tensors or dropping a wrapper's `module.` prefix must keep it (it was lost: internal
+    error)."""
+    torch.manual_seed(0)
+    model = zoo.versioned()
+    prune.global_unstructured([(model.body[0], "weight"), (model.body[2], "weight")],
+                              prune.L1Unstructured, amount=0.5)
+    if form != "hooks":
+        prune.remove(model.body[0], "weight")
+        prune.remove(model.body[2], "weight")
+    state = (nn.DataParallel(model) if form == "module_prefix" else model).state_dict()
+    torch.save(state, tmp_path / "sd.pt")
+    loaded = load_model(tmp_path / "sd.pt", arch="tests.models_for_tests:versioned")
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
+
+
+def test_a_module_that_refuses_the_weights_is_a_user_error(tmp_path):
+    torch.save(dict(zoo.versioned().state_dict()), tmp_path / "sd.pt")  # a plain dict: no versions
+    with pytest.raises(UserError, match="version should be 2, not None"):
+        load_model(tmp_path / "sd.pt", arch="tests.models_for_tests:versioned")

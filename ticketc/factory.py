@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -194,11 +195,14 @@ def load_weights_(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     `source` when the names or shapes do not match the architecture."""
     own = set(model.state_dict(keep_vars=True))
     renamed = without_wrapper_prefix(list(state), own)
-    state = {renamed[k]: v for k, v in state.items()}
+    versions = getattr(state, "_metadata", None)
+    state = OrderedDict((renamed[k], v) for k, v in state.items())
+    if versions is not None:
+        state._metadata = _renamed_versions(versions, renamed)  # type: ignore[attr-defined]
     untie_differing_(model, state)
     try:
         result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes that do not fit
+    except Exception as e:  # noqa: BLE001 - shapes that do not fit, a module's own refusal
         raise UserError(f"{source}: weights do not match the architecture ({first_line(e)})") from e
     problems = []
     if result.missing_keys:
@@ -207,6 +211,19 @@ def load_weights_(model: nn.Module, state: dict[str, torch.Tensor], source: str)
         problems.append(f"unexpected {', '.join(result.unexpected_keys[:5])}")
     if problems:
         raise UserError(f"{source}: weights do not match the architecture ({'; '.join(problems)})")
+
+
+def _renamed_versions(versions: dict[str, Any], renamed: dict[str, str]) -> OrderedDict[str, Any]:
+    """A state dict's `_metadata` (module prefix -> {"version": N}, which load_state_dict hands
+    to each module's `_load_from_state_dict`; torchvision's MNASNet refuses to load without
+    it) under the module names `renamed` (a wrapper prefix dropped) gives."""
+    prefix = next((k[: len(k) - len(v)] for k, v in renamed.items() if k != v), "")
+    out: OrderedDict[str, Any] = OrderedDict()
+    for key, value in versions.items():
+        if prefix and (key + ".").startswith(prefix):
+            key = key[len(prefix) :] if key.startswith(prefix) else ""
+        out[key] = value
+    return out
 
 
 def untie_differing_(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:

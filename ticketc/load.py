@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +137,11 @@ def _load_exported_program(p: Path, *, trust_pickle: bool) -> LoadedModel:
 def _normalise_state_dict(
     state: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], Masks, list[str]]:
-    """Fold prune (`X_orig`, `X_mask`) and ao.pruning (`parametrizations.X.original`) keys."""
-    out: dict[str, torch.Tensor] = {}
+    """Fold prune (`X_orig`, `X_mask`) and ao.pruning (`parametrizations.X.original`) keys;
+    the modules' versions (`_metadata`) stay with the result."""
+    out: dict[str, torch.Tensor] = OrderedDict()
+    if (versions := getattr(state, "_metadata", None)) is not None:
+        out._metadata = versions  # type: ignore[attr-defined]
     masks: Masks = {}
     notes: list[str] = []
     for key, value in state.items():
