@@ -137,11 +137,10 @@ def test_a_rank_killed_mid_round_resumes_to_the_same_ticket(
         assert a["ticket"]["final_test_acc"] == b["ticket"]["final_test_acc"]
 
 
-def test_a_rank_that_left_its_group_ends_without_python_shutdown(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_torchrun_rank_ends_without_python_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
     """DDP keeps gloo's worker threads alive past destroy_process_group, and one of them freeing
     a collective's tensors during Python's shutdown aborted ranks (SIGABRT) after the search had
-    finished: a rank that left its group ends by os._exit with the command's code."""
+    finished: a rank of a multi-rank torchrun job ends by os._exit with the command's code."""
     from ticketc import cli
     from ticketc.find import distributed
 
@@ -153,10 +152,13 @@ def test_a_rank_that_left_its_group_ends_without_python_shutdown(
 
     monkeypatch.setattr(cli, "main", lambda: 3)
     monkeypatch.setattr(os, "_exit", fake_exit)
-    with pytest.raises(SystemExit) as plain:  # no group: Python's own exit
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert "ticketc.find.distributed" in sys.modules and not distributed.ends_without_shutdown()
+    with pytest.raises(SystemExit) as plain:  # not under torchrun: Python's own exit
         cli.entry()
     assert plain.value.code == 3
-    monkeypatch.setattr(distributed, "_left_group", True)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # what torchrun sets for its ranks
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(Exited) as fast:
         cli.entry()
     assert fast.value.args == (3,)

@@ -113,9 +113,9 @@ def _os_error(e: OSError) -> str:
 def entry() -> None:
     code = main()
     distributed = sys.modules.get("ticketc.find.distributed")  # imported by find alone
-    if distributed is not None and distributed.left_group():
+    if distributed is not None and distributed.ends_without_shutdown():
         # a torchrun rank of `find`: everything is written and closed, and Python's shutdown
-        # could abort the process (see ticketc.find.distributed.left_group)
+        # could abort the process (see ticketc.find.distributed.ends_without_shutdown)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -70,23 +70,18 @@ def from_environment() -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 
-_left_group = False  # this process left a group it trained in (see `left_group`)
-
-
 def leave(ranks: Ranks) -> None:
     """Leave the process group `from_environment` joined (after the search, on every rank)."""
-    global _left_group
     if ranks.distributed and dist.is_initialized():
         # Every rank arrives here (errors are broadcast); without the barrier a rank could tear
         # gloo down while rank 0 is still writing, which aborted rank 0 at exit under load.
         dist.barrier()
         dist.destroy_process_group()
-        _left_group = True
 
 
-def left_group() -> bool:
-    """Whether this process trained in a process group and left it: its interpreter must then
-    end without Python's shutdown (`ticketc.cli.entry` calls os._exit).
+def ends_without_shutdown() -> bool:
+    """Whether this process, a rank of a multi-rank torchrun job, must end without Python's
+    shutdown (`ticketc.cli.entry` calls os._exit once the command has returned).
 
     DistributedDataParallel keeps references to the gloo group (10 of them, torch 2.13: none
     visible to Python's gc), so destroy_process_group does not stop its worker threads. A
@@ -94,8 +89,12 @@ def left_group() -> bool:
     (the tensors of broadcast_object_list, held by the last barrier) needs the GIL, is made to
     exit by Python, and unwinding it aborts the process: SIGABRT, "terminate called without an
     active exception", after the search had finished (a gdb backtrace of the core: ~AsyncWork
-    -> gil_scoped_acquire -> PyThread_exit_thread; 1 run in 10 on 2 loaded cores)."""
-    return _left_group
+    -> gil_scoped_acquire -> PyThread_exit_thread; 3 of 43 runs on 2 loaded cores)."""
+    return (
+        dist.is_available()
+        and dist.is_torchelastic_launched()
+        and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    )
 
 
 def broadcast(obj: T, ranks: Ranks) -> T:
