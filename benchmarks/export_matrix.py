@@ -24,7 +24,8 @@ tables included; decoder nodes and metadata not).
 
 The default architectures are tiny (0.5-100 kB of weights) so the matrix runs in minutes;
 `--archs` also takes `resnet_wide`, `bert_small` and `gpt2_small` (0.3-4 M weights), sizes
-where a decoder's fixed bytes stop mattering.
+where a decoder's fixed bytes stop mattering, and `heldout` (`benchmarks/heldout_archs.py`:
+torchvision and timm models no test builds; needs a venv with both, never CI).
 
     python -m benchmarks.export_matrix [--archs resnet,tied_lm] [--rates 0.9] \
         [--forms state_dict,pt2] [--values fp32,int4]
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -42,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +53,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from benchmarks.heldout_archs import HELDOUT
 from tests import models_for_tests as zoo
 from ticketc.cli import main as ticketc_main
 
@@ -158,7 +162,7 @@ def gpt2_small() -> torch.nn.Module:
 
 def _factory(reference: str) -> Callable[[], torch.nn.Module]:
     module, _, name = reference.rpartition(":")
-    return globals()[name] if module else getattr(zoo, reference)
+    return getattr(importlib.import_module(module), name) if module else getattr(zoo, reference)
 
 
 def _arch_flag(reference: str) -> str:
@@ -242,7 +246,8 @@ def _removed(model: torch.nn.Module, factory: str) -> torch.nn.Module:
     """A fresh copy of the architecture holding the pruned weights (weight_orig x weight_mask),
     as prune.remove leaves them; the model passed in keeps its hooks."""
     state = model.state_dict()
-    merged = {}
+    merged: dict[str, torch.Tensor] = OrderedDict()
+    merged._metadata = state._metadata  # type: ignore[attr-defined]  # module versions (MNASNet)
     for key, value in state.items():
         if key.endswith("_orig"):
             merged[key[: -len("_orig")]] = value * state[key[: -len("_orig")] + "_mask"]
@@ -266,7 +271,7 @@ def _export(args: list[str]) -> tuple[int, dict | None, str]:
 
 
 def run_cell(arch: str, rate: float, forms: list[str], values: list[str], work: Path) -> list:
-    factory, specs = {**ARCHS, **WIDE}[arch]
+    factory, specs = {**ARCHS, **WIDE, **HELDOUT}[arch]
     torch.manual_seed(0)
     model = _factory(factory)().eval()
     zoo.prune_global_(model, rate)
@@ -394,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in args.archs.split(","):
+        archs = ",".join(HELDOUT) if args.archs == "heldout" else args.archs
+        for arch in archs.split(","):
             for rate in (float(r) for r in args.rates.split(",")):
                 work = Path(tmp) / f"{arch}-{rate}"
                 work.mkdir()

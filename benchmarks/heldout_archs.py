@@ -1,0 +1,119 @@
+"""Architectures no test builds, for `export_matrix.py --archs heldout`: torchvision and timm CNNs
+and transformers (BatchNorm statistics made non-trivial, some gammas zero), and a GRU tagger
+over int64 tokens with a dict output.
+
+torchvision does not import with the CPU torch build the project installs, so this needs its
+own venv (e.g. `pip install torch==2.14.1 torchvision==0.29.1 timm` and `pip install -e .`);
+it never runs in CI. Each factory is importable as `benchmarks.heldout_archs:NAME`, the
+`--arch` the matrix passes to `ticketc export`.
+
+    python -m benchmarks.export_matrix --archs heldout --rates 0.9 --forms state_dict,pt2 \
+        --values fp32,int4 --name heldout_matrix
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+TORCHVISION = ("mobilenet_v2", "shufflenet_v2_x0_5", "mnasnet0_5", "regnet_x_400mf", "swin_t")
+# timm's own test-sized configurations of its families (input sizes from their configs)
+TIMM = {
+    "test_byobnet": 160,
+    "test_coatnet": 160,
+    "test_convnext": 160,
+    "test_efficientnet": 160,
+    "test_maxvit": 160,
+    "test_nfnet": 160,
+    "test_vit": 160,
+    "test_vit_relpos": 160,
+    "test_mambaout": 160,
+}
+
+
+def _batchnorm_statistics_(model: nn.Module) -> nn.Module:
+    """Running statistics and affine parameters as training leaves them, 10 % of gammas zero
+    (timm's zero-init last BN): a BatchNorm folded into a conv then changes its weights."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
+                m.running_var.copy_(0.5 + 3 * torch.rand(n, generator=generator))
+                m.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                m.weight[torch.rand(n, generator=generator) < 0.1] = 0.0
+                m.bias.copy_(0.1 * torch.randn(n, generator=generator))
+    return model
+
+
+def _torchvision(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return _batchnorm_statistics_(getattr(torchvision.models, name)(num_classes=10))
+
+    return build
+
+
+def _timm(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return _batchnorm_statistics_(timm.create_model(name, num_classes=10))
+
+    return build
+
+
+class GruTagger(nn.Module):
+    """Token embeddings -> bidirectional GRU -> per-token logits, as {"logits", "pooled"}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(200, 24)
+        self.gru = nn.GRU(24, 32, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.gru(self.embed(ids))[0]
+        return {"logits": self.head(hidden), "pooled": hidden.mean(1)}
+
+
+def gru_tagger() -> nn.Module:
+    return GruTagger()
+
+
+FACTORIES: dict[str, Callable[[], nn.Module]] = {
+    **{f"tv_{name}": _torchvision(name) for name in TORCHVISION},
+    **{f"timm_{name}": _timm(name) for name in TIMM},
+    "gru_tagger": gru_tagger,
+}
+
+
+def __getattr__(name: str) -> Callable[[], nn.Module]:  # `--arch benchmarks.heldout_archs:NAME`
+    if name in FACTORIES:
+        return FACTORIES[name]
+    raise AttributeError(name)
+
+
+def _image(size: int) -> tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]:
+    return ("float32", (1, 3, size, size), lambda: torch.randn(3, 3, size, size))
+
+
+# name -> (factory reference, {input name: (dtype, shape, maker)}), as export_matrix.ARCHS
+HELDOUT = {
+    **{
+        f"tv_{name}": (f"benchmarks.heldout_archs:tv_{name}", {"x": _image(64)})
+        for name in TORCHVISION
+    },
+    **{
+        f"timm_{name}": (f"benchmarks.heldout_archs:timm_{name}", {"x": _image(size)})
+        for name, size in TIMM.items()
+    },
+    "gru_tagger": (
+        "benchmarks.heldout_archs:gru_tagger",
+        {"ids": ("int64", (1, 10), lambda: torch.randint(0, 200, (3, 10)))},
+    ),
+}
