@@ -130,16 +130,7 @@ class ResNetWide(torch.nn.Module):
         self.bn = nn.BatchNorm2d(channels)
         self.blocks = nn.Sequential(zoo.BasicBlock(channels), zoo.BasicBlock(channels))
         self.fc = nn.Linear(channels, 10)
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.running_mean.copy_(0.5 * torch.randn(m.num_features, generator=generator))
-                    m.running_var.copy_(
-                        0.25 + 3.75 * torch.rand(m.num_features, generator=generator)
-                    )
-                    m.weight.copy_(1 + 0.5 * torch.randn(m.num_features, generator=generator))
-                    m.bias.copy_(0.2 * torch.randn(m.num_features, generator=generator))
+        zoo.batchnorm_statistics_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(torch.relu(self.bn(self.stem(x))))

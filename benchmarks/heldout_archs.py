@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from tests import models_for_tests as zoo
+
 TORCHVISION = ("mobilenet_v2", "shufflenet_v2_x0_5", "mnasnet0_5", "regnet_x_400mf", "swin_t")
 # timm's own test-sized configurations of its families (input sizes from their configs)
 TIMM = {
@@ -34,18 +36,14 @@ TIMM = {
 
 
 def _batchnorm_statistics_(model: nn.Module) -> nn.Module:
-    """Running statistics and affine parameters as training leaves them, 10 % of gammas zero
-    (timm's zero-init last BN): a BatchNorm folded into a conv then changes its weights."""
+    """Trained-looking BatchNorms (`tests.models_for_tests.batchnorm_statistics_`) with 10 % of
+    the gammas zero, as timm's zero-init last BN leaves some."""
+    zoo.batchnorm_statistics_(model)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
-                m.running_var.copy_(0.5 + 3 * torch.rand(n, generator=generator))
-                m.weight.copy_(0.5 + torch.rand(n, generator=generator))
-                m.weight[torch.rand(n, generator=generator) < 0.1] = 0.0
-                m.bias.copy_(0.1 * torch.randn(n, generator=generator))
+                m.weight[torch.rand(m.num_features, generator=generator) < 0.1] = 0.0
     return model
 
 

@@ -44,6 +44,21 @@ class BasicBlock(nn.Module):
         return torch.relu(x + y)
 
 
+def batchnorm_statistics_(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Give every BatchNorm2d of `model` statistics and affine parameters as training leaves
+    them (running_var 0.25-4, nonzero means, gamma around 1), in place: folding a BatchNorm
+    into its conv then changes every weight. Returns `model`."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.5 * torch.randn(m.num_features, generator=generator))
+                m.running_var.copy_(0.25 + 3.75 * torch.rand(m.num_features, generator=generator))
+                m.weight.copy_(1 + 0.5 * torch.randn(m.num_features, generator=generator))
+                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=generator))
+    return model
+
+
 class ResNetTiny(nn.Module):
     """Stem conv-BN, two basic blocks (the second's last BN with gamma = 0, as timm's
     zero_init_last), a depthwise conv, pooling and a classifier; BatchNorm statistics are
@@ -56,15 +71,8 @@ class ResNetTiny(nn.Module):
         self.blocks = nn.Sequential(BasicBlock(8), BasicBlock(8))
         self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
         self.fc = nn.Linear(8, 5)
-        generator = torch.Generator().manual_seed(1)
+        batchnorm_statistics_(self)
         with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.running_mean.copy_(0.5 * torch.randn(m.num_features, generator=generator))
-                    var = 0.25 + 3.75 * torch.rand(m.num_features, generator=generator)
-                    m.running_var.copy_(var)
-                    m.weight.copy_(1 + 0.5 * torch.randn(m.num_features, generator=generator))
-                    m.bias.copy_(0.2 * torch.randn(m.num_features, generator=generator))
             self.blocks[1].bn2.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
