@@ -9,11 +9,13 @@ output is copied), so the decoder keeps them few and int32.
 
 Decode recipe (index arithmetic in int32: a group never reaches 2^31 elements):
   bits(x):  Gather(LUT[256, 8], x): the little-endian bits of every byte
-  ones(b):  the indices of the set bits of b in order: each set bit is scattered to its rank
-            among them (opset >= 18: clear bits all to the last slot, reduction="max";
-            before: to their own slots after the set ones, a permutation)
-  rice:     z = ones(bits(p)) (the unary terminators), r = w @ bits(planes),
-            idx = 2^k * z + CumSum(r - (2^k - 1)) + (2^k - 1)   (see ticketc.formats.rice)
+  ones(b):  the indices of the set bits of b in order (optionally scaled and offset: a
+            Range's start and step, no extra pass): every bit is scattered to slot
+            "set bits before it" (exclusive CumSum), reduction="max" keeping the set bit's
+            position over the clear bits before it (opset >= 18; before: set bits to their
+            rank, clear bits to their own slots after the set ones, a permutation)
+  rice:     z' = 2^k * ones(bits(p)) + (2^k - 1) (the unary terminators),
+            r = w @ bits(planes), idx = z' + CumSum(r - (2^k - 1))   (see ticketc.formats.rice)
   bitmask:  every element gathers [0, values...][CumSum(bits) * bits] (int8: idx = ones(bits))
   dense:    every element is an entry
   tail:     a group's dense tail (its last tensors, every element an entry, no positions
@@ -190,27 +192,34 @@ class DecoderGraph:
     def cumsum(self, x: str) -> str:
         return self.op("CumSum", x, self.const(0))
 
-    def ones(self, bits: str, count: int, size: int) -> tuple[str, str]:
-        """(indices of the set bits of 1-D int32 `bits` in order, their count as int32 [1]).
+    def ones(
+        self, bits: str, count: int, size: int, start: int = 0, step: int = 1
+    ) -> tuple[str, str]:
+        """(`start + step * i` for the position i of each set bit of 1-D int32 `bits`, in
+        order; their count as int32 [1]).
 
         `count` set bits among `size`, both known when the file is written: stored as
         constants, not computed at session creation. Needs a clear bit after the last set one
         (Compact pads its streams so)."""
         count_name = self.const([count])
-        rank = self.cumsum(bits)  # set bits up to and including each position
-        positions = self.op("Range", self.const(0), self.const(size), self.const(1))
+        stop = start + step * size
+        positions = self.op("Range", self.const(start), self.const(stop), self.const(step))
         if self.opset >= 18:
-            # set bit -> slot rank - 1; clear bits -> the last slot (-1), keeping their largest
-            # position: defined for duplicates with reduction="max", and never read back
-            target = self.op("Sub", self.op("Mul", bits, rank), self.const(1))
+            # every bit goes to slot "set bits before it": set bit j to slot j, and the clear
+            # bits before it to the same slot, where reduction="max" keeps the set bit's
+            # (larger) position; clear bits after the last set one land at slot `count`,
+            # never read back. Two passes over the bits, folded at session creation.
+            target = self.op("CumSum", bits, self.const(0), exclusive=1)
             scattered = self.op("ScatterElements", positions, target, positions, reduction="max")
         else:
             # set bit -> rank - 1; clear bit -> count + (clear bits before it): a permutation
+            rank = self.cumsum(bits)  # set bits up to and including each position
+            slots = self.op("Range", self.const(0), self.const(size), self.const(1))
             target = self.op(
                 "Where",
                 self.op("Cast", bits, to=TensorProto.BOOL),
                 self.op("Sub", rank, self.const(1)),
-                self.op("Add", count_name, self.op("Sub", positions, rank)),
+                self.op("Add", count_name, self.op("Sub", slots, rank)),
             )
             scattered = self.op("ScatterElements", positions, target, positions)
         return self.op("Slice", scattered, self.const([0]), count_name), count_name
@@ -267,14 +276,13 @@ def add_decoder(g: DecoderGraph, prefix: str, c: Compact, out_kind: str, flat: s
     bit_count = 8 * c.positions.size
     index = count = rank = ""
     if c.positions_kind == "rice":
-        z, count = g.ones(g.bits(a["p"]), coded, bit_count)
+        k = int(c.remainders.shape[0]) if c.remainders is not None else 0
+        # 2^k * z + (2^k - 1), z the positions of the unary terminators
+        scaled, count = g.ones(g.bits(a["p"]), coded, bit_count, (1 << k) - 1, 1 << k)
         planes = g.bits(a["r"], keep_leading=True)  # [k, 8 * bytes]: bit j of each remainder
         remainder = g.op("Slice", g.op("MatMul", a["w"], planes), g.const([0]), count)
-        k = int(c.remainders.shape[0]) if c.remainders is not None else 0
-        m_minus_1 = g.const((1 << k) - 1)
-        offsets = g.cumsum(g.op("Sub", remainder, m_minus_1))
-        scaled = g.op("Mul", g.const(1 << k), z)
-        index = g.op("Add", g.op("Add", scaled, offsets), m_minus_1)
+        offsets = g.cumsum(g.op("Sub", remainder, g.const((1 << k) - 1)))
+        index = g.op("Add", scaled, offsets)
     elif gathered:
         bits = g.bits(a["p"])
         rank = g.op("Mul", g.cumsum(bits), bits)  # element -> its entry + 1, or 0
