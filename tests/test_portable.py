@@ -528,3 +528,41 @@ def test_plan_storage_puts_a_dense_bias_in_the_sparse_groups_tail(values):
     assert group.compact.positions.nbytes == sparse.positions.nbytes
     assert group.compact.remainders is not None and sparse.remainders is not None
     assert group.compact.remainders.nbytes == sparse.remainders.nbytes
+
+
+def _several(weights: list[np.ndarray], opset: int) -> onnx.ModelProto:
+    """A model whose outputs are the initializers W0, W1, ... themselves."""
+    names = [f"W{i}" for i in range(len(weights))]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [n], [f"y{n}"]) for n in names],
+        "ws",
+        [],
+        [helper.make_tensor_value_info(f"y{n}", TensorProto.FLOAT, list(w.shape))
+         for n, w in zip(names, weights, strict=True)],
+        [numpy_helper.from_array(w, n) for n, w in zip(names, weights, strict=True)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [13, OPSET])
+@pytest.mark.parametrize(("positions", "values"), KINDS)
+def test_per_tensor_tables_reach_their_own_entries(positions, values, opset):
+    """Per-tensor tables (int4 codebooks, int8 rows) of a group of several tensors at other
+    scales reach exactly their own tensor's entries; float groups may also hold a tensor
+    without entries (int8 / int4 groups refuse one: `to_portable`)."""
+    rng = np.random.default_rng(3)
+    weights = [
+        _masked(rng, (6, 9), 0.3),
+        _masked(rng, (7, 3), 0.5) * 40.0,  # another scale: a codebook of its own
+        _masked(rng, (5, 8), 0.2) * 0.01,
+    ]
+    if values not in ("int8", "int4"):
+        weights.insert(1, np.zeros((4, 5), np.float32))
+    compact = Compact.from_dense(weights, values, positions)
+    names = [f"W{i}" for i in range(len(weights))]
+    portable, _ = to_portable(_several(weights, opset), [(names, compact)])
+    onnx.checker.check_model(portable, full_check=True)
+    expected = compact.to_dense()
+    for runtime in (_session(portable), ReferenceEvaluator(portable)):
+        for got, want in zip(runtime.run(None, {}), expected, strict=True):
+            np.testing.assert_array_equal(got, want)

@@ -15,14 +15,16 @@ Decode recipe (index arithmetic in int32: a group never reaches 2^31 elements):
             position over the clear bits before it (opset >= 18; before: set bits to their
             rank, clear bits to their own slots after the set ones, a permutation)
   rice:     z' = 2^k * ones(bits(p)) + (2^k - 1) (the unary terminators),
-            r = w @ bits(planes), idx = z' + CumSum(r - (2^k - 1))   (see ticketc.formats.rice)
+            r = Einsum(w, bits(planes)), idx = z' + CumSum(r - (2^k - 1))
+            (see ticketc.formats.rice)
   bitmask:  every element gathers [0, values...][CumSum(bits) * bits] (int8: idx = ones(bits))
   dense:    every element is an entry
   tail:     a group's dense tail (its last tensors, every element an entry, no positions
             stored) appends Range(head elements, N) to idx, or when gathering, the tail's
             entries + 1 to the head's ranks (the bitmask's padding sliced off)
   values:   fp kinds Cast | int8 codes * scale[row of entry] | int4 codebook[tensor][code],
-            the tensor of an entry being CumSum of a mark at each tensor's first entry
+            the tensor of an entry being CumSum of a mark at each tensor's first entry (int4,
+            opset >= 16: its codebook's start directly, the starts' steps scatter-added there)
   output:   ScatterElements(zeros[N], idx, values) (or the gather), Cast to the graph's type
 NonZero, Compress and TopK are avoided on purpose: onnxruntime does not constant-fold the
 first two (data-dependent shapes), and TopK is 10x slower than the scatter on large streams.
@@ -170,8 +172,9 @@ class DecoderGraph:
             self.inits.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))
         return self._consts[key]
 
-    def bits(self, packed: str, keep_leading: bool = False) -> str:
-        """int32 bits of uint8 `packed`, little-endian: [8 n] for 1-D, [rows, 8 n] for 2-D."""
+    def bits(self, packed: str, flat: bool = True) -> str:
+        """int32 bits of uint8 `packed` [n], little-endian: [8 n]; or, not `flat`, [..., n, 8]
+        as gathered (no Reshape, which would copy every bit once more when folded)."""
         if not self._lut:
             prefix, count = self._prefix, self._count
             self.start(self.base + "L")
@@ -181,7 +184,7 @@ class DecoderGraph:
             self._lut = self.op("Mod", self.op("Div", column, weights), self.const(2))
             self._prefix, self._count = prefix, count
         bits = self.op("Gather", self._lut, self.op("Cast", packed, to=TensorProto.INT32))
-        return self.op("Reshape", bits, self.const([0, -1] if keep_leading else [-1], np.int64))
+        return self.op("Reshape", bits, self.const([-1], np.int64)) if flat else bits
 
     def split(self, x: str, sizes: str, count: int) -> list[str]:
         """`x` split along axis 0 into `count` parts of the int64 `sizes`."""
@@ -279,8 +282,12 @@ def add_decoder(g: DecoderGraph, prefix: str, c: Compact, out_kind: str, flat: s
         k = int(c.remainders.shape[0]) if c.remainders is not None else 0
         # 2^k * z + (2^k - 1), z the positions of the unary terminators
         scaled, count = g.ones(g.bits(a["p"]), coded, bit_count, (1 << k) - 1, 1 << k)
-        planes = g.bits(a["r"], keep_leading=True)  # [k, 8 * bytes]: bit j of each remainder
-        remainder = g.op("Slice", g.op("MatMul", a["w"], planes), g.const([0]), count)
+        planes = g.bits(a["r"], flat=False)  # [k, bytes, 8]: bit j of each remainder
+        # sum_j 2^j * plane j; Einsum reads the planes as gathered, where MatMul needs them
+        # reshaped to [k, 8 * bytes] first (a copy of k bits per entry: 30 % slower to fold)
+        weighted = g.op("Einsum", a["w"], planes, equation="k,kbe->be")
+        remainder = g.op("Reshape", weighted, g.const([-1], np.int64))
+        remainder = g.op("Slice", remainder, g.const([0]), count)
         offsets = g.cumsum(g.op("Sub", remainder, g.const((1 << k) - 1)))
         index = g.op("Add", scaled, offsets)
     elif gathered:
@@ -298,17 +305,31 @@ def add_decoder(g: DecoderGraph, prefix: str, c: Compact, out_kind: str, flat: s
         tail = g.op("Range", g.const(c.head_total), g.const(c.total), g.const(1))
         index, count = g.op("Concat", index, tail, axis=0), ""  # int4 slices all entries
 
-    segment = ""
+    segment = zeros = ""
+    # int4 needs one per-tensor value at every entry (its codebook's start): summed steps
+    # (opset >= 16), two folded passes fewer than the tensor index and a Gather
+    summed = c.values_kind == "int4" and g.opset >= 16
     if "e" in a:
-        # the tensor of every entry: a mark at the first entry of tensors 1.., summed up
-        # (the first tensor starts at 0, where the scatter writes the 0 it already holds)
         length = g.const([entries], np.int64)
         zeros = g.op("ConstantOfShape", length, value=zero_of(_INDEX))
+    if "e" in a and not summed:
+        # the tensor of every entry: a mark at the first entry of tensors 1.., summed up
+        # (the first tensor starts at 0, where the scatter writes the 0 it already holds)
         marks = g.op("ScatterElements", zeros, a["e"], a["e"])
         segment = g.cumsum(g.op("Min", marks, g.const(1)))
 
     def per_entry(table: str) -> str:
-        return g.op("Gather", table, segment) if segment else table
+        if not zeros:
+            return table
+        if segment:
+            return g.op("Gather", table, segment)
+        # table[t] at every entry of tensor t, for a nondecreasing table with table[0] = 0:
+        # its steps added at each tensor's first entry (tensors without entries share a
+        # first entry, hence reduction="add"), summed up
+        before = g.op("Slice", table, g.const([0]), g.const([-1]))
+        steps = g.op("Sub", table, g.op("Concat", g.const([0]), before, axis=0))
+        marks = g.op("ScatterElements", zeros, a["e"], steps, reduction="add")
+        return g.cumsum(marks)
 
     if c.values_kind in FLOAT_KINDS:
         same = c.values_kind == work_kind(c.values_kind)
@@ -334,7 +355,7 @@ def add_decoder(g: DecoderGraph, prefix: str, c: Compact, out_kind: str, flat: s
         # drop an odd count's padding nibble
         code = g.op("Slice", nibbles, g.const([0]), count or g.const([entries]))
         code = g.op("Cast", code, to=_INDEX)
-        if segment:
+        if zeros:
             code = g.op("Add", code, per_entry(a["b"]))
         values = g.op("Gather", g.op("Cast", a["c"], to=TensorProto.FLOAT), code)
 
