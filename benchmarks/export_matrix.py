@@ -356,9 +356,9 @@ def run_cell(arch: str, rate: float, forms: list[str], values: list[str], work: 
                 timings = session_cpu_ms({"dense": dense_path, value: out})
                 row["session_ratio"] = timings[value] / timings["dense"]
                 row["session_ms"] = timings
-                fresh = session_fresh_ms({"dense": dense_path, value: out})
-                row["session_fresh_ratio"] = fresh[value] / fresh["dense"]
-                row["session_fresh_ms"] = fresh
+                cold = session_fresh_ms({"dense": dense_path, value: out})
+                row["session_fresh_ratio"] = cold[value] / cold["dense"]
+                row["session_fresh_ms"] = cold
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
