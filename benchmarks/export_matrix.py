@@ -199,18 +199,31 @@ def relative_error(path: Path, model: torch.nn.Module, inputs: dict[str, torch.T
     return worst
 
 
+def _interleaved_medians(
+    paths: dict[str, Path], repeats: int, create_ms: Callable[[Path], float]
+) -> dict[str, float]:
+    """Median over `repeats` interleaved rounds of `create_ms(path)` for each of `paths`."""
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(repeats):
+        for k, path in paths.items():
+            times[k].append(create_ms(path))
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def session_cpu_ms(paths: dict[str, Path], repeats: int = 20) -> dict[str, float]:
-    """Median CPU milliseconds to create an onnxruntime session (1 thread), runs interleaved."""
+    """Median CPU milliseconds to create an onnxruntime session (1 thread), runs interleaved
+    in this process."""
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(repeats):
-        for k, path in paths.items():  # from the path: the dense file has external data
-            start = time.process_time()
-            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            times[k].append(time.process_time() - start)
-    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+
+    def create_ms(path: Path) -> float:  # from the path: the dense file has external data
+        start = time.process_time()
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return 1e3 * (time.process_time() - start)
+
+    return _interleaved_medians(paths, repeats, create_ms)
 
 
 # one session in a fresh process: its creation's CPU milliseconds (imports not counted)
@@ -229,13 +242,12 @@ print(1e3 * (time.process_time() - start))
 def session_fresh_ms(paths: dict[str, Path], repeats: int = 7) -> dict[str, float]:
     """Median CPU milliseconds to create an onnxruntime session (1 thread), each in a fresh
     Python process, runs interleaved."""
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(repeats):
-        for k, path in paths.items():
-            command = [sys.executable, "-c", _FRESH, str(path)]
-            out = subprocess.run(command, capture_output=True, text=True, check=True)
-            times[k].append(float(out.stdout))
-    return {k: float(np.median(v)) for k, v in times.items()}
+
+    def create_ms(path: Path) -> float:
+        command = [sys.executable, "-c", _FRESH, str(path)]
+        return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+    return _interleaved_medians(paths, repeats, create_ms)
 
 
 def _save(

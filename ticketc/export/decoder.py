@@ -217,7 +217,8 @@ class DecoderGraph:
         else:
             # set bit -> rank - 1; clear bit -> count + (clear bits before it): a permutation
             rank = self.cumsum(bits)  # set bits up to and including each position
-            slots = self.op("Range", self.const(0), self.const(size), self.const(1))
+            plain = (start, step) == (0, 1)
+            slots = positions if plain else self.op("Range", *map(self.const, (0, size, 1)))
             target = self.op(
                 "Where",
                 self.op("Cast", bits, to=TensorProto.BOOL),
