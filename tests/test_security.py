@@ -87,8 +87,12 @@ def good_onnx(tmp_path: Path) -> Path:
     prune_random_(model, 0.3)
     torch.save(model.state_dict(), tmp_path / "good.pt")
     out = tmp_path / "good.onnx"
-    assert main(["export", str(tmp_path / "good.pt"), "--arch", ARCH, *SHAPE, "-o", str(out),
-                 "--json"]) == 0
+    assert (
+        main(
+            ["export", str(tmp_path / "good.pt"), "--arch", ARCH, *SHAPE, "-o", str(out), "--json"]
+        )
+        == 0
+    )
     return out
 
 
@@ -112,8 +116,22 @@ def test_pickled_masks_and_samples_are_never_unpickled(tmp_path, marker, capsys,
     evil = tmp_path / "evil.pt"
     torch.save({"1.weight": Canary(marker)}, evil)
     for trust in ([], ["--trust-pickle"]):  # --trust-pickle is about the model file only
-        _one_line(capsys, ["export", str(tmp_path / "sd.pt"), "--arch", ARCH, *SHAPE, flag,
-                           str(evil), "-o", str(tmp_path / "o.onnx"), *trust], str(evil))
+        _one_line(
+            capsys,
+            [
+                "export",
+                str(tmp_path / "sd.pt"),
+                "--arch",
+                ARCH,
+                *SHAPE,
+                flag,
+                str(evil),
+                "-o",
+                str(tmp_path / "o.onnx"),
+                *trust,
+            ],
+            str(evil),
+        )
     assert not marker.exists()
     torch.load(evil, weights_only=False)
     assert marker.exists()
@@ -131,8 +149,10 @@ def test_legacy_format_pickle_is_refused(tmp_path, marker, capsys):
 
 def _ticket(path: Path, arch: str, arch_kwargs: dict[str, object] | None = None) -> None:
     model = tiny_mlp()
-    save_ticket(Ticket(arch, model.state_dict(), {}, model.state_dict(),
-                       arch_kwargs=arch_kwargs or {}), path)
+    save_ticket(
+        Ticket(arch, model.state_dict(), {}, model.state_dict(), arch_kwargs=arch_kwargs or {}),
+        path,
+    )
 
 
 @pytest.mark.parametrize("arch", ["subprocess:run", "tests.canary_module:factory"])
@@ -209,16 +229,42 @@ def test_builtin_architecture_takes_only_plain_fitting_arguments(tmp_path, capsy
 
     model = lenet300(num_classes=4, in_features=20)
     path = tmp_path / "ticket.pt"
-    save_ticket(Ticket("ticketc.models:lenet300", model.state_dict(), {}, model.state_dict(),
-                       arch_kwargs=kwargs), path)
+    save_ticket(
+        Ticket(
+            "ticketc.models:lenet300",
+            model.state_dict(),
+            {},
+            model.state_dict(),
+            arch_kwargs=kwargs,
+        ),
+        path,
+    )
     _one_line(capsys, ["inspect", str(path)], str(path))
 
 
 # --- run directories: find --resume and report ------------------------------------------------
 
-FIND = ["--model", "tests.test_find_run:tiny_mlp", "--data", "tests.test_find_run:tiny_pairs",
-        "--rounds", "1", "--iterations", "10", "--batch-size", "30", "--eval-every", "5",
-        "--checkpoint-every", "5", "--val-size", "60", "--no-progress", "--threads", "1"]
+FIND = [
+    "--model",
+    "tests.test_find_run:tiny_mlp",
+    "--data",
+    "tests.test_find_run:tiny_pairs",
+    "--rounds",
+    "1",
+    "--iterations",
+    "10",
+    "--batch-size",
+    "30",
+    "--eval-every",
+    "5",
+    "--checkpoint-every",
+    "5",
+    "--val-size",
+    "60",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -238,16 +284,18 @@ def test_resume_over_a_pickle_is_one_line(finished_run, tmp_path, marker, capsys
     (run / "ticket.pt").unlink()
     (run / "level_01" / "metrics.json").unlink()  # level 1 is redone: it reads the victim
     (run / victim).write_bytes(_bytes({"x": Canary(marker)}))
-    _one_line(capsys, ["find", "--out", str(run), *FIND, "--resume"], victim.split("/")[-1],
-              "pickled")
+    _one_line(
+        capsys, ["find", "--out", str(run), *FIND, "--resume"], victim.split("/")[-1], "pickled"
+    )
     assert not marker.exists()
 
 
 def test_resume_never_imports_what_run_files_name(finished_run, tmp_path, marker, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    (run / "arch.json").write_text(json.dumps(
-        {"arch": "tests.canary_module:factory", "arch_kwargs": {}, "input_shape": [12]}))
+    (run / "arch.json").write_text(
+        json.dumps({"arch": "tests.canary_module:factory", "arch_kwargs": {}, "input_shape": [12]})
+    )
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "data": "tests.canary_module:f"}))
     # Where the data came from is not a result setting (#21: a run may resume from moved data
@@ -261,9 +309,15 @@ def test_resume_never_imports_what_run_files_name(finished_run, tmp_path, marker
 def test_report_refuses_an_architecture_it_does_not_know(finished_run, tmp_path, marker, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    (run / "arch.json").write_text(json.dumps(
-        {"arch": "subprocess:run", "arch_kwargs": {"args": ["touch", str(marker)]},
-         "input_shape": [12]}))
+    (run / "arch.json").write_text(
+        json.dumps(
+            {
+                "arch": "subprocess:run",
+                "arch_kwargs": {"args": ["touch", str(marker)]},
+                "input_shape": [12],
+            }
+        )
+    )
     _one_line(capsys, ["report", str(run)], "--arch subprocess:run")
     assert not marker.exists()
     assert main(["report", str(run), "--no-export", "--json"]) == 0  # the rest reads fine
@@ -288,10 +342,15 @@ def _program(path: Path) -> None:
     torch.export.save(torch.export.export(model, (torch.randn(2, 20),)), path)
 
 
-def _rewrite(src: Path, dst: Path, edit: Callable[[str, bytes], bytes]) -> None:
+def _rewrite(
+    src: Path,
+    dst: Path,
+    edit: Callable[[str, bytes], bytes],
+    rename: Callable[[str], str] = str,
+) -> None:
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for info in zin.infolist():
-            zout.writestr(info.filename, edit(info.filename, zin.read(info)))
+            zout.writestr(rename(info.filename), edit(info.filename, zin.read(info)))
 
 
 def _craft_pt2(kind: str, src: Path, dst: Path, marker: Path) -> None:
@@ -304,8 +363,13 @@ def _craft_pt2(kind: str, src: Path, dst: Path, marker: Path) -> None:
             config["config"][first].update(use_pickle=True, path_name="evil")
             return json.dumps(config).encode()
         if kind == "opaque_constant" and name.endswith("model_constants_config.json"):
-            return json.dumps({"config": {"c": {"path_name": "opaque_obj_0", "use_pickle": True,
-                                                "is_param": False}}}).encode()
+            return json.dumps(
+                {
+                    "config": {
+                        "c": {"path_name": "opaque_obj_0", "use_pickle": True, "is_param": False}
+                    }
+                }
+            ).encode()
         if kind == "sample_inputs" and name.endswith("sample_inputs/model.pt"):
             return _bytes(Canary(marker))
         if kind == "expr" and name.endswith("models/model.json"):
@@ -315,9 +379,22 @@ def _craft_pt2(kind: str, src: Path, dst: Path, marker: Path) -> None:
             return json.dumps({**json.loads(data), "guards_code": [f"{command} == 0"]}).encode()
         if kind == "target" and name.endswith("models/model.json"):
             return data.replace(b"torch.ops.aten.relu.default", b"torch.os.getpid")
+        if kind == "file_operator" and name.endswith("models/model.json"):  # writes a file
+            return data.replace(b"torch.ops.aten.relu.default", b"torch.ops.aten.from_file.default")
+        if kind == "operator_argument" and name.endswith("models/model.json"):
+            program = json.loads(data)
+            node = program["graph_module"]["graph"]["nodes"][0]
+            node["inputs"].append({"name": "op", "arg": {"as_operator": "torch.os.system"}})
+            return json.dumps(program).encode()
+        if kind == "unchecked_entry" and name.endswith("models/model.json"):
+            expr = {"as_expr": {"expr_str": command, "hint": {"as_int": 20}}}
+            return data.decode().replace('{"as_int": 20}', json.dumps(expr), 1).encode()
         return data
 
-    _rewrite(src, dst, edit)
+    def rename(name: str) -> str:  # torch reads every entry under models/ as a program
+        return name.replace("models/model.json", "models/modelXjson")
+
+    _rewrite(src, dst, edit, rename if kind == "unchecked_entry" else str)
     root = zipfile.ZipFile(src).namelist()[0].split("/")[0]
     extra = {
         "use_pickle": (f"{root}/data/weights/evil", _bytes(Canary(marker))),
@@ -328,8 +405,18 @@ def _craft_pt2(kind: str, src: Path, dst: Path, marker: Path) -> None:
             z.writestr(*extra[kind])
 
 
-PT2_CANARIES = ["use_pickle", "opaque_constant", "sample_inputs", "expr", "guards", "target",
-                "aoti"]
+PT2_CANARIES = [
+    "use_pickle",
+    "opaque_constant",
+    "sample_inputs",
+    "expr",
+    "guards",
+    "target",
+    "file_operator",
+    "operator_argument",
+    "unchecked_entry",
+    "aoti",
+]
 
 
 @pytest.mark.parametrize("kind", PT2_CANARIES)
@@ -340,7 +427,7 @@ def test_pt2_that_would_run_code_is_refused(tmp_path, marker, good_onnx, capsys,
     for argv in _model_commands(path, tmp_path, good_onnx):
         _one_line(capsys, argv, str(path), "--trust-pickle")
         assert not marker.exists(), argv
-    if kind in ("use_pickle", "sample_inputs", "expr", "guards"):
+    if kind in ("use_pickle", "sample_inputs", "expr", "guards", "unchecked_entry"):
         with contextlib.suppress(Exception):  # torch may fail, after the damage is done
             torch.export.load(path).module()(torch.randn(2, 20))  # guards run in forward
         assert marker.exists(), "torch.export.load runs this canary: it must be real"
@@ -360,8 +447,9 @@ def test_sound_pt2_programs_load(tmp_path, capsys):
 
     x = torch.randn(2, 3, 16, 16)
     batch, side = torch.export.Dim("b", min=1, max=64), torch.export.Dim("h", min=4, max=128)
-    program = torch.export.export(Conv().eval(), (x,), dynamic_shapes=({0: batch, 2: side,
-                                                                        3: side},))
+    program = torch.export.export(
+        Conv().eval(), (x,), dynamic_shapes=({0: batch, 2: side, 3: side},)
+    )
     torch.export.save(program, tmp_path / "conv.pt2")
     from ticketc.load import load_model
 
@@ -406,9 +494,12 @@ def _onnx_with_external(folder: Path, location: str) -> Path:
         entry = weight.external_data.add()
         entry.key, entry.value = key, value
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 20])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [weight],
+    )
     path = folder / "m.onnx"
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     return path
@@ -422,13 +513,29 @@ def test_external_data_stays_in_the_model_folder(tmp_path, capsys, where):
     folder.mkdir()
     (folder / "short.bin").write_bytes(b"\0" * 16)
     (folder / "link.bin").symlink_to(secret)
-    location = {"dotdot": "../secret.bin", "absolute": str(secret), "link": "link.bin",
-                "missing": "nope.bin", "too_short": "short.bin"}[where]
+    location = {
+        "dotdot": "../secret.bin",
+        "absolute": str(secret),
+        "link": "link.bin",
+        "missing": "nope.bin",
+        "too_short": "short.bin",
+    }[where]
     path = _onnx_with_external(folder, location)
     _one_line(capsys, ["inspect", str(path)], str(path))
     torch.save(nn.Sequential(nn.Linear(20, 4, bias=False)).state_dict(), tmp_path / "sd.pt")
-    _one_line(capsys, ["verify", str(path), "--against", str(tmp_path / "sd.pt"), "--arch",
-                       "tests.test_security:linear_20_4", *SHAPE], str(path))
+    _one_line(
+        capsys,
+        [
+            "verify",
+            str(path),
+            "--against",
+            str(tmp_path / "sd.pt"),
+            "--arch",
+            "tests.test_security:linear_20_4",
+            *SHAPE,
+        ],
+        str(path),
+    )
 
 
 def linear_20_4() -> nn.Sequential:
@@ -449,10 +556,12 @@ def test_sparse_initializer_declaring_huge_dims_is_one_line(tmp_path, capsys):
     indices = numpy_helper.from_array(np.array([0, 5], np.int64), "si")
     sparse = helper.make_sparse_tensor(values, indices, [2**31, 2**31])
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "s"], ["y"])], "g",
+        [helper.make_node("MatMul", ["x", "s"], ["y"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2**31])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2**31])],
-        sparse_initializer=[sparse])
+        sparse_initializer=[sparse],
+    )
     path = tmp_path / "huge.onnx"
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     _one_line(capsys, ["inspect", str(path)], "2147483648 x 2147483648")
@@ -494,8 +603,12 @@ def test_full_disk_is_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
     model = tiny_mlp()
     torch.save(model.state_dict(), tmp_path / "sd.pt")
     out = tmp_path / "out.onnx"
-    _one_line(capsys, ["export", str(tmp_path / "sd.pt"), "--arch", ARCH, *SHAPE, "-o",
-                       str(out)], str(out), "disk is full")
+    _one_line(
+        capsys,
+        ["export", str(tmp_path / "sd.pt"), "--arch", ARCH, *SHAPE, "-o", str(out)],
+        str(out),
+        "disk is full",
+    )
     assert sorted(os.listdir(tmp_path)) == ["sd.pt"]
 
 
@@ -518,8 +631,13 @@ def test_file_size_limit_in_a_real_process(tmp_path, command):
     def limited() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    p = subprocess.run([sys.executable, "-m", "ticketc", *argv], preexec_fn=limited,
-                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    p = subprocess.run(
+        [sys.executable, "-m", "ticketc", *argv],
+        preexec_fn=limited,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert p.returncode == 2, p.stderr[-2000:]
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot write" in lines[0], p.stderr[-2000:]

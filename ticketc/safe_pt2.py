@@ -12,11 +12,15 @@ file through these doors, each closed here unless the user passes --trust-pickle
    `deserialize_torch_artifact`, which falls back to `weights_only=False` when weights_only
    fails: each must load with weights_only here;
 3. `data/aotinductor/` holds compiled shared libraries that are dlopen-ed;
-4. the program JSON (`models/*.json`, `serialized_exported_program.json`):
-   - node targets are resolved by `getattr` from the `torch`, `operator` and `math` modules and
-     called when the program runs, so `torch.os.system` is a valid-looking target: only torch
-     operators (OpOverload), torch's higher-order operators and the symbolic-shape operators
-     torch itself serialises are accepted;
+4. the program JSON (every entry under `models/`, whatever its name ends in: torch loads each
+   as a program; `serialized_exported_program.json`):
+   - node targets and operator arguments (`as_operator`) are resolved by `getattr` from the
+     `torch`, `operator` and `math` modules and called when the program runs, so
+     `torch.os.system` is a valid-looking target: only operators that compute on tensors are
+     accepted (namespaces aten, prims, quantized_decomposed, ticketc, less the ones that take a
+     file name: `aten.from_file` maps any file shared, `aten.save` writes one), the
+     higher-order operators torch.export writes (control flow, grad / autocast modes,
+     functionalized mutation) and the symbolic-shape operators torch itself serialises;
    - `expr_str` of symbolic sizes goes to `sympy.sympify`, which `eval`s its string: only the
      `srepr` form torch writes (calls of sympy classes and torch's sympy functions, integers,
      symbol names) is accepted;
@@ -56,17 +60,81 @@ _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
 # sympy classes and constants that `srepr` writes for torch's symbolic sizes
 _SYMPY_NAMES = frozenset(
     [
-        "Symbol", "Dummy", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Abs",
-        "Mod", "floor", "ceiling", "sqrt", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "Equality",
-        "Unequality", "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan", "And", "Or",
-        "Not", "Piecewise", "ExprCondPair", "true", "false", "BooleanTrue", "BooleanFalse", "oo",
-        "zoo", "nan", "Infinity", "NegativeInfinity", "ComplexInfinity", "NaN", "Zero", "One",
-        "NegativeOne", "Half", "int_oo", "IntInfinity", "NegativeIntInfinity",
+        "Symbol",
+        "Dummy",
+        "Integer",
+        "Rational",
+        "Float",
+        "Add",
+        "Mul",
+        "Pow",
+        "Max",
+        "Min",
+        "Abs",
+        "Mod",
+        "floor",
+        "ceiling",
+        "sqrt",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "Equality",
+        "Unequality",
+        "StrictLessThan",
+        "StrictGreaterThan",
+        "LessThan",
+        "GreaterThan",
+        "And",
+        "Or",
+        "Not",
+        "Piecewise",
+        "ExprCondPair",
+        "true",
+        "false",
+        "BooleanTrue",
+        "BooleanFalse",
+        "oo",
+        "zoo",
+        "nan",
+        "Infinity",
+        "NegativeInfinity",
+        "ComplexInfinity",
+        "NaN",
+        "Zero",
+        "One",
+        "NegativeOne",
+        "Half",
+        "int_oo",
+        "IntInfinity",
+        "NegativeIntInfinity",
     ]
 )
 # positional string arguments are accepted only where sympy does not sympify (eval) them
 _STRING_ARG = {"Symbol": _SYMBOL, "Dummy": _SYMBOL, "Float": _NUMBER, "Integer": _NUMBER}
 _MAX_EXPR = 20_000
+# operators that only compute on tensors: no file, process or network reached from them
+_SAFE_NAMESPACES = frozenset({"aten", "prims", "quantized_decomposed", "ticketc"})
+_FILE_ARGUMENTS = frozenset({"filename", "file", "path", "fname"})
+_SAFE_HIGHER_ORDER = frozenset(
+    {
+        "cond",
+        "while_loop",
+        "map_impl",
+        "scan",
+        "associative_scan",
+        "invoke_subgraph",
+        "wrap_with_set_grad_enabled",
+        "wrap_with_autocast",
+        "auto_functionalized",
+        "auto_functionalized_v2",
+        "with_effects",
+        "out_dtype",
+        "flex_attention",
+    }
+)
 _GUARD_ATTRS = frozenset({"size", "stride", "storage_offset", "dim", "numel"})
 
 
@@ -86,8 +154,9 @@ def check_pt2_archive(archive: zipfile.ZipFile, path: Path) -> None:
         if "/data/aotinductor/" in f"/{name}":
             _refuse(path, f"holds AOTInductor compiled code ({name})")
         if name.endswith(("_weights_config.json", "_constants_config.json")):
-            _check_payload_config(parse_json(read_entry(archive, name, path), f"{path}:{name}"),
-                                  name, path)
+            _check_payload_config(
+                parse_json(read_entry(archive, name, path), f"{path}:{name}"), name, path
+            )
         elif name.endswith(".pt"):
             load_bytes_weights_only(read_entry(archive, name, path), path, name)
         elif _is_program_json(name):
@@ -96,9 +165,11 @@ def check_pt2_archive(archive: zipfile.ZipFile, path: Path) -> None:
 
 
 def _is_program_json(name: str) -> bool:
-    return (
-        name.endswith(".json") and "/models/" in f"/{name}"
-    ) or name == "serialized_exported_program.json"
+    """Whether torch may read `name` as a program: it loads every entry under the archive's
+    `models/`, taking the name less its last 5 characters, without checking for ".json"."""
+    return ("/models/" in f"/{name}" and not name.endswith("/")) or name.endswith(
+        "serialized_exported_program.json"
+    )
 
 
 def _refuse(path: Path, what: str) -> None:
@@ -126,12 +197,12 @@ def check_program_json(program: Any, where: str) -> None:
     """Refuse a serialized ExportedProgram whose strings torch would call, eval or exec."""
     if not isinstance(program, dict):
         raise UserError(f"{where}: corrupt program (not a JSON object)")
-    for target in _node_targets(program):
+    for target in [*_node_targets(program), *_strings_under(program, "as_operator")]:
         if not _allowed_target(target):
             raise UserError(
-                f"{where}: the program calls {target[:100]!r}, which is not a torch operator; "
-                f"running it runs code named in the file, so it is refused. Pass {TRUST_FLAG} "
-                "if you trust its source"
+                f"{where}: the program calls {target[:100]!r}, which is not an operator that "
+                f"only computes on tensors; running it runs code named in the file, so it is "
+                f"refused. Pass {TRUST_FLAG} if you trust its source"
             )
     functions = _SYMPY_NAMES | _torch_sympy_names()
     for expr in _strings_under(program, "expr_str"):
@@ -203,8 +274,11 @@ def _allowed_target(name: str) -> bool:
             target = getattr(target, part)
         except Exception:  # noqa: BLE001 - torch.ops raises its own errors for unknown ops
             return False
-    if isinstance(target, torch._ops.OpOverload | torch._ops.HigherOrderOperator):
-        return True
+    if isinstance(target, torch._ops.OpOverload):
+        arguments = {a.name for a in target._schema.arguments}
+        return target.namespace in _SAFE_NAMESPACES and not arguments & _FILE_ARGUMENTS
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return target.name() in _SAFE_HIGHER_ORDER
     try:
         return target in _SYM_OPS or target is operator.getitem
     except TypeError:  # unhashable
@@ -221,9 +295,26 @@ def _parse(text: str) -> ast.expr | None:
 
 
 _ARITHMETIC = (
-    ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub, ast.UAdd,
-    ast.Not, ast.And, ast.Or, ast.BitAnd, ast.BitOr, ast.Eq, ast.NotEq, ast.Lt, ast.LtE,
-    ast.Gt, ast.GtE,
+    ast.Add,
+    ast.Sub,
+    ast.Mult,
+    ast.Div,
+    ast.FloorDiv,
+    ast.Mod,
+    ast.Pow,
+    ast.USub,
+    ast.UAdd,
+    ast.Not,
+    ast.And,
+    ast.Or,
+    ast.BitAnd,
+    ast.BitOr,
+    ast.Eq,
+    ast.NotEq,
+    ast.Lt,
+    ast.LtE,
+    ast.Gt,
+    ast.GtE,
 )
 
 
