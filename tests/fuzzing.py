@@ -69,8 +69,7 @@ def build_artifacts(folder: Path) -> dict[str, Path]:
     out["state_dict"] = folder / "sd.pt"
     torch.save(mlp.state_dict(), out["state_dict"])
     out["mask"] = folder / "masks.pt"  # read by --mask (never unpickled)
-    torch.save({n: p != 0 for n, p in mlp.named_parameters() if n.endswith("weight")},
-               out["mask"])
+    torch.save({n: p != 0 for n, p in mlp.named_parameters() if n.endswith("weight")}, out["mask"])
     out["sample"] = folder / "sample.pt"  # read by --sample (never unpickled)
     torch.save(torch.randn(1, 20), out["sample"])
     x = torch.randn(2, 20)
@@ -80,8 +79,18 @@ def build_artifacts(folder: Path) -> dict[str, Path]:
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
         for fmt in ("portable", "sparse-initializer", "dense"):
             out[f"onnx-{fmt}"] = folder / f"{fmt}.onnx"
-            rc = main(["export", str(out["ticket"]), "--format", fmt, "-o",
-                       str(out[f"onnx-{fmt}"]), *SHAPE, *quiet])
+            rc = main(
+                [
+                    "export",
+                    str(out["ticket"]),
+                    "--format",
+                    fmt,
+                    "-o",
+                    str(out[f"onnx-{fmt}"]),
+                    *SHAPE,
+                    *quiet,
+                ]
+            )
             assert rc == 0, fmt
         out["compiled"] = folder / "compiled.pt2"
         rc = main(["compile", str(out["ticket"]), "-o", str(out["compiled"]), *SHAPE, *quiet])
@@ -180,8 +189,11 @@ def run_in_process(argv: list[str], timeout: int, err_file: Path) -> tuple[int, 
     old = signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(timeout)
     try:
-        with captured_stderr(err_file), open(os.devnull, "w") as null, \
-                contextlib.redirect_stdout(null):
+        with (
+            captured_stderr(err_file),
+            open(os.devnull, "w") as null,
+            contextlib.redirect_stdout(null),
+        ):
             rc = main(argv)
     except Timeout:
         rc = -9
@@ -195,8 +207,13 @@ def run_in_process(argv: list[str], timeout: int, err_file: Path) -> tuple[int, 
 
 def run_subprocess(argv: list[str], timeout: int) -> tuple[int, str]:
     try:
-        p = subprocess.run([sys.executable, "-m", "ticketc", *argv], capture_output=True,
-                           text=True, timeout=timeout, cwd=REPO)
+        p = subprocess.run(
+            [sys.executable, "-m", "ticketc", *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+        )
     except subprocess.TimeoutExpired:
         return -9, ""
     return p.returncode, p.stderr
@@ -221,8 +238,9 @@ def classify(rc: int, err: str, stray: list[str], wrote_on_failure: bool) -> str
     return "ok" if rc == 0 else "clean-error"
 
 
-def readers_for(kind: str, mutant: Path, good: dict[str, Path], out_dir: Path,
-                readers: list[str]) -> list[tuple[str, list[str], Path | None]]:
+def readers_for(
+    kind: str, mutant: Path, good: dict[str, Path], out_dir: Path, readers: list[str]
+) -> list[tuple[str, list[str], Path | None]]:
     onnx = kind.startswith("onnx")
     arch = ["--arch", "tests.models_for_tests:tiny_mlp"] if kind == "state_dict" else []
     runs: list[tuple[str, list[str], Path | None]] = []
@@ -234,31 +252,68 @@ def readers_for(kind: str, mutant: Path, good: dict[str, Path], out_dir: Path,
             runs.append(("inspect", ["inspect", *model, flag, str(mutant), "--json"], None))
         if "export" in readers:
             out = out_dir / "out.onnx"
-            runs.append(("export", ["export", *model, *shape, flag, str(mutant), "-o", str(out),
-                                    "--json"], out))
+            runs.append(
+                (
+                    "export",
+                    ["export", *model, *shape, flag, str(mutant), "-o", str(out), "--json"],
+                    out,
+                )
+            )
         if "verify" in readers and kind == "sample":
-            runs.append(("verify", ["verify", str(good["onnx-portable"]), "--against",
-                                    str(good["ticket"]), flag, str(mutant), "--json"], None))
+            runs.append(
+                (
+                    "verify",
+                    [
+                        "verify",
+                        str(good["onnx-portable"]),
+                        "--against",
+                        str(good["ticket"]),
+                        flag,
+                        str(mutant),
+                        "--json",
+                    ],
+                    None,
+                )
+            )
         return runs
     if "inspect" in readers:
         runs.append(("inspect", ["inspect", str(mutant), *arch, "--json"], None))
     if "export" in readers:
         out = out_dir / "out.onnx"
         shape = SHAPE if not kind.endswith("pt2") and kind != "compiled" else []
-        runs.append(("export", ["export", str(mutant), *arch, *shape, "-o", str(out), "--json"],
-                     out))
+        runs.append(
+            ("export", ["export", str(mutant), *arch, *shape, "-o", str(out), "--json"], out)
+        )
     if "compile" in readers and not onnx:
         out = out_dir / "out.pt2"
         shape = SHAPE if not kind.endswith("pt2") and kind != "compiled" else []
-        runs.append(("compile", ["compile", str(mutant), *arch, *shape, "-o", str(out),
-                                 "--json"], out))
+        runs.append(
+            ("compile", ["compile", str(mutant), *arch, *shape, "-o", str(out), "--json"], out)
+        )
     if "verify" in readers:
         if onnx:
-            runs.append(("verify", ["verify", str(mutant), "--against", str(good["ticket"]),
-                                    *SHAPE, "--json"], None))
+            runs.append(
+                (
+                    "verify",
+                    ["verify", str(mutant), "--against", str(good["ticket"]), *SHAPE, "--json"],
+                    None,
+                )
+            )
         elif kind == "ticket":
-            runs.append(("verify", ["verify", str(good["onnx-portable"]), "--against",
-                                    str(mutant), *SHAPE, "--json"], None))
+            runs.append(
+                (
+                    "verify",
+                    [
+                        "verify",
+                        str(good["onnx-portable"]),
+                        "--against",
+                        str(mutant),
+                        *SHAPE,
+                        "--json",
+                    ],
+                    None,
+                )
+            )
     return runs
 
 
@@ -289,9 +344,17 @@ def fuzz_case(
         before = set(os.listdir(out_dir)) | set(os.listdir(case))
         rc, err = run(argv)
         new = sorted((set(os.listdir(out_dir)) | set(os.listdir(case))) - before)
-        outputs = set() if out is None else {  # ONNX external data, compile's plan, the card
-            out.name, out.name + ".data", out.with_suffix(".plan.json").name,
-            out.with_suffix(".card.md").name, out.with_suffix(".card.json").name}
+        outputs = (
+            set()
+            if out is None
+            else {  # ONNX external data, compile's plan, the card
+                out.name,
+                out.name + ".data",
+                out.with_suffix(".plan.json").name,
+                out.with_suffix(".card.md").name,
+                out.with_suffix(".card.json").name,
+            }
+        )
         stray = [n for n in new if n not in outputs or rc != 0]
         wrote = rc != 0 and any((out_dir / n).exists() for n in outputs)
         results.append((reader, classify(rc, err, stray, wrote), err))
@@ -302,9 +365,27 @@ def fuzz_case(
     return results
 
 
-FIND = ["--model", "tests.test_find_run:tiny_mlp", "--data", "tests.test_find_run:tiny_pairs",
-        "--rounds", "1", "--iterations", "10", "--batch-size", "30", "--eval-every", "5",
-        "--checkpoint-every", "5", "--val-size", "60", "--no-progress", "--threads", "1"]
+FIND = [
+    "--model",
+    "tests.test_find_run:tiny_mlp",
+    "--data",
+    "tests.test_find_run:tiny_pairs",
+    "--rounds",
+    "1",
+    "--iterations",
+    "10",
+    "--batch-size",
+    "30",
+    "--eval-every",
+    "5",
+    "--checkpoint-every",
+    "5",
+    "--val-size",
+    "60",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 def fuzz_run_dir(
@@ -340,11 +421,20 @@ def fuzz_run_dir(
         rc, err = run(argv)
         new = {p.relative_to(work) for p in work.rglob("*")} - before
         if outputs is None:
-            stray = [str(p) for p in new if any(part.startswith(".") or ".ticketc-" in part
-                                                 for part in p.parts)]
+            stray = [
+                str(p)
+                for p in new
+                if any(part.startswith(".") or ".ticketc-" in part for part in p.parts)
+            ]
         else:
-            stray = [str(p) for p in new if p.parts[0] not in {str(o) for o in outputs}
-                     or any(part.startswith(".") for part in p.parts) or rc != 0]
-        results.append((f"{reader}:{victim.relative_to(work)}", classify(rc, err, stray, False),
-                        err))
+            stray = [
+                str(p)
+                for p in new
+                if p.parts[0] not in {str(o) for o in outputs}
+                or any(part.startswith(".") for part in p.parts)
+                or rc != 0
+            ]
+        results.append(
+            (f"{reader}:{victim.relative_to(work)}", classify(rc, err, stray, False), err)
+        )
     return results

@@ -346,8 +346,9 @@ def whisper_tiny() -> nn.Module:
     return WhisperForConditionalGeneration(config)
 
 
-def masked_weight(m: int, k: int, density: float, seed: int = 0,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def masked_weight(
+    m: int, k: int, density: float, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """A [m, k] weight with about `density` of it kept, row 0 empty and row m // 2 full (m >= 3,
     0 < density < 1): the edge rows every sparse format must handle."""
     gen = torch.Generator().manual_seed(seed)

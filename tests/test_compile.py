@@ -229,8 +229,13 @@ def test_sparse_conv_pt2_round_trip(tmp_path, make, shape):
 def test_relu_after_a_sparse_linear_is_fused_and_names_are_kept(tmp_path, batch):
     model = _prune(
         nn.Sequential(
-            nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(inplace=True),
-            nn.Linear(16, 6), nn.ReLU(), nn.Flatten(),
+            nn.Linear(40, 24),
+            nn.ReLU(),
+            nn.Linear(24, 16),
+            nn.ReLU(inplace=True),
+            nn.Linear(16, 6),
+            nn.ReLU(),
+            nn.Flatten(),
         ),
         0.3,
     )
@@ -283,8 +288,15 @@ def test_sparse_linear_refuses_the_wrong_input_width(batch):
 def _sparse_mlp() -> nn.Sequential:
     return _prune(
         nn.Sequential(
-            nn.Flatten(), nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(),
-            nn.Linear(16, 6), nn.Tanh(), nn.Linear(6, 5), nn.Linear(5, 3),
+            nn.Flatten(),
+            nn.Linear(40, 24),
+            nn.ReLU(),
+            nn.Linear(24, 16),
+            nn.ReLU(),
+            nn.Linear(16, 6),
+            nn.Tanh(),
+            nn.Linear(6, 5),
+            nn.Linear(5, 3),
         ),
         0.3,
     )

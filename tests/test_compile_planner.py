@@ -205,7 +205,11 @@ def test_config_names_the_bad_value(kwargs, message):
 
 def _lenet(density: float) -> nn.Sequential:
     model = nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(784, 300),
+        nn.ReLU(),
+        nn.Linear(300, 100),
+        nn.ReLU(),
         nn.Linear(100, 10),
     )
     g = torch.Generator().manual_seed(0)
@@ -217,8 +221,16 @@ def _lenet(density: float) -> nn.Sequential:
 
 def test_linear_runs_follow_the_sequential():
     model = nn.Sequential(
-        nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.ReLU(), nn.Linear(5, 4),
-        nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2), nn.Linear(9, 2),
+        nn.Linear(8, 6),
+        nn.ReLU(),
+        nn.Linear(6, 5),
+        nn.ReLU(),
+        nn.ReLU(),
+        nn.Linear(5, 4),
+        nn.Linear(4, 3),
+        nn.Tanh(),
+        nn.Linear(3, 2),
+        nn.Linear(9, 2),
         nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)),
     )
     assert tc.planner.linear_runs(model) == [["0", "2"], ["5", "6"], ["10.0", "10.1"]]

@@ -40,8 +40,9 @@ def test_matmul_t_matches_float64(shape, density, index) -> None:
     ref = (x.double() @ w.double().t() + bias.double()).t()
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)  # fp32 sums of <= 784
     no_bias = csr_cpu.csr_matmul_t(crow, col, values, x.t().contiguous())
-    torch.testing.assert_close(no_bias.double(), (x.double() @ w.double().t()).t(),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        no_bias.double(), (x.double() @ w.double().t()).t(), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -63,8 +64,9 @@ def test_sampled_grad_is_the_dense_gradient_at_stored_entries() -> None:
     xt, g_t = torch.randn(groups, k, n, generator=g), torch.randn(groups * m, n, generator=g)
     crow, col, _ = _csr(torch.cat(ws))
     got = csr_cpu.csr_sampled_grad(crow, col, g_t, xt, groups=groups)
-    dense = torch.cat([g_t[i * m:(i + 1) * m].double() @ xt[i].double().t()
-                       for i in range(groups)])  # [groups * m, k]
+    dense = torch.cat(
+        [g_t[i * m : (i + 1) * m].double() @ xt[i].double().t() for i in range(groups)]
+    )  # [groups * m, k]
     rows = torch.repeat_interleave(torch.arange(groups * m), crow.diff())
     torch.testing.assert_close(got.double(), dense[rows, col], rtol=1e-5, atol=1e-5)
 

@@ -92,8 +92,11 @@ def test_real_mnist_loads_with_validation_split(tmp_path: Path) -> None:
 
 def _write_cifar_batch(path: Path, n: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-             b"labels": rng.integers(0, 10, n).tolist(), b"batch_label": b"test"}
+    batch = {
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        b"labels": rng.integers(0, 10, n).tolist(),
+        b"batch_label": b"test",
+    }
     path.write_bytes(pickle.dumps(batch, protocol=2))
 
 
@@ -116,8 +119,9 @@ def test_cifar10_errors(tmp_path: Path) -> None:
     (tmp_path / "evil").write_bytes(pickle.dumps({b"data": Evil()}))
     with pytest.raises(UserError, match="not allowed"):
         cifar10.read_batch(tmp_path / "evil")
-    (tmp_path / "short").write_bytes(pickle.dumps({b"data": np.zeros((2, 5), np.uint8),
-                                                   b"labels": [0, 1]}))
+    (tmp_path / "short").write_bytes(
+        pickle.dumps({b"data": np.zeros((2, 5), np.uint8), b"labels": [0, 1]})
+    )
     with pytest.raises(UserError, match="3072"):
         cifar10.read_batch(tmp_path / "short")
 

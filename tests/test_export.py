@@ -476,3 +476,78 @@ def test_an_operator_torch_onnx_cannot_translate_is_named_with_its_layer_and_why
     assert f"{layer} uses ticketc_test.twice.default" in message
     assert "No ONNX function found" in message  # torch.onnx's own reason, after the layer
     assert "\n" not in message and not out.exists()
+
+
+class _SequenceFirstLSTM(nn.Module):
+    """An LSTM fed [time, batch, features] (batch_first=False): torch.onnx keeps the traced
+    time length inside the graph, so axis 0 cannot stay dynamic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, num_layers=2, bidirectional=True)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.lstm(x)[0])
+
+
+@pytest.mark.parametrize("given_sample", [False, True])
+def test_dynamic_axes_that_fail_at_another_size_are_fixed_and_said(tmp_path, given_sample):
+    torch.manual_seed(0)
+    model = _SequenceFirstLSTM().eval()
+    prune.global_unstructured(
+        [(model.lstm, n) for n, _ in model.lstm.named_parameters() if n.startswith("weight")],
+        prune.L1Unstructured,
+        amount=0.9,
+    )
+    x = torch.randn(7, 3, 8)
+    sample = x if given_sample else None
+    result = export_model(model, x, tmp_path / "m.onnx", sample=sample)
+    assert any(note.startswith("input shapes fixed at") for note in result.notes), result.notes
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [7, 3, 8]  # what the graph can take, and only that
+    assert_matches_model(tmp_path / "m.onnx", model, {"x": torch.randn(7, 3, 8)}, "fp32")
+
+
+def test_an_lstm_with_a_projection_is_refused_naming_the_layer(tmp_path):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(8, 16, proj_size=4, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(x)[0]
+
+    out = tmp_path / "m.onnx"
+    with pytest.raises(UserError, match=r"layer 'rnn' \(torch.nn.modules.rnn.LSTM\).*proj_size=4"):
+        export_model(Net().eval(), torch.randn(2, 5, 8), out)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failure_on_the_staged_file_names_the_output_not_the_staging_folder(
+    tmp_path, monkeypatch
+):
+    def failing(path, *args, **kwargs):
+        raise UserError(f"{path}: onnxruntime failed on the sample (a kernel's error)")
+
+    monkeypatch.setattr("ticketc.export.onnx_export.verify", failing)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(UserError) as caught:
+        export_model(nn.Linear(4, 2).eval(), torch.randn(1, 4), out)
+    assert str(caught.value) == f"{out}: onnxruntime failed on the sample (a kernel's error)"
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_program_keeps_the_axes_it_made_dynamic_and_no_other(tmp_path):
+    """A .pt2 program of a sequence-first LSTM made dynamic in its batch (axis 1): the file
+    takes any batch at the traced length."""
+    torch.manual_seed(0)
+    model = _SequenceFirstLSTM().eval()
+    prune.global_unstructured([(model.fc, "weight")], prune.L1Unstructured, amount=0.9)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    program = torch.export.export(model, (torch.randn(7, 3, 8),), dynamic_shapes=({1: batch},))
+    out = tmp_path / "m.onnx"
+    export_model(program, torch.randn(7, 3, 8), out)
+    length, size, features = ort.InferenceSession(str(out)).get_inputs()[0].shape
+    assert (length, features) == (7, 8) and isinstance(size, str)
+    assert_matches_model(out, model, {"x": torch.randn(7, 5, 8)}, "fp32")

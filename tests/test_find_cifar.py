@@ -32,8 +32,11 @@ def cifar_arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """n CIFAR-10-format images [n, 3072] uint8 whose class shows in their mean colour."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n)
-    pixels = rng.integers(0, 128, (n, 3, 1024)) + (labels * 12)[:, None, None] * np.array(
-        [1, 0, -1])[None, :, None] + 64
+    pixels = (
+        rng.integers(0, 128, (n, 3, 1024))
+        + (labels * 12)[:, None, None] * np.array([1, 0, -1])[None, :, None]
+        + 64
+    )
     return np.clip(pixels, 0, 255).astype(np.uint8).reshape(n, 3072), labels
 
 
@@ -46,8 +49,9 @@ def write_cifar(folder: Path, binary: bool, per_batch: int = 40) -> Path:
             records = np.concatenate([labels[:, None].astype(np.uint8), pixels], axis=1)
             (folder / f"{name}.bin").write_bytes(records.tobytes())
         else:
-            (folder / name).write_bytes(pickle.dumps(
-                {b"data": pixels, b"labels": labels.tolist()}, protocol=2))
+            (folder / name).write_bytes(
+                pickle.dumps({b"data": pixels, b"labels": labels.tolist()}, protocol=2)
+            )
     return folder
 
 
@@ -60,12 +64,27 @@ def test_binary_and_python_batches_read_the_same_images(tmp_path: Path) -> None:
     assert a.input_shape == (3, 32, 32) and len(a.train) == 180
 
 
-def test_a_truncated_binary_batch_is_one_clear_error(tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_truncated_binary_batch_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = write_cifar(tmp_path / "bin", True)
     (folder / "data_batch_3.bin").write_bytes(b"\0" * 5000)
-    assert main(["find", "--out", str(tmp_path / "run"), "--dataset", "cifar10", "--data-dir",
-                 str(folder), "--model", "resnet20"]) == 2
+    assert (
+        main(
+            [
+                "find",
+                "--out",
+                str(tmp_path / "run"),
+                "--dataset",
+                "cifar10",
+                "--data-dir",
+                str(folder),
+                "--model",
+                "resnet20",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data_batch_3.bin" in err[0] and "3073-byte" in err[0]
     assert not (tmp_path / "run").exists()
@@ -80,7 +99,7 @@ def test_crop_flip_is_each_image_padded_cropped_and_mirrored() -> None:
     for m in range(2):
         for b in range(5):
             padded = torch.nn.functional.pad(x[m, b], (4, 4, 4, 4))
-            want = padded[:, dy[m, b]: dy[m, b] + 8, dx[m, b]: dx[m, b] + 6]
+            want = padded[:, dy[m, b] : dy[m, b] + 8, dx[m, b] : dx[m, b] + 6]
             if flip[m, b]:
                 want = want.flip(-1)
             assert torch.equal(out[m, b], want)
@@ -92,14 +111,24 @@ def test_the_2020_recipe_is_the_default_for_resnet20_and_vgg16() -> None:
     for model in ("resnet20", "vgg16"):
         c = FindConfig(model=model, dataset="cifar10").resolved()
         assert (c.optimizer, c.batch_size, c.lr, c.weight_decay, c.strategy) == (
-            "sgd", 128, 0.1, 1e-4, "global")
+            "sgd",
+            128,
+            0.1,
+            1e-4,
+            "global",
+        )
         assert c.lr_milestones == (31_200, 46_800) and c.iterations == 62_400
         assert c.augment and not c.prune_output and c.rewind == "iteration:2000"
         assert [c.lr_at(t) for t in (0, 31_199, 31_200, 46_800)] == pytest.approx(
-            [0.1, 0.1, 0.01, 0.001])
+            [0.1, 0.1, 0.01, 0.001]
+        )
     lenet = FindConfig().resolved()
     assert (lenet.optimizer, lenet.batch_size, lenet.augment, lenet.prune_output) == (
-        "adam", 60, False, True)
+        "adam",
+        60,
+        False,
+        True,
+    )
     assert sum(p.numel() for n, p in resnet20().named_parameters() if p.dim() > 1) == 270_896
     assert sum(p.numel() for n, p in vgg16().named_parameters() if p.dim() > 1) == 14_715_584
 
@@ -112,10 +141,35 @@ def _load(p: Path) -> dict[str, torch.Tensor]:
 def test_resnet20_trains_prunes_globally_and_rewinds(tmp_path: Path) -> None:
     data = write_cifar(tmp_path / "cifar", binary=True)
     run = tmp_path / "run"
-    assert main(["find", "--out", str(run), "--dataset", "cifar10", "--data-dir", str(data),
-                 "--model", "resnet20", "--iterations", "8", "--rounds", "2", "--batch-size",
-                 "16", "--rewind", "iteration:3", "--lr-milestones", "5", "--eval-every", "4",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "find",
+                "--out",
+                str(run),
+                "--dataset",
+                "cifar10",
+                "--data-dir",
+                str(data),
+                "--model",
+                "resnet20",
+                "--iterations",
+                "8",
+                "--rounds",
+                "2",
+                "--batch-size",
+                "16",
+                "--rewind",
+                "iteration:3",
+                "--lr-milestones",
+                "5",
+                "--eval-every",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     config = json.loads((run / "config.json").read_text())
     assert (config["strategy"], config["optimizer"], config["augment"]) == ("global", "sgd", True)
     rewind_point = _load(run / "rewind_point.pt")
@@ -141,7 +195,8 @@ def test_resnet20_trains_prunes_globally_and_rewinds(tmp_path: Path) -> None:
             sizes = {n: m.numel() for n, m in mask.items()}
             total = sum(sizes.values())
             assert sum(int(m.sum()) for m in mask.values()) == pytest.approx(
-                total * 0.8**level, abs=2)
+                total * 0.8**level, abs=2
+            )
             per_layer = {n: float(m.float().mean()) for n, m in mask.items()}
             assert max(per_layer.values()) - min(per_layer.values()) > 0.02  # not layerwise
         metrics = json.loads((d / "metrics.json").read_text())
@@ -156,12 +211,37 @@ def test_resnet20_trains_prunes_globally_and_rewinds(tmp_path: Path) -> None:
 def test_vgg16_trains_prunes_and_rewinds(tmp_path: Path) -> None:
     data = write_cifar(tmp_path / "cifar", binary=False, per_batch=8)
     run = tmp_path / "run"
-    assert main(["find", "--out", str(run), "--dataset", "cifar10", "--data-dir", str(data),
-                 "--model", "vgg16", "--iterations", "3", "--rounds", "1", "--batch-size", "4",
-                 "--rewind", "iteration:1", "--no-progress", "--val-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "find",
+                "--out",
+                str(run),
+                "--dataset",
+                "cifar10",
+                "--data-dir",
+                str(data),
+                "--model",
+                "vgg16",
+                "--iterations",
+                "3",
+                "--rounds",
+                "1",
+                "--batch-size",
+                "4",
+                "--rewind",
+                "iteration:1",
+                "--no-progress",
+                "--val-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     mask, final = _load(run / "level_01" / "mask.pt"), _load(run / "level_01" / "final.pt")
     classifier = [n for n, t in final.items() if t.dim() == 2]
     assert len(mask) == 13 and classifier == ["45.weight"] and classifier[0] not in mask
     assert sum(int(m.sum()) for m in mask.values()) == pytest.approx(
-        0.8 * sum(m.numel() for m in mask.values()), abs=1)
+        0.8 * sum(m.numel() for m in mask.values()), abs=1
+    )
     assert load_ticket(run / "ticket.pt").rewind_point == "iteration:1"

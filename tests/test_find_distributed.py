@@ -20,21 +20,49 @@ from ticketc.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 # Lenet-300-100 on a user's small dataset (1,080 training rows after validation), a few hundred
 # iterations per round, global batch 60 (30 per rank).
-ARGS = ["--model", "lenet300", "--data", "tests.test_find_runs:small_rows", "--rounds", "2",
-        "--iterations", "600", "--eval-every", "100", "--checkpoint-every", "100",
-        "--batch-size", "60", "--no-progress"]
+ARGS = [
+    "--model",
+    "lenet300",
+    "--data",
+    "tests.test_find_runs:small_rows",
+    "--rounds",
+    "2",
+    "--iterations",
+    "600",
+    "--eval-every",
+    "100",
+    "--checkpoint-every",
+    "100",
+    "--batch-size",
+    "60",
+    "--no-progress",
+]
 LEVELS = range(3)
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(),
-                                reason="torch.distributed without gloo")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_gloo_available(), reason="torch.distributed without gloo"
+)
 
 
 def torchrun(out: Path, *extra: str, ranks: int = 2) -> subprocess.Popen[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={ranks}", "-m", "ticketc", "find", "--out", str(out), *ARGS, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        "-m",
+        "ticketc",
+        "find",
+        "--out",
+        str(out),
+        *ARGS,
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def finish(proc: subprocess.Popen[str]) -> str:

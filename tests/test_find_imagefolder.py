@@ -35,8 +35,10 @@ def write_folder(root: Path, per_class: dict[str, int], size: int = 8) -> Path:
 def in_memory() -> tuple:
     """The same images, decoded once into tensors (as a user's --data factory)."""
     train, test, _ = load_imagefolder(Path(os.environ[ENV]))
-    return ((train.load(range(len(train))), torch.tensor(train.labels)),
-            (test.load(range(len(test))), torch.tensor(test.labels)))
+    return (
+        (train.load(range(len(train))), torch.tensor(train.labels)),
+        (test.load(range(len(test))), torch.tensor(test.labels)),
+    )
 
 
 def test_layout_labels_and_errors(tmp_path: Path) -> None:
@@ -52,16 +54,37 @@ def test_layout_labels_and_errors(tmp_path: Path) -> None:
         load_dataset("imagefolder", root)
 
 
-def test_bad_folders_are_one_line_exit_2(tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_folders_are_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "empty").mkdir()
     root = write_folder(tmp_path / "imgs", {"train": 4, "val": 2})
     (root / "train" / "class_1" / "001.png").write_bytes(b"not a png")
-    for folder, needle in ((tmp_path / "empty", "not an image folder"),
-                           (root, "001.png")):
-        assert main(["find", "--out", str(tmp_path / "run"), "--dataset", "imagefolder",
-                     "--data-dir", str(folder), "--model", "resnet20", "--iterations", "2",
-                     "--batch-size", "4", "--rounds", "1", "--workers", "0"]) == 2
+    for folder, needle in ((tmp_path / "empty", "not an image folder"), (root, "001.png")):
+        assert (
+            main(
+                [
+                    "find",
+                    "--out",
+                    str(tmp_path / "run"),
+                    "--dataset",
+                    "imagefolder",
+                    "--data-dir",
+                    str(folder),
+                    "--model",
+                    "resnet20",
+                    "--iterations",
+                    "2",
+                    "--batch-size",
+                    "4",
+                    "--rounds",
+                    "1",
+                    "--workers",
+                    "0",
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
         assert not (tmp_path / "run").exists()
@@ -73,15 +96,56 @@ def test_streamed_folder_trains_as_the_same_images_in_memory(
 ) -> None:
     root = write_folder(tmp_path / "imgs", {"train": 12, "val": 4})
     monkeypatch.setenv(ENV, str(root))
-    common = ["--model", "resnet20", "--iterations", "6", "--rounds", "1", "--batch-size", "6",
-              "--eval-every", "3", "--rewind", "iteration:2", "--val-size", "6", "--no-progress"]
+    common = [
+        "--model",
+        "resnet20",
+        "--iterations",
+        "6",
+        "--rounds",
+        "1",
+        "--batch-size",
+        "6",
+        "--eval-every",
+        "3",
+        "--rewind",
+        "iteration:2",
+        "--val-size",
+        "6",
+        "--no-progress",
+    ]
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["find", "--out", str(tmp_path / "disk"), "--dataset", "imagefolder",
-                     "--data-dir", str(root), "--workers", "2", *common]) == 0
-        assert main(["find", "--out", str(tmp_path / "mem"), "--data",
-                     "tests.test_find_imagefolder:in_memory", *common]) == 0
+        assert (
+            main(
+                [
+                    "find",
+                    "--out",
+                    str(tmp_path / "disk"),
+                    "--dataset",
+                    "imagefolder",
+                    "--data-dir",
+                    str(root),
+                    "--workers",
+                    "2",
+                    *common,
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "find",
+                    "--out",
+                    str(tmp_path / "mem"),
+                    "--data",
+                    "tests.test_find_imagefolder:in_memory",
+                    *common,
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(before)
     for level in (0, 1):

@@ -24,20 +24,35 @@ BN_DROPOUT = "tests.test_find_modes:bn_dropout_cnn"
 
 def bn_cnn(num_classes: int = 4) -> nn.Sequential:
     """Conv-BN-ReLU-Pool -> Linear: a user model with real running statistics."""
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, num_classes))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, num_classes),
+    )
 
 
 def dropout_mlp(num_classes: int = 4) -> nn.Sequential:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5),
-                         nn.Linear(32, num_classes))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, num_classes)
+    )
 
 
 def bn_dropout_cnn(num_classes: int = 4) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.3),
-                         nn.Linear(4 * 4 * 4, 16), nn.BatchNorm1d(16), nn.ReLU(),
-                         nn.Linear(16, num_classes))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(4 * 4 * 4, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, num_classes),
+    )
 
 
 def image_data(n: int = 240) -> Splits:
@@ -48,8 +63,13 @@ def image_data(n: int = 240) -> Splits:
     quadrants = x.unfold(2, 4, 4).unfold(3, 4, 4).sum((-1, -2)).flatten(1)  # [N, 4]
     y = quadrants.argmax(1)
     x = 3.0 + 2.0 * x
-    return Splits("quadrants", TensorSplit(x[:n], y[:n]), TensorSplit(x[n:n + 60], y[n:n + 60]),
-                  TensorSplit(x[n + 60:], y[n + 60:]), num_classes=4)
+    return Splits(
+        "quadrants",
+        TensorSplit(x[:n], y[:n]),
+        TensorSplit(x[n : n + 60], y[n : n + 60]),
+        TensorSplit(x[n + 60 :], y[n + 60 :]),
+        num_classes=4,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -61,8 +81,17 @@ def _one_thread():  # type: ignore[no-untyped-def]
 
 
 def config(model: str, **kw: object) -> FindConfig:
-    base = dict(model=model, dataset=None, data="unused:loaded", rounds=1, iterations=12,
-                batch_size=30, lr=3e-3, eval_every=4, checkpoint_every=4)
+    base = dict(
+        model=model,
+        dataset=None,
+        data="unused:loaded",
+        rounds=1,
+        iterations=12,
+        batch_size=30,
+        lr=3e-3,
+        eval_every=4,
+        checkpoint_every=4,
+    )
     base.update(kw)
     return FindConfig(**base)  # type: ignore[arg-type]
 
@@ -114,8 +143,10 @@ def test_recorded_accuracy_is_the_deployed_eval_mode_accuracy(
 def test_evaluation_leaves_batchnorm_statistics_alone() -> None:
     data = image_data()
     states = [bn_cnn().state_dict() for _ in range(2)]
-    masks = [{"0.weight": torch.ones(4, 1, 3, 3, dtype=torch.bool),
-              "5.weight": torch.rand(4, 64) > 0.5} for _ in states]
+    masks = [
+        {"0.weight": torch.ones(4, 1, 3, 3, dtype=torch.bool), "5.weight": torch.rand(4, 64) > 0.5}
+        for _ in states
+    ]
     ens = Ensemble(bn_cnn(), states, masks, lr=1e-3)
     ens.step(torch.stack([data.train.x[:30]] * 2), torch.stack([data.train.y[:30]] * 2))
     before = {n: b.clone() for n, b in ens.buffers.items()}
@@ -137,8 +168,13 @@ def test_batchnorm_ensemble_trains_as_plain_pytorch_does() -> None:
     data = image_data()
     g = torch.Generator().manual_seed(1)
     states = [bn_cnn().state_dict() for _ in range(2)]
-    masks = [{"0.weight": torch.rand(4, 1, 3, 3, generator=g) > 0.3,
-              "5.weight": torch.rand(4, 64, generator=g) > 0.3} for _ in states]
+    masks = [
+        {
+            "0.weight": torch.rand(4, 1, 3, 3, generator=g) > 0.3,
+            "5.weight": torch.rand(4, 64, generator=g) > 0.3,
+        }
+        for _ in states
+    ]
     ens = Ensemble(bn_cnn(), states, masks, lr=1e-2, optimizer="sgd")
     order = BatchOrder([0, 1], 0, len(data.train), 30)
     for t in range(6):
@@ -211,8 +247,13 @@ def test_normalisation_state_is_rewound_with_the_weights_and_never_pruned(tmp_pa
 
 def test_prune_norms_prunes_the_affine_weights_only_when_asked(tmp_path: Path) -> None:
     data = image_data()
-    find_tickets([config(BN_CNN, prune_norms=True, fc_rate=0.5)], [tmp_path], data=data,
-                 log=None, progress=False)
+    find_tickets(
+        [config(BN_CNN, prune_norms=True, fc_rate=0.5)],
+        [tmp_path],
+        data=data,
+        log=None,
+        progress=False,
+    )
     mask = _load(tmp_path / "level_01" / "mask.pt")
     assert {"1.weight", "1.bias"} <= set(mask) and "1.running_mean" not in mask
     assert int(mask["1.weight"].sum()) == 2  # the fully connected rate: half of 4
@@ -227,8 +268,9 @@ def test_resume_after_a_kill_is_bit_exact_with_batchnorm_and_dropout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = image_data()
-    cfg = config(BN_DROPOUT, rounds=2, rewind="iteration:2", controls=("reinit",),
-                 checkpoint_every=5)
+    cfg = config(
+        BN_DROPOUT, rounds=2, rewind="iteration:2", controls=("reinit",), checkpoint_every=5
+    )
     (ref,) = find_tickets([cfg], [tmp_path / "ref"], data=data, log=None, progress=False)
     real = Ensemble._step
     calls = {"n": 0}
@@ -245,8 +287,7 @@ def test_resume_after_a_kill_is_bit_exact_with_batchnorm_and_dropout(
     monkeypatch.setattr(Ensemble, "_step", real)
     assert (tmp_path / "b" / "level_01" / "partial.pt").exists()
     torch.manual_seed(123)  # the global generator's state must not matter
-    (res,) = find_tickets([cfg], [tmp_path / "b"], data=data, log=None, progress=False,
-                          resume=True)
+    (res,) = find_tickets([cfg], [tmp_path / "b"], data=data, log=None, progress=False, resume=True)
     for level in range(3):
         for name in ("final.pt", "controls.pt") if level else ("final.pt",):
             a = _load(tmp_path / "ref" / f"level_{level:02d}" / name)

@@ -31,7 +31,10 @@ def test_paper_schedule_lenet() -> None:
 
 def test_prunable_parameters_kinds() -> None:
     assert pruning.prunable_parameters(lenet300()) == {
-        "1.weight": "fc", "3.weight": "fc", "5.weight": "output"}
+        "1.weight": "fc",
+        "3.weight": "fc",
+        "5.weight": "output",
+    }
     kinds = pruning.prunable_parameters(conv2())
     assert [k for k in kinds.values()].count("conv") == 2
     assert list(kinds.values())[-1] == "output"
@@ -91,16 +94,19 @@ def test_compound_rate_matches_rounds() -> None:
     assert pruning.compound_rate(0.2, 3) == pytest.approx(1 - 0.512)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"rounds": -1}, "rounds"),
-    ({"model": "resnet9000"}, "resnet9000"),
-    ({"fc_rate": 1.0}, "fc_rate"),
-    ({"rewind": "iter:3"}, "iter:3"),
-    ({"controls": ("shuffle",)}, "shuffle"),
-    ({"rounds": 3, "target_density": 0.1}, "not both"),
-    ({"dataset": None}, "exactly one"),
-    ({"batch_size": 0}, "batch_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rounds": -1}, "rounds"),
+        ({"model": "resnet9000"}, "resnet9000"),
+        ({"fc_rate": 1.0}, "fc_rate"),
+        ({"rewind": "iter:3"}, "iter:3"),
+        ({"controls": ("shuffle",)}, "shuffle"),
+        ({"rounds": 3, "target_density": 0.1}, "not both"),
+        ({"dataset": None}, "exactly one"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
 def test_config_rejects_bad_values(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         FindConfig(**kwargs)
@@ -109,7 +115,12 @@ def test_config_rejects_bad_values(kwargs: dict, match: str) -> None:
 def test_config_resolves_paper_defaults_and_round_trips() -> None:
     cfg = FindConfig(model="conv6").resolved()
     assert (cfg.lr, cfg.iterations, cfg.conv_rate, cfg.fc_rate, cfg.output_rate) == (
-        3e-4, 30_000, 0.15, 0.2, 0.1)
+        3e-4,
+        30_000,
+        0.15,
+        0.2,
+        0.1,
+    )
     lenet = FindConfig(controls=("reinit",)).resolved()
     assert (lenet.lr, lenet.iterations, lenet.rounds) == (1.2e-3, 50_000, 15)
     assert FindConfig.from_json(lenet.to_json()) == lenet

@@ -37,12 +37,27 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     base = tiny_config(rounds=2, iterations=20, controls=("reinit",))
-    find_tickets([base, FindConfig(**{**base.__dict__, "seed": 1})],
-                 [root / "seed0", root / "seed1"], data=data, log=None, progress=False)
-    find_tickets([FindConfig(**{**base.__dict__, "seed": 2, "iterations": 30})],
-                 [root / "short"], data=data, log=None, progress=False)
-    find_tickets([FindConfig(**{**base.__dict__, "controls": ()})], [root / "plain"],
-                 data=data, log=None, progress=False)
+    find_tickets(
+        [base, FindConfig(**{**base.__dict__, "seed": 1})],
+        [root / "seed0", root / "seed1"],
+        data=data,
+        log=None,
+        progress=False,
+    )
+    find_tickets(
+        [FindConfig(**{**base.__dict__, "seed": 2, "iterations": 30})],
+        [root / "short"],
+        data=data,
+        log=None,
+        progress=False,
+    )
+    find_tickets(
+        [FindConfig(**{**base.__dict__, "controls": ()})],
+        [root / "plain"],
+        data=data,
+        log=None,
+        progress=False,
+    )
     torch.set_num_threads(threads)
     return {p.name: p for p in root.iterdir()}
 
@@ -50,17 +65,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_runs_with_other_settings_or_the_same_seed_are_refused(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["report", str(runs["seed0"]), str(runs["short"]), "-o", str(tmp_path / "r"),
-                 "--no-export"])
+    code = main(
+        ["report", str(runs["seed0"]), str(runs["short"]), "-o", str(tmp_path / "r"), "--no-export"]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "--iterations" in err and "20" in err and "30" in err and "separately" in err
-    code = main(["report", str(runs["seed0"]), str(runs["plain"]), "-o", str(tmp_path / "r"),
-                 "--no-export"])
+    code = main(
+        ["report", str(runs["seed0"]), str(runs["plain"]), "-o", str(tmp_path / "r"), "--no-export"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--controls" in err and "seed 0" not in err
-    code = main(["report", str(runs["seed0"]), str(runs["seed0"]), "-o", str(tmp_path / "r"),
-                 "--no-export"])
+    code = main(
+        ["report", str(runs["seed0"]), str(runs["seed0"]), "-o", str(tmp_path / "r"), "--no-export"]
+    )
     assert code == 2 and "both seed 0" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
@@ -82,8 +100,20 @@ def test_report_writes_its_own_folder_and_leaves_no_stale_file(
     assert "-o" in capsys.readouterr().err
     code = main(["report", str(runs["seed0"]), "-o", str(runs["seed0"] / "report")])
     assert code == 2 and "inside the run directory" in capsys.readouterr().err
-    assert main(["report", str(runs["seed0"]), str(runs["seed1"]), "-o", str(tmp_path / "two"),
-                 "--no-export", "--json"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(runs["seed0"]),
+                str(runs["seed1"]),
+                "-o",
+                str(tmp_path / "two"),
+                "--no-export",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     level1 = report["levels"][1]
     assert level1["ticket"]["final_test_acc"]["n"] == 2 and level1["reinit"]["final_val_acc"]["n"]
@@ -93,7 +123,7 @@ def test_report_writes_its_own_folder_and_leaves_no_stale_file(
 
 
 def test_plots_have_a_title_every_level_a_dense_baseline_and_plain_ticks(
-    runs: dict[str, Path]
+    runs: dict[str, Path],
 ) -> None:
     import matplotlib.pyplot as plt
 
@@ -108,8 +138,7 @@ def test_plots_have_a_title_every_level_a_dense_baseline_and_plain_ticks(
     assert "dense network (level 0)" in labels
     assert any(label.startswith("control: same mask") for label in labels)
     dense = [ln for ln in ax.get_lines() if ln.get_label() == "dense network (level 0)"][0]
-    assert dense.get_ydata()[0] == pytest.approx(100 * rows[0].stat("ticket",
-                                                                    "final_test_acc")[0])
+    assert dense.get_ydata()[0] == pytest.approx(100 * rows[0].stat("ticket", "final_test_acc")[0])
     plt.close(fig)
     for r, size in zip(rows, (1_070_000, 860_000, 700_000), strict=True):
         r.export_bytes = size

@@ -24,8 +24,13 @@ PRUNED = ("1.weight", "3.weight", "5.weight")
 def tiny_mlp(in_features: int = 12, num_classes: int = 10) -> torch.nn.Sequential:
     """A user model referenced as module.path:factory (small, so the tests stay fast)."""
     return torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(in_features, 32), torch.nn.ReLU(),
-        torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, num_classes))
+        torch.nn.Flatten(),
+        torch.nn.Linear(in_features, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, num_classes),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -41,15 +46,28 @@ def tiny_data(features: int = 12, n: int = 360) -> Splits:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n + 120, features, generator=g)
     y = (x[:, :3].argmax(1)).long()  # learnable: the largest of the first three features
-    return Splits("tiny", TensorSplit(x[:n], y[:n]), TensorSplit(x[n : n + 60], y[n : n + 60]),
-                  TensorSplit(x[n + 60 :], y[n + 60 :]), num_classes=10)
+    return Splits(
+        "tiny",
+        TensorSplit(x[:n], y[:n]),
+        TensorSplit(x[n : n + 60], y[n : n + 60]),
+        TensorSplit(x[n + 60 :], y[n + 60 :]),
+        num_classes=10,
+    )
 
 
 def tiny_config(**kw: object) -> FindConfig:
     # csr_below=0.9: levels >= 1 train the hidden layers in CSR form (the output layer from
     # level 2), so every test covers the CSR path and a mixed dense/CSR MLP
-    base = dict(model=TINY, rounds=3, iterations=40, batch_size=30, lr=1e-3,
-                eval_every=10, checkpoint_every=10, csr_below=0.9)
+    base = dict(
+        model=TINY,
+        rounds=3,
+        iterations=40,
+        batch_size=30,
+        lr=1e-3,
+        eval_every=10,
+        checkpoint_every=10,
+        csr_below=0.9,
+    )
     base.update(kw)
     return FindConfig(**base)  # type: ignore[arg-type]
 
@@ -83,7 +101,8 @@ def test_levels_masks_rewind_and_zeros(tmp_path: Path) -> None:
             assert torch.equal(controls["reinit"]["masks"]["1.weight"], mask["1.weight"])
             rnd = controls["random-mask"]["masks"]["1.weight"]
             assert int(rnd.sum()) == int(mask["1.weight"].sum()) and not torch.equal(
-                rnd, mask["1.weight"])
+                rnd, mask["1.weight"]
+            )
     ticket = load_ticket(res.ticket_path)
     assert ticket.arch == TINY and ticket.rewind_point == "init"
     for name, m in ticket.masks.items():
@@ -157,8 +176,7 @@ def test_resume_gives_the_same_ticket(
     monkeypatch.setattr(Ensemble, "_step", real_step)
     with pytest.raises(Exception, match="--resume"):
         find_tickets([cfg], [tmp_path / "b"], data=data, log=None, progress=False)
-    (res,) = find_tickets([cfg], [tmp_path / "b"], data=data, log=None, progress=False,
-                          resume=True)
+    (res,) = find_tickets([cfg], [tmp_path / "b"], data=data, log=None, progress=False, resume=True)
     a, b = load_ticket(ref.ticket_path), load_ticket(res.ticket_path)
     for name in a.state_dict:
         assert torch.equal(a.state_dict[name], b.state_dict[name])
@@ -173,20 +191,22 @@ def test_resume_gives_the_same_ticket(
 def test_seeds_trained_together_match_alone(tmp_path: Path) -> None:
     data = tiny_data()
     cfgs = [tiny_config(rounds=1, seed=s) for s in (0, 1)]
-    together = find_tickets(cfgs, [tmp_path / "a0", tmp_path / "a1"], data=data, log=None,
-                            progress=False)
+    together = find_tickets(
+        cfgs, [tmp_path / "a0", tmp_path / "a1"], data=data, log=None, progress=False
+    )
     (alone,) = find_tickets([cfgs[1]], [tmp_path / "b1"], data=data, log=None, progress=False)
     ta, tb = load_ticket(together[1].ticket_path), load_ticket(alone.ticket_path)
     for name in ta.state_dict:
-        torch.testing.assert_close(ta.state_dict[name], tb.state_dict[name], rtol=1e-4,
-                                   atol=1e-5)
+        torch.testing.assert_close(ta.state_dict[name], tb.state_dict[name], rtol=1e-4, atol=1e-5)
 
 
 def test_mlp_fast_path_matches_autograd() -> None:
     g = torch.Generator().manual_seed(3)
     states = [lenet300(in_features=12).state_dict() for _ in range(2)]
-    masks = [{n: torch.rand(s[n].shape, generator=g) > 0.3 for n in ("1.weight", "3.weight",
-                                                                     "5.weight")} for s in states]
+    masks = [
+        {n: torch.rand(s[n].shape, generator=g) > 0.3 for n in ("1.weight", "3.weight", "5.weight")}
+        for s in states
+    ]
     fast = Ensemble(lenet300(in_features=12), states, masks, lr=1e-3)
     slow = Ensemble(lenet300(in_features=12), states, masks, lr=1e-3)
     slow.mlp = None  # force the torch.func path
@@ -205,10 +225,23 @@ def test_conv_model_through_vmap(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(120, 3, 8, 8, generator=g)
     y = torch.randint(0, 10, (120,), generator=g)
-    data = Splits("img", TensorSplit(x[:90], y[:90]), TensorSplit(x[:0], y[:0]),
-                  TensorSplit(x[90:], y[90:]), 10)
-    cfg = FindConfig(model="conv2", rounds=1, iterations=4, batch_size=30, eval_every=2,
-                     checkpoint_every=2, val_size=0, controls=("reinit",))
+    data = Splits(
+        "img",
+        TensorSplit(x[:90], y[:90]),
+        TensorSplit(x[:0], y[:0]),
+        TensorSplit(x[90:], y[90:]),
+        10,
+    )
+    cfg = FindConfig(
+        model="conv2",
+        rounds=1,
+        iterations=4,
+        batch_size=30,
+        eval_every=2,
+        checkpoint_every=2,
+        val_size=0,
+        controls=("reinit",),
+    )
     (res,) = find_tickets([cfg], [tmp_path], data=data, log=None, progress=False)
     ticket = load_ticket(res.ticket_path)
     assert ticket.arch_kwargs == {"num_classes": 10, "in_channels": 3, "image_size": 8}
@@ -222,12 +255,26 @@ def test_conv_model_through_vmap(tmp_path: Path) -> None:
 
 def test_target_density_and_one_shot(tmp_path: Path) -> None:
     data = tiny_data()
-    (res,) = find_tickets([tiny_config(rounds=None, target_density=0.55, iterations=10)],
-                          [tmp_path / "t"], data=data, log=None, progress=False)
+    (res,) = find_tickets(
+        [tiny_config(rounds=None, target_density=0.55, iterations=10)],
+        [tmp_path / "t"],
+        data=data,
+        log=None,
+        progress=False,
+    )
     assert sorted(p.name for p in (tmp_path / "t").glob("level_*")) == [
-        "level_00", "level_01", "level_02", "level_03"]
-    (one,) = find_tickets([tiny_config(one_shot=True, iterations=10)], [tmp_path / "o"],
-                          data=data, log=None, progress=False)
+        "level_00",
+        "level_01",
+        "level_02",
+        "level_03",
+    ]
+    (one,) = find_tickets(
+        [tiny_config(one_shot=True, iterations=10)],
+        [tmp_path / "o"],
+        data=data,
+        log=None,
+        progress=False,
+    )
     assert sorted(p.name for p in (tmp_path / "o").glob("level_*")) == ["level_00", "level_01"]
     m = json.loads((tmp_path / "o" / "level_01" / "metrics.json").read_text())
     assert m["layer_density"]["1.weight"] == pytest.approx(0.512, abs=3e-3)
@@ -235,39 +282,80 @@ def test_target_density_and_one_shot(tmp_path: Path) -> None:
 
 def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     data = tiny_data()
-    find_tickets([tiny_config(rounds=0, iterations=5, eval_every=5)], [tmp_path], data=data,
-                 log=None, progress=False)
+    find_tickets(
+        [tiny_config(rounds=0, iterations=5, eval_every=5)],
+        [tmp_path],
+        data=data,
+        log=None,
+        progress=False,
+    )
     with pytest.raises(Exception, match=r"other settings: --iterations 5 \(now 6\)"):
-        find_tickets([tiny_config(rounds=0, iterations=6, eval_every=5)], [tmp_path], data=data,
-                     log=None, progress=False, resume=True)
+        find_tickets(
+            [tiny_config(rounds=0, iterations=6, eval_every=5)],
+            [tmp_path],
+            data=data,
+            log=None,
+            progress=False,
+            resume=True,
+        )
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--rounds", "-2"], "rounds"),
-    (["--model", "nosuchnet"], "nosuchnet"),
-    (["--controls", "reinit,shuffle"], "shuffle"),
-    (["--rewind", "later"], "later"),
-    (["--dataset", "cifar10"], "cifar10"),
-    (["--model", "nosuchmodule.x:f"], "nosuchmodule"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--rounds", "-2"], "rounds"),
+        (["--model", "nosuchnet"], "nosuchnet"),
+        (["--controls", "reinit,shuffle"], "shuffle"),
+        (["--rewind", "later"], "later"),
+        (["--dataset", "cifar10"], "cifar10"),
+        (["--model", "nosuchmodule.x:f"], "nosuchmodule"),
+    ],
+)
 def test_cli_bad_arguments_one_line_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str
 ) -> None:
-    code = main(["find", "--out", str(tmp_path / "r"), "--iterations", "2", "--rounds", "0",
-                 "--no-progress", *argv])
+    code = main(
+        [
+            "find",
+            "--out",
+            str(tmp_path / "r"),
+            "--iterations",
+            "2",
+            "--rounds",
+            "0",
+            "--no-progress",
+            *argv,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and needle in err
 
 
-def test_cli_find_and_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_find_and_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = tiny_data()
     monkeypatch.setattr(run_module, "load_data", lambda cfg: data)
     out = tmp_path / "run"
-    code = main(["find", "--out", str(out), "--rounds", "2", "--iterations", "20",
-                 "--batch-size", "30", "--eval-every", "10",
-                 "--controls", "reinit", "--json"])
+    code = main(
+        [
+            "find",
+            "--out",
+            str(out),
+            "--rounds",
+            "2",
+            "--iterations",
+            "20",
+            "--batch-size",
+            "30",
+            "--eval-every",
+            "10",
+            "--controls",
+            "reinit",
+            "--json",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert Path(result["ticket"]) == out / "ticket.pt" and 0 < result["density"] <= 1
@@ -288,12 +376,12 @@ def test_cli_find_and_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 def test_csr_layers_match_dense_and_round_trip(kept: tuple[float, ...]) -> None:
     g = torch.Generator().manual_seed(5)
     states = [tiny_mlp().state_dict() for _ in range(3)]
+
     def exactly(shape: torch.Size, k: float) -> torch.Tensor:  # round(k * numel) survivors
         rank = torch.rand(shape, generator=g).flatten().argsort().argsort()
         return (rank < round(k * rank.numel())).view(shape)
 
-    masks = [{n: exactly(s[n].shape, k) for n, k in zip(PRUNED, kept, strict=True)}
-             for s in states]
+    masks = [{n: exactly(s[n].shape, k) for n, k in zip(PRUNED, kept, strict=True)} for s in states]
     # SGD: the trajectories stay as close as the gradients (Adam turns a 1e-9 difference in a
     # near-zero gradient into a step of ~lr/10, so its trajectories drift apart legitimately)
     dense = Ensemble(tiny_mlp(), states, masks, lr=1e-2, optimizer="sgd")
@@ -314,8 +402,9 @@ def test_csr_layers_match_dense_and_round_trip(kept: tuple[float, ...]) -> None:
     sparse = Ensemble(tiny_mlp(), states, masks, lr=1e-3, sparse_below=0.5)
     for _ in range(3):
         sparse.step(x, y)
-    assert all(bool((sparse.member_state(i)[n][~masks[i][n]] == 0).all())
-               for i in range(3) for n in PRUNED)
+    assert all(
+        bool((sparse.member_state(i)[n][~masks[i][n]] == 0).all()) for i in range(3) for n in PRUNED
+    )
     # checkpoint of members 0 and 1..2 separately, reloaded: the next step is identical
     copy = Ensemble(tiny_mlp(), states, masks, lr=1e-3, sparse_below=0.5)
     copy.load_states([sparse.state([0]), sparse.state([1, 2])])
@@ -333,9 +422,28 @@ def tiny_pairs() -> tuple:
 
 def test_cli_user_model_and_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    code = main(["find", "--out", str(out), "--model", TINY, "--data",
-                 "tests.test_find_run:tiny_pairs", "--rounds", "1", "--iterations", "10",
-                 "--batch-size", "30", "--eval-every", "5", "--val-size", "60", "--json"])
+    code = main(
+        [
+            "find",
+            "--out",
+            str(out),
+            "--model",
+            TINY,
+            "--data",
+            "tests.test_find_run:tiny_pairs",
+            "--rounds",
+            "1",
+            "--iterations",
+            "10",
+            "--batch-size",
+            "30",
+            "--eval-every",
+            "5",
+            "--val-size",
+            "60",
+            "--json",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     ticket = load_ticket(out / "ticket.pt")
     assert ticket.arch == TINY and ticket.metrics["dataset"] == "tests.test_find_run:tiny_pairs"

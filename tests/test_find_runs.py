@@ -71,8 +71,21 @@ def _one_thread():  # type: ignore[no-untyped-def]
 
 
 def _find(out: Path, *argv: str, data: str = SMALL, rounds: int = 1) -> list[str]:
-    return ["find", "--out", str(out), "--model", SMALL_MLP, "--data", data, "--rounds",
-            str(rounds), "--iterations", "20", "--no-progress", *argv]
+    return [
+        "find",
+        "--out",
+        str(out),
+        "--model",
+        SMALL_MLP,
+        "--data",
+        data,
+        "--rounds",
+        str(rounds),
+        "--iterations",
+        "20",
+        "--no-progress",
+        *argv,
+    ]
 
 
 def test_small_user_dataset_with_default_options(
@@ -92,20 +105,25 @@ def test_small_user_dataset_with_default_options(
     assert json.loads((tmp_path / "frac" / "config.json").read_text())["val_size"] == 300
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["--model", "tests.test_find_run:tiny_mlp"], ["--model tests.test_find_run:tiny_mlp",
-                                                   "--data", "shape [N, 20]"]),
-    (["--model", "tests.test_find_runs:two_class_mlp"], ["2 class scores", "4 classes"]),
-    (["--model", "conv2"], ["--model conv2", "square images"]),
-    (["--val-size", "1200"], ["--val-size 1200", "1200 training samples"]),
-    (["--batch-size", "5000"], ["--batch-size 5000", "1080 training samples"]),
-    (["--eval-every", "50"], ["--eval-every 50", "--iterations 20"]),
-    (["--rewind", "iteration:20"], ["--rewind iteration:20", "--iterations 20"]),
-    (["--rewind", "epoch:30"], ["--rewind epoch:30", "iteration 540"]),
-    (["--data", "tests.test_find_runs:one_hot_rows"], ["--data", "one-hot"]),
-    (["--data", "tests.test_find_runs:fractional_labels"], ["--data", "whole numbers"]),
-    (["--dataset", "cifar10", "--data-dir", "/no/such/dir"], ["/no/such/dir"]),
-])
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (
+            ["--model", "tests.test_find_run:tiny_mlp"],
+            ["--model tests.test_find_run:tiny_mlp", "--data", "shape [N, 20]"],
+        ),
+        (["--model", "tests.test_find_runs:two_class_mlp"], ["2 class scores", "4 classes"]),
+        (["--model", "conv2"], ["--model conv2", "square images"]),
+        (["--val-size", "1200"], ["--val-size 1200", "1200 training samples"]),
+        (["--batch-size", "5000"], ["--batch-size 5000", "1080 training samples"]),
+        (["--eval-every", "50"], ["--eval-every 50", "--iterations 20"]),
+        (["--rewind", "iteration:20"], ["--rewind iteration:20", "--iterations 20"]),
+        (["--rewind", "epoch:30"], ["--rewind epoch:30", "iteration 540"]),
+        (["--data", "tests.test_find_runs:one_hot_rows"], ["--data", "one-hot"]),
+        (["--data", "tests.test_find_runs:fractional_labels"], ["--data", "whole numbers"]),
+        (["--dataset", "cifar10", "--data-dir", "/no/such/dir"], ["/no/such/dir"]),
+    ],
+)
 def test_data_that_does_not_fit_is_one_line_exit_2_and_leaves_no_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needles: list[str]
 ) -> None:
@@ -113,7 +131,7 @@ def test_data_that_does_not_fit_is_one_line_exit_2_and_leaves_no_folder(
     args = _find(out, *argv)
     if "--dataset" in argv:  # instead of --data
         i = args.index("--data")
-        del args[i:i + 2]
+        del args[i : i + 2]
     code = main(args)
     err = capsys.readouterr().err.strip()
     assert code == 2, err
@@ -130,8 +148,9 @@ def test_extending_a_run_equals_running_it_long_at_once(tmp_path: Path) -> None:
     assert not (tmp_path / "grown" / "level_02").exists()
     with pytest.raises(UserError, match="--resume"):
         find_tickets([cfg], [tmp_path / "grown"], data=data, log=None, progress=False)
-    (grown,) = find_tickets([cfg], [tmp_path / "grown"], data=data, log=None, progress=False,
-                            resume=True)
+    (grown,) = find_tickets(
+        [cfg], [tmp_path / "grown"], data=data, log=None, progress=False, resume=True
+    )
     for level in range(4):
         a = tmp_path / "long" / f"level_{level:02d}"
         b = tmp_path / "grown" / f"level_{level:02d}"
@@ -143,38 +162,54 @@ def test_extending_a_run_equals_running_it_long_at_once(tmp_path: Path) -> None:
     assert (long.level, long.density) == (grown.level, grown.density)
     assert json.loads((tmp_path / "grown" / "config.json").read_text())["rounds"] == 3
     # a lower target density grows it further; fewer rounds than it finished is refused
-    find_tickets([FindConfig(**{**cfg.__dict__, "rounds": None,
-                                            "target_density": 0.4})],
-                             [tmp_path / "grown"], data=data, log=None, progress=False,
-                             resume=True)
+    find_tickets(
+        [FindConfig(**{**cfg.__dict__, "rounds": None, "target_density": 0.4})],
+        [tmp_path / "grown"],
+        data=data,
+        log=None,
+        progress=False,
+        resume=True,
+    )
     levels = sorted(p.name for p in (tmp_path / "grown").glob("level_*"))
     assert len(levels) > 4
     last = json.loads((tmp_path / "grown" / levels[-1] / "metrics.json").read_text())
     before = json.loads((tmp_path / "grown" / levels[-2] / "metrics.json").read_text())
     assert last["density"] <= 0.4 < before["density"]
     with pytest.raises(UserError, match="up to 5; --rounds 1 stops at level 1: give --rounds 5"):
-        find_tickets([short], [tmp_path / "grown"], data=data, log=None, progress=False,
-                     resume=True)
+        find_tickets(
+            [short], [tmp_path / "grown"], data=data, log=None, progress=False, resume=True
+        )
 
 
-def test_resume_refuses_settings_that_change_results_and_takes_the_others(
-    tmp_path: Path
-) -> None:
+def test_resume_refuses_settings_that_change_results_and_takes_the_others(tmp_path: Path) -> None:
     data = tiny_data()
     cfg = tiny_config(rounds=2)
     find_tickets([cfg], [tmp_path], data=data, log=None, progress=False)
-    for change, needle in ((dict(lr=2e-3), "--lr 0.001 (now 0.002)"),
-                           (dict(seed=3), "--seed 0 (now 3)"),
-                           (dict(controls=("reinit",)), "--controls none (now reinit)"),
-                           (dict(strategy="global"), "--strategy layerwise (now global)")):
+    for change, needle in (
+        (dict(lr=2e-3), "--lr 0.001 (now 0.002)"),
+        (dict(seed=3), "--seed 0 (now 3)"),
+        (dict(controls=("reinit",)), "--controls none (now reinit)"),
+        (dict(strategy="global"), "--strategy layerwise (now global)"),
+    ):
         with pytest.raises(UserError, match="other settings") as e:
-            find_tickets([FindConfig(**{**cfg.__dict__, **change})], [tmp_path], data=data,
-                         log=None, progress=False, resume=True)
+            find_tickets(
+                [FindConfig(**{**cfg.__dict__, **change})],
+                [tmp_path],
+                data=data,
+                log=None,
+                progress=False,
+                resume=True,
+            )
         assert needle in str(e.value) and "--force" in str(e.value)
     # ticket selection and checkpointing do not change what a level trains to
-    (res,) = find_tickets([FindConfig(**{**cfg.__dict__, "accuracy_target": 1.0,
-                                         "checkpoint_every": 7})],
-                          [tmp_path], data=data, log=None, progress=False, resume=True)
+    (res,) = find_tickets(
+        [FindConfig(**{**cfg.__dict__, "accuracy_target": 1.0, "checkpoint_every": 7})],
+        [tmp_path],
+        data=data,
+        log=None,
+        progress=False,
+        resume=True,
+    )
     ticket = load_ticket(res.ticket_path)
     assert ticket.metrics["accuracy_target"] == 1.0 and not ticket.metrics["met_target"]
     assert res.level == 2  # none met: the last level, said so
@@ -190,29 +225,40 @@ def test_resume_accepts_the_same_data_from_elsewhere_and_refuses_other_data(
     assert json.loads((out / "config.json").read_text())["data"].endswith("small_rows_again")
     assert (out / "level_02" / "metrics.json").exists()
     capsys.readouterr()
-    assert main(_find(out, "--resume", data="tests.test_find_runs:small_rows_other",
-                      rounds=2)) == 2
+    assert main(_find(out, "--resume", data="tests.test_find_runs:small_rows_other", rounds=2)) == 2
     err = capsys.readouterr().err
     assert "other data" in err and "md5" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="shared MNIST files not present")
-def test_resume_after_the_mnist_folder_moved(tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_after_the_mnist_folder_moved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     first = tmp_path / "mnist"
     first.mkdir()
     for f in SHARED_MNIST.glob("*.gz"):
         shutil.copy(f, first / f.name)
     out = tmp_path / "run"
-    base = ["find", "--out", str(out), "--dataset", "mnist", "--iterations", "10",
-            "--batch-size", "100", "--no-progress"]
+    base = [
+        "find",
+        "--out",
+        str(out),
+        "--dataset",
+        "mnist",
+        "--iterations",
+        "10",
+        "--batch-size",
+        "100",
+        "--no-progress",
+    ]
     assert main([*base, "--data-dir", str(first), "--rounds", "1"]) == 0
     second = tmp_path / "elsewhere"
     first.rename(second)
     capsys.readouterr()
     assert main([*base, "--data-dir", str(second), "--rounds", "2", "--resume"]) == 0, (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     assert json.loads((out / "config.json").read_text())["data_dir"] == str(second)
     assert (out / "level_02" / "metrics.json").exists()
 
@@ -254,8 +300,14 @@ def test_a_failed_start_leaves_nothing_and_a_run_says_what_to_do(
         find_tickets([cfg], [stale], data=data, log=None, progress=False)
     marker = stale / "level_01" / "extra.txt"
     marker.write_text("x")
-    find_tickets([FindConfig(**{**cfg.__dict__, "lr": 2e-3})], [stale], data=data, log=None,
-                 progress=False, force=True)
+    find_tickets(
+        [FindConfig(**{**cfg.__dict__, "lr": 2e-3})],
+        [stale],
+        data=data,
+        log=None,
+        progress=False,
+        force=True,
+    )
     assert not marker.exists()
     assert json.loads((stale / "config.json").read_text())["lr"] == 2e-3
 
@@ -284,7 +336,7 @@ def test_progress_lines_when_not_a_terminal_and_labelled_accuracies(
 
 
 def test_a_long_stretch_between_evaluations_still_prints_a_line(
-    monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from ticketc.find import progress
 
@@ -297,7 +349,8 @@ def test_a_long_stretch_between_evaluations_still_prints_a_line(
             p.iteration(it)
     # a line every HEARTBEAT_S seconds (60 s: every 120 iterations), none in between
     assert [s.split(",")[0] for s in lines] == [
-        f"level 3: iteration {it}/1000" for it in (120, 240, 360)]
+        f"level 3: iteration {it}/1000" for it in (120, 240, 360)
+    ]
     assert lines[0].endswith("60 s elapsed, 7 min left")  # 880 iterations at 2/s
 
 

@@ -47,8 +47,14 @@ def test_pruned_weights_stay_zero_after_every_step(optimizer: str, path: str) ->
         data, factory, names = tiny_data(), tiny_mlp, PRUNED
     states = [factory().state_dict() for _ in range(2)]
     masks = [{n: torch.rand(s[n].shape, generator=g) > 0.6 for n in names} for s in states]
-    ens = Ensemble(factory(), states, masks, lr=5e-2, optimizer=optimizer,
-                   sparse_below=0.9 if path == "csr" else 0.0)
+    ens = Ensemble(
+        factory(),
+        states,
+        masks,
+        lr=5e-2,
+        optimizer=optimizer,
+        sparse_below=0.9 if path == "csr" else 0.0,
+    )
     assert bool(ens.sparse) == (path == "csr") and (ens.mlp is None) == (path == "vmap")
     # the gradients at pruned positions are not zero, so the moments there grow every step
     order = BatchOrder([0, 1], 0, len(data.train), 30)
@@ -91,9 +97,7 @@ def test_negative_weights_are_ranked_by_magnitude() -> None:
 
 
 @pytest.mark.parametrize("strategy", ["layerwise", "global"])
-def test_every_removed_weight_is_no_larger_in_magnitude_than_every_kept_one(
-    strategy: str
-) -> None:
+def test_every_removed_weight_is_no_larger_in_magnitude_than_every_kept_one(strategy: str) -> None:
     g = torch.Generator().manual_seed(2)
     w = {"a": torch.randn(30, 20, generator=g) - 1.0, "b": 3 * torch.randn(10, 30, generator=g)}
     masks = {k: torch.rand(v.shape, generator=g) > 0.2 for k, v in w.items()}
@@ -116,20 +120,36 @@ def _conv_data() -> Splits:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(150, 3, 8, 8, generator=g)
     y = torch.randint(0, 10, (150,), generator=g)
-    return Splits("img", TensorSplit(x[:90], y[:90]), TensorSplit(x[90:120], y[90:120]),
-                  TensorSplit(x[120:], y[120:]), 10)
+    return Splits(
+        "img",
+        TensorSplit(x[:90], y[:90]),
+        TensorSplit(x[90:120], y[90:120]),
+        TensorSplit(x[120:], y[120:]),
+        10,
+    )
 
 
-def test_per_kind_rates_prune_conv_fc_and_output_layers_at_their_own_rate(
-    tmp_path: Path
-) -> None:
-    cfg = FindConfig(model="conv2", rounds=2, iterations=2, batch_size=30, eval_every=1,
-                     conv_rate=0.15, fc_rate=0.25, output_rate=0.05)
+def test_per_kind_rates_prune_conv_fc_and_output_layers_at_their_own_rate(tmp_path: Path) -> None:
+    cfg = FindConfig(
+        model="conv2",
+        rounds=2,
+        iterations=2,
+        batch_size=30,
+        eval_every=1,
+        conv_rate=0.15,
+        fc_rate=0.25,
+        output_rate=0.05,
+    )
     find_tickets([cfg], [tmp_path], data=_conv_data(), log=None, progress=False)
     init = _load(tmp_path / "init.pt")
     mask = _load(tmp_path / "level_02" / "mask.pt")
-    kinds = {"0.weight": 0.15, "2.weight": 0.15, "6.weight": 0.25, "8.weight": 0.25,
-             "10.weight": 0.05}
+    kinds = {
+        "0.weight": 0.15,
+        "2.weight": 0.15,
+        "6.weight": 0.25,
+        "8.weight": 0.25,
+        "10.weight": 0.05,
+    }
     assert set(mask) == set(kinds)  # weights of conv and linear layers only
     for name, rate in kinds.items():
         alive = init[name].numel()
@@ -140,8 +160,9 @@ def test_per_kind_rates_prune_conv_fc_and_output_layers_at_their_own_rate(
 
 def test_global_rate_prunes_one_threshold_across_layers(tmp_path: Path) -> None:
     data = tiny_data()
-    cfg = tiny_config(strategy="global", global_rate=0.3, rounds=None, target_density=0.3,
-                      iterations=10)
+    cfg = tiny_config(
+        strategy="global", global_rate=0.3, rounds=None, target_density=0.3, iterations=10
+    )
     find_tickets([cfg], [tmp_path], data=data, log=None, progress=False)
     levels = sorted(tmp_path.glob("level_*"))
     densities = [json.loads((d / "metrics.json").read_text())["density"] for d in levels]
@@ -192,9 +213,28 @@ def test_late_rewinding_with_batchnorm_and_dropout_through_the_cli(
     data = image_data()
     monkeypatch.setattr(run_module, "load_data", lambda cfg: data)
     out = tmp_path / "run"
-    code = main(["find", "--out", str(out), "--model", BN_DROPOUT, "--rounds", "1",
-                 "--iterations", "8", "--batch-size", "30", "--rewind", "iteration:2",
-                 "--strategy", "global", "--controls", "reinit", "--json"])
+    code = main(
+        [
+            "find",
+            "--out",
+            str(out),
+            "--model",
+            BN_DROPOUT,
+            "--rounds",
+            "1",
+            "--iterations",
+            "8",
+            "--batch-size",
+            "30",
+            "--rewind",
+            "iteration:2",
+            "--strategy",
+            "global",
+            "--controls",
+            "reinit",
+            "--json",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     result = json.loads(capsys.readouterr().out)
     ticket = load_ticket(result["ticket"])

@@ -23,8 +23,15 @@ from tests.fuzzing import (
     run_subprocess,
 )
 
-KINDS = ("ticket", "state_dict", "pt2", "compiled", "onnx-portable", "onnx-sparse-initializer",
-         "onnx-dense")
+KINDS = (
+    "ticket",
+    "state_dict",
+    "pt2",
+    "compiled",
+    "onnx-portable",
+    "onnx-sparse-initializer",
+    "onnx-dense",
+)
 SIDE_FILES = ("mask", "sample")  # --mask / --sample files next to a sound model
 
 
@@ -33,8 +40,15 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_artifacts(tmp_path_factory.mktemp("good"))
 
 
-def _campaign(good: dict[str, Path], tmp_path: Path, kind: str, count: int, readers: list[str],
-              seed: int, subprocess_every: int = 0) -> list[str]:
+def _campaign(
+    good: dict[str, Path],
+    tmp_path: Path,
+    kind: str,
+    count: int,
+    readers: list[str],
+    seed: int,
+    subprocess_every: int = 0,
+) -> list[str]:
     rng = random.Random(f"{kind}-{seed}")
     bad = []
     runs = [0]
@@ -49,8 +63,9 @@ def _campaign(good: dict[str, Path], tmp_path: Path, kind: str, count: int, read
         case = tmp_path / f"{kind}-{i}"
         case.mkdir()
         mutation = MUTATIONS[i % len(MUTATIONS)]
-        for reader, verdict, err in fuzz_case(kind, good[kind], good, case, mutation, rng,
-                                              readers, run):
+        for reader, verdict, err in fuzz_case(
+            kind, good[kind], good, case, mutation, rng, readers, run
+        ):
             if verdict not in CLEAN:
                 bad.append(f"{reader} {mutation} #{i}: {verdict} | {err.strip()[-400:]}")
     return bad
@@ -67,16 +82,18 @@ def test_side_files_fuzzed(good: dict[str, Path], tmp_path: Path, kind: str) -> 
 
 
 @pytest.mark.parametrize("kind", ("ticket", "state_dict", "pt2", "compiled"))
-def test_zip_needing_an_unknown_version_is_one_line(good: dict[str, Path], tmp_path: Path,
-                                                     kind: str) -> None:
+def test_zip_needing_an_unknown_version_is_one_line(
+    good: dict[str, Path], tmp_path: Path, kind: str
+) -> None:
     """Found by the fuzz run: an archive saying it needs zip 9.0 made zipfile raise
     NotImplementedError, an internal error through compile's plan reader."""
     readers = ["inspect", "export", "compile"]
     run = lambda argv: run_in_process(argv, 120, tmp_path / "stderr.txt")  # noqa: E731
     case = tmp_path / "case"
     case.mkdir()
-    verdicts = fuzz_case(kind, good[kind], good, case, "zip-version", random.Random(0), readers,
-                         run)
+    verdicts = fuzz_case(
+        kind, good[kind], good, case, "zip-version", random.Random(0), readers, run
+    )
     assert [r for r, _, _ in verdicts] == readers
     assert [(r, v) for r, v, _ in verdicts if v not in CLEAN] == []
 
@@ -119,7 +136,11 @@ def test_run_directories_fuzzed(finished_run: Path, tmp_path: Path) -> None:
         case.mkdir()
         mutation = MUTATIONS[i % len(MUTATIONS)]
         for reader, verdict, err in fuzz_run_dir(
-            finished_run, case, mutation, rng, ["report", "resume"],
+            finished_run,
+            case,
+            mutation,
+            rng,
+            ["report", "resume"],
             lambda argv: run_in_process(argv, 120, tmp_path / "stderr.txt"),
         ):
             if verdict not in CLEAN:

@@ -21,10 +21,29 @@ from ticketc.checkpoint import Ticket, load_ticket, save_ticket
 from ticketc.models import lenet300
 
 REPO = Path(__file__).resolve().parents[1]
-FIND_ARGS = ["--model", "tests.test_find_run:tiny_mlp", "--data", "tests.test_find_run:tiny_pairs",
-             "--rounds", "2", "--iterations", "30", "--batch-size", "30", "--eval-every", "10",
-             "--checkpoint-every", "10", "--val-size", "60", "--controls", "reinit",
-             "--no-progress", "--threads", "1"]
+FIND_ARGS = [
+    "--model",
+    "tests.test_find_run:tiny_mlp",
+    "--data",
+    "tests.test_find_run:tiny_pairs",
+    "--rounds",
+    "2",
+    "--iterations",
+    "30",
+    "--batch-size",
+    "30",
+    "--eval-every",
+    "10",
+    "--checkpoint-every",
+    "10",
+    "--val-size",
+    "60",
+    "--controls",
+    "reinit",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -90,18 +109,32 @@ def _ticket(path: Path, seed: int) -> None:
         for n, p in model.named_parameters():
             if n in masks:
                 p.mul_(masks[n])
-    save_ticket(Ticket("ticketc.models:lenet300", model.state_dict(), masks, model.state_dict(),
-                       arch_kwargs={"num_classes": 4, "in_features": 20}), path)
+    save_ticket(
+        Ticket(
+            "ticketc.models:lenet300",
+            model.state_dict(),
+            masks,
+            model.state_dict(),
+            arch_kwargs={"num_classes": 4, "in_features": 20},
+        ),
+        path,
+    )
 
 
 def _ticketc(*args: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "ticketc", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ticketc", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
-def _kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool], delay: float,
-               limit: float = 120) -> None:
+def _kill_when(
+    proc: subprocess.Popen[bytes], ready: Callable[[], bool], delay: float, limit: float = 120
+) -> None:
     """SIGKILL `proc` `delay` seconds after `ready()` first holds (or when it ends)."""
     start = time.monotonic()
     while proc.poll() is None and not ready() and time.monotonic() - start < limit:
@@ -156,9 +189,11 @@ def test_export_killed_at_random_moments(tmp_path: Path, fmt: str, kills: int) -
 
 def _ticket_bits(path: Path) -> dict[str, torch.Tensor]:
     t = load_ticket(path)
-    return {**{f"w.{k}": v for k, v in t.state_dict.items()},
-            **{f"m.{k}": v for k, v in t.masks.items()},
-            **{f"r.{k}": v for k, v in t.rewind_state_dict.items()}}
+    return {
+        **{f"w.{k}": v for k, v in t.state_dict.items()},
+        **{f"m.{k}": v for k, v in t.masks.items()},
+        **{f"r.{k}": v for k, v in t.rewind_state_dict.items()},
+    }
 
 
 @pytest.mark.slow

@@ -150,7 +150,9 @@ def test_ticket_of_a_user_architecture_needs_arch(tmp_path):
     model = tiny_mlp()
     masks = {"1.weight": torch.rand(16, 20) < 0.3}
     ticket = Ticket(
-        arch=ARCH, state_dict=model.state_dict(), masks=masks,
+        arch=ARCH,
+        state_dict=model.state_dict(),
+        masks=masks,
         rewind_state_dict=model.state_dict(),
     )
     save_ticket(ticket, tmp_path / "ticket.pt")
@@ -211,8 +213,9 @@ def test_module_versions_in_the_state_dict_reach_the_modules(tmp_path, form):
     error)."""
     torch.manual_seed(0)
     model = zoo.versioned()
-    prune.global_unstructured([(model.body[0], "weight"), (model.body[2], "weight")],
-                              prune.L1Unstructured, amount=0.5)
+    prune.global_unstructured(
+        [(model.body[0], "weight"), (model.body[2], "weight")], prune.L1Unstructured, amount=0.5
+    )
     if form != "hooks":
         prune.remove(model.body[0], "weight")
         prune.remove(model.body[2], "weight")

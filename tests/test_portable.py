@@ -537,8 +537,10 @@ def _several(weights: list[np.ndarray], opset: int) -> onnx.ModelProto:
         [helper.make_node("Identity", [n], [f"y{n}"]) for n in names],
         "ws",
         [],
-        [helper.make_tensor_value_info(f"y{n}", TensorProto.FLOAT, list(w.shape))
-         for n, w in zip(names, weights, strict=True)],
+        [
+            helper.make_tensor_value_info(f"y{n}", TensorProto.FLOAT, list(w.shape))
+            for n, w in zip(names, weights, strict=True)
+        ],
         [numpy_helper.from_array(w, n) for n, w in zip(names, weights, strict=True)],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

@@ -176,9 +176,7 @@ def _writable_target(path: str | os.PathLike[str]) -> Path:
 def _fresh_name(target: Path) -> Path:
     start = _start_time(os.getpid()) or 0
     token = secrets.token_hex(4)
-    return target.with_name(
-        f".{target.name}.{_TAG}-{_host()}-{os.getpid()}-{start}-{token}.tmp"
-    )
+    return target.with_name(f".{target.name}.{_TAG}-{_host()}-{os.getpid()}-{start}-{token}.tmp")
 
 
 @cache

@@ -207,9 +207,7 @@ def write_card(card: Card, stem: Path) -> tuple[Path, Path]:
     return md, js
 
 
-def export_card(
-    result: Any, source: str, arrays: dict[str, Any], errors: dict[str, float]
-) -> Card:
+def export_card(result: Any, source: str, arrays: dict[str, Any], errors: dict[str, float]) -> Card:
     """The card of an ONNX export: `result` a ticketc.export.ExportResult (its layers: every
     float initializer of the graph as stored), `arrays` initializer -> the graph's own array
     (BatchNorm folded, as the file computes with it), `errors` initializer -> the max abs error

@@ -74,8 +74,9 @@ class Ticket:
         """
         from ticketc.factory import build_trained
 
-        return build_trained(self.arch, self.arch_kwargs, self.state_dict, source="ticket",
-                             user_arch=arch)
+        return build_trained(
+            self.arch, self.arch_kwargs, self.state_dict, source="ticket", user_arch=arch
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -180,8 +180,14 @@ def _line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first_line(e, 200)}" if str(e).strip() else type(e).__name__
 
 
-def build_trained(ref: object, kwargs: object, state_dict: dict[str, torch.Tensor], *,
-                  source: str, user_arch: str | None = None) -> nn.Module:
+def build_trained(
+    ref: object,
+    kwargs: object,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    source: str,
+    user_arch: str | None = None,
+) -> nn.Module:
     """`build_model` checked against `state_dict`, with `state_dict` loaded (`load_weights_`):
     the trained network a ticket, a run's level or a state dict plus --arch describes."""
     model = build_model(ref, kwargs, source=source, user_arch=user_arch, state_dict=state_dict)

@@ -119,8 +119,7 @@ class InputSpec:
                 name = parts[0]
         if name is not None and not name.isidentifier():
             raise UserError(
-                f"--input {text!r}: input name {name!r} is not an identifier; "
-                f"expected {INPUT_FORM}"
+                f"--input {text!r}: input name {name!r} is not an identifier; expected {INPUT_FORM}"
             )
         low, high = _range(bounds, dtype, text) if bounds is not None else (None, None)
         return cls(name, dtype, shape, low, high)
@@ -144,7 +143,7 @@ def _dtype(text: str, spec: str) -> torch.dtype:
 
 
 def _range(text: str, dtype: torch.dtype, spec: str) -> tuple[int, int]:
-    """"0-999" -> (0, 1000): inclusive bounds, returned as [low, high)."""
+    """ "0-999" -> (0, 1000): inclusive bounds, returned as [low, high)."""
     low, _, high = text.partition("-")
     try:
         bounds = int(low), int(high) + 1

@@ -91,8 +91,9 @@ def _load_torch_file(p: Path, *, arch: str | None, trust_pickle: bool) -> Loaded
             ticket = Ticket.from_dict(obj)
         except (KeyError, ValueError, TypeError) as e:
             raise UserError(f"{p}: broken ticket checkpoint ({e})") from e
-        model = build_trained(ticket.arch, ticket.arch_kwargs, ticket.state_dict, source=str(p),
-                              user_arch=arch)
+        model = build_trained(
+            ticket.arch, ticket.arch_kwargs, ticket.state_dict, source=str(p), user_arch=arch
+        )
         return LoadedModel(
             model,
             dict(ticket.masks),

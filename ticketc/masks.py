@@ -225,7 +225,8 @@ def apply_masks_(model: nn.Module, masks: Masks) -> None:
             raise ValueError(f"mask {name!r} names no parameter of the model")
         if tuple(mask.shape) != tuple(param.shape):
             raise ValueError(
-                f"mask {name!r} has shape {tuple(mask.shape)}, weight {tuple(param.shape)}")
+                f"mask {name!r} has shape {tuple(mask.shape)}, weight {tuple(param.shape)}"
+            )
         param.mul_(mask.to(device=param.device, dtype=param.dtype))
 
 

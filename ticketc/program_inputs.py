@@ -1,5 +1,5 @@
 """What a loaded torch.export program says about its inputs: example inputs from its
-placeholders' recorded values, and the batch size its guards fix (if they do)."""
+placeholders' recorded values, and the axes it keeps symbolic (its guards fix the rest)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from ticketc.inputs import TRACE_MIN_SIZE, ExampleInputs, random_like
 
-__all__ = ["fixed_batch", "from_graph_module"]
+__all__ = ["from_graph_module", "symbolic_axes"]
 
 
 def from_graph_module(module: nn.Module) -> ExampleInputs | None:
@@ -31,19 +31,22 @@ def from_graph_module(module: nn.Module) -> ExampleInputs | None:
     return random_like(ExampleInputs(tuple(tensors))) if tensors else None
 
 
-def fixed_batch(module: nn.Module) -> int | None:
-    """The batch size a torch.export program's module is specialised to (its guards reject any
-    other), or None when its first input's batch axis is symbolic or it is no program."""
+def symbolic_axes(module: nn.Module) -> dict[int, list[int]] | None:
+    """The axes of each positional input that a torch.export program's module keeps symbolic
+    (its `dynamic_shapes`; its guards fix every other size), or None when the module is no
+    program or records no input values."""
     graph = getattr(module, "graph", None)
     if graph is None:
         return None
+    axes: dict[int, list[int]] = {}
     for node in graph.nodes:
-        if node.op == "placeholder":
-            value = node.meta.get("val")
-            if isinstance(value, torch.Tensor) and value.dim() and isinstance(value.shape[0], int):
-                return int(value.shape[0])
+        if node.op != "placeholder":
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
             return None
-    return None
+        axes[len(axes)] = [a for a, size in enumerate(value.shape) if not isinstance(size, int)]
+    return axes or None
 
 
 def _hint(size: Any) -> int:

@@ -215,4 +215,3 @@ def verify_against_onnx(
 def _batch(inputs: ExampleInputs) -> int:
     tensors = inputs.tensors()
     return int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 1
-

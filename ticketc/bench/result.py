@@ -54,7 +54,6 @@ class BenchResult:
         return asdict(self)
 
 
-
 def verdicts(result: BenchResult) -> list[str]:
     """One sentence per batch size: the fastest runtime, and ticketc against the fastest
     runtime that is not ticketc's (saying so plainly where ticketc loses)."""

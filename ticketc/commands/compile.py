@@ -94,11 +94,18 @@ def run(args: argparse.Namespace) -> int:
             f"{args.model} has no Linear/Conv modules to compile (a torch.export program is "
             "already lowered: compile the model it was exported from)"
         )
-    empty = [n for n, m in loaded.model.named_modules() if isinstance(m, SPARSE_LAYERS)
-             and isinstance(m.weight, torch.Tensor) and m.weight.numel() == 0]
+    empty = [
+        n
+        for n, m in loaded.model.named_modules()
+        if isinstance(m, SPARSE_LAYERS)
+        and isinstance(m.weight, torch.Tensor)
+        and m.weight.numel() == 0
+    ]
     if empty:
-        raise UserError(f"{args.model}: layer {empty[0]!r} has a zero-size weight: nothing to "
-                        "compile (remove the layer)")
+        raise UserError(
+            f"{args.model}: layer {empty[0]!r} has a zero-size weight: nothing to "
+            "compile (remove the layer)"
+        )
     compiled = compile_model(loaded.model, config, masks=loaded.masks, example_input=example)
     plan = plan_of(compiled)
     assert plan is not None

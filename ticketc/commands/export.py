@@ -120,9 +120,7 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_from_args(args)
         example, sample = inputs_from_args(args, loaded)
         out = Path(args.output) if args.output else default_output(args.model)
-        result = export_model(
-            loaded.model, example, out, config, sample=sample, source=args.model
-        )
+        result = export_model(loaded.model, example, out, config, sample=sample, source=args.model)
         result.notes[:0] = loaded.notes
     return print_result(result, args.json, print_summary)
 

@@ -54,19 +54,31 @@ def add_config_arguments(p: argparse.ArgumentParser, cls: type) -> None:
         parse, metavar = _parser_for(hints[f.name])
         parse, metavar = meta.get("type") or parse, meta.get("metavar") or metavar
         shown = str(meta.get("shown") or ("none" if f.default is None else f.default))
-        p.add_argument(flag, type=parse, choices=meta.get("choices"), metavar=metavar,
-                       help=f"{text} (default: {shown.replace('%', '%%')})")
+        p.add_argument(
+            flag,
+            type=parse,
+            choices=meta.get("choices"),
+            metavar=metavar,
+            help=f"{text} (default: {shown.replace('%', '%%')})",
+        )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (one folder per level, ticket.pt)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out, or extend "
-                   "it (more --rounds, a lower --target-density); its data may have moved")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out, or extend "
+        "it (more --rounds, a lower --target-density); its data may have moved",
+    )
     p.add_argument("--force", action="store_true", help="delete the run in --out and start over")
     add_config_arguments(p, FindConfig)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (terminal) or progress lines (pipe, file)")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (terminal) or progress lines (pipe, file)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -93,15 +105,28 @@ def run(args: argparse.Namespace) -> int:
     quiet = args.json
     ranks = distributed.from_environment()  # under torchrun: this process's rank
     try:
-        (result,) = find_tickets([config], [args.out], resume=args.resume, force=args.force,
-                                 progress=not (args.no_progress or quiet),
-                                 log=None if quiet else lambda s: print(s, flush=True),
-                                 ranks=ranks)
+        (result,) = find_tickets(
+            [config],
+            [args.out],
+            resume=args.resume,
+            force=args.force,
+            progress=not (args.no_progress or quiet),
+            log=None if quiet else lambda s: print(s, flush=True),
+            ranks=ranks,
+        )
     finally:
         distributed.leave(ranks)
     if args.json and ranks.main:
-        print(json.dumps({"ticket": str(result.ticket_path), "level": result.level,
-                          "density": result.density, "test_acc": result.test_acc,
-                          "val_acc": None if math.isnan(result.val_acc) else result.val_acc,
-                          "selected_by": result.selected_by}))
+        print(
+            json.dumps(
+                {
+                    "ticket": str(result.ticket_path),
+                    "level": result.level,
+                    "density": result.density,
+                    "test_acc": result.test_acc,
+                    "val_acc": None if math.isnan(result.val_acc) else result.val_acc,
+                    "selected_by": result.selected_by,
+                }
+            )
+        )
     return 0

@@ -9,19 +9,34 @@ from pathlib import Path
 from ticketc.errors import UserError
 
 NAME = "report"
-HELP = ("summarise ticketc find run(s): accuracy of ticket and controls, early stopping and "
-        "export size per level")
+HELP = (
+    "summarise ticketc find run(s): accuracy of ticket and controls, early stopping and "
+    "export size per level"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                   help="run directories: one, or several seeds of the same settings (mean ± std)")
-    p.add_argument("-o", "--out", type=Path, help="output folder, never inside a run directory "
-                   "(default for one run: RUN_DIR-report beside it; needed for several)")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="run directories: one, or several seeds of the same settings (mean ± std)",
+    )
+    p.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        help="output folder, never inside a run directory "
+        "(default for one run: RUN_DIR-report beside it; needed for several)",
+    )
     p.add_argument("--no-export", action="store_true", help="skip the ONNX size per level")
-    p.add_argument("--arch", metavar="MODULE:FACTORY",
-                   help="(runs code) import this factory to build a run whose architecture is "
-                   "not built into ticketc; arch.json alone is never imported")
+    p.add_argument(
+        "--arch",
+        metavar="MODULE:FACTORY",
+        help="(runs code) import this factory to build a run whose architecture is "
+        "not built into ticketc; arch.json alone is never imported",
+    )
     p.add_argument("--json", action="store_true", help="print the per-level summary as JSON")
 
 
@@ -30,7 +45,6 @@ def default_out(run_dirs: list[Path]) -> Path:
         raise UserError("give -o OUT for a report of several runs")
     run = run_dirs[0]
     return run.parent / f"{run.resolve().name}-report"
-
 
 
 def run(args: argparse.Namespace) -> int:

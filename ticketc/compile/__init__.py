@@ -1,6 +1,6 @@
 """Compile masked models to sparse modules run by ticketc's kernels.
 
-    compiled = ticketc.compile_model(model, ticketc.CompileConfig(device="cpu", batch_size=64))
+compiled = ticketc.compile_model(model, ticketc.CompileConfig(device="cpu", batch_size=64))
 """
 
 from __future__ import annotations
@@ -38,4 +38,3 @@ __all__ = [
     "save_compiled",
     "sparse_module",
 ]
-

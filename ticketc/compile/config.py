@@ -80,9 +80,7 @@ class CompileConfig:
             raise TypeError(f"filter_fn must be callable, got {type(self.filter_fn).__name__}")
         unknown = [f for f in self.formats if f not in LAYOUTS]
         if unknown:
-            raise ValueError(
-                f"unknown sparse format(s) {unknown}; known: {', '.join(LAYOUTS)}"
-            )
+            raise ValueError(f"unknown sparse format(s) {unknown}; known: {', '.join(LAYOUTS)}")
         if not self.min_speedup >= 1.0:
             raise ValueError(
                 f"min_speedup must be >= 1 (never slower than dense), got {self.min_speedup!r}"

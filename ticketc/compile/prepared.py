@@ -59,7 +59,6 @@ def prepared_kernel(
     return kernel.value
 
 
-
 def eager_cpu_fp32(x: Tensor, values: Tensor | None) -> bool:
     """True for plain eager CPU fp32 calls: not under torch.compile, torch.export or tracing,
     where the custom op (with its fake kernel) must appear in the graph."""

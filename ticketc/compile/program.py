@@ -119,4 +119,3 @@ def load_program(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
     """Load a compiled .pt2 (its ops are registered by `import ticketc`). Call `.module()` to
     run it. Loading a .pt2 may unpickle code: load only files you trust."""
     return torch.export.load(path)
-

@@ -61,8 +61,10 @@ def read_binary_batch(path: Path) -> TensorSplit:
     except OSError as e:
         raise UserError(f"cannot read CIFAR-10 batch {path}: {e.strerror}") from e
     if raw.size == 0 or raw.size % RECORD:
-        raise UserError(f"{path} is not a CIFAR-10 binary batch: {raw.size} bytes is not a "
-                        f"whole number of {RECORD}-byte records")
+        raise UserError(
+            f"{path} is not a CIFAR-10 binary batch: {raw.size} bytes is not a "
+            f"whole number of {RECORD}-byte records"
+        )
     records = raw.reshape(-1, RECORD)
     labels = torch.from_numpy(records[:, 0].astype(np.int64))
     if int(labels.max()) > 9:
@@ -99,8 +101,10 @@ def load_cifar10(directory: Path) -> tuple[TensorSplit, TensorSplit]:
     """(train, test) from `directory`: the extracted cifar-10-batches-py folder, or the
     cifar-10-batches-bin one (`.bin` files)."""
     if not directory.is_dir():
-        raise UserError(f"--data-dir {directory} does not exist (CIFAR-10: the extracted "
-                        "cifar-10-batches-py or cifar-10-batches-bin folder)")
+        raise UserError(
+            f"--data-dir {directory} does not exist (CIFAR-10: the extracted "
+            "cifar-10-batches-py or cifar-10-batches-bin folder)"
+        )
     binary = (directory / f"{TRAIN_FILES[0]}.bin").is_file()
     names = [f"{n}.bin" if binary else n for n in (*TRAIN_FILES, TEST_FILE)]
     missing = [n for n in names if not (directory / n).is_file()]
@@ -112,6 +116,7 @@ def load_cifar10(directory: Path) -> tuple[TensorSplit, TensorSplit]:
         )
     read = read_binary_batch if binary else read_batch
     parts = [read(directory / n) for n in names[:-1]]
-    train = TensorSplit(torch.cat([p.inputs(slice(None)) for p in parts]),
-                        torch.cat([p.y for p in parts]))
+    train = TensorSplit(
+        torch.cat([p.inputs(slice(None)) for p in parts]), torch.cat([p.y for p in parts])
+    )
     return train, read(directory / names[-1])

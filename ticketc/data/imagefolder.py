@@ -78,8 +78,14 @@ class ImageFiles(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
 
     def subset(self, index: torch.Tensor) -> ImageFiles:
         keep = [int(i) for i in index]
-        return ImageFiles(self.root, tuple(self.paths[i] for i in keep),
-                          tuple(self.labels[i] for i in keep), self.size, self.mean, self.std)
+        return ImageFiles(
+            self.root,
+            tuple(self.paths[i] for i in keep),
+            tuple(self.labels[i] for i in keep),
+            self.size,
+            self.mean,
+            self.std,
+        )
 
     def fingerprint(self, h: hashlib._Hash) -> None:
         """Feed the relative paths, sizes and labels into `h`."""
@@ -110,32 +116,38 @@ def load_imagefolder(directory: Path) -> tuple[ImageFiles, ImageFiles, int]:
         raise UserError(f"--data-dir {directory} is not an image folder: expected {layout}")
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if len(classes) < 2:
-        raise UserError(f"--data-dir {directory}: {train_dir} has {len(classes)} class folders; "
-                        "a classifier needs two or more")
+        raise UserError(
+            f"--data-dir {directory}: {train_dir} has {len(classes)} class folders; "
+            "a classifier needs two or more"
+        )
     unknown = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes)
     if unknown:
-        raise UserError(f"--data-dir {directory}: {test_dir.name}/ has classes that train/ lacks: "
-                        f"{', '.join(unknown[:5])}")
+        raise UserError(
+            f"--data-dir {directory}: {test_dir.name}/ has classes that train/ lacks: "
+            f"{', '.join(unknown[:5])}"
+        )
     train_paths, train_labels = _list(train_dir, classes)
     test_paths, test_labels = _list(test_dir, classes)
     if not train_paths:
-        raise UserError(f"--data-dir {directory}: no images in {train_dir} "
-                        f"({', '.join(sorted(SUFFIXES))})")
+        raise UserError(
+            f"--data-dir {directory}: no images in {train_dir} ({', '.join(sorted(SUFFIXES))})"
+        )
     from PIL import Image
 
     try:
         with Image.open(directory / train_paths[0]) as img:
             width, height = img.size
     except OSError as e:
-        raise UserError(f"--data-dir: cannot read image {directory / train_paths[0]}: "
-                        f"{e}") from None
+        raise UserError(
+            f"--data-dir: cannot read image {directory / train_paths[0]}: {e}"
+        ) from None
     raw = ImageFiles(directory, tuple(train_paths), tuple(train_labels), (height, width))
     pick = torch.randperm(len(raw), generator=torch.Generator().manual_seed(0))[:STAT_IMAGES]
     sample = torch.stack([raw._raw(int(i)) for i in pick])  # [n, 3, H, W] in [0, 1]
     mean = tuple(float(v) for v in sample.mean((0, 2, 3)))
     std = tuple(max(float(v), 1e-3) for v in sample.std((0, 2, 3)))
-    train = ImageFiles(directory, tuple(train_paths), tuple(train_labels), (height, width),
-                       mean, std)  # type: ignore[arg-type]
-    test = ImageFiles(directory, tuple(test_paths), tuple(test_labels), (height, width),
-                      mean, std)  # type: ignore[arg-type]
+    train = ImageFiles(
+        directory, tuple(train_paths), tuple(train_labels), (height, width), mean, std
+    )  # type: ignore[arg-type]
+    test = ImageFiles(directory, tuple(test_paths), tuple(test_labels), (height, width), mean, std)  # type: ignore[arg-type]
     return train, test, len(classes)

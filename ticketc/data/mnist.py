@@ -114,9 +114,11 @@ def load_mnist(
     """
     directory = mnist_dir(data_dir)
     if data_dir is not None and not directory.is_dir():
-        raise UserError(f"--data-dir {directory} does not exist (MNIST: the folder of the four "
-                        "IDX .gz files; leave it out to use $TICKETC_MNIST_DIR or "
-                        f"{DEFAULT_DIR})")
+        raise UserError(
+            f"--data-dir {directory} does not exist (MNIST: the folder of the four "
+            "IDX .gz files; leave it out to use $TICKETC_MNIST_DIR or "
+            f"{DEFAULT_DIR})"
+        )
     ensure_files(directory, download=download)
 
     def split(prefix: str) -> TensorSplit:

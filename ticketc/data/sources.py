@@ -17,8 +17,11 @@ from ticketc.factory import resolve
 
 
 def load_dataset(
-    name: str, data_dir: str | os.PathLike[str] | None = None, *,
-    val_size: float | None = None, download: bool = True,
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    val_size: float | None = None,
+    download: bool = True,
 ) -> Splits:
     """Load a built-in dataset by name and hold out a validation split (`validation_count`)."""
     if name == "mnist":
@@ -31,8 +34,9 @@ def load_dataset(
         num_classes = 10
     elif name == "imagefolder":
         if data_dir is None:
-            raise UserError("imagefolder needs --data-dir: a folder with train/<class>/ and "
-                            "val/<class>/ images")
+            raise UserError(
+                "imagefolder needs --data-dir: a folder with train/<class>/ and val/<class>/ images"
+            )
         files, test_files, num_classes = load_imagefolder(Path(data_dir))
         train = TensorSplit(files, torch.tensor(files.labels, dtype=torch.long))
         test = TensorSplit(test_files, torch.tensor(test_files.labels, dtype=torch.long))
@@ -53,22 +57,28 @@ def load_user_dataset(ref: str, *, val_size: float | None = None) -> Splits:
     """
     obj = resolve(ref, "dataset")()
     if isinstance(obj, Splits):
-        if val_size is not None and validation_count(val_size, len(obj.train) + len(obj.val)
-                                                     ) != len(obj.val):
-            raise UserError(f"--val-size: --data {ref} returns its own validation split "
-                            f"({len(obj.val)} samples); leave --val-size out")
+        if val_size is not None and validation_count(
+            val_size, len(obj.train) + len(obj.val)
+        ) != len(obj.val):
+            raise UserError(
+                f"--val-size: --data {ref} returns its own validation split "
+                f"({len(obj.val)} samples); leave --val-size out"
+            )
         return obj
     if not (isinstance(obj, tuple | list) and len(obj) == 2):
         raise UserError(
             f"--data {ref} returned {type(obj).__name__}; expected Splits or (train, test)"
         )
-    train, test = (_as_split(part, ref, name) for part, name in zip(obj, ("train", "test"),
-                                                                    strict=True))
+    train, test = (
+        _as_split(part, ref, name) for part, name in zip(obj, ("train", "test"), strict=True)
+    )
     if len(train) == 0:
         raise UserError(f"--data {ref}: the training split is empty")
     if len(test) and test.x.shape[1:] != train.x.shape[1:]:
-        raise UserError(f"--data {ref}: test inputs have shape {tuple(test.x.shape[1:])}, "
-                        f"training inputs {tuple(train.x.shape[1:])}")
+        raise UserError(
+            f"--data {ref}: test inputs have shape {tuple(test.x.shape[1:])}, "
+            f"training inputs {tuple(train.x.shape[1:])}"
+        )
     train, val = hold_out(train, validation_count(val_size, len(train)))
     num_classes = int(max(train.y.max(), test.y.max() if len(test) else 0)) + 1
     if num_classes < 2:
@@ -83,8 +93,10 @@ def _as_split(part: object, ref: str, name: str) -> TensorSplit:
     """One split as tensors: x float32, y int64 class indices (refusing labels that are not)."""
     if isinstance(part, TensorSplit):
         x, y = part.x, part.y
-    elif isinstance(part, tuple | list) and len(part) == 2 and all(
-        isinstance(t, torch.Tensor) for t in part
+    elif (
+        isinstance(part, tuple | list)
+        and len(part) == 2
+        and all(isinstance(t, torch.Tensor) for t in part)
     ):
         x, y = part
     elif isinstance(part, torch.utils.data.Dataset):
@@ -93,22 +105,29 @@ def _as_split(part: object, ref: str, name: str) -> TensorSplit:
             x = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x, _ in items])
             y = torch.as_tensor([torch.as_tensor(y).item() for _, y in items])
         except (TypeError, ValueError, RuntimeError) as e:
-            raise UserError(f"--data {ref}: cannot stack the {name} split's (x, y) items: "
-                            f"{str(e).splitlines()[0]}") from None
+            raise UserError(
+                f"--data {ref}: cannot stack the {name} split's (x, y) items: "
+                f"{str(e).splitlines()[0]}"
+            ) from None
     else:
         raise UserError(f"--data {ref}: cannot use a {type(part).__name__} as the {name} split")
     if y.dim() != 1:
-        raise UserError(f"--data {ref}: {name} labels have shape {tuple(y.shape)}; "
-                        "expected class indices [N] (not one-hot)")
+        raise UserError(
+            f"--data {ref}: {name} labels have shape {tuple(y.shape)}; "
+            "expected class indices [N] (not one-hot)"
+        )
     if y.is_floating_point() and not bool((y == y.round()).all()):
-        raise UserError(f"--data {ref}: {name} labels are not whole numbers; expected class "
-                        "indices 0, 1, ...")
+        raise UserError(
+            f"--data {ref}: {name} labels are not whole numbers; expected class indices 0, 1, ..."
+        )
     if len(y) and int(y.min()) < 0:
-        raise UserError(f"--data {ref}: {name} labels include {int(y.min())}; expected class "
-                        "indices 0, 1, ...")
+        raise UserError(
+            f"--data {ref}: {name} labels include {int(y.min())}; expected class indices 0, 1, ..."
+        )
     if x.shape[0] != y.shape[0]:
-        raise UserError(f"--data {ref}: the {name} split has {x.shape[0]} inputs but "
-                        f"{y.shape[0]} labels")
+        raise UserError(
+            f"--data {ref}: the {name} split has {x.shape[0]} inputs but {y.shape[0]} labels"
+        )
     if isinstance(x, ImageFiles):
         return TensorSplit(x, y.long())
     return TensorSplit(x.float(), y.long())

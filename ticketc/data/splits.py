@@ -120,8 +120,10 @@ def hold_out(train: TensorSplit, val_size: int, seed: int = 0) -> tuple[TensorSp
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
     if isinstance(train.x, ImageFiles):
-        return (TensorSplit(train.x.subset(train_idx), train.y[train_idx]),
-                TensorSplit(train.x.subset(val_idx), train.y[val_idx]))
+        return (
+            TensorSplit(train.x.subset(train_idx), train.y[train_idx]),
+            TensorSplit(train.x.subset(val_idx), train.y[val_idx]),
+        )
     return (
         TensorSplit(train.x[train_idx], train.y[train_idx]),
         TensorSplit(train.x[val_idx], train.y[val_idx]),

@@ -25,7 +25,6 @@ MIN_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
-
 @dataclass(frozen=True)
 class ExportConfig:
     format: str = "portable"

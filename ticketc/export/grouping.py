@@ -197,9 +197,7 @@ def pool(
     for key, names in pooled.items():
         if key[0] != "dense":
             continue
-        hosts = [
-            i for i, (k, _, _) in enumerate(out) if k[0] in TAIL_HOSTS and k[1:3] == key[1:3]
-        ]
+        hosts = [i for i, (k, _, _) in enumerate(out) if k[0] in TAIL_HOSTS and k[1:3] == key[1:3]]
         size = {i: sum(arrays[n].size for n in out[i][1]) for i in hosts}
         rest: list[str] = []
         for name in names:

@@ -35,10 +35,10 @@ from ticketc.export.config import (
 )
 from ticketc.export.trace import torch_to_onnx
 from ticketc.export.write import ir_numpy, read_metadata, write_onnx
-from ticketc.inputs import ExampleInputs, float_dtype
+from ticketc.inputs import ExampleInputs, float_dtype, random_like
 from ticketc.load import set_eval_
 from ticketc.masks import Masks, masked_model
-from ticketc.program_inputs import fixed_batch
+from ticketc.program_inputs import symbolic_axes
 from ticketc.verify import (
     RuntimeUnsupported,
     Verification,
@@ -85,18 +85,18 @@ def export_model(
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
     notes: list[str] = []
-    batch = fixed_batch(model)
-    if batch is not None and config.dynamic_batch:
+    program_axes = symbolic_axes(model)
+    if program_axes is not None and not any(program_axes.values()) and config.dynamic_batch:
         config = replace(config, dynamic_batch=False)
         notes.append(
-            f"the program was exported with a fixed batch of {batch}, which its guards enforce: "
-            f"the file keeps it (torch.export.export(..., dynamic_shapes=...) makes it dynamic)"
+            "the program was exported with fixed input shapes, which its guards enforce: the "
+            "file keeps them (torch.export.export(..., dynamic_shapes=...) makes axes dynamic)"
         )
     prepared, _ = masked_model(model, masks)
     own = float_dtype(prepared)
     target = DTYPES[config.dtype] if config.dtype else own
     try:
-        return _export(
+        return _export_fixing_shapes(
             prepared, example_inputs, out, config, sample, target, start, notes, source
         )
     except RuntimeUnsupported as e:
@@ -108,10 +108,44 @@ def export_model(
             f"exported in fp32: onnxruntime's CPU provider cannot run this {_kind(target)} graph "
             f"(pass --dtype {_kind(target)} --no-verify to keep {_kind(target)})"
         )
-        return _export(
-            prepared, example_inputs, out, config, sample, torch.float32, start, [*notes, note],
+        return _export_fixing_shapes(
+            prepared,
+            example_inputs,
+            out,
+            config,
+            sample,
+            torch.float32,
+            start,
+            [*notes, note],
             source,
         )
+
+
+class _DynamicAxesFail(UserError):
+    """The file is right at the traced shapes but not at another batch size: torch.onnx kept
+    a traced size inside the graph (a sequence-first LSTM's time axis, exported as the batch)."""
+
+
+def _export_fixing_shapes(
+    prepared: nn.Module,
+    example_inputs: Any,
+    out: str | os.PathLike[str],
+    config: ExportConfig,
+    sample: Any,
+    dtype: torch.dtype,
+    start: float,
+    notes: list[str],
+    source: str,
+) -> ExportResult:
+    """`_export`, again with fixed input shapes (and a note) where the dynamic axes fail."""
+    try:
+        return _export(prepared, example_inputs, out, config, sample, dtype, start, notes, source)
+    except _DynamicAxesFail as e:
+        example = ExampleInputs.of(example_inputs)
+        note = f"input shapes fixed at {example.describe()}: with dynamic axes, {e}"
+        fixed = replace(config, dynamic_batch=False)
+        notes = [*notes, note]
+        return _export(prepared, example_inputs, out, fixed, sample, dtype, start, notes, source)
 
 
 def _kind(dtype: torch.dtype) -> str:
@@ -155,15 +189,25 @@ def _export(
 
     def check_outputs(path: Path) -> Verification:
         session = ort_session(path)
-        if sample is not None:
-            chosen = ExampleInputs.of(sample).map(
-                lambda t: t.to(dtype) if t.is_floating_point() else t
-            )
-        else:
-            chosen = sample_for(session, example, reference)
+        resized = sample_for(session, example, reference)  # another batch where it is dynamic
+        dynamic = any(not isinstance(d, int) for port in session.get_inputs() for d in port.shape)
         del session
-        # against the model as given: dead-unit removal must not change its outputs
-        return verify(path, reference, chosen, config.output_tolerance(str(dtype).split(".")[-1]))
+        tolerance = config.output_tolerance(str(dtype).split(".")[-1])
+        # against the model as given: dead-unit removal must not change its outputs. First at
+        # the traced shapes (or the user's sample), where a failure is the file's values ...
+        first = random_like(example, reference) if sample is None else ExampleInputs.of(sample)
+        first = first.map(lambda t: t.to(dtype) if t.is_floating_point() else t)
+        result = verify(path, reference, first, tolerance)
+        if not result.passed or not dynamic:
+            return result
+        # ... then at another batch, where a failure is a traced size the graph kept
+        try:
+            other = verify(path, reference, resized, tolerance)
+        except UserError as e:
+            raise _DynamicAxesFail(str(e).replace(f"{path}: ", "")) from e
+        if not other.passed:
+            raise _DynamicAxesFail(f"onnxruntime differs at batch {other.batch}: {other.summary()}")
+        return other if sample is None else result
 
     return write_onnx(
         traced.model, out, config, sources, notes, check_outputs, start, source=source

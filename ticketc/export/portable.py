@@ -62,8 +62,6 @@ MIN_OPSET = 13  # Split / ReduceSum / Unsqueeze take their sizes and axes as inp
 
 
 @dataclass(frozen=True)
-
-
 class Group:
     """Initializers stored in one `Compact` stream: `names[t]` is tensor t of `compact`;
     `out_kind` is the float kind the graph holds them in ("fp32", "fp16", ...)."""
@@ -74,8 +72,6 @@ class Group:
 
 
 @dataclass(frozen=True)
-
-
 class StoredGroup:
     """A group as read back from a file, with the names of its stored arrays."""
 

@@ -241,5 +241,3 @@ def _side_bytes(kind: str, shape: tuple[int, ...], entries: int, dense_zeros: bo
     if kind == "int4":
         return 2 * min(CODEBOOK_SIZE, entries + dense_zeros) + 8
     return 0
-
-

@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from ticketc.errors import UserError
 from ticketc.inputs import TRACE_MIN_SIZE, ExampleInputs
+from ticketc.program_inputs import symbolic_axes
 
 _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 
@@ -41,9 +42,15 @@ class Traced:
     sources: dict[str, list[str]] = field(default_factory=dict)
 
 
-def dynamic_axes(example: ExampleInputs) -> dict[str | int, list[int]]:
-    """The axes to export as dynamic: the batch (axis 0) of every input, and the sequence
-    (axis 1) of integer inputs of rank >= 2 (token ids, attention masks)."""
+def dynamic_axes(
+    example: ExampleInputs, model: nn.Module | None = None
+) -> dict[str | int, list[int]]:
+    """The axes to export as dynamic: those a torch.export program's `model` keeps symbolic;
+    for any other model the batch (axis 0) of every input, and the sequence (axis 1) of
+    integer inputs of rank >= 2 (token ids, attention masks)."""
+    program = symbolic_axes(model) if model is not None else None
+    if program is not None:
+        return dict(program)
     axes: dict[str | int, list[int]] = {}
     keyed: list[tuple[str | int, torch.Tensor]] = [*enumerate(example.args)]
     keyed += list(example.kwargs.items())
@@ -74,7 +81,7 @@ def torch_to_onnx(
         traced = _transformers_to_onnx(model, example, dynamic=dynamic, opset=opset)
     else:
         traced = _plain_to_onnx(model, example, dynamic=dynamic, opset=opset)
-    _name_dynamic_axes(traced.model.graph.inputs, example)
+    _name_dynamic_axes(traced.model.graph.inputs, example, model)
     _rename(traced.model.graph.inputs, input_names, "input")
     _rename(traced.model.graph.outputs, output_names, "output")
     static = [v.name for v in traced.model.graph.inputs if dynamic and _all_static(v)]
@@ -87,10 +94,14 @@ def torch_to_onnx(
 AXIS_NAMES = {0: "batch", 1: "sequence"}
 
 
-def _name_dynamic_axes(inputs: Sequence[ir.Value], example: ExampleInputs) -> None:
+def _name_dynamic_axes(
+    inputs: Sequence[ir.Value], example: ExampleInputs, model: nn.Module
+) -> None:
     """Call the symbolic dims of the graph's inputs "batch" / "sequence" (torch.export names
-    them s0, s1, ...), matching inputs by keyword name, else by position."""
-    axes = dynamic_axes(example)
+    them s0, s1, ...), matching inputs by keyword name, else by position; a program's axes
+    past the first keep torch's names (its axis 1 may be anything)."""
+    axes = dynamic_axes(example, model)
+    names = AXIS_NAMES if symbolic_axes(model) is None else {0: AXIS_NAMES[0]}
     for index, value in enumerate(inputs):
         key: str | int = value.name if value.name in example.kwargs else index
         if key not in axes or value.shape is None:
@@ -98,7 +109,7 @@ def _name_dynamic_axes(inputs: Sequence[ir.Value], example: ExampleInputs) -> No
         dims: list[Any] = list(value.shape)
         for axis in axes[key]:
             if axis < len(dims) and not isinstance(dims[axis], int):
-                dims[axis] = AXIS_NAMES.get(axis, dims[axis])
+                dims[axis] = names.get(axis, dims[axis])
         value.shape = ir.Shape(dims)
 
 
@@ -129,7 +140,7 @@ def _dynamic_shapes(model: nn.Module, example: ExampleInputs) -> Any:
     keeps an axis static where the model needs it so). A tuple for positional inputs only, else
     a dict by forward parameter name."""
     auto = torch.export.Dim.AUTO
-    axes = dynamic_axes(example)
+    axes = dynamic_axes(example, model)
     args = tuple({a: auto for a in axes[i]} or None for i in range(len(example.args)))
     if not example.kwargs:
         return args
@@ -141,11 +152,11 @@ def _dynamic_shapes(model: nn.Module, example: ExampleInputs) -> Any:
     return spec
 
 
-def _widened(example: ExampleInputs, dynamic: bool) -> ExampleInputs:
+def _widened(example: ExampleInputs, dynamic: bool, model: nn.Module) -> ExampleInputs:
     """The example with every dynamic axis of size 1 repeated to TRACE_MIN_SIZE."""
     if not dynamic:
         return example
-    axes = dynamic_axes(example)
+    axes = dynamic_axes(example, model)
 
     def widen(key: str | int, t: torch.Tensor) -> torch.Tensor:
         for axis in axes.get(key, []):
@@ -165,7 +176,7 @@ def _plain_to_onnx(
     notes: list[str] = []
     program = None
     if dynamic and example.tensors():
-        traced = _widened(example, dynamic)
+        traced = _widened(example, dynamic, model)
         try:
             with quiet():
                 program = torch.export.export(
@@ -179,6 +190,7 @@ def _plain_to_onnx(
                 program = torch.export.export(model, example.args, example.kwargs)
         except Exception as e:  # noqa: BLE001
             raise UserError(f"cannot trace the model with torch.export: {first_line(e)}") from e
+    _refuse_mistranslated(program)
     try:
         with quiet(), _sdpa_as_math():
             onnx_program = torch.onnx.export(
@@ -258,7 +270,7 @@ def _transformers_to_onnx(
     notes: list[str] = []
     onnx_model = None
     if dynamic:
-        widened = _widened(as_kwargs, dynamic)
+        widened = _widened(as_kwargs, dynamic, model)
         shapes = _dynamic_shapes(model, widened)
         try:
             with quiet(), _sdpa_as_math():
@@ -303,16 +315,35 @@ def _blame(program: torch.export.ExportedProgram, error: Exception) -> str:
     for node in program.graph.nodes:
         if node.op != "call_function" or str(node.target) not in text:
             continue
-        stack = node.meta.get("nn_module_stack") or {}
-        layer = "the model's forward"
-        if stack:
-            path, cls = list(stack.values())[-1]
-            layer = f"layer {path or '(top level)'!r} ({getattr(cls, '__name__', cls)})"
         # torch.onnx's report names the failing call's own error after its summary heading
         cause = re.search(r"<class '[\w.]+'>: (.+)", text)
         why = f": {cause.group(1).strip()[:200]}" if cause else ""
-        return f"{layer} uses {node.target}, which torch.onnx cannot translate{why}"
+        return f"{_layer(node)} uses {node.target}, which torch.onnx cannot translate{why}"
     return re.sub(r"\x1b\[[0-9;]*m", "", first_line(error))
+
+
+def _layer(node: torch.fx.Node) -> str:
+    """The layer a traced call comes from, as "layer 'path' (Class)"."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "the model's forward"
+    path, cls = list(stack.values())[-1]
+    return f"layer {path or '(top level)'!r} ({getattr(cls, '__name__', cls)})"
+
+
+def _refuse_mistranslated(program: torch.export.ExportedProgram) -> None:
+    """UserError naming the layer, for what torch.onnx translates without an error into a graph
+    that is wrong: an LSTM with `proj_size` (ONNX's LSTM has no projection; the graph torch.onnx
+    writes carries a cell state of the projected size, which onnxruntime refuses)."""
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.lstm.input:
+            continue
+        hidden, cell = (h.meta["val"].shape[-1] for h in node.args[1])
+        if hidden != cell:
+            raise UserError(
+                f"cannot export to ONNX: {_layer(node)} is an LSTM with proj_size={hidden} "
+                f"(hidden size {cell}), which ONNX's LSTM operator cannot express"
+            )
 
 
 _NOISY_LOGGERS = ("torch", "transformers", "onnxscript", "onnx_ir")

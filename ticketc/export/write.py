@@ -108,7 +108,12 @@ def write_onnx(
         seconds = time.perf_counter() - start  # export and write; output verification not counted
         verification = None
         if config.verify and check_outputs is not None:
-            verification = check_outputs(staged)
+            try:
+                verification = check_outputs(staged)
+            except UserError as e:
+                # the staging folder means nothing to the user: name the output
+                e.args = (str(e).replace(str(staged), str(out)),)
+                raise
             if not verification.passed:
                 raise UserError(
                     f"verification failed: onnxruntime differs from the reference beyond "
@@ -119,7 +124,15 @@ def write_onnx(
             notes.append("no zeros in any weight: the file is not smaller than the dense export")
         total = sum(f.stat().st_size for f in files)
         result = ExportResult(
-            out, files, total, layers, verification, seconds, notes, weight_bytes, graph_dtype,
+            out,
+            files,
+            total,
+            layers,
+            verification,
+            seconds,
+            notes,
+            weight_bytes,
+            graph_dtype,
             config.values,
         )
         if config.card:  # staged with the file: both land in place, or neither
@@ -127,7 +140,8 @@ def write_onnx(
 
             write_card(export_card(result, source, arrays, errors), card_stem(staged))
         result.files = [
-            f for f in _commit(stage, out, sorted(stage.iterdir()))
+            f
+            for f in _commit(stage, out, sorted(stage.iterdir()))
             if not f.name.endswith((".card.md", ".card.json"))
         ]
     return result

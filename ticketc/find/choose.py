@@ -32,14 +32,13 @@ class FindResult:
     selected_by: str = "val_acc"
 
 
-
-def write_ticket(run: RunDir, search: Search, log: Log | None,
-                  ranks: Ranks = SINGLE) -> FindResult:
+def write_ticket(run: RunDir, search: Search, log: Log | None, ranks: Ranks = SINGLE) -> FindResult:
     """Pick the sparsest level whose final validation accuracy (test accuracy without a
     validation split) meets the target; write it as ticket.pt."""
     cfg = run.config
-    metrics = [read_json(run.level_dir(lv) / "metrics.json", "level metrics")
-               for lv in search.levels]
+    metrics = [
+        read_json(run.level_dir(lv) / "metrics.json", "level metrics") for lv in search.levels
+    ]
     has_val = len(search.data.val) > 0
     key = "final_val_acc" if has_val else "final_test_acc"
 
@@ -47,8 +46,9 @@ def write_ticket(run: RunDir, search: Search, log: Log | None,
         return float(m["members"]["ticket"][key])
 
     dense = accuracy(metrics[0])
-    target = cfg.accuracy_target if cfg.accuracy_target is not None else (
-        dense - cfg.max_accuracy_drop)
+    target = (
+        cfg.accuracy_target if cfg.accuracy_target is not None else (dense - cfg.max_accuracy_drop)
+    )
     meeting = [m for m in metrics if accuracy(m) >= target]
     chosen = min(meeting, key=lambda m: m["density"]) if meeting else metrics[-1]
     level = int(chosen["level"])
@@ -86,15 +86,30 @@ def write_ticket(run: RunDir, search: Search, log: Log | None,
     if log is not None:
         name = "validation accuracy" if has_val else "test accuracy (no validation split)"
         drop = f"{100 * cfg.max_accuracy_drop:g} percentage points"
-        rule = ("--accuracy-target" if cfg.accuracy_target is not None
-                else f"dense {100 * dense:.2f}% - {drop}")
-        how = (f"the sparsest level with {name} {100 * accuracy(chosen):.2f}% >= "
-               f"{100 * target:.2f}% ({rule})" if meeting else
-               f"no level reached {name} {100 * target:.2f}% ({rule}): the last level, at "
-               f"{100 * accuracy(chosen):.2f}%")
-        log(f"{path}: level {level}, {100 * chosen['density']:.1f}% of weights: {how}; its test "
+        rule = (
+            "--accuracy-target"
+            if cfg.accuracy_target is not None
+            else f"dense {100 * dense:.2f}% - {drop}"
+        )
+        how = (
+            f"the sparsest level with {name} {100 * accuracy(chosen):.2f}% >= "
+            f"{100 * target:.2f}% ({rule})"
+            if meeting
+            else f"no level reached {name} {100 * target:.2f}% ({rule}): the last level, at "
+            f"{100 * accuracy(chosen):.2f}%"
+        )
+        log(
+            f"{path}: level {level}, {100 * chosen['density']:.1f}% of weights: {how}; its test "
             f"accuracy {100 * t['final_test_acc']:.2f}% "
             f"(dense {100 * metrics[0]['members']['ticket']['final_test_acc']:.2f}%)"
-            + (f"; trained on {ranks.world} ranks (torchrun)" if ranks.distributed else ""))
-    return FindResult(run.path, path, level, float(chosen["density"]), float(t["final_test_acc"]),
-                      float(t["final_val_acc"]), key.removeprefix("final_"))
+            + (f"; trained on {ranks.world} ranks (torchrun)" if ranks.distributed else "")
+        )
+    return FindResult(
+        run.path,
+        path,
+        level,
+        float(chosen["density"]),
+        float(t["final_test_acc"]),
+        float(t["final_val_acc"]),
+        key.removeprefix("final_"),
+    )

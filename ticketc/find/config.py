@@ -45,9 +45,18 @@ class PaperSetting:
 # epochs (batch 128: 62,400 iterations), weight decay 1e-4, random crops and flips; global
 # pruning of 20% per round, the output layer left whole; rewinding to iteration 2,000, where
 # both networks have become stable.
-_CIFAR_2020 = dict(lr=0.1, iterations=62_400, optimizer="sgd", batch_size=128,
-                   strategy="global", rewind="iteration:2000", weight_decay=1e-4,
-                   lr_milestones=(31_200, 46_800), augment=True, prune_output=False)
+_CIFAR_2020 = dict(
+    lr=0.1,
+    iterations=62_400,
+    optimizer="sgd",
+    batch_size=128,
+    strategy="global",
+    rewind="iteration:2000",
+    weight_decay=1e-4,
+    lr_milestones=(31_200, 46_800),
+    augment=True,
+    prune_output=False,
+)
 # Frankle & Carbin (ICLR 2019), Figure 2: Adam, batch 60 throughout.
 PAPER = {
     "lenet300": PaperSetting(lr=1.2e-3, iterations=50_000),
@@ -66,13 +75,22 @@ EVAL_EVERY_MAX, EVALS_PER_LEVEL = 1000, 10
 # Settings that do not change what any level trains to: where the data are (their content is
 # compared by md5 instead), how many levels the run has, how often it checkpoints, and how the
 # ticket is picked among the finished levels. A resumed run may change these.
-NOT_RESULT_SETTINGS = frozenset({
-    "data_dir", "data", "rounds", "target_density", "checkpoint_every", "accuracy_target",
-    "max_accuracy_drop", "workers",
-})
+NOT_RESULT_SETTINGS = frozenset(
+    {
+        "data_dir",
+        "data",
+        "rounds",
+        "target_density",
+        "checkpoint_every",
+        "accuracy_target",
+        "max_accuracy_drop",
+        "workers",
+    }
+)
+
 
 def _yes_no(text: str) -> bool:
-    """"yes"/"no" (also true/false, 1/0) as a bool."""
+    """ "yes"/"no" (also true/false, 1/0) as a bool."""
     value = text.strip().lower()
     if value in ("yes", "true", "1", "on"):
         return True
@@ -89,13 +107,24 @@ _REWIND = re.compile(r"^(init|iteration:\d+|epoch:\d+)$")
 T = TypeVar("T")
 
 
-def _setting(default: T, help: str, *, shown: str | None = None,
-             choices: tuple[str, ...] | None = None, parse: Any = None,
-             metavar: str | None = None) -> T:
+def _setting(
+    default: T,
+    help: str,
+    *,
+    shown: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    parse: Any = None,
+    metavar: str | None = None,
+) -> T:
     """A field whose `--flag` help (and the default it shows, if not `default`) sit with it;
     `parse` reads the flag's text when the type hint does not say how."""
-    meta: dict[str, Any] = {"help": help, "shown": shown, "choices": choices, "type": parse,
-                            "metavar": metavar}
+    meta: dict[str, Any] = {
+        "help": help,
+        "shown": shown,
+        "choices": choices,
+        "type": parse,
+        "metavar": metavar,
+    }
     return field(default=default, metadata=meta)  # type: ignore[no-any-return]
 
 
@@ -148,89 +177,161 @@ class FindConfig:
     steps.
     """
 
-    model: str = _setting("lenet300", "built-in architecture (lenet300, conv2, conv4, conv6, "
-                          "resnet20, vgg16) or module.path:factory of your own (runs code: "
-                          "imports and calls the factory)", metavar="NAME")
+    model: str = _setting(
+        "lenet300",
+        "built-in architecture (lenet300, conv2, conv4, conv6, "
+        "resnet20, vgg16) or module.path:factory of your own (runs code: "
+        "imports and calls the factory)",
+        metavar="NAME",
+    )
     dataset: str | None = _setting("mnist", "built-in dataset (or --data)", choices=DATASETS)
-    data_dir: str | None = _setting(None, "folder of the built-in dataset's files",
-                                    shown="MNIST: $TICKETC_MNIST_DIR, else ~/.cache/ticketc/mnist",
-                                    metavar="DIR")
-    data: str | None = _setting(None, "(runs code) your dataset instead of --dataset: "
-                                "module.path:factory, imported and called, "
-                                "returning (train, test), each an (x, y) pair of tensors or a "
-                                "Dataset of (x, y) items", metavar="MODULE:FACTORY")
-    rounds: int | None = _setting(None, "pruning rounds (levels after the dense one)",
-                                  shown=f"{DEFAULT_ROUNDS}, unless --target-density")
-    target_density: float | None = _setting(None, "prune until at most this fraction (0-1) of "
-                                            "the prunable weights remains")
+    data_dir: str | None = _setting(
+        None,
+        "folder of the built-in dataset's files",
+        shown="MNIST: $TICKETC_MNIST_DIR, else ~/.cache/ticketc/mnist",
+        metavar="DIR",
+    )
+    data: str | None = _setting(
+        None,
+        "(runs code) your dataset instead of --dataset: "
+        "module.path:factory, imported and called, "
+        "returning (train, test), each an (x, y) pair of tensors or a "
+        "Dataset of (x, y) items",
+        metavar="MODULE:FACTORY",
+    )
+    rounds: int | None = _setting(
+        None,
+        "pruning rounds (levels after the dense one)",
+        shown=f"{DEFAULT_ROUNDS}, unless --target-density",
+    )
+    target_density: float | None = _setting(
+        None, "prune until at most this fraction (0-1) of the prunable weights remains"
+    )
     one_shot: bool = _setting(False, "prune once, straight to the final density")
-    iterations: int | None = _setting(None, "training iterations (optimizer steps) per level",
-                                      shown=_paper("iterations"))
-    batch_size: int | None = _setting(None, "training batch size (samples; under torchrun the "
-                                      "global batch, split over the ranks)",
-                                      shown=_paper("batch_size"))
+    iterations: int | None = _setting(
+        None, "training iterations (optimizer steps) per level", shown=_paper("iterations")
+    )
+    batch_size: int | None = _setting(
+        None,
+        "training batch size (samples; under torchrun the global batch, split over the ranks)",
+        shown=_paper("batch_size"),
+    )
     lr: float | None = _setting(None, "learning rate", shown=_paper("lr"), metavar="LR")
     lr_milestones: tuple[int, ...] | None = _setting(
-        None, "comma-separated iterations at which the learning rate is multiplied by "
-        "--lr-gamma", shown=_paper("lr_milestones"), metavar="IT,IT")
+        None,
+        "comma-separated iterations at which the learning rate is multiplied by --lr-gamma",
+        shown=_paper("lr_milestones"),
+        metavar="IT,IT",
+    )
     lr_gamma: float = _setting(0.1, "factor applied to the learning rate at each milestone")
-    optimizer: str | None = _setting(None, "optimizer (sgd: momentum 0.9)", choices=OPTIMIZERS,
-                                     shown=_paper("optimizer"))
+    optimizer: str | None = _setting(
+        None, "optimizer (sgd: momentum 0.9)", choices=OPTIMIZERS, shown=_paper("optimizer")
+    )
     weight_decay: float | None = _setting(None, "L2 weight decay", shown=_paper("weight_decay"))
-    augment: bool | None = _setting(None, "random crops (4-pixel padding) and horizontal flips "
-                                    "of the training images: yes or no",
-                                    shown=_paper("augment"), parse=_yes_no,
-                                    metavar="yes|no")
-    strategy: str | None = _setting(None, "layerwise: per-layer-type rates below; global: one "
-                                    "magnitude threshold over all prunable weights",
-                                    choices=STRATEGIES, shown=_paper("strategy"))
-    fc_rate: float | None = _setting(None, "fraction (0-1) of each fully connected layer's "
-                                     "surviving weights pruned per round", shown=_paper("fc_rate"))
-    conv_rate: float | None = _setting(None, "fraction (0-1) of each conv layer's surviving "
-                                       "weights pruned per round", shown=_paper("conv_rate"))
-    output_rate: float | None = _setting(None, "fraction (0-1) of the output layer's surviving "
-                                         "weights pruned per round", shown=_paper("output_rate"))
-    global_rate: float = _setting(0.2, "with --strategy global: fraction (0-1) of all surviving "
-                                  "weights pruned per round")
-    prune_output: bool | None = _setting(None, "prune the output layer: yes or no",
-                                         shown=_paper("prune_output"),
-                                         parse=_yes_no, metavar="yes|no")
+    augment: bool | None = _setting(
+        None,
+        "random crops (4-pixel padding) and horizontal flips of the training images: yes or no",
+        shown=_paper("augment"),
+        parse=_yes_no,
+        metavar="yes|no",
+    )
+    strategy: str | None = _setting(
+        None,
+        "layerwise: per-layer-type rates below; global: one "
+        "magnitude threshold over all prunable weights",
+        choices=STRATEGIES,
+        shown=_paper("strategy"),
+    )
+    fc_rate: float | None = _setting(
+        None,
+        "fraction (0-1) of each fully connected layer's surviving weights pruned per round",
+        shown=_paper("fc_rate"),
+    )
+    conv_rate: float | None = _setting(
+        None,
+        "fraction (0-1) of each conv layer's surviving weights pruned per round",
+        shown=_paper("conv_rate"),
+    )
+    output_rate: float | None = _setting(
+        None,
+        "fraction (0-1) of the output layer's surviving weights pruned per round",
+        shown=_paper("output_rate"),
+    )
+    global_rate: float = _setting(
+        0.2, "with --strategy global: fraction (0-1) of all surviving weights pruned per round"
+    )
+    prune_output: bool | None = _setting(
+        None,
+        "prune the output layer: yes or no",
+        shown=_paper("prune_output"),
+        parse=_yes_no,
+        metavar="yes|no",
+    )
     prune_biases: bool = _setting(False, "prune biases too (at their layer's rate)")
     prune_norms: bool = _setting(False, "prune normalisation layers' affine weights too")
-    rewind: str | None = _setting(None, "where survivors restart each level: init (Frankle & "
-                                  "Carbin 2019), iteration:K or epoch:E (late rewinding, Frankle "
-                                  "et al. 2020); normalisation statistics are rewound with the "
-                                  "weights", shown=_paper("rewind"),
-                                  metavar="init|iteration:K|epoch:E")
-    controls: tuple[str, ...] = _setting((), "comma-separated controls trained beside every "
-                                         "pruned level (needed to tell a winning ticket from "
-                                         f"any sparse network): {', '.join(CONTROLS)}",
-                                         shown="none", metavar="reinit,random-mask")
-    control_levels: tuple[int, ...] | None = _setting(None, "comma-separated levels that train "
-                                                      "the controls", shown="every pruned level",
-                                                      metavar="LEVELS")
+    rewind: str | None = _setting(
+        None,
+        "where survivors restart each level: init (Frankle & "
+        "Carbin 2019), iteration:K or epoch:E (late rewinding, Frankle "
+        "et al. 2020); normalisation statistics are rewound with the "
+        "weights",
+        shown=_paper("rewind"),
+        metavar="init|iteration:K|epoch:E",
+    )
+    controls: tuple[str, ...] = _setting(
+        (),
+        "comma-separated controls trained beside every "
+        "pruned level (needed to tell a winning ticket from "
+        f"any sparse network): {', '.join(CONTROLS)}",
+        shown="none",
+        metavar="reinit,random-mask",
+    )
+    control_levels: tuple[int, ...] | None = _setting(
+        None,
+        "comma-separated levels that train the controls",
+        shown="every pruned level",
+        metavar="LEVELS",
+    )
     seed: int = _setting(0, "seed of the initial weights and the batch order")
-    val_size: float | None = _setting(None, "training samples held out for validation (the "
-                                      "ticket is chosen on them): a count, a fraction below 1, "
-                                      "or 0 for none",
-                                      shown=f"{100 * VAL_FRACTION:g}% of the training samples, "
-                                      f"at most {VAL_SIZE_MAX}", parse=count_or_fraction,
-                                      metavar="N|FRACTION")
-    eval_every: int | None = _setting(None, "iterations between evaluations",
-                                      shown=f"{EVAL_EVERY_MAX}, or a tenth of --iterations if "
-                                      "smaller")
-    checkpoint_every: int = _setting(5000, "iterations between checkpoints inside a level "
-                                     "(what --resume continues from)")
-    accuracy_target: float | None = _setting(None, "the ticket is the sparsest level whose "
-                                             "final validation accuracy (test accuracy without a "
-                                             "validation split) is at least this fraction (0-1)",
-                                             shown="the dense level's minus --max-accuracy-drop")
-    max_accuracy_drop: float = _setting(0.005, "accuracy the ticket may lose against the dense "
-                                        "level, as a fraction (0.005 = 0.5 percentage points)")
-    workers: int = _setting(2, "processes reading the images of --dataset imagefolder while "
-                            "the network trains (0: read in the training process)")
-    csr_below: float = _setting(0.45, "train an MLP's Linear layers in CSR form once their "
-                                "density is below this fraction (0: never)")
+    val_size: float | None = _setting(
+        None,
+        "training samples held out for validation (the "
+        "ticket is chosen on them): a count, a fraction below 1, "
+        "or 0 for none",
+        shown=f"{100 * VAL_FRACTION:g}% of the training samples, at most {VAL_SIZE_MAX}",
+        parse=count_or_fraction,
+        metavar="N|FRACTION",
+    )
+    eval_every: int | None = _setting(
+        None,
+        "iterations between evaluations",
+        shown=f"{EVAL_EVERY_MAX}, or a tenth of --iterations if smaller",
+    )
+    checkpoint_every: int = _setting(
+        5000, "iterations between checkpoints inside a level (what --resume continues from)"
+    )
+    accuracy_target: float | None = _setting(
+        None,
+        "the ticket is the sparsest level whose "
+        "final validation accuracy (test accuracy without a "
+        "validation split) is at least this fraction (0-1)",
+        shown="the dense level's minus --max-accuracy-drop",
+    )
+    max_accuracy_drop: float = _setting(
+        0.005,
+        "accuracy the ticket may lose against the dense "
+        "level, as a fraction (0.005 = 0.5 percentage points)",
+    )
+    workers: int = _setting(
+        2,
+        "processes reading the images of --dataset imagefolder while "
+        "the network trains (0: read in the training process)",
+    )
+    csr_below: float = _setting(
+        0.45,
+        "train an MLP's Linear layers in CSR form once their "
+        "density is below this fraction (0: never)",
+    )
     arch_kwargs: dict[str, object] = field(default_factory=dict, compare=True)
 
     def __post_init__(self) -> None:
@@ -289,11 +390,12 @@ class FindConfig:
         if not 0.0 < self.lr_gamma <= 1.0:
             raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
         if self.lr_milestones is not None and (
-            any(m < 1 for m in self.lr_milestones) or list(self.lr_milestones)
-            != sorted(set(self.lr_milestones))
+            any(m < 1 for m in self.lr_milestones)
+            or list(self.lr_milestones) != sorted(set(self.lr_milestones))
         ):
-            raise ValueError(f"lr_milestones {self.lr_milestones} must be increasing iterations "
-                             ">= 1")
+            raise ValueError(
+                f"lr_milestones {self.lr_milestones} must be increasing iterations >= 1"
+            )
         if not 0.0 <= self.csr_below <= 1.0:
             raise ValueError(f"csr_below must be in [0, 1], got {self.csr_below}")
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
@@ -318,9 +420,20 @@ class FindConfig:
         the paper's values for the architecture, and the evaluation interval."""
         p = self.paper
         iterations = self.iterations if self.iterations is not None else p.iterations
-        filled = {name: getattr(p, name) for name in (
-            "batch_size", "optimizer", "strategy", "rewind", "weight_decay", "lr_milestones",
-            "augment", "prune_output") if getattr(self, name) is None}
+        filled = {
+            name: getattr(p, name)
+            for name in (
+                "batch_size",
+                "optimizer",
+                "strategy",
+                "rewind",
+                "weight_decay",
+                "lr_milestones",
+                "augment",
+                "prune_output",
+            )
+            if getattr(self, name) is None
+        }
         return dataclasses.replace(
             self,
             **filled,
@@ -332,7 +445,8 @@ class FindConfig:
             rounds=self.rounds
             if self.rounds is not None or self.target_density is not None
             else DEFAULT_ROUNDS,
-            eval_every=self.eval_every if self.eval_every is not None
+            eval_every=self.eval_every
+            if self.eval_every is not None
             else min(EVAL_EVERY_MAX, max(1, iterations // EVALS_PER_LEVEL)),
         )
 
@@ -354,8 +468,11 @@ class FindConfig:
         """Names of the settings that change results (not in NOT_RESULT_SETTINGS or `ignore`)
         on which the two configs differ."""
         skip = NOT_RESULT_SETTINGS | set(ignore)
-        return [f.name for f in dataclasses.fields(self)
-                if f.name not in skip and getattr(self, f.name) != getattr(other, f.name)]
+        return [
+            f.name
+            for f in dataclasses.fields(self)
+            if f.name not in skip and getattr(self, f.name) != getattr(other, f.name)
+        ]
 
     def shown(self, name: str) -> str:
         """A setting's value as a user would type it: "none", "reinit,random-mask", "0.001"."""

@@ -56,9 +56,16 @@ class Ensemble:
     """
 
     def __init__(
-        self, base: nn.Module, states: Sequence[dict[str, torch.Tensor]],
-        masks: Sequence[Masks], *, lr: float, optimizer: str = "adam", sparse_below: float = 0.0,
-        weight_decay: float = 0.0, ranks: Ranks = SINGLE,
+        self,
+        base: nn.Module,
+        states: Sequence[dict[str, torch.Tensor]],
+        masks: Sequence[Masks],
+        *,
+        lr: float,
+        optimizer: str = "adam",
+        sparse_below: float = 0.0,
+        weight_decay: float = 0.0,
+        ranks: Ranks = SINGLE,
     ) -> None:
         if not states or len(states) != len(masks):
             raise ValueError(f"need one mask set per state, got {len(states)} and {len(masks)}")
@@ -83,8 +90,7 @@ class Ensemble:
             from torch.nn.parallel import DistributedDataParallel
 
             sparse_below = 0.0  # every step through autograd, for DDP's gradient hooks
-            self.ddp = DistributedDataParallel(
-                StackedMembers(self.base, self.params, self.buffers))
+            self.ddp = DistributedDataParallel(StackedMembers(self.base, self.params, self.buffers))
         # CSR-trained layers, by weight name: those whose every member is below sparse_below
         self.sparse: dict[str, StackedCsrLinear] = {}
         self._dense_stale = False  # the dense copies of the sparse layers lag their values
@@ -104,10 +110,10 @@ class Ensemble:
         params = self._opt_params
         if optimizer == "adam":
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
-                params, lr=lr, weight_decay=weight_decay, fused=True)
+                params, lr=lr, weight_decay=weight_decay, fused=True
+            )
         else:
-            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9,
-                                             weight_decay=weight_decay)
+            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
         self.enforce_masks_()
 
     # -- training ---------------------------------------------------------------------------
@@ -154,7 +160,10 @@ class Ensemble:
         return self._step(x, y, seed=seed)
 
     def step_on(
-        self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor,
+        self,
+        x_all: torch.Tensor,
+        y_all: torch.Tensor,
+        idx: torch.Tensor,
         seed: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`step` on the batches x_all[idx], y_all[idx] (idx [M, B]), picked without copying
@@ -166,7 +175,10 @@ class Ensemble:
         return self._step(xt, y_all[idx], feature_major=True)
 
     def _step(
-        self, x: torch.Tensor, y: torch.Tensor, feature_major: bool = False,
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        feature_major: bool = False,
         seed: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ddp is not None:
@@ -236,9 +248,14 @@ class Ensemble:
         for start in range(0, len(x), chunk):
             xb, yb = x[start : start + chunk], y[start : start + chunk]
             logits = self._logits_shared(xb)  # [M, n, C]
-            loss_sum += F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), yb.repeat(self.size), reduction="none"
-            ).view(self.size, -1).sum(1).double()
+            loss_sum += (
+                F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), yb.repeat(self.size), reduction="none"
+                )
+                .view(self.size, -1)
+                .sum(1)
+                .double()
+            )
             correct += (logits.argmax(-1) == yb).sum(1)
         return (loss_sum / len(x)).float(), correct.double() / len(x)
 

@@ -77,8 +77,9 @@ class Trained:
 def prune(search: Search, runs: list[RunDir], level: Level) -> Level:
     """Each pending run's masks: all ones at the dense level, else its previous level's trained
     weights pruned by magnitude (layerwise or global, as the config says)."""
-    return dataclasses.replace(level, masks={
-        i: _pruned_masks(search, runs[i], level.previous) for i in level.pending})
+    return dataclasses.replace(
+        level, masks={i: _pruned_masks(search, runs[i], level.previous) for i in level.pending}
+    )
 
 
 def _pruned_masks(search: Search, run: RunDir, previous: int | None) -> pruning.Masks:
@@ -95,8 +96,10 @@ def rewind(search: Search, runs: list[RunDir], level: Level) -> Level:
     """Reset each pending run's survivors (with every buffer) to the rewind point, and add the
     controls of the level: the members to train, each run's ticket first."""
     rewinds = level.previous is not None and search.rewind_it > 0
-    states = {i: load_state(runs[i].path / ("rewind_point.pt" if rewinds else "init.pt"))
-              for i in level.pending}
+    states = {
+        i: load_state(runs[i].path / ("rewind_point.pt" if rewinds else "init.pt"))
+        for i in level.pending
+    }
     members: list[Member] = []
     for i in level.pending:
         masks = level.masks[i]
@@ -131,32 +134,46 @@ def _controls(search: Search, run: RunDir, level: Level, i: int, rewound: State)
 # train (every rank)
 
 
-def train(search: Search, runs: list[RunDir], level: Level, log: Log | None, progress: bool,
-          ranks: Ranks) -> Trained:
+def train(
+    search: Search, runs: list[RunDir], level: Level, log: Log | None, progress: bool, ranks: Ranks
+) -> Trained:
     """Train every member of the level, from its last checkpoint if there is one."""
     cfg = search.config
     assert cfg.iterations is not None and cfg.eval_every is not None
     ensemble = _ensemble(search, level, ranks)
-    order = BatchOrder([runs[m.run].config.seed for m in level.members], level.index,
-                       len(search.data.train), int(cfg.batch_size or 0))
+    order = BatchOrder(
+        [runs[m.run].config.seed for m in level.members],
+        level.index,
+        len(search.data.train),
+        int(cfg.batch_size or 0),
+    )
     first, history = _resume(search, runs, level, ensemble, ranks)
     for i in level.pending if ranks.main else ():
         runs[i].level_dir(level.index).mkdir(exist_ok=True)
     dense = level.previous is None
-    label = (f"level {level.index} "
-             f"({100 * pruning.density(level.members[0].masks):.1f}% of weights)")
+    label = f"level {level.index} ({100 * pruning.density(level.members[0].masks):.1f}% of weights)"
     tickets = [level.members_of(i)[0] for i in level.pending]
-    with LevelProgress(LevelProgress.mode_for(progress), label, first, cfg.iterations, log,
-                       tickets) as report:
+    with LevelProgress(
+        LevelProgress.mode_for(progress), label, first, cfg.iterations, log, tickets
+    ) as report:
         train_level(
-            ensemble, search.data, order, start=first, end=cfg.iterations,
-            eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, history=history,
+            ensemble,
+            search.data,
+            order,
+            start=first,
+            end=cfg.iterations,
+            eval_every=cfg.eval_every,
+            checkpoint_every=cfg.checkpoint_every,
+            history=history,
             on_checkpoint=functools.partial(_save_partial, runs, level, ensemble, ranks),
-            on_iteration=report.iteration, on_evaluation=report.evaluation,
+            on_iteration=report.iteration,
+            on_evaluation=report.evaluation,
             snapshot_at=search.rewind_it if dense and search.rewind_it else None,
             on_snapshot=functools.partial(_save_rewind_point, runs, level, ensemble, ranks),
-            ranks=ranks, lr_at=cfg.lr_at if cfg.lr_milestones else None,
-            augment=bool(cfg.augment), workers=cfg.workers,
+            ranks=ranks,
+            lr_at=cfg.lr_at if cfg.lr_milestones else None,
+            augment=bool(cfg.augment),
+            workers=cfg.workers,
         )
     return Trained(ensemble, history)
 
@@ -164,30 +181,40 @@ def train(search: Search, runs: list[RunDir], level: Level, log: Log | None, pro
 def _ensemble(search: Search, level: Level, ranks: Ranks) -> Ensemble:
     cfg = search.config
     assert cfg.lr is not None and cfg.optimizer is not None and cfg.weight_decay is not None
-    return Ensemble(search.base, [m.state for m in level.members],
-                    [m.masks for m in level.members], lr=cfg.lr, optimizer=cfg.optimizer,
-                    sparse_below=cfg.csr_below, weight_decay=cfg.weight_decay, ranks=ranks)
+    return Ensemble(
+        search.base,
+        [m.state for m in level.members],
+        [m.masks for m in level.members],
+        lr=cfg.lr,
+        optimizer=cfg.optimizer,
+        sparse_below=cfg.csr_below,
+        weight_decay=cfg.weight_decay,
+        ranks=ranks,
+    )
 
 
-def _save_partial(runs: list[RunDir], level: Level, ensemble: Ensemble, ranks: Ranks,
-                  ck: Checkpoint) -> None:
+def _save_partial(
+    runs: list[RunDir], level: Level, ensemble: Ensemble, ranks: Ranks, ck: Checkpoint
+) -> None:
     """The mid-level checkpoint of each pending run (rank 0 writes)."""
     if not ranks.main:
         return
     for i in level.pending:
         idx = level.members_of(i)
-        save({
-            "iteration": ck.iteration,
-            "ensemble": ensemble.state(idx),
-            "rows": [ck.history.rows[k] for k in idx] if ck.history.rows else [],
-            "loss_sum": [ck.history.loss_sum[k] for k in idx],
-            "correct_sum": [ck.history.correct_sum[k] for k in idx],
-            "seen": ck.history.seen,
-        }, runs[i].level_dir(level.index) / "partial.pt")
+        save(
+            {
+                "iteration": ck.iteration,
+                "ensemble": ensemble.state(idx),
+                "rows": [ck.history.rows[k] for k in idx] if ck.history.rows else [],
+                "loss_sum": [ck.history.loss_sum[k] for k in idx],
+                "correct_sum": [ck.history.correct_sum[k] for k in idx],
+                "seen": ck.history.seen,
+            },
+            runs[i].level_dir(level.index) / "partial.pt",
+        )
 
 
-def _save_rewind_point(runs: list[RunDir], level: Level, ensemble: Ensemble,
-                       ranks: Ranks) -> None:
+def _save_rewind_point(runs: list[RunDir], level: Level, ensemble: Ensemble, ranks: Ranks) -> None:
     """Each pending run's ticket state at the rewind iteration, unless it is saved already."""
     if not ranks.main:
         return
@@ -197,8 +224,9 @@ def _save_rewind_point(runs: list[RunDir], level: Level, ensemble: Ensemble,
             save(ensemble.member_state(level.members_of(i)[0]), path)
 
 
-def _resume(search: Search, runs: list[RunDir], level: Level, ensemble: Ensemble,
-            ranks: Ranks) -> tuple[int, History]:
+def _resume(
+    search: Search, runs: list[RunDir], level: Level, ensemble: Ensemble, ranks: Ranks
+) -> tuple[int, History]:
     """The iteration and history to continue from: the level's start, or its checkpoint (whose
     weights are loaded into `ensemble`) when every pending run holds one of the same iteration."""
     parts = on_main(lambda: _read_partial(runs, level), ranks)
@@ -238,8 +266,15 @@ def _not_a_checkpoint(runs: list[RunDir], level: Level, e: Exception) -> UserErr
 # save (rank 0)
 
 
-def save_level(search: Search, runs: list[RunDir], level: Level, trained: Trained, wall: float,
-               log: Log | None, ranks: Ranks = SINGLE) -> None:
+def save_level(
+    search: Search,
+    runs: list[RunDir],
+    level: Level,
+    trained: Trained,
+    wall: float,
+    log: Log | None,
+    ranks: Ranks = SINGLE,
+) -> None:
     """Write each run's mask, rewind state, trained state, controls, then metrics.json."""
     for i in level.pending:
         out = runs[i].level_dir(level.index)
@@ -257,14 +292,21 @@ def _save_networks(level: Level, i: int, ensemble: Ensemble, out: Path) -> None:
     save(level.rewind[i], out / "rewind.pt")
     save(ensemble.member_state(idx[0]), out / "final.pt")
     if len(idx) > 1:
-        save({level.members[k].role: {
-            "state_dict": ensemble.member_state(k),
-            "masks": {n: m[k].clone() for n, m in ensemble.masks.items()},
-        } for k in idx[1:]}, out / "controls.pt")
+        save(
+            {
+                level.members[k].role: {
+                    "state_dict": ensemble.member_state(k),
+                    "masks": {n: m[k].clone() for n, m in ensemble.masks.items()},
+                }
+                for k in idx[1:]
+            },
+            out / "controls.pt",
+        )
 
 
-def _metrics(search: Search, run: RunDir, level: Level, i: int, history: History, wall: float,
-             ranks: Ranks) -> dict[str, Any]:
+def _metrics(
+    search: Search, run: RunDir, level: Level, i: int, history: History, wall: float, ranks: Ranks
+) -> dict[str, Any]:
     masks = level.masks[i]
     return {
         "level": level.index,
@@ -285,12 +327,13 @@ def _metrics(search: Search, run: RunDir, level: Level, i: int, history: History
     }
 
 
-def _summary(run: RunDir, level: Level, metrics: dict[str, Any], wall: float,
-             ranks: Ranks) -> str:
+def _summary(run: RunDir, level: Level, metrics: dict[str, Any], wall: float, ranks: Ranks) -> str:
     accuracies = "; ".join(_accuracies(role, m) for role, m in metrics["members"].items())
-    return (f"seed {run.config.seed} level {level.index}: {100 * metrics['density']:.1f}% of "
-            f"weights, {accuracies} ({wall:.0f} s"
-            + (f", {ranks.world} ranks)" if ranks.distributed else ")"))
+    return (
+        f"seed {run.config.seed} level {level.index}: {100 * metrics['density']:.1f}% of "
+        f"weights, {accuracies} ({wall:.0f} s"
+        + (f", {ranks.world} ranks)" if ranks.distributed else ")")
+    )
 
 
 def _accuracies(role: str, s: dict[str, float]) -> str:

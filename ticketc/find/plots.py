@@ -27,12 +27,17 @@ def _level_axis(ax: Any, densities: Sequence[float]) -> None:
     from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
     # one decimal from 1% up, two significant digits below (0.14 and 0.11 stay apart)
-    xs = sorted({float(f"{100 * d:.2g}") if d < 0.01 else round(100 * d, 1) for d in densities},
-                reverse=True)
+    xs = sorted(
+        {float(f"{100 * d:.2g}") if d < 0.01 else round(100 * d, 1) for d in densities},
+        reverse=True,
+    )
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(xs))
-    ax.set_xticklabels([f"{x:g}" for x in xs], rotation=45 if len(xs) > 8 else 0,
-                       ha="right" if len(xs) > 8 else "center")
+    ax.set_xticklabels(
+        [f"{x:g}" for x in xs],
+        rotation=45 if len(xs) > 8 else 0,
+        ha="right" if len(xs) > 8 else "center",
+    )
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlim(max(xs) * 1.15, min(xs) / 1.15)  # reversed: sparser to the right
@@ -46,7 +51,7 @@ def _plain_log_y(ax: Any, lo: float, hi: float) -> None:
     ax.set_yscale("log")
     decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
     for steps in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 7)):  # finer when the range is narrow
-        ticks = [m * 10 ** e for e in decades for m in steps]
+        ticks = [m * 10**e for e in decades for m in steps]
         ticks = [t for t in ticks if lo / 1.3 <= t <= hi * 1.3]
         if len(ticks) >= 4:
             break
@@ -69,15 +74,23 @@ def _label(role: str, exp: Experiment | None, controls: bool) -> str:
     label = LABELS.get(role, role)
     if role == "ticket" and exp is not None:
         rewind = str(exp.config.rewind)
-        label = ("ticket (survivors reset to their initial values)" if rewind == "init"
-                 else f"ticket (survivors rewound to {rewind.replace(':', ' ')})")
+        label = (
+            "ticket (survivors reset to their initial values)"
+            if rewind == "init"
+            else f"ticket (survivors rewound to {rewind.replace(':', ' ')})"
+        )
     if role == "ticket" and not controls:
         label += "; no controls trained (find --controls)"
     return label
 
 
-def metric_figure(rows: Sequence[LevelSummary], metric: str, ylabel: str,
-                  exp: Experiment | None = None, title: str = "") -> Any:
+def metric_figure(
+    rows: Sequence[LevelSummary],
+    metric: str,
+    ylabel: str,
+    exp: Experiment | None = None,
+    title: str = "",
+) -> Any:
     """One metric against % remaining: ticket and controls (mean ± std over seeds), and the
     dense network's value as a dashed baseline. Returns the matplotlib Figure."""
     import matplotlib
@@ -90,19 +103,30 @@ def metric_figure(rows: Sequence[LevelSummary], metric: str, ylabel: str,
     dense = rows[0] if rows and rows[0].level == 0 else None
     controls = has_controls(rows)
     for role in member_roles(rows):
-        pts = [(100 * r.density, *r.stat(role, metric)[:2]) for r in rows
-               if r.stat(role, metric)[2]]
+        pts = [
+            (100 * r.density, *r.stat(role, metric)[:2]) for r in rows if r.stat(role, metric)[2]
+        ]
         if role != "ticket" and dense is not None and dense.stat("ticket", metric)[2]:
             # Controls are not trained at 100%: the dense network is their common start.
             pts.insert(0, (100 * dense.density, *dense.stat("ticket", metric)[:2]))
         if not pts:
             continue
-        ax.errorbar([p[0] for p in pts], [scale * p[1] for p in pts],
-                    yerr=[scale * p[2] for p in pts], marker="o", capsize=3,
-                    label=_label(role, exp, controls))
+        ax.errorbar(
+            [p[0] for p in pts],
+            [scale * p[1] for p in pts],
+            yerr=[scale * p[2] for p in pts],
+            marker="o",
+            capsize=3,
+            label=_label(role, exp, controls),
+        )
     if dense is not None and dense.stat("ticket", metric)[2]:
-        ax.axhline(scale * dense.stat("ticket", metric)[0], color="0.4", linestyle="--",
-                   linewidth=1, label="dense network (level 0)")
+        ax.axhline(
+            scale * dense.stat("ticket", metric)[0],
+            color="0.4",
+            linestyle="--",
+            linewidth=1,
+            label="dense network (level 0)",
+        )
     _level_axis(ax, [r.density for r in rows])
     ax.set_ylabel(ylabel)
     _title(ax, exp, title, ylabel.split(" (")[0])
@@ -112,8 +136,12 @@ def metric_figure(rows: Sequence[LevelSummary], metric: str, ylabel: str,
     return fig
 
 
-def size_figure(rows: Sequence[LevelSummary], dense_bytes: int | None,
-                exp: Experiment | None = None, title: str = "") -> Any:
+def size_figure(
+    rows: Sequence[LevelSummary],
+    dense_bytes: int | None,
+    exp: Experiment | None = None,
+    title: str = "",
+) -> Any:
     """Exported size (KiB, all files) per level on a log axis, with the dense ONNX export as a
     dashed baseline; None when no size was measured."""
     import matplotlib
@@ -125,18 +153,31 @@ def size_figure(rows: Sequence[LevelSummary], dense_bytes: int | None,
     if not sized:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    ax.plot([s[0] for s in sized], [s[1] for s in sized], marker="o",
-            label="portable ONNX, fp32 values (ticketc export)")
+    ax.plot(
+        [s[0] for s in sized],
+        [s[1] for s in sized],
+        marker="o",
+        label="portable ONNX, fp32 values (ticketc export)",
+    )
     values = [s[1] for s in sized]
     if dense_bytes is not None:
-        ax.axhline(dense_bytes / 1024, color="0.4", linestyle="--", linewidth=1,
-                   label=f"dense ONNX export ({dense_bytes / 1024:,.0f} KiB)")
+        ax.axhline(
+            dense_bytes / 1024,
+            color="0.4",
+            linestyle="--",
+            linewidth=1,
+            label=f"dense ONNX export ({dense_bytes / 1024:,.0f} KiB)",
+        )
         values.append(dense_bytes / 1024)
     _plain_log_y(ax, min(values), max(values))
     _level_axis(ax, [s[0] / 100 for s in sized])
     ax.set_ylabel("exported size (KiB, all files)")
-    _title(ax, exp, title, f"exported size of {exp.run_dirs[0].name}'s levels" if exp is not None
-           else "exported size")
+    _title(
+        ax,
+        exp,
+        title,
+        f"exported size of {exp.run_dirs[0].name}'s levels" if exp is not None else "exported size",
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -146,13 +187,21 @@ def size_figure(rows: Sequence[LevelSummary], dense_bytes: int | None,
 PLOTS = (
     ("early_stop_test_acc", "test accuracy at the early-stopping iteration (%)", "accuracy.png"),
     ("final_test_acc", "test accuracy at the end of training (%)", "accuracy_final.png"),
-    ("early_stop_iteration", "early-stopping iteration (minimum validation loss)",
-     "early_stop.png"),
+    (
+        "early_stop_iteration",
+        "early-stopping iteration (minimum validation loss)",
+        "early_stop.png",
+    ),
 )
 
 
-def plot(rows: Sequence[LevelSummary], out_dir: Path, title: str = "",
-         exp: Experiment | None = None, dense_bytes: int | None = None) -> list[Path]:
+def plot(
+    rows: Sequence[LevelSummary],
+    out_dir: Path,
+    title: str = "",
+    exp: Experiment | None = None,
+    dense_bytes: int | None = None,
+) -> list[Path]:
     """PNG plots like the paper's: x = % of weights remaining on a log axis, decreasing."""
     import matplotlib.pyplot as plt
 

@@ -33,8 +33,15 @@ class LevelProgress:
     tickets: indices of the members whose accuracy the lines show (one per run).
     """
 
-    def __init__(self, mode: str | None, label: str, start: int, end: int, log: Log | None,
-                 tickets: Sequence[int]) -> None:
+    def __init__(
+        self,
+        mode: str | None,
+        label: str,
+        start: int,
+        end: int,
+        log: Log | None,
+        tickets: Sequence[int],
+    ) -> None:
         self.mode = mode if (mode != "lines" or log is not None) else None
         self.label, self.start, self.end = label, start, end
         self.log, self.tickets = log, list(tickets)
@@ -44,7 +51,7 @@ class LevelProgress:
 
     @staticmethod
     def mode_for(enabled: bool) -> str | None:
-        """"bar" on a terminal, "lines" otherwise, None when disabled."""
+        """ "bar" on a terminal, "lines" otherwise, None when disabled."""
         if not enabled:
             return None
         return "bar" if sys.stdout.isatty() else "lines"
@@ -61,15 +68,22 @@ class LevelProgress:
                 TimeRemainingColumn,
             )
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), transient=True)
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                transient=True,
+            )
             self._bar.__enter__()
             self._task = self._bar.add_task(self.label, total=self.end - self.start)
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
 
@@ -104,6 +118,8 @@ class LevelProgress:
             return
         now = time.perf_counter()
         assert self.log is not None
-        self.log(f"{self.label}: iteration {it}/{self.end}, train loss {loss}, {metric} "
-                 f"accuracy {acc}%, {self._times(it, now)}")
+        self.log(
+            f"{self.label}: iteration {it}/{self.end}, train loss {loss}, {metric} "
+            f"accuracy {acc}%, {self._times(it, now)}"
+        )
         self._last_line = now

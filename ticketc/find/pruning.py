@@ -14,11 +14,25 @@ from torch import nn
 Masks = dict[str, torch.Tensor]
 
 _NORMS = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
-    nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
 )
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-          nn.ConvTranspose3d)
+_CONVS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 
 
 def prunable_parameters(
@@ -56,9 +70,7 @@ def prunable_parameters(
     return layer_types
 
 
-def prune_counts(
-    alive: Mapping[str, int], rates: Mapping[str, float]
-) -> dict[str, int]:
+def prune_counts(alive: Mapping[str, int], rates: Mapping[str, float]) -> dict[str, int]:
     """How many of each layer's surviving weights a layer-wise round removes."""
     return {name: int(round(rates[name] * n)) for name, n in alive.items()}
 
@@ -88,15 +100,15 @@ def _remove_smallest(scores: torch.Tensor, mask: torch.Tensor, count: int) -> to
 
 
 def prune_layerwise(
-    weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
     rates: Mapping[str, float],
 ) -> Masks:
     """Remove `rates[name]` of each layer's surviving weights, smallest magnitude first."""
     alive = {name: int(masks[name].sum()) for name in masks}
     counts = prune_counts(alive, rates)
     return {
-        name: _remove_smallest(weights[name].detach(), masks[name], counts[name])
-        for name in masks
+        name: _remove_smallest(weights[name].detach(), masks[name], counts[name]) for name in masks
     }
 
 

@@ -38,17 +38,40 @@ from ticketc.safe_load import read_json
 
 # what callers of this module (commands/report, tests, benchmarks) import from it
 __all__ = [
-    "METRICS", "NO_CONTROLS", "OUTPUTS", "Experiment", "LevelSummary", "collect", "experiment",
-    "export_size", "has_controls", "member_roles", "metric_figure", "plot", "run_arch",
-    "size_figure", "table", "table_markdown", "to_json", "write_report",
+    "METRICS",
+    "NO_CONTROLS",
+    "OUTPUTS",
+    "Experiment",
+    "LevelSummary",
+    "collect",
+    "experiment",
+    "export_size",
+    "has_controls",
+    "member_roles",
+    "metric_figure",
+    "plot",
+    "run_arch",
+    "size_figure",
+    "table",
+    "table_markdown",
+    "to_json",
+    "write_report",
 ]
 
-OUTPUTS = ("report.md", "report.json", "accuracy.png", "accuracy_final.png", "early_stop.png",
-           "export_size.png")
-NO_CONTROLS = ("No controls were trained (find's --controls is off by default: they multiply the "
-               "training time), so this shows the ticket alone: it cannot tell a winning ticket "
-               "from any sparse network of the same size. Rerun find with --controls "
-               "reinit,random-mask to compare.")
+OUTPUTS = (
+    "report.md",
+    "report.json",
+    "accuracy.png",
+    "accuracy_final.png",
+    "early_stop.png",
+    "export_size.png",
+)
+NO_CONTROLS = (
+    "No controls were trained (find's --controls is off by default: they multiply the "
+    "training time), so this shows the ticket alone: it cannot tell a winning ticket "
+    "from any sparse network of the same size. Rerun find with --controls "
+    "reinit,random-mask to compare."
+)
 
 
 def run_arch(run_dir: Path, user_arch: str | None = None) -> dict[str, Any]:
@@ -64,8 +87,9 @@ def run_arch(run_dir: Path, user_arch: str | None = None) -> dict[str, Any]:
     return arch
 
 
-def export_size(level_dir: Path, user_arch: str | None = None,
-                format: str = "portable") -> int | None:
+def export_size(
+    level_dir: Path, user_arch: str | None = None, format: str = "portable"
+) -> int | None:
     """Bytes of the fp32 ONNX export (`format` portable or dense, all files) of a level's
     trained weights; None if it fails.
 
@@ -77,17 +101,26 @@ def export_size(level_dir: Path, user_arch: str | None = None,
 
         arch = run_arch(level_dir.parent, user_arch)
         state = load_tensor_dict(level_dir / "final.pt", "run file")
-        model = build_trained(arch["arch"], arch.get("arch_kwargs", {}), state,
-                              source=str(level_dir.parent / "arch.json"), user_arch=user_arch)
+        model = build_trained(
+            arch["arch"],
+            arch.get("arch_kwargs", {}),
+            state,
+            source=str(level_dir.parent / "arch.json"),
+            user_arch=user_arch,
+        )
         model.eval()
         shape = arch.get("input_shape")
-        if not (isinstance(shape, list) and all(type(d) is int and d > 0 for d in shape)
-                and math.prod(shape) <= 2**28):
+        if not (
+            isinstance(shape, list)
+            and all(type(d) is int and d > 0 for d in shape)
+            and math.prod(shape) <= 2**28
+        ):
             return None  # not a shape ticketc writes: nothing is allocated from it
         example = torch.zeros(1, *shape)
         with tempfile.TemporaryDirectory() as tmp:
-            result = export_model(model, example, Path(tmp) / "model.onnx",
-                                  ExportConfig(format=format, values="fp32"))
+            result = export_model(
+                model, example, Path(tmp) / "model.onnx", ExportConfig(format=format, values="fp32")
+            )
             return int(result.total_bytes)
     except Exception:  # noqa: BLE001 - a size that cannot be measured is left out, not fatal
         return None
@@ -100,8 +133,10 @@ def export_size(level_dir: Path, user_arch: str | None = None,
 def _refuse_inside_runs(out: Path, run_dirs: Sequence[Path]) -> None:
     for run_dir in run_dirs:
         if out.resolve().is_relative_to(run_dir.resolve()):
-            raise UserError(f"--out {out} is inside the run directory {run_dir}: write the report "
-                            "to a folder of its own")
+            raise UserError(
+                f"--out {out} is inside the run directory {run_dir}: write the report "
+                "to a folder of its own"
+            )
 
 
 def _prepare_out_dir(out: Path) -> None:
@@ -114,7 +149,10 @@ def _prepare_out_dir(out: Path) -> None:
 
 
 def write_report(
-    run_dirs: Sequence[str | Path], out_dir: str | Path, *, export: bool = True,
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    export: bool = True,
     arch: str | None = None,
 ) -> tuple[list[LevelSummary], list[Path]]:
     """Collect the runs (seeds of one experiment), export each level of the first run (sizes),
@@ -137,18 +175,31 @@ def write_report(
             r.export_bytes = export_size(first / f"level_{r.level:02d}", arch)
         if rows[0].level == 0:
             dense_bytes = export_size(first / "level_00", arch, format="dense")
-    (out / "report.json").write_text(json.dumps(
-        {"runs": [str(p) for p in exp.run_dirs], "seeds": exp.seeds,
-         "settings": exp.config.to_json(), "dense_export_bytes": dense_bytes,
-         "levels": to_json(rows)}, indent=1))
+    (out / "report.json").write_text(
+        json.dumps(
+            {
+                "runs": [str(p) for p in exp.run_dirs],
+                "seeds": exp.seeds,
+                "settings": exp.config.to_json(),
+                "dense_export_bytes": dense_bytes,
+                "levels": to_json(rows),
+            },
+            indent=1,
+        )
+    )
     paths = plot(rows, out, exp=exp, dense_bytes=dense_bytes)
-    md = [f"# ticketc find report: {exp.name}", "",
-          f"{exp.describe()}. Runs: {', '.join(map(str, exp.run_dirs))}"
-          + ("; every number is the mean ± std over them." if len(exp.run_dirs) > 1 else "."),
-          "", "Accuracies are measured in eval mode on the saved weights of each level: "
-          "\"val\" on the validation split the ticket is chosen on, \"test\" on the test split; "
-          "\"end\" after the level's last iteration, \"early stop\" at the iteration of minimum "
-          "validation loss.", ""]
+    md = [
+        f"# ticketc find report: {exp.name}",
+        "",
+        f"{exp.describe()}. Runs: {', '.join(map(str, exp.run_dirs))}"
+        + ("; every number is the mean ± std over them." if len(exp.run_dirs) > 1 else "."),
+        "",
+        "Accuracies are measured in eval mode on the saved weights of each level: "
+        '"val" on the validation split the ticket is chosen on, "test" on the test split; '
+        '"end" after the level\'s last iteration, "early stop" at the iteration of minimum '
+        "validation loss.",
+        "",
+    ]
     if not has_controls(rows):
         md += [NO_CONTROLS, ""]
     md.append(table_markdown(rows))

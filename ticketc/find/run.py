@@ -92,11 +92,18 @@ def find_tickets(
     runs: list[RunDir] = []
     try:
         for c, p in zip(configs, run_dirs, strict=True):
-            runs.append(on_main(functools.partial(open_run, c, Path(p), search, resume=resume,
-                                                  force=force, log=log), ranks))
+            runs.append(
+                on_main(
+                    functools.partial(
+                        open_run, c, Path(p), search, resume=resume, force=force, log=log
+                    ),
+                    ranks,
+                )
+            )
         for position, index in enumerate(search.levels):
-            pending = broadcast([i for i, r in enumerate(runs) if not r.done(index)]
-                                if ranks.main else None, ranks)
+            pending = broadcast(
+                [i for i, r in enumerate(runs) if not r.done(index)] if ranks.main else None, ranks
+            )
             if pending:
                 previous = search.levels[position - 1] if position else None
                 _run_level(search, runs, Level(index, previous, pending), log, progress, ranks)
@@ -108,19 +115,23 @@ def find_tickets(
                 if not run.has_progress():  # a failed start leaves no folder behind
                     run.discard()
         raise
-    return [on_main(functools.partial(write_ticket, run, search, log, ranks), ranks)
-            for run in runs]
+    return [
+        on_main(functools.partial(write_ticket, run, search, log, ranks), ranks) for run in runs
+    ]
 
 
-def _run_level(search: Search, runs: list[RunDir], level: Level, log: Log | None, progress: bool,
-               ranks: Ranks) -> None:
+def _run_level(
+    search: Search, runs: list[RunDir], level: Level, log: Log | None, progress: bool, ranks: Ranks
+) -> None:
     """prune -> rewind -> train -> save one level of the pending runs."""
     started = time.perf_counter()
     # rank 0 prunes and rewinds; every rank trains from the masks and weights it sends
     ready = on_main(lambda: rewind(search, runs, prune(search, runs, level)), ranks)
     trained = train(search, runs, ready, log, progress, ranks)
-    on_main(lambda: save_level(search, runs, ready, trained, time.perf_counter() - started, log,
-                               ranks), ranks)
+    on_main(
+        lambda: save_level(search, runs, ready, trained, time.perf_counter() - started, log, ranks),
+        ranks,
+    )
 
 
 def _data(config: FindConfig, data: Splits | None) -> Splits:
@@ -128,9 +139,12 @@ def _data(config: FindConfig, data: Splits | None) -> Splits:
     if data is None:
         return load_data(config)
     if config.val_size is not None and validation_count(
-            config.val_size, len(data.train) + len(data.val)) != len(data.val):
-        raise ValueError(f"val_size {config.val_size} does not match the {len(data.val)} "
-                         "validation samples of the data given")
+        config.val_size, len(data.train) + len(data.val)
+    ) != len(data.val):
+        raise ValueError(
+            f"val_size {config.val_size} does not match the {len(data.val)} "
+            "validation samples of the data given"
+        )
     return data
 
 
@@ -142,4 +156,3 @@ def _check_group(configs: Sequence[FindConfig]) -> None:
     seeds = [c.seed for c in configs]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"runs trained together need distinct seeds, got {seeds}")
-

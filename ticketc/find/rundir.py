@@ -64,13 +64,15 @@ class RunDir:
         return (self.level_dir(level) / "metrics.json").exists()
 
     def finished_levels(self) -> list[int]:
-        return sorted(int(p.parent.name[len("level_"):])
-                      for p in self.path.glob("level_*/metrics.json"))
+        return sorted(
+            int(p.parent.name[len("level_") :]) for p in self.path.glob("level_*/metrics.json")
+        )
 
     def has_progress(self) -> bool:
         """Whether any level finished or checkpointed: something worth resuming."""
         return any(self.path.glob("level_*/metrics.json")) or any(
-            self.path.glob("level_*/partial.pt"))
+            self.path.glob("level_*/partial.pt")
+        )
 
     def clear(self) -> None:
         """Remove the run's own files (RUN_FILES, level_LL folders), nothing else."""
@@ -86,8 +88,9 @@ class RunDir:
             self.path.rmdir()
 
 
-def open_run(config: FindConfig, path: Path, search: Search, *, resume: bool, force: bool,
-             log: Log | None) -> RunDir:
+def open_run(
+    config: FindConfig, path: Path, search: Search, *, resume: bool, force: bool, log: Log | None
+) -> RunDir:
     """The run directory of `config` at `path`: new, restarted (`force`, or nothing trained
     yet), or continued (`resume`: same settings and data, possibly more levels).
 
@@ -105,20 +108,35 @@ def open_run(config: FindConfig, path: Path, search: Search, *, resume: bool, fo
         else:
             _check_resumable(run, search)
     elif path.is_file() or (path.is_dir() and any(path.iterdir())):
-        raise UserError(f"--out {path} exists and is not a ticketc find run folder: "
-                        "give a new or empty folder")
+        raise UserError(
+            f"--out {path} exists and is not a ticketc find run folder: give a new or empty folder"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out: cannot create run directory {path}: {e.strerror}") from e
     write_json(config.to_json(), path / "config.json")
     data = search.data
-    write_json({"name": data.name, "md5": search.data_md5, "train": len(data.train),
-                 "val": len(data.val), "test": len(data.test),
-                 "input_shape": list(data.input_shape), "num_classes": data.num_classes},
-                path / "data.json")
-    write_json({"arch": config.arch, "arch_kwargs": search.arch_kwargs,
-                 "input_shape": list(data.input_shape)}, path / "arch.json")
+    write_json(
+        {
+            "name": data.name,
+            "md5": search.data_md5,
+            "train": len(data.train),
+            "val": len(data.val),
+            "test": len(data.test),
+            "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes,
+        },
+        path / "data.json",
+    )
+    write_json(
+        {
+            "arch": config.arch,
+            "arch_kwargs": search.arch_kwargs,
+            "input_shape": list(data.input_shape),
+        },
+        path / "arch.json",
+    )
     if not (path / "init.pt").exists():
         save(build(config, search.arch_kwargs, config.seed).state_dict(), path / "init.pt")
     return run
@@ -134,8 +152,9 @@ def _check_resumable(run: RunDir, search: Search) -> None:
     try:
         old = FindConfig.from_json(saved_config).resolved()
     except (TypeError, ValueError) as e:
-        raise UserError(f"run configuration {run.path / 'config.json'}: not as ticketc find "
-                        f"writes it ({e})") from None
+        raise UserError(
+            f"run configuration {run.path / 'config.json'}: not as ticketc find writes it ({e})"
+        ) from None
     data_file = run.path / "data.json"
     diff = new.result_differences(old)
     if not data_file.is_file():  # a run from before data.json: where its data were is all we know
@@ -143,10 +162,13 @@ def _check_resumable(run: RunDir, search: Search) -> None:
     if old.one_shot and (old.rounds, old.target_density) != (new.rounds, new.target_density):
         diff.append("rounds" if new.rounds is not None else "target_density")
     if diff:
-        changes = ", ".join(f"--{n.replace('_', '-')} {old.shown(n)} (now {new.shown(n)})"
-                            for n in diff)
-        raise UserError(f"--out {run.path} was started with other settings: {changes}; pass the "
-                        "same values to continue it, --force to start over, or another --out")
+        changes = ", ".join(
+            f"--{n.replace('_', '-')} {old.shown(n)} (now {new.shown(n)})" for n in diff
+        )
+        raise UserError(
+            f"--out {run.path} was started with other settings: {changes}; pass the "
+            "same values to continue it, --force to start over, or another --out"
+        )
     if data_file.is_file():
         described = read_json(data_file, "run data description")
         if not isinstance(described, dict) or "md5" not in described:
@@ -157,12 +179,17 @@ def _check_resumable(run: RunDir, search: Search) -> None:
                 f"--out {run.path} was trained on other data than {new.data_flag} "
                 f"{'(--data-dir ' + str(new.data_dir) + ') ' if new.data_dir else ''}gives "
                 f"(md5 {saved}, now {search.data_md5}); pass the data it started with, "
-                "--force to start over, or another --out")
+                "--force to start over, or another --out"
+            )
     beyond = [lv for lv in run.finished_levels() if lv not in search.levels]
     if beyond:
-        flag = (f"--rounds {search.num_rounds}" if new.rounds is not None
-                else f"--target-density {new.target_density}")
-        raise UserError(f"--out {run.path} has finished levels up to {max(beyond)}; {flag} stops "
-                        f"at level {search.levels[-1]}: give --rounds {max(beyond)} or more (or "
-                        "a --target-density that low) to continue it")
-
+        flag = (
+            f"--rounds {search.num_rounds}"
+            if new.rounds is not None
+            else f"--target-density {new.target_density}"
+        )
+        raise UserError(
+            f"--out {run.path} has finished levels up to {max(beyond)}; {flag} stops "
+            f"at level {search.levels[-1]}: give --rounds {max(beyond)} or more (or "
+            "a --target-density that low) to continue it"
+        )

@@ -40,15 +40,19 @@ def arch_kwargs(config: FindConfig, data: Splits) -> dict[str, Any]:
         kwargs = {"num_classes": data.num_classes, "in_features": math.prod(shape)}
     elif config.model in ("conv2", "conv4", "conv6"):
         if len(shape) != 3 or shape[1] != shape[2]:
-            raise UserError(f"--model {config.model} needs square images [C, H, W]; "
-                            f"{config.data_flag} has inputs of shape {list(shape)}")
+            raise UserError(
+                f"--model {config.model} needs square images [C, H, W]; "
+                f"{config.data_flag} has inputs of shape {list(shape)}"
+            )
         kwargs = {"num_classes": data.num_classes, "in_channels": shape[0], "image_size": shape[1]}
     elif config.model in ("resnet20", "vgg16"):
         smallest = 16 if config.model == "vgg16" else 4  # VGG-16 halves its input four times
         if len(shape) != 3 or min(shape[1:]) < smallest:
-            raise UserError(f"--model {config.model} needs images [C, H, W] of at least "
-                            f"{smallest}x{smallest} pixels; {config.data_flag} has inputs of "
-                            f"shape {list(shape)}")
+            raise UserError(
+                f"--model {config.model} needs images [C, H, W] of at least "
+                f"{smallest}x{smallest} pixels; {config.data_flag} has inputs of "
+                f"shape {list(shape)}"
+            )
         kwargs = {"num_classes": data.num_classes, "in_channels": shape[0]}
     kwargs.update(config.arch_kwargs)
     return kwargs
@@ -75,16 +79,22 @@ def _check_model_fits(model: nn.Module, config: FindConfig, data: Splits) -> Non
             out = copy.deepcopy(model).eval()(data.train.inputs(slice(0, n)))
     except Exception as e:  # noqa: BLE001 - whatever the user's forward raises, say which flags
         first = (str(e).strip().splitlines() or [""])[0]
-        raise UserError(f"--model {config.model} cannot take the inputs of {config.data_flag} "
-                        f"(shape [N, {shape}]): {type(e).__name__}: {first}") from None
+        raise UserError(
+            f"--model {config.model} cannot take the inputs of {config.data_flag} "
+            f"(shape [N, {shape}]): {type(e).__name__}: {first}"
+        ) from None
     got = f"shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
     if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == n):
-        raise UserError(f"--model {config.model} gives {got} for {n} inputs of {config.data_flag}; "
-                        "find trains classifiers: it needs class scores [N, classes]")
+        raise UserError(
+            f"--model {config.model} gives {got} for {n} inputs of {config.data_flag}; "
+            "find trains classifiers: it needs class scores [N, classes]"
+        )
     if out.shape[1] < data.num_classes:
-        raise UserError(f"--model {config.model} gives {out.shape[1]} class scores, but "
-                        f"{config.data_flag} has {data.num_classes} classes (labels 0.."
-                        f"{data.num_classes - 1})")
+        raise UserError(
+            f"--model {config.model} gives {out.shape[1]} class scores, but "
+            f"{config.data_flag} has {data.num_classes} classes (labels 0.."
+            f"{data.num_classes - 1})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,15 +130,18 @@ def plan_search(config: FindConfig, data: Splits, ranks: Ranks = SINGLE) -> Sear
     base = build(cfg, kwargs, 0)
     _check_model_fits(base, cfg, data)
     try:
-        layer_types = pruning.prunable_parameters(base, biases=cfg.prune_biases,
-                                                  norms=cfg.prune_norms)
+        layer_types = pruning.prunable_parameters(
+            base, biases=cfg.prune_biases, norms=cfg.prune_norms
+        )
     except ValueError as e:
         raise UserError(f"--model {cfg.model}: {e}") from None
     if not cfg.prune_output:  # Frankle et al. 2020 leave the classifier whole
         layer_types = {n: t for n, t in layer_types.items() if t != "output"}
     if cfg.augment and len(data.input_shape) != 3:
-        raise UserError(f"--augment yes crops and flips images [C, H, W]; {cfg.data_flag} has "
-                        f"inputs of shape {list(data.input_shape)}: give --augment no")
+        raise UserError(
+            f"--augment yes crops and flips images [C, H, W]; {cfg.data_flag} has "
+            f"inputs of shape {list(data.input_shape)}: give --augment no"
+        )
     params = dict(base.named_parameters())
     sizes = {n: params[n].numel() for n in layer_types}
     rates = _rates(cfg, layer_types)
@@ -138,22 +151,31 @@ def plan_search(config: FindConfig, data: Splits, ranks: Ranks = SINGLE) -> Sear
     if one_shot:
         rates = {n: pruning.compound_rate(r, num_rounds) for n, r in rates.items()}
     if cfg.batch_size > len(data.train):
-        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(data.train)} training "
-                        f"samples of {cfg.data_flag} (after --val-size {cfg.val_size})")
+        raise UserError(
+            f"--batch-size {cfg.batch_size} exceeds the {len(data.train)} training "
+            f"samples of {cfg.data_flag} (after --val-size {cfg.val_size})"
+        )
     if cfg.batch_size % ranks.world:
-        raise UserError(f"--batch-size {cfg.batch_size} (the global batch) does not split evenly "
-                        f"over the {ranks.world} ranks: give a multiple of {ranks.world}")
+        raise UserError(
+            f"--batch-size {cfg.batch_size} (the global batch) does not split evenly "
+            f"over the {ranks.world} ranks: give a multiple of {ranks.world}"
+        )
     rewind_it = cfg.rewind_iteration(len(data.train) // cfg.batch_size)
     if rewind_it >= cfg.iterations:
-        raise UserError(f"--rewind {cfg.rewind} (iteration {rewind_it}) is not before the end of "
-                        f"a level (--iterations {cfg.iterations})")
+        raise UserError(
+            f"--rewind {cfg.rewind} (iteration {rewind_it}) is not before the end of "
+            f"a level (--iterations {cfg.iterations})"
+        )
     if cfg.eval_every > cfg.iterations:
-        raise UserError(f"--eval-every {cfg.eval_every} exceeds --iterations {cfg.iterations}: "
-                        "each level would be evaluated only at its end; give at most "
-                        f"{cfg.iterations} (default: a tenth of --iterations, at most "
-                        f"{EVAL_EVERY_MAX})")
-    return Search(cfg, data, kwargs, base, layer_types, rates, num_rounds, levels, rewind_it,
-                  data.md5())
+        raise UserError(
+            f"--eval-every {cfg.eval_every} exceeds --iterations {cfg.iterations}: "
+            "each level would be evaluated only at its end; give at most "
+            f"{cfg.iterations} (default: a tenth of --iterations, at most "
+            f"{EVAL_EVERY_MAX})"
+        )
+    return Search(
+        cfg, data, kwargs, base, layer_types, rates, num_rounds, levels, rewind_it, data.md5()
+    )
 
 
 def _rates(cfg: FindConfig, layer_types: dict[str, str]) -> dict[str, float]:
@@ -173,5 +195,3 @@ def _num_rounds(cfg: FindConfig, sizes: dict[str, int], rates: dict[str, float])
         return pruning.rounds_to_density(sizes, rates, cfg.target_density)
     except ValueError as e:
         raise UserError(f"--target-density: {e}") from None
-
-

@@ -51,8 +51,9 @@ class StackedCsrLinear:
     @torch.no_grad()
     def forward(self, xt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """xt [M or 1, in, B'] (1: shared by every member), bias [M, out] -> [M, out, B']."""
-        out = csr_cpu.csr_matmul_t(self.crow, self.col, self.values.detach(), xt, bias,
-                                   groups=self.m)
+        out = csr_cpu.csr_matmul_t(
+            self.crow, self.col, self.values.detach(), xt, bias, groups=self.m
+        )
         return out.view(self.m, self.out_features, -1)
 
     @torch.no_grad()
@@ -66,8 +67,9 @@ class StackedCsrLinear:
     def value_grads(self, g_t: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         """d loss / d values from g_t = d loss / d output [M, out, B'] and the forward's input
         xt [M, in, B']."""
-        return csr_cpu.csr_sampled_grad(self.crow, self.col, g_t.reshape(-1, g_t.shape[-1]),
-                                        xt, groups=self.m)
+        return csr_cpu.csr_sampled_grad(
+            self.crow, self.col, g_t.reshape(-1, g_t.shape[-1]), xt, groups=self.m
+        )
 
     @torch.no_grad()
     def write_dense_(self, weight: torch.Tensor) -> None:

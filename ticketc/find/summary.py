@@ -16,6 +16,7 @@ from ticketc.safe_load import read_json
 
 METRICS = ("final_val_acc", "final_test_acc", "early_stop_test_acc", "early_stop_iteration")
 
+
 @dataclass
 class LevelSummary:
     """One pruning level across seeds: per member role (ticket or control), per metric, the
@@ -49,11 +50,16 @@ class Experiment:
 
     def describe(self) -> str:
         c = self.config
-        rates = (f"global {c.global_rate:g}" if c.strategy == "global" else
-                 f"fc {c.fc_rate:g} / conv {c.conv_rate:g} / output {c.output_rate:g}")
-        return (f"{c.model} on {c.dataset or c.data}, {c.iterations} iterations per level, "
-                f"pruning {rates} per round, rewind {c.rewind}, "
-                f"{len(self.seeds)} seed{'s' if len(self.seeds) > 1 else ''}")
+        rates = (
+            f"global {c.global_rate:g}"
+            if c.strategy == "global"
+            else f"fc {c.fc_rate:g} / conv {c.conv_rate:g} / output {c.output_rate:g}"
+        )
+        return (
+            f"{c.model} on {c.dataset or c.data}, {c.iterations} iterations per level, "
+            f"pruning {rates} per round, rewind {c.rewind}, "
+            f"{len(self.seeds)} seed{'s' if len(self.seeds) > 1 else ''}"
+        )
 
 
 def _read_config(run_dir: Path) -> FindConfig:
@@ -84,19 +90,27 @@ def experiment(run_dirs: Sequence[str | Path]) -> Experiment:
     for d, c in zip(dirs[1:], configs[1:], strict=True):
         diff = first.result_differences(c, ignore=("seed",))
         if diff:
-            shown = ", ".join(f"--{n.replace('_', '-')} ({dirs[0]}: {first.shown(n)}, {d}: "
-                              f"{c.shown(n)})" for n in diff)
-            raise UserError(f"the runs differ in settings that change results: {shown}; a mean "
-                            "over them would mix two experiments: report each separately")
+            shown = ", ".join(
+                f"--{n.replace('_', '-')} ({dirs[0]}: {first.shown(n)}, {d}: {c.shown(n)})"
+                for n in diff
+            )
+            raise UserError(
+                f"the runs differ in settings that change results: {shown}; a mean "
+                "over them would mix two experiments: report each separately"
+            )
         other = _data_md5(d)
         if md5 is not None and other is not None and other != md5:
-            raise UserError(f"{dirs[0]} and {d} were trained on different data (md5 {md5} vs "
-                            f"{other}): report each separately")
+            raise UserError(
+                f"{dirs[0]} and {d} were trained on different data (md5 {md5} vs "
+                f"{other}): report each separately"
+            )
     seeds = [c.seed for c in configs]
     for i, s in enumerate(seeds):
         if s in seeds[:i]:
-            raise UserError(f"{dirs[seeds.index(s)]} and {dirs[i]} are both seed {s}: a mean over "
-                            "them would count one run twice")
+            raise UserError(
+                f"{dirs[seeds.index(s)]} and {dirs[i]} are both seed {s}: a mean over "
+                "them would count one run twice"
+            )
     return Experiment(dirs, first, seeds)
 
 
@@ -113,18 +127,19 @@ def collect(run_dirs: Sequence[str | Path]) -> list[LevelSummary]:
                 for role, member in m["members"].items():
                     per_role = row.values.setdefault(role, {})
                     for metric in METRICS:
-                        per_role.setdefault(metric, []).append(
-                            float(member.get(metric, math.nan)))
+                        per_role.setdefault(metric, []).append(float(member.get(metric, math.nan)))
             except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise UserError(f"level metrics {path}: not as ticketc find writes them "
-                                f"({type(e).__name__}: {e})") from e
+                raise UserError(
+                    f"level metrics {path}: not as ticketc find writes them "
+                    f"({type(e).__name__}: {e})"
+                ) from e
     if not levels:
         raise UserError(f"no finished level in {', '.join(map(str, run_dirs))}")
     return [levels[k] for k in sorted(levels)]
 
 
 def member_roles(rows: Sequence[LevelSummary]) -> list[str]:
-    """"ticket" first, then the controls, of every level."""
+    """ "ticket" first, then the controls, of every level."""
     return sorted({k for r in rows for k in r.values}, key=lambda k: (k != "ticket", k))
 
 
@@ -134,13 +149,17 @@ def has_controls(rows: Sequence[LevelSummary]) -> bool:
 
 # Each member's columns: header, metric; the terminal table (`table(..., short=True)`) leaves
 # out the early-stop accuracy.
-COLUMNS = (("val acc % (end)", "final_val_acc"), ("test acc % (end)", "final_test_acc"),
-           ("test acc % (early stop)", "early_stop_test_acc"),
-           ("early-stop it", "early_stop_iteration"))
+COLUMNS = (
+    ("val acc % (end)", "final_val_acc"),
+    ("test acc % (end)", "final_test_acc"),
+    ("test acc % (early stop)", "early_stop_test_acc"),
+    ("early-stop it", "early_stop_iteration"),
+)
 
 
-def table(rows: Sequence[LevelSummary], *,
-          short: bool = False) -> tuple[list[str], list[list[str]]]:
+def table(
+    rows: Sequence[LevelSummary], *, short: bool = False
+) -> tuple[list[str], list[list[str]]]:
     """The per-level table: header and cells (mean, ± std over seeds). `short`: the columns a
     terminal shows (export size in KiB, no wall time); else every column (bytes)."""
     roles = member_roles(rows)
@@ -178,14 +197,21 @@ def table_markdown(rows: Sequence[LevelSummary]) -> str:
 def to_json(rows: Sequence[LevelSummary]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
-        entry: dict[str, Any] = {"level": r.level, "density": r.density,
-                                 "export_bytes": r.export_bytes, "wall_s": r.wall_s}
+        entry: dict[str, Any] = {
+            "level": r.level,
+            "density": r.density,
+            "export_bytes": r.export_bytes,
+            "wall_s": r.wall_s,
+        }
         for role in r.values:
             entry[role] = {}
             for metric in METRICS:
                 mean, std, n = r.stat(role, metric)
-                entry[role][metric] = {"mean": None if n == 0 else mean,
-                                       "std": None if n == 0 else std, "n": n,
-                                       "values": r.values[role].get(metric, [])}
+                entry[role][metric] = {
+                    "mean": None if n == 0 else mean,
+                    "std": None if n == 0 else std,
+                    "n": n,
+                    "values": r.values[role].get(metric, []),
+                }
         out.append(entry)
     return out

@@ -117,8 +117,11 @@ def train_level(
     """
     x_train = data.train.x
     y_train = data.train.y.long()
-    streamed = _StreamedBatches(data.train, order, ranks, start, end, workers) \
-        if isinstance(x_train, ImageFiles) else None
+    streamed = (
+        _StreamedBatches(data.train, order, ranks, start, end, workers)
+        if isinstance(x_train, ImageFiles)
+        else None
+    )
     seeded = ensemble.draws_random_numbers
     m = ensemble.size
     # [loss summed over samples, correct predictions, samples] per member, since the last
@@ -183,11 +186,21 @@ class _StreamedBatches:
     """The training batches of steps start..end-1 read from an image folder by DataLoader
     workers (`batch_sampler` yields each step's indices, so the order is BatchOrder's)."""
 
-    def __init__(self, split: TensorSplit, order: BatchOrder, ranks: Ranks, start: int,
-                 end: int, workers: int) -> None:
+    def __init__(
+        self,
+        split: TensorSplit,
+        order: BatchOrder,
+        ranks: Ranks,
+        start: int,
+        end: int,
+        workers: int,
+    ) -> None:
         steps = [ranks.shard(order.indices(t)).reshape(-1).tolist() for t in range(start, end)]
-        loader = torch.utils.data.DataLoader(split.x, batch_sampler=steps,  # type: ignore
-                                             num_workers=workers)
+        loader = torch.utils.data.DataLoader(
+            split.x,
+            batch_sampler=steps,  # type: ignore
+            num_workers=workers,
+        )
         self._batches = iter(loader)
 
     def next(self, idx: torch.Tensor) -> torch.Tensor:
@@ -201,7 +214,8 @@ def _chunks(split: TensorSplit, index: torch.Tensor, chunk: int = 2500):  # type
     y = split.y[index].long()
     if isinstance(split.x, ImageFiles):
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(split.x, index.tolist()), batch_size=chunk, num_workers=2)
+            torch.utils.data.Subset(split.x, index.tolist()), batch_size=chunk, num_workers=2
+        )
         start = 0
         for x, _ in loader:
             yield x, y[start : start + len(x)]
@@ -211,8 +225,9 @@ def _chunks(split: TensorSplit, index: torch.Tensor, chunk: int = 2500):  # type
         yield split.x[index[start : start + chunk]], y[start : start + chunk]
 
 
-def _evaluate_split(ensemble: Ensemble, split: TensorSplit,
-                    ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
+def _evaluate_split(
+    ensemble: Ensemble, split: TensorSplit, ranks: Ranks
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss [M] and accuracy [M] on `split`, each rank evaluating its share."""
     if not ranks.distributed and not split.streamed:
         assert isinstance(split.x, torch.Tensor)
@@ -231,22 +246,28 @@ def _evaluate_split(ensemble: Ensemble, split: TensorSplit,
 
 
 def _evaluate(
-    ensemble: Ensemble, data: Splits, it: int, sums: torch.Tensor, ranks: Ranks,
+    ensemble: Ensemble,
+    data: Splits,
+    it: int,
+    sums: torch.Tensor,
+    ranks: Ranks,
 ) -> list[dict[str, float]]:
     val_loss, val_acc = _evaluate_split(ensemble, data.val, ranks)
     test_loss, test_acc = _evaluate_split(ensemble, data.test, ranks)
     rows = []
     for i in range(ensemble.size):
         seen = max(float(sums[2, i]), 1.0)
-        rows.append({
-            "iteration": it,
-            "train_loss": float(sums[0, i]) / seen,
-            "train_acc": float(sums[1, i]) / seen,
-            "val_loss": float(val_loss[i]),
-            "val_acc": float(val_acc[i]),
-            "test_loss": float(test_loss[i]),
-            "test_acc": float(test_acc[i]),
-        })
+        rows.append(
+            {
+                "iteration": it,
+                "train_loss": float(sums[0, i]) / seen,
+                "train_acc": float(sums[1, i]) / seen,
+                "val_loss": float(val_loss[i]),
+                "val_acc": float(val_acc[i]),
+                "test_loss": float(test_loss[i]),
+                "test_acc": float(test_acc[i]),
+            }
+        )
     return rows
 
 

@@ -72,8 +72,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -118,8 +119,25 @@ def resnet20(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> Re
     return ResNet(3, width, num_classes, in_channels)
 
 
-VGG16_CHANNELS: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
-                                   512, 512, 512, "M", 512, 512, 512]
+VGG16_CHANNELS: list[int | str] = [
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+]
 
 
 def vgg16(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
@@ -135,14 +153,21 @@ def vgg16(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
         assert isinstance(c, int)
         layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
         c_in = c
-    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(c_in, num_classes))
+    model = nn.Sequential(
+        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)
+    )
     _kaiming_init_(model)
     return model
 
 
-REGISTRY = {"lenet300": lenet300, "conv2": conv2, "conv4": conv4, "conv6": conv6,
-            "resnet20": resnet20, "vgg16": vgg16}
+REGISTRY = {
+    "lenet300": lenet300,
+    "conv2": conv2,
+    "conv4": conv4,
+    "conv6": conv6,
+    "resnet20": resnet20,
+    "vgg16": vgg16,
+}
 
 
 def example_input(name: str, batch: int = 1) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Reading a packed directory back: `read_packed`, `load_packed`, and `unpack` to dense files.
 
-    model = ticketc.load_packed("llama-packed/")                  # the transformers model
-    ticketc.pack.unpack("llama-packed/", "llama-dense/")          # dense safetensors again
+model = ticketc.load_packed("llama-packed/")                  # the transformers model
+ticketc.pack.unpack("llama-packed/", "llama-dense/")          # dense safetensors again
 """
 
 from __future__ import annotations
