@@ -643,3 +643,29 @@ def test_file_size_limit_in_a_real_process(tmp_path, command):
     assert len(lines) == 1 and "cannot write" in lines[0], p.stderr[-2000:]
     leftovers = [f for _, _, files in os.walk(out) for f in files if ".ticketc-" in f]
     assert leftovers == []
+
+
+# --- packed directories -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["{outside}", "../../escaped.safetensors", "sub/x.safetensors"])
+def test_unpack_writes_only_plain_file_names_inside_the_output(tmp_path, capsys, name):
+    from safetensors.torch import save_file
+
+    from ticketc.pack import pack
+
+    weights = torch.randn(16, 16) * (torch.rand(16, 16) < 0.2)
+    save_file({"w": weights}, str(tmp_path / "m.safetensors"))
+    pack(tmp_path / "m.safetensors", tmp_path / "packed")
+    index_path = next((tmp_path / "packed").glob("*.index.json"))
+    index = json.loads(index_path.read_text())
+    files = index["metadata"]["source"]["files"]
+    outside = tmp_path / "outside.safetensors"
+    files[name.format(outside=outside)] = files.pop(next(iter(files)))
+    index_path.write_text(json.dumps(index))
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    _one_line(capsys, ["unpack", str(tmp_path / "packed"), "-o", str(work / "dense")], "plain")
+    written = {p.relative_to(tmp_path) for p in tmp_path.rglob("*.safetensors")}
+    assert {p.parts[0] for p in written} == {"m.safetensors", "packed"}, written
+    assert not (work / "dense").exists()

@@ -10,7 +10,7 @@ import itertools
 import os
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import torch
@@ -67,7 +67,11 @@ def load_packed(
 
 # ------------------------------------------------------------------------------- unpack
 def _dense_name(file: str) -> str:
-    """The dense file a source weight file is written back as (always safetensors)."""
+    """The dense file a source weight file is written back as (always safetensors); UserError
+    unless the index names a plain file name (a path would write outside the output folder)."""
+    plain = isinstance(file, str) and PurePath(file).name == file and file not in ("", ".", "..")
+    if not plain or "\\" in file or "\0" in file:
+        raise UserError(f"the packed index names weight file {file!r}, which is no plain file name")
     if file.endswith(".safetensors"):
         return file
     match = re.fullmatch(r"pytorch_model(-\d+-of-\d+)?\.bin", file)
