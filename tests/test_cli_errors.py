@@ -51,3 +51,11 @@ def test_library_log_records_stay_off_stderr(monkeypatch, capfd, caplog):
     monkeypatch.setenv("TICKETC_DEBUG", "1")  # shown when debugging
     assert main(["export", str(TICKET)]) == 2
     assert [r.name for r in caplog.records] == ["torch._subclasses.fake_tensor", "transformers"]
+
+
+def test_export_over_the_input_model_is_refused_and_keeps_it(tmp_path, capfd):
+    model = tmp_path / "lenet.pt"
+    model.write_bytes(TICKET.read_bytes())
+    assert main(["export", str(model), "-o", str(model)]) == 2
+    assert "overwrite" in _one_line(capfd)
+    assert model.read_bytes() == TICKET.read_bytes()

@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_from_args(args)
         example, sample = inputs_from_args(args, loaded)
         out = Path(args.output) if args.output else default_output(args.model)
+        _refuse_overwriting_inputs(out, args)
         result = export_model(loaded.model, example, out, config, sample=sample, source=args.model)
         result.notes[:0] = loaded.notes
     return print_result(result, args.json, print_summary)
@@ -140,10 +141,16 @@ def _export_onnx(args: argparse.Namespace, config: ExportConfig) -> ExportResult
         raise UserError(f"{flags} do not apply to an ONNX file: its graph is used as it is")
     source = Path(args.model)
     out = Path(args.output) if args.output else source.with_suffix(".ticketc.onnx")
-    if out.resolve() == source.resolve():
-        raise UserError(f"-o {out} would overwrite the input file: choose another output")
+    _refuse_overwriting_inputs(out, args)
     sample = ExampleInputs.of(load_sample(args.sample)) if args.sample else None
     return export_onnx_file(source, out, config, sample)
+
+
+def _refuse_overwriting_inputs(out: Path, args: argparse.Namespace) -> None:
+    """UserError when the output is the model, its mask file or its sample."""
+    for given in (args.model, getattr(args, "mask", None), getattr(args, "sample", None)):
+        if given and Path(given).exists() and out.resolve() == Path(given).resolve():
+            raise UserError(f"-o {out} would overwrite the input file {given}: choose another")
 
 
 def default_output(model: str) -> Path:
