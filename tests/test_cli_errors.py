@@ -59,3 +59,13 @@ def test_export_over_the_input_model_is_refused_and_keeps_it(tmp_path, capfd):
     assert main(["export", str(model), "-o", str(model)]) == 2
     assert "overwrite" in _one_line(capfd)
     assert model.read_bytes() == TICKET.read_bytes()
+
+
+def test_a_sample_with_nan_is_refused_not_verified(tmp_path, capfd):
+    import torch
+
+    sample = tmp_path / "nan.pt"
+    torch.save(torch.full((2, 784), float("nan")), sample)
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(TICKET), "-o", str(out), "--sample", str(sample)]) == 2
+    assert "NaN" in _one_line(capfd) and not out.exists()

@@ -129,15 +129,25 @@ def flat_outputs(output: Any) -> list[torch.Tensor]:
     return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
 
 
+def _finite(inputs: ExampleInputs) -> ExampleInputs:
+    for t in inputs.tensors():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError("the sample holds NaN or Inf: outputs compared on it prove nothing")
+    return inputs
+
+
 def compare(
     got: Sequence[np.ndarray], expected: Sequence[np.ndarray], names: Sequence[str]
 ) -> list[OutputError]:
-    """Max absolute and relative error of every output; UserError if counts or shapes differ."""
+    """Max absolute and relative error of every output; UserError if counts or shapes differ,
+    or if a float output of the reference is NaN everywhere (nothing to compare with)."""
     if len(got) != len(expected):
         raise UserError(f"the ONNX file has {len(got)} output(s), the reference {len(expected)}")
     errors = []
     for name, g, e in zip(names, got, expected, strict=True):
         ref = np.asarray(e).astype(np.float64)
+        if ref.size and np.isnan(ref).all():
+            raise UserError(f"output {name}: the reference gives NaN everywhere on the sample")
         if g.shape != ref.shape:
             raise UserError(
                 f"output {name}: onnxruntime gives {g.shape}, the reference {ref.shape}"
@@ -179,8 +189,9 @@ def verify(
     sample: ExampleInputs | torch.Tensor,
     tolerance: float | None,
 ) -> Verification:
-    """Compare onnxruntime's outputs on `sample` with the PyTorch model's."""
-    inputs = ExampleInputs.of(sample)
+    """Compare onnxruntime's outputs on `sample` with the PyTorch model's; UserError when the
+    sample holds NaN / Inf or the model's output is all NaN (equal NaNs prove nothing)."""
+    inputs = _finite(ExampleInputs.of(sample))
     session = ort_session(path)
     own = float_dtype(model)
     expected = flat_outputs(inputs.map(lambda t: t.to(own) if t.is_floating_point() else t)(model))
@@ -202,6 +213,7 @@ def verify_against_onnx(
     tolerance: float | None,
 ) -> Verification:
     """Compare onnxruntime's outputs on `sample` for two ONNX files (rewritten vs original)."""
+    sample = _finite(sample)
     session, original = ort_session(path), ort_session(reference)
     try:
         got = list(session.run(None, feed(session, sample), run_options()))
