@@ -15,6 +15,7 @@ from torch.nn.utils import prune
 
 from tests.models_for_tests import prune_global_, tied_lm, tiny_mlp
 from ticketc.cli import main
+from ticketc.export import export_model
 
 MLP = "tests.models_for_tests:tiny_mlp"
 
@@ -130,3 +131,12 @@ def test_a_bad_input_spec_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "int3" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_verify_against_a_program_keeps_the_batch_its_guards_fix(tmp_path, capsys):
+    model = _pruned_mlp()
+    program = torch.export.export(model, (torch.randn(2, 20),))  # batch 2, fixed
+    torch.export.save(program, tmp_path / "m.pt2")
+    export_model(model, torch.randn(1, 20), tmp_path / "dynamic.onnx")  # any batch
+    argv = ["verify", str(tmp_path / "dynamic.onnx"), "--against", str(tmp_path / "m.pt2")]
+    assert main(argv) == 0, capsys.readouterr().err

@@ -669,3 +669,53 @@ def test_unpack_writes_only_plain_file_names_inside_the_output(tmp_path, capsys,
     written = {p.relative_to(tmp_path) for p in tmp_path.rglob("*.safetensors")}
     assert {p.parts[0] for p in written} == {"m.safetensors", "packed"}, written
     assert not (work / "dense").exists()
+
+
+# --- Hugging Face configs and ONNX tensors that lie -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ({"auto_map": "evil.Model"}, "auto_map"),
+        ({"auto_map": ["evil.Model"]}, "auto_map"),
+        ({"architectures": {"0": "BertModel"}}, "architectures"),
+        ({"model_type": ["bert"]}, "model_type"),
+        ({"attn_implementation": "someone/flash-attn"}, "--trust-remote-code"),
+        ({"text_config": {"_attn_implementation": "someone/kernel"}}, "--trust-remote-code"),
+        ({"nested": None}, "JSON"),
+    ],
+)
+def test_hf_config_with_wrong_types_or_hub_kernels_is_one_line(tmp_path, capsys, edit, needle):
+    from safetensors.torch import save_file
+
+    config = {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": 50}
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    text = json.dumps({**config, **edit}) if "nested" not in edit else None
+    if text is None:  # json.dumps cannot write what it cannot read back: nest by hand
+        text = json.dumps(config)[:-1] + ', "nested": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    (directory / "config.json").write_text(text)
+    save_file({"w": torch.zeros(2, 2)}, str(directory / "model.safetensors"))
+    for argv in (
+        ["export", str(directory), "-o", str(tmp_path / "o.onnx")],
+        ["pack", str(directory), "-o", str(tmp_path / "packed")],
+    ):
+        _one_line(capsys, argv, needle)
+        assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "packed").exists()
+
+
+def test_onnx_tensor_whose_bytes_disagree_with_its_dims_is_one_line(tmp_path, capsys):
+    weight = numpy_helper.from_array(np.ones((8, 4), np.float32), "W")
+    weight.raw_data = weight.raw_data[:16]  # dims [8, 4], 4 floats stored
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])],
+        [weight],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), path)
+    _one_line(capsys, ["export", str(path), "-o", str(tmp_path / "o.onnx")], "stores 16 bytes")
+    assert not (tmp_path / "o.onnx").exists()

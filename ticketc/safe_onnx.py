@@ -67,8 +67,12 @@ def check_onnx(model: Any, p: Path) -> list[Any]:
     external = []
     for tensor in all_tensors(model):
         if tensor.data_location == tensor.EXTERNAL or len(tensor.external_data):
-            check_external_data(tensor, p)
+            length = check_external_data(tensor, p)
+            explicit = any(e.key == "length" for e in tensor.external_data)
+            _check_stored_bytes(tensor, length, p, exact=explicit)
             external.append(tensor)
+        elif tensor.HasField("raw_data"):
+            _check_stored_bytes(tensor, len(tensor.raw_data), p)
     declared = 0
     for sparse in _sparse_tensors(model):
         declared += _dense_bytes(list(sparse.dims), p, f"sparse initializer {sparse.values.name!r}")
@@ -91,9 +95,31 @@ def _dense_bytes(dims: list[int], p: Path, what: str) -> int:
     return 4 * numel
 
 
-def check_external_data(tensor: Any, p: Path) -> None:
+def _check_stored_bytes(tensor: Any, stored: int, p: Path, exact: bool = True) -> None:
+    """UserError unless a fixed-width tensor's stored bytes are what its dims and type take
+    (at least that, not `exact`: external data without a length runs to its file's end)."""
+    from onnx import TensorProto, helper
+
+    if tensor.data_type in (TensorProto.UNDEFINED, TensorProto.STRING):
+        return
+    dims = list(tensor.dims)
+    numel = math.prod(dims) if all(d >= 0 for d in dims) else -1
+    try:
+        bits = 8 * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return
+    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1):
+        bits = 4
+    needed = (numel * bits + 7) // 8
+    if numel < 0 or stored < needed or (exact and stored != needed):
+        raise UserError(
+            f"{p}: tensor {tensor.name[:80]!r} declares dims {dims} but stores {stored} bytes"
+        )
+
+
+def check_external_data(tensor: Any, p: Path) -> int:
     """UserError unless the tensor's external data lies in a regular file inside p's folder,
-    within that file's size."""
+    within that file's size; returns its length in bytes."""
     info: dict[str, str] = {e.key: e.value for e in tensor.external_data}
     location = info.get("location", "")
     where = f"{p}: tensor {tensor.name[:80]!r}"
@@ -127,6 +153,7 @@ def check_external_data(tensor: Any, p: Path) -> None:
             f"{where}: external data [{offset}, {offset + length}) lies outside "
             f"{location[:120]!r} ({size} bytes)"
         )
+    return length
 
 
 def all_tensors(model: Any) -> Iterator[Any]:

@@ -15,6 +15,7 @@ from torch.utils import _pytree as pytree
 
 from ticketc.errors import UserError, first_line
 from ticketc.inputs import ExampleInputs, float_dtype, random_like
+from ticketc.program_inputs import symbolic_axes
 from ticketc.safe_onnx import run_options
 
 #: Lossless fp32 exports must match PyTorch to this relative error, max|onnx - torch| / max|torch|.
@@ -164,7 +165,7 @@ def sample_for(
     session: Any, example: ExampleInputs, model: nn.Module | None = None, seed: int = 1
 ) -> ExampleInputs:
     """A random sample shaped like `example`, with batch VERIFY_BATCH where the file's batch is
-    dynamic."""
+    dynamic (and, for a torch.export program's `model`, where the program's is)."""
     ports = session.get_inputs()
     dynamic = [bool(p.shape) and not isinstance(p.shape[0], int) for p in ports]
     by_name = dict(zip([p.name for p in ports], dynamic, strict=True))
@@ -176,7 +177,11 @@ def sample_for(
         position = keys.index(key)
         return dynamic[position] if position < len(dynamic) else False
 
+    program = symbolic_axes(model) if model is not None else None
+
     def size(key: str | int, axis: int, s: int) -> int:
+        if program is not None and axis not in program.get(keys.index(key), []):
+            return s  # a program's guards fix this size
         return VERIFY_BATCH if axis == 0 and batch_of(key) else s
 
     return random_like(example, model, seed=seed, sizes=size)
@@ -194,7 +199,12 @@ def verify(
     inputs = _finite(ExampleInputs.of(sample))
     session = ort_session(path)
     own = float_dtype(model)
-    expected = flat_outputs(inputs.map(lambda t: t.to(own) if t.is_floating_point() else t)(model))
+    try:
+        expected = flat_outputs(
+            inputs.map(lambda t: t.to(own) if t.is_floating_point() else t)(model)
+        )
+    except Exception as e:  # noqa: BLE001 - any error of the user's model on this sample
+        raise UserError(f"the PyTorch model fails on the sample ({first_line(e)})") from e
     try:
         got = list(session.run(None, feed(session, inputs), run_options()))
     except Exception as e:  # noqa: BLE001

@@ -293,7 +293,7 @@ def read_metadata(proto: onnx.ModelProto) -> dict[str, Any] | None:
         if entry.key == "ticketc":
             try:
                 meta = json.loads(entry.value)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
             return meta if isinstance(meta, dict) else None
     return None

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ticketc.errors import UserError
+from ticketc.errors import UserError, first_line
 from ticketc.hf import compressed_tensors as ct
 
 __all__ = [
@@ -67,24 +67,45 @@ def read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     try:
         config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path}: not a readable JSON config ({e})") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"{path}: not a readable JSON config ({first_line(e)})") from e
     if not isinstance(config, dict):
         raise UserError(f"{path}: holds a {type(config).__name__}, not a JSON object")
+    _check_config_types(config, path)
     return config
+
+
+def _check_config_types(config: dict[str, Any], path: Path) -> None:
+    """UserError unless the keys that choose the model's class have the types transformers
+    writes: `model_type` a string, `architectures` a list of strings, `auto_map` an object."""
+    model_type, architectures = config.get("model_type"), config.get("architectures")
+    auto_map = config.get("auto_map")
+    if model_type is not None and not isinstance(model_type, str):
+        raise UserError(f"{path}: model_type is a {type(model_type).__name__}, not a string")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
+    ):
+        raise UserError(f"{path}: architectures is not a list of class names")
+    if auto_map is not None and not isinstance(auto_map, dict):
+        raise UserError(f"{path}: auto_map is a {type(auto_map).__name__}, not a JSON object")
 
 
 def remote_code(config: dict[str, Any]) -> str | None:
     """Why building this model would run code from its directory, or None.
 
-    `auto_map` names modules in the directory; a `model_type` transformers does not know can only
-    be built from such code. (transformers, given auto_map without trust_remote_code, silently
+    `auto_map` names modules in the directory; an `attn_implementation` (or any other
+    `*_implementation`, in any sub-config) of the form "org/repo" is a Hub kernel transformers
+    downloads and runs; a `model_type` transformers does not know can only be built from such
+    code. (transformers, given auto_map without trust_remote_code, silently
     builds its own class for a known model_type instead: not what the checkpoint asks for.)
     """
     auto_map = config.get("auto_map")
     if auto_map:
         named = sorted(str(v) for value in dict(auto_map).values() for v in _as_list(value) if v)
         return f"config.json auto_map names code from the directory ({', '.join(named)})"
+    kernel = _hub_kernel(config)
+    if kernel:
+        return f"config.json names a kernel that transformers fetches from the Hub ({kernel})"
     model_type = config.get("model_type")
     if model_type is None:
         return None
@@ -94,6 +115,21 @@ def remote_code(config: dict[str, Any]) -> str | None:
         return None
     if model_type not in CONFIG_MAPPING:
         return f"model_type {model_type!r} is not built into transformers"
+    return None
+
+
+def _hub_kernel(config: Any) -> str | None:
+    """The first `*_implementation` value of the config or its sub-configs naming a Hub repo."""
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if str(key).endswith("_implementation") and isinstance(value, str) and "/" in value:
+                    return value
+                stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
     return None
 
 
@@ -260,7 +296,7 @@ def _read_index(index_path: Path) -> tuple[list[str], dict[str, Any] | None]:
     try:
         index = json.loads(index_path.read_text())
         weight_map = dict(index["weight_map"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise UserError(f"{index_path}: not a readable weight index ({e})") from e
     files = sorted({str(f) for f in weight_map.values()})
     for file in files:

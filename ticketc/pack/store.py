@@ -198,7 +198,7 @@ class PackedReader:
             index = json.loads(index_path.read_text())
             meta = dict(index["metadata"])
             self.weight_map: dict[str, str] = dict(index["weight_map"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise UserError(f"{index_path}: unreadable packed index ({e})") from e
         if meta.get("format") != FORMAT:
             raise UserError(f"{index_path}: format {meta.get('format')!r} is not {FORMAT!r}")
