@@ -149,3 +149,24 @@ def test_plots_have_a_title_every_level_a_dense_baseline_and_plain_ticks(
     assert any("dense ONNX export" in t.get_text() for t in ax.get_legend().get_texts())
     assert "seed0" in ax.get_title()
     plt.close(fig)
+
+
+def test_levels_left_out_or_not_measured_are_said(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["plain"], run)
+    levels = sorted(p.name for p in run.glob("level_*"))
+    assert len(levels) >= 3, levels
+    (run / levels[-1] / "final.pt").write_bytes(b"not a checkpoint")  # the size cannot be taken
+    shutil.rmtree(run / levels[1])
+    (run / levels[1]).write_text("a file where a level folder was")
+    argv = ["report", str(run), "-o", str(tmp_path / "out"), "--json"]
+    assert main([*argv, "--arch", "tests.test_find_run:tiny_mlp"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    last = int(levels[-1][len("level_") :])
+    assert any(n.startswith("level 1: no readable") for n in notes), notes
+    assert any(n.startswith(f"level {last}: export size not measured") for n in notes), notes
+    assert "Note: level 1" in (tmp_path / "out" / "report.md").read_text()

@@ -52,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from ticketc.find.report import NO_CONTROLS, has_controls, table, to_json, write_report
 
     out = args.out or default_out(args.run_dirs)
-    rows, paths = write_report(args.run_dirs, out, export=not args.no_export, arch=args.arch)
+    rows, paths, notes = write_report(args.run_dirs, out, export=not args.no_export, arch=args.arch)
     if args.json:
-        print(json.dumps({"out": str(out), "levels": to_json(rows)}))
+        print(json.dumps({"out": str(out), "levels": to_json(rows), "notes": notes}))
         return 0
     from rich.table import Table
 
@@ -67,5 +67,7 @@ def run(args: argparse.Namespace) -> int:
     console().print(shown)
     if not has_controls(rows):
         print(NO_CONTROLS)
+    for note in notes:
+        print(f"note: {note}")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

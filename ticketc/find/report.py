@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ticketc.errors import UserError
+from ticketc.errors import UserError, first_line
 from ticketc.find.plots import metric_figure, plot, size_figure
 from ticketc.find.summary import (
     METRICS,
@@ -94,6 +94,11 @@ def export_size(
     trained weights; None if it fails.
 
     The architecture is built as `run_arch` allows (built in, or the user's --arch)."""
+    size = _export_size(level_dir, user_arch, format)
+    return size if isinstance(size, int) else None
+
+
+def _export_size(level_dir: Path, user_arch: str | None, format: str) -> int | str:
     try:
         from ticketc.export import ExportConfig, export_model
         from ticketc.factory import build_trained
@@ -114,16 +119,16 @@ def export_size(
             isinstance(shape, list)
             and all(type(d) is int and d > 0 for d in shape)
             and math.prod(shape) <= 2**28
-        ):
-            return None  # not a shape ticketc writes: nothing is allocated from it
+        ):  # not a shape ticketc writes: nothing is allocated from it
+            return f"arch.json's input_shape {str(shape)[:60]} is not a list of sizes"
         example = torch.zeros(1, *shape)
         with tempfile.TemporaryDirectory() as tmp:
             result = export_model(
                 model, example, Path(tmp) / "model.onnx", ExportConfig(format=format, values="fp32")
             )
             return int(result.total_bytes)
-    except Exception:  # noqa: BLE001 - a size that cannot be measured is left out, not fatal
-        return None
+    except Exception as e:  # noqa: BLE001 - a size that cannot be measured is left out, said
+        return first_line(e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,13 +159,14 @@ def write_report(
     *,
     export: bool = True,
     arch: str | None = None,
-) -> tuple[list[LevelSummary], list[Path]]:
+) -> tuple[list[LevelSummary], list[Path], list[str]]:
     """Collect the runs (seeds of one experiment), export each level of the first run (sizes),
     write report.md, report.json and the PNGs into `out_dir` (its own folder: never inside a
     run directory; a previous report's files there are replaced).
 
     `arch`: the user's --arch, needed to export the levels of a run whose architecture is not
-    built into ticketc (UserError otherwise, before anything is written)."""
+    built into ticketc (UserError otherwise, before anything is written). Returns the rows,
+    the files written and notes (levels left out, sizes not measured, and why)."""
     exp = experiment(run_dirs)
     rows = collect(run_dirs)
     out = Path(out_dir)
@@ -169,10 +175,14 @@ def write_report(
         run_arch(exp.run_dirs[0], arch)
     _prepare_out_dir(out)
     dense_bytes = None
+    notes = _level_gaps(rows)
     if export:
         first = exp.run_dirs[0]
         for r in rows:
-            r.export_bytes = export_size(first / f"level_{r.level:02d}", arch)
+            size = _export_size(first / f"level_{r.level:02d}", arch, "portable")
+            r.export_bytes = size if isinstance(size, int) else None
+            if isinstance(size, str):
+                notes.append(f"level {r.level}: export size not measured ({size})")
         if rows[0].level == 0:
             dense_bytes = export_size(first / "level_00", arch, format="dense")
     (out / "report.json").write_text(
@@ -183,6 +193,7 @@ def write_report(
                 "settings": exp.config.to_json(),
                 "dense_export_bytes": dense_bytes,
                 "levels": to_json(rows),
+                "notes": notes,
             },
             indent=1,
         )
@@ -203,6 +214,15 @@ def write_report(
     if not has_controls(rows):
         md += [NO_CONTROLS, ""]
     md.append(table_markdown(rows))
+    md += [f"Note: {note}." for note in notes]
     md.append(" ".join(f"![{p.stem}]({p.name})" for p in paths))
     (out / "report.md").write_text("\n".join(md) + "\n")
-    return rows, [out / "report.md", out / "report.json", *paths]
+    return rows, [out / "report.md", out / "report.json", *paths], notes
+
+
+def _level_gaps(rows: Sequence[LevelSummary]) -> list[str]:
+    """A note for every level missing between the first and the last one read (a level folder
+    without metrics.json, or not a folder)."""
+    levels = {r.level for r in rows}
+    missing = [n for n in range(min(levels, default=0), max(levels, default=0)) if n not in levels]
+    return [f"level {n}: no readable level_{n:02d}/metrics.json, left out" for n in missing]
