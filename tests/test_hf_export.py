@@ -107,3 +107,24 @@ def test_export_refuses_remote_code_without_the_flag(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "--trust-remote-code" in err, (command, err)
     assert not (src / "RAN").exists()
     assert [p.name for p in tmp_path.glob("*.onnx")] == ["x.onnx"]
+
+
+def test_a_pt2_of_a_transformers_model_with_keyword_inputs_and_model_output(tmp_path, capsys):
+    """torch.export of a transformers model: keyword inputs, a ModelOutput (whose class torch
+    reads back only once its transformers module is imported), a dynamic batch."""
+    model = pruned_model("bert", 0.9)
+    ids = torch.randint(0, 50, (2, 8))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch = torch.export.Dim("batch", min=1, max=32)
+    shapes = {"input_ids": {0: batch}, "attention_mask": {0: batch}}
+    program = torch.export.export(model, (), inputs, dynamic_shapes=shapes, strict=False)
+    torch.export.save(program, tmp_path / "m.pt2")
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "m.pt2"), "-o", str(out)]) == 0, capsys.readouterr()
+    session = ort_session(out)
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    ids = torch.randint(0, 50, (5, 8))
+    feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((5, 8), np.int64)}
+    got = session.run(None, feed)[0]
+    expected = model(input_ids=ids, attention_mask=torch.ones_like(ids))[0].detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=FP32_RTOL, atol=1e-5)

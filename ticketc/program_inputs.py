@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ticketc.inputs import TRACE_MIN_SIZE, ExampleInputs, random_like
 
@@ -15,38 +16,52 @@ __all__ = ["from_graph_module", "symbolic_axes"]
 
 def from_graph_module(module: nn.Module) -> ExampleInputs | None:
     """Example inputs of a torch.export program's module, from its placeholders' recorded
-    values (symbolic sizes take their traced hint, or 2). None when it records none."""
+    values (symbolic sizes take their traced hint, or 2), positional or by keyword as the
+    program was exported. None when it records none."""
+    values = _input_values(module)
+    if not values:
+        return None
+    tensors = [torch.zeros(tuple(_hint(s) for s in v.shape), dtype=v.dtype) for v in values]
+    return random_like(_as_call(module, tensors))
+
+
+def symbolic_axes(module: nn.Module) -> dict[str | int, list[int]] | None:
+    """The axes of each input (by position, or by name for keyword inputs) that a torch.export
+    program's module keeps symbolic (its `dynamic_shapes`; its guards fix every other size),
+    or None when the module is no program or records no input values."""
+    values = _input_values(module)
+    if not values:
+        return None
+    axes = [[a for a, size in enumerate(v.shape) if not isinstance(size, int)] for v in values]
+    call = _as_call(module, axes)
+    by_key: dict[str | int, list[int]] = dict(enumerate(call.args))
+    by_key.update(call.kwargs)
+    return by_key
+
+
+def _input_values(module: nn.Module) -> list[torch.Tensor] | None:
+    """The recorded values of a program module's inputs, in order; None unless all are
+    tensors (or the module is no program)."""
     graph = getattr(module, "graph", None)
     if graph is None:
         return None
-    tensors = []
-    for node in graph.nodes:
-        if node.op != "placeholder":
-            continue
-        value = node.meta.get("val")
-        if not isinstance(value, torch.Tensor):
-            return None
-        shape = tuple(_hint(s) for s in value.shape)
-        tensors.append(torch.zeros(shape, dtype=value.dtype))
-    return random_like(ExampleInputs(tuple(tensors))) if tensors else None
+    values = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
+    return values if all(isinstance(v, torch.Tensor) for v in values) else None
 
 
-def symbolic_axes(module: nn.Module) -> dict[int, list[int]] | None:
-    """The axes of each positional input that a torch.export program's module keeps symbolic
-    (its `dynamic_shapes`; its guards fix every other size), or None when the module is no
-    program or records no input values."""
-    graph = getattr(module, "graph", None)
-    if graph is None:
-        return None
-    axes: dict[int, list[int]] = {}
-    for node in graph.nodes:
-        if node.op != "placeholder":
-            continue
-        value = node.meta.get("val")
-        if not isinstance(value, torch.Tensor):
-            return None
-        axes[len(axes)] = [a for a, size in enumerate(value.shape) if not isinstance(size, int)]
-    return axes or None
+def _as_call(module: nn.Module, leaves: list[Any]) -> ExampleInputs:
+    """`leaves` (one per input) as the program's call: its (args, kwargs) structure where each
+    input is a top-level argument, else all positional."""
+    spec = getattr(module, "_in_spec", None)
+    if spec is not None:
+        try:
+            args, kwargs = pytree.tree_unflatten(leaves, spec)
+        except Exception:  # noqa: BLE001 - a structure other than (args, kwargs)
+            args, kwargs = None, None
+        whole = isinstance(args, tuple) and isinstance(kwargs, dict)
+        if whole and len(args) + len(kwargs) == len(leaves):
+            return ExampleInputs(args, dict(kwargs))
+    return ExampleInputs(tuple(leaves))
 
 
 def _hint(size: Any) -> int:

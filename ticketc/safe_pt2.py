@@ -33,6 +33,8 @@ Sizes are checked by `ticketc.safe_load.check_zip_sizes` before any of this.
 from __future__ import annotations
 
 import ast
+import contextlib
+import importlib
 import operator
 import os
 import re
@@ -395,6 +397,32 @@ def _guard_node(node: ast.AST, functions: frozenset[str]) -> bool:
     return _operators_only(node, lambda child: _guard_node(child, functions))
 
 
+_TYPE_NAME = re.compile(r"^transformers(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+
+def _import_output_types(archive: zipfile.ZipFile, path: Path) -> None:
+    """Import the transformers modules whose classes (ModelOutput) the program's input and
+    output specs name: torch reads a spec only for types registered with pytree, which a
+    ModelOutput class is when its module is imported. Only modules of the installed
+    transformers are imported, never one outside it (that would run code the file names)."""
+    modules: set[str] = set()
+    for name in archive.namelist():
+        if not _is_program_json(name):
+            continue
+        try:
+            program = parse_json(read_entry(archive, name, path), f"{path}:{name}")
+        except UserError:
+            return  # torch reports the corrupt program
+        for spec in [*_strings_under(program, "in_spec"), *_strings_under(program, "out_spec")]:
+            for node in _walk(parse_json(spec, f"{path}:{name}")):
+                kind = node.get("type")
+                if isinstance(kind, str) and _TYPE_NAME.match(kind):
+                    modules.add(kind.rsplit(".", 1)[0])
+    for module in sorted(modules):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+
+
 def load_exported_program(
     path: str | os.PathLike[str], *, trust_pickle: bool = False
 ) -> torch.export.ExportedProgram:
@@ -413,6 +441,7 @@ def load_exported_program(
                 raise UserError(f"{p}: a zip archive, but not a torch.export program (.pt2)")
             if not trust_pickle:
                 check_pt2_archive(archive, p)
+            _import_output_types(archive, p)
         f.seek(0)
         try:
             with quiet():

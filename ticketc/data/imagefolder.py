@@ -144,10 +144,10 @@ def load_imagefolder(directory: Path) -> tuple[ImageFiles, ImageFiles, int]:
     raw = ImageFiles(directory, tuple(train_paths), tuple(train_labels), (height, width))
     pick = torch.randperm(len(raw), generator=torch.Generator().manual_seed(0))[:STAT_IMAGES]
     sample = torch.stack([raw._raw(int(i)) for i in pick])  # [n, 3, H, W] in [0, 1]
-    mean = tuple(float(v) for v in sample.mean((0, 2, 3)))
-    std = tuple(max(float(v), 1e-3) for v in sample.std((0, 2, 3)))
+    m, s = sample.mean((0, 2, 3)).tolist(), sample.std((0, 2, 3)).clamp_min(1e-3).tolist()
+    mean, std = (m[0], m[1], m[2]), (s[0], s[1], s[2])
     train = ImageFiles(
         directory, tuple(train_paths), tuple(train_labels), (height, width), mean, std
-    )  # type: ignore[arg-type]
-    test = ImageFiles(directory, tuple(test_paths), tuple(test_labels), (height, width), mean, std)  # type: ignore[arg-type]
+    )
+    test = ImageFiles(directory, tuple(test_paths), tuple(test_labels), (height, width), mean, std)
     return train, test, len(classes)

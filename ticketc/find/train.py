@@ -197,7 +197,7 @@ class _StreamedBatches:
     ) -> None:
         steps = [ranks.shard(order.indices(t)).reshape(-1).tolist() for t in range(start, end)]
         loader = torch.utils.data.DataLoader(
-            split.x,
+            split.x,  # type: ignore[arg-type]
             batch_sampler=steps,  # type: ignore
             num_workers=workers,
         )
