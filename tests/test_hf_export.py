@@ -128,3 +128,27 @@ def test_a_pt2_of_a_transformers_model_with_keyword_inputs_and_model_output(tmp_
     got = session.run(None, feed)[0]
     expected = model(input_ids=ids, attention_mask=torch.ones_like(ids))[0].detach().numpy()
     np.testing.assert_allclose(got, expected, rtol=FP32_RTOL, atol=1e-5)
+
+
+def test_a_pickled_transformers_model_takes_its_attention_mask(tmp_path, capsys):
+    model = pruned_model("bert", 0.9)
+    torch.save(model, tmp_path / "m.pt")
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "m.pt"), "--trust-pickle", "-o", str(out)]) == 0
+    names = [i.name for i in ort_session(out).get_inputs()]
+    assert names == ["input_ids", "attention_mask"], names
+
+
+def test_verification_samples_pad_masks_on_both_sides():
+    from ticketc.inputs import ExampleInputs, random_like
+
+    example = ExampleInputs(
+        (),
+        {
+            "input_ids": torch.ones(3, 6, dtype=torch.long),
+            "attention_mask": torch.ones(3, 6, dtype=torch.long),
+        },
+    )
+    mask = random_like(example, padded=True).kwargs["attention_mask"]
+    assert mask[0].tolist() == [1, 1, 1, 1, 0, 0] and mask[1].tolist() == [0, 0, 1, 1, 1, 1]
+    assert mask[2].all() and random_like(example).kwargs["attention_mask"].all()

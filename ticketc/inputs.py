@@ -303,6 +303,17 @@ def _index_limit(model: nn.Module | None) -> int:
     return max(1, min(sizes)) if sizes else 2
 
 
+def pad_masks_(mask: torch.Tensor) -> torch.Tensor:
+    """An all-ones [batch, length] mask (length >= 3) padded in place as a batch of texts of
+    different lengths is: row 0's last two positions on the right, row 1's first two on the
+    left (both conventions exist; an export may get one of them wrong)."""
+    if mask.dim() == 2 and mask.shape[1] >= 3 and not mask.is_floating_point():
+        mask[0, -2:] = 0
+        if mask.shape[0] > 1:
+            mask[1, :2] = 0
+    return mask
+
+
 def _is_mask(name: str | int | None) -> bool:
     """Inputs named like a mask (attention_mask, ...) are all ones: a random mask can hide
     every position."""
@@ -332,12 +343,14 @@ def random_like(
     model: nn.Module | None = None,
     seed: int = 0,
     sizes: Callable[[str | int, int, int], int] | None = None,
+    padded: bool = False,
 ) -> ExampleInputs:
     """Random inputs of the example's dtypes (and shapes, or `sizes(input, axis, size)`).
 
     Floats are standard normal; integers are indices below the model's smallest Embedding
     (0 or 1 without one); inputs named like a mask (attention_mask, ...) are all ones, as a
-    random mask can hide every position; bools are True.
+    random mask can hide every position, or, `padded`, with padding (see `pad_masks_`); bools
+    are True.
     """
     generator = torch.Generator().manual_seed(seed)
     limit = _index_limit(model)
@@ -346,7 +359,8 @@ def random_like(
         if not isinstance(t, torch.Tensor):
             return t
         shape = tuple(sizes(key, axis, s) if sizes else s for axis, s in enumerate(t.shape))
-        return _draw(shape, t.dtype, generator, 0, limit, ones=_is_mask(key))
+        drawn = _draw(shape, t.dtype, generator, 0, limit, ones=_is_mask(key))
+        return pad_masks_(drawn) if padded and _is_mask(key) else drawn
 
     return ExampleInputs(
         tuple(draw(i, t) for i, t in enumerate(example.args)),

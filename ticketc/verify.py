@@ -184,7 +184,7 @@ def sample_for(
             return s  # a program's guards fix this size
         return VERIFY_BATCH if axis == 0 and batch_of(key) else s
 
-    return random_like(example, model, seed=seed, sizes=size)
+    return random_like(example, model, seed=seed, sizes=size, padded=True)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from ticketc.inputs import (
     ExampleInputs,
     InputSpec,
     check_input_names,
+    float_dtype,
     infer_example,
     inputs_from_specs,
     parse_shape,
@@ -141,13 +142,17 @@ def inputs_from_args(
         check_input_names(loaded.model, specs)
         return inputs_from_specs(specs, loaded.model), sample
     if args.input_shape:
-        shaped = ExampleInputs((torch.zeros(parse_shape(args.input_shape)),))
+        # in the model's float type: an fp16 / bf16 model takes its own
+        zeros = torch.zeros(parse_shape(args.input_shape), dtype=float_dtype(loaded.model))
+        shaped = ExampleInputs((zeros,))
         check_runs(loaded.model, shaped, f"--input-shape {args.input_shape}")
         return shaped, sample
     if sample is not None:
         check_runs(loaded.model, sample, f"--sample {args.sample}")
         return sample, sample
-    if loaded.source == "hf":  # a transformers model: its named inputs, verified at other sizes
+    if loaded.source == "hf" or _is_transformers_model(loaded.model):
+        # a transformers model (from its directory, a pickle or --arch): its named inputs,
+        # attention_mask included, verified at other sizes
         from ticketc.hf import default_input_specs
         from ticketc.hf import example_inputs as hf_example
         from ticketc.hf import sample_inputs as hf_sample
@@ -164,6 +169,10 @@ def inputs_from_args(
             "--input x:float32:1,3,32,32, or input_ids:int64:1,128), --input-shape or --sample"
         )
     return found, sample
+
+
+def _is_transformers_model(model: torch.nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
 
 
 def example_and_sample(

@@ -195,7 +195,11 @@ def _export(
         tolerance = config.output_tolerance(str(dtype).split(".")[-1])
         # against the model as given: dead-unit removal must not change its outputs. First at
         # the traced shapes (or the user's sample), where a failure is the file's values ...
-        first = random_like(example, reference) if sample is None else ExampleInputs.of(sample)
+        first = (
+            random_like(example, reference, padded=True)
+            if sample is None
+            else ExampleInputs.of(sample)
+        )
         first = first.map(lambda t: t.to(dtype) if t.is_floating_point() else t)
         result = verify(path, reference, first, tolerance)
         if not result.passed or not dynamic:
@@ -228,7 +232,7 @@ def _marked_sources(
         for name in names:
             same = True
             if name == init and name in tensors and value is not None:
-                held = torch.from_numpy(np.ascontiguousarray(ir_numpy(value)))
+                held = _tensor(ir_numpy(value))
                 own = tensors[name].detach()
                 same = held.shape == own.shape and bool(
                     torch.equal(held.to(own.dtype) if held.dtype != own.dtype else held, own)
@@ -236,6 +240,15 @@ def _marked_sources(
             out.append(name if same else name + "*")
         marked[init] = out
     return marked
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch tensor of an initializer's values, bfloat16 (ml_dtypes, which torch.from_numpy
+    does not take) included."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def _without_dead_units(model: nn.Module) -> tuple[nn.Module, str]:

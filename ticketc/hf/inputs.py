@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ticketc.errors import UserError
+from ticketc.inputs import pad_masks_
 
 __all__ = [
     "BATCH",
@@ -96,7 +97,7 @@ def example_inputs(specs: list[HfInput], seed: int = 0) -> dict[str, torch.Tenso
 def sample_inputs(specs: list[HfInput], seed: int = 1) -> dict[str, torch.Tensor]:
     """Inputs to verify an export on: other sizes than the example on every dynamic axis
     (batch 3, other axes about 2/3 of the example's) and, in integer inputs that are all ones
-    (attention masks), the last two positions of the first row masked out as padding."""
+    (attention masks), padding: right in the first row, left in the second (`pad_masks_`)."""
     resized = []
     for spec in specs:
         shape = tuple(
@@ -107,7 +108,7 @@ def sample_inputs(specs: list[HfInput], seed: int = 1) -> dict[str, torch.Tensor
     out = example_inputs(resized, seed)
     for spec in resized:
         if not spec.torch_dtype.is_floating_point and spec.high is None and len(spec.shape) == 2:
-            out[spec.name][0, -2:] = 0
+            pad_masks_(out[spec.name])
     return out
 
 
@@ -161,7 +162,10 @@ def default_input_specs(model: torch.nn.Module) -> list[HfInput]:
         size = _get(config, "image_size")
         channels = _get(config, "num_channels") or 3
         if size is None:
-            raise UserError(f"{model_type} config has no image_size for pixel_values")
+            raise UserError(
+                f"{model_type} config has no image_size for pixel_values: pass --input "
+                f"pixel_values:{_float_dtype(model)}:1,{int(channels)},HEIGHT,WIDTH"
+            )
         h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         pixels = (_EXAMPLE_BATCH, int(channels), h, w)
         specs = [HfInput("pixel_values", _float_dtype(model), pixels, batch)]
@@ -175,7 +179,7 @@ def default_input_specs(model: torch.nn.Module) -> list[HfInput]:
     else:
         raise UserError(
             f"no default inputs for model_type {model_type!r} (main input {main!r}); "
-            "give them explicitly"
+            f"give them with --input {main or 'NAME'}:DTYPE:SHAPE"
         )
     if getattr(config, "is_encoder_decoder", False) and _takes(model, "decoder_input_ids"):
         vocab = _get(text, "vocab_size") or 2
