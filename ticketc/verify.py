@@ -125,6 +125,32 @@ def run_onnx(path: str | os.PathLike[str], inputs: Any) -> list[np.ndarray]:
         raise UserError(f"{path}: onnxruntime failed on the sample ({first_line(e)})") from e
 
 
+#: how far past PyTorch's own fp32 rounding (fp32 vs fp64) an fp32 file with exact weights may
+#: differ from PyTorch: two fp32 implementations that sum in different orders
+ROUNDING_FACTOR = 4
+
+
+@torch.no_grad()
+def fp32_rounding(model: nn.Module, inputs: ExampleInputs) -> float:
+    """How far the fp32 `model`'s outputs on `inputs` are from the same model's in fp64: the
+    largest relative error over its float outputs (0.0 when it has none or cannot run so)."""
+    import copy
+
+    try:
+        wide = copy.deepcopy(model).double()
+        exact = flat_outputs(inputs.map(lambda t: t.double() if t.is_floating_point() else t)(wide))
+        got = flat_outputs(inputs(model))
+    except Exception:  # noqa: BLE001 - a model that does not run in fp64 gives no estimate
+        return 0.0
+    worst = 0.0
+    for g, e in zip(got, exact, strict=False):
+        if g.is_floating_point() and e.numel() and bool(torch.isfinite(e).all()):
+            scale = float(e.abs().max())
+            if scale > 0:
+                worst = max(worst, float((g.double() - e).abs().max()) / scale)
+    return worst
+
+
 def flat_outputs(output: Any) -> list[torch.Tensor]:
     """The tensors of a model's output, flattened the way the export flattens them."""
     return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]

@@ -40,8 +40,10 @@ from ticketc.load import set_eval_
 from ticketc.masks import Masks, masked_model
 from ticketc.program_inputs import symbolic_axes
 from ticketc.verify import (
+    ROUNDING_FACTOR,
     RuntimeUnsupported,
     Verification,
+    fp32_rounding,
     ort_session,
     sample_for,
     verify,
@@ -187,6 +189,25 @@ def _export(
     notes += traced.notes
     sources = _marked_sources(traced.sources, traced.model, reference)
 
+    late: list[str] = []  # notes the output check adds
+
+    def within_rounding(path: Path, inputs: ExampleInputs, tolerance: float | None) -> Verification:
+        """`verify`, where an fp32 file whose weights are exact (checked before) may differ
+        from PyTorch by as much as PyTorch's own fp32 rounding, which an ill-conditioned
+        network amplifies past the tolerance (torch.onnx's dense export does the same)."""
+        result = verify(path, reference, inputs, tolerance)
+        if result.passed or config.values != "fp32" or dtype != torch.float32:
+            return result
+        rounding = fp32_rounding(reference, inputs)
+        if not 0 < result.max_rel <= ROUNDING_FACTOR * rounding:
+            return result
+        late.append(
+            f"onnxruntime differs from PyTorch by {result.max_rel:.3g} (relative), within "
+            f"{ROUNDING_FACTOR}x of PyTorch's own fp32 rounding on this sample ({rounding:.3g}, "
+            "fp32 vs fp64): the network amplifies rounding; the stored weights are exact"
+        )
+        return Verification(result.outputs, None, result.batch)
+
     def check_outputs(path: Path) -> Verification:
         session = ort_session(path)
         resized = sample_for(session, example, reference)  # another batch where it is dynamic
@@ -201,21 +222,23 @@ def _export(
             else ExampleInputs.of(sample)
         )
         first = first.map(lambda t: t.to(dtype) if t.is_floating_point() else t)
-        result = verify(path, reference, first, tolerance)
+        result = within_rounding(path, first, tolerance)
         if not result.passed or not dynamic:
             return result
         # ... then at another batch, where a failure is a traced size the graph kept
         try:
-            other = verify(path, reference, resized, tolerance)
+            other = within_rounding(path, resized, tolerance)
         except UserError as e:
             raise _DynamicAxesFail(str(e).replace(f"{path}: ", "")) from e
         if not other.passed:
             raise _DynamicAxesFail(f"onnxruntime differs at batch {other.batch}: {other.summary()}")
         return other if sample is None else result
 
-    return write_onnx(
+    result = write_onnx(
         traced.model, out, config, sources, notes, check_outputs, start, source=source
     )
+    result.notes += late
+    return result
 
 
 def _marked_sources(

@@ -16,6 +16,11 @@ Value types ("values" of the export):
 - "fp16": rounded to fp16 (exact for 16-bit tensors; a tensor beyond fp16's range stays exact).
 - "int8": symmetric int8 with per-row or per-tensor scales.
 - "int4": a 16-entry k-means codebook per tensor, or int8 where the codebook would cost more.
+The integer types quantize weights only: a vector-like tensor (a bias, a norm's scale and
+shift, folded or running BatchNorm statistics, an LSTM's packed biases: at most two elements
+per entry of its longest axis) keeps its exact values, as quantizers in the field do. Its few
+bytes decide much of the output (a running variance off by half is off by half in every
+output of its channel).
 """
 
 from __future__ import annotations
@@ -163,10 +168,16 @@ def tensor_record(
     name: str, array: np.ndarray, nnz: int, form: str, codec: str, nbytes: float, values: str
 ) -> TensorStorage:
     kind = float_kind(array) or "fp32"
-    bits = VALUE_BITS[values] if values != "fp32" else VALUE_BITS[kind]
-    bits = min(bits, VALUE_BITS[kind])
+    quantized = values != "fp32" and not (values in ("int8", "int4") and is_vector_like(array))
+    bits = min(VALUE_BITS[values] if quantized else VALUE_BITS[kind], VALUE_BITS[kind])
     bound = mask_entropy_bits(array.size, nnz) + nnz * bits
     return TensorStorage(name, tuple(array.shape), kind, nnz, form, codec, nbytes, bound)
+
+
+def is_vector_like(array: np.ndarray) -> bool:
+    """A bias-like tensor: at most two elements per entry of its longest axis ([C], [1, C],
+    [2, 8h], [1, C, 1, 1]), which the integer value types leave exact."""
+    return array.size <= 2 * max(array.shape, default=1)
 
 
 def is_float(array: np.ndarray) -> bool:
@@ -194,6 +205,8 @@ def _value_kinds(
     exact = exact_kind(array)
     largest = float(np.abs(nonzero.astype(np.float64)).max()) if nonzero.size else 0.0
     if values == "fp32" or VALUE_BITS[exact] <= VALUE_BITS.get(values, 0):
+        return [exact], []
+    if values in ("int8", "int4") and is_vector_like(array):
         return [exact], []
     if values == "fp16":
         if largest > FP16_MAX:
