@@ -253,3 +253,11 @@ def test_every_dtype_packs_and_unpacks_without_transformers(tmp_path):
     unpack(tmp_path / "packed", tmp_path / "dense")
     dense = load_file(str(tmp_path / "dense" / "m.safetensors"))
     assert dense.keys() == state.keys()
+
+
+@pytest.mark.parametrize("values", ["int8", "int4"])
+def test_integer_values_leave_bias_like_tensors_exact(values):
+    bias = _sparse((64,), 0.3, torch.float32)
+    weight = _sparse((64, 32), 0.3, torch.float32)
+    assert encode(bias, values).values == "lossless"
+    assert encode(weight, values).values == values

@@ -50,7 +50,7 @@ from ticketc.formats.compact_values import (
     VALUE_DTYPE,
     int8_scale_count,
 )
-from ticketc.formats.quantize import FP16_MAX
+from ticketc.formats.quantize import FP16_MAX, is_vector_like
 
 __all__ = ["VALUES", "StoragePlan", "TensorStorage", "plan_storage"]
 
@@ -168,16 +168,12 @@ def tensor_record(
     name: str, array: np.ndarray, nnz: int, form: str, codec: str, nbytes: float, values: str
 ) -> TensorStorage:
     kind = float_kind(array) or "fp32"
-    quantized = values != "fp32" and not (values in ("int8", "int4") and is_vector_like(array))
+    quantized = values != "fp32" and not (
+        values in ("int8", "int4") and is_vector_like(array.shape)
+    )
     bits = min(VALUE_BITS[values] if quantized else VALUE_BITS[kind], VALUE_BITS[kind])
     bound = mask_entropy_bits(array.size, nnz) + nnz * bits
     return TensorStorage(name, tuple(array.shape), kind, nnz, form, codec, nbytes, bound)
-
-
-def is_vector_like(array: np.ndarray) -> bool:
-    """A bias-like tensor: at most two elements per entry of its longest axis ([C], [1, C],
-    [2, 8h], [1, C, 1, 1]), which the integer value types leave exact."""
-    return array.size <= 2 * max(array.shape, default=1)
 
 
 def is_float(array: np.ndarray) -> bool:
@@ -206,7 +202,7 @@ def _value_kinds(
     largest = float(np.abs(nonzero.astype(np.float64)).max()) if nonzero.size else 0.0
     if values == "fp32" or VALUE_BITS[exact] <= VALUE_BITS.get(values, 0):
         return [exact], []
-    if values in ("int8", "int4") and is_vector_like(array):
+    if values in ("int8", "int4") and is_vector_like(array.shape):
         return [exact], []
     if values == "fp16":
         if largest > FP16_MAX:

@@ -7,6 +7,8 @@ scale, int4 is the nearest codebook entry.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 __all__ = ["FP16_MAX", "assign_nearest", "int8_scales", "kmeans_1d"]
@@ -65,3 +67,11 @@ def kmeans_1d(values: np.ndarray, k: int, iterations: int = 30) -> np.ndarray:
             break
         centroids = updated
     return centroids
+
+
+def is_vector_like(shape: tuple[int, ...]) -> bool:
+    """A bias-like tensor: at most two elements per entry of its longest axis ([C], [1, C],
+    [2, 8h], [1, C, 1, 1]). The integer value types (int8, int4) leave such a tensor exact, as
+    quantizers in the field do: its few bytes decide much of the output (a running variance
+    off by half is off by half in every output of its channel)."""
+    return math.prod(shape) <= 2 * max(shape, default=1)

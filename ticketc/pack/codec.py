@@ -129,6 +129,8 @@ def encode(
     nnz = int(keep.sum())
     if nnz == keep.size:
         return _dense(tensor)
+    if values in ("int8", "int4") and quantize.is_vector_like(shape):
+        values = "lossless"  # biases and norms stay exact, as in export
     bits = value_bits(values, dtype)
     positions = smallest_positions(keep, shape, bits)
     entries = positions.linear_indices()
