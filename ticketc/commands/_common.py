@@ -61,7 +61,8 @@ def add_reading_arguments(parser: argparse.ArgumentParser, *, remote_code: bool 
             "--trust-remote-code",
             action="store_true",
             help="(runs code) accept a Hugging Face directory whose config.json names code "
-            "from the directory (auto_map), and run that code",
+            "from the directory (auto_map) or a Hub kernel (attn_implementation org/repo), "
+            "and run that code",
         )
     parser.add_argument("--mask", metavar="MASKS.pt", help=MASK_HELP)
 
