@@ -219,11 +219,12 @@ def verify(
     model: nn.Module,
     sample: ExampleInputs | torch.Tensor,
     tolerance: float | None,
+    session: Any = None,
 ) -> Verification:
     """Compare onnxruntime's outputs on `sample` with the PyTorch model's; UserError when the
     sample holds NaN / Inf or the model's output is all NaN (equal NaNs prove nothing)."""
     inputs = _finite(ExampleInputs.of(sample))
-    session = ort_session(path)
+    session = session or ort_session(path)  # `session`: one already open on `path`
     own = float_dtype(model)
     try:
         expected = flat_outputs(

@@ -97,10 +97,24 @@ def export_model(
     prepared, _ = masked_model(model, masks)
     own = float_dtype(prepared)
     target = DTYPES[config.dtype] if config.dtype else own
+
+    def attempt(dtype: torch.dtype, notes: list[str]) -> ExportResult:
+        """`_export`, again with fixed input shapes (and a note) where the dynamic axes fail."""
+        try:
+            return _export(
+                prepared, example_inputs, out, config, sample, dtype, start, notes, source
+            )
+        except _DynamicAxesFail as e:
+            example = ExampleInputs.of(example_inputs)
+            note = f"input shapes fixed at {example.describe()}: with dynamic axes, {e}"
+            fixed = replace(config, dynamic_batch=False)
+            notes = [*notes, note]
+            return _export(
+                prepared, example_inputs, out, fixed, sample, dtype, start, notes, source
+            )
+
     try:
-        return _export_fixing_shapes(
-            prepared, example_inputs, out, config, sample, target, start, notes, source
-        )
+        return attempt(target, notes)
     except RuntimeUnsupported as e:
         if config.dtype is not None or target == torch.float32:
             raise UserError(
@@ -110,44 +124,12 @@ def export_model(
             f"exported in fp32: onnxruntime's CPU provider cannot run this {_kind(target)} graph "
             f"(pass --dtype {_kind(target)} --no-verify to keep {_kind(target)})"
         )
-        return _export_fixing_shapes(
-            prepared,
-            example_inputs,
-            out,
-            config,
-            sample,
-            torch.float32,
-            start,
-            [*notes, note],
-            source,
-        )
+        return attempt(torch.float32, [*notes, note])
 
 
 class _DynamicAxesFail(UserError):
     """The file is right at the traced shapes but not at another batch size: torch.onnx kept
     a traced size inside the graph (a sequence-first LSTM's time axis, exported as the batch)."""
-
-
-def _export_fixing_shapes(
-    prepared: nn.Module,
-    example_inputs: Any,
-    out: str | os.PathLike[str],
-    config: ExportConfig,
-    sample: Any,
-    dtype: torch.dtype,
-    start: float,
-    notes: list[str],
-    source: str,
-) -> ExportResult:
-    """`_export`, again with fixed input shapes (and a note) where the dynamic axes fail."""
-    try:
-        return _export(prepared, example_inputs, out, config, sample, dtype, start, notes, source)
-    except _DynamicAxesFail as e:
-        example = ExampleInputs.of(example_inputs)
-        note = f"input shapes fixed at {example.describe()}: with dynamic axes, {e}"
-        fixed = replace(config, dynamic_batch=False)
-        notes = [*notes, note]
-        return _export(prepared, example_inputs, out, fixed, sample, dtype, start, notes, source)
 
 
 def _kind(dtype: torch.dtype) -> str:
@@ -191,11 +173,13 @@ def _export(
 
     late: list[str] = []  # notes the output check adds
 
-    def within_rounding(path: Path, inputs: ExampleInputs, tolerance: float | None) -> Verification:
+    def within_rounding(
+        path: Path, inputs: ExampleInputs, tolerance: float | None, session: Any
+    ) -> Verification:
         """`verify`, where an fp32 file whose weights are exact (checked before) may differ
         from PyTorch by as much as PyTorch's own fp32 rounding, which an ill-conditioned
         network amplifies past the tolerance (torch.onnx's dense export does the same)."""
-        result = verify(path, reference, inputs, tolerance)
+        result = verify(path, reference, inputs, tolerance, session)
         if result.passed or config.values != "fp32" or dtype != torch.float32:
             return result
         rounding = fp32_rounding(reference, inputs)
@@ -212,7 +196,6 @@ def _export(
         session = ort_session(path)
         resized = sample_for(session, example, reference)  # another batch where it is dynamic
         dynamic = any(not isinstance(d, int) for port in session.get_inputs() for d in port.shape)
-        del session
         tolerance = config.output_tolerance(str(dtype).split(".")[-1])
         # against the model as given: dead-unit removal must not change its outputs. First at
         # the traced shapes (or the user's sample), where a failure is the file's values ...
@@ -222,12 +205,12 @@ def _export(
             else ExampleInputs.of(sample)
         )
         first = first.map(lambda t: t.to(dtype) if t.is_floating_point() else t)
-        result = within_rounding(path, first, tolerance)
+        result = within_rounding(path, first, tolerance, session)
         if not result.passed or not dynamic:
             return result
         # ... then at another batch, where a failure is a traced size the graph kept
         try:
-            other = within_rounding(path, resized, tolerance)
+            other = within_rounding(path, resized, tolerance, session)
         except UserError as e:
             raise _DynamicAxesFail(str(e).replace(f"{path}: ", "")) from e
         if not other.passed:
