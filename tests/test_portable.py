@@ -505,7 +505,7 @@ def test_a_dense_tail_decodes_in_both_runtimes_and_reads_back(
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("values", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("values", ["fp16"])  # int8 / int4 leave a bias exact: kept as it is
 def test_plan_storage_puts_a_dense_bias_in_the_sparse_groups_tail(values):
     """An LSTM's packed bias (B [1, 512], every entry kept) beside 90 %-pruned matrices: no
     group of its own, and no positions paid for it."""
