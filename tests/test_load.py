@@ -230,3 +230,31 @@ def test_a_module_that_refuses_the_weights_is_a_user_error(tmp_path):
     torch.save(dict(zoo.versioned().state_dict()), tmp_path / "sd.pt")  # a plain dict: no versions
     with pytest.raises(UserError, match="version should be 2, not None"):
         load_model(tmp_path / "sd.pt", arch="tests.models_for_tests:versioned")
+
+
+class _WeightNormNet(nn.Module):
+    """A weight_norm parametrization (wav2vec2's positional conv): its state dict holds
+    `conv.parametrizations.weight.original0` / `original1`, no pruning."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = nn.Conv1d(4, 4, 3, padding=1)
+        self.conv = nn.utils.parametrizations.weight_norm(conv, dim=2)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean(-1))
+
+
+def weight_norm_net() -> nn.Module:
+    return _WeightNormNet()
+
+
+def test_a_weight_norm_state_dict_loads_with_its_arch(tmp_path):
+    torch.manual_seed(0)
+    model = _WeightNormNet().eval()
+    prune.l1_unstructured(model.fc, "weight", amount=0.5)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    loaded = load_model(tmp_path / "sd.pt", arch="tests.test_load:weight_norm_net")
+    x = torch.randn(2, 4, 8)
+    torch.testing.assert_close(loaded.model.eval()(x), model(x))

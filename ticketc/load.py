@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -139,7 +140,9 @@ def _normalise_state_dict(
     state: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], Masks, list[str]]:
     """Fold prune (`X_orig`, `X_mask`) and ao.pruning (`parametrizations.X.original`) keys;
-    the modules' versions (`_metadata`) stay with the result."""
+    the originals of a parametrization with several (weight_norm's `original0`, `original1`)
+    stay, for the model built with it. The modules' versions (`_metadata`) stay with the
+    result."""
     out: dict[str, torch.Tensor] = OrderedDict()
     if (versions := getattr(state, "_metadata", None)) is not None:
         out._metadata = versions  # type: ignore[attr-defined]
@@ -161,6 +164,8 @@ def _normalise_state_dict(
                 f"{name}: torch.ao.pruning state dicts do not save the mask; using exact zeros "
                 "(pass --mask to give it)"
             )
+        elif ".parametrizations." in key and re.search(r"\.original\d+$", key):
+            out[key] = value  # weight_norm's magnitude and direction: the model's own
         elif ".parametrizations." in key:
             continue  # parametrization buffers other than the original carry no weights
         else:
