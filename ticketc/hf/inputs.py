@@ -11,7 +11,7 @@ whether it takes an attention mask, the config the sizes (vocabulary, image size
 | input_ids        | input_ids, attention_mask: int64 [batch, sequence]                 |
 | pixel_values     | pixel_values: float [batch, channels, height, width]               |
 | input_features   | Whisper: float [batch, mel bins, 2 x max_source_positions]         |
-| input_values     | float [batch, samples] (wav2vec2-style audio)                      |
+| input_values     | float [batch, 4000] (wav2vec2-style audio; the length stays fixed) |
 
 Encoder-decoder models (config.is_encoder_decoder) also get decoder_input_ids int64
 [batch, decoder_sequence].
@@ -174,8 +174,9 @@ def default_input_specs(model: torch.nn.Module) -> list[HfInput]:
         features = (_EXAMPLE_BATCH, int(config.num_mel_bins), frames)
         specs = [HfInput("input_features", _float_dtype(model), features, batch)]
     elif main == "input_values":
-        axes = {0: BATCH, 1: "samples"}
-        specs = [HfInput("input_values", _float_dtype(model), (_EXAMPLE_BATCH, 4000), axes)]
+        # the audio length stays fixed: torch.export keeps it dynamic only as a derived
+        # dimension of the conv stem's strides (give --input input_values:float32:1,LENGTH)
+        specs = [HfInput("input_values", _float_dtype(model), (_EXAMPLE_BATCH, 4000), batch)]
     else:
         raise UserError(
             f"no default inputs for model_type {model_type!r} (main input {main!r}); "
