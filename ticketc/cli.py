@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
@@ -64,7 +65,12 @@ def _library_logs_hidden() -> Iterator[None]:
     before = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings():
+            # torch's pytree warns of its own deprecated LeafSpec when a program is copied
+            warnings.filterwarnings(
+                "ignore", message=".*LeafSpec.* is deprecated", category=FutureWarning
+            )
+            yield
     finally:
         logging.disable(before)
 
