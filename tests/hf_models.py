@@ -86,6 +86,23 @@ def tiny_whisper() -> nn.Module:
     return transformers.WhisperForConditionalGeneration(config)
 
 
+def tiny_wav2vec2() -> nn.Module:
+    """Audio in (input_values [batch, samples]) through a strided conv stem."""
+    config = transformers.Wav2Vec2Config(
+        vocab_size=32,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+    )
+    return transformers.Wav2Vec2ForCTC(config)
+
+
 BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "vit": tiny_vit}
 
 

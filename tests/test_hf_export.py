@@ -157,22 +157,10 @@ def test_verification_samples_pad_masks_on_both_sides():
 def test_an_audio_model_directory_exports_with_its_length_fixed(tmp_path, capsys):
     """wav2vec2: torch.export keeps the audio length dynamic only as a derived dimension, so
     the file takes a dynamic batch of 4000-sample clips (verification must not resize it)."""
-    import transformers
+    from tests.hf_models import tiny_wav2vec2
 
     torch.manual_seed(0)
-    config = transformers.Wav2Vec2Config(
-        vocab_size=32,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(16, 16),
-        conv_stride=(5, 2),
-        conv_kernel=(10, 3),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=4,
-    )
-    transformers.Wav2Vec2ForCTC(config).eval().save_pretrained(tmp_path / "w2v")
+    tiny_wav2vec2().eval().save_pretrained(tmp_path / "w2v")
     out = tmp_path / "w2v.onnx"
     assert main(["export", str(tmp_path / "w2v"), "-o", str(out)]) == 0, capsys.readouterr().err
     (port,) = ort_session(out).get_inputs()

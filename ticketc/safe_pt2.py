@@ -146,11 +146,28 @@ def _torch_sympy_names() -> frozenset[str]:
     return frozenset(n for n in getattr(functions, "__all__", ()) if _SYMBOL.match(n))
 
 
-def check_pt2_archive(archive: zipfile.ZipFile, path: Path) -> None:
+def program_entries(archive: zipfile.ZipFile, path: Path) -> dict[str, Any]:
+    """Every entry torch may read as a program (`_is_program_json`), parsed; UserError for
+    one that is not JSON."""
+    return {
+        name: parse_json(read_entry(archive, name, path), f"{path}:{name}")
+        for name in archive.namelist()
+        if _is_program_json(name)
+    }
+
+
+def check_pt2_archive(
+    archive: zipfile.ZipFile, path: Path, programs: dict[str, Any] | None = None
+) -> None:
     """Refuse `archive` (a .pt2) if `torch.export.load` would run code from it; see above.
+    `programs`: its `program_entries`, when already read.
 
     Raises UserError naming the entry and --trust-pickle, or saying what is corrupt.
     """
+    if programs is None:
+        programs = program_entries(archive, path)
+    for name, program in programs.items():
+        check_program_json(program, f"{path}:{name}")
     names = archive.namelist()
     for name in names:
         if "/data/aotinductor/" in f"/{name}":
@@ -161,9 +178,6 @@ def check_pt2_archive(archive: zipfile.ZipFile, path: Path) -> None:
             )
         elif name.endswith(".pt"):
             load_bytes_weights_only(read_entry(archive, name, path), path, name)
-        elif _is_program_json(name):
-            program = parse_json(read_entry(archive, name, path), f"{path}:{name}")
-            check_program_json(program, f"{path}:{name}")
 
 
 def _is_program_json(name: str) -> bool:
@@ -400,19 +414,13 @@ def _guard_node(node: ast.AST, functions: frozenset[str]) -> bool:
 _TYPE_NAME = re.compile(r"^transformers(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
-def _import_output_types(archive: zipfile.ZipFile, path: Path) -> None:
-    """Import the transformers modules whose classes (ModelOutput) the program's input and
+def _import_output_types(programs: dict[str, Any], path: Path) -> None:
+    """Import the transformers modules whose classes (ModelOutput) the programs' input and
     output specs name: torch reads a spec only for types registered with pytree, which a
     ModelOutput class is when its module is imported. Only modules of the installed
     transformers are imported, never one outside it (that would run code the file names)."""
     modules: set[str] = set()
-    for name in archive.namelist():
-        if not _is_program_json(name):
-            continue
-        try:
-            program = parse_json(read_entry(archive, name, path), f"{path}:{name}")
-        except UserError:
-            return  # torch reports the corrupt program
+    for name, program in programs.items():
         for spec in [*_strings_under(program, "in_spec"), *_strings_under(program, "out_spec")]:
             for node in _walk(parse_json(spec, f"{path}:{name}")):
                 kind = node.get("type")
@@ -439,9 +447,10 @@ def load_exported_program(
             names = archive.namelist()
             if not is_pt2_archive(names):
                 raise UserError(f"{p}: a zip archive, but not a torch.export program (.pt2)")
+            programs = program_entries(archive, p)  # read once: checked, then their specs
             if not trust_pickle:
-                check_pt2_archive(archive, p)
-            _import_output_types(archive, p)
+                check_pt2_archive(archive, p, programs)
+            _import_output_types(programs, p)
         f.seek(0)
         try:
             with quiet():

@@ -151,7 +151,9 @@ def inputs_from_args(
     if sample is not None:
         check_runs(loaded.model, sample, f"--sample {args.sample}")
         return sample, sample
-    if loaded.source == "hf" or _is_transformers_model(loaded.model):
+    from ticketc.hf.model import is_transformers_model
+
+    if loaded.source == "hf" or is_transformers_model(loaded.model):
         # a transformers model (from its directory, a pickle or --arch): its named inputs,
         # attention_mask included, verified at other sizes
         from ticketc.hf import default_input_specs
@@ -170,10 +172,6 @@ def inputs_from_args(
             "--input x:float32:1,3,32,32, or input_ids:int64:1,128), --input-shape or --sample"
         )
     return found, sample
-
-
-def _is_transformers_model(model: torch.nn.Module) -> bool:
-    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
 
 
 def example_and_sample(

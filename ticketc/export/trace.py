@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ticketc.errors import UserError
+from ticketc.hf.model import is_transformers_model
 from ticketc.inputs import TRACE_MIN_SIZE, ExampleInputs
 from ticketc.program_inputs import symbolic_axes
 
@@ -77,7 +78,7 @@ def torch_to_onnx(
     keep them so (a note says where it could not). Outputs are flattened (dicts, ModelOutput,
     nested tuples) and named after their keys; `input_names` / `output_names` rename them.
     """
-    if _is_transformers_model(model):
+    if is_transformers_model(model):
         traced = _transformers_to_onnx(model, example, dynamic=dynamic, opset=opset)
     else:
         traced = _plain_to_onnx(model, example, dynamic=dynamic, opset=opset)
@@ -129,10 +130,6 @@ def _rename(values: Sequence[ir.Value], names: list[str] | None, what: str) -> N
         raise UserError(f"--{what}-names repeats a name: {', '.join(names)}")
     for value, name in zip(values, names, strict=True):
         value.name = name
-
-
-def _is_transformers_model(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
 
 
 def _dynamic_shapes(model: nn.Module, example: ExampleInputs) -> Any:

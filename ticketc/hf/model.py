@@ -21,7 +21,13 @@ from torch import nn
 
 from ticketc.errors import UserError
 
-__all__ = ["build_model", "meta_model", "model_class"]
+__all__ = ["build_model", "is_transformers_model", "meta_model", "model_class"]
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """Whether `model` is a transformers model (a class of the transformers package, with its
+    config), however it was loaded: from a directory, a pickle or --arch."""
+    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
 
 
 def _transformers() -> Any:
