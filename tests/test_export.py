@@ -9,7 +9,6 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
-from onnx.reference import ReferenceEvaluator
 from torch import nn
 from torch.nn.utils import prune
 
@@ -22,6 +21,7 @@ from tests.models_for_tests import (
     tiny_convnet,
     tiny_mlp,
 )
+from tests.reference import reference_evaluator
 from ticketc.errors import UserError
 from ticketc.export import ExportConfig, export_model, export_onnx_file, read_metadata
 from ticketc.inspect import decoded_weights
@@ -111,7 +111,7 @@ def test_lossless_formats_match_torch(tmp_path, case, fmt):
     name = proto.graph.input[0].name
     assert_matches_model(tmp_path / "m.onnx", model, {name: x3}, "fp32")
     if fmt == "portable":
-        ref = ReferenceEvaluator(proto).run(None, {name: x3.numpy()})[0]
+        ref = reference_evaluator(proto).run(None, {name: x3.numpy()})[0]
         np.testing.assert_allclose(ref, model(x3).detach().numpy(), rtol=1e-5, atol=1e-6)
 
 

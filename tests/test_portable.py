@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from onnx.reference import ReferenceEvaluator
 
+from tests.reference import reference_evaluator
 from ticketc.export.decoder import ONNX_TYPE
 from ticketc.export.portable import Group, write_portable_
 from ticketc.export.portable_read import read_portable
@@ -120,7 +120,7 @@ def _decoded(model: onnx.ModelProto, names: list[str], x: np.ndarray | None):
     """The named tensors (and the output) in onnxruntime and the reference evaluator."""
     probe = with_outputs(model, names)
     feeds = {} if x is None else {"x": x}
-    return _session(probe).run(None, feeds), ReferenceEvaluator(probe).run(None, feeds)
+    return _session(probe).run(None, feeds), reference_evaluator(probe).run(None, feeds)
 
 
 # --------------------------------------------------------------------------- every kind
@@ -209,7 +209,7 @@ def test_rice_huge_gaps_decode_in_both_runtimes():
         onnx.checker.check_model(portable, full_check=True)
         expected = compact.to_dense()[0]
         np.testing.assert_array_equal(_session(portable).run(None, {})[0], expected)
-        np.testing.assert_array_equal(ReferenceEvaluator(portable).run(None, {})[0], expected)
+        np.testing.assert_array_equal(reference_evaluator(portable).run(None, {})[0], expected)
 
 
 @pytest.mark.parametrize(("positions", "values"), KINDS)
@@ -348,7 +348,7 @@ def test_older_opsets_and_the_reference_evaluator(positions):
         onnx.checker.check_model(portable, full_check=True)
         x = np.ones((1, 2, 4, 4), np.float32)
         a = _session(portable).run(None, {"x": x})[0]
-        b = ReferenceEvaluator(portable).run(None, {"x": x})[0]
+        b = reference_evaluator(portable).run(None, {"x": x})[0]
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -565,6 +565,6 @@ def test_per_tensor_tables_reach_their_own_entries(positions, values, opset):
     portable, _ = to_portable(_several(weights, opset), [(names, compact)])
     onnx.checker.check_model(portable, full_check=True)
     expected = compact.to_dense()
-    for runtime in (_session(portable), ReferenceEvaluator(portable)):
+    for runtime in (_session(portable), reference_evaluator(portable)):
         for got, want in zip(runtime.run(None, {}), expected, strict=True):
             np.testing.assert_array_equal(got, want)
