@@ -449,6 +449,23 @@ def test_compact_int8_rows_of_zeros_and_tiny_values():
     assert decoded[2, 4] == -127.0
 
 
+def test_int8_scales_rows_apart_where_one_scale_would_blur_the_small_rows():
+    """Rows of few entries share one scale, unless their magnitudes lie far apart (a folded
+    BatchNorm's per-channel scales): then each row keeps its own, and every row decodes within
+    its own half step."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((32, 64)) * (rng.random((32, 64)) < 0.1)  # ~6 entries a row
+    alike = Compact.from_dense([weight.astype(np.float32)], values="int8")
+    assert alike.scale.size == 1
+    spread = weight * np.geomspace(1e-3, 1.0, 32)[:, None]  # rows 1000x apart
+    apart = Compact.from_dense([spread.astype(np.float32)], values="int8")
+    assert apart.scale.size == 32
+    decoded = apart.to_dense()[0].astype(np.float64)
+    for row in range(32):
+        step = np.abs(spread[row]).max() / 127
+        assert np.abs(decoded[row] - spread[row]).max() <= 0.51 * step + 1e-12
+
+
 @pytest.mark.parametrize("density", [0.01, 0.036, 0.2])
 def test_compact_entropy_bound_and_ratio_on_a_random_ticket(density):
     gen = torch.Generator().manual_seed(0)

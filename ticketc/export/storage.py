@@ -232,7 +232,7 @@ def _options(
     for kind in kinds:
         for p in allowed:
             entries = n if p == "dense" else m
-            side = _side_bytes(kind, array.shape, entries, dense_zeros=p == "dense" and m < n)
+            side = _side_bytes(kind, array, entries, dense_zeros=p == "dense" and m < n)
             value_bytes = (entries * VALUE_BITS[kind] + 7) // 8 + side
             if p == "rice":
                 for k in range(1, rice.MAX_K + 1):
@@ -244,9 +244,12 @@ def _options(
     return out, notes
 
 
-def _side_bytes(kind: str, shape: tuple[int, ...], entries: int, dense_zeros: bool) -> int:
+def _side_bytes(kind: str, array: np.ndarray, entries: int, dense_zeros: bool) -> int:
     if kind == "int8":
-        return 2 * int8_scale_count(shape, entries) + 8  # + the scale-rows table entry
+        rows = array.shape[0] if array.ndim >= 2 else 1
+        by_row = np.abs(array.reshape(rows, -1)).max(1) if array.size else np.zeros(rows)
+        scales = int8_scale_count(array.shape, entries, by_row.astype(np.float64))
+        return 2 * scales + 8  # + the scale-rows table entry
     if kind == "int4":
         return 2 * min(CODEBOOK_SIZE, entries + dense_zeros) + 8
     return 0
