@@ -7,14 +7,16 @@ Llama / ViT / Whisper from tiny configs) is pruned with torch.nn.utils.prune.glo
 at each rate, saved the ways users save it (state dict with the prune hooks' tensors + --arch,
 state dict after prune.remove + --arch, pickled module + --trust-pickle, torch.export .pt2) and
 exported through the CLI (`ticketc export`) with every value type. For each cell it records:
-the exit code; onnxruntime on the file against the masked model in memory (relative error,
-max |diff| over max |expected|, on a fresh batch of 3); the file's size against the dense
-export and against what its zeros allow; and, per architecture and rate, onnxruntime
-session-creation CPU time of the portable file against the dense file, 1 thread: the median of
-interleaved runs in this process (`session`: a warm allocator, which favours the dense file's
-one big load) and the median of one session each in fresh processes (`fresh`: every byte
-new memory, as for a server that starts and creates its session once). Writes JSON and
-markdown under benchmarks/results/.
+whether the masked model's outputs depend on its input at all (`live`: a model whose pruning
+removed a whole layer or killed its activations answers every input alike, and matching it
+proves nothing); the exit code; onnxruntime on the file against the masked model in memory
+(relative error, max |diff| over max |expected|, on a fresh batch of 3); the file's size
+against the dense export and against what its zeros allow; and, per architecture and rate,
+onnxruntime session-creation CPU time of the portable file against the dense file, 1 thread:
+the median of interleaved runs in this process (`session`: a warm allocator, which favours the
+dense file's one big load) and the median of one session each in fresh processes (`fresh`:
+every byte new memory, as for a server that starts and creates its session once). Writes JSON
+and markdown under benchmarks/results/.
 
 What the zeros allow (`floor`): the same graph with every float initializer at its entropy
 bound for the export's value type (numel * H(density) + nnz * value bits) and everything else
@@ -28,7 +30,8 @@ tables included; decoder nodes and metadata not).
 The default architectures are tiny (0.5-100 kB of weights) so the matrix runs in minutes;
 `--archs` also takes `resnet_wide`, `bert_small` and `gpt2_small` (0.3-4 M weights), sizes
 where a decoder's fixed bytes stop mattering, and `heldout` (`benchmarks/heldout_archs.py`:
-torchvision and timm models no test builds; needs a venv with both, never CI).
+torchvision and timm models no test builds, pruned relative to each layer's scale with their
+BatchNorm statistics recomputed (`heldout_archs.prune_`); needs a venv with both, never CI).
 
     python -m benchmarks.export_matrix [--archs resnet,tied_lm] [--rates 0.9] \
         [--forms state_dict,pt2] [--values fp32,int4]
@@ -57,6 +60,7 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.heldout_archs import HELDOUT
+from benchmarks.heldout_archs import prune_ as heldout_prune_
 from tests import models_for_tests as zoo
 from ticketc.cli import main as ticketc_main
 
@@ -199,6 +203,16 @@ def relative_error(path: Path, model: torch.nn.Module, inputs: dict[str, torch.T
     return worst
 
 
+def input_dependent(model: torch.nn.Module, specs: dict) -> bool:
+    """Whether the model's outputs change with its input (two random batches): where they do
+    not (a pruned-away layer, dead activations), comparing outputs proves nothing."""
+    from ticketc.verify import flat_outputs
+
+    with torch.no_grad():
+        a, b = (flat_outputs(model(**{n: m() for n, (_, _, m) in specs.items()})) for _ in "ab")
+    return any(x.shape != y.shape or not torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def _interleaved_medians(
     paths: dict[str, Path], repeats: int, create_ms: Callable[[Path], float]
 ) -> dict[str, float]:
@@ -305,9 +319,13 @@ def run_cell(arch: str, rate: float, forms: list[str], values: list[str], work: 
     factory, specs = {**ARCHS, **WIDE, **HELDOUT}[arch]
     torch.manual_seed(0)
     model = _factory(factory)().eval()
-    zoo.prune_global_(model, rate)
+    if arch in HELDOUT:
+        heldout_prune_(model, rate, next(iter(specs.values()))[2])  # their one input
+    else:
+        zoo.prune_global_(model, rate)
     example = {n: maker()[:1] for n, (_, _, maker) in specs.items()}
     fresh = {n: maker() for n, (_, _, maker) in specs.items()}
+    live = input_dependent(model, specs)
     flags = [
         f"--input={n}:{dtype}:{','.join(map(str, shape))}" for n, (dtype, shape, _) in specs.items()
     ]
@@ -343,6 +361,7 @@ def run_cell(arch: str, rate: float, forms: list[str], values: list[str], work: 
                 "rate": rate,
                 "form": form,
                 "values": value,
+                "live": live,
                 "exit": code,
                 "seconds": time.perf_counter() - start,
             }
@@ -387,15 +406,16 @@ def _commit() -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| arch | rate | form | values | exit | rel err | x smaller | file / floor | "
+        "| arch | rate | form | values | live | exit | rel err | x smaller | file / floor | "
         "tensors / bound | session | fresh |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         session = f"{r['session_ratio']:.2f}x" if "session_ratio" in r else ""
         fresh = f"{r['session_fresh_ratio']:.2f}x" if "session_fresh_ratio" in r else ""
         lines.append(
-            f"| {r['arch']} | {r['rate']} | {r['form']} | {r['values']} | {r['exit']} | "
+            f"| {r['arch']} | {r['rate']} | {r['form']} | {r['values']} | "
+            f"{'yes' if r.get('live') else 'NO'} | {r['exit']} | "
             f"{r.get('rel', float('nan')):.2g} | {r.get('ratio', float('nan')):.1f} | "
             f"{r.get('over_floor', float('nan')):.3f} | "
             f"{r.get('stored_over_bound', float('nan')):.3f} | {session} | {fresh} |"

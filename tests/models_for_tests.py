@@ -44,6 +44,20 @@ class BasicBlock(nn.Module):
         return torch.relu(x + y)
 
 
+def same_scale_(model: nn.Module, std: float = 0.3, seed: int = 2) -> nn.Module:
+    """Redraw every weight of rank >= 2 of `model` from N(0, std^2), in place, as training
+    leaves layers of comparable scale: with PyTorch's default initialisations the layers differ
+    (an Embedding at std 1, a Linear(16, 16) within 0.25), and global magnitude pruning then
+    deletes the smallest-initialised layer whole, after which the model answers every input
+    alike and matching its outputs proves nothing. Returns `model`."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(std * torch.randn(p.shape, generator=generator))
+    return model
+
+
 def batchnorm_statistics_(model: nn.Module, seed: int = 1) -> nn.Module:
     """Give every BatchNorm2d of `model` statistics and affine parameters as training leaves
     them (running_var 0.25-4, nonzero means, gamma around 1), in place: folding a BatchNorm
@@ -89,6 +103,7 @@ class TiedLM(nn.Module):
         self.mix = nn.Linear(width, width)
         self.head = nn.Linear(width, vocab, bias=False)
         self.head.weight = self.embed.weight
+        same_scale_(self)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.mix(self.embed(ids))))
@@ -102,6 +117,7 @@ class Recurrent(nn.Module):
         self.lstm = nn.LSTM(6, 12, batch_first=True)
         self.gru = nn.GRU(12, 8, batch_first=True)
         self.out = nn.Linear(8, 3)
+        same_scale_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, _ = self.gru(self.lstm(x)[0])
@@ -116,6 +132,7 @@ class Upsampler(nn.Module):
         self.down = nn.Conv2d(3, 8, 3, padding=1)
         self.up = nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)
         self.head = nn.Conv2d(4, 2, 1)
+        same_scale_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.up(torch.relu(self.down(x)))))
@@ -130,6 +147,7 @@ class DictOutput(nn.Module):
         self.fc = nn.Linear(10, 12)
         self.proj = nn.Parameter(torch.randn(12, 7))
         self.head = nn.Linear(7, 4)
+        same_scale_(self)
 
     def forward(self, x: torch.Tensor) -> dict[str, object]:
         hidden = torch.relu(self.fc(x))
