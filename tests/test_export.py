@@ -113,6 +113,8 @@ def test_lossless_formats_match_torch(tmp_path, case, fmt):
     if fmt == "portable":
         ref = reference_evaluator(proto).run(None, {name: x3.numpy()})[0]
         np.testing.assert_allclose(ref, model(x3).detach().numpy(), rtol=1e-5, atol=1e-6)
+    card = (tmp_path / "m.card.md").read_text()
+    assert "x smaller than the graph's weights as dense fp32 (" in card
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -252,7 +252,7 @@ def export_card(result: Any, source: str, arrays: dict[str, Any], errors: dict[s
         source=source,
         layers=records,
         files={f.name: f.stat().st_size for f in result.files},
-        reference=("the graph's weights as dense fp32", result.weight_bytes)
+        reference=("graph's weights as dense fp32", result.weight_bytes)
         if result.weight_bytes
         else None,
         runtimes={
