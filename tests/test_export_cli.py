@@ -15,7 +15,7 @@ from torch.nn.utils import prune
 
 from tests.models_for_tests import prune_global_, tied_lm, tiny_mlp
 from ticketc.cli import main
-from ticketc.export import export_model
+from ticketc.export import ExportConfig, export_model
 
 MLP = "tests.models_for_tests:tiny_mlp"
 
@@ -140,3 +140,23 @@ def test_verify_against_a_program_keeps_the_batch_its_guards_fix(tmp_path, capsy
     export_model(model, torch.randn(1, 20), tmp_path / "dynamic.onnx")  # any batch
     argv = ["verify", str(tmp_path / "dynamic.onnx"), "--against", str(tmp_path / "m.pt2")]
     assert main(argv) == 0, capsys.readouterr().err
+
+
+def test_verify_compares_an_exported_file_with_the_onnx_file_it_came_from(tmp_path, capsys):
+    model = _pruned_mlp()
+    dense = tmp_path / "dense.onnx"
+    export_model(model, torch.randn(1, 20), dense, ExportConfig(format="dense"))
+    for values in ("fp32", "int4"):
+        out = tmp_path / f"{values}.onnx"
+        assert main(["export", str(dense), "-o", str(out), f"--values={values}"]) == 0
+        capsys.readouterr()
+        assert main(["verify", str(out), "--against", str(dense)]) == 0
+        said = capsys.readouterr().out
+        assert said.startswith("ok: ") and ("lossless" if values == "fp32" else "int4") in said
+    # a wrong file fails: the int4 file against the dense one at fp32's tolerance
+    args = ["verify", str(tmp_path / "int4.onnx"), "--against", str(dense)]
+    assert main([*args, "--tolerance", "1e-5"]) == 2
+    assert "verification FAILED" in capsys.readouterr().err
+    # PyTorch-only flags are refused against an ONNX file, in one line
+    assert main([*args, "--input-shape", "1,20"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

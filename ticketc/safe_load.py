@@ -202,8 +202,8 @@ def describe_other_format(path: Path, names: list[str] | None) -> str | None:
         return f"{path} is a torch.export program (.pt2 archive), not a torch.save file"
     if names is None and looks_like_onnx(path):
         return (
-            f"{path} is an ONNX model, not a PyTorch file: ticketc reads .onnx files in "
-            "`inspect` and `verify`"
+            f"{path} is an ONNX model, not a PyTorch file: ticketc reads ONNX files in "
+            "`export`, `inspect` and `verify` (the file, or its --against)"
         )
     return None
 

@@ -1,19 +1,30 @@
-"""`ticketc verify OUT.onnx --against MODEL`: compare an ONNX file with its PyTorch model."""
+"""`ticketc verify OUT.onnx --against MODEL`: compare an ONNX file with its PyTorch model, or
+with the ONNX file it was exported from."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ticketc.commands._common import add_model_arguments, inputs_from_args, load_from_args
 from ticketc.errors import UserError
 from ticketc.export import read_metadata
+from ticketc.export.onnx_in import onnx_sample
 from ticketc.load import check_file
+from ticketc.safe_load import looks_like_onnx
 from ticketc.safe_onnx import parse_onnx
-from ticketc.verify import OUTPUT_RTOL, ort_session, sample_for, verify
+from ticketc.verify import (
+    OUTPUT_RTOL,
+    Verification,
+    ort_session,
+    sample_for,
+    verify,
+    verify_against_onnx,
+)
 
 NAME = "verify"
-HELP = "run an ONNX file in onnxruntime and compare it with the PyTorch model"
+HELP = "run an ONNX file in onnxruntime and compare it with the PyTorch model (or ONNX file)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,15 +57,19 @@ def run(args: argparse.Namespace) -> int:
     if args.tolerance is not None and args.tolerance < 0:
         raise UserError(f"tolerance {args.tolerance} must be >= 0")
     check_file(args.onnx)
-    args.model = args.against
-    loaded = load_from_args(args)  # the model first: refusals (pickle, remote code) come first
-    example, sample = inputs_from_args(args, loaded)
     tolerance, stored = default_tolerance(args.onnx)
     if args.tolerance is not None:
         tolerance = args.tolerance
-    if sample is None:
-        sample = sample_for(ort_session(args.onnx), example, loaded.model)
-    result = verify(args.onnx, loaded.model, sample, tolerance)
+    against = Path(args.against)
+    if against.is_file() and against.stat().st_size and looks_like_onnx(against):
+        result = _against_onnx(args, tolerance)
+    else:
+        args.model = args.against
+        loaded = load_from_args(args)  # the model first: refusals (pickle, remote code) first
+        example, sample = inputs_from_args(args, loaded)
+        if sample is None:
+            sample = sample_for(ort_session(args.onnx), example, loaded.model)
+        result = verify(args.onnx, loaded.model, sample, tolerance)
     if args.json:
         print(
             json.dumps(
@@ -73,3 +88,17 @@ def run(args: argparse.Namespace) -> int:
     if not result.passed:  # exit 2 with the one line on stderr, as for any other bad input
         raise UserError(f"{args.onnx}: verification FAILED: {result.summary()} ({stored}; {limit})")
     return 0
+
+
+def _against_onnx(args: argparse.Namespace, tolerance: float | None) -> Verification:
+    """Both files in onnxruntime on random inputs of the reference's input types (symbolic
+    batch VERIFY_BATCH): the check `ticketc export model.onnx` runs when it writes."""
+    flags = [f for f in ("input", "input_shape", "sample", "arch") if getattr(args, f, None)]
+    if flags:
+        given = ", ".join("--" + f.replace("_", "-") for f in flags)
+        raise UserError(
+            f"{given}: for a PyTorch model; against an ONNX file the sample is random, from "
+            "its inputs' types and shapes"
+        )
+    sample = onnx_sample(ort_session(args.against))
+    return verify_against_onnx(args.onnx, args.against, sample, tolerance)
