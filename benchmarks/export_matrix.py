@@ -9,9 +9,11 @@ state dict after prune.remove + --arch, pickled module + --trust-pickle, torch.e
 exported through the CLI (`ticketc export`) with every value type. For each cell it records:
 whether the masked model's outputs depend on its input at all (`live`: a model whose pruning
 removed a whole layer or killed its activations answers every input alike, and matching it
-proves nothing); the exit code; onnxruntime on the file against the masked model in memory
-(relative error, max |diff| over max |expected|, on a fresh batch of 3); the file's size
-against the dense export and against what its zeros allow; and, per architecture and rate,
+proves nothing); how far PyTorch's own fp32 outputs are from fp64 (`fp32 vs fp64`: no fp32
+file can match an ill-conditioned model closer); the exit code; onnxruntime on the file
+against the masked model in memory (relative error, max |diff| over max |expected|, on a fresh
+batch of 3); the file's size against the dense export and against what its zeros allow; and,
+per architecture and rate,
 onnxruntime session-creation CPU time of the portable file against the dense file, 1 thread:
 the median of interleaved runs in this process (`session`: a warm allocator, which favours the
 dense file's one big load) and the median of one session each in fresh processes (`fresh`:
@@ -63,6 +65,8 @@ from benchmarks.heldout_archs import HELDOUT
 from benchmarks.heldout_archs import prune_ as heldout_prune_
 from tests import models_for_tests as zoo
 from ticketc.cli import main as ticketc_main
+from ticketc.inputs import ExampleInputs
+from ticketc.verify import fp32_rounding
 
 RESULTS = Path(__file__).parent / "results"
 RATES = (0.5, 0.9, 0.98)
@@ -342,6 +346,9 @@ def run_cell(arch: str, rate: float, forms: list[str], values: list[str], work: 
     # the hooks' tensors, the prune.remove'd copy for the others (for a tied weight pruned
     # through two modules whose masks differ, prune.remove itself changes the model)
     removed = _removed(model, factory)
+    # how far PyTorch's own fp32 outputs are from fp64 on the sample: where BatchNorm or
+    # attention amplify rounding, no fp32 file can match the model closer than this
+    rounding = fp32_rounding(removed, ExampleInputs((), fresh))
     for form in forms:
         saved, extra = _save(model, factory, form, work, example)
         for value in values:
@@ -362,6 +369,7 @@ def run_cell(arch: str, rate: float, forms: list[str], values: list[str], work: 
                 "form": form,
                 "values": value,
                 "live": live,
+                "fp32_rounding": rounding,
                 "exit": code,
                 "seconds": time.perf_counter() - start,
             }
@@ -406,16 +414,17 @@ def _commit() -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| arch | rate | form | values | live | exit | rel err | x smaller | file / floor | "
-        "tensors / bound | session | fresh |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arch | rate | form | values | live | fp32 vs fp64 | exit | rel err | x smaller | "
+        "file / floor | tensors / bound | session | fresh |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         session = f"{r['session_ratio']:.2f}x" if "session_ratio" in r else ""
         fresh = f"{r['session_fresh_ratio']:.2f}x" if "session_fresh_ratio" in r else ""
         lines.append(
             f"| {r['arch']} | {r['rate']} | {r['form']} | {r['values']} | "
-            f"{'yes' if r.get('live') else 'NO'} | {r['exit']} | "
+            f"{'yes' if r.get('live') else 'NO'} | {r.get('fp32_rounding', float('nan')):.2g} | "
+            f"{r['exit']} | "
             f"{r.get('rel', float('nan')):.2g} | {r.get('ratio', float('nan')):.1f} | "
             f"{r.get('over_floor', float('nan')):.3f} | "
             f"{r.get('stored_over_bound', float('nan')):.3f} | {session} | {fresh} |"
