@@ -49,9 +49,9 @@ VALUE_DTYPE: dict[str, np.dtype] = {
 }
 CODEBOOK_SIZE = 16
 # int8 keeps one scale per row where rows hold this many entries on average: below it the
-# scales (2 B each) would cost more than an eighth of the values they serve, paid only where a
-# row's values are INT8_ROW_SPREAD times smaller than the tensor's largest (4x the rounding
-# error, relative to the row, of its own scale).
+# scales (2 B each) would cost more than an eighth of the values they serve, and are paid only
+# where the largest row's values are INT8_ROW_SPREAD times the median row's (one scale would
+# round the median row 4x more coarsely than its own).
 INT8_ENTRIES_PER_ROW_SCALE = 16
 INT8_ROW_SPREAD = 4.0
 
@@ -81,7 +81,8 @@ def int8_scale_count(shape: tuple[int, ...], entries: int, row_absmax: np.ndarra
     average, or where one scale for the tensor would be INT8_ROW_SPREAD times coarser than a
     row's own on most rows that hold entries (`row_absmax`: max |value| of each row, float
     [shape[0]]); else one for the whole tensor. A BatchNorm folded into a conv scales its rows
-    apart: GhostNet's int8 output error was 3.75 with one scale per tensor, 0.37 per row."""
+    apart: timm's GhostNet at 90 %, int8 output error 2.88 with one scale per tensor, 0.34
+    per row."""
     rows = shape[0] if len(shape) >= 2 else 1
     if rows <= 1:
         return 1
