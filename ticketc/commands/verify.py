@@ -57,16 +57,15 @@ def run(args: argparse.Namespace) -> int:
     if args.tolerance is not None and args.tolerance < 0:
         raise UserError(f"tolerance {args.tolerance} must be >= 0")
     check_file(args.onnx)
-    tolerance, stored = default_tolerance(args.onnx)
-    if args.tolerance is not None:
-        tolerance = args.tolerance
     against = Path(args.against)
     if against.is_file() and against.stat().st_size and looks_like_onnx(against):
+        tolerance, stored = _tolerance(args)
         result = _against_onnx(args, tolerance)
     else:
         args.model = args.against
         loaded = load_from_args(args)  # the model first: refusals (pickle, remote code) first
         example, sample = inputs_from_args(args, loaded)
+        tolerance, stored = _tolerance(args)
         if sample is None:
             sample = sample_for(ort_session(args.onnx), example, loaded.model)
         result = verify(args.onnx, loaded.model, sample, tolerance)
@@ -88,6 +87,12 @@ def run(args: argparse.Namespace) -> int:
     if not result.passed:  # exit 2 with the one line on stderr, as for any other bad input
         raise UserError(f"{args.onnx}: verification FAILED: {result.summary()} ({stored}; {limit})")
     return 0
+
+
+def _tolerance(args: argparse.Namespace) -> tuple[float | None, str]:
+    """--tolerance, or the one the file's metadata calls for; and what the file stores."""
+    tolerance, stored = default_tolerance(args.onnx)
+    return (tolerance if args.tolerance is None else args.tolerance), stored
 
 
 def _against_onnx(args: argparse.Namespace, tolerance: float | None) -> Verification:
