@@ -30,6 +30,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from tests.fuzzing import FIND  # a one-round find on tiny data
 from tests.models_for_tests import prune_random_, tiny_mlp
 from ticketc.checkpoint import Ticket, save_ticket
 from ticketc.cli import main
@@ -243,28 +244,6 @@ def test_builtin_architecture_takes_only_plain_fitting_arguments(tmp_path, capsy
 
 
 # --- run directories: find --resume and report ------------------------------------------------
-
-FIND = [
-    "--model",
-    "tests.test_find_run:tiny_mlp",
-    "--data",
-    "tests.test_find_run:tiny_pairs",
-    "--rounds",
-    "1",
-    "--iterations",
-    "10",
-    "--batch-size",
-    "30",
-    "--eval-every",
-    "5",
-    "--checkpoint-every",
-    "5",
-    "--val-size",
-    "60",
-    "--no-progress",
-    "--threads",
-    "1",
-]
 
 
 @pytest.fixture(scope="module")
