@@ -302,6 +302,44 @@ def test_read_portable_names_a_missing_array():
         read_portable(portable, codecs)
 
 
+@pytest.mark.parametrize("values", ["fp32", "fp16", "bf16"])
+def test_a_gather_decode_reads_its_stored_values_without_copying_them(values):
+    # the 0 that every zero element gathers is stored before the values, not concatenated
+    # to them at session creation (one folded copy of every value fewer)
+    model, weights = conv_mlp()
+    compact = Compact.from_dense(list(weights.values()), values, "bitmask")
+    portable, codecs = to_portable(model, [(list(weights), compact)])
+    prefix = next(iter(codecs))
+    stored = {i.name: numpy_helper.to_array(i) for i in portable.graph.initializer}
+    assert stored[prefix + "v"].size == compact.values.size + 1
+    assert stored[prefix + "v"][0] == 0
+    assert "Concat" not in {n.op_type for n in portable.graph.node}
+    x = np.random.default_rng(1).standard_normal((2, 2, 4, 4)).astype(np.float32)
+    got, ref = _decoded(portable, list(weights), x)
+    for a, b, expected in zip(got[1:], ref[1:], compact.to_dense(), strict=True):
+        np.testing.assert_array_equal(a, expected)
+        np.testing.assert_array_equal(b, expected)
+
+
+def test_read_portable_reads_values_stored_without_their_leading_zero():
+    # files written before the 0 was stored gather from Concat(0, values): still read back
+    model, weights = conv_mlp()
+    compact = Compact.from_dense(list(weights.values()), "fp32", "bitmask")
+    portable, codecs = to_portable(model, [(list(weights), compact)])
+    prefix = next(iter(codecs))
+    for init in portable.graph.initializer:
+        if init.name == prefix + "v":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init)[1:], init.name))
+    (group,) = read_portable(portable, codecs)
+    for a, b in zip(group.compact.to_dense(), compact.to_dense(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for init in portable.graph.initializer:  # a leading entry that is not 0 is refused
+        if init.name == prefix + "v":
+            init.CopyFrom(numpy_helper.from_array(np.append([1.5], compact.values), init.name))
+    with pytest.raises(ValueError, match="gathers zeros from 1.5"):
+        read_portable(portable, codecs)
+
+
 # --------------------------------------------------------------------------- graph structure
 def test_names_kept_and_the_rest_of_the_graph_unchanged():
     model, weights = conv_mlp()
@@ -568,3 +606,4 @@ def test_per_tensor_tables_reach_their_own_entries(positions, values, opset):
     for runtime in (_session(portable), reference_evaluator(portable)):
         for got, want in zip(runtime.run(None, {}), expected, strict=True):
             np.testing.assert_array_equal(got, want)
+

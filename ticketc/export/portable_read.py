@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ticketc.export.decoder import array_names, decodes_by_gather
+from ticketc.export.decoder import array_names, decodes_by_gather, gathers_stored_values
 from ticketc.export.portable import StoredGroup, parse_codec
 from ticketc.formats.compact import Compact
 
@@ -56,6 +56,11 @@ def read_portable(model: onnx.ModelProto, codecs: dict[str, str]) -> list[Stored
             count = int(numel.sum())
         else:
             count = int(np.unpackbits(positions, bitorder="little").sum()) + tail_numel
+        values = data["v"]
+        if gathers_stored_values(positions_kind, values_kind) and values.size == count + 1:
+            if values[0] != 0:  # the entry every zero element gathers (older files: none)
+                raise ValueError(f"group {prefix!r} ({codec}) gathers zeros from {values[0]}")
+            values = values[1:]
         entries = _counts(data.get("e"), count)
         if "e" not in data and numel.size > 1:  # no entry table: count each tensor's positions
             index = Compact(
@@ -75,7 +80,7 @@ def read_portable(model: onnx.ModelProto, codecs: dict[str, str]) -> list[Stored
             positions_kind=positions_kind,
             positions=positions,
             values_kind=values_kind,
-            values=data["v"],
+            values=values,
             entries=entries,
             remainders=data.get("r"),
             scale=data.get("s"),
