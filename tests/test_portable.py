@@ -607,3 +607,24 @@ def test_per_tensor_tables_reach_their_own_entries(positions, values, opset):
         for got, want in zip(runtime.run(None, {}), expected, strict=True):
             np.testing.assert_array_equal(got, want)
 
+
+def test_a_gather_decode_takes_mid_sized_tensors_alone_and_a_scatter_pools_them():
+    """A gather decode folds its group whole, each pass over all its elements, so tensors
+    from grouping.ALONE_NUMEL_GATHER elements on decode in groups of their own; a scatter
+    decodes in blocks and keeps them pooled. Small tensors stay pooled either way."""
+    from ticketc.export.grouping import ALONE_NUMEL, ALONE_NUMEL_GATHER
+
+    rng = np.random.default_rng(0)
+    mid = (ALONE_NUMEL_GATHER // 64, 64)  # between the two thresholds
+    assert ALONE_NUMEL_GATHER <= mid[0] * mid[1] < ALONE_NUMEL
+    for density, alone in [(0.5, True), (0.1, False)]:
+        arrays = {f"m{i}": _masked(rng, mid, density) for i in range(3)}
+        arrays |= {f"s{i}": _masked(rng, (16, 16), density) for i in range(3)}
+        plan = plan_storage(arrays, "fp32")
+        members = sorted(sorted(g.names) for g in plan.groups)
+        gathered = {g.compact.positions_kind for g in plan.groups} == {"bitmask"}
+        assert gathered == alone
+        if alone:
+            assert members == [["m0"], ["m1"], ["m2"], ["s0", "s1", "s2"]]
+        else:
+            assert members == [sorted(arrays)]
