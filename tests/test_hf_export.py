@@ -165,3 +165,22 @@ def test_an_audio_model_directory_exports_with_its_length_fixed(tmp_path, capsys
     assert main(["export", str(tmp_path / "w2v"), "-o", str(out)]) == 0, capsys.readouterr().err
     (port,) = ort_session(out).get_inputs()
     assert port.name == "input_values" and port.shape[1] == 4000 and isinstance(port.shape[0], str)
+
+
+def test_verify_in_a_fresh_process_flattens_a_causal_lms_cache_as_the_export_did(tmp_path):
+    """The export registers transformers' cache classes as pytree nodes (in its own
+    process): a causal LM's file returns the logits and every layer's keys and values. A
+    verify in a fresh process must flatten the reference the same way, not see 1 output."""
+    import subprocess
+    import sys
+
+    src, arch = tmp_path / "gpt2.pt", "--arch=tests.hf_models:tiny_gpt2"
+    torch.save(pruned_model("gpt2", 0.9).state_dict(), src)
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(src), arch, "-o", str(out)]) == 0
+    names = [o.name for o in onnx.load(out).graph.output]
+    assert len(names) == 5 and names[0] == "logits"  # and 2 layers' keys and values
+    command = [sys.executable, "-m", "ticketc", "verify", str(out), "--against", str(src), arch]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert all(f"{name}: max abs" in run.stdout for name in names), run.stdout

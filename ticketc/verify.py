@@ -136,6 +136,7 @@ def fp32_rounding(model: nn.Module, inputs: ExampleInputs) -> float:
     largest relative error over its float outputs (0.0 when it has none or cannot run so)."""
     import copy
 
+    flattens_like_the_export(model)
     try:
         wide = copy.deepcopy(model).double()
         exact = flat_outputs(inputs.map(lambda t: t.double() if t.is_floating_point() else t)(wide))
@@ -152,8 +153,29 @@ def fp32_rounding(model: nn.Module, inputs: ExampleInputs) -> float:
 
 
 def flat_outputs(output: Any) -> list[torch.Tensor]:
-    """The tensors of a model's output, flattened the way the export flattens them."""
+    """The tensors of a model's output, flattened the way the export flattens them (for a
+    transformers model, once `flattens_like_the_export` has registered its caches)."""
     return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
+def flattens_like_the_export(model: nn.Module) -> None:
+    """Register a transformers model's cache classes as pytree nodes, as transformers' own
+    exporter does when ticketc exports it (`register_cache_pytrees_for_model`), so that its
+    outputs flatten to the file's: the logits, then every layer's cached keys and values.
+    Without it a fresh process sees a DynamicCache as one opaque leaf, and a causal LM's
+    reference has 1 output against the file's 1 + 2 x layers. Nothing for other models or a
+    transformers without that exporter."""
+    import sys
+
+    if "transformers" not in sys.modules:  # a model of it would have imported it
+        return
+    try:
+        from transformers import PreTrainedModel
+        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+    except ImportError:
+        return
+    if isinstance(model, PreTrainedModel):
+        register_cache_pytrees_for_model(model)
 
 
 def _finite(inputs: ExampleInputs) -> ExampleInputs:
@@ -226,6 +248,7 @@ def verify(
     inputs = _finite(ExampleInputs.of(sample))
     session = session or ort_session(path)  # `session`: one already open on `path`
     own = float_dtype(model)
+    flattens_like_the_export(model)
     try:
         expected = flat_outputs(
             inputs.map(lambda t: t.to(own) if t.is_floating_point() else t)(model)
