@@ -100,6 +100,57 @@ def test_ao_pruning_state_dict_takes_the_mask_file(tmp_path):
     assert bool((loaded.model[1].weight[~mask] == 0).all())
 
 
+class _SavedMask(nn.Module):
+    """A user's own masking parametrization: its mask is a buffer, so state_dict() saves it
+    (torch.ao.pruning's FakeSparsity does not)."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+def test_a_masking_parametrizations_saved_mask_is_applied(tmp_path):
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = tiny_mlp().eval()
+    mask = torch.rand(model[1].weight.shape) < 0.3
+    parametrize.register_parametrization(model[1], "weight", _SavedMask(mask.float()))
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    assert "1.parametrizations.weight.0.mask" in torch.load(tmp_path / "sd.pt")
+    loaded = load_model(tmp_path / "sd.pt", arch=ARCH)
+    assert torch.equal(loaded.masks["1.weight"], mask)
+    assert any("saved mask applied" in note for note in loaded.notes)
+    x = torch.randn(3, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.eval()(x), model(x))
+
+
+@pytest.mark.parametrize("kind", ["spectral_norm", "not_binary", "other_buffer"])
+def test_a_parametrization_buffer_ticketc_cannot_apply_is_refused(tmp_path, kind):
+    """spectral_norm's `_u` / `_v`, a mask that is not 0 / 1, a buffer of another name:
+    dropping them would export another model than the user's."""
+    from torch.nn.utils import parametrize
+
+    model = tiny_mlp()
+    if kind == "spectral_norm":
+        nn.utils.parametrizations.spectral_norm(model[1])
+    else:
+        values = torch.full(model[1].weight.shape, 0.5)
+        buffer = _SavedMask(values)
+        if kind == "other_buffer":
+            buffer.register_buffer("scale", values)
+            del buffer.mask
+            buffer.forward = lambda weight: weight * buffer.scale  # type: ignore[method-assign]
+        parametrize.register_parametrization(model[1], "weight", buffer)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(UserError, match="1.parametrizations.weight.0.*--trust-pickle"):
+        load_model(tmp_path / "sd.pt", arch=ARCH)
+
+
 def test_mask_file_is_multiplied_in_not_trusted_from_zeros(tmp_path):
     model = tiny_mlp()  # dense weights: the mask file alone says what is pruned (as open_lth)
     torch.save(model.state_dict(), tmp_path / "sd.pt")

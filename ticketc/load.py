@@ -159,18 +159,58 @@ def _normalise_state_dict(
         elif ".parametrizations." in key and key.endswith(".original"):
             module, _, rest = key.partition(".parametrizations.")
             name = f"{module}.{rest[: -len('.original')]}"
-            out[name] = value
-            notes.append(
-                f"{name}: torch.ao.pruning state dicts do not save the mask; using exact zeros "
-                "(pass --mask to give it)"
-            )
+            saved = _saved_masks(state, key[: -len("original")], value)
+            if saved is None:
+                out[name] = value
+                notes.append(
+                    f"{name}: torch.ao.pruning state dicts do not save the mask; using exact "
+                    "zeros (pass --mask to give it)"
+                )
+            else:
+                masks[name] = saved
+                out[name] = value * saved
+                notes.append(f"{name}: its parametrization's saved mask applied (original * mask)")
         elif ".parametrizations." in key and re.search(r"\.original\d+$", key):
             out[key] = value  # weight_norm's magnitude and direction: the model's own
         elif ".parametrizations." in key:
-            continue  # parametrization buffers other than the original carry no weights
+            continue  # a parametrization's buffers: read with its original (_saved_masks)
         else:
             out[key] = value
     return out, masks, notes
+
+
+def _saved_masks(
+    state: dict[str, torch.Tensor], prefix: str, original: torch.Tensor
+) -> torch.Tensor | None:
+    """The mask a parametrization saved beside its `original` (keys `prefix` + "0.mask", ...:
+    a masking parametrization's buffer, applied as original * mask, as torch.ao.pruning's
+    FakeSparsity and torch.nn.utils.prune apply theirs); None when it saved no buffer, as
+    torch.ao.pruning's own state dicts do. UserError for any other buffer, or a mask that is
+    not 0 / 1 of the weight's shape: what it does to the weight cannot be read from a state
+    dict, and leaving it out would export another model."""
+    buffers = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    buffers.pop("original")
+    if not buffers:
+        return None
+    how = (
+        "remove the parametrization before saving (torch.nn.utils.parametrize."
+        "remove_parametrizations), or pass the pickled model with --trust-pickle"
+    )
+    mask = torch.ones(original.shape, dtype=torch.bool)
+    for key, buffer in buffers.items():
+        if not re.fullmatch(r"\d+\.mask", key):
+            raise UserError(
+                f"{prefix}{key}: a parametrization's buffer ticketc cannot apply; {how}"
+            )
+        if tuple(buffer.shape) != tuple(original.shape) or not bool(
+            ((buffer == 0) | (buffer == 1)).all()
+        ):
+            raise UserError(
+                f"{prefix}{key}: a mask of shape {tuple(buffer.shape)} that is not all 0 and 1, "
+                f"for a weight of shape {tuple(original.shape)}; {how}"
+            )
+        mask &= buffer.bool()
+    return mask
 
 
 def _example_input(arch: str, kwargs: dict[str, Any]) -> torch.Tensor | None:
