@@ -561,6 +561,44 @@ def test_dynamic_axes_that_fail_at_another_size_are_fixed_and_said(tmp_path, giv
     assert_matches_model(tmp_path / "m.onnx", model, {"x": torch.randn(7, 3, 8)}, "fp32")
 
 
+class _TokensLstmGru(nn.Module):
+    """Token ids -> Embedding -> LSTM -> GRU -> Linear: torch.onnx keeps the traced length
+    in a Reshape between the two, so the graph fails at any other sequence length."""
+
+    def __init__(self, gru: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.lstm = nn.LSTM(16, 24, num_layers=2, batch_first=True)
+        self.gru = nn.GRU(24, 12, batch_first=True) if gru else None
+        self.fc = nn.Linear(12 if gru else 24, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.lstm(self.embed(ids))[0]
+        return self.fc(self.gru(y)[0] if self.gru is not None else y)
+
+
+@pytest.mark.parametrize("gru", [True, False])
+def test_a_sequence_axis_is_checked_at_another_length_and_fixed_alone_where_it_fails(
+    tmp_path, gru
+):
+    """Token ids get dynamic batch and sequence axes; the file is checked at another batch
+    and another length. Where only the length fails, the batch stays dynamic."""
+    torch.manual_seed(0)
+    model = _TokensLstmGru(gru).eval()
+    prune.global_unstructured(
+        [(model.fc, "weight"), (model.embed, "weight")], prune.L1Unstructured, amount=0.5
+    )
+    out = tmp_path / "m.onnx"
+    result = export_model(model, torch.randint(0, 50, (1, 7)), out)
+    fixed = [n for n in result.notes if n.startswith("sequence length fixed at")]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 7 if gru else "sequence"]
+    assert bool(fixed) == gru, result.notes
+    for shape in [(3, 7)] + ([] if gru else [(2, 12), (4, 1)]):
+        ids = torch.randint(0, 50, shape)
+        assert_matches_model(out, model, {"ids": ids}, "fp32")
+
+
 def test_an_lstm_with_a_projection_is_refused_naming_the_layer(tmp_path):
     class Net(nn.Module):
         def __init__(self) -> None:

@@ -213,24 +213,32 @@ def sample_for(
     session: Any, example: ExampleInputs, model: nn.Module | None = None, seed: int = 1
 ) -> ExampleInputs:
     """A random sample shaped like `example`, with batch VERIFY_BATCH where the file's batch is
-    dynamic (and, for a torch.export program's `model`, where the program's is)."""
+    dynamic, and a sequence (axis 1) one shorter where the file's sequence is (one longer
+    from 2 and below: shorter never passes a model's position table); only where a
+    torch.export program's `model` keeps the axis symbolic too."""
     ports = session.get_inputs()
-    dynamic = [bool(p.shape) and not isinstance(p.shape[0], int) for p in ports]
-    by_name = dict(zip([p.name for p in ports], dynamic, strict=True))
+    symbolic = [
+        {axis for axis, d in enumerate(p.shape or []) if not isinstance(d, int)} for p in ports
+    ]
+    by_name = dict(zip([p.name for p in ports], symbolic, strict=True))
     keys: list[str | int] = [*range(len(example.args)), *example.kwargs]
 
-    def batch_of(key: str | int) -> bool:
+    def dynamic(key: str | int, axis: int) -> bool:
         if isinstance(key, str) and key in by_name:
-            return by_name[key]
+            return axis in by_name[key]
         position = keys.index(key)
-        return dynamic[position] if position < len(dynamic) else False
+        return position < len(symbolic) and axis in symbolic[position]
 
     program = symbolic_axes(model) if model is not None else None
 
     def size(key: str | int, axis: int, s: int) -> int:
         if program is not None and axis not in program.get(keys.index(key), []):
             return s  # a program's guards fix this size
-        return VERIFY_BATCH if axis == 0 and batch_of(key) else s
+        if axis == 0 and dynamic(key, 0):
+            return VERIFY_BATCH
+        if axis == 1 and dynamic(key, 1):
+            return s - 1 if s > 2 else s + 1
+        return s
 
     return random_like(example, model, seed=seed, sizes=size, padded=True)
 

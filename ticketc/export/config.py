@@ -36,6 +36,9 @@ class ExportConfig:
     # lossy output errors are reported (their weights are checked against the bound)
     opset: int | None = None  # None: torch.onnx's default
     dynamic_batch: bool = True  # dynamic batch (and sequence, for integer inputs) axes
+    # with dynamic_batch: the sequence axis of integer inputs dynamic too (off where the graph
+    # keeps the traced length: the batch alone stays dynamic)
+    dynamic_sequence: bool = True
     dead_units: bool = False  # drop units a ticket cut off: real dims shrink, in every runtime
     # how positions are coded: "auto" = the fewest bytes per tensor
     positions: str = "auto"

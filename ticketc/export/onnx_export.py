@@ -33,7 +33,7 @@ from ticketc.export.config import (
     ExportResult,
     LayerRecord,
 )
-from ticketc.export.trace import torch_to_onnx
+from ticketc.export.trace import dynamic_axes, torch_to_onnx
 from ticketc.export.write import ir_numpy, read_metadata, write_onnx
 from ticketc.inputs import ExampleInputs, float_dtype, random_like
 from ticketc.load import set_eval_
@@ -99,19 +99,36 @@ def export_model(
     target = DTYPES[config.dtype] if config.dtype else own
 
     def attempt(dtype: torch.dtype, notes: list[str]) -> ExportResult:
-        """`_export`, again with fixed input shapes (and a note) where the dynamic axes fail."""
+        """`_export`, again where the dynamic axes fail: with the sequence length fixed (and a
+        note) where the model has one, then with every input shape fixed."""
+        example = ExampleInputs.of(example_inputs)
+        fallbacks = [replace(config, dynamic_batch=False)]
+        if config.dynamic_sequence and dynamic_axes(example) != dynamic_axes(example, None, False):
+            fallbacks.insert(0, replace(config, dynamic_sequence=False))
         try:
             return _export(
                 prepared, example_inputs, out, config, sample, dtype, start, notes, source
             )
         except _DynamicAxesFail as e:
-            example = ExampleInputs.of(example_inputs)
-            note = f"input shapes fixed at {example.describe()}: with dynamic axes, {e}"
-            fixed = replace(config, dynamic_batch=False)
-            notes = [*notes, note]
-            return _export(
-                prepared, example_inputs, out, fixed, sample, dtype, start, notes, source
-            )
+            failure = e
+        for fallback in fallbacks:
+            fixed = "sequence length" if fallback.dynamic_batch else "input shapes"
+            note = f"{fixed} fixed at {example.describe()}: with dynamic axes, {failure}"
+            try:
+                return _export(
+                    prepared,
+                    example_inputs,
+                    out,
+                    fallback,
+                    sample,
+                    dtype,
+                    start,
+                    [*notes, note],
+                    source,
+                )
+            except _DynamicAxesFail:
+                continue  # the batch fails too: every shape fixed next
+        raise AssertionError("an export with fixed shapes checks no other shape")
 
     try:
         return attempt(target, notes)
@@ -128,8 +145,9 @@ def export_model(
 
 
 class _DynamicAxesFail(UserError):
-    """The file is right at the traced shapes but not at another batch size: torch.onnx kept
-    a traced size inside the graph (a sequence-first LSTM's time axis, exported as the batch)."""
+    """The file is right at the traced shapes but not at another batch size or sequence length:
+    torch.onnx kept a traced size inside the graph (a sequence-first LSTM's time axis, exported
+    as the batch; an LSTM feeding a GRU, whose Reshape keeps the traced length)."""
 
 
 def _kind(dtype: torch.dtype) -> str:
@@ -164,6 +182,7 @@ def _export(
         prepared,
         example,
         dynamic=config.dynamic_batch,
+        sequence=config.dynamic_sequence,
         opset=config.opset,
         input_names=list(config.input_names) if config.input_names else None,
         output_names=list(config.output_names) if config.output_names else None,
@@ -194,7 +213,8 @@ def _export(
 
     def check_outputs(path: Path) -> Verification:
         session = ort_session(path)
-        resized = sample_for(session, example, reference)  # another batch where it is dynamic
+        # another batch and sequence length where they are dynamic
+        resized = sample_for(session, example, reference)
         dynamic = any(not isinstance(d, int) for port in session.get_inputs() for d in port.shape)
         tolerance = config.output_tolerance(str(dtype).split(".")[-1])
         # against the model as given: dead-unit removal must not change its outputs. First at
@@ -208,13 +228,14 @@ def _export(
         result = within_rounding(path, first, tolerance, session)
         if not result.passed or not dynamic:
             return result
-        # ... then at another batch, where a failure is a traced size the graph kept
+        # ... then at another batch / sequence, where a failure is a traced size the graph kept
         try:
             other = within_rounding(path, resized, tolerance, session)
         except UserError as e:
             raise _DynamicAxesFail(str(e).replace(f"{path}: ", "")) from e
         if not other.passed:
-            raise _DynamicAxesFail(f"onnxruntime differs at batch {other.batch}: {other.summary()}")
+            shapes = resized.describe()
+            raise _DynamicAxesFail(f"onnxruntime differs at {shapes}: {other.summary()}")
         return other if sample is None else result
 
     result = write_onnx(

@@ -44,11 +44,11 @@ class Traced:
 
 
 def dynamic_axes(
-    example: ExampleInputs, model: nn.Module | None = None
+    example: ExampleInputs, model: nn.Module | None = None, sequence: bool = True
 ) -> dict[str | int, list[int]]:
     """The axes to export as dynamic: those a torch.export program's `model` keeps symbolic;
-    for any other model the batch (axis 0) of every input, and the sequence (axis 1) of
-    integer inputs of rank >= 2 (token ids, attention masks)."""
+    for any other model the batch (axis 0) of every input, and, `sequence`, the sequence
+    (axis 1) of integer inputs of rank >= 2 (token ids, attention masks)."""
     program = symbolic_axes(model) if model is not None else None
     if program is not None:
         return dict(program)
@@ -57,7 +57,7 @@ def dynamic_axes(
     keyed += list(example.kwargs.items())
     for key, t in keyed:
         chosen = [0] if t.dim() >= 1 else []
-        if t.dim() >= 2 and not t.is_floating_point() and t.dtype != torch.bool:
+        if sequence and t.dim() >= 2 and not t.is_floating_point() and t.dtype != torch.bool:
             chosen.append(1)
         axes[key] = chosen
     return axes
@@ -68,20 +68,22 @@ def torch_to_onnx(
     example: ExampleInputs,
     *,
     dynamic: bool = True,
+    sequence: bool = True,
     opset: int | None = None,
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
 ) -> Traced:
     """Export `model` on `example` to an ONNX IR model; one clear UserError when it cannot.
 
-    Batch and sequence axes (see `dynamic_axes`) are exported dynamic when torch.export can
-    keep them so (a note says where it could not). Outputs are flattened (dicts, ModelOutput,
-    nested tuples) and named after their keys; `input_names` / `output_names` rename them.
+    Batch and, `sequence`, sequence axes (see `dynamic_axes`) are exported dynamic when
+    torch.export can keep them so (a note says where it could not). Outputs are flattened
+    (dicts, ModelOutput, nested tuples) and named after their keys; `input_names` /
+    `output_names` rename them.
     """
     if is_transformers_model(model):
-        traced = _transformers_to_onnx(model, example, dynamic=dynamic, opset=opset)
+        traced = _transformers_to_onnx(model, example, dynamic, sequence, opset=opset)
     else:
-        traced = _plain_to_onnx(model, example, dynamic=dynamic, opset=opset)
+        traced = _plain_to_onnx(model, example, dynamic, sequence, opset=opset)
     _name_dynamic_axes(traced.model.graph.inputs, example, model)
     _rename(traced.model.graph.inputs, input_names, "input")
     _rename(traced.model.graph.outputs, output_names, "output")
@@ -132,12 +134,12 @@ def _rename(values: Sequence[ir.Value], names: list[str] | None, what: str) -> N
         value.name = name
 
 
-def _dynamic_shapes(model: nn.Module, example: ExampleInputs) -> Any:
+def _dynamic_shapes(model: nn.Module, example: ExampleInputs, sequence: bool) -> Any:
     """`dynamic_shapes` for torch.export: Dim.AUTO on the axes of `dynamic_axes` (torch.export
     keeps an axis static where the model needs it so). A tuple for positional inputs only, else
     a dict by forward parameter name."""
     auto = torch.export.Dim.AUTO
-    axes = dynamic_axes(example, model)
+    axes = dynamic_axes(example, model, sequence)
     args = tuple({a: auto for a in axes[i]} or None for i in range(len(example.args)))
     if not example.kwargs:
         return args
@@ -149,11 +151,13 @@ def _dynamic_shapes(model: nn.Module, example: ExampleInputs) -> Any:
     return spec
 
 
-def _widened(example: ExampleInputs, dynamic: bool, model: nn.Module) -> ExampleInputs:
+def _widened(
+    example: ExampleInputs, dynamic: bool, model: nn.Module, sequence: bool
+) -> ExampleInputs:
     """The example with every dynamic axis of size 1 repeated to TRACE_MIN_SIZE."""
     if not dynamic:
         return example
-    axes = dynamic_axes(example, model)
+    axes = dynamic_axes(example, model, sequence)
 
     def widen(key: str | int, t: torch.Tensor) -> torch.Tensor:
         for axis in axes.get(key, []):
@@ -168,16 +172,19 @@ def _widened(example: ExampleInputs, dynamic: bool, model: nn.Module) -> Example
 
 
 def _plain_to_onnx(
-    model: nn.Module, example: ExampleInputs, *, dynamic: bool, opset: int | None
+    model: nn.Module, example: ExampleInputs, dynamic: bool, sequence: bool, *, opset: int | None
 ) -> Traced:
     notes: list[str] = []
     program = None
     if dynamic and example.tensors():
-        traced = _widened(example, dynamic, model)
+        traced = _widened(example, dynamic, model, sequence)
         try:
             with quiet():
                 program = torch.export.export(
-                    model, traced.args, traced.kwargs, dynamic_shapes=_dynamic_shapes(model, traced)
+                    model,
+                    traced.args,
+                    traced.kwargs,
+                    dynamic_shapes=_dynamic_shapes(model, traced, sequence),
                 )
         except Exception as e:  # noqa: BLE001 - torch.export raises many types
             notes.append(f"input shapes fixed at {example.describe()}: {first_line(e)[:150]}")
@@ -250,14 +257,14 @@ def _name_outputs(graph: ir.Graph, names: list[str]) -> None:
 
 
 def _transformers_to_onnx(
-    model: nn.Module, example: ExampleInputs, *, dynamic: bool, opset: int | None
+    model: nn.Module, example: ExampleInputs, dynamic: bool, sequence: bool, *, opset: int | None
 ) -> Traced:
     """transformers' own exporter: it patches what torch.export cannot trace in its models and
     flattens caches; ModelOutput keys become the output names."""
     try:
         from transformers.exporters.exporter_onnx import OnnxConfig, OnnxExporter
     except ImportError:  # an older transformers: the plain path
-        return _plain_to_onnx(model, example, dynamic=dynamic, opset=opset)
+        return _plain_to_onnx(model, example, dynamic, sequence, opset=opset)
     import inspect
 
     inputs = dict(example.kwargs)
@@ -267,8 +274,8 @@ def _transformers_to_onnx(
     notes: list[str] = []
     onnx_model = None
     if dynamic:
-        widened = _widened(as_kwargs, dynamic, model)
-        shapes = _dynamic_shapes(model, widened)
+        widened = _widened(as_kwargs, dynamic, model, sequence)
+        shapes = _dynamic_shapes(model, widened, sequence)
         try:
             with quiet(), _sdpa_as_math():
                 onnx_model, _ = OnnxExporter().export_program(
