@@ -578,9 +578,7 @@ class _TokensLstmGru(nn.Module):
 
 
 @pytest.mark.parametrize("gru", [True, False])
-def test_a_sequence_axis_is_checked_at_another_length_and_fixed_alone_where_it_fails(
-    tmp_path, gru
-):
+def test_a_sequence_axis_is_checked_at_another_length_and_fixed_alone_where_it_fails(tmp_path, gru):
     """Token ids get dynamic batch and sequence axes; the file is checked at another batch
     and another length. Where only the length fails, the batch stays dynamic."""
     torch.manual_seed(0)
@@ -673,3 +671,25 @@ def test_rounding_the_network_amplifies_is_accepted_and_said_more_is_not(tmp_pat
     with pytest.raises(UserError, match="verification failed"):
         export_model(model, x, tmp_path / "tight.onnx", config, sample=x)
     assert not (tmp_path / "tight.onnx").exists()
+
+
+@pytest.mark.parametrize(("opset", "message"), [(17, "below the minimum"), (99, "past the latest")])
+def test_an_opset_outside_what_onnx_knows_is_refused(tmp_path, capsys, opset, message):
+    # torch.onnx wrote opset 18 for --opset 99, without a word
+    with pytest.raises(ValueError, match=message):
+        ExportConfig(opset=opset)
+    from ticketc.cli import main
+
+    torch.save(tiny_mlp().state_dict(), tmp_path / "sd.pt")
+    arch = "--arch=tests.models_for_tests:tiny_mlp"
+    argv = [
+        "export",
+        str(tmp_path / "sd.pt"),
+        arch,
+        f"--opset={opset}",
+        "-o",
+        str(tmp_path / "m.onnx"),
+    ]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()

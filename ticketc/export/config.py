@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import onnx
 import torch
 
 from ticketc.export.storage import POSITIONS as _PLAN_POSITIONS
@@ -60,6 +61,9 @@ class ExportConfig:
             raise ValueError(f"tolerance {self.tolerance!r} must be >= 0")
         if self.opset is not None and self.opset < MIN_OPSET:
             raise ValueError(f"opset {self.opset} is below the minimum {MIN_OPSET}")
+        if self.opset is not None and self.opset > (latest := onnx.defs.onnx_opset_version()):
+            # torch.onnx would fall back to its default opset without a word
+            raise ValueError(f"opset {self.opset} is past the latest this onnx knows ({latest})")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 
