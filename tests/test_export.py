@@ -693,3 +693,35 @@ def test_an_opset_outside_what_onnx_knows_is_refused(tmp_path, capsys, opset, me
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+class _WithFlag(nn.Module):
+    """A keyword input that is no tensor (as transformers' use_cache=False)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, *, doubled: bool = True) -> torch.Tensor:
+        return self.fc(x) * (2 if doubled else 1)
+
+
+def test_a_program_with_a_constant_keyword_input_exports_with_that_value(tmp_path):
+    """torch.export records `doubled=False` as a constant input its guards require: the
+    file computes the program as traced, from its tensor inputs alone."""
+    from ticketc.cli import main
+
+    torch.manual_seed(0)
+    model = _WithFlag().eval()
+    prune.l1_unstructured(model.fc, "weight", amount=0.5)
+    prune.remove(model.fc, "weight")
+    program = torch.export.export(model, (), {"x": torch.randn(2, 8), "doubled": False})
+    torch.export.save(program, tmp_path / "m.pt2")
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "m.pt2"), "-o", str(out)]) == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        expected = model(x, doubled=False).numpy()
+    np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, rtol=1e-5)

@@ -21,8 +21,13 @@ def from_graph_module(module: nn.Module) -> ExampleInputs | None:
     values = _input_values(module)
     if not values:
         return None
-    tensors = [torch.zeros(tuple(_hint(s) for s in v.shape), dtype=v.dtype) for v in values]
-    return random_like(_as_call(module, tensors))
+    leaves = [
+        torch.zeros(tuple(_hint(s) for s in v.shape), dtype=v.dtype)
+        if isinstance(v, torch.Tensor)
+        else v
+        for v in values
+    ]
+    return random_like(_as_call(module, leaves))
 
 
 def symbolic_axes(module: nn.Module) -> dict[str | int, list[int]] | None:
@@ -32,21 +37,32 @@ def symbolic_axes(module: nn.Module) -> dict[str | int, list[int]] | None:
     values = _input_values(module)
     if not values:
         return None
-    axes = [[a for a, size in enumerate(v.shape) if not isinstance(size, int)] for v in values]
+    axes = [
+        [a for a, size in enumerate(v.shape) if not isinstance(size, int)]
+        if isinstance(v, torch.Tensor)
+        else []
+        for v in values
+    ]
     call = _as_call(module, axes)
     by_key: dict[str | int, list[int]] = dict(enumerate(call.args))
     by_key.update(call.kwargs)
     return by_key
 
 
-def _input_values(module: nn.Module) -> list[torch.Tensor] | None:
-    """The recorded values of a program module's inputs, in order; None unless all are
-    tensors (or the module is no program)."""
+#: Non-tensor inputs a program takes as constants (`use_cache=False`): called with the value
+#: it was traced with, which its guards require
+CONSTANTS = (bool, int, float, str, type(None))
+
+
+def _input_values(module: nn.Module) -> list[Any] | None:
+    """The recorded values of a program module's inputs, in order: tensors, and the values of
+    constant inputs; None where one is neither (or the module is no program)."""
     graph = getattr(module, "graph", None)
     if graph is None:
         return None
     values = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
-    return values if all(isinstance(v, torch.Tensor) for v in values) else None
+    known = all(isinstance(v, (torch.Tensor, *CONSTANTS)) for v in values)
+    return values if known and any(isinstance(v, torch.Tensor) for v in values) else None
 
 
 def _as_call(module: nn.Module, leaves: list[Any]) -> ExampleInputs:

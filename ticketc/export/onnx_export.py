@@ -103,7 +103,8 @@ def export_model(
         note) where the model has one, then with every input shape fixed."""
         example = ExampleInputs.of(example_inputs)
         fallbacks = [replace(config, dynamic_batch=False)]
-        if config.dynamic_sequence and dynamic_axes(example) != dynamic_axes(example, None, False):
+        sequence = dynamic_axes(example, prepared) != dynamic_axes(example, prepared, False)
+        if config.dynamic_sequence and sequence:
             fallbacks.insert(0, replace(config, dynamic_sequence=False))
         try:
             return _export(

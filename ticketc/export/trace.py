@@ -53,9 +53,12 @@ def dynamic_axes(
     if program is not None:
         return dict(program)
     axes: dict[str | int, list[int]] = {}
-    keyed: list[tuple[str | int, torch.Tensor]] = [*enumerate(example.args)]
+    keyed: list[tuple[str | int, Any]] = [*enumerate(example.args)]
     keyed += list(example.kwargs.items())
     for key, t in keyed:
+        if not isinstance(t, torch.Tensor):  # a constant (use_cache=False): no axes
+            axes[key] = []
+            continue
         chosen = [0] if t.dim() >= 1 else []
         if sequence and t.dim() >= 2 and not t.is_floating_point() and t.dtype != torch.bool:
             chosen.append(1)
