@@ -160,3 +160,37 @@ def test_verify_compares_an_exported_file_with_the_onnx_file_it_came_from(tmp_pa
     # PyTorch-only flags are refused against an ONNX file, in one line
     assert main([*args, "--input-shape", "1,20"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("values", ["fp16", "int8", "int4"])
+def test_verify_fails_a_lossy_file_of_another_model_by_its_weights(tmp_path, capsys, values):
+    """Lossy output errors are reported, not failed; the stored weights are checked against
+    the reference's own (the model traced as the export traces it, or the ONNX file it came
+    from), each within what its value type promises: another model's file fails."""
+    torch.save(_pruned_mlp().state_dict(), tmp_path / "a.pt")
+    torch.manual_seed(1)
+    other = tiny_mlp().eval()
+    prune_global_(other, 0.9)
+    torch.save(other.state_dict(), tmp_path / "b.pt")
+    out, dense = tmp_path / f"{values}.onnx", tmp_path / "b.onnx"
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "a.pt"),
+                f"--arch={MLP}",
+                f"--values={values}",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    export_model(other, torch.randn(1, 20), dense, ExportConfig(format="dense"))
+    capsys.readouterr()
+    assert main(["verify", str(out), "--against", str(tmp_path / "a.pt"), f"--arch={MLP}"]) == 0
+    assert "stored weights within their value type's bound" in capsys.readouterr().out
+    for against in ([str(tmp_path / "b.pt"), f"--arch={MLP}"], [str(dense)]):
+        assert main(["verify", str(out), "--against", *against]) == 2
+        err = capsys.readouterr().err
+        assert "verification FAILED" in err and "promises" in err, err  # int4: int8 if tiny

@@ -7,10 +7,14 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+from torch import nn
+
 from ticketc.commands._common import add_model_arguments, inputs_from_args, load_from_args
 from ticketc.errors import UserError
 from ticketc.export import read_metadata
 from ticketc.export.onnx_in import onnx_sample
+from ticketc.inputs import ExampleInputs
 from ticketc.load import check_file
 from ticketc.safe_load import looks_like_onnx
 from ticketc.safe_onnx import parse_onnx
@@ -36,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="maximum relative output error (default: from the file's metadata: "
         f"{OUTPUT_RTOL['float32']:g} for lossless fp32, looser for fp16 / bf16 graphs; "
-        "lossy files (fp16 / int8 / int4 values) are reported, not failed)",
+        "lossy files (fp16 / int8 / int4 values): output errors reported, and every stored "
+        "weight checked against the model's own, within its value type's bound)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -61,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if against.is_file() and against.stat().st_size and looks_like_onnx(against):
         tolerance, stored = _tolerance(args)
         result = _against_onnx(args, tolerance)
+        if tolerance is None:  # lossy values: their weights against the file's
+            stored += "; " + lossy_weights_checked(args.onnx, onnx_weights(args.against))
     else:
         args.model = args.against
         loaded = load_from_args(args)  # the model first: refusals (pickle, remote code) first
@@ -69,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         if sample is None:
             sample = sample_for(ort_session(args.onnx), example, loaded.model)
         result = verify(args.onnx, loaded.model, sample, tolerance)
+        if tolerance is None:  # lossy values: their weights against the model's own
+            weights = traced_weights(loaded.model, example)
+            stored += "; " + lossy_weights_checked(args.onnx, weights)
     if args.json:
         print(
             json.dumps(
@@ -87,6 +97,66 @@ def run(args: argparse.Namespace) -> int:
     if not result.passed:  # exit 2 with the one line on stderr, as for any other bad input
         raise UserError(f"{args.onnx}: verification FAILED: {result.summary()} ({stored}; {limit})")
     return 0
+
+
+def lossy_weights_checked(path: str, reference: dict[str, np.ndarray]) -> str:
+    """A lossy file's decoded weights against the reference's own (`reference`: initializer
+    -> array, from the model traced as the export traces it, or from the ONNX file it was
+    exported from): each within what its value type promises, as the export checked them.
+    UserError (verification FAILED) naming the first tensor beyond; else a phrase for the
+    summary, which says so where the reference holds other initializers (another torch,
+    --dtype or --dead-units at export) and nothing was compared. Output errors alone cannot
+    tell a lossy file of another model from this one's."""
+    from ticketc.export.decode import decode_in_onnxruntime
+    from ticketc.export.portable_read import read_portable
+    from ticketc.formats.decode_check import check_decoded
+
+    proto = parse_onnx(check_file(path))
+    codecs = (read_metadata(proto) or {}).get("groups") or {}
+    try:
+        groups = read_portable(proto, codecs)
+    except ValueError as e:
+        raise UserError(f"{path}: its stored weights cannot be read ({e})") from e
+    count = 0
+    for group in groups:
+        shapes = [tuple(s) for s in group.compact.shapes]
+        found = [reference.get(name) for name in group.names]
+        originals = [
+            o for o, s in zip(found, shapes, strict=True) if o is not None and o.shape == s
+        ]
+        if len(originals) != len(found):
+            return "weights not compared: the reference holds other initializers than the file"
+        decoded = decode_in_onnxruntime(proto, group.names)
+        got = [decoded[n].astype(o.dtype) for n, o in zip(group.names, originals, strict=True)]
+        results = check_decoded(group.compact, originals, got)
+        for name, result in zip(group.names, results, strict=True):
+            if not result.within_bound:
+                kind = group.compact.values_kind
+                raise UserError(
+                    f"{path}: verification FAILED: {name} decodes {result.max_abs_error:.3g} "
+                    f"away from the reference's weights, beyond what {kind} promises"
+                )
+        count += len(group.names)
+    return f"{count} stored weights within their value type's bound"
+
+
+def traced_weights(model: nn.Module, example: ExampleInputs) -> dict[str, np.ndarray]:
+    """The initializers of `model` as ticketc's export traces it (BatchNorms folded)."""
+    from ticketc.export.trace import torch_to_onnx
+    from ticketc.export.write import ir_numpy
+
+    graph = torch_to_onnx(model, example).model.graph
+    values = graph.initializers.items()
+    return {n: ir_numpy(v.const_value) for n, v in values if v.const_value is not None}
+
+
+def onnx_weights(path: str) -> dict[str, np.ndarray]:
+    """The initializers of an ONNX file (external data beside it read)."""
+    from onnx import numpy_helper
+
+    from ticketc.safe_onnx import load_onnx
+
+    return {i.name: numpy_helper.to_array(i) for i in load_onnx(path).graph.initializer}
 
 
 def _tolerance(args: argparse.Namespace) -> tuple[float | None, str]:
