@@ -107,9 +107,8 @@ def lossy_weights_checked(path: str, reference: dict[str, np.ndarray]) -> str:
     summary, which says so where the reference holds other initializers (another torch,
     --dtype or --dead-units at export) and nothing was compared. Output errors alone cannot
     tell a lossy file of another model from this one's."""
-    from ticketc.export.decode import decode_in_onnxruntime
+    from ticketc.export.decode import decode_checks
     from ticketc.export.portable_read import read_portable
-    from ticketc.formats.decode_check import check_decoded
 
     proto = parse_onnx(check_file(path))
     codecs = (read_metadata(proto) or {}).get("groups") or {}
@@ -117,37 +116,28 @@ def lossy_weights_checked(path: str, reference: dict[str, np.ndarray]) -> str:
         groups = read_portable(proto, codecs)
     except ValueError as e:
         raise UserError(f"{path}: its stored weights cannot be read ({e})") from e
-    count = 0
     for group in groups:
-        shapes = [tuple(s) for s in group.compact.shapes]
-        found = [reference.get(name) for name in group.names]
-        originals = [
-            o for o, s in zip(found, shapes, strict=True) if o is not None and o.shape == s
-        ]
-        if len(originals) != len(found):
-            return "weights not compared: the reference holds other initializers than the file"
-        decoded = decode_in_onnxruntime(proto, group.names)
-        got = [decoded[n].astype(o.dtype) for n, o in zip(group.names, originals, strict=True)]
-        results = check_decoded(group.compact, originals, got)
-        for name, result in zip(group.names, results, strict=True):
-            if not result.within_bound:
-                kind = group.compact.values_kind
-                raise UserError(
-                    f"{path}: verification FAILED: {name} decodes {result.max_abs_error:.3g} "
-                    f"away from the reference's weights, beyond what {kind} promises"
-                )
-        count += len(group.names)
+        for name, shape in zip(group.names, group.compact.shapes, strict=True):
+            held = reference.get(name)
+            if held is None or held.shape != tuple(shape):
+                return "weights not compared: the reference holds other initializers than the file"
+    count = 0
+    for name, kind, result in decode_checks(proto, groups, reference):
+        if not result.within_bound:
+            raise UserError(
+                f"{path}: verification FAILED: {name} decodes {result.max_abs_error:.3g} "
+                f"away from the reference's weights, beyond what {kind} promises"
+            )
+        count += 1
     return f"{count} stored weights within their value type's bound"
 
 
 def traced_weights(model: nn.Module, example: ExampleInputs) -> dict[str, np.ndarray]:
     """The initializers of `model` as ticketc's export traces it (BatchNorms folded)."""
     from ticketc.export.trace import torch_to_onnx
-    from ticketc.export.write import ir_numpy
+    from ticketc.export.write import graph_arrays
 
-    graph = torch_to_onnx(model, example).model.graph
-    values = graph.initializers.items()
-    return {n: ir_numpy(v.const_value) for n, v in values if v.const_value is not None}
+    return graph_arrays(torch_to_onnx(model, example).model)
 
 
 def onnx_weights(path: str) -> dict[str, np.ndarray]:

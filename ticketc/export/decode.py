@@ -3,11 +3,16 @@ onnxruntime. The exporter checks every decoded weight with it; `inspect` and tes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+if TYPE_CHECKING:
+    from ticketc.export.portable import Group, StoredGroup
+    from ticketc.formats.decode_check import DecodeCheck
 
 
 def weights_subgraph(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -85,3 +90,22 @@ def decode_in_onnxruntime(model: onnx.ModelProto, names: Sequence[str]) -> dict[
     session = ort_session(subgraph.SerializeToString())
     values = session.run(None, {}, run_options())
     return dict(zip(names, values, strict=True))
+
+
+def decode_checks(
+    model: onnx.ModelProto,
+    groups: Sequence[Group | StoredGroup],
+    originals: Mapping[str, np.ndarray],
+) -> Iterator[tuple[str, str, DecodeCheck]]:
+    """Every tensor of `groups`, decoded in onnxruntime from `model` and checked against
+    `originals[name]` (in its dtype) within what its value type promises
+    (`ticketc.formats.decode_check.check_decoded`): (name, values kind, check)."""
+    from ticketc.formats.decode_check import check_decoded
+
+    for group in groups:
+        decoded = decode_in_onnxruntime(model, group.names)
+        wanted = [originals[name] for name in group.names]
+        got = [decoded[n].astype(w.dtype) for n, w in zip(group.names, wanted, strict=True)]
+        checks = check_decoded(group.compact, wanted, got)
+        for name, check in zip(group.names, checks, strict=True):
+            yield name, group.compact.values_kind, check

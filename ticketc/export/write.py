@@ -231,23 +231,15 @@ def _check_weights(
     each within what its value type promises (exact for lossless), else UserError. Returns
     initializer -> the measured max abs error of its decoded weights."""
     errors: dict[str, float] = {}
-    from ticketc.export.decode import decode_in_onnxruntime
-    from ticketc.formats.decode_check import check_decoded
+    from ticketc.export.decode import decode_checks
 
-    for group in plan.groups:
-        decoded = decode_in_onnxruntime(proto, group.names)
-        originals = [arrays[n] for n in group.names]
-        got = [decoded[n].astype(originals[t].dtype) for t, n in enumerate(group.names)]
-        for name, result in zip(
-            group.names, check_decoded(group.compact, originals, got), strict=True
-        ):
-            errors[name] = float(result.max_abs_error)
-            if not result.within_bound:
-                raise UserError(
-                    f"{name}: the stored {group.compact.values_kind} weights decode "
-                    f"{result.max_abs_error:.3g} away from the graph's, beyond what "
-                    f"{group.compact.values_kind} promises; no file written"
-                )
+    for name, kind, result in decode_checks(proto, plan.groups, arrays):
+        errors[name] = float(result.max_abs_error)
+        if not result.within_bound:
+            raise UserError(
+                f"{name}: the stored {kind} weights decode {result.max_abs_error:.3g} away "
+                f"from the graph's, beyond what {kind} promises; no file written"
+            )
     for name, _ in plan.zeros:
         if np.count_nonzero(arrays[name]):
             raise UserError(f"{name}: stored as zeros but holds nonzeros; no file written")
