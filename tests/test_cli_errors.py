@@ -86,3 +86,26 @@ def test_torch_pytree_deprecation_warnings_stay_off_stderr(monkeypatch, capfd, r
     assert main(["export", str(TICKET)]) == 0
     assert capfd.readouterr().err == ""
     assert not [w for w in recwarn if "LeafSpec" in str(w.message)]  # not even recorded
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 8000000000 bytes. Error code 12 (Cannot allocate memory)"
+        ),
+        MemoryError(),
+    ],
+)
+def test_running_out_of_memory_is_one_line_and_exit_2(monkeypatch, capfd, error):
+    """torch's allocator raises a RuntimeError, not MemoryError: both are the user's machine
+    being too small for the request, not ticketc's fault (before: "internal error", exit 1)."""
+    import ticketc.commands.export as export_command
+
+    def fails(args):
+        raise error
+
+    monkeypatch.setattr(export_command, "run", fails)
+    assert main(["export", str(TICKET)]) == 2
+    assert _one_line(capfd).startswith("ticketc: error: out of memory")

@@ -4,6 +4,8 @@ positional and keyword arguments of any kind."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -115,3 +117,38 @@ def test_compile_takes_named_typed_inputs(tmp_path, model_file):
     x = torch.randn(3, 20)
     with torch.no_grad():
         torch.testing.assert_close(load_program(out).module()(input=x), model.eval()(x))
+
+
+def test_a_range_must_fit_the_dtype():
+    with pytest.raises(UserError, match="range '0-300' does not fit int8"):
+        InputSpec.parse("ids:int8:1x8:0-300")
+    assert InputSpec.parse("ids:int8:1x8:0-127").high == 128
+
+
+def test_an_input_larger_than_the_machine_can_hold_is_refused_before_any_allocation():
+    """100000000x20 float32 (8 GB) passed the element bound; a run could only end killed."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    rows = int(memory / 4 / 80) + 1  # just over a quarter of memory in float32 x 20
+    with pytest.raises(UserError, match=r"more than a quarter of this machine's memory"):
+        InputSpec.parse(f"x:float32:{rows}x20")
+    assert InputSpec.parse("x:float32:1000x20").shape == (1000, 20)
+
+
+def test_the_checks_random_inputs_stay_in_the_users_range():
+    """Verification draws other inputs of the example's kinds: token ids the user bounded
+    with LOW-HIGH stay in that range (before: ids below the smallest Embedding, whatever the
+    range), kept through batch changes and tracing's widening."""
+    from ticketc.export.trace import _widened
+    from ticketc.inputs import random_like
+
+    example = inputs_from_specs(
+        [InputSpec.parse("ids:int64:2x6:100-199"), InputSpec.parse("mask:int64:2x6:0-1")],
+        nn.Embedding(1000, 4),
+    )
+    model = nn.Embedding(1000, 4)
+    traced = _widened(example.at_batch(1), True, model, sequence=True)
+    for inputs in (example, example.at_batch(3), example.map(lambda t: t.clone()), traced):
+        drawn = random_like(inputs, model, seed=5, sizes=lambda k, a, s: s + 1)
+        ids, mask = drawn.kwargs["ids"], drawn.kwargs["mask"]
+        assert int(ids.min()) >= 100 and int(ids.max()) <= 199 and ids.unique().numel() > 10
+        assert set(mask.unique().tolist()) == {0, 1}

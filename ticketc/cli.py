@@ -98,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ticketc: error: out of memory", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - the last line of defence for users
+        if _is_out_of_memory(e):
+            print(f"ticketc: error: out of memory ({_first_line(e)})", file=sys.stderr)
+            return 2
         if os.environ.get("TICKETC_DEBUG"):
             traceback.print_exc()
         print(
@@ -106,6 +109,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _is_out_of_memory(e: Exception) -> bool:
+    """Whether `e` is an allocator's failure that a library raised as its own error (torch's
+    DefaultCPUAllocator a RuntimeError, onnxruntime's allocators a Fail or
+    RuntimeException)."""
+    signs = ("can't allocate memory", "Cannot allocate memory", "Failed to allocate memory")
+    return any(sign in str(e) for sign in signs)
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(e).__name__
 
 
 def _os_error(e: OSError) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -29,6 +30,7 @@ __all__ = [
     "ExampleInputs",
     "InputSpec",
     "float_dtype",
+    "check_fits_memory",
     "check_input_names",
     "infer_example",
     "inputs_from_specs",
@@ -82,6 +84,22 @@ def parse_shape(text: str, what: str = "input shape") -> tuple[int, ...]:
     return shape
 
 
+def check_fits_memory(shape: tuple[int, ...], dtype: torch.dtype, what: str) -> None:
+    """UserError naming `what` when one input of `shape` and `dtype` would take more than a
+    quarter of this machine's physical memory: the model's activations and the checks'
+    other batches take several times the input, so such a run could only end killed."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return  # not a POSIX system: no bound known
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if memory > 0 and size > memory / 4:
+        raise UserError(
+            f"{what}: one input of {size / 2**30:.1f} GiB is more than a quarter of this "
+            f"machine's memory ({memory / 2**30:.1f} GiB)"
+        )
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """One model input from the command line (`INPUT_FORM`): its name (None: positional),
@@ -122,6 +140,7 @@ class InputSpec:
                 f"--input {text!r}: input name {name!r} is not an identifier; expected {INPUT_FORM}"
             )
         low, high = _range(bounds, dtype, text) if bounds is not None else (None, None)
+        check_fits_memory(shape, dtype, f"--input {text!r}")
         return cls(name, dtype, shape, low, high)
 
     def make(self, model: nn.Module | None = None, seed: int = 0) -> torch.Tensor:
@@ -153,6 +172,12 @@ def _range(text: str, dtype: torch.dtype, spec: str) -> tuple[int, int]:
         raise UserError(f"--input {spec!r}: range {text!r} is not like 0-999")
     if dtype.is_floating_point or dtype == torch.bool:
         raise UserError(f"--input {spec!r}: a range applies to integer inputs only")
+    info = torch.iinfo(dtype)
+    if bounds[0] < info.min or bounds[1] - 1 > info.max:
+        raise UserError(
+            f"--input {spec!r}: range {text!r} does not fit {str(dtype).split('.')[-1]} "
+            f"({info.min} to {info.max})"
+        )
     return bounds
 
 
@@ -169,9 +194,15 @@ def inputs_from_specs(specs: Sequence[InputSpec], model: nn.Module | None = None
     if len({s.shape[0] for s in specs}) > 1:
         raise UserError("--input shapes must share dim 0 (the batch size)")
     values = [s.make(model, seed=i) for i, s in enumerate(specs)]
+    ranges = {
+        s.name if s.name is not None else i: (s.low, s.high)
+        for i, s in enumerate(specs)
+        if s.low is not None and s.high is not None
+    }
     return ExampleInputs(
         tuple(v for s, v in zip(specs, values, strict=True) if s.name is None),
         {s.name: v for s, v in zip(specs, values, strict=True) if s.name is not None},
+        ranges,
     )
 
 
@@ -207,6 +238,9 @@ class ExampleInputs:
 
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: [low, high) of integer inputs whose values the user bounded (`--input ...:0-999`),
+    #: by position or name: random inputs drawn like these (`random_like`) stay within them
+    ranges: Mapping[str | int, tuple[int, int]] = field(default_factory=dict, compare=False)
 
     @classmethod
     def of(cls, inputs: Example) -> ExampleInputs:
@@ -236,7 +270,7 @@ class ExampleInputs:
         args, kwargs = pytree.tree_map(
             lambda v: fn(v) if isinstance(v, torch.Tensor) else v, (self.args, self.kwargs)
         )
-        return ExampleInputs(tuple(args), dict(kwargs))
+        return ExampleInputs(tuple(args), dict(kwargs), self.ranges)
 
     def __call__(self, model: Callable[..., Any]) -> Any:
         """The model applied to these inputs."""
@@ -347,10 +381,11 @@ def random_like(
 ) -> ExampleInputs:
     """Random inputs of the example's dtypes (and shapes, or `sizes(input, axis, size)`).
 
-    Floats are standard normal; integers are indices below the model's smallest Embedding
-    (0 or 1 without one); inputs named like a mask (attention_mask, ...) are all ones, as a
-    random mask can hide every position, or, `padded`, with padding (see `pad_masks_`); bools
-    are True.
+    Floats are standard normal; integers are uniform in the example's range for that input
+    (`ExampleInputs.ranges`, from `--input ...:LOW-HIGH`), else indices below the model's
+    smallest Embedding (0 or 1 without one), else, for inputs named like a mask
+    (attention_mask, ...), all ones, as a random mask can hide every position, or, `padded`,
+    with padding (see `pad_masks_`); bools are True.
     """
     generator = torch.Generator().manual_seed(seed)
     limit = _index_limit(model)
@@ -359,12 +394,16 @@ def random_like(
         if not isinstance(t, torch.Tensor):
             return t
         shape = tuple(sizes(key, axis, s) if sizes else s for axis, s in enumerate(t.shape))
+        if key in example.ranges:
+            low, high = example.ranges[key]
+            return _draw(shape, t.dtype, generator, low, high, ones=False)
         drawn = _draw(shape, t.dtype, generator, 0, limit, ones=_is_mask(key))
         return pad_masks_(drawn) if padded and _is_mask(key) else drawn
 
     return ExampleInputs(
         tuple(draw(i, t) for i, t in enumerate(example.args)),
         {k: draw(k, v) for k, v in example.kwargs.items()},
+        example.ranges,
     )
 
 

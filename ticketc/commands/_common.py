@@ -14,6 +14,7 @@ from ticketc.inputs import (
     INPUT_FORM,
     ExampleInputs,
     InputSpec,
+    check_fits_memory,
     check_input_names,
     float_dtype,
     infer_example,
@@ -144,7 +145,9 @@ def inputs_from_args(
         return inputs_from_specs(specs, loaded.model), sample
     if args.input_shape:
         # in the model's float type: an fp16 / bf16 model takes its own
-        zeros = torch.zeros(parse_shape(args.input_shape), dtype=float_dtype(loaded.model))
+        shape, dtype = parse_shape(args.input_shape), float_dtype(loaded.model)
+        check_fits_memory(shape, dtype, f"--input-shape {args.input_shape}")
+        zeros = torch.zeros(shape, dtype=dtype)
         shaped = ExampleInputs((zeros,))
         check_runs(loaded.model, shaped, f"--input-shape {args.input_shape}")
         return shaped, sample

@@ -171,6 +171,7 @@ def _widened(
     return ExampleInputs(
         tuple(widen(i, t) for i, t in enumerate(example.args)),
         {k: widen(k, v) for k, v in example.kwargs.items()},
+        example.ranges,
     )
 
 
