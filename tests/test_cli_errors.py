@@ -109,3 +109,46 @@ def test_running_out_of_memory_is_one_line_and_exit_2(monkeypatch, capfd, error)
     monkeypatch.setattr(export_command, "run", fails)
     assert main(["export", str(TICKET)]) == 2
     assert _one_line(capfd).startswith("ticketc: error: out of memory")
+
+
+@pytest.fixture
+def mlp_state(tmp_path):
+    import torch
+
+    from tests.models_for_tests import tiny_mlp
+
+    path = tmp_path / "sd.pt"
+    torch.save(tiny_mlp().state_dict(), path)
+    return path
+
+
+MLP = "--arch=tests.models_for_tests:tiny_mlp"
+
+
+def test_an_input_of_the_wrong_dtype_is_blamed_on_the_input(tmp_path, capfd, mlp_state):
+    """Token ids into a float model: before, the export traced, wrote a file onnxruntime
+    cannot load, and blamed that file."""
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(mlp_state), MLP, "--input", "input:int64:1,20", "-o", str(out)]) == 2
+    err = _one_line(capfd)
+    assert "--input input:int64:1,20" in err and "does not run on the given inputs" in err, err
+    assert not out.exists()
+
+
+def test_an_output_under_a_regular_file_says_so(tmp_path, capfd, mlp_state):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert main(["export", str(mlp_state), MLP, "-o", str(blocker / "m.onnx")]) == 2
+    assert _one_line(capfd).endswith(f"{blocker} is not a directory")
+
+
+def test_weights_of_another_shape_name_the_tensor(tmp_path, capfd, mlp_state):
+    import torch
+
+    state = torch.load(mlp_state)
+    name = next(iter(state))
+    state[name] = torch.zeros(7, 3)
+    torch.save(state, mlp_state)
+    assert main(["export", str(mlp_state), MLP, "-o", str(tmp_path / "m.onnx")]) == 2
+    err = _one_line(capfd)
+    assert f"size mismatch for {name}" in err and "torch.Size([7, 3])" in err, err

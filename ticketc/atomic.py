@@ -75,8 +75,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"cannot write {target}: directory {parent} does not exist")
+    _check_parent(target, parent)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"{target} already exists and is not an empty directory")
     remove_stale(parent)
@@ -162,11 +161,19 @@ def _write_errors(target: Path) -> Iterator[None]:
         raise error from e
 
 
+def _check_parent(target: Path, parent: Path) -> None:
+    """UserError naming `target` unless its parent is an existing directory."""
+    if parent.is_dir():
+        return
+    if parent.exists():
+        raise UserError(f"cannot write {target}: {parent} is not a directory")
+    raise UserError(f"cannot write {target}: directory {parent} does not exist")
+
+
 def _writable_target(path: str | os.PathLike[str]) -> Path:
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"cannot write {target}: directory {parent} does not exist")
+    _check_parent(target, parent)
     if target.is_dir():
         raise UserError(f"cannot write {target}: it is a directory")
     remove_stale(parent)

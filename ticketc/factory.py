@@ -209,7 +209,8 @@ def load_weights_(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     try:
         result = model.load_state_dict(state, strict=False)
     except Exception as e:  # noqa: BLE001 - shapes that do not fit, a module's own refusal
-        raise UserError(f"{source}: weights do not match the architecture ({first_line(e)})") from e
+        detail = _load_error(e)
+        raise UserError(f"{source}: weights do not match the architecture ({detail})") from e
     problems = []
     if result.missing_keys:
         problems.append(f"missing {', '.join(result.missing_keys[:5])}")
@@ -217,6 +218,15 @@ def load_weights_(model: nn.Module, state: dict[str, torch.Tensor], source: str)
         problems.append(f"unexpected {', '.join(result.unexpected_keys[:5])}")
     if problems:
         raise UserError(f"{source}: weights do not match the architecture ({'; '.join(problems)})")
+
+
+def _load_error(e: Exception) -> str:
+    """The first specific line of load_state_dict's error ("size mismatch for fc.weight: ..."),
+    not its heading ("Error(s) in loading state_dict for Net:")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        return lines[1][:300]
+    return first_line(e)
 
 
 def _renamed_versions(versions: dict[str, Any], renamed: dict[str, str]) -> OrderedDict[str, Any]:

@@ -142,7 +142,9 @@ def inputs_from_args(
     specs = input_specs(args)
     if specs:
         check_input_names(loaded.model, specs)
-        return inputs_from_specs(specs, loaded.model), sample
+        example = inputs_from_specs(specs, loaded.model)
+        check_runs(loaded.model, example, " ".join(f"--input {text}" for text in args.input))
+        return example, sample
     if args.input_shape:
         # in the model's float type: an fp16 / bf16 model takes its own
         shape, dtype = parse_shape(args.input_shape), float_dtype(loaded.model)
