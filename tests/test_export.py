@@ -725,3 +725,23 @@ def test_a_program_with_a_constant_keyword_input_exports_with_that_value(tmp_pat
     with torch.no_grad():
         expected = model(x, doubled=False).numpy()
     np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("values", "small"), [("fp16", 1e-8), ("int8", 1e-3)])
+def test_kept_weights_that_decode_to_zero_are_counted_in_a_note(tmp_path, values, small):
+    """fp16 flushes a kept 1e-8 to 0; int8 with an outlier in the row rounds a kept 1e-3 to
+    0: both within the value type's bound, but the file holds a zero the mask does not."""
+    layer = nn.Linear(16, 4, bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[0, :8] = torch.tensor([1000.0, small, small, small, 500, -700, 200, 100])
+        layer.weight[1:, 8:] = 1.0
+    result = export_model(
+        layer.eval(), torch.randn(1, 16), tmp_path / "m.onnx", ExportConfig(values=values)
+    )
+    notes = [n for n in result.notes if "decode to 0" in n]
+    assert notes == [
+        f"weight: 3 kept weight(s) decode to 0 in {values} (below its resolution there)"
+    ]
+    exact = export_model(layer.eval(), torch.randn(1, 16), tmp_path / "e.onnx")
+    assert not [n for n in exact.notes if "decode to 0" in n]

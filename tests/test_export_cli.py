@@ -123,6 +123,26 @@ def test_tied_lm_with_typed_token_ids_and_prune_hooks_in_the_state_dict(tmp_path
     assert rel <= (1e-5 if values == "fp32" else 0.06), rel
 
 
+def test_a_tied_weight_pruned_through_one_modules_hooks_is_exported_untied_with_a_note(
+    tmp_path, capsys
+):
+    """Hooks on the head alone: the hooked model's head is masked, its embedding is not, so
+    the tie is broken in the model the user built. The file follows that model and says so."""
+    torch.manual_seed(0)
+    model = tied_lm().eval()
+    prune.l1_unstructured(model.head, "weight", 0.5)
+    torch.save(model.state_dict(), tmp_path / "lm.pt")
+    out = tmp_path / "m.onnx"
+    args = ["export", str(tmp_path / "lm.pt"), "--arch", "tests.models_for_tests:tied_lm"]
+    assert main([*args, "--input", "ids:int64:1,7", "-o", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "note: head.weight: tied to another weight by the architecture" in printed.out
+    assert not printed.err
+    ids = torch.randint(0, 50, (2, 9))
+    (got,) = _run(out, ids.numpy())
+    np.testing.assert_allclose(got, model(ids).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_a_bad_input_spec_is_one_line_and_exit_2(tmp_path, capsys):
     model = _pruned_mlp()
     torch.save(model.state_dict(), tmp_path / "m.pt")

@@ -195,17 +195,18 @@ def build_trained(
     return model
 
 
-def load_weights_(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_weights_(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
     """Load `state` into `model` in place: names with a wrapper prefix (`module.`, `_orig_mod.`)
-    matched to the model's, tied weights that differ in `state` untied first. UserError naming
-    `source` when the names or shapes do not match the architecture."""
+    matched to the model's, tied weights that differ in `state` untied first (their names
+    returned, `untie_differing_`). UserError naming `source` when the names or shapes do not
+    match the architecture."""
     own = set(model.state_dict(keep_vars=True))
     renamed = without_wrapper_prefix(list(state), own)
     versions = getattr(state, "_metadata", None)
     state = OrderedDict((renamed[k], v) for k, v in state.items())
     if versions is not None:
         state._metadata = _renamed_versions(versions, renamed)  # type: ignore[attr-defined]
-    untie_differing_(model, state)
+    untied = untie_differing_(model, state)
     try:
         result = model.load_state_dict(state, strict=False)
     except Exception as e:  # noqa: BLE001 - shapes that do not fit, a module's own refusal
@@ -218,6 +219,7 @@ def load_weights_(model: nn.Module, state: dict[str, torch.Tensor], source: str)
         problems.append(f"unexpected {', '.join(result.unexpected_keys[:5])}")
     if problems:
         raise UserError(f"{source}: weights do not match the architecture ({'; '.join(problems)})")
+    return untied
 
 
 def _load_error(e: Exception) -> str:

@@ -112,7 +112,12 @@ def _load_torch_file(p: Path, *, arch: str | None, trust_pickle: bool) -> Loaded
             )
         model = build_model(arch, {}, source=str(p), user_arch=arch)
         state, found, notes = _normalise_state_dict(obj)
-        load_weights_(model, state, str(p))
+        untied = load_weights_(model, state, str(p))
+        notes += [
+            f"{name}: tied to another weight by the architecture, but the file holds other "
+            "values for it (one of them pruned on its own): exported untied, as the file holds them"
+            for name in untied
+        ]
         return LoadedModel(model, found, "state_dict", _example_input(arch, {}), arch, notes)
     raise UserError(
         f"{p}: holds a {type(obj).__name__}, not a model, state dict or ticket checkpoint"

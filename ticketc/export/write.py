@@ -103,7 +103,7 @@ def write_onnx(
             proto.metadata_props.add(key="ticketc", value=metadata)
             proto.producer_name, proto.producer_version = "ticketc", __version__
             _save(proto, staged)
-            errors = _check_weights(proto, plan, arrays)
+            errors = _check_weights(proto, plan, arrays, notes)
         files = sorted(stage.iterdir())
         seconds = time.perf_counter() - start  # export and write; output verification not counted
         verification = None
@@ -225,11 +225,12 @@ def _sparse_proto(
 
 
 def _check_weights(
-    proto: onnx.ModelProto, plan: StoragePlan, arrays: dict[str, np.ndarray]
+    proto: onnx.ModelProto, plan: StoragePlan, arrays: dict[str, np.ndarray], notes: list[str]
 ) -> dict[str, float]:
     """Decode every group of the file in onnxruntime and compare with the graph's own tensors:
-    each within what its value type promises (exact for lossless), else UserError. Returns
-    initializer -> the measured max abs error of its decoded weights."""
+    each within what its value type promises (exact for lossless), else UserError; a note for
+    each tensor whose kept weights decode to 0 (below fp16's or a quantizer's resolution).
+    Returns initializer -> the measured max abs error of its decoded weights."""
     errors: dict[str, float] = {}
     from ticketc.export.decode import decode_checks
 
@@ -239,6 +240,11 @@ def _check_weights(
             raise UserError(
                 f"{name}: the stored {kind} weights decode {result.max_abs_error:.3g} away "
                 f"from the graph's, beyond what {kind} promises; no file written"
+            )
+        if result.flushed:
+            notes.append(
+                f"{name}: {result.flushed} kept weight(s) decode to 0 in {kind} (below its "
+                "resolution there)"
             )
     for name, _ in plan.zeros:
         if np.count_nonzero(arrays[name]):

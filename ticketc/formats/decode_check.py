@@ -34,6 +34,7 @@ class DecodeCheck:
     max_abs_error: float  # max |decoded - original|
     within_bound: bool  # every element within the quantiser's own bound
     worst: int  # flat index of the element furthest past (or closest to) its bound
+    flushed: int = 0  # nonzero elements that decode to 0 (below the value type's resolution)
 
 
 def check_decoded(
@@ -73,7 +74,9 @@ def check_decoded(
             excess[np.isnan(error)] = np.inf
         worst = int(np.argmax(excess)) if excess.size else 0
         within = not excess.size or bool(excess[worst] <= 0)
-        results.append(DecodeCheck(float(np.nanmax(error)) if error.size else 0.0, within, worst))
+        flushed = int(np.count_nonzero((w64 != 0) & (y64 == 0)))
+        max_error = float(np.nanmax(error)) if error.size else 0.0
+        results.append(DecodeCheck(max_error, within, worst, flushed))
     return results
 
 
