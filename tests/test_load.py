@@ -68,6 +68,25 @@ def test_prune_hooks_are_folded_and_removed(tmp_path):
         torch.testing.assert_close(loaded.model(x), expected)
 
 
+def test_a_prune_mask_of_other_values_than_0_and_1_scales_the_weight(tmp_path):
+    """prune's hook computes X_orig * X_mask: a scaled (soft) mask scales the weight. The
+    state dict was read as if the mask were 0 / 1 (rel 0.14 against the user's model)."""
+    model = tiny_mlp()
+    prune.l1_unstructured(model[1], "weight", amount=0.5)
+    prune.l1_unstructured(model[3], "weight", amount=0.5)
+    model[1].weight_mask.mul_(0.5)
+    x = torch.randn(3, 20)
+    expected = model(x).detach()
+    torch.save(model, tmp_path / "hooked.pt")
+    torch.save(model.state_dict(), tmp_path / "hooked_sd.pt")
+    for loaded in (
+        load_model(tmp_path / "hooked.pt", trust_pickle=True),
+        load_model(tmp_path / "hooked_sd.pt", arch=ARCH),
+    ):
+        torch.testing.assert_close(loaded.model(x), expected)
+        assert torch.equal(loaded.masks["1.weight"], model[1].weight_mask != 0)
+
+
 def _ao_sparsified_mlp() -> tuple[nn.Sequential, torch.Tensor]:
     from torch.ao.pruning import WeightNormSparsifier
 

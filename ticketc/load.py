@@ -158,9 +158,11 @@ def _normalise_state_dict(
             continue
         if key.endswith("_orig") and key[: -len("_orig")] + "_mask" in state:
             name = key[: -len("_orig")]
-            mask = state[name + "_mask"].bool()
-            masks[name] = mask
-            out[name] = value * mask
+            mask = state[name + "_mask"]
+            masks[name] = mask != 0
+            # what prune's hook computes, X_orig * X_mask: a mask of other values than 0 / 1
+            # (scaled, soft) scales the weight as the user's model does
+            out[name] = value * mask.to(value.dtype)
         elif ".parametrizations." in key and key.endswith(".original"):
             module, _, rest = key.partition(".parametrizations.")
             name = f"{module}.{rest[: -len('.original')]}"
