@@ -152,3 +152,16 @@ def test_the_checks_random_inputs_stay_in_the_users_range():
         ids, mask = drawn.kwargs["ids"], drawn.kwargs["mask"]
         assert int(ids.min()) >= 100 and int(ids.max()) <= 199 and ids.unique().numel() > 10
         assert set(mask.unique().tolist()) == {0, 1}
+
+
+def test_a_spec_without_a_dtype_takes_the_models_float_type():
+    """The README's `--input 1,784` is one positional input in the model's float type: a bf16
+    model got float32 and was refused."""
+    bf16 = nn.Linear(4, 2).to(torch.bfloat16)
+    (x,) = inputs_from_specs([InputSpec.parse("2,4")], bf16).args
+    assert x.dtype == torch.bfloat16
+    (named,) = inputs_from_specs([InputSpec.parse("x:2x4")], bf16).kwargs.values()
+    assert named.dtype == torch.bfloat16
+    (given,) = inputs_from_specs([InputSpec.parse("float32:2,4")], bf16).args
+    assert given.dtype == torch.float32  # a dtype the user gave stays
+    assert inputs_from_specs([InputSpec.parse("2,4")]).args[0].dtype == torch.float32

@@ -104,13 +104,16 @@ def check_fits_memory(shape: tuple[int, ...], dtype: torch.dtype, what: str) -> 
 class InputSpec:
     """One model input from the command line (`INPUT_FORM`): its name (None: positional),
     dtype, example shape and, for integer inputs, the value range [low, high) (None: token ids
-    below the model's smallest Embedding, all ones for a name containing "mask")."""
+    below the model's smallest Embedding, all ones for a name containing "mask"). A spec that
+    leaves the dtype out (`dtype_given` False) takes the model's float type where `make` has
+    the model (a bf16 model gets bf16), float32 without one."""
 
     name: str | None
     dtype: torch.dtype
     shape: tuple[int, ...]
     low: int | None = None
     high: int | None = None  # exclusive
+    dtype_given: bool = True
 
     @classmethod
     def parse(cls, text: str) -> InputSpec:
@@ -127,30 +130,31 @@ class InputSpec:
             raise UserError(f"--input {text!r}: no shape; expected {INPUT_FORM}")
         shape = parse_shape(parts[-1], f"--input {text!r}: shape")
         name: str | None = None
-        dtype = torch.float32
+        dtype, given = torch.float32, True
         if len(parts) == 3:
             name, dtype = parts[0], _dtype(parts[1], text)
-        elif len(parts) == 2:
-            if parts[0].lower() in DTYPES:
-                dtype = DTYPES[parts[0].lower()]
-            else:
-                name = parts[0]
+        elif len(parts) == 2 and parts[0].lower() in DTYPES:
+            dtype = DTYPES[parts[0].lower()]
+        else:
+            name, given = (parts[0] if len(parts) == 2 else None), False
         if name is not None and not name.isidentifier():
             raise UserError(
                 f"--input {text!r}: input name {name!r} is not an identifier; expected {INPUT_FORM}"
             )
         low, high = _range(bounds, dtype, text) if bounds is not None else (None, None)
         check_fits_memory(shape, dtype, f"--input {text!r}")
-        return cls(name, dtype, shape, low, high)
+        return cls(name, dtype, shape, low, high, given)
 
     def make(self, model: nn.Module | None = None, seed: int = 0) -> torch.Tensor:
-        """A tensor for this input: floats from N(0, 1); integers uniform in [low, high), by
-        default all ones for a name containing "mask", else token ids below the smallest
-        nn.Embedding's num_embeddings in `model` (below 2 without one); bools all True."""
+        """A tensor for this input: floats from N(0, 1) (in the model's float type where the
+        spec gave no dtype); integers uniform in [low, high), by default all ones for a name
+        containing "mask", else token ids below the smallest nn.Embedding's num_embeddings in
+        `model` (below 2 without one); bools all True."""
         generator = torch.Generator().manual_seed(seed)
         ones = self.low is None and _is_mask(self.name)
         low, high = self.low or 0, self.high or _index_limit(model)
-        return _draw(self.shape, self.dtype, generator, low, high, ones=ones)
+        dtype = self.dtype if self.dtype_given or model is None else float_dtype(model)
+        return _draw(self.shape, dtype, generator, low, high, ones=ones)
 
 
 def _dtype(text: str, spec: str) -> torch.dtype:
