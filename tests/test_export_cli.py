@@ -62,6 +62,22 @@ def test_pt2_program_exports_its_zeros_and_its_batch(tmp_path, capsys, dynamic):
     np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_pt2_program_takes_its_positional_input_by_its_argument_name(tmp_path, capsys):
+    """`--input input:...` names the forward's argument of a program recorded positionally
+    (before: "kwarg keyword mismatch ... expected []", exit 2)."""
+    model = _pruned_mlp()
+    shapes = ({0: torch.export.Dim("batch")},)
+    program = torch.export.export(model, (torch.randn(2, 20),), dynamic_shapes=shapes)
+    torch.export.save(program, tmp_path / "m.pt2")
+    (name,) = [n.name for n in program.graph.nodes if n.op == "placeholder" and "input" in n.name]
+    out = tmp_path / "m.onnx"
+    argv = ["export", str(tmp_path / "m.pt2"), "--input", f"{name}:float32:1,20", "-o", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    x = torch.randn(3, 20)
+    (got,) = _run(out, x.numpy())
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_layer_keyed_mask_file_as_nni_writes_it(tmp_path, capsys):
     torch.manual_seed(0)
     model = tiny_mlp().eval()

@@ -125,6 +125,7 @@ def _load_torch_file(p: Path, *, arch: str | None, trust_pickle: bool) -> Loaded
 
 
 def _load_exported_program(p: Path, *, trust_pickle: bool) -> LoadedModel:
+    from ticketc.program_inputs import INPUT_NAMES
     from ticketc.safe_pt2 import load_exported_program
 
     program = load_exported_program(p, trust_pickle=trust_pickle)
@@ -138,6 +139,10 @@ def _load_exported_program(p: Path, *, trust_pickle: bool) -> LoadedModel:
         module = program.module(check_guards=False)
     except Exception as e:  # noqa: BLE001 - a program that deserialised but cannot be unlifted
         raise UserError(f"{p}: not a usable torch.export program ({first_line(e)})") from e
+    # the forward's argument names, which the module's placeholders may have lost ("input" ->
+    # "input_1"): how a user names the inputs (ticketc.program_inputs.as_program_call)
+    with contextlib.suppress(AttributeError, TypeError):
+        module.meta[INPUT_NAMES] = tuple(program.graph_signature.user_inputs)
     return LoadedModel(module, {}, "export", example)
 
 

@@ -11,7 +11,11 @@ from torch.utils import _pytree as pytree
 
 from ticketc.inputs import TRACE_MIN_SIZE, ExampleInputs, random_like
 
-__all__ = ["from_graph_module", "symbolic_axes"]
+__all__ = ["INPUT_NAMES", "as_program_call", "from_graph_module", "symbolic_axes"]
+
+#: GraphModule.meta key of a loaded program's input names (the forward's argument names,
+#: which its placeholders may have lost: "input" -> "input_1"), set by ticketc.load
+INPUT_NAMES = "ticketc_input_names"
 
 
 def from_graph_module(module: nn.Module) -> ExampleInputs | None:
@@ -28,6 +32,27 @@ def from_graph_module(module: nn.Module) -> ExampleInputs | None:
         for v in values
     ]
     return random_like(_as_call(module, leaves))
+
+
+def as_program_call(module: nn.Module, example: ExampleInputs) -> ExampleInputs:
+    """`example` as a torch.export program's module takes it: inputs given by name (`--input
+    x:...`) for a program recorded with positional inputs become positional, in the order of
+    the forward's arguments (as ticketc.load recorded them, else the placeholders' names).
+    Unchanged where the names are not exactly the program's positional inputs, or the module
+    is no program."""
+    graph = getattr(module, "graph", None)
+    if graph is None or example.args or not example.kwargs:
+        return example
+    names = list(getattr(module, "meta", {}).get(INPUT_NAMES, ()))
+    if len(names) != sum(n.op == "placeholder" for n in graph.nodes):
+        names = [n.name for n in graph.nodes if n.op == "placeholder"]
+    call = _as_call(module, names)
+    if call.kwargs or set(call.args) != set(example.kwargs) or len(call.args) != len(names):
+        return example
+    ranges: dict[str | int, tuple[int, int]] = {
+        call.args.index(k): r for k, r in example.ranges.items() if k in call.args
+    }
+    return ExampleInputs(tuple(example.kwargs[n] for n in call.args), {}, ranges)
 
 
 def symbolic_axes(module: nn.Module) -> dict[str | int, list[int]] | None:

@@ -22,7 +22,7 @@ from ticketc.inputs import (
     parse_shape,
 )
 from ticketc.load import LoadedModel, load_model, load_sample
-from ticketc.program_inputs import from_graph_module
+from ticketc.program_inputs import as_program_call, from_graph_module
 
 T = TypeVar("T")
 
@@ -143,6 +143,8 @@ def inputs_from_args(
     if specs:
         check_input_names(loaded.model, specs)
         example = inputs_from_specs(specs, loaded.model)
+        if loaded.source == "export":
+            example = as_program_call(loaded.model, example)
         check_runs(loaded.model, example, " ".join(f"--input {text}" for text in args.input))
         return example, sample
     if args.input_shape:
