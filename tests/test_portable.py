@@ -628,3 +628,25 @@ def test_a_gather_decode_takes_mid_sized_tensors_alone_and_a_scatter_pools_them(
             assert members == [["m0"], ["m1"], ["m2"], ["s0", "s1", "s2"]]
         else:
             assert members == [sorted(arrays)]
+
+
+@pytest.mark.parametrize("values", ["fp16", "int8", "int4"])
+def test_weights_too_small_for_fp16_side_information_keep_their_exact_values(values):
+    """A net whose weights are ~1e-7: fp16 flushes them, an int8 scale (fp16) of 1e-9 rounds
+    up 60x and an int4 codebook collapses, all within the stored scale's own bound (exit 0,
+    rel 0.03-0.36 against the model). Such tensors keep their exact values, with a note."""
+    rng = np.random.default_rng(0)
+    tiny = _masked(rng, (16, 32), 0.5) * 1e-7
+    plan = plan_storage({"w": tiny}, values)
+    (stored,) = [t for t in plan.tensors if t.name == "w"]
+    assert stored.codec.endswith("fp32") or stored.form == "kept", stored.codec
+    assert (
+        len(plan.notes) == 1 and "w: values" in plan.notes[0] and "stored exactly" in plan.notes[0]
+    )
+    normal = plan_storage({"w": tiny * 1e5}, values)  # ~1e-2: the asked value type
+    (stored,) = [t for t in normal.tensors if t.name == "w"]
+    assert stored.codec.endswith(values) and not normal.notes, stored.codec
+    one_small_row = tiny * 1e5
+    one_small_row[3] *= 1e-4  # the row's int8 scale is ~1e-8
+    (stored,) = [t for t in plan_storage({"w": one_small_row}, values).tensors if t.name == "w"]
+    assert stored.codec.endswith("fp32" if values == "int8" else values), stored.codec

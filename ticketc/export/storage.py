@@ -57,6 +57,12 @@ __all__ = ["VALUES", "StoragePlan", "TensorStorage", "plan_storage"]
 VALUES = ("fp32", "fp16", "int8", "int4")
 POSITIONS = ("auto", "rice", "bitmask", "dense")
 ZERO_COST = 30  # an all-zero tensor as ConstantOfShape
+# fp16's smallest normal value: below it fp16 values (and int4 codebooks, stored in fp16) lose
+# precision, down to 0 below 6e-8, so a tensor smaller than that keeps its exact values
+FP16_TINY = 2.0**-14
+# Smallest int8 scale (stored in fp16, rounded up): fp16's spacing there (2^-24) makes the
+# scale, and so the step between codes, at most 1/16 coarser than the row needs
+INT8_SMALLEST_SCALE = 2.0**-20
 
 
 @dataclass(frozen=True)
@@ -207,15 +213,30 @@ def _value_kinds(
     if values == "fp16":
         if largest > FP16_MAX:
             return [exact], [f"values beyond fp16's range ({largest:.4g}): stored exactly"]
+        if largest < FP16_TINY:
+            return [exact], [f"values below fp16's normal range ({largest:.4g}): stored exactly"]
         return ["fp16"], []
     kinds = []
-    if largest / 127 <= FP16_MAX:
+    smallest_row = _smallest_row_max(array)
+    if largest / 127 <= FP16_MAX and smallest_row / 127 >= INT8_SMALLEST_SCALE:
         kinds.append("int8")
-    if values == "int4" and largest <= FP16_MAX:
+    if values == "int4" and FP16_TINY <= largest <= FP16_MAX:
         kinds.append("int4")
     if not kinds:
-        return [exact], [f"values beyond an fp16 scale ({largest:.4g}): stored exactly"]
+        beyond = largest / 127 > FP16_MAX
+        what = f"beyond an fp16 scale ({largest:.4g})" if beyond else "too small for fp16 scales"
+        if not beyond:
+            what += f" (largest {largest:.4g}, smallest row {smallest_row:.4g})"
+        return [exact], [f"values {what}: stored exactly"]
     return kinds, []
+
+
+def _smallest_row_max(array: np.ndarray) -> float:
+    """The smallest max |value| over the rows (dim 0) that hold a nonzero: what the smallest
+    int8 scale of the tensor is made from (the whole tensor's for a vector)."""
+    rows = np.abs(array.reshape(array.shape[0] if array.ndim >= 2 else 1, -1)).max(axis=1)
+    rows = rows[rows > 0].astype(np.float64)
+    return float(rows.min()) if rows.size else 0.0
 
 
 def _options(
