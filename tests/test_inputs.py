@@ -62,6 +62,8 @@ def test_input_shape_takes_both_spellings_and_names_itself_in_errors():
     assert parse_shape("1,20") == parse_shape("1x20") == (1, 20)
     with pytest.raises(UserError, match="input shape '1,x'"):
         parse_shape("1,x")
+    with pytest.raises(UserError, match=r"'100000,100000' has 10,000,000,000 elements, over 2\^31"):
+        parse_shape("100000,100000")
 
 
 def test_specs_become_positional_or_keyword_inputs_with_the_given_values():

@@ -87,6 +87,16 @@ def test_a_prune_mask_of_other_values_than_0_and_1_scales_the_weight(tmp_path):
         assert torch.equal(loaded.masks["1.weight"], model[1].weight_mask != 0)
 
 
+def test_a_prune_mask_of_another_shape_than_its_weight_is_refused(tmp_path):
+    model = tiny_mlp()
+    prune.l1_unstructured(model[1], "weight", amount=0.5)
+    state = model.state_dict()
+    state["1.weight_mask"] = state["1.weight_mask"][:, :10]
+    torch.save(state, tmp_path / "sd.pt")
+    with pytest.raises(UserError, match=r"1.weight_mask has shape \[16, 10\], its 1.weight_orig"):
+        load_model(tmp_path / "sd.pt", arch=ARCH)  # was an internal RuntimeError, exit 1
+
+
 def _ao_sparsified_mlp() -> tuple[nn.Sequential, torch.Tensor]:
     from torch.ao.pruning import WeightNormSparsifier
 

@@ -517,6 +517,20 @@ def test_external_data_stays_in_the_model_folder(tmp_path, capsys, where):
     )
 
 
+def test_external_data_past_the_end_of_its_file_says_where(tmp_path, capsys):
+    """An offset past the end with no length: the message printed the span backwards
+    ("[1000000000000, 2560)")."""
+    (tmp_path / "w.bin").write_bytes(np.ones((20, 4), np.float32).tobytes())
+    path = _onnx_with_external(tmp_path, "w.bin")
+    model = onnx.load(str(path), load_external_data=False)
+    (weight,) = model.graph.initializer
+    del weight.external_data[1:]
+    entry = weight.external_data.add()
+    entry.key, entry.value = "offset", str(10**12)
+    onnx.save_model(model, path)
+    _one_line(capsys, ["inspect", str(path)], "(offset 1000000000000) lies outside 'w.bin' (320")
+
+
 def linear_20_4() -> nn.Sequential:
     return nn.Sequential(nn.Linear(20, 4, bias=False))
 

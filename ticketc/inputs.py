@@ -79,8 +79,10 @@ def parse_shape(text: str, what: str = "input shape") -> tuple[int, ...]:
         shape = tuple(int(s) for s in text.lower().replace("x", ",").split(","))
     except ValueError:
         shape = ()
-    if not shape or any(d <= 0 for d in shape) or math.prod(shape) > 2**31:
+    if not shape or any(d <= 0 for d in shape):
         raise UserError(f"{what} {text!r} is not like 1x128 or 1,128 (positive sizes)")
+    if math.prod(shape) > 2**31:
+        raise UserError(f"{what} {text!r} has {math.prod(shape):,} elements, over 2^31")
     return shape
 
 

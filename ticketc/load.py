@@ -164,6 +164,11 @@ def _normalise_state_dict(
         if key.endswith("_orig") and key[: -len("_orig")] + "_mask" in state:
             name = key[: -len("_orig")]
             mask = state[name + "_mask"]
+            if mask.shape != value.shape:
+                raise UserError(
+                    f"{name}_mask has shape {list(mask.shape)}, its {name}_orig "
+                    f"{list(value.shape)}: not the mask of that weight"
+                )
             masks[name] = mask != 0
             # what prune's hook computes, X_orig * X_mask: a mask of other values than 0 / 1
             # (scaled, soft) scales the weight as the user's model does

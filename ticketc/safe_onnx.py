@@ -149,9 +149,9 @@ def check_external_data(tensor: Any, p: Path) -> int:
     except ValueError:
         raise UserError(f"{where}: external data offset/length are not integers") from None
     if offset < 0 or length < 0 or offset + length > size:
+        span = f"offset {offset}" + (f", length {length}" if "length" in info else "")
         raise UserError(
-            f"{where}: external data [{offset}, {offset + length}) lies outside "
-            f"{location[:120]!r} ({size} bytes)"
+            f"{where}: external data ({span}) lies outside {location[:120]!r} ({size} bytes)"
         )
     return length
 
