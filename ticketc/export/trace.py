@@ -87,7 +87,7 @@ def torch_to_onnx(
         traced = _transformers_to_onnx(model, example, dynamic, sequence, opset=opset)
     else:
         traced = _plain_to_onnx(model, example, dynamic, sequence, opset=opset)
-    _name_dynamic_axes(traced.model.graph.inputs, example, model)
+    _name_dynamic_axes(traced.model.graph, example, model)
     _rename(traced.model.graph.inputs, input_names, "input")
     _rename(traced.model.graph.outputs, output_names, "output")
     static = [v.name for v in traced.model.graph.inputs if dynamic and _all_static(v)]
@@ -100,23 +100,33 @@ def torch_to_onnx(
 AXIS_NAMES = {0: "batch", 1: "sequence"}
 
 
-def _name_dynamic_axes(
-    inputs: Sequence[ir.Value], example: ExampleInputs, model: nn.Module
-) -> None:
+def _name_dynamic_axes(graph: ir.Graph, example: ExampleInputs, model: nn.Module) -> None:
     """Call the symbolic dims of the graph's inputs "batch" / "sequence" (torch.export names
-    them s0, s1, ...), matching inputs by keyword name, else by position; a program's axes
-    past the first keep torch's names (its axis 1 may be anything)."""
+    them s0, s1, ...), matching inputs by keyword name, else by position, and the outputs'
+    dims of the same symbols too; a program's axes past the first keep torch's names (its
+    axis 1 may be anything).
+
+    An input axis torch.onnx names after its traced size ("12": an LSTM's sequence, which the
+    graph runs at any length) leaves the outputs' dims of that size static ([s23, 12, 7]):
+    onnxruntime then warns at every other length. Those dims are called after the axis too;
+    a dim declared symbolic that is in fact static costs nothing at run time."""
     axes = dynamic_axes(example, model)
     names = AXIS_NAMES if symbolic_axes(model) is None else {0: AXIS_NAMES[0]}
-    for index, value in enumerate(inputs):
+    renamed: dict[str, str] = {}
+    for index, value in enumerate(graph.inputs):
         key: str | int = value.name if value.name in example.kwargs else index
         if key not in axes or value.shape is None:
             continue
         dims: list[Any] = list(value.shape)
         for axis in axes[key]:
-            if axis < len(dims) and not isinstance(dims[axis], int):
-                dims[axis] = names.get(axis, dims[axis])
+            if axis < len(dims) and not isinstance(dims[axis], int) and axis in names:
+                renamed.setdefault(str(dims[axis]), names[axis])
+                dims[axis] = names[axis]
         value.shape = ir.Shape(dims)
+    for value in graph.outputs:
+        if value.shape is not None and renamed:
+            value.shape = ir.Shape([renamed.get(str(d), d) for d in value.shape])
+    # (str(d) of a static dim is its size: it matches an input symbol named after that size)
 
 
 def _all_static(value: ir.Value) -> bool:
