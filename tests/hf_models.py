@@ -103,7 +103,32 @@ def tiny_wav2vec2() -> nn.Module:
     return transformers.Wav2Vec2ForCTC(config)
 
 
-BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "vit": tiny_vit}
+def tiny_bart_classifier() -> nn.Module:
+    """An encoder-decoder whose classification head reads the decoder's states at each
+    row's end-of-sequence token, with decoder inputs it makes from input_ids."""
+    config = transformers.BartConfig(
+        vocab_size=256,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        num_labels=3,
+        **_TOKENS,
+    )
+    return transformers.BartForSequenceClassification(config)
+
+
+BUILDERS = {
+    "bert": tiny_bert,
+    "gpt2": tiny_gpt2,
+    "llama": tiny_llama,
+    "vit": tiny_vit,
+    "bart_classifier": tiny_bart_classifier,
+}
 
 
 def matrices(model: nn.Module) -> list[tuple[nn.Module, str]]:

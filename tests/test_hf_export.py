@@ -71,6 +71,33 @@ def test_text_model_exports_with_dynamic_batch_and_sequence(
         assert _rel(got, expected) <= FP32_RTOL, (arch, batch, length)
 
 
+def test_an_encoder_decoder_classifier_exports_on_input_ids_alone(tmp_path, capsys):
+    """BART's classification head makes its decoder inputs from input_ids and reads the
+    states at each row's end-of-sequence token: the default inputs gave it decoder_input_ids
+    of another length (torch.onnx failed on a [2, 16] mask over [2, 4, 64]), and random
+    verification ids without that token."""
+    model = pruned_model("bart_classifier", 0.5)
+    src = save(model, tmp_path / "src")
+    proto = _export(tmp_path, src, capsys)
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
+    reference = type(model).from_pretrained(src).eval()
+    session = ort_session(tmp_path / "model.onnx")
+    eos = model.config.eos_token_id
+    for batch, length, seed in ((1, 5, 1), (3, 23, 2)):
+        ids = torch.randint(
+            3,
+            model.config.vocab_size,
+            (batch, length),
+            generator=torch.Generator().manual_seed(seed),
+        )
+        ids[:, -1] = eos
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            expected = reference(**inputs).logits
+        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        assert _rel(got, expected) <= FP32_RTOL, (batch, length)
+
+
 @pytest.mark.slow
 def test_vision_model_exports_with_dynamic_batch(tmp_path, capsys):
     model = pruned_model("vit", 0.9)

@@ -167,3 +167,15 @@ def test_a_spec_without_a_dtype_takes_the_models_float_type():
     (given,) = inputs_from_specs([InputSpec.parse("float32:2,4")], bf16).args
     assert given.dtype == torch.float32  # a dtype the user gave stays
     assert inputs_from_specs([InputSpec.parse("2,4")]).args[0].dtype == torch.float32
+
+
+def test_random_inputs_keep_the_examples_final_token():
+    """An example whose rows end with an end-of-sequence token (BART's classification head
+    requires one per row) gets random inputs ending with it, and holding it nowhere else."""
+    from ticketc.inputs import random_like
+
+    ids = torch.tensor([[5, 7, 2], [9, 4, 2]])
+    example = ExampleInputs((), {"input_ids": ids}, finals={"input_ids": 2})
+    drawn = random_like(example.at_batch(3), nn.Embedding(10, 2), sizes=lambda k, a, s: s + 4 * a)
+    out = drawn.kwargs["input_ids"]
+    assert out.shape == (3, 7) and (out[:, -1] == 2).all() and not (out[:, :-1] == 2).any()

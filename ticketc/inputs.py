@@ -32,6 +32,7 @@ __all__ = [
     "float_dtype",
     "check_fits_memory",
     "check_input_names",
+    "end_rows_with_",
     "infer_example",
     "inputs_from_specs",
     "parse_shape",
@@ -247,6 +248,9 @@ class ExampleInputs:
     #: [low, high) of integer inputs whose values the user bounded (`--input ...:0-999`),
     #: by position or name: random inputs drawn like these (`random_like`) stay within them
     ranges: Mapping[str | int, tuple[int, int]] = field(default_factory=dict, compare=False)
+    #: a token every row of an integer input ends with (an end-of-sequence token the model
+    #: requires), by position or name: random inputs drawn like these end with it too
+    finals: Mapping[str | int, int] = field(default_factory=dict, compare=False)
 
     @classmethod
     def of(cls, inputs: Example) -> ExampleInputs:
@@ -276,7 +280,7 @@ class ExampleInputs:
         args, kwargs = pytree.tree_map(
             lambda v: fn(v) if isinstance(v, torch.Tensor) else v, (self.args, self.kwargs)
         )
-        return ExampleInputs(tuple(args), dict(kwargs), self.ranges)
+        return ExampleInputs(tuple(args), dict(kwargs), self.ranges, self.finals)
 
     def __call__(self, model: Callable[..., Any]) -> Any:
         """The model applied to these inputs."""
@@ -343,6 +347,15 @@ def _index_limit(model: nn.Module | None) -> int:
     return max(1, min(sizes)) if sizes else 2
 
 
+def end_rows_with_(ids: torch.Tensor, token: int, high: int) -> torch.Tensor:
+    """`ids` [..., length] with `token` last in every row and nowhere else (moved to the next
+    id below `high` there), in place: a model that reads each row's end-of-sequence token
+    (BART's classification head) refuses rows without one."""
+    ids[ids == token] = (token + 1) % max(high, 2)
+    ids[..., -1] = token
+    return ids
+
+
 def pad_masks_(mask: torch.Tensor) -> torch.Tensor:
     """An all-ones [batch, length] mask (length >= 3) padded in place as a batch of texts of
     different lengths is: row 0's last two positions on the right, row 1's first two on the
@@ -389,7 +402,8 @@ def random_like(
 
     Floats are standard normal; integers are uniform in the example's range for that input
     (`ExampleInputs.ranges`, from `--input ...:LOW-HIGH`), else indices below the model's
-    smallest Embedding (0 or 1 without one), else, for inputs named like a mask
+    smallest Embedding (0 or 1 without one), each row ending with the example's final token
+    where it has one (`ExampleInputs.finals`), else, for inputs named like a mask
     (attention_mask, ...), all ones, as a random mask can hide every position, or, `padded`,
     with padding (see `pad_masks_`); bools are True.
     """
@@ -404,12 +418,15 @@ def random_like(
             low, high = example.ranges[key]
             return _draw(shape, t.dtype, generator, low, high, ones=False)
         drawn = _draw(shape, t.dtype, generator, 0, limit, ones=_is_mask(key))
+        if key in example.finals and drawn.dim() >= 1 and not _is_mask(key):
+            return end_rows_with_(drawn, example.finals[key], limit)
         return pad_masks_(drawn) if padded and _is_mask(key) else drawn
 
     return ExampleInputs(
         tuple(draw(i, t) for i, t in enumerate(example.args)),
         {k: draw(k, v) for k, v in example.kwargs.items()},
         example.ranges,
+        example.finals,
     )
 
 

@@ -168,7 +168,11 @@ def inputs_from_args(
         from ticketc.hf import sample_inputs as hf_sample
 
         hf_specs = default_input_specs(loaded.model)
-        return ExampleInputs((), hf_example(hf_specs)), ExampleInputs((), hf_sample(hf_specs))
+        finals: dict[str | int, int] = {s.name: s.final for s in hf_specs if s.final is not None}
+        return (
+            ExampleInputs((), hf_example(hf_specs), finals=finals),
+            ExampleInputs((), hf_sample(hf_specs), finals=finals),
+        )
     found = from_graph_module(loaded.model) if loaded.source == "export" else None
     if found is None and loaded.example_input is not None:
         found = ExampleInputs.of(loaded.example_input)

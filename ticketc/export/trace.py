@@ -182,6 +182,7 @@ def _widened(
         tuple(widen(i, t) for i, t in enumerate(example.args)),
         {k: widen(k, v) for k, v in example.kwargs.items()},
         example.ranges,
+        example.finals,
     )
 
 

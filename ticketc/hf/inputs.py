@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ticketc.errors import UserError
-from ticketc.inputs import pad_masks_
+from ticketc.inputs import end_rows_with_, pad_masks_
 
 __all__ = [
     "BATCH",
@@ -51,6 +51,8 @@ class HfInput:
     `dtype`: a torch dtype name ("int64", "float32"). `dynamic_axes`: axis -> symbolic name
     (BATCH, SEQUENCE, ...), as torch.onnx's dynamic axes. `high`: integer inputs hold values in
     [0, high) (token ids); None with an integer dtype means all ones (attention masks).
+    `final`: a token every row ends with and holds nowhere else (the end-of-sequence token
+    a BART classification head looks for), None for none.
     """
 
     name: str
@@ -58,6 +60,7 @@ class HfInput:
     shape: tuple[int, ...]
     dynamic_axes: dict[int, str] = field(default_factory=dict)
     high: int | None = None
+    final: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
@@ -76,7 +79,8 @@ class HfInput:
             return torch.randn(self.shape, generator=generator).to(self.torch_dtype)
         if self.high is None:
             return torch.ones(self.shape, dtype=self.torch_dtype)
-        return torch.randint(0, self.high, self.shape, generator=generator, dtype=self.torch_dtype)
+        ids = torch.randint(0, self.high, self.shape, generator=generator, dtype=self.torch_dtype)
+        return end_rows_with_(ids, self.final, self.high) if self.final is not None else ids
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -85,6 +89,7 @@ class HfInput:
             "shape": list(self.shape),
             "dynamic_axes": {str(k): v for k, v in self.dynamic_axes.items()},
             "high": self.high,
+            "final": self.final,
         }
 
 
@@ -112,6 +117,12 @@ def sample_inputs(specs: list[HfInput], seed: int = 1) -> dict[str, torch.Tensor
     return out
 
 
+def _derives_decoder_inputs(model: torch.nn.Module, config: Any) -> bool:
+    """Whether an encoder-decoder's head makes its decoder inputs from input_ids itself."""
+    encoder_decoder = getattr(config, "is_encoder_decoder", False)
+    return encoder_decoder and type(model).__name__.endswith(_DECODER_FROM_INPUT)
+
+
 def _get(config: Any, *names: str) -> Any:
     for name in names:
         value = getattr(config, name, None)
@@ -132,6 +143,10 @@ def _takes(model: torch.nn.Module, argument: str) -> bool:
         return argument in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+#: Heads of encoder-decoder models that build decoder_input_ids from input_ids themselves
+_DECODER_FROM_INPUT = ("ForSequenceClassification", "ForQuestionAnswering")
 
 
 def default_input_specs(model: torch.nn.Module) -> list[HfInput]:
@@ -155,7 +170,10 @@ def default_input_specs(model: torch.nn.Module) -> list[HfInput]:
         if vocab is None:
             raise UserError(f"{model_type} config has no vocab_size to draw token ids from")
         axes = {0: BATCH, 1: SEQUENCE}
-        specs = [HfInput("input_ids", "int64", (_EXAMPLE_BATCH, length), axes, int(vocab))]
+        # a classification head of an encoder-decoder reads the states at each row's
+        # end-of-sequence token, and refuses rows without one
+        final = _get(text, "eos_token_id") if _derives_decoder_inputs(model, config) else None
+        specs = [HfInput("input_ids", "int64", (_EXAMPLE_BATCH, length), axes, int(vocab), final)]
         if _takes(model, "attention_mask"):
             specs.append(HfInput("attention_mask", "int64", (_EXAMPLE_BATCH, length), axes))
     elif main == "pixel_values":
@@ -182,7 +200,13 @@ def default_input_specs(model: torch.nn.Module) -> list[HfInput]:
             f"no default inputs for model_type {model_type!r} (main input {main!r}); "
             f"give them with --input {main or 'NAME'}:DTYPE:SHAPE"
         )
-    if getattr(config, "is_encoder_decoder", False) and _takes(model, "decoder_input_ids"):
+    # a sequence-classification or question-answering head of an encoder-decoder (BART, T5)
+    # reads the decoder's states at the positions of the encoder's tokens: it makes its
+    # decoder inputs from input_ids itself, at their length, and gets none here
+    encoder_decoder = getattr(config, "is_encoder_decoder", False)
+    if encoder_decoder and _takes(model, "decoder_input_ids"):
+        if _derives_decoder_inputs(model, config):
+            return specs
         vocab = _get(text, "vocab_size") or 2
         axes = {0: BATCH, 1: "decoder_sequence"}
         specs.append(HfInput("decoder_input_ids", "int64", (_EXAMPLE_BATCH, 4), axes, int(vocab)))
