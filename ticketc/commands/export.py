@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output",
         metavar="OUT.onnx",
         help="output file (default: MODEL with the suffix .onnx; DIR.onnx for a directory; "
-        "MODEL.ticketc.onnx for an .onnx MODEL)",
+        "MODEL.ticketc.onnx for an .onnx MODEL); its sparsity card is written beside it as "
+        "OUT.card.md and OUT.card.json, replacing files of those names",
     )
     parser.add_argument(
         "--format",
