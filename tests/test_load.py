@@ -47,19 +47,23 @@ def test_pickled_module_refused_without_opt_in(tmp_path):
     assert load_model(tmp_path / "full.pt", trust_pickle=True).source == "pickle"
 
 
+def _loaded_as_pickle_and_state_dict(model: nn.Module, tmp_path) -> list:
+    """A hooked tiny_mlp saved whole (pickle) and as its state dict, each loaded back."""
+    torch.save(model, tmp_path / "hooked.pt")
+    torch.save(model.state_dict(), tmp_path / "hooked_sd.pt")
+    return [
+        load_model(tmp_path / "hooked.pt", trust_pickle=True),
+        load_model(tmp_path / "hooked_sd.pt", arch=ARCH),
+    ]
+
+
 def test_prune_hooks_are_folded_and_removed(tmp_path):
     model = tiny_mlp()
     prune.l1_unstructured(model[1], "weight", amount=0.8)
     mask = model[1].weight_mask.bool().clone()
     x = torch.randn(3, 20)
     expected = model(x).detach()
-    torch.save(model, tmp_path / "hooked.pt")
-    torch.save(model.state_dict(), tmp_path / "hooked_sd.pt")
-
-    for loaded in (
-        load_model(tmp_path / "hooked.pt", trust_pickle=True),
-        load_model(tmp_path / "hooked_sd.pt", arch=ARCH),
-    ):
+    for loaded in _loaded_as_pickle_and_state_dict(model, tmp_path):
         layer = loaded.model[1]
         assert not layer._forward_pre_hooks
         assert torch.equal(loaded.masks["1.weight"], mask)
@@ -77,12 +81,7 @@ def test_a_prune_mask_of_other_values_than_0_and_1_scales_the_weight(tmp_path):
     model[1].weight_mask.mul_(0.5)
     x = torch.randn(3, 20)
     expected = model(x).detach()
-    torch.save(model, tmp_path / "hooked.pt")
-    torch.save(model.state_dict(), tmp_path / "hooked_sd.pt")
-    for loaded in (
-        load_model(tmp_path / "hooked.pt", trust_pickle=True),
-        load_model(tmp_path / "hooked_sd.pt", arch=ARCH),
-    ):
+    for loaded in _loaded_as_pickle_and_state_dict(model, tmp_path):
         torch.testing.assert_close(loaded.model(x), expected)
         assert torch.equal(loaded.masks["1.weight"], model[1].weight_mask != 0)
 
