@@ -98,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ticketc: error: out of memory", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - the last line of defence for users
-        if _is_out_of_memory(e):
-            print(f"ticketc: error: out of memory ({_first_line(e)})", file=sys.stderr)
+        if (line := _out_of_memory_line(e)) is not None:
+            print(f"ticketc: error: out of memory ({line})", file=sys.stderr)
             return 2
         if os.environ.get("TICKETC_DEBUG"):
             traceback.print_exc()
@@ -111,17 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _is_out_of_memory(e: Exception) -> bool:
-    """Whether `e` is an allocator's failure that a library raised as its own error (torch's
-    DefaultCPUAllocator a RuntimeError, onnxruntime's allocators a Fail or
-    RuntimeException)."""
+def _out_of_memory_line(e: Exception) -> str | None:
+    """The line of `e` that says an allocator failed, where a library raised that as its own
+    error (torch's DefaultCPUAllocator a RuntimeError, onnxruntime's allocators a Fail or
+    RuntimeException); None for any other error."""
     signs = ("can't allocate memory", "Cannot allocate memory", "Failed to allocate memory")
-    return any(sign in str(e) for sign in signs)
-
-
-def _first_line(e: Exception) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[-1][:200] if lines else type(e).__name__
+    for line in str(e).splitlines():
+        if any(sign in line for sign in signs):
+            return line.strip()[:200]
+    return None
 
 
 def _os_error(e: OSError) -> str:
