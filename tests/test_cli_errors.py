@@ -152,3 +152,24 @@ def test_weights_of_another_shape_name_the_tensor(tmp_path, capfd, mlp_state):
     assert main(["export", str(mlp_state), MLP, "-o", str(tmp_path / "m.onnx")]) == 2
     err = _one_line(capfd)
     assert f"size mismatch for {name}" in err and "torch.Size([7, 3])" in err, err
+
+
+def test_onnxruntime_crashing_on_the_written_file_is_one_line_and_leaves_nothing(
+    tmp_path, capfd, monkeypatch, mlp_state
+):
+    """fp16 nn.MultiheadAttention with dynamic axes segfaults onnxruntime 1.32's session
+    creation: ticketc ended with exit 139, no message and its staging file left behind. The
+    file's first session is now made in a child process (here one that crashes the same way)."""
+    import ticketc.verify
+
+    crash = "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"
+    monkeypatch.setattr(ticketc.verify, "_LOAD_IN_A_CHILD", crash)
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    assert main(["export", str(mlp_state), MLP, "-o", str(out)]) == 2
+    err = _one_line(capfd)
+    assert err.endswith(
+        f"{out}: onnxruntime crashes (SIGSEGV) creating a session for it: a "
+        "fault of onnxruntime with this graph (another --dtype or opset may avoid it)"
+    ), err
+    assert not list(out.parent.iterdir())

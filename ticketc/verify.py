@@ -57,6 +57,43 @@ class RuntimeUnsupported(UserError):
     """onnxruntime's CPU provider has no kernel for an operator at this type (e.g. bf16 Conv)."""
 
 
+# Creates one session of the file named in argv[1] and exits: 0 whether it loads or raises
+# (ort_session reports that in this process), a signal when onnxruntime itself crashes
+_LOAD_IN_A_CHILD = """
+import sys
+import onnxruntime as ort
+options = ort.SessionOptions()
+options.log_severity_level = 4
+try:
+    ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+except Exception:
+    pass
+"""
+
+
+def check_loads_in_a_child(path: str | os.PathLike[str]) -> None:
+    """UserError when onnxruntime crashes the process creating a session for `path` (a
+    signal, not an exception: fp16 attention with dynamic axes segfaults onnxruntime 1.32).
+    The session is made first in a child process, so that ends in one line and exit 2, not
+    in ticketc ending without a word and its staging file left behind. ~0.4 s."""
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.run(
+        [sys.executable, "-c", _LOAD_IN_A_CHILD, str(path)], capture_output=True, check=False
+    )
+    if child.returncode < 0:
+        try:
+            name = signal.Signals(-child.returncode).name
+        except ValueError:
+            name = f"signal {-child.returncode}"
+        raise UserError(
+            f"{path}: onnxruntime crashes ({name}) creating a session for it: a fault of "
+            "onnxruntime with this graph (another --dtype or opset may avoid it)"
+        )
+
+
 def ort_session(path: str | os.PathLike[str] | bytes):  # -> onnxruntime.InferenceSession
     """An onnxruntime CPU session of a file, after `ticketc.safe_onnx` checked it (external
     data inside its folder, declared sizes), or of a model ticketc serialised itself (bytes);

@@ -21,6 +21,7 @@ from ticketc.safe_onnx import parse_onnx
 from ticketc.verify import (
     OUTPUT_RTOL,
     Verification,
+    check_loads_in_a_child,
     ort_session,
     sample_for,
     verify,
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tolerance is not None and args.tolerance < 0:
         raise UserError(f"tolerance {args.tolerance} must be >= 0")
     check_file(args.onnx)
+    check_loads_in_a_child(args.onnx)
     against = Path(args.against)
     if against.is_file() and against.stat().st_size and looks_like_onnx(against):
         tolerance, stored = _tolerance(args)

@@ -43,6 +43,7 @@ from ticketc.verify import (
     ROUNDING_FACTOR,
     RuntimeUnsupported,
     Verification,
+    check_loads_in_a_child,
     fp32_rounding,
     ort_session,
     sample_for,
@@ -213,6 +214,7 @@ def _export(
         return Verification(result.outputs, None, result.batch)
 
     def check_outputs(path: Path) -> Verification:
+        check_loads_in_a_child(path)
         session = ort_session(path)
         # another batch and sequence length where they are dynamic
         resized = sample_for(session, example, reference)
