@@ -173,3 +173,16 @@ def test_onnxruntime_crashing_on_the_written_file_is_one_line_and_leaves_nothing
         "fault of onnxruntime with this graph (another --dtype or opset may avoid it)"
     ), err
     assert not list(out.parent.iterdir())
+
+
+def test_flags_for_a_pytorch_model_given_with_an_onnx_file_are_named(tmp_path, capfd, mlp_state):
+    onnx_file = tmp_path / "m.onnx"
+    assert main(["export", str(mlp_state), MLP, "-o", str(onnx_file), "--no-verify"]) == 0
+    capfd.readouterr()
+    out = str(tmp_path / "again.onnx")
+    assert main(["export", str(onnx_file), "--dtype", "fp16", "-o", out]) == 2
+    assert _one_line(capfd).endswith(
+        "--dtype does not apply to an ONNX file: its graph is used as it is"
+    )
+    assert main(["export", str(onnx_file), "--dtype", "fp16", "--input-names", "x", "-o", out]) == 2
+    assert "--dtype, --input-names do not apply" in _one_line(capfd)

@@ -132,14 +132,12 @@ def _export_onnx(args: argparse.Namespace, config: ExportConfig) -> ExportResult
     from ticketc.inputs import ExampleInputs
     from ticketc.load import load_sample
 
-    ignored = [
-        flag for flag in ("arch", "mask", "input", "input_shape", "dtype") if getattr(args, flag)
-    ]
-    ignored += ["dead_units"] if args.dead_units else []
-    ignored += ["input_names", "output_names"] if args.input_names or args.output_names else []
+    given = ("arch", "mask", "input", "input_shape", "dtype", "dead_units")
+    ignored = [flag for flag in (*given, "input_names", "output_names") if getattr(args, flag)]
     if ignored:
         flags = ", ".join("--" + f.replace("_", "-") for f in ignored)
-        raise UserError(f"{flags} do not apply to an ONNX file: its graph is used as it is")
+        verb = "does" if len(ignored) == 1 else "do"
+        raise UserError(f"{flags} {verb} not apply to an ONNX file: its graph is used as it is")
     source = Path(args.model)
     out = Path(args.output) if args.output else source.with_suffix(".ticketc.onnx")
     _refuse_overwriting_inputs(out, args)
