@@ -163,16 +163,20 @@ def test_onnxruntime_crashing_on_the_written_file_is_one_line_and_leaves_nothing
     import ticketc.verify
 
     crash = "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"
+    dense = tmp_path / "dense.onnx"  # an ONNX file in, too: the same check
+    assert main(["export", str(mlp_state), MLP, "--format", "dense", "-o", str(dense)]) == 0
+    capfd.readouterr()
     monkeypatch.setattr(ticketc.verify, "_LOAD_IN_A_CHILD", crash)
-    out = tmp_path / "out" / "m.onnx"
-    out.parent.mkdir()
-    assert main(["export", str(mlp_state), MLP, "-o", str(out)]) == 2
-    err = _one_line(capfd)
-    assert err.endswith(
-        f"{out}: onnxruntime crashes (SIGSEGV) creating a session for it: a "
-        "fault of onnxruntime with this graph (another --dtype or opset may avoid it)"
-    ), err
-    assert not list(out.parent.iterdir())
+    for model, flags in ((mlp_state, [MLP]), (dense, [])):
+        out = tmp_path / "out" / "m.onnx"
+        out.parent.mkdir(exist_ok=True)
+        assert main(["export", str(model), *flags, "-o", str(out)]) == 2
+        err = _one_line(capfd)
+        assert err.endswith(
+            f"{out}: onnxruntime crashes (SIGSEGV) creating a session for it: a "
+            "fault of onnxruntime with this graph (another --dtype or opset may avoid it)"
+        ), err
+        assert not list(out.parent.iterdir())
 
 
 def test_flags_for_a_pytorch_model_given_with_an_onnx_file_are_named(tmp_path, capfd, mlp_state):

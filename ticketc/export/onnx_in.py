@@ -22,7 +22,13 @@ from ticketc.export.config import ExportConfig, ExportResult
 from ticketc.export.portable import MIN_OPSET, default_opset
 from ticketc.export.write import write_onnx
 from ticketc.inputs import DTYPES, ExampleInputs, random_like
-from ticketc.verify import VERIFY_BATCH, Verification, ort_session, verify_against_onnx
+from ticketc.verify import (
+    VERIFY_BATCH,
+    Verification,
+    check_loads_in_a_child,
+    ort_session,
+    verify_against_onnx,
+)
 
 __all__ = ["export_onnx_file", "load_onnx", "onnx_sample"]
 
@@ -68,6 +74,7 @@ def export_onnx_file(
     reference = Path(path)
 
     def check_outputs(staged: Path) -> Verification:
+        check_loads_in_a_child(staged)
         chosen = sample if sample is not None else onnx_sample(ort_session(reference))
         tolerance = config.output_tolerance(_graph_float(model))
         return verify_against_onnx(staged, reference, chosen, tolerance)
