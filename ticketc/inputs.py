@@ -10,6 +10,7 @@ runs a model on an example: compile, export, verify, bench.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
@@ -280,7 +281,7 @@ class ExampleInputs:
         args, kwargs = pytree.tree_map(
             lambda v: fn(v) if isinstance(v, torch.Tensor) else v, (self.args, self.kwargs)
         )
-        return ExampleInputs(tuple(args), dict(kwargs), self.ranges, self.finals)
+        return dataclasses.replace(self, args=tuple(args), kwargs=dict(kwargs))
 
     def __call__(self, model: Callable[..., Any]) -> Any:
         """The model applied to these inputs."""
@@ -422,11 +423,10 @@ def random_like(
             return end_rows_with_(drawn, example.finals[key], limit)
         return pad_masks_(drawn) if padded and _is_mask(key) else drawn
 
-    return ExampleInputs(
-        tuple(draw(i, t) for i, t in enumerate(example.args)),
-        {k: draw(k, v) for k, v in example.kwargs.items()},
-        example.ranges,
-        example.finals,
+    return dataclasses.replace(
+        example,
+        args=tuple(draw(i, t) for i, t in enumerate(example.args)),
+        kwargs={k: draw(k, v) for k, v in example.kwargs.items()},
     )
 
 

@@ -10,6 +10,7 @@ other module through torch.export and torch.onnx.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import re
@@ -178,11 +179,10 @@ def _widened(
                 t = torch.cat([t] * TRACE_MIN_SIZE, dim=axis)
         return t
 
-    return ExampleInputs(
-        tuple(widen(i, t) for i, t in enumerate(example.args)),
-        {k: widen(k, v) for k, v in example.kwargs.items()},
-        example.ranges,
-        example.finals,
+    return dataclasses.replace(  # the user's value ranges and final tokens kept
+        example,
+        args=tuple(widen(i, t) for i, t in enumerate(example.args)),
+        kwargs={k: widen(k, v) for k, v in example.kwargs.items()},
     )
 
 
