@@ -12,6 +12,11 @@ def tiny_mlp() -> nn.Sequential:
     return nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))
 
 
+def tiny_mlp_tanh() -> nn.Sequential:
+    """tiny_mlp's parameters (same names and shapes) around another activation."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
 def tiny_convnet() -> nn.Sequential:
     # groups, stride, padding, dilation, with and without bias; BatchNorm and pooling pass through
     return nn.Sequential(

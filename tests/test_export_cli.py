@@ -198,6 +198,30 @@ def test_verify_compares_an_exported_file_with_the_onnx_file_it_came_from(tmp_pa
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.parametrize("values", ["fp16", "int4"])
+def test_verify_fails_a_lossy_file_of_another_graph_with_the_same_weights(tmp_path, capsys, values):
+    """A lossy file whose weights are the reference's but whose graph is not (another
+    activation) fails, against a PyTorch model and against an ONNX file: the reference's
+    graph run on the file's own weights must give the file's outputs at fp32's tolerance.
+    Its weights alone pass, and its output error (lossy) is only reported."""
+    torch.save(_pruned_mlp().state_dict(), tmp_path / "a.pt")
+    out, dense = tmp_path / f"{values}.onnx", tmp_path / "tanh.onnx"
+    arch = ["--arch=tests.models_for_tests:tiny_mlp_tanh"]
+    export = ["export", str(tmp_path / "a.pt"), f"--values={values}", "-o", str(out)]
+    assert main([*export, f"--arch={MLP}"]) == 0
+    assert main(["export", str(tmp_path / "a.pt"), *arch, "--format=dense", "-o", str(dense)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(out), "--against", str(tmp_path / "a.pt"), f"--arch={MLP}"]) == 0
+    assert (
+        "the reference's graph on the file's weights gives its outputs" in capsys.readouterr().out
+    )
+    for against in ([str(tmp_path / "a.pt"), *arch], [str(dense)]):
+        assert main(["verify", str(out), "--against", *against]) == 2
+        err = capsys.readouterr().err
+        assert "verification FAILED: its graph is not the reference's" in err, err
+        assert err.count("\n") == 1
+
+
 @pytest.mark.parametrize("values", ["fp16", "int8", "int4"])
 def test_verify_fails_a_lossy_file_of_another_model_by_its_weights(tmp_path, capsys, values):
     """Lossy output errors are reported, not failed; the stored weights are checked against

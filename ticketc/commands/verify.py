@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import helper, numpy_helper
 from torch import nn
 
 from ticketc.commands._common import add_model_arguments, inputs_from_args, load_from_args
@@ -17,7 +19,7 @@ from ticketc.export.onnx_in import onnx_sample
 from ticketc.inputs import ExampleInputs
 from ticketc.load import check_file
 from ticketc.safe_load import looks_like_onnx
-from ticketc.safe_onnx import parse_onnx
+from ticketc.safe_onnx import load_onnx, parse_onnx
 from ticketc.verify import (
     OUTPUT_RTOL,
     Verification,
@@ -41,8 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="maximum relative output error (default: from the file's metadata: "
         f"{OUTPUT_RTOL['float32']:g} for lossless fp32, looser for fp16 / bf16 graphs; "
-        "lossy files (fp16 / int8 / int4 values): output errors reported, and every stored "
-        "weight checked against the model's own, within its value type's bound)",
+        "lossy files (fp16 / int8 / int4 values): output errors reported, every stored "
+        "weight checked against the model's own, within its value type's bound, and the "
+        "model's graph run on the file's weights checked against the file, at the lossless "
+        "tolerance)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -67,9 +71,11 @@ def run(args: argparse.Namespace) -> int:
     against = Path(args.against)
     if against.is_file() and against.stat().st_size and looks_like_onnx(against):
         tolerance, stored = _tolerance(args)
-        result = _against_onnx(args, tolerance)
-        if tolerance is None:  # lossy values: their weights against the file's
-            stored += "; " + lossy_weights_checked(args.onnx, onnx_weights(args.against))
+        result, random_sample = _against_onnx(args, tolerance)
+        if tolerance is None:  # lossy values: their weights and graph against the file's
+            reference = load_onnx(args.against)
+            stored += "; " + lossy_weights_checked(args.onnx, proto_arrays(reference))
+            stored += "; " + graph_checked(args.onnx, reference, random_sample)
     else:
         args.model = args.against
         loaded = load_from_args(args)  # the model first: refusals (pickle, remote code) first
@@ -78,9 +84,10 @@ def run(args: argparse.Namespace) -> int:
         if sample is None:
             sample = sample_for(ort_session(args.onnx), example, loaded.model)
         result = verify(args.onnx, loaded.model, sample, tolerance)
-        if tolerance is None:  # lossy values: their weights against the model's own
-            weights = traced_weights(loaded.model, example)
-            stored += "; " + lossy_weights_checked(args.onnx, weights)
+        if tolerance is None:  # lossy values: their weights and graph against the model's
+            reference = traced_graph(loaded.model, example)
+            stored += "; " + lossy_weights_checked(args.onnx, proto_arrays(reference))
+            stored += "; " + graph_checked(args.onnx, reference, ExampleInputs.of(sample))
     if args.json:
         print(
             json.dumps(
@@ -134,21 +141,69 @@ def lossy_weights_checked(path: str, reference: dict[str, np.ndarray]) -> str:
     return f"{count} stored weights within their value type's bound"
 
 
-def traced_weights(model: nn.Module, example: ExampleInputs) -> dict[str, np.ndarray]:
-    """The initializers of `model` as ticketc's export traces it (BatchNorms folded)."""
+def graph_checked(path: str, reference: onnx.ModelProto, sample: ExampleInputs) -> str:
+    """A lossy file's graph against the reference's: the reference graph run in onnxruntime
+    on the file's own weights (decoded as onnxruntime decodes them) must give the file's
+    outputs on `sample` within the lossless tolerance of the file's float type. Weights within
+    their bound and outputs near the model's cannot tell a file of another graph (another
+    activation, a layer left out) holding the same weights; this can. UserError (verification
+    FAILED) when they differ; else a phrase for the summary, which says so where the
+    reference's initializers are not the file's (other names or shapes: --dead-units, another
+    torch) and nothing was compared."""
+    from ticketc.export.decode import decode_in_onnxruntime
+
+    proto = load_onnx(path)
+    held = {init.name: init for init in proto.graph.initializer}
+    computed = {out for node in proto.graph.node for out in node.output}
+    names = [init.name for init in reference.graph.initializer]
+    if any(name not in held and name not in computed for name in names):
+        return "graph not compared: the reference holds other initializers than the file"
+    if reference.ByteSize() >= 2**31:  # protobuf's limit: onnxruntime takes no bigger bytes
+        return "graph not compared: the reference is over 2 GB"
+    decoded = decode_in_onnxruntime(proto, [name for name in names if name not in held])
+    on_file_weights = onnx.ModelProto()
+    on_file_weights.CopyFrom(reference)
+    for init in on_file_weights.graph.initializer:
+        if init.name in held:
+            init.CopyFrom(held[init.name])
+        elif decoded[init.name].shape != tuple(init.dims):
+            return "graph not compared: the reference holds other initializers than the file"
+        else:
+            init.CopyFrom(_tensor_like(init, decoded[init.name]))
+    dtype = str((read_metadata(proto) or {}).get("dtype", "float32"))
+    tolerance = OUTPUT_RTOL.get(dtype, OUTPUT_RTOL["float32"])
+    result = verify_against_onnx(path, on_file_weights.SerializeToString(), sample, tolerance)
+    if not result.passed:
+        raise UserError(
+            f"{path}: verification FAILED: its graph is not the reference's: the reference run "
+            f"on the file's own weights differs from the file ({result.summary()}; relative "
+            f"tolerance {tolerance:g})"
+        )
+    return (
+        f"the reference's graph on the file's weights gives its outputs (rel {result.max_rel:.2g})"
+    )
+
+
+def _tensor_like(init: onnx.TensorProto, array: np.ndarray) -> onnx.TensorProto:
+    """`array` as an initializer of `init`'s name and element type (bf16 arrives as float32)."""
+    if init.data_type == onnx.TensorProto.BFLOAT16:
+        return helper.make_tensor(init.name, init.data_type, array.shape, array.reshape(-1))
+    dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+    return numpy_helper.from_array(array.astype(dtype), init.name)
+
+
+def traced_graph(model: nn.Module, example: ExampleInputs) -> onnx.ModelProto:
+    """`model` as ticketc's export traces it (BatchNorms folded), dense."""
+    from onnx_ir import to_proto
+
     from ticketc.export.trace import torch_to_onnx
-    from ticketc.export.write import graph_arrays
 
-    return graph_arrays(torch_to_onnx(model, example).model)
+    return to_proto(torch_to_onnx(model, example).model)
 
 
-def onnx_weights(path: str) -> dict[str, np.ndarray]:
-    """The initializers of an ONNX file (external data beside it read)."""
-    from onnx import numpy_helper
-
-    from ticketc.safe_onnx import load_onnx
-
-    return {i.name: numpy_helper.to_array(i) for i in load_onnx(path).graph.initializer}
+def proto_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The main graph's initializers of `model` as numpy arrays (external data loaded)."""
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
 
 
 def _tolerance(args: argparse.Namespace) -> tuple[float | None, str]:
@@ -157,9 +212,12 @@ def _tolerance(args: argparse.Namespace) -> tuple[float | None, str]:
     return (tolerance if args.tolerance is None else args.tolerance), stored
 
 
-def _against_onnx(args: argparse.Namespace, tolerance: float | None) -> Verification:
+def _against_onnx(
+    args: argparse.Namespace, tolerance: float | None
+) -> tuple[Verification, ExampleInputs]:
     """Both files in onnxruntime on random inputs of the reference's input types (symbolic
-    batch VERIFY_BATCH): the check `ticketc export model.onnx` runs when it writes."""
+    batch VERIFY_BATCH): the check `ticketc export model.onnx` runs when it writes; and the
+    sample it ran."""
     flags = [f for f in ("input", "input_shape", "sample", "arch") if getattr(args, f, None)]
     if flags:
         given = ", ".join("--" + f.replace("_", "-") for f in flags)
@@ -168,4 +226,4 @@ def _against_onnx(args: argparse.Namespace, tolerance: float | None) -> Verifica
             "its inputs' types and shapes"
         )
     sample = onnx_sample(ort_session(args.against))
-    return verify_against_onnx(args.onnx, args.against, sample, tolerance)
+    return verify_against_onnx(args.onnx, args.against, sample, tolerance), sample
