@@ -379,6 +379,23 @@ def test_inspect_reads_codec_bytes_and_nnz_from_the_stored_streams(tmp_path, val
         assert seen[name].nnz == int(params[name].count_nonzero())
 
 
+
+def test_inspect_names_the_parameters_behind_renamed_initializers(tmp_path):
+    """torch.onnx names a transposed weight val_N; inspect gives the PyTorch parameter the
+    file's metadata records beside it, as the sparsity card does."""
+    from ticketc.inspect import inspect_file
+
+    torch.manual_seed(0)
+    model = tied_lm().eval()
+    prune_global_(model, 0.8)
+    result = export_model(model, torch.randint(0, 50, (2, 7)), tmp_path / "m.onnx")
+    seen = {layer.name: layer for layer in inspect_file(tmp_path / "m.onnx").layers}
+    renamed = [x for x in result.layers if "+" in x.codec and x.sources != [x.initializer]]
+    assert any(x.sources == ["mix.weight"] for x in renamed)  # torch.onnx's MatMul operand
+    for layer in renamed:
+        assert seen[layer.initializer].source == ",".join(layer.sources)
+
+
 TRANSFORMERS = {
     "bert": (
         zoo.bert_tiny,

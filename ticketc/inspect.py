@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,10 @@ class LayerStats:
     codec_bytes: int  # compact codec, fp32 values (lossless)
     codec: str
     block_occupancy: dict[int, float]  # block size -> fraction of b x b blocks holding a nonzero
+    # the PyTorch parameter(s) behind an ONNX initializer of another name, from the file's
+    # metadata ("mix.weight" for torch.onnx's "val_0"; a trailing "*": values rewritten,
+    # e.g. a BatchNorm folded in); "" when unknown or the initializer's own name
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -213,7 +217,16 @@ def _onnx_layers(model: Any, path: Path) -> list[LayerStats]:
         kind, nbytes = str(array.dtype), array.nbytes
         count = int(nonzero.sum())
         layers.append(_stats(init.name, nonzero, count, array.itemsize, f"dense {kind}", nbytes))
-    return layers
+    sources = dict(meta.get("layers") or {})
+    return [replace(x, source=_source(x.name, sources.get(x.name))) for x in layers]
+
+
+def _source(name: str, entry: object) -> str:
+    """The PyTorch names of a metadata "layers" entry ("" = the initializer's own name,
+    "*" = it, values rewritten; else a comma list), "" when they say no more than `name`."""
+    if not isinstance(entry, str) or entry == "":
+        return ""
+    return name + "*" if entry == "*" else entry
 
 
 def decoded_weights(path: Path) -> dict[str, np.ndarray]:

@@ -38,7 +38,7 @@ def print_table(result: Inspection) -> None:
         )
     for x in result.layers:
         table.add_row(
-            x.name,
+            f"{x.name} ({x.source})" if x.source else x.name,
             "x".join(map(str, x.shape)),
             f"{x.density:.2%}",
             f"{x.nnz:,}",
