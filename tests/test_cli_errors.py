@@ -190,3 +190,27 @@ def test_flags_for_a_pytorch_model_given_with_an_onnx_file_are_named(tmp_path, c
     )
     assert main(["export", str(onnx_file), "--dtype", "fp16", "--input-names", "x", "-o", out]) == 2
     assert "--dtype, --input-names do not apply" in _one_line(capfd)
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path):
+    """`ticketc inspect --json | head -1`: the pipe's reader gone, the command stops with
+    128 + SIGPIPE and nothing on stderr, as the shell tools do (was "error: Broken pipe")."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has left before the first write
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "ticketc", "inspect", str(TICKET), "--json"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 128 + signal.SIGPIPE
+    assert done.stderr == ""

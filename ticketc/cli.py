@@ -8,6 +8,7 @@ import errno
 import importlib
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -91,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ticketc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader left (`ticketc inspect --json | head`): quietly,
+        # as the shell tools do; stdout goes to devnull so that Python's own flush at exit
+        # raises nothing more
+        with contextlib.suppress(OSError, ValueError):  # a stdout with no file descriptor
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as e:  # a full disk, a vanished or unreadable file, a quota
         print(f"ticketc: error: {_os_error(e)}", file=sys.stderr)
         return 2
