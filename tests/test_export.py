@@ -352,6 +352,24 @@ def test_onnx_in_compresses_an_existing_file_and_keeps_outputs(tmp_path):
     assert_matches_model(tmp_path / "small.onnx", model, {name: x3}, "fp32")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter writes them
+def test_onnx_in_says_which_weights_listed_as_inputs_are_inputs_no_more(tmp_path):
+    """An old-IR file lists its initializers as graph inputs too (overridable, as
+    keep_initializers_as_inputs=True writes them); a weight the file computes cannot be one:
+    its input slot goes, with a note naming it, and the other inputs stay."""
+    model, x = _model("mlp", density=0.2)
+    dense = tmp_path / "dense.onnx"
+    torch.onnx.export(model, (x,), dense, dynamo=False, keep_initializers_as_inputs=True)
+    listed = {i.name for i in onnx.load(str(dense)).graph.input}
+    result = export_onnx_file(dense, tmp_path / "small.onnx")
+    computed = {x.initializer for x in result.layers if "+" in x.codec}
+    assert computed and computed <= listed
+    left = {i.name for i in onnx.load(str(tmp_path / "small.onnx")).graph.input}
+    assert left == listed - computed
+    said = [n for n in result.notes if "inputs no more" in n]
+    assert said and all(name in said[0] for name in computed)
+
+
 @pytest.mark.parametrize(
     ("values", "positions"),
     [("int4", "bitmask"), ("int4", "rice"), ("int8", "auto"), ("fp32", "auto")],
@@ -377,7 +395,6 @@ def test_inspect_reads_codec_bytes_and_nnz_from_the_stored_streams(tmp_path, val
     assert weights
     for name in weights:
         assert seen[name].nnz == int(params[name].count_nonzero())
-
 
 
 def test_inspect_names_the_parameters_behind_renamed_initializers(tmp_path):

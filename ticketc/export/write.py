@@ -91,6 +91,13 @@ def write_onnx(
     graph_dtype = _graph_dtype(arrays)
     layers = [_layer(t, sources.get(t.name, [])) for t in tensors]
     metadata = _metadata(config, graph_dtype, layers, codecs)
+    inputs = {value.name for value in model.graph.inputs}
+    computed = [x.initializer for x in layers if x.codec != x.dtype and x.initializer in inputs]
+    if computed:  # an old IR's initializers listed as inputs (keep_initializers_as_inputs)
+        notes.append(
+            f"{len(computed)} weight(s) the model also lists as graph inputs (overridable) are "
+            f"computed in the file and inputs no more: {', '.join(computed[:5])}"
+        )
     out = Path(out)
     errors: dict[str, float] = {}  # initializer -> measured max abs error of its stored values
     with _staging(out) as stage:
