@@ -565,6 +565,20 @@ def test_check_decoded_fails_a_wrong_weight_the_output_error_would_hide(values):
     assert not check_decoded(compact, [w], [revived])[0].within_bound
 
 
+
+@pytest.mark.filterwarnings("error")  # inf - inf warned "invalid value" on stderr
+def test_check_decoded_counts_an_infinity_decoded_as_itself_as_no_error():
+    w = np.zeros((4, 8), np.float32)
+    w[0, 1], w[2, 3], w[3, 7] = np.inf, -np.inf, 0.5
+    compact = Compact.from_dense(w)
+    (decoded,) = compact.to_dense()
+    (check,) = check_decoded(compact, [w], [decoded])
+    assert check.within_bound and check.max_abs_error == 0.0
+    flipped = decoded.copy()
+    flipped[0, 1] = -np.inf
+    assert not check_decoded(compact, [w], [flipped])[0].within_bound
+
+
 def test_kmeans_is_exact_on_few_values_and_reduces_error():
     assert kmeans_1d(np.array([3.0, 1.0, 3.0, 2.0]), 16).tolist() == [1.0, 2.0, 3.0]
     x = np.random.default_rng(0).standard_normal(5000)
