@@ -17,6 +17,25 @@ def tiny_mlp_tanh() -> nn.Sequential:
     return nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 4))
 
 
+class CausalAttention(nn.Module):
+    """One attention head with the additive causal mask kept as a buffer: -inf above the
+    diagonal on purpose (nn.Transformer.generate_square_subsequent_mask), finite outputs."""
+
+    def __init__(self, length: int = 6, width: int = 16) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.o = nn.Linear(width, 4)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ self.k(x).transpose(-1, -2) / 4.0 + self.mask
+        return self.o(scores.softmax(-1) @ self.v(x))
+
+
+def causal_attention() -> nn.Module:
+    return CausalAttention()
+
+
 def tiny_convnet() -> nn.Sequential:
     # groups, stride, padding, dilation, with and without bias; BatchNorm and pooling pass through
     return nn.Sequential(

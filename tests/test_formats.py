@@ -565,7 +565,6 @@ def test_check_decoded_fails_a_wrong_weight_the_output_error_would_hide(values):
     assert not check_decoded(compact, [w], [revived])[0].within_bound
 
 
-
 @pytest.mark.filterwarnings("error")  # inf - inf warned "invalid value" on stderr
 def test_check_decoded_counts_an_infinity_decoded_as_itself_as_no_error():
     w = np.zeros((4, 8), np.float32)

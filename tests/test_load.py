@@ -261,6 +261,21 @@ def test_nan_weights_are_refused(tmp_path):
         load_model(tmp_path / "sd.pt", arch=ARCH)
 
 
+def test_a_buffer_of_minus_inf_loads_and_a_buffer_of_nan_is_refused(tmp_path):
+    """-inf in a buffer is an additive attention mask (was refused as a "parameter" holding
+    NaN or Inf); NaN in a buffer is refused, naming it a buffer."""
+    model = zoo.causal_attention().eval()
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    loaded = load_model(tmp_path / "sd.pt", arch="tests.models_for_tests:causal_attention")
+    x = torch.randn(2, 6, 16)
+    torch.testing.assert_close(loaded.model(x), model(x))
+    state = model.state_dict()
+    state["mask"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(UserError, match="buffer 'mask' holds 1 NaN"):
+        load_model(tmp_path / "nan.pt", arch="tests.models_for_tests:causal_attention")
+
+
 @pytest.mark.parametrize("content", [b"", b"not a torch file at all", None])
 def test_unreadable_files(tmp_path, content):
     path = tmp_path / "bad.pt"

@@ -243,10 +243,17 @@ def _example_input(arch: str, kwargs: dict[str, Any]) -> torch.Tensor | None:
 
 
 def check_finite(model: nn.Module) -> None:
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+    """UserError naming the first parameter holding NaN or +-Inf, or buffer holding NaN. A
+    buffer's infinities are kept: an additive attention mask holds -inf on purpose
+    (nn.Transformer.generate_square_subsequent_mask)."""
+    for name, tensor in model.named_parameters():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise UserError(f"parameter {name!r} holds {bad} NaN or Inf value(s)")
+    for name, tensor in model.named_buffers():
+        if tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
+            bad = int(torch.isnan(tensor).sum())
+            raise UserError(f"buffer {name!r} holds {bad} NaN value(s)")
 
 
 def load_sample(path: str | os.PathLike[str]) -> torch.Tensor:
