@@ -250,9 +250,9 @@ def check_finite(model: nn.Module) -> None:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise UserError(f"parameter {name!r} holds {bad} NaN or Inf value(s)")
-    for name, tensor in model.named_buffers():
-        if tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
-            bad = int(torch.isnan(tensor).sum())
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point() and bool(torch.isnan(buffer).any()):
+            bad = int(torch.isnan(buffer).sum())
             raise UserError(f"buffer {name!r} holds {bad} NaN value(s)")
 
 
