@@ -329,6 +329,23 @@ def bert_tiny() -> nn.Module:
     return bert(vocab=99, hidden=32, layers=2, heads=2, intermediate=64)
 
 
+def albert_tiny() -> nn.Module:
+    """A randomly initialised transformers AlbertModel: one encoder layer shared by all 3."""
+    _installed_kernels_first()
+    from transformers import AlbertConfig, AlbertModel
+
+    config = AlbertConfig(
+        vocab_size=99,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return AlbertModel(config)
+
+
 def gpt2_tiny() -> nn.Module:
     return gpt2(vocab=99, hidden=32, layers=2, heads=2)
 

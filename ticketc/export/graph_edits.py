@@ -1,13 +1,16 @@
 """Edits to a traced graph on its way to the file (ticketc.export.write): `slim_` drops what
 torch.onnx adds for debugging from the ONNX proto, `drop_data_` lets go of an encoded
-initializer's dense data in the in-memory IR (onnx_ir) so it is never serialised."""
+initializer's dense data in the in-memory IR (onnx_ir) so it is never serialised,
+`deduplicate_` keeps one initializer of each set holding the same values."""
 
 from __future__ import annotations
+
+import hashlib
 
 import onnx
 import onnx_ir as ir
 
-__all__ = ["drop_data_", "slim_"]
+__all__ = ["deduplicate_", "drop_data_", "slim_"]
 
 
 def slim_(proto: onnx.ModelProto) -> None:
@@ -77,3 +80,34 @@ def drop_data_(graph: ir.Graph, name: str) -> None:
         shape=ir.Shape(tensor.shape.numpy()),
         name=name,
     )
+
+
+def deduplicate_(model: ir.Model, sources: dict[str, list[str]]) -> list[str]:
+    """Keep one initializer of each set in the main graph holding the same values (dtype,
+    shape and bytes), every use of the others pointing at it; their PyTorch names in
+    `sources` move to it. torch.onnx folds a weight's transpose once per use, so a layer
+    shared across depth (ALBERT's one encoder layer) arrives as one copy per layer.
+    Graph inputs and outputs stay. Returns the names that went.
+
+    As onnx_ir's DeduplicateHashedInitializersPass, which hashes a tensor's buffer as it
+    lies and fails on torch's transposed views ("ndarray is not C-contiguous", onnx_ir 1.1).
+    """
+    graph = model.graph
+    kept: dict[tuple[object, tuple[int, ...], bytes], ir.Value] = {}
+    gone = []
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if tensor is None or value.is_graph_input() or value.is_graph_output():
+            continue
+        array = tensor.numpy()  # tobytes: C order whatever the strides
+        key = (tensor.dtype, tuple(array.shape), hashlib.sha256(array.tobytes()).digest())
+        first = kept.setdefault(key, value)
+        if first is value:
+            continue
+        value.replace_all_uses_with(first)
+        graph.initializers.pop(name)
+        gone.append(name)
+        if name in sources and first.name is not None:
+            merged = sources.setdefault(first.name, [])
+            merged.extend(n for n in sources.pop(name) if n not in merged)
+    return gone

@@ -24,7 +24,7 @@ from ticketc.export.config import (
     ExportResult,
     LayerRecord,
 )
-from ticketc.export.graph_edits import drop_data_, slim_
+from ticketc.export.graph_edits import deduplicate_, drop_data_, slim_
 from ticketc.export.storage import (
     StoragePlan,
     TensorStorage,
@@ -73,6 +73,9 @@ def write_onnx(
     and lands beside `out` together with it. Raises
     UserError (no file written) when a check fails.
     """
+    gone = [] if skip else deduplicate_(model, sources)  # skip: a file's own decoders stay
+    if gone:
+        notes.append(f"{len(gone)} initializer(s) held the same values as another: stored once")
     arrays = {n: a for n, a in graph_arrays(model).items() if n not in skip}
     weight_bytes = sum(a.nbytes for a in arrays.values())
     codecs: dict[str, str] = {}
