@@ -650,3 +650,13 @@ def test_weights_too_small_for_fp16_side_information_keep_their_exact_values(val
     one_small_row[3] *= 1e-4  # the row's int8 scale is ~1e-8
     (stored,) = [t for t in plan_storage({"w": one_small_row}, values).tensors if t.name == "w"]
     assert stored.codec.endswith("fp32" if values == "int8" else values), stored.codec
+
+
+def test_exact_kind_of_values_beyond_fp16_says_so_without_numpy_warning():
+    """Weights of ~2.5e5 do not fit fp16: the narrowing overflows, which says "not exact"
+    and must not leak numpy's "overflow encountered in cast" on stderr."""
+    from ticketc.export.storage import exact_kind
+
+    with np.errstate(over="raise"):
+        assert exact_kind(np.array([2.0**18, 1.0], np.float32)) == "bf16"
+        assert exact_kind(np.array([2.0**18 + 1, 1.0], np.float32)) == "fp32"

@@ -194,7 +194,8 @@ def exact_kind(array: np.ndarray) -> str:
     for kind in ("fp16", "bf16", "fp32", "fp64"):
         if VALUE_BITS[kind] >= VALUE_BITS[own]:
             return own
-        narrowed = array.astype(VALUE_DTYPE[kind])
+        with np.errstate(over="ignore"):  # a value beyond the kind's range is simply not exact
+            narrowed = array.astype(VALUE_DTYPE[kind])
         if np.array_equal(narrowed.astype(array.dtype), array, equal_nan=True):
             return kind
     return own
