@@ -32,6 +32,17 @@ class CausalAttention(nn.Module):
         return self.o(scores.softmax(-1) @ self.v(x))
 
 
+class ProjectedLSTM(nn.Module):
+    """An LSTM with projections (proj_size), which ONNX's LSTM cannot express."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, batch_first=True, proj_size=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lstm(x)[0]
+
+
 def causal_attention() -> nn.Module:
     return CausalAttention()
 

@@ -88,6 +88,21 @@ def test_torch_pytree_deprecation_warnings_stay_off_stderr(monkeypatch, capfd, r
     assert not [w for w in recwarn if "LeafSpec" in str(w.message)]  # not even recorded
 
 
+def test_a_library_warning_before_a_refusal_leaves_stderr_one_line(tmp_path, capfd, recwarn):
+    """torch warns "LSTM with projections is not supported with oneDNN" while the export of
+    such an LSTM is refused: the refusal stays the one line on stderr."""
+    import torch
+
+    from tests.models_for_tests import ProjectedLSTM
+
+    torch.save(ProjectedLSTM().state_dict(), tmp_path / "m.pt")
+    arch = "--arch=tests.models_for_tests:ProjectedLSTM"
+    argv = ["export", str(tmp_path / "m.pt"), arch, "--input", "2x5x8"]
+    assert main(argv) == 2
+    assert "proj" in _one_line(capfd)
+    assert not [w for w in recwarn if "oneDNN" in str(w.message)]  # never reaches stderr
+
+
 @pytest.mark.parametrize(
     "error",
     [

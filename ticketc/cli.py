@@ -56,10 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 @contextlib.contextmanager
 def _library_logs_hidden() -> Iterator[None]:
     """Keep library log records (torch.export's fake-tensor tracebacks on a wrong input shape,
-    dynamo's and transformers' chatter) off stderr while a command runs: a failure is reported
-    by ticketc's one line, and ticketc itself prints rather than logs. torch re-creates its
-    log handlers while tracing, so nothing short of logging.disable holds. TICKETC_DEBUG=1
-    shows them."""
+    dynamo's and transformers' chatter) and library warnings (torch's "LSTM with projections
+    is not supported with oneDNN" before a refusal, its pytree deprecations) off stderr while
+    a command runs: a failure is reported by ticketc's one line, and ticketc itself prints
+    notes rather than logging or warning. torch re-creates its log handlers while tracing, so
+    nothing short of logging.disable holds. TICKETC_DEBUG=1 shows them."""
     if os.environ.get("TICKETC_DEBUG"):
         yield
         return
@@ -67,10 +68,7 @@ def _library_logs_hidden() -> Iterator[None]:
     logging.disable(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
-            # torch's pytree warns of its own deprecated LeafSpec when a program is copied
-            warnings.filterwarnings(
-                "ignore", message=".*LeafSpec.* is deprecated", category=FutureWarning
-            )
+            warnings.simplefilter("ignore")
             yield
     finally:
         logging.disable(before)
