@@ -473,6 +473,49 @@ def test_a_weight_shared_across_depth_is_stored_once(tmp_path):
     assert_matches_model(tmp_path / "m.onnx", model, {"ids": torch.randint(1, 99, (3, 11))}, "fp32")
 
 
+class _GRUTagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(6, 12, batch_first=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(x)[0])
+
+
+def _float_sequence_models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    return {
+        "gru": (_GRUTagger(), (2, 5, 6)),  # [batch, time, features]
+        "encoder": (nn.TransformerEncoder(layer, 1), (2, 5, 16)),
+        "lstm": (zoo.recurrent(), (2, 5, 6)),
+        "conv1d": (nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Conv1d(8, 4, 1)), (2, 3, 9)),
+        "one_feature": (nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 2)), (2, 1)),
+    }
+
+
+@pytest.mark.parametrize("arch", ["gru", "encoder", "lstm", "conv1d", "one_feature"])
+def test_a_float_input_keeps_dim_1_dynamic_where_the_model_leaves_it_free(tmp_path, arch):
+    """A batch-first float sequence [batch, time, features] was exported with its time fixed
+    at the traced length, no note, against --input's help; now dim 1 of a 2-D / 3-D float
+    input is dynamic where the model leaves it free, and fixed where the model fixes it (a
+    Conv1d's channels, a Linear's single feature, never widened to trace). torch.onnx's LSTM
+    fails at other lengths in onnxruntime: its length is fixed, with a note."""
+    torch.manual_seed(0)
+    model, shape = _float_sequence_models()[arch]
+    model = model.eval()
+    prune_global_(model, 0.5)
+    result = export_model(model, torch.randn(shape), tmp_path / "m.onnx")
+    (port,) = onnx.load(str(tmp_path / "m.onnx")).graph.input
+    dims = [d.dim_param or d.dim_value for d in port.type.tensor_type.shape.dim]
+    free = arch in ("gru", "encoder")
+    assert dims == ["batch", "sequence" if free else shape[1], *shape[2:]], dims
+    fixed_with_note = any(note.startswith("sequence length fixed") for note in result.notes)
+    assert fixed_with_note == (arch == "lstm"), result.notes
+    other = (3, shape[1] + 4 if free else shape[1], *shape[2:])
+    assert_matches_model(tmp_path / "m.onnx", model, {"x": torch.randn(other)}, "fp32")
+
+
 def test_onnx_in_stores_equal_initializers_once_and_keeps_shapes_apart(tmp_path):
     """Two initializers of the same values are stored once, every use pointing at the one
     kept; a scalar 0 and a [1] tensor holding 0 are different tensors and both stay."""

@@ -87,7 +87,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") ->
         action="append",
         help=f"a model input, {INPUT_FORM}; repeat for several. Integer inputs take values "
         "in LOW-HIGH, by default token ids below the smallest embedding's size (all ones for "
-        "*mask* inputs). Dim 0 is the batch. Batch and sequence axes are exported dynamic",
+        "*mask* inputs). Dim 0 is the batch. Exported dynamic: the batch, and dim 1 (the "
+        "sequence) of integer inputs and of 2-D / 3-D float inputs where the model leaves it "
+        "free (a batch-first sequence, audio samples; not a Linear's features)",
     )
     parser.add_argument(
         "--input-shape", metavar="N,C,H,W", help="the shape of a single float input (as --input)"

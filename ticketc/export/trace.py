@@ -48,8 +48,11 @@ def dynamic_axes(
     example: ExampleInputs, model: nn.Module | None = None, sequence: bool = True
 ) -> dict[str | int, list[int]]:
     """The axes to export as dynamic: those a torch.export program's `model` keeps symbolic;
-    for any other model the batch (axis 0) of every input, and, `sequence`, the sequence
-    (axis 1) of integer inputs of rank >= 2 (token ids, attention masks)."""
+    for any other model the batch (axis 0) of every input, and, `sequence`, axis 1 of integer
+    inputs of rank >= 2 (token ids, attention masks) and of float inputs of rank 2 or 3 (a
+    batch-first sequence [batch, time, features], audio samples [batch, samples]). They are
+    Dim.AUTO: torch.export keeps static what the model fixes (a Linear's features, a Conv1d's
+    channels), so only a float axis the model leaves free comes out dynamic."""
     program = symbolic_axes(model) if model is not None else None
     if program is not None:
         return dict(program)
@@ -61,10 +64,39 @@ def dynamic_axes(
             axes[key] = []
             continue
         chosen = [0] if t.dim() >= 1 else []
-        if sequence and t.dim() >= 2 and not t.is_floating_point() and t.dtype != torch.bool:
+        if sequence and t.dtype != torch.bool and _sequence_axis(example, key, t, model):
             chosen.append(1)
         axes[key] = chosen
     return axes
+
+
+def _sequence_axis(
+    example: ExampleInputs, key: str | int, t: torch.Tensor, model: nn.Module | None
+) -> bool:
+    """Whether axis 1 of an example input is exported Dim.AUTO: integer inputs of rank >= 2;
+    float inputs of rank 2 or 3 ([batch, time, features], audio [batch, samples]) where the
+    model runs at another size of it (not a Conv1d's channels or a Linear's features, which
+    torch.onnx would still declare symbolic), but of a transformers model only audio (its
+    [batch, mel bins, frames] and images are fixed)."""
+    if not t.is_floating_point():
+        return t.dim() >= 2
+    if model is None or not 2 <= t.dim() <= 3:
+        return False
+    if is_transformers_model(model) and t.dim() != 2:
+        return False
+    size = t.shape[1]
+    other = t.narrow(1, 0, size - 1) if size > 2 else torch.cat([t, t.narrow(1, 0, 1)], dim=1)
+    if isinstance(key, int):
+        args = tuple(other if i == key else a for i, a in enumerate(example.args))
+        changed = dataclasses.replace(example, args=args)
+    else:
+        changed = dataclasses.replace(example, kwargs={**example.kwargs, key: other})
+    try:
+        with torch.no_grad(), quiet():
+            changed(model)
+    except Exception:  # noqa: BLE001 - any failure of the model says the size is fixed
+        return False
+    return True
 
 
 def torch_to_onnx(
@@ -175,6 +207,8 @@ def _widened(
 
     def widen(key: str | int, t: torch.Tensor) -> torch.Tensor:
         for axis in axes.get(key, []):
+            if axis == 1 and t.is_floating_point():
+                continue  # a float axis 1 of size 1 may be features: it stays as given
             if t.shape[axis] < TRACE_MIN_SIZE:
                 t = torch.cat([t] * TRACE_MIN_SIZE, dim=axis)
         return t
