@@ -103,6 +103,16 @@ def tiny_wav2vec2() -> nn.Module:
     return transformers.Wav2Vec2ForCTC(config)
 
 
+def tiny_clip() -> nn.Module:
+    """A dual encoder: main input input_ids, and pixel_values for its vision tower."""
+    text = {"vocab_size": 99, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    text |= {"num_attention_heads": 2, "max_position_embeddings": 32}
+    vision = {"image_size": 16, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64}
+    vision |= {"num_hidden_layers": 2, "num_attention_heads": 2}
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    return transformers.CLIPModel(config)
+
+
 def tiny_bart_classifier() -> nn.Module:
     """An encoder-decoder whose classification head reads the decoder's states at each
     row's end-of-sequence token, with decoder inputs it makes from input_ids."""

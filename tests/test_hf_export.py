@@ -181,17 +181,54 @@ def test_verification_samples_pad_masks_on_both_sides():
     assert mask[2].all() and random_like(example).kwargs["attention_mask"].all()
 
 
-def test_an_audio_model_directory_exports_with_its_length_fixed(tmp_path, capsys):
-    """wav2vec2: torch.export keeps the audio length dynamic only as a derived dimension, so
-    the file takes a dynamic batch of 4000-sample clips (verification must not resize it)."""
+def test_an_audio_model_directory_exports_with_a_dynamic_length(tmp_path, capsys):
+    """wav2vec2's audio length (input_values [batch, samples]) was fixed at the 4000 samples
+    it was traced at, with no note; torch.export keeps it dynamic through the conv stem, and
+    the file matches transformers' model at other lengths."""
     from tests.hf_models import tiny_wav2vec2
 
     torch.manual_seed(0)
     tiny_wav2vec2().eval().save_pretrained(tmp_path / "w2v")
     out = tmp_path / "w2v.onnx"
     assert main(["export", str(tmp_path / "w2v"), "-o", str(out)]) == 0, capsys.readouterr().err
-    (port,) = ort_session(out).get_inputs()
-    assert port.name == "input_values" and port.shape[1] == 4000 and isinstance(port.shape[0], str)
+    session = ort_session(out)
+    (port,) = session.get_inputs()
+    assert port.name == "input_values" and all(isinstance(d, str) for d in port.shape)
+    reference = type(tiny_wav2vec2()).from_pretrained(tmp_path / "w2v").eval()
+    for batch, samples in ((1, 4000), (2, 9001)):
+        x = torch.randn(batch, samples, generator=torch.Generator().manual_seed(samples))
+        with torch.no_grad():
+            expected = reference(input_values=x).logits
+        (got,) = session.run(None, {"input_values": x.numpy()})
+        assert got.shape == tuple(expected.shape)
+        assert _rel(got, expected) <= FP32_RTOL, (batch, samples)
+
+
+def test_a_dual_encoder_gets_pixel_values_beside_its_token_ids(tmp_path, capsys):
+    """CLIP's main input is input_ids, but its forward needs pixel_values too: the default
+    inputs gave it none ("'NoneType' object has no attribute 'shape'")."""
+    from tests.hf_models import tiny_clip
+
+    torch.manual_seed(0)
+    tiny_clip().eval().save_pretrained(tmp_path / "clip")
+    out = tmp_path / "clip.onnx"
+    assert main(["export", str(tmp_path / "clip"), "-o", str(out)]) == 0, capsys.readouterr().err
+    session = ort_session(out)
+    assert [p.name for p in session.get_inputs()] == ["input_ids", "attention_mask", "pixel_values"]
+    reference = type(tiny_clip()).from_pretrained(tmp_path / "clip").eval()
+    ids = torch.randint(3, 99, (3, 7), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs["pixel_values"] = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(**inputs).logits_per_image
+    got = dict(
+        zip(
+            [o.name for o in session.get_outputs()],
+            session.run(None, {k: v.numpy() for k, v in inputs.items()}),
+            strict=True,
+        )
+    )
+    assert _rel(got["logits_per_image"], expected) <= FP32_RTOL
 
 
 def test_verify_in_a_fresh_process_flattens_a_causal_lms_cache_as_the_export_did(tmp_path):

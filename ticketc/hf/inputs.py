@@ -8,10 +8,11 @@ whether it takes an attention mask, the config the sizes (vocabulary, image size
 
 | main input       | inputs (dynamic axes)                                              |
 |------------------|--------------------------------------------------------------------|
-| input_ids        | input_ids, attention_mask: int64 [batch, sequence]                 |
+| input_ids        | input_ids, attention_mask: int64 [batch, sequence]; pixel_values   |
+|                  | too where the forward takes it (a dual encoder: CLIP, SigLIP)      |
 | pixel_values     | pixel_values: float [batch, channels, height, width]               |
 | input_features   | Whisper: float [batch, mel bins, 2 x max_source_positions]         |
-| input_values     | float [batch, 4000] (wav2vec2-style audio; the length stays fixed) |
+| input_values     | float [batch, sequence] (wav2vec2-style audio, traced at 4000)     |
 
 Encoder-decoder models (config.is_encoder_decoder) also get decoder_input_ids int64
 [batch, decoder_sequence].
@@ -149,6 +150,22 @@ def _takes(model: torch.nn.Module, argument: str) -> bool:
 _DECODER_FROM_INPUT = ("ForSequenceClassification", "ForQuestionAnswering")
 
 
+def _pixels(model: torch.nn.Module, config: Any) -> HfInput:
+    """pixel_values at the config's image_size and num_channels (3 if it gives none), with
+    a dynamic batch; UserError saying which --input to give where it has no image_size."""
+    size = _get(config, "image_size")
+    channels = _get(config, "num_channels") or 3
+    if size is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise UserError(
+            f"{model_type} config has no image_size for pixel_values: pass --input "
+            f"pixel_values:{_float_dtype(model)}:1,{int(channels)},HEIGHT,WIDTH"
+        )
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    pixels = (_EXAMPLE_BATCH, int(channels), h, w)
+    return HfInput("pixel_values", _float_dtype(model), pixels, {0: BATCH})
+
+
 def default_input_specs(model: torch.nn.Module) -> list[HfInput]:
     """The inputs a transformers `model` is traced with by default; see the module table.
 
@@ -176,25 +193,19 @@ def default_input_specs(model: torch.nn.Module) -> list[HfInput]:
         specs = [HfInput("input_ids", "int64", (_EXAMPLE_BATCH, length), axes, int(vocab), final)]
         if _takes(model, "attention_mask"):
             specs.append(HfInput("attention_mask", "int64", (_EXAMPLE_BATCH, length), axes))
+        if _takes(model, "pixel_values"):  # a dual encoder (CLIP, SigLIP) needs both towers
+            vision = getattr(config, "vision_config", None)
+            specs.append(_pixels(model, vision if vision is not None else config))
     elif main == "pixel_values":
-        size = _get(config, "image_size")
-        channels = _get(config, "num_channels") or 3
-        if size is None:
-            raise UserError(
-                f"{model_type} config has no image_size for pixel_values: pass --input "
-                f"pixel_values:{_float_dtype(model)}:1,{int(channels)},HEIGHT,WIDTH"
-            )
-        h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        pixels = (_EXAMPLE_BATCH, int(channels), h, w)
-        specs = [HfInput("pixel_values", _float_dtype(model), pixels, batch)]
+        specs = [_pixels(model, config)]
     elif main == "input_features" and model_type == "whisper":
         frames = 2 * int(config.max_source_positions)  # the conv stem halves the frames
         features = (_EXAMPLE_BATCH, int(config.num_mel_bins), frames)
         specs = [HfInput("input_features", _float_dtype(model), features, batch)]
     elif main == "input_values":
-        # the audio length stays fixed: torch.export keeps it dynamic only as a derived
-        # dimension of the conv stem's strides (give --input input_values:float32:1,LENGTH)
-        specs = [HfInput("input_values", _float_dtype(model), (_EXAMPLE_BATCH, 4000), batch)]
+        # torch.export keeps the length dynamic through the conv stem's strides (Dim.AUTO)
+        audio = (_EXAMPLE_BATCH, 4000)
+        specs = [HfInput("input_values", _float_dtype(model), audio, {0: BATCH, 1: SEQUENCE})]
     else:
         raise UserError(
             f"no default inputs for model_type {model_type!r} (main input {main!r}); "
