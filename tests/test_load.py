@@ -352,3 +352,17 @@ def test_a_weight_norm_state_dict_loads_with_its_arch(tmp_path):
     loaded = load_model(tmp_path / "sd.pt", arch="tests.test_load:weight_norm_net")
     x = torch.randn(2, 4, 8)
     torch.testing.assert_close(loaded.model.eval()(x), model(x))
+
+
+def test_a_plain_pickle_is_named_as_one(tmp_path):
+    """pickle.dump's file was "not a readable torch file (Unsupported operand 149)"; torch's
+    legacy (non-zip) files, which also open with a pickle header, still load."""
+    import pickle
+
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump(tiny_mlp().state_dict(), f)
+    with pytest.raises(UserError, match="a plain Python pickle, not a file torch.save wrote"):
+        load_model(tmp_path / "plain.pkl", arch=ARCH)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(tiny_mlp().state_dict(), legacy, _use_new_zipfile_serialization=False)
+    assert load_model(legacy, arch=ARCH).model is not None

@@ -208,6 +208,15 @@ def describe_other_format(path: Path, names: list[str] | None) -> str | None:
     return None
 
 
+def _starts_as_a_pickle(f: Any) -> bool:
+    """Whether a file opens with a pickle protocol 2+ header (PROTO opcode 0x80, then the
+    protocol number) and is no torch.save legacy file: those begin with a pickled magic
+    number, a LONG1 opcode (0x8a) right after the header."""
+    f.seek(0)
+    head = f.read(3)
+    return len(head) == 3 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[2] != 0x8A
+
+
 def torch_load_safe(path: str | os.PathLike[str], *, trust_pickle: bool) -> Any:
     """torch.load with weights_only, turning every failure into one clear UserError.
 
@@ -232,6 +241,11 @@ def torch_load_safe(path: str | os.PathLike[str], *, trust_pickle: bool) -> Any:
                 return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             unsafe = _unsafe_globals(f, e)
+            if unsafe is None and names is None and _starts_as_a_pickle(f):
+                raise UserError(
+                    f"{p}: a plain Python pickle, not a file torch.save wrote: ticketc reads "
+                    "torch.save's files (a state dict, or a whole module with --trust-pickle)"
+                ) from e
             if unsafe is None:
                 raise UserError(f"{p}: not a readable torch file ({_reason(e)})") from e
             refusal = e
