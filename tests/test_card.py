@@ -76,6 +76,15 @@ def test_card_of_a_directory_lives_inside_it(tmp_path):
     )
 
 
+def test_a_file_larger_than_its_reference_is_said_to_be_larger():
+    """An EmbeddingBag's Loop body outweighs its pruned weights: the card said "0.24x
+    smaller than the graph's weights"; it says 4.20x their size."""
+    reference = ("graph's weights as dense fp32", 1000)
+    card = Card("x", "k", "s", layers=[], files={"x.onnx": 4200}, reference=reference)
+    text = render_markdown(card)
+    assert "4.20x the size of the graph's weights" in text and "smaller" not in text
+
+
 def test_empty_card_renders_without_dividing_by_zero():
     card = Card(artifact="x", kind="k", source="s", layers=[], files={})
     assert "Sparsity card" in render_markdown(card)

@@ -29,6 +29,7 @@ __all__ = [
     "card_stem",
     "export_card",
     "render_markdown",
+    "size_phrase",
     "write_card",
 ]
 
@@ -152,6 +153,17 @@ def _speedup(r: LayerRecord) -> str:
     return f"{text}, {r.speedup_basis}" if r.speedup_basis else text
 
 
+def size_phrase(times_smaller: float) -> str:
+    """How a file compares with its reference, from reference bytes / file bytes: "3.9x
+    smaller than", "4.20x the size of" (a file larger than its reference: an EmbeddingBag's
+    Loop body outweighs its weights), "about the size of" (within 5 %)."""
+    if times_smaller >= 1.05:
+        return f"{times_smaller:.1f}x smaller than"
+    if times_smaller < 0.95:
+        return f"{1 / times_smaller:.2f}x the size of"
+    return "about the size of"
+
+
 def render_markdown(card: Card) -> str:
     t = card.totals
     lines = [
@@ -168,7 +180,7 @@ def render_markdown(card: Card) -> str:
     ]
     if "times_smaller" in t and card.reference is not None:
         lines.append(
-            f"{t['times_smaller']:.2f}x smaller than the {card.reference[0]} "
+            f"{size_phrase(t['times_smaller']).capitalize()} the {card.reference[0]} "
             f"({_bytes(card.reference[1])})."
         )
     if card.runtimes:

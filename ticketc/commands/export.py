@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ticketc.card import size_phrase
 from ticketc.commands._common import (
     add_model_arguments,
     build_config,
@@ -193,15 +194,8 @@ def print_summary(result: ExportResult) -> None:
         + (" (lossless)" if result.values == "fp32" else "")
     )
     if result.weight_bytes:
-        ratio = result.weight_bytes / result.total_bytes
+        size = size_phrase(result.weight_bytes / result.total_bytes)
         bound = result.bound_bytes
-        size = (
-            f"{ratio:.1f}x smaller than"
-            if ratio >= 1.05
-            else f"{1 / ratio:.2f}x the size of"
-            if ratio < 0.95
-            else "about the size of"
-        )
         console.print(
             f"{size.capitalize()} the graph's weights as "
             f"exported ({result.weight_bytes:,} B); {result.total_bytes / bound:.2f}x the entropy "

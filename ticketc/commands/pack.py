@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ticketc.card import size_phrase
 from ticketc.commands._common import (
     add_reading_arguments,
     build_config,
@@ -94,7 +95,7 @@ def print_summary(result: PackResult) -> None:
     console.print(f"wrote {files} in {result.seconds:.2f} s")
     if result.card.reference is not None and "times_smaller" in t:
         what, size = result.card.reference
-        console.print(f"{t['times_smaller']:.2f}x smaller than the {what} ({size:,} B)")
+        console.print(f"{size_phrase(t['times_smaller']).capitalize()} the {what} ({size:,} B)")
     if t["file_bytes_over_bound"]:
         console.print(
             f"{t['file_bytes_over_bound']:.3f}x the entropy bound ({t['bound_bytes']:,.0f} B)"
