@@ -254,3 +254,30 @@ def test_verify_fails_a_lossy_file_of_another_model_by_its_weights(tmp_path, cap
         assert main(["verify", str(out), "--against", *against]) == 2
         err = capsys.readouterr().err
         assert "verification FAILED" in err and "promises" in err, err  # int4: int8 if tiny
+
+
+@pytest.mark.parametrize("against", ["model", "onnx"])
+def test_verify_compares_a_lossy_file_whose_equal_initializers_were_stored_once(
+    tmp_path, capsys, against
+):
+    """ALBERT's shared layer is traced as one copy per layer and stored once: verify traces
+    (or reads) the reference the same way, so its weights and graph are still compared."""
+    from tests.models_for_tests import albert_tiny
+
+    torch.manual_seed(0)
+    model = albert_tiny().eval()
+    prune_global_(model, 0.8)
+    for module in model.modules():
+        masks = [k for k, _ in module.named_buffers(recurse=False) if k.endswith("_mask")]
+        for mask in masks:
+            prune.remove(module, mask[: -len("_mask")])
+    torch.save(model.state_dict(), tmp_path / "a.pt")
+    source = [str(tmp_path / "a.pt"), "--arch=tests.models_for_tests:albert_tiny"]
+    out, dense = tmp_path / "int8.onnx", tmp_path / "dense.onnx"
+    assert main(["export", *source, "--values=int8", "-o", str(out)]) == 0
+    assert main(["export", *source, "--format=dense", "-o", str(dense)]) == 0
+    capsys.readouterr()
+    reference = source if against == "model" else [str(dense)]
+    assert main(["verify", str(out), "--against", *reference]) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out
+    assert "not compared" not in said and "graph on the file's weights gives" in said, said

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         tolerance, stored = _tolerance(args)
         result, random_sample = _against_onnx(args, tolerance)
         if tolerance is None:  # lossy values: their weights and graph against the file's
-            reference = load_onnx(args.against)
+            reference = stored_once(load_onnx(args.against))
             stored += "; " + lossy_weights_checked(args.onnx, proto_arrays(reference))
             stored += "; " + graph_checked(args.onnx, reference, random_sample)
     else:
@@ -193,12 +193,27 @@ def _tensor_like(init: onnx.TensorProto, array: np.ndarray) -> onnx.TensorProto:
 
 
 def traced_graph(model: nn.Module, example: ExampleInputs) -> onnx.ModelProto:
-    """`model` as ticketc's export traces it (BatchNorms folded), dense."""
+    """`model` as ticketc's export traces it (BatchNorms folded, equal initializers stored
+    once), dense."""
     from onnx_ir import to_proto
 
+    from ticketc.export.graph_edits import deduplicate_
     from ticketc.export.trace import torch_to_onnx
 
-    return to_proto(torch_to_onnx(model, example).model)
+    traced = torch_to_onnx(model, example).model
+    deduplicate_(traced, {})
+    return to_proto(traced)
+
+
+def stored_once(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` with its equal initializers stored once, as the export writes them, so that
+    the file's initializer names are the reference's."""
+    import onnx_ir as ir
+
+    from ticketc.export.graph_edits import deduplicate_
+
+    model = ir.serde.deserialize_model(proto)
+    return ir.to_proto(model) if deduplicate_(model, {}) else proto
 
 
 def proto_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
