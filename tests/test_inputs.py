@@ -140,7 +140,7 @@ def test_the_checks_random_inputs_stay_in_the_users_range():
     """Verification draws other inputs of the example's kinds: token ids the user bounded
     with LOW-HIGH stay in that range (before: ids below the smallest Embedding, whatever the
     range), kept through batch changes and tracing's widening."""
-    from ticketc.export.trace import _widened
+    from ticketc.export.trace import _widened, dynamic_axes
     from ticketc.inputs import random_like
 
     example = inputs_from_specs(
@@ -148,7 +148,7 @@ def test_the_checks_random_inputs_stay_in_the_users_range():
         nn.Embedding(1000, 4),
     )
     model = nn.Embedding(1000, 4)
-    traced = _widened(example.at_batch(1), True, model, sequence=True)
+    traced = _widened(example.at_batch(1), dynamic_axes(example.at_batch(1), model))
     for inputs in (example, example.at_batch(3), example.map(lambda t: t.clone()), traced):
         drawn = random_like(inputs, model, seed=5, sizes=lambda k, a, s: s + 1)
         ids, mask = drawn.kwargs["ids"], drawn.kwargs["mask"]

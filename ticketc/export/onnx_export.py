@@ -12,6 +12,7 @@ never a layer type or a name.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import replace
@@ -33,7 +34,7 @@ from ticketc.export.config import (
     ExportResult,
     LayerRecord,
 )
-from ticketc.export.trace import dynamic_axes, torch_to_onnx
+from ticketc.export.trace import batch_only, dynamic_axes, torch_to_onnx
 from ticketc.export.write import ir_numpy, read_metadata, write_onnx
 from ticketc.inputs import ExampleInputs, float_dtype, random_like
 from ticketc.load import set_eval_
@@ -102,15 +103,20 @@ def export_model(
     def attempt(dtype: torch.dtype, notes: list[str]) -> ExportResult:
         """`_export`, again where the dynamic axes fail: with the sequence length fixed (and a
         note) where the model has one, then with every input shape fixed."""
-        example = ExampleInputs.of(example_inputs)
+        model = prepared
+        if dtype != own:
+            model = copy.deepcopy(prepared).to(dtype)
+            notes = [*notes, f"model cast to {_kind(dtype)}"]
+        set_eval_(model)
+        example = ExampleInputs.of(example_inputs).map(
+            lambda t: t.to(dtype) if t.is_floating_point() else t
+        )
         fallbacks = [replace(config, dynamic_batch=False)]
-        sequence = dynamic_axes(example, prepared) != dynamic_axes(example, prepared, False)
-        if config.dynamic_sequence and sequence:
+        axes = dynamic_axes(example, model)  # runs the model: once per attempt
+        if config.dynamic_sequence and axes != batch_only(axes, model):
             fallbacks.insert(0, replace(config, dynamic_sequence=False))
         try:
-            return _export(
-                prepared, example_inputs, out, config, sample, dtype, start, notes, source
-            )
+            return _export(model, example, out, config, sample, dtype, start, notes, source, axes)
         except _DynamicAxesFail as e:
             failure = e
         for fallback in fallbacks:
@@ -118,8 +124,8 @@ def export_model(
             note = f"{fixed} fixed at {example.describe()}: with dynamic axes, {failure}"
             try:
                 return _export(
-                    prepared,
-                    example_inputs,
+                    model,
+                    example,
                     out,
                     fallback,
                     sample,
@@ -127,6 +133,7 @@ def export_model(
                     start,
                     [*notes, note],
                     source,
+                    axes,
                 )
             except _DynamicAxesFail:
                 continue  # the batch fails too: every shape fixed next
@@ -158,7 +165,7 @@ def _kind(dtype: torch.dtype) -> str:
 
 def _export(
     prepared: nn.Module,
-    example_inputs: Any,
+    example: ExampleInputs,
     out: str | os.PathLike[str],
     config: ExportConfig,
     sample: Any,
@@ -166,16 +173,11 @@ def _export(
     start: float,
     notes: list[str],
     source: str,
+    axes: dict[str | int, list[int]],
 ) -> ExportResult:
-    if dtype != float_dtype(prepared):
-        import copy
-
-        prepared = copy.deepcopy(prepared).to(dtype)
-        notes = [*notes, f"model cast to {_kind(dtype)}"]
-    set_eval_(prepared)
-    example = ExampleInputs.of(example_inputs).map(
-        lambda t: t.to(dtype) if t.is_floating_point() else t
-    )
+    """One export of `prepared` (in eval mode, of float type `dtype`) traced on `example` (of
+    that type) with `axes` dynamic (`dynamic_axes`), written to `out` and checked."""
+    notes = list(notes)
     reference = prepared
     if config.dead_units:
         prepared, note = _without_dead_units(prepared)
@@ -188,6 +190,7 @@ def _export(
         opset=config.opset,
         input_names=list(config.input_names) if config.input_names else None,
         output_names=list(config.output_names) if config.output_names else None,
+        axes=axes,
     )
     notes += traced.notes
     sources = _marked_sources(traced.sources, traced.model, reference)

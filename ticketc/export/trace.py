@@ -99,6 +99,14 @@ def _sequence_axis(
     return True
 
 
+def batch_only(axes: dict[str | int, list[int]], model: nn.Module) -> dict[str | int, list[int]]:
+    """`axes` without the sequence axes: what `dynamic_axes(..., sequence=False)` returns (a
+    torch.export program's own axes are kept whole)."""
+    if symbolic_axes(model) is not None:
+        return axes
+    return {key: [axis for axis in chosen if axis == 0] for key, chosen in axes.items()}
+
+
 def torch_to_onnx(
     model: nn.Module,
     example: ExampleInputs,
@@ -108,19 +116,23 @@ def torch_to_onnx(
     opset: int | None = None,
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
+    axes: dict[str | int, list[int]] | None = None,
 ) -> Traced:
     """Export `model` on `example` to an ONNX IR model; one clear UserError when it cannot.
 
-    Batch and, `sequence`, sequence axes (see `dynamic_axes`) are exported dynamic when
+    Batch and, `sequence`, sequence axes (see `dynamic_axes`; `axes`: what it returned for
+    this model and example, which runs the model to decide) are exported dynamic when
     torch.export can keep them so (a note says where it could not). Outputs are flattened
     (dicts, ModelOutput, nested tuples) and named after their keys; `input_names` /
     `output_names` rename them.
     """
+    axes = axes if axes is not None else dynamic_axes(example, model)
+    chosen = axes if sequence else batch_only(axes, model)
     if is_transformers_model(model):
-        traced = _transformers_to_onnx(model, example, dynamic, sequence, opset=opset)
+        traced = _transformers_to_onnx(model, example, dynamic, chosen, opset=opset)
     else:
-        traced = _plain_to_onnx(model, example, dynamic, sequence, opset=opset)
-    _name_dynamic_axes(traced.model.graph, example, model)
+        traced = _plain_to_onnx(model, example, dynamic, chosen, opset=opset)
+    _name_dynamic_axes(traced.model.graph, example, model, axes)
     _rename(traced.model.graph.inputs, input_names, "input")
     _rename(traced.model.graph.outputs, output_names, "output")
     static = [v.name for v in traced.model.graph.inputs if dynamic and _all_static(v)]
@@ -133,7 +145,9 @@ def torch_to_onnx(
 AXIS_NAMES = {0: "batch", 1: "sequence"}
 
 
-def _name_dynamic_axes(graph: ir.Graph, example: ExampleInputs, model: nn.Module) -> None:
+def _name_dynamic_axes(
+    graph: ir.Graph, example: ExampleInputs, model: nn.Module, axes: dict[str | int, list[int]]
+) -> None:
     """Call the symbolic dims of the graph's inputs "batch" / "sequence" (torch.export names
     them s0, s1, ...), matching inputs by keyword name, else by position, and the outputs'
     dims of the same symbols too; a program's axes past the first keep torch's names (its
@@ -143,7 +157,6 @@ def _name_dynamic_axes(graph: ir.Graph, example: ExampleInputs, model: nn.Module
     graph runs at any length) leaves the outputs' dims of that size static ([s23, 12, 7]):
     onnxruntime then warns at every other length. Those dims are called after the axis too;
     a dim declared symbolic that is in fact static costs nothing at run time."""
-    axes = dynamic_axes(example, model)
     names = AXIS_NAMES if symbolic_axes(model) is None else {0: AXIS_NAMES[0]}
     renamed: dict[str, str] = {}
     for index, value in enumerate(graph.inputs):
@@ -180,12 +193,13 @@ def _rename(values: Sequence[ir.Value], names: list[str] | None, what: str) -> N
         value.name = name
 
 
-def _dynamic_shapes(model: nn.Module, example: ExampleInputs, sequence: bool) -> Any:
-    """`dynamic_shapes` for torch.export: Dim.AUTO on the axes of `dynamic_axes` (torch.export
+def _dynamic_shapes(
+    model: nn.Module, example: ExampleInputs, axes: dict[str | int, list[int]]
+) -> Any:
+    """`dynamic_shapes` for torch.export: Dim.AUTO on `axes` (from `dynamic_axes`; torch.export
     keeps an axis static where the model needs it so). A tuple for positional inputs only, else
     a dict by forward parameter name."""
     auto = torch.export.Dim.AUTO
-    axes = dynamic_axes(example, model, sequence)
     args = tuple({a: auto for a in axes[i]} or None for i in range(len(example.args)))
     if not example.kwargs:
         return args
@@ -197,13 +211,9 @@ def _dynamic_shapes(model: nn.Module, example: ExampleInputs, sequence: bool) ->
     return spec
 
 
-def _widened(
-    example: ExampleInputs, dynamic: bool, model: nn.Module, sequence: bool
-) -> ExampleInputs:
-    """The example with every dynamic axis of size 1 repeated to TRACE_MIN_SIZE."""
-    if not dynamic:
-        return example
-    axes = dynamic_axes(example, model, sequence)
+def _widened(example: ExampleInputs, axes: dict[str | int, list[int]]) -> ExampleInputs:
+    """The example with every axis of `axes` (from `dynamic_axes`) of size 1 repeated to
+    TRACE_MIN_SIZE."""
 
     def widen(key: str | int, t: torch.Tensor) -> torch.Tensor:
         for axis in axes.get(key, []):
@@ -221,19 +231,24 @@ def _widened(
 
 
 def _plain_to_onnx(
-    model: nn.Module, example: ExampleInputs, dynamic: bool, sequence: bool, *, opset: int | None
+    model: nn.Module,
+    example: ExampleInputs,
+    dynamic: bool,
+    axes: dict[str | int, list[int]],
+    *,
+    opset: int | None,
 ) -> Traced:
     notes: list[str] = []
     program = None
     if dynamic and example.tensors():
-        traced = _widened(example, dynamic, model, sequence)
+        traced = _widened(example, axes)
         try:
             with quiet():
                 program = torch.export.export(
                     model,
                     traced.args,
                     traced.kwargs,
-                    dynamic_shapes=_dynamic_shapes(model, traced, sequence),
+                    dynamic_shapes=_dynamic_shapes(model, traced, axes),
                 )
         except Exception as e:  # noqa: BLE001 - torch.export raises many types
             notes.append(f"input shapes fixed at {example.describe()}: {first_line(e)[:150]}")
@@ -306,25 +321,31 @@ def _name_outputs(graph: ir.Graph, names: list[str]) -> None:
 
 
 def _transformers_to_onnx(
-    model: nn.Module, example: ExampleInputs, dynamic: bool, sequence: bool, *, opset: int | None
+    model: nn.Module,
+    example: ExampleInputs,
+    dynamic: bool,
+    axes: dict[str | int, list[int]],
+    *,
+    opset: int | None,
 ) -> Traced:
     """transformers' own exporter: it patches what torch.export cannot trace in its models and
     flattens caches; ModelOutput keys become the output names."""
     try:
         from transformers.exporters.exporter_onnx import OnnxConfig, OnnxExporter
     except ImportError:  # an older transformers: the plain path
-        return _plain_to_onnx(model, example, dynamic, sequence, opset=opset)
+        return _plain_to_onnx(model, example, dynamic, axes, opset=opset)
     import inspect
 
     inputs = dict(example.kwargs)
     parameters = list(inspect.signature(model.forward).parameters)
     inputs.update(zip(parameters, example.args, strict=False))
     as_kwargs = ExampleInputs((), inputs)
+    axes = {parameters[k] if isinstance(k, int) else k: chosen for k, chosen in axes.items()}
     notes: list[str] = []
     onnx_model = None
     if dynamic:
-        widened = _widened(as_kwargs, dynamic, model, sequence)
-        shapes = _dynamic_shapes(model, widened, sequence)
+        widened = _widened(as_kwargs, axes)
+        shapes = _dynamic_shapes(model, widened, axes)
         try:
             with quiet(), _sdpa_as_math():
                 onnx_model, _ = OnnxExporter().export_program(
