@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -29,6 +31,9 @@ from ticketc.verify import (
     verify,
     verify_against_onnx,
 )
+
+if TYPE_CHECKING:
+    from ticketc.export.portable import StoredGroup
 
 NAME = "verify"
 HELP = "run an ONNX file in onnxruntime and compare it with the PyTorch model (or ONNX file)"
@@ -74,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
         result, random_sample = _against_onnx(args, tolerance)
         if tolerance is None:  # lossy values: their weights and graph against the file's
             reference = stored_once(load_onnx(args.against))
-            stored += "; " + lossy_weights_checked(args.onnx, proto_arrays(reference))
-            stored += "; " + graph_checked(args.onnx, reference, random_sample)
+            stored += "; " + lossy_checked(args.onnx, reference, random_sample)
     else:
         args.model = args.against
         loaded = load_from_args(args)  # the model first: refusals (pickle, remote code) first
@@ -86,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
         result = verify(args.onnx, loaded.model, sample, tolerance)
         if tolerance is None:  # lossy values: their weights and graph against the model's
             reference = traced_graph(loaded.model, example)
-            stored += "; " + lossy_weights_checked(args.onnx, proto_arrays(reference))
-            stored += "; " + graph_checked(args.onnx, reference, ExampleInputs.of(sample))
+            stored += "; " + lossy_checked(args.onnx, reference, ExampleInputs.of(sample))
     if args.json:
         print(
             json.dumps(
@@ -108,30 +111,52 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def lossy_weights_checked(path: str, reference: dict[str, np.ndarray]) -> str:
-    """A lossy file's decoded weights against the reference's own (`reference`: initializer
-    -> array, from the model traced as the export traces it, or from the ONNX file it was
-    exported from): each within what its value type promises, as the export checked them.
-    UserError (verification FAILED) naming the first tensor beyond; else a phrase for the
-    summary, which says so where the reference holds other initializers (another torch,
-    --dtype or --dead-units at export) and nothing was compared. Output errors alone cannot
-    tell a lossy file of another model from this one's."""
-    from ticketc.export.decode import decode_checks
+def lossy_checked(path: str, reference: onnx.ModelProto, sample: ExampleInputs) -> str:
+    """A lossy file's stored weights and graph against the reference's (`reference`: the model
+    traced as the export traces it, or the ONNX file it was exported from): `weights_checked`
+    and `graph_checked`, on one read of the file and one decode of its weights in
+    onnxruntime. UserError (verification FAILED) naming what differs; else a phrase for the
+    summary."""
+    from ticketc.export.decode import decode_in_onnxruntime
     from ticketc.export.portable_read import read_portable
 
-    proto = parse_onnx(check_file(path))
+    proto = load_onnx(path)
     codecs = (read_metadata(proto) or {}).get("groups") or {}
     try:
         groups = read_portable(proto, codecs)
     except ValueError as e:
         raise UserError(f"{path}: its stored weights cannot be read ({e})") from e
+    held = {init.name for init in proto.graph.initializer}
+    computed = {out for node in proto.graph.node for out in node.output}
+    names = {name for group in groups for name in group.names}
+    names |= {i.name for i in reference.graph.initializer if i.name in computed - held}
+    decoded = decode_in_onnxruntime(proto, sorted(names))
+    weights = weights_checked(path, proto, groups, decoded, proto_arrays(reference))
+    return f"{weights}; {graph_checked(path, proto, decoded, reference, sample)}"
+
+
+def weights_checked(
+    path: str,
+    proto: onnx.ModelProto,
+    groups: Sequence[StoredGroup],
+    decoded: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+) -> str:
+    """The file's decoded weights (`decoded`, of its stored `groups`) against the reference's
+    own (`reference`: initializer -> array): each within what its value type promises, as the
+    export checked them. UserError (verification FAILED) naming the first tensor beyond; else a
+    phrase for the summary, which says so where the reference holds other initializers
+    (another torch, --dtype or --dead-units at export) and nothing was compared. Output errors
+    alone cannot tell a lossy file of another model from this one's."""
+    from ticketc.export.decode import decode_checks
+
     for group in groups:
         for name, shape in zip(group.names, group.compact.shapes, strict=True):
             held = reference.get(name)
             if held is None or held.shape != tuple(shape):
                 return "weights not compared: the reference holds other initializers than the file"
     count = 0
-    for name, kind, result in decode_checks(proto, groups, reference):
+    for name, kind, result in decode_checks(proto, groups, reference, decoded):
         if not result.within_bound:
             raise UserError(
                 f"{path}: verification FAILED: {name} decodes {result.max_abs_error:.3g} "
@@ -141,26 +166,28 @@ def lossy_weights_checked(path: str, reference: dict[str, np.ndarray]) -> str:
     return f"{count} stored weights within their value type's bound"
 
 
-def graph_checked(path: str, reference: onnx.ModelProto, sample: ExampleInputs) -> str:
+def graph_checked(
+    path: str,
+    proto: onnx.ModelProto,
+    decoded: dict[str, np.ndarray],
+    reference: onnx.ModelProto,
+    sample: ExampleInputs,
+) -> str:
     """A lossy file's graph against the reference's: the reference graph run in onnxruntime
-    on the file's own weights (decoded as onnxruntime decodes them) must give the file's
-    outputs on `sample` within the lossless tolerance of the file's float type. Weights within
-    their bound and outputs near the model's cannot tell a file of another graph (another
-    activation, a layer left out) holding the same weights; this can. UserError (verification
-    FAILED) when they differ; else a phrase for the summary, which says so where the
-    reference's initializers are not the file's (other names or shapes: --dead-units, another
-    torch) and nothing was compared."""
-    from ticketc.export.decode import decode_in_onnxruntime
-
-    proto = load_onnx(path)
+    on the file's own weights (its initializers, and `decoded`: the tensors its nodes compute,
+    as onnxruntime decodes them) must give the file's outputs on `sample` within the lossless
+    tolerance of the file's float type. Weights within their bound and outputs near the
+    model's cannot tell a file of another graph (another activation, a layer left out)
+    holding the same weights; this can. UserError (verification FAILED) when they differ;
+    else a phrase for the summary, which says so where the reference's initializers are not
+    the file's (other names or shapes: --dead-units, another torch) and nothing was
+    compared."""
     held = {init.name: init for init in proto.graph.initializer}
-    computed = {out for node in proto.graph.node for out in node.output}
     names = [init.name for init in reference.graph.initializer]
-    if any(name not in held and name not in computed for name in names):
+    if any(name not in held and name not in decoded for name in names):
         return "graph not compared: the reference holds other initializers than the file"
     if reference.ByteSize() >= 2**31:  # protobuf's limit: onnxruntime takes no bigger bytes
         return "graph not compared: the reference is over 2 GB"
-    decoded = decode_in_onnxruntime(proto, [name for name in names if name not in held])
     on_file_weights = onnx.ModelProto()
     on_file_weights.CopyFrom(reference)
     for init in on_file_weights.graph.initializer:

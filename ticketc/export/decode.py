@@ -96,16 +96,18 @@ def decode_checks(
     model: onnx.ModelProto,
     groups: Sequence[Group | StoredGroup],
     originals: Mapping[str, np.ndarray],
+    decoded: Mapping[str, np.ndarray] | None = None,
 ) -> Iterator[tuple[str, str, DecodeCheck]]:
-    """Every tensor of `groups`, decoded in onnxruntime from `model` and checked against
+    """Every tensor of `groups`, decoded in onnxruntime from `model` (one group at a time, or
+    taken from `decoded`, what `decode_in_onnxruntime` returned for them) and checked against
     `originals[name]` (in its dtype) within what its value type promises
     (`ticketc.formats.decode_check.check_decoded`): (name, values kind, check)."""
     from ticketc.formats.decode_check import check_decoded
 
     for group in groups:
-        decoded = decode_in_onnxruntime(model, group.names)
+        values = decode_in_onnxruntime(model, group.names) if decoded is None else decoded
         wanted = [originals[name] for name in group.names]
-        got = [decoded[n].astype(w.dtype) for n, w in zip(group.names, wanted, strict=True)]
+        got = [values[n].astype(w.dtype) for n, w in zip(group.names, wanted, strict=True)]
         checks = check_decoded(group.compact, wanted, got)
         for name, check in zip(group.names, checks, strict=True):
             yield name, group.compact.values_kind, check
