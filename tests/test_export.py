@@ -773,6 +773,30 @@ def test_a_failure_on_the_staged_file_names_the_output_not_the_staging_folder(
     assert not list(tmp_path.iterdir())
 
 
+class _WithScalar(nn.Module):
+    """Logits and a 0-d output beside them (a loss, a sum)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.fc(x)
+        return y, y.sum()
+
+
+@pytest.mark.parametrize("values", ["fp32", "int8"])
+def test_a_zero_dimensional_output_is_compared_like_any_other(tmp_path, values):
+    """A 0-d output was an internal error in the output check (a numpy scalar difference)."""
+    torch.manual_seed(0)
+    model = _WithScalar().eval()
+    prune.global_unstructured([(model.fc, "weight")], prune.L1Unstructured, amount=0.9)
+    out = tmp_path / "m.onnx"
+    result = export_model(model, torch.randn(1, 16), out, ExportConfig(values=values))
+    assert [o.name for o in result.verification.outputs] == ["output0", "output1"]
+    assert_matches_model(out, model, {"x": torch.randn(5, 16)}, values)
+
+
 def test_a_program_keeps_the_axes_it_made_dynamic_and_no_other(tmp_path):
     """A .pt2 program of a sequence-first LSTM made dynamic in its batch (axis 1): the file
     takes any batch at the traced length."""

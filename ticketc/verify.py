@@ -238,7 +238,8 @@ def compare(
             raise UserError(
                 f"output {name}: onnxruntime gives {g.shape}, the reference {ref.shape}"
             )
-        diff = np.abs(np.asarray(g).astype(np.float64) - ref)
+        ref = ref.reshape(-1)  # 1-D: a 0-d output (a loss, a sum) too
+        diff = np.abs(np.asarray(g).astype(np.float64).reshape(-1) - ref)
         diff[np.isnan(diff) & np.isnan(ref)] = 0.0
         max_abs = float(diff.max()) if diff.size else 0.0
         scale = float(np.abs(ref[np.isfinite(ref)]).max()) if np.isfinite(ref).any() else 0.0
