@@ -32,8 +32,12 @@ from pathlib import Path
 import torch
 
 OUT = Path(__file__).parent / "results"
-SHAPES = {"lenet300": (1, 28, 28), "resnet20": (3, 32, 32), "vgg16": (3, 32, 32),
-          "conv6": (3, 32, 32)}
+SHAPES = {
+    "lenet300": (1, 28, 28),
+    "resnet20": (3, 32, 32),
+    "vgg16": (3, 32, 32),
+    "conv6": (3, 32, 32),
+}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -59,14 +63,32 @@ def worker(args: argparse.Namespace) -> None:
     kinds = pruning.prunable_parameters(base)
     masks = pruning.full_masks(base, kinds)
     assert cfg.lr is not None and cfg.optimizer is not None and cfg.weight_decay is not None
-    ensemble = Ensemble(base, [base.state_dict()], [masks], lr=cfg.lr, optimizer=cfg.optimizer,
-                        weight_decay=cfg.weight_decay, sparse_below=cfg.csr_below, ranks=ranks)
+    ensemble = Ensemble(
+        base,
+        [base.state_dict()],
+        [masks],
+        lr=cfg.lr,
+        optimizer=cfg.optimizer,
+        weight_decay=cfg.weight_decay,
+        sparse_below=cfg.csr_below,
+        ranks=ranks,
+    )
     order = BatchOrder([0], 1, n, args.batch)
 
     def train(start: int, end: int) -> None:
-        train_level(ensemble, data, order, start=start, end=end, eval_every=10**9,
-                    checkpoint_every=10**9, history=History(), ranks=ranks,
-                    augment=bool(cfg.augment), lr_at=cfg.lr_at)
+        train_level(
+            ensemble,
+            data,
+            order,
+            start=start,
+            end=end,
+            eval_every=10**9,
+            checkpoint_every=10**9,
+            history=History(),
+            ranks=ranks,
+            augment=bool(cfg.augment),
+            lr_at=cfg.lr_at,
+        )
 
     train(0, args.warmup)
     if ranks.distributed:
@@ -82,16 +104,39 @@ def worker(args: argparse.Namespace) -> None:
         dist.all_gather_object(gathered, cpu)
         cpus = [float(c or 0.0) for c in gathered]
     if ranks.main:
-        print("RESULT " + json.dumps({"ranks": ranks.world, "wall_s": wall, "cpu_s": cpus,
-                                      "samples_per_s": args.steps * args.batch / wall}))
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "ranks": ranks.world,
+                    "wall_s": wall,
+                    "cpu_s": cpus,
+                    "samples_per_s": args.steps * args.batch / wall,
+                }
+            )
+        )
     leave(ranks)
 
 
 def measure(args: argparse.Namespace, ranks: int) -> dict[str, object]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={ranks}", __file__, "--worker", "--model", args.model,
-           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        __file__,
+        "--worker",
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     lines = [s for s in out.stdout.splitlines() if s.startswith("RESULT ")]
     if out.returncode or not lines:
@@ -117,30 +162,52 @@ def main() -> None:
         for r in (1, 2):
             runs[r].append(measure(args, r))
             print(f"{r} rank(s): {runs[r][-1]['samples_per_s']:.1f} samples/s", flush=True)
-    sps = {r: statistics.median(float(m["samples_per_s"]) for m in ms)  # type: ignore[arg-type]
-           for r, ms in runs.items()}
-    cpu_per_sample = {r: statistics.median(
-        sum(m["cpu_s"]) / (args.steps * args.batch) for m in ms)  # type: ignore[arg-type]
-        for r, ms in runs.items()}
+    sps = {
+        r: statistics.median(float(m["samples_per_s"]) for m in ms)  # type: ignore[arg-type]
+        for r, ms in runs.items()
+    }
+    cpu_per_sample = {
+        r: statistics.median(sum(m["cpu_s"]) / (args.steps * args.batch) for m in ms)  # type: ignore[arg-type]
+        for r, ms in runs.items()
+    }
     speedup = sps[2] / sps[1]
     # Share of the wall time each rank was on a CPU: below 1 when other work competed for the
     # cores. The CPU-time figure below is what the scaling would be with a free core per rank
     # (it leaves out time a rank spent blocked waiting for the other).
-    cpu_share = {r: statistics.median(max(m["cpu_s"]) / float(m["wall_s"])  # type: ignore
-                                      for m in ms) for r, ms in runs.items()}
+    cpu_share = {
+        r: statistics.median(
+            max(m["cpu_s"]) / float(m["wall_s"])  # type: ignore
+            for m in ms
+        )
+        for r, ms in runs.items()
+    }
     cpu_speedup = 2 * cpu_per_sample[1] / cpu_per_sample[2]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).parent).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    ).stdout.strip()
     result = {
         "what": "ticketc find training throughput, torchrun gloo, 1 vs 2 ranks x 1 thread",
-        "model": args.model, "global_batch": args.batch, "dtype": "float32",
-        "timed_steps": args.steps, "warmup_steps": args.warmup, "repeats": args.repeats,
-        "device": "cpu", "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "threads_per_rank": 1,
-        "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
-        "python": platform.python_version(), "torch": torch.__version__, "commit": commit,
+        "model": args.model,
+        "global_batch": args.batch,
+        "dtype": "float32",
+        "timed_steps": args.steps,
+        "warmup_steps": args.warmup,
+        "repeats": args.repeats,
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads_per_rank": 1,
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "commit": commit,
         "samples_per_s": {str(r): v for r, v in sps.items()},
-        "speedup_2_ranks": speedup, "per_rank_efficiency": speedup / 2,
+        "speedup_2_ranks": speedup,
+        "per_rank_efficiency": speedup / 2,
         "cpu_s_per_sample_all_ranks": {str(r): v for r, v in cpu_per_sample.items()},
         "cpu_share_of_wall_per_rank": {str(r): v for r, v in cpu_share.items()},
         "speedup_2_ranks_from_cpu_time": cpu_speedup,
@@ -156,14 +223,27 @@ def main() -> None:
         f"{args.repeats} runs of {args.steps} steps.\n\n"
         "| ranks x threads | samples/s (wall) | CPU ms per sample (all ranks) | CPU share of "
         "wall per rank |\n|---|---|---|---|\n"
-        + "".join(f"| {r} x 1 | {sps[r]:.1f} | {1000 * cpu_per_sample[r]:.2f} | "
-                  f"{cpu_share[r]:.2f} |\n" for r in (1, 2))
+        + "".join(
+            f"| {r} x 1 | {sps[r]:.1f} | {1000 * cpu_per_sample[r]:.2f} | {cpu_share[r]:.2f} |\n"
+            for r in (1, 2)
+        )
         + f"\n2 ranks: {speedup:.2f}x the samples/s of 1 rank by wall clock (per-rank "
         f"efficiency {100 * speedup / 2:.0f}%); from CPU time (a free core per rank, time "
-        f"blocked on the other rank left out): {cpu_speedup:.2f}x.\n")
-    print(json.dumps({k: result[k] for k in ("samples_per_s", "speedup_2_ranks",
-                                             "per_rank_efficiency",
-                                             "speedup_2_ranks_from_cpu_time")}))
+        f"blocked on the other rank left out): {cpu_speedup:.2f}x.\n"
+    )
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "samples_per_s",
+                    "speedup_2_ranks",
+                    "per_rank_efficiency",
+                    "speedup_2_ranks_from_cpu_time",
+                )
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -65,8 +65,10 @@ def _random_level_masks(model: torch.nn.Module, level: int, seed: int) -> prunin
     full = pruning.full_masks(model, kinds)
     alive = {n: params[n].numel() for n in kinds}
     for _ in range(level):
-        alive = {n: alive[n] - int(round((0.1 if kinds[n] == "output" else 0.2) * alive[n]))
-                 for n in alive}
+        alive = {
+            n: alive[n] - int(round((0.1 if kinds[n] == "output" else 0.2) * alive[n]))
+            for n in alive
+        }
     g = torch.Generator().manual_seed(seed)
     out = {}
     for n, m in full.items():
@@ -89,7 +91,7 @@ def plain_loop_ms(x: torch.Tensor, y: torch.Tensor, level: int, steps: int) -> f
     perm = torch.randperm(len(x), generator=g)
 
     def step(i: int) -> None:
-        idx = perm[(i * 60) % (len(x) - 60):][:60]
+        idx = perm[(i * 60) % (len(x) - 60) :][:60]
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
@@ -128,16 +130,18 @@ def ensemble_ms(x: torch.Tensor, y: torch.Tensor, level: int, members: int, step
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def _timed_in_fresh_process(loop: str, level: int, members: int, args: argparse.Namespace
-                            ) -> float:
+def _timed_in_fresh_process(loop: str, level: int, members: int, args: argparse.Namespace) -> float:
     """ms per step of `plain_loop_ms` or `ensemble_ms`, run in a new Python process.
 
     A fresh process per measurement: in one long-lived process the plain loop slowed from
     1.6 to 2.7 ms per step after the ensemble had run (measured; the allocator's state left by
     the other loop's large tensors is the likely cause), which would flatter the ensemble.
     """
-    call = (f"plain_loop_ms(x, y, {level}, {args.speed_steps})" if loop == "plain"
-            else f"ensemble_ms(x, y, {level}, {members}, {args.speed_steps})")
+    call = (
+        f"plain_loop_ms(x, y, {level}, {args.speed_steps})"
+        if loop == "plain"
+        else f"ensemble_ms(x, y, {level}, {members}, {args.speed_steps})"
+    )
     code = (
         "import sys, torch, warnings; warnings.filterwarnings('ignore');"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r});"
@@ -147,8 +151,7 @@ def _timed_in_fresh_process(loop: str, level: int, members: int, args: argparse.
         f"d = load_dataset('mnist', {args.data_dir!r}); x, y = d.train.x, d.train.y;"
         f"print({call})"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -165,16 +168,30 @@ def measure_speed(args: argparse.Namespace) -> dict:
             plain.append(_timed_in_fresh_process("plain", level, members, args))
             batched.append(_timed_in_fresh_process("ensemble", level, members, args))
         p, b = statistics.median(plain), statistics.median(batched)
-        rows.append({"level": level, "plain_ms_per_model_step": p,
-                     "ensemble_ms_per_step": b, "ensemble_members": members,
-                     "ensemble_ms_per_model_step": b / members,
-                     "speedup": p / (b / members), "plain_samples": plain,
-                     "ensemble_samples": batched})
-        print(f"speed level {level}: plain {p:.2f} ms/model-step, ensemble {b / members:.2f} "
-              f"ms/model-step ({members} members), {p / (b / members):.2f}x", flush=True)
-    return {"rows": rows, "steps_per_measure": args.speed_steps,
-            "repeats": args.speed_repeats, "fresh_process_per_measurement": True,
-            **extrapolate(rows)}
+        rows.append(
+            {
+                "level": level,
+                "plain_ms_per_model_step": p,
+                "ensemble_ms_per_step": b,
+                "ensemble_members": members,
+                "ensemble_ms_per_model_step": b / members,
+                "speedup": p / (b / members),
+                "plain_samples": plain,
+                "ensemble_samples": batched,
+            }
+        )
+        print(
+            f"speed level {level}: plain {p:.2f} ms/model-step, ensemble {b / members:.2f} "
+            f"ms/model-step ({members} members), {p / (b / members):.2f}x",
+            flush=True,
+        )
+    return {
+        "rows": rows,
+        "steps_per_measure": args.speed_steps,
+        "repeats": args.speed_repeats,
+        "fresh_process_per_measurement": True,
+        **extrapolate(rows),
+    }
 
 
 def extrapolate(rows: list[dict]) -> dict[str, float]:
@@ -210,23 +227,34 @@ def write_results(run_dirs: list[Path], extra: dict, export: bool = False) -> No
     md = ["# Lenet-300-100 on MNIST: lottery-ticket reproduction", ""]
     md.append(f"Command: `{extra['command']}`  ")
     env = result["environment"]
-    md.append(f"Device: {env['device']} ({env['cpu_count']} cores, torch threads "
-              f"{env['torch_threads']}), dtype {env['dtype']}, batch {env['batch']}, "
-              f"torch {env['torch']}, Python {env['python']}.  ")
-    md.append(f"Seeds: {extra['seeds']}; mean ± std over seeds. Finished levels: "
-              f"{len(rows)}; wall clock so far: {extra['protocol_wall_s'] / 60:.1f} min.")
-    model_steps = sum(len(r.values.get("ticket", {}).get("final_test_acc", []))
-                      + len(r.values.get("reinit", {}).get("final_test_acc", [])) for r in rows)
+    md.append(
+        f"Device: {env['device']} ({env['cpu_count']} cores, torch threads "
+        f"{env['torch_threads']}), dtype {env['dtype']}, batch {env['batch']}, "
+        f"torch {env['torch']}, Python {env['python']}.  "
+    )
+    md.append(
+        f"Seeds: {extra['seeds']}; mean ± std over seeds. Finished levels: "
+        f"{len(rows)}; wall clock so far: {extra['protocol_wall_s'] / 60:.1f} min."
+    )
+    model_steps = sum(
+        len(r.values.get("ticket", {}).get("final_test_acc", []))
+        + len(r.values.get("reinit", {}).get("final_test_acc", []))
+        for r in rows
+    )
     model_steps *= extra["iterations"]
     extra["protocol_model_steps_run"] = model_steps
-    md.append(f"Model-steps trained (members x iterations over finished levels): "
-              f"{model_steps:,}, i.e. {1e3 * extra['protocol_wall_s'] / max(model_steps, 1):.2f} "
-              "ms per model-step including evaluation and file writing.")
+    md.append(
+        f"Model-steps trained (members x iterations over finished levels): "
+        f"{model_steps:,}, i.e. {1e3 * extra['protocol_wall_s'] / max(model_steps, 1):.2f} "
+        "ms per model-step including evaluation and file writing."
+    )
     if "speed" in extra:
         plain = statistics.median(r["plain_ms_per_model_step"] for r in extra["speed"]["rows"])
-        md.append(f"The plain loop, at its measured {plain:.2f} ms per model-step (median over "
-                  "levels), would need "
-                  f"{model_steps * plain / 6e4:.1f} min for the same model-steps (training only).")
+        md.append(
+            f"The plain loop, at its measured {plain:.2f} ms per model-step (median over "
+            "levels), would need "
+            f"{model_steps * plain / 6e4:.1f} min for the same model-steps (training only)."
+        )
     if extra.get("notes"):
         md += ["", "Notes on this run:", ""] + [f"- {n}" for n in extra["notes"]]
     md.append("")
@@ -238,16 +266,20 @@ def write_results(run_dirs: list[Path], extra: dict, export: bool = False) -> No
         md.append("| level | plain loop | ensemble | speed-up |")
         md.append("|---|---|---|---|")
         for r in extra["speed"]["rows"]:
-            md.append(f"| {r['level']} | {r['plain_ms_per_model_step']:.2f} | "
-                      f"{r['ensemble_ms_per_model_step']:.2f} ({r['ensemble_members']} members) "
-                      f"| {r['speedup']:.2f}x |")
+            md.append(
+                f"| {r['level']} | {r['plain_ms_per_model_step']:.2f} | "
+                f"{r['ensemble_ms_per_model_step']:.2f} ({r['ensemble_members']} members) "
+                f"| {r['speedup']:.2f}x |"
+            )
         s = extra["speed"]
         md.append("")
-        md.append(f"Extrapolated to the paper's protocol (3 seeds x (19 ticket + 18 reinit "
-                  f"levels) x 50K = {s['protocol_model_steps']:,} model-steps): "
-                  f"plain loop {s['plain_protocol_hours_extrapolated']:.2f} h, ensemble "
-                  f"{s['ensemble_protocol_hours_extrapolated']:.2f} h "
-                  f"({s['protocol_speedup_extrapolated']:.2f}x).")
+        md.append(
+            f"Extrapolated to the paper's protocol (3 seeds x (19 ticket + 18 reinit "
+            f"levels) x 50K = {s['protocol_model_steps']:,} model-steps): "
+            f"plain loop {s['plain_protocol_hours_extrapolated']:.2f} h, ensemble "
+            f"{s['ensemble_protocol_hours_extrapolated']:.2f} h "
+            f"({s['protocol_speedup_extrapolated']:.2f}x)."
+        )
     md += verdict(rows)
     md.append("")
     md.append("![accuracy](accuracy.png) ![early stop](early_stop.png)")
@@ -266,18 +298,22 @@ def verdict(rows: list) -> list[str]:
         out.append("- The 3.6% level has not finished yet.")
         return out
     t_mean, t_std, n = target.stat("ticket", "early_stop_test_acc")
-    out.append(f"- Ticket at {100 * target.density:.1f}%: {100 * t_mean:.2f} ± {100 * t_std:.2f}% "
-               f"test accuracy at early stopping vs dense {100 * d_mean:.2f} ± {100 * d_std:.2f}% "
-               f"({n} seeds): {'reaches' if t_mean >= d_mean - 0.001 else 'does NOT reach'} the "
-               "dense accuracy (tolerance 0.1 point).")
+    out.append(
+        f"- Ticket at {100 * target.density:.1f}%: {100 * t_mean:.2f} ± {100 * t_std:.2f}% "
+        f"test accuracy at early stopping vs dense {100 * d_mean:.2f} ± {100 * d_std:.2f}% "
+        f"({n} seeds): {'reaches' if t_mean >= d_mean - 0.001 else 'does NOT reach'} the "
+        "dense accuracy (tolerance 0.1 point)."
+    )
     c_mean, c_std, cn = target.stat("reinit", "early_stop_test_acc")
     if cn:
         gap = 100 * (t_mean - c_mean)
         # "clearly": the gap exceeds three times the larger seed-to-seed spread
         clear = gap > 3 * max(100 * c_std, 100 * t_std, 0.1)
-        out.append(f"- Random re-initialisation at {100 * target.density:.1f}%: "
-                   f"{100 * c_mean:.2f} ± {100 * c_std:.2f}%, {gap:.2f} points below the ticket "
-                   f"({'clearly worse' if clear else 'NOT clearly worse'}).")
+        out.append(
+            f"- Random re-initialisation at {100 * target.density:.1f}%: "
+            f"{100 * c_mean:.2f} ± {100 * c_std:.2f}%, {gap:.2f} points below the ticket "
+            f"({'clearly worse' if clear else 'NOT clearly worse'})."
+        )
     return out
 
 
@@ -289,45 +325,77 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=18)
     p.add_argument("--iterations", type=int, default=50_000)
     p.add_argument("--eval-every", type=int, default=1000)
-    p.add_argument("--control-levels", default="all",
-                   help="'all' or comma-separated levels with the reinit control")
+    p.add_argument(
+        "--control-levels",
+        default="all",
+        help="'all' or comma-separated levels with the reinit control",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--speed-steps", type=int, default=300)
     p.add_argument("--speed-repeats", type=int, default=3)
-    p.add_argument("--speed-levels", default=",".join(str(v) for v in range(19)),
-                   help="pruning levels (densities) at which to time both loops (default: all)")
+    p.add_argument(
+        "--speed-levels",
+        default=",".join(str(v) for v in range(19)),
+        help="pruning levels (densities) at which to time both loops (default: all)",
+    )
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-protocol", action="store_true")
-    p.add_argument("--report-only", action="store_true",
-                   help="rewrite the results from the run directories (no training)")
-    p.add_argument("--note", action="append", default=[],
-                   help="a note on the run for results.md (repeatable)")
-    p.add_argument("--export-sizes", action="store_true",
-                   help="with --report-only: export every level of seed 0 and plot the size")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the results from the run directories (no training)",
+    )
+    p.add_argument(
+        "--note", action="append", default=[], help="a note on the run for results.md (repeatable)"
+    )
+    p.add_argument(
+        "--export-sizes",
+        action="store_true",
+        help="with --report-only: export every level of seed 0 and plot the size",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_dataset("mnist", args.data_dir)
-    extra: dict = {"command": " ".join(["python", *sys.argv]), "seeds": args.seeds,
-                   "rounds": args.rounds, "iterations": args.iterations, "protocol_wall_s": 0.0}
+    extra: dict = {
+        "command": " ".join(["python", *sys.argv]),
+        "seeds": args.seeds,
+        "rounds": args.rounds,
+        "iterations": args.iterations,
+        "protocol_wall_s": 0.0,
+    }
     speed_path = OUT / "speed.json"
     if not args.skip_speed:
         extra["speed"] = measure_speed(args)
         OUT.mkdir(parents=True, exist_ok=True)
-        speed_path.write_text(json.dumps({"environment": environment(), **extra["speed"]},
-                                         indent=1))
+        speed_path.write_text(
+            json.dumps({"environment": environment(), **extra["speed"]}, indent=1)
+        )
     elif speed_path.exists():
         extra["speed"] = json.loads(speed_path.read_text())
     if args.skip_protocol:
         return 0
-    control_levels = None if args.control_levels == "all" else tuple(
-        int(v) for v in args.control_levels.split(","))
+    control_levels = (
+        None
+        if args.control_levels == "all"
+        else tuple(int(v) for v in args.control_levels.split(","))
+    )
     extra["control_levels"] = control_levels or "all"
-    configs = [FindConfig(model="lenet300", dataset="mnist", data_dir=args.data_dir,
-                          rounds=args.rounds, iterations=args.iterations, seed=seed,
-                          controls=("reinit",), control_levels=control_levels,
-                          eval_every=args.eval_every, checkpoint_every=5000)
-               for seed in range(args.seeds)]
+    configs = [
+        FindConfig(
+            model="lenet300",
+            dataset="mnist",
+            data_dir=args.data_dir,
+            rounds=args.rounds,
+            iterations=args.iterations,
+            seed=seed,
+            controls=("reinit",),
+            control_levels=control_levels,
+            eval_every=args.eval_every,
+            checkpoint_every=5000,
+        )
+        for seed in range(args.seeds)
+    ]
     run_dirs = [args.runs / f"seed_{c.seed}" for c in configs]
     wall_path = OUT / "wall.json"
     wall = json.loads(wall_path.read_text()) if wall_path.exists() else {"protocol_wall_s": 0.0}
@@ -340,14 +408,27 @@ def main() -> int:
     wall["command"] = extra["command"]
     for level in range(args.rounds + 1):
         start = time.perf_counter()
-        find_tickets(configs, run_dirs, resume=True, data=data, progress=False,
-                     stop_after_level=level, log=lambda s: print(s, flush=True))
+        find_tickets(
+            configs,
+            run_dirs,
+            resume=True,
+            data=data,
+            progress=False,
+            stop_after_level=level,
+            log=lambda s: print(s, flush=True),
+        )
         wall["protocol_wall_s"] += time.perf_counter() - start
         wall_path.write_text(json.dumps(wall))
         extra["protocol_wall_s"] = wall["protocol_wall_s"]
         write_results(run_dirs, extra)
-    find_tickets(configs, run_dirs, resume=True, data=data, progress=False,
-                 log=lambda s: print(s, flush=True))
+    find_tickets(
+        configs,
+        run_dirs,
+        resume=True,
+        data=data,
+        progress=False,
+        log=lambda s: print(s, flush=True),
+    )
     write_results(run_dirs, extra)
     return 0
 

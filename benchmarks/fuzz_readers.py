@@ -44,10 +44,16 @@ from tests.fuzzing import (  # noqa: E402
 )
 
 
-def campaign(per_kind: int, readers: list[str], seed: int, timeout: int,
-             kinds: list[str] | None, subprocess_every: int,
-             log: Callable[[str], None],
-             partial: Callable[[dict[str, object]], None] | None = None) -> dict[str, object]:
+def campaign(
+    per_kind: int,
+    readers: list[str],
+    seed: int,
+    timeout: int,
+    kinds: list[str] | None,
+    subprocess_every: int,
+    log: Callable[[str], None],
+    partial: Callable[[dict[str, object]], None] | None = None,
+) -> dict[str, object]:
     """Fuzz every kind `per_kind` times; `partial` gets the results so far after each kind."""
     work = Path(tempfile.mkdtemp(prefix="ticketc-fuzz-"))
     (work / "good").mkdir()
@@ -72,8 +78,9 @@ def campaign(per_kind: int, readers: list[str], seed: int, timeout: int,
                     return run_subprocess(argv, timeout)
                 return run_in_process(argv, timeout, work / "stderr.txt")
 
-            for reader, verdict, err in fuzz_case(kind, base, good, case, mutation, rng,
-                                                  readers, run):
+            for reader, verdict, err in fuzz_case(
+                kind, base, good, case, mutation, rng, readers, run
+            ):
                 key = f"{kind}/{reader}"
                 results.setdefault(key, Counter())[verdict.split(":")[0]] += 1
                 if verdict not in CLEAN:
@@ -89,8 +96,15 @@ def campaign(per_kind: int, readers: list[str], seed: int, timeout: int,
     return _summary(results, examples, seed, per_kind, readers, count, started)
 
 
-def _summary(results: dict[str, Counter[str]], examples: dict[str, list[str]], seed: int,
-             per_kind: int, readers: list[str], count: int, started: float) -> dict[str, object]:
+def _summary(
+    results: dict[str, Counter[str]],
+    examples: dict[str, list[str]],
+    seed: int,
+    per_kind: int,
+    readers: list[str],
+    count: int,
+    started: float,
+) -> dict[str, object]:
     totals: Counter[str] = Counter()
     for c in results.values():
         totals.update(c)
@@ -103,10 +117,12 @@ def _summary(results: dict[str, Counter[str]], examples: dict[str, list[str]], s
         "totals": dict(totals),
         "by_kind_reader": {k: dict(v) for k, v in results.items()},
         "failure_examples": {k: v[:15] for k, v in examples.items()},
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "torch": torch.__version__,
-        "loadavg": Path("/proc/loadavg").read_text().strip() if Path("/proc/loadavg").exists()
+        "loadavg": Path("/proc/loadavg").read_text().strip()
+        if Path("/proc/loadavg").exists()
         else None,
     }
 
@@ -118,8 +134,12 @@ def main() -> None:
     parser.add_argument("--kinds", default="", help="comma-separated subset of the kinds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=int, default=120)
-    parser.add_argument("--subprocess-every", type=int, default=0,
-                        help="run every N-th case as a real subprocess (0: never)")
+    parser.add_argument(
+        "--subprocess-every",
+        type=int,
+        default=0,
+        help="run every N-th case as a real subprocess (0: never)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -129,12 +149,22 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1) + "\n")
 
-    result = campaign(args.per_kind, args.readers.split(","), args.seed, args.timeout,
-                      [k for k in args.kinds.split(",") if k], args.subprocess_every,
-                      log=lambda s: print(s, flush=True), partial=write)
+    result = campaign(
+        args.per_kind,
+        args.readers.split(","),
+        args.seed,
+        args.timeout,
+        [k for k in args.kinds.split(",") if k],
+        args.subprocess_every,
+        log=lambda s: print(s, flush=True),
+        partial=write,
+    )
     write(result)
-    print(json.dumps({"totals": result["totals"], "runs": result["runs"],
-                      "seconds": result["seconds"]}))
+    print(
+        json.dumps(
+            {"totals": result["totals"], "runs": result["runs"], "seconds": result["seconds"]}
+        )
+    )
 
 
 if __name__ == "__main__":
