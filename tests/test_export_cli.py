@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 from torch.nn.utils import prune
 
 from tests.models_for_tests import prune_global_, tied_lm, tiny_mlp
@@ -254,6 +255,36 @@ def test_verify_fails_a_lossy_file_of_another_model_by_its_weights(tmp_path, cap
         assert main(["verify", str(out), "--against", *against]) == 2
         err = capsys.readouterr().err
         assert "verification FAILED" in err and "promises" in err, err  # int4: int8 if tiny
+
+
+@pytest.mark.parametrize("relabelled", [False, True])
+def test_verify_fails_a_lossy_file_whose_bias_was_changed(tmp_path, capsys, relabelled):
+    """A bias (stored as it is, not compressed) changed in a lossy file, or in an fp32 file
+    whose metadata was then relabelled lossy: its outputs are only reported and its graph
+    run on its own weights gives its outputs, so only comparing the stored-as-is weights with
+    the reference's catches it."""
+    torch.save(_pruned_mlp().state_dict(), tmp_path / "a.pt")
+    out = tmp_path / "m.onnx"
+    values = "fp32" if relabelled else "int8"
+    source = [str(tmp_path / "a.pt"), f"--arch={MLP}"]
+    assert main(["export", *source, f"--values={values}", "-o", str(out)]) == 0
+    assert main(["verify", str(out), "--against", *source]) == 0
+    said = capsys.readouterr().out
+    assert relabelled or "2 stored as they are equal to the reference's" in said, said
+    model = onnx.load(str(out))
+    bias = next(i for i in model.graph.initializer if i.name.endswith("bias"))
+    changed = numpy_helper.to_array(bias).copy()
+    changed[0] += 5.0
+    bias.CopyFrom(numpy_helper.from_array(changed, bias.name))
+    if relabelled:
+        meta = next(p for p in model.metadata_props if p.key == "ticketc")
+        meta.value = json.dumps({**json.loads(meta.value), "values": "int4"})
+    onnx.save(model, str(out))
+    capsys.readouterr()
+    assert main(["verify", str(out), "--against", *source]) == 2
+    err = capsys.readouterr().err
+    assert f"verification FAILED: {bias.name}, stored as it is, differs" in err, err
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize("against", ["model", "onnx"])

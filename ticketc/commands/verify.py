@@ -163,7 +163,44 @@ def weights_checked(
                 f"away from the reference's weights, beyond what {kind} promises"
             )
         count += 1
-    return f"{count} stored weights within their value type's bound"
+    plain = plain_weights_checked(path, proto, reference)
+    return (
+        f"{count} stored weights within their value type's bound, {plain} stored as they are "
+        "equal to the reference's"
+    )
+
+
+_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+}
+
+
+def plain_weights_checked(
+    path: str, proto: onnx.ModelProto, reference: dict[str, np.ndarray]
+) -> int:
+    """The file's float initializers stored as they are (biases, normalisation, weights with
+    no zeros to compress) that the reference holds too, by name and shape: each exactly the
+    reference's (the export copies them unchanged, whatever the value type), else UserError
+    (verification FAILED) naming it. Without this a lossy file's outputs, which are only
+    reported, are all that would judge them. Returns how many were compared."""
+    count = 0
+    for init in proto.graph.initializer:
+        held = reference.get(init.name)
+        if held is None or init.data_type not in _FLOAT_TYPES:
+            continue
+        value = numpy_helper.to_array(init)
+        if value.shape != held.shape:
+            continue
+        if not np.array_equal(value.astype(np.float64), held.astype(np.float64), equal_nan=True):
+            raise UserError(
+                f"{path}: verification FAILED: {init.name}, stored as it is, differs from the "
+                "reference's"
+            )
+        count += 1
+    return count
 
 
 def graph_checked(
