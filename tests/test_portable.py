@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import time
 
 import numpy as np
@@ -299,6 +300,22 @@ def test_read_portable_names_a_missing_array():
     del portable.graph.initializer[:]
     portable.graph.initializer.extend(kept)
     with pytest.raises(ValueError, match="lacks arrays"):
+        read_portable(portable, codecs)
+
+
+@pytest.mark.parametrize("positions", ["bitmask", "rice"])
+def test_read_portable_refuses_a_position_stream_with_a_changed_byte(positions):
+    """One changed byte of a group's positions: the stream no longer agrees with its tables
+    (how many entries, in which tensor); it was read, and `verify` failed on an IndexError."""
+    model, weights = conv_mlp()
+    compact = Compact.from_dense(list(weights.values()), "int8", positions)
+    portable, codecs = to_portable(model, [(list(weights), compact)])
+    prefix = next(iter(codecs))
+    stream = next(i for i in portable.graph.initializer if i.name == prefix + "p")
+    changed = bytearray(stream.raw_data)
+    changed[0] ^= 0x06  # two bits: one entry more or fewer, or moved across a tensor
+    stream.raw_data = bytes(changed)
+    with pytest.raises(ValueError, match=f"group '{re.escape(prefix)}'"):
         read_portable(portable, codecs)
 
 

@@ -22,7 +22,8 @@ def read_portable(model: onnx.ModelProto, codecs: dict[str, str]) -> list[Stored
     `codecs`: group prefix -> codec name, as `write_portable_` returned them (the file's
     metadata keeps them). Each group's streams and tables become a `Compact`; its tensors'
     names and shapes come from the Split / Reshape nodes after it. Decode a group with
-    `compact.to_dense()`. Raises ValueError on a missing array or a malformed group.
+    `compact.to_dense()`. Raises ValueError on a missing array or a malformed group (its
+    streams and tables checked against each other, `Compact.check`).
     """
     arrays = {init.name: init for init in model.graph.initializer}
     consumers: dict[str, onnx.NodeProto] = {}
@@ -89,6 +90,10 @@ def read_portable(model: onnx.ModelProto, codecs: dict[str, str]) -> list[Stored
             codebook_sizes=None if "c" not in data else _counts(data.get("b"), data["c"].size),
             dense_tail=dense_tail,
         )
+        try:  # a corrupted stream (one changed byte) decodes weights to other places
+            compact.check()
+        except ValueError as e:
+            raise ValueError(f"group {prefix!r} ({codec}): {e}") from e
         found.append(StoredGroup(names, compact, out_kind, tuple(prefix + k for k in wanted)))
     return found
 
