@@ -797,6 +797,26 @@ def test_a_zero_dimensional_output_is_compared_like_any_other(tmp_path, values):
     assert_matches_model(out, model, {"x": torch.randn(5, 16)}, values)
 
 
+def test_a_bf16_program_is_not_cast_and_says_how_to_get_a_file(tmp_path):
+    """A program's guards and graph keep the dtype it was traced in: casting it to fp32 (the
+    fallback where onnxruntime's CPU provider cannot run bf16, or --dtype fp32) failed in
+    torch.export with "Tensor dtype mismatch", and the message then advised --dtype fp32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).to(torch.bfloat16)
+    prune.global_unstructured([(model[0], "weight")], prune.L1Unstructured, amount=0.9)
+    prune.remove(model[0], "weight")
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    program = torch.export.export(model, (x,))
+    out = tmp_path / "m.onnx"
+    with pytest.raises(UserError, match="keeps the float type it was traced in .bf16.: export"):
+        export_model(program, x, out)
+    with pytest.raises(UserError, match="--dtype fp32: a torch.export program keeps"):
+        export_model(program, x, out, ExportConfig(dtype="fp32"))
+    assert not list(tmp_path.iterdir())
+    export_model(program, x, out, ExportConfig(verify=False))
+    assert read_metadata(onnx.load(str(out)))["dtype"] == "bfloat16"
+
+
 def test_a_program_keeps_the_axes_it_made_dynamic_and_no_other(tmp_path):
     """A .pt2 program of a sequence-first LSTM made dynamic in its batch (axis 1): the file
     takes any batch at the traced length."""

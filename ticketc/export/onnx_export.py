@@ -99,6 +99,14 @@ def export_model(
     prepared, _ = masked_model(model, masks)
     own = float_dtype(prepared)
     target = DTYPES[config.dtype] if config.dtype else own
+    # a program's guards check its inputs' dtypes, and its graph holds the dtypes it was
+    # traced in: a cast copy of it cannot run
+    fixed_dtype = f"a torch.export program keeps the float type it was traced in ({_kind(own)})"
+    if program_axes is not None and target != own:
+        raise UserError(
+            f"--dtype {config.dtype}: {fixed_dtype}; export the program again from a "
+            f"{config.dtype} copy of the model"
+        )
 
     def attempt(dtype: torch.dtype, notes: list[str]) -> ExportResult:
         """`_export`, again where the dynamic axes fail: with the sequence length fixed (and a
@@ -142,6 +150,11 @@ def export_model(
     try:
         return attempt(target, notes)
     except RuntimeUnsupported as e:
+        if program_axes is not None and target != torch.float32:
+            raise UserError(
+                f"{e} ({fixed_dtype}: export the program again from a float32 copy of the "
+                f"model, or pass --no-verify to keep {_kind(target)})"
+            ) from e
         if config.dtype is not None or target == torch.float32:
             raise UserError(
                 f"{e} (pass --dtype fp32, or --no-verify to keep {_kind(target)})"
