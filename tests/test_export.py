@@ -705,6 +705,36 @@ def test_dynamic_axes_that_fail_at_another_size_are_fixed_and_said(tmp_path, giv
     assert_matches_model(tmp_path / "m.onnx", model, {"x": torch.randn(7, 3, 8)}, "fp32")
 
 
+class _EncoderDecoder(nn.Module):
+    """Source and target token ids of independent lengths (an encoder-decoder's inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        memory = self.embed(source).mean(dim=1, keepdim=True)
+        return self.head(self.embed(target) + memory)
+
+
+def test_a_sequence_free_of_another_gets_its_own_name(tmp_path):
+    """One dim name for the source's and the target's lengths told onnxruntime they are
+    equal (it warned at every run where they were not): the target's is named after it."""
+    torch.manual_seed(0)
+    model = _EncoderDecoder().eval()
+    prune.global_unstructured([(model.head, "weight")], prune.L1Unstructured, amount=0.5)
+    out = tmp_path / "m.onnx"
+    ids = {"source": torch.randint(0, 50, (1, 9)), "target": torch.randint(0, 50, (1, 4))}
+    export_model(model, ids, out)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    assert shapes == {"source": ["batch", "sequence"], "target": ["batch", "target_sequence"]}
+    assert session.get_outputs()[0].shape == ["batch", "target_sequence", 5]
+    inputs = {"source": torch.randint(0, 50, (2, 11)), "target": torch.randint(0, 50, (2, 3))}
+    assert_matches_model(out, model, inputs, "fp32")
+
+
 class _TokensLstmGru(nn.Module):
     """Token ids -> Embedding -> LSTM -> GRU -> Linear: torch.onnx keeps the traced length
     in a Reshape between the two, so the graph fails at any other sequence length."""

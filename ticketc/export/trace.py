@@ -151,7 +151,11 @@ def _name_dynamic_axes(
     """Call the symbolic dims of the graph's inputs "batch" / "sequence" (torch.export names
     them s0, s1, ...), matching inputs by keyword name, else by position, and the outputs'
     dims of the same symbols too; a program's axes past the first keep torch's names (its
-    axis 1 may be anything).
+    axis 1 may be anything). A sequence torch.export found free of the first one so named (a
+    decoder's beside its encoder's) is named after its input ("decoder_input_ids_sequence"):
+    one name for both would tell onnxruntime they are equal, and it warns at every run where
+    they are not. Every batch is "batch", free or not (an attention mask's batch may
+    broadcast; CLIP's images and texts are the rare batches that differ).
 
     An input axis torch.onnx names after its traced size ("12": an LSTM's sequence, which the
     graph runs at any length) leaves the outputs' dims of that size static ([s23, 12, 7]):
@@ -166,8 +170,11 @@ def _name_dynamic_axes(
         dims: list[Any] = list(value.shape)
         for axis in axes[key]:
             if axis < len(dims) and not isinstance(dims[axis], int) and axis in names:
-                renamed.setdefault(str(dims[axis]), names[axis])
-                dims[axis] = names[axis]
+                symbol = str(dims[axis])
+                if symbol not in renamed:  # a sequence free of the first gets its own name
+                    taken = axis != 0 and names[axis] in renamed.values()
+                    renamed[symbol] = f"{value.name}_{names[axis]}" if taken else names[axis]
+                dims[axis] = renamed[symbol]
         value.shape = ir.Shape(dims)
     for value in graph.outputs:
         if value.shape is not None and renamed:
