@@ -99,12 +99,9 @@ def export_model(
     prepared, _ = masked_model(model, masks)
     own = float_dtype(prepared)
     target = DTYPES[config.dtype] if config.dtype else own
-    # a program's guards check its inputs' dtypes, and its graph holds the dtypes it was
-    # traced in: a cast copy of it cannot run
-    fixed_dtype = f"a torch.export program keeps the float type it was traced in ({_kind(own)})"
     if program_axes is not None and target != own:
         raise UserError(
-            f"--dtype {config.dtype}: {fixed_dtype}; export the program again from a "
+            f"--dtype {config.dtype}: {_fixed_dtype(own)}; export the program again from a "
             f"{config.dtype} copy of the model"
         )
 
@@ -152,7 +149,7 @@ def export_model(
     except RuntimeUnsupported as e:
         if program_axes is not None and target != torch.float32:
             raise UserError(
-                f"{e} ({fixed_dtype}: export the program again from a float32 copy of the "
+                f"{e} ({_fixed_dtype(own)}: export the program again from a float32 copy of the "
                 f"model, or pass --no-verify to keep {_kind(target)})"
             ) from e
         if config.dtype is not None or target == torch.float32:
@@ -174,6 +171,12 @@ class _DynamicAxesFail(UserError):
 
 def _kind(dtype: torch.dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def _fixed_dtype(own: torch.dtype) -> str:
+    """Why a torch.export program is exported in its own float type: its guards check its
+    inputs' dtypes and its graph holds the dtypes it was traced in, so a cast copy cannot run."""
+    return f"a torch.export program keeps the float type it was traced in ({_kind(own)})"
 
 
 def _export(
