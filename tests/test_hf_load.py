@@ -165,6 +165,25 @@ def test_default_inputs_run_the_model(arch):
     assert all(json.dumps(s.to_json()) for s in specs)  # plain data
 
 
+def test_inputs_drawn_again_cover_the_vocabulary(tmp_path):
+    """The check at another batch and length draws token ids again: for a transformers model
+    they span its vocabulary. They were drawn below its smallest Embedding: 0 or 1 for BERT
+    (its token-type table), so the check saw two tokens."""
+    import argparse
+
+    from ticketc.commands._common import inputs_from_args
+    from ticketc.inputs import random_like
+
+    model = pruned_model("bert", 0.5)
+    src = save(model, tmp_path / "src")
+    args = argparse.Namespace(model=str(src), input=None, input_shape=None, sample=None)
+    example, _ = inputs_from_args(args, load_model(src))
+    drawn = random_like(example, model, seed=3)
+    ids = drawn.kwargs["input_ids"]
+    assert int(ids.max()) >= 64 and int(ids.max()) < model.config.vocab_size, ids
+    assert bool((drawn.kwargs["attention_mask"] == 1).all())
+
+
 def test_load_model_reads_directories_and_safetensors_files(tmp_path):
     model = pruned_model("llama", 0.9)
     src = save(model, tmp_path / "src")

@@ -415,13 +415,13 @@ def random_like(
         if not isinstance(t, torch.Tensor):
             return t
         shape = tuple(sizes(key, axis, s) if sizes else s for axis, s in enumerate(t.shape))
-        if key in example.ranges:
-            low, high = example.ranges[key]
-            return _draw(shape, t.dtype, generator, low, high, ones=False)
-        drawn = _draw(shape, t.dtype, generator, 0, limit, ones=_is_mask(key))
-        if key in example.finals and drawn.dim() >= 1 and not _is_mask(key):
-            return end_rows_with_(drawn, example.finals[key], limit)
-        return pad_masks_(drawn) if padded and _is_mask(key) else drawn
+        bounded = key in example.ranges
+        low, high = example.ranges[key] if bounded else (0, limit)
+        mask = not bounded and _is_mask(key)
+        drawn = _draw(shape, t.dtype, generator, low, high, ones=mask)
+        if key in example.finals and drawn.dim() >= 1 and not mask:
+            return end_rows_with_(drawn, example.finals[key], high)
+        return pad_masks_(drawn) if padded and mask else drawn
 
     return dataclasses.replace(
         example,

@@ -171,9 +171,15 @@ def inputs_from_args(
 
         hf_specs = default_input_specs(loaded.model)
         finals: dict[str | int, int] = {s.name: s.final for s in hf_specs if s.final is not None}
+        # token ids over the whole vocabulary wherever inputs are drawn again (the check at
+        # another batch and length): below the smallest Embedding they were 0 or 1 (BERT's
+        # token types), or below CLIP's vision position table
+        ranges: dict[str | int, tuple[int, int]] = {
+            s.name: (0, s.high) for s in hf_specs if s.high is not None
+        }
         return (
-            ExampleInputs((), hf_example(hf_specs), finals=finals),
-            ExampleInputs((), hf_sample(hf_specs), finals=finals),
+            ExampleInputs((), hf_example(hf_specs), ranges, finals=finals),
+            ExampleInputs((), hf_sample(hf_specs), ranges, finals=finals),
         )
     found = from_graph_module(loaded.model) if loaded.source == "export" else None
     if found is None and loaded.example_input is not None:
