@@ -127,9 +127,9 @@ def lossy_checked(path: str, reference: onnx.ModelProto, sample: ExampleInputs) 
     except ValueError as e:
         raise UserError(f"{path}: its stored weights cannot be read ({e})") from e
     held = {init.name for init in proto.graph.initializer}
-    computed = {out for node in proto.graph.node for out in node.output}
+    computed = {out for node in proto.graph.node for out in node.output} - held
     names = {name for group in groups for name in group.names}
-    names |= {i.name for i in reference.graph.initializer if i.name in computed - held}
+    names |= {i.name for i in reference.graph.initializer if i.name in computed}
     decoded = decode_in_onnxruntime(proto, sorted(names))
     weights = weights_checked(path, proto, groups, decoded, proto_arrays(reference))
     return f"{weights}; {graph_checked(path, proto, decoded, reference, sample)}"
